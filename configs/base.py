@@ -1,0 +1,120 @@
+"""The one config tree. Presets import `get_base_config()` and override fields.
+
+Every knob lives here with a one-line comment; defaults follow the PASR paper unless noted.
+"""
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.workdir = "runs/default"          # checkpoints, metrics, rollouts.jsonl, config.json
+  c.seed = 0
+  c.resume = True                     # continue from the latest checkpoint in workdir if any
+
+  c.model = ml_collections.ConfigDict()
+  c.model.path = ""                   # HF dir (config.json + safetensors + tokenizer)
+  c.model.tiny_random = False         # tiny_cpu: build and save a random tiny Qwen at start
+  c.model.dtype = "float32"           # compute dtype: float32 on CPU, bfloat16 on GPU
+  c.model.param_dtype = "float32"     # master weights and optimizer state
+  c.model.scan_layers = False
+  c.model.remat = False
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (1, -1, 1)           # (data, fsdp, tensor); one entry may be -1 = the rest
+  # logical axis -> mesh axis (or None = replicated)
+  c.mesh.rules = (
+      ("batch", ("data", "fsdp")),
+      ("vocab", "tensor"),
+      ("embed", "fsdp"),
+      ("heads", "tensor"),
+      ("kv_heads", "tensor"),
+      ("head_dim", None),
+      ("mlp", "tensor"),
+      ("layers", None),
+      ("norm", None),
+  )
+
+  c.data = ml_collections.ConfigDict()
+  c.data.files = ()                   # JSON arrays or JSONL, detected by content
+  c.data.question_field = ""          # "" = auto: question | instruction | Q | problem
+  c.data.answer_field = ""            # "" = auto: answer | output | A | solution
+  c.data.task_type = "general"        # judge prompt: general | multiple_choice | summary
+  c.data.shuffle_seed = 0
+  c.data.tfds_name = ""               # optional TFDS builder name (with data.tfds_data_dir)
+  c.data.tfds_data_dir = ""
+
+  c.rollout = ml_collections.ConfigDict()
+  c.rollout.prompts_per_step = 8      # B questions per step
+  c.rollout.n = 8                     # answers per question (and baseline answers per question)
+  c.rollout.temperature = 1.0
+  c.rollout.top_p = 1.0
+  c.rollout.max_tokens = 1500         # new tokens per answer
+  c.rollout.max_prompt_tokens = 512   # longer prompts are truncated from the left and counted
+  c.rollout.sync_every = 1            # push trainer weights to vLLM every k steps
+  c.rollout.baseline = True           # also sample n answers without the refine prompt
+  c.rollout.vllm = ml_collections.ConfigDict()
+  c.rollout.vllm.max_model_len = 2048
+  c.rollout.vllm.gpu_memory_utilization = 0.3
+  c.rollout.vllm.tensor_parallel_size = 1
+  c.rollout.vllm.enforce_eager = True
+  c.rollout.vllm.dtype = "float32"
+  c.rollout.vllm.kv_cache_space_gib = 2   # CPU only (VLLM_CPU_KVCACHE_SPACE)
+  c.rollout.vllm.sync_dir = ""        # "" = /dev/shm if present, else a temp dir
+
+  c.judge = ml_collections.ConfigDict()
+  c.judge.base_url = "http://127.0.0.1:8001"
+  c.judge.model = ""                  # "" = ask /v1/models once
+  c.judge.api_key_env = "PASR_JUDGE_API_KEY"   # name of the env var holding the key, if any
+  c.judge.concurrency = 32
+  c.judge.timeout_s = 60.0
+  c.judge.retries = 3
+  c.judge.input = "full"              # what the judge sees: full (the original) | answer
+  c.judge.max_tokens = 16
+
+  c.prompts = ml_collections.ConfigDict()
+  c.prompts.pasr_system_file = ""     # "" = built-in; else a text file with the system prompt
+  c.prompts.plain_system_file = ""
+  c.prompts.judge_dir = ""            # optional dir with general.txt / multiple_choice.txt / summary.txt
+
+  c.rewards = ml_collections.ConfigDict()
+  c.rewards.format_weight = 1.0
+  c.rewards.accuracy_weight = 1.0
+  c.rewards.refine_weight = 1.0
+  c.rewards.zeta = 0.0                # tolerance around the baseline mean (original: strict)
+
+  c.grpo = ml_collections.ConfigDict()
+  c.grpo.beta = 0.04                  # KL weight (k3); 0 skips the reference forward
+  c.grpo.eps_low = 0.2
+  c.grpo.eps_high = 0.2
+  c.grpo.agg = "seq_mean_token_mean"  # | token_mean (DAPO) | seq_mean_token_sum_norm (Dr.GRPO)
+  c.grpo.num_iterations = 1           # mu: updates per rollout batch
+  c.grpo.adv_std_ddof = 0
+  c.grpo.adv_scale = "group"          # group | batch | none
+  c.grpo.skip_zero_variance = True
+  c.grpo.recompute_old_logps = False  # use trainer logprobs instead of the sampler's
+  c.grpo.tis_cap = 0.0                # >0: truncated importance-sampling weight cap
+  c.grpo.mask_truncated = False       # drop loss on completions cut at max_tokens
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-6
+  c.optim.schedule = "constant"       # constant | cosine
+  c.optim.warmup_steps = 0
+  c.optim.weight_decay = 0.0
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.clip_norm = 1.0
+  c.optim.micro_batch = 2             # sequences per micro-batch (gradient accumulation)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 100
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 10
+  c.checkpoint.keep = 3
+  c.checkpoint.async_save = True
+
+  c.logging = ml_collections.ConfigDict()
+  c.logging.tensorboard = True
+  c.logging.every = 1
+  return c
