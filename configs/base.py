@@ -22,6 +22,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (1, -1, 1)           # (data, fsdp, tensor); one entry may be -1 = the rest
+  c.mesh.distributed = False          # multi-host: call jax.distributed.initialize() first
   # logical axis -> mesh axis (or None = replicated)
   c.mesh.rules = (
       ("batch", ("data", "fsdp")),
