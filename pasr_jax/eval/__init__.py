@@ -1,0 +1,1 @@
+"""Evaluation stages: benchmark registry, prompts, runner (generate + judge + cache), reports."""

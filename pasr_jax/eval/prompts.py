@@ -1,0 +1,96 @@
+"""Evaluation prompts: chat messages per mode, encoded to token ids with the model's template.
+
+Token ids (not text) go to the sampler so that what is counted is exactly what was generated.
+Questions too long for `max_model_len - reserve` are cut (head kept) and the cut is reported.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pasr_jax.eval.benchmarks import EvalError, Item
+
+MODES = ("vanilla", "pasr", "self_refine", "self_refine_oracle")
+
+# Second turn of the post-hoc refinement baselines (our own words, after Self-Refine).
+SELF_REFINE_TURN = (
+    "Review your previous answer step by step. Check each step for mistakes in reasoning, "
+    "calculation or reading of the question. Then give your corrected final answer (repeat it "
+    "if it was already right), in the same format as before.")
+ORACLE_TURN = (
+    "Your previous answer contains an error. Review it step by step, find the mistake, and give "
+    "the corrected final answer in the same format as before.")
+
+
+def check_mode(mode: str) -> str:
+  if mode not in MODES:
+    raise EvalError(f"config.mode={mode!r} is not one of {MODES}")
+  return mode
+
+
+def system_prompt(mode: str, prompts_cfg: Any = None) -> str | None:
+  """The PASR system prompt (config `prompts` may name a file) for mode `pasr`, else None
+  (the chat template's default system prompt, if any)."""
+  if check_mode(mode) != "pasr":
+    return None
+  from pasr_jax.pasr import PromptError, load_prompts
+  try:
+    return load_prompts(prompts_cfg).pasr_system
+  except PromptError as e:
+    raise EvalError(str(e)) from None
+
+
+def first_turn(item: Item, question: str, system: str | None) -> list[dict[str, str]]:
+  """[system?, user(instruction + question)] for the first answer."""
+  msgs = [{"role": "system", "content": system}] if system else []
+  msgs.append({"role": "user", "content": f"{item.instruction}\n\n{question}"})
+  return msgs
+
+
+def second_turn(first: list[dict[str, str]], answer: str, oracle: bool) -> list[dict[str, str]]:
+  """The first chat + the model's answer + the review request (oracle: 'there is an error')."""
+  return first + [{"role": "assistant", "content": answer},
+                  {"role": "user", "content": ORACLE_TURN if oracle else SELF_REFINE_TURN}]
+
+
+class ChatEncoder:
+  """Encodes chats with a model dir's tokenizer and chat template."""
+
+  def __init__(self, model_dir: str):
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+      raise EvalError(f"config.model={model_dir!r}: not an HF model dir (no config.json)")
+    from transformers import AutoTokenizer
+    try:
+      self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+      raise EvalError(f"config.model={model_dir!r}: cannot load the tokenizer: {e}") from None
+    if not getattr(self.tokenizer, "chat_template", None):
+      raise EvalError(f"config.model={model_dir!r}: the tokenizer has no chat template")
+
+  def encode(self, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of the chat followed by the assistant generation prompt."""
+    text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+  def fit_question(self, item: Item, system: str | None, budget: int) -> tuple[str, bool]:
+    """The question, cut at the end so the first-turn prompt has <= `budget` tokens."""
+    n = len(self.encode(first_turn(item, item.question, system)))
+    if n <= budget:
+      return item.question, False
+    q_ids = self.tokenizer(item.question, add_special_tokens=False)["input_ids"]
+    keep = len(q_ids) - (n - budget) - 16   # margin: merges at the cut can change counts
+    if keep <= 0:
+      raise EvalError(f"{item.id}: the prompt without the question already exceeds {budget} "
+                      "tokens; raise rollout.vllm.max_model_len or lower max_tokens")
+    while True:
+      q = self.tokenizer.decode(q_ids[:keep]) + " ..."
+      if len(self.encode(first_turn(item, q, system))) <= budget or keep <= 16:
+        return q, True
+      keep -= 16
+
+  def decode(self, ids: list[int]) -> str:
+    return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+  def __getattr__(self, name: str) -> Any:  # eos ids etc.
+    return getattr(self.tokenizer, name)

@@ -1,0 +1,109 @@
+"""Benchmarks -> greedy answers -> judge -> accuracy and token tables (PASR paper, Table 1).
+
+  python -m pasr_jax.evaluate --config=configs/eval.py --config.model=DIR \
+      --config.data_dir=PATH --config.datasets=gsm8k,arc --config.mode=pasr --config.limit=50
+  python -m pasr_jax.evaluate compare RUN_DIR1 RUN_DIR2 ... [--png=FILE]
+
+The judge must be running at `config.judge.base_url` (e.g. `python -m pasr_jax.judge --backend
+verify --port 8001`). Writes results.json, summary.md, summary.csv, summary.png and an answer
+cache to `config.out_dir`; see `pasr_jax/eval/` for the stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pasr_jax.eval.benchmarks import EvalError, load_items, parse_datasets
+from pasr_jax.eval.prompts import ChatEncoder, check_mode
+from pasr_jax.eval.report import compare, summarize, write_outputs
+from pasr_jax.eval.runner import Runner
+
+
+def _default_sampler(cfg) -> Callable[[], Any]:
+  def make():
+    from pasr_jax.rollout.vllm_sampler import VllmSampler
+    return VllmSampler.from_config(cfg.rollout, cfg.model, int(cfg.seed))
+  return make
+
+
+def _default_judge(cfg) -> Callable[[], Any]:
+  def make():
+    from pasr_jax.judge.client import JudgeClient
+    return JudgeClient.from_config(cfg.judge)
+  return make
+
+
+def evaluate(cfg, make_sampler: Callable[[], Any] | None = None,
+             make_judge: Callable[[], Any] | None = None) -> dict[str, Any]:
+  """Runs `cfg.mode` on `cfg.datasets` and writes the outputs to `cfg.out_dir`.
+
+  make_sampler / make_judge build the sampler and judge client on first need (defaults: vLLM
+  from `cfg.rollout` and `JudgeClient` from `cfg.judge`); they are closed at the end.
+  Returns dict(items=[per-item records], summary=[per-dataset rows], stats=...).
+  Raises EvalError for unknown datasets or modes, missing files and bad model dirs.
+  """
+  if not cfg.model:
+    raise EvalError("config.model is empty; give --config.model=HF_DIR")
+  check_mode(cfg.mode)
+  benches = parse_datasets(cfg.datasets)
+  items = [it for b in benches for it in load_items(b, cfg.data_dir, int(cfg.limit))]
+  encoder = ChatEncoder(cfg.model)
+  runner = Runner(cfg, encoder, make_sampler or _default_sampler(cfg),
+                  make_judge or _default_judge(cfg))
+  t0 = time.perf_counter()
+  try:
+    records = runner.run(items)
+  finally:
+    runner.close()
+  stats = dict(runner.stats, wall_s=time.perf_counter() - t0)
+  meta = dict(model=cfg.model, mode=cfg.mode, datasets=[b.name for b in benches],
+              limit=int(cfg.limit), max_tokens=int(cfg.max_tokens), data_dir=cfg.data_dir,
+              judge=cfg.judge.base_url, stats=stats)
+  write_outputs(cfg.out_dir, records, meta)
+  return dict(items=records, summary=summarize(records), stats=stats)
+
+
+def _compare_main(argv: list[str]) -> int:
+  ap = argparse.ArgumentParser(prog="python -m pasr_jax.evaluate compare",
+                               description="Delta table of result dirs against the first one.")
+  ap.add_argument("dirs", nargs="+", help="evaluation output dirs; the first is the baseline")
+  ap.add_argument("--png", default="", help="also write a side-by-side plot here")
+  args = ap.parse_args(argv)
+  try:
+    print(compare(args.dirs, args.png or None), end="")
+  except EvalError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+def _main() -> None:
+  from absl import app, flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", "configs/eval.py", "evaluation config file")
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    cfg = flags.FLAGS.config
+    try:
+      out = evaluate(cfg)
+    except EvalError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+    with open(f"{cfg.out_dir}/summary.md", encoding="utf-8") as f:
+      print(f.read())
+    print("stats:", {k: (round(v, 2) if isinstance(v, float) else v)
+                     for k, v in out["stats"].items()})
+
+  app.run(main)
+
+
+if __name__ == "__main__":
+  if len(sys.argv) > 1 and sys.argv[1] == "compare":
+    sys.exit(_compare_main(sys.argv[2:]))
+  _main()
