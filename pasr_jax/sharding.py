@@ -1,0 +1,172 @@
+"""Device mesh, logical-axis rules and helpers that place params and batches on the mesh.
+
+Params carry logical axis names (`vocab, embed, heads, kv_heads, head_dim, mlp, layers, norm`)
+in their `out_sharding` metadata; a rule table (cfg.mesh.rules) maps each name to a mesh axis
+(`data`, `fsdp`, `tensor`) or None. A dimension that the chosen mesh axis does not divide is
+replicated instead (e.g. SmolLM2's 9 heads on a tensor axis of 2), so any model runs on any mesh.
+Works in one process or many (`jax.distributed.initialize()` first): arrays are built with
+`jax.make_array_from_callback` from host values that every process holds identically.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+Rules = Sequence[tuple[str, Any]]
+
+
+class MeshError(ValueError):
+  """A mesh shape or rule table from the config that cannot be used."""
+
+
+def resolve_shape(shape: Sequence[int], num_devices: int) -> tuple[int, int, int]:
+  """Fills the one -1 entry of a (data, fsdp, tensor) shape so the product is `num_devices`."""
+  shape = tuple(int(s) for s in shape)
+  if len(shape) != 3:
+    raise MeshError(f"mesh.shape must have 3 entries (data, fsdp, tensor), got {shape}")
+  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise MeshError(f"mesh.shape={shape}: entries must be positive, at most one may be -1")
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if num_devices % known:
+      raise MeshError(f"mesh.shape={shape} does not divide {num_devices} devices")
+    shape = tuple(num_devices // known if s == -1 else s for s in shape)
+  if math.prod(shape) != num_devices:
+    raise MeshError(f"mesh.shape={shape} needs {math.prod(shape)} devices, have {num_devices}")
+  return shape  # type: ignore[return-value]
+
+
+def make_mesh(shape: Sequence[int] = (1, -1, 1), devices: Sequence[Any] | None = None) -> Mesh:
+  """A ('data', 'fsdp', 'tensor') mesh with Auto axes over `devices` (default: all, all hosts).
+
+  Auto axes let XLA choose shardings of intermediates (JAX 0.10 defaults to Explicit axes,
+  which reject matmuls whose output sharding is ambiguous).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  shape = resolve_shape(shape, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def _rule_table(rules: Rules) -> dict[str, Any]:
+  table = {}
+  for item in rules:
+    if len(item) != 2:
+      raise MeshError(f"mesh.rules entry {item!r} must be (logical_name, mesh_axis_or_None)")
+    name, axis = item
+    axes = (axis,) if isinstance(axis, str) else tuple(axis or ())
+    for a in axes:
+      if a not in MESH_AXES:
+        raise MeshError(f"mesh.rules: {name!r} -> {a!r} is not one of {MESH_AXES}")
+    table[name] = axes
+  return table
+
+
+def logical_to_spec(names: Iterable[str | None], rules: Rules, mesh: Mesh | None = None,
+                    shape: Sequence[int] | None = None) -> PartitionSpec:
+  """PartitionSpec for logical axis `names` under `rules`.
+
+  A mesh axis is used at most once per array (first dimension wins); with `mesh` and `shape`
+  given, mesh axes of size 1 are dropped and a dimension not divisible by its mesh axes is
+  replicated.
+  """
+  table = _rule_table(rules)
+  used: set[str] = set()
+  spec = []
+  for i, name in enumerate(names):
+    axes = table.get(name, ()) if name is not None else ()
+    axes = tuple(a for a in axes if a not in used)
+    if mesh is not None:
+      axes = tuple(a for a in axes if mesh.shape[a] > 1)
+      if shape is not None and axes and shape[i] % math.prod(mesh.shape[a] for a in axes):
+        axes = ()
+    used.update(axes)
+    spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return PartitionSpec(*spec)
+
+
+def logical_to_sharding(names: Iterable[str | None], mesh: Mesh, rules: Rules,
+                        shape: Sequence[int] | None = None) -> NamedSharding:
+  """NamedSharding for an array with logical axis `names` (see `logical_to_spec`)."""
+  return NamedSharding(mesh, logical_to_spec(names, rules, mesh, shape))
+
+
+def _var_names(var: nnx.Variable) -> tuple | None:
+  meta = var.get_metadata()
+  for key in ("out_sharding", "sharding_names", "sharding"):
+    if meta.get(key):
+      return tuple(meta[key])
+  return None
+
+
+def state_shardings(state: Any, mesh: Mesh, rules: Rules) -> Any:
+  """Tree of NamedSharding matching an nnx.State (or model) from the params' logical names.
+
+  Variables without names are replicated. Works for abstract (ShapeDtypeStruct) states too.
+  """
+  if isinstance(state, nnx.Module):
+    state = nnx.state(state)
+
+  def one(v):
+    if isinstance(v, nnx.Variable):
+      value = v.get_value()
+      names = _var_names(v)
+      if names is None:
+        return v.replace(NamedSharding(mesh, PartitionSpec()))
+      if len(names) != len(value.shape):
+        raise MeshError(f"param of shape {value.shape} has {len(names)} logical names {names}")
+      return v.replace(logical_to_sharding(names, mesh, rules, value.shape))
+    return NamedSharding(mesh, PartitionSpec())
+
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def put_global(x: Any, sharding: NamedSharding) -> jax.Array:
+  """Places a host value that every process holds identically as a global array."""
+  if isinstance(x, jax.Array) and x.is_fully_addressable and jax.process_count() == 1:
+    return jax.device_put(x, sharding)
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def put_tree(tree: Any, shardings: Any) -> Any:
+  """`put_global` over matching trees of values and shardings."""
+  return jax.tree.map(put_global, tree, shardings)
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules) -> nnx.Module:
+  """Moves every variable of `model` to its rule-derived sharding on `mesh` (in place)."""
+  state = nnx.state(model)
+  shardings = state_shardings(state, mesh, rules)
+  nnx.update(model, put_tree(state, shardings))
+  return model
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """Sharding of a `[B, ...]` batch array: B over ('data', 'fsdp'), the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def batch_shards(mesh: Mesh) -> int:
+  """How many ways the batch dimension is split (data × fsdp)."""
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """Gathers a (possibly multi-process) global array to host numpy on every process."""
+  if jax.process_count() > 1 and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
