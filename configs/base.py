@@ -72,6 +72,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.judge.retries = 3
   c.judge.input = "full"              # what the judge sees: full (the original) | answer
   c.judge.max_tokens = 16
+  c.judge.autostart = False           # local base_url silent: start `python -m pasr_jax.judge --backend verify`
 
   c.prompts = ml_collections.ConfigDict()
   c.prompts.pasr_system_file = ""     # "" = built-in; else a text file with the system prompt
@@ -83,6 +84,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.rewards.accuracy_weight = 1.0
   c.rewards.refine_weight = 1.0
   c.rewards.zeta = 0.0                # tolerance around the baseline mean (original: strict)
+  c.rewards.accuracy_rule = ""        # "" = judge; "contains": 1 if the answer holds the row's answer
 
   c.grpo = ml_collections.ConfigDict()
   c.grpo.beta = 0.04                  # KL weight (k3); 0 skips the reference forward
@@ -109,6 +111,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 100
+  c.train.seq_multiple = 64           # batch length rounded up to this (fewer jit shapes)
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 10

@@ -1,0 +1,101 @@
+"""Writers for what a run reports: TensorBoard scalars, JSONL logs (metrics, rollouts), a PNG.
+
+JSONL logs are append-only. A checkpoint stores each log's byte size (`JsonlLog.tell()`); on
+resume the log is cut back to that size, so records of steps that ran after the last checkpoint
+(and are now re-run) appear exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+
+class JsonlLog:
+  """An append-only JSON-lines file, flushed after every append."""
+
+  def __init__(self, path: str, truncate_to: int | None = None):
+    self.path = path
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if truncate_to is not None and os.path.exists(path) and os.path.getsize(path) > truncate_to:
+      # Drop records written after the checkpoint we resume from: those steps run again.
+      os.truncate(path, truncate_to)
+    self._f = open(path, "a", encoding="utf-8")
+
+  def append(self, records: Iterable[Mapping[str, Any]]) -> None:
+    self._f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    self._f.flush()
+
+  def tell(self) -> int:
+    """Bytes written so far (store it in a checkpoint)."""
+    self._f.flush()
+    return os.path.getsize(self.path)
+
+  def close(self) -> None:
+    self._f.close()
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def format_scalars(step: int, scalars: Mapping[str, float], keys: Iterable[str]) -> str:
+  """One stdout line with the chosen keys, e.g. `step 3 | reward 0.412 | t_step 5.1s`."""
+  parts = [f"step {step}"]
+  for k in keys:
+    if k in scalars:
+      v = scalars[k]
+      parts.append(f"{k} {v:.1f}s" if k.startswith("time/") else f"{k} {v:.4g}")
+  return " | ".join(parts)
+
+
+class MetricsWriter:
+  """Scalars to TensorBoard (tensorboardX, `<workdir>/tb`) and `<workdir>/metrics.jsonl`."""
+
+  def __init__(self, workdir: str, tensorboard: bool = True, truncate_to: int | None = None):
+    self.workdir = workdir
+    self.log = JsonlLog(os.path.join(workdir, "metrics.jsonl"), truncate_to)
+    self._tb = None
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    clean = {k: float(v) for k, v in scalars.items()}
+    self.log.append([{"step": step, **{k: (v if math.isfinite(v) else None) for k, v in clean.items()}}])
+    if self._tb is not None:
+      for k, v in clean.items():
+        self._tb.add_scalar(k, v, step)
+      self._tb.flush()
+
+  def close(self) -> None:
+    self.log.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def plot_reward_curve(metrics_path: str, out_png: str,
+                      keys: tuple[str, ...] = ("reward/mean", "reward/accuracy",
+                                               "reward/format", "reward/refine")) -> str:
+  """Reward components per step from metrics.jsonl into a PNG; returns its path."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  rows = read_jsonl(metrics_path)
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for k in keys:
+    pts = [(r["step"], r[k]) for r in rows if r.get(k) is not None]
+    if pts:
+      ax.plot(*zip(*pts), marker="o", markersize=3, label=k)
+  ax.set_xlabel("step")
+  ax.set_ylabel("reward")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(out_png, dpi=100)
+  plt.close(fig)
+  return out_png
