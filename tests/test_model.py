@@ -1,0 +1,188 @@
+"""The Flax decoder against transformers (torch, fp32) on tiny random Qwen2/Qwen3/Llama models."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from pasr_jax.models.hf import load_hf
+from pasr_jax.models.qwen import Decoder, ModelConfig, ModelConfigError, tiny_config
+
+CASES = [("qwen2", True), ("qwen3", True), ("qwen3", False), ("llama", False)]
+LOGICAL = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers", "norm"}
+
+
+def make_hf_model(model_type: str, tied: bool, seed: int = 0):
+  """A random transformers model for tiny_config(model_type); norms/biases made non-trivial."""
+  cfg = tiny_config(model_type, tie_word_embeddings=tied)
+  d = {k: v for k, v in cfg.to_hf_dict().items() if k != "architectures"}
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(
+      transformers.AutoConfig.for_model(**d), dtype=torch.float32).eval()
+  with torch.no_grad():  # default init makes norms 1 and biases 0: a mapping bug would hide
+    for name, p in model.named_parameters():
+      if "norm" in name or "bias" in name:
+        p.add_(0.1 * torch.randn_like(p))
+  return model, cfg
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{m}-{'tied' if t else 'untied'}"
+                                                   for m, t in CASES])
+def hf_pair(request, tmp_path_factory):
+  model_type, tied = request.param
+  hf_model, cfg = make_hf_model(model_type, tied)
+  path = tmp_path_factory.mktemp(f"{model_type}_{tied}")
+  hf_model.save_pretrained(path)
+  return hf_model, cfg, path
+
+
+def padded_batch(rng: np.random.RandomState, lengths, total: int, left: bool, vocab: int):
+  ids = np.zeros((len(lengths), total), np.int32)
+  mask = np.zeros((len(lengths), total), np.int32)
+  seqs = [rng.randint(3, vocab, n) for n in lengths]
+  for b, s in enumerate(seqs):
+    sl = slice(total - len(s), total) if left else slice(0, len(s))
+    ids[b, sl], mask[b, sl] = s, 1
+  return ids, mask
+
+
+def torch_logits(model, ids, mask):
+  with torch.no_grad():
+    return model(input_ids=torch.tensor(ids, dtype=torch.long),
+                 attention_mask=torch.tensor(mask, dtype=torch.long)).logits.numpy()
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["right_pad", "left_pad"])
+def test_logits_match_transformers(hf_pair, left):
+  hf_model, cfg, path = hf_pair
+  model, loaded_cfg = load_hf(path)
+  assert loaded_cfg == cfg
+  ids, mask = padded_batch(np.random.RandomState(0), [16, 9, 12], 16, left, cfg.vocab_size)
+  ref = torch_logits(hf_model, ids, mask)
+  out = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+  assert out.dtype == np.float32 and out.shape == (3, 16, cfg.vocab_size)
+  real = mask > 0
+  assert np.abs(out - ref)[real].max() <= 1e-4
+  assert np.isfinite(out).all()  # padded query rows stay finite (no -inf softmax)
+
+
+def test_left_and_right_padding_agree(hf_pair):
+  _, cfg, path = hf_pair
+  model, _ = load_hf(path)
+  lengths = [11, 5, 8]
+  rng_l, rng_r = np.random.RandomState(1), np.random.RandomState(1)
+  ids_l, mask_l = padded_batch(rng_l, lengths, 12, True, cfg.vocab_size)
+  ids_r, mask_r = padded_batch(rng_r, lengths, 12, False, cfg.vocab_size)
+  out_l = np.asarray(model(jnp.asarray(ids_l), attention_mask=jnp.asarray(mask_l)))
+  out_r = np.asarray(model(jnp.asarray(ids_r), attention_mask=jnp.asarray(mask_r)))
+  for b in range(len(lengths)):
+    np.testing.assert_allclose(out_l[b][mask_l[b] > 0], out_r[b][mask_r[b] > 0], atol=1e-5)
+
+
+def test_explicit_positions_equal_derived_positions(hf_pair):
+  _, cfg, path = hf_pair
+  model, _ = load_hf(path)
+  ids, mask = padded_batch(np.random.RandomState(2), [10, 6], 10, True, cfg.vocab_size)
+  positions = np.maximum(np.cumsum(mask, -1) - 1, 0).astype(np.int32)
+  a = model(jnp.asarray(ids), positions=jnp.asarray(positions), attention_mask=jnp.asarray(mask))
+  b = model(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # RoPE sees only relative distance: a constant shift changes nothing, a stretch does.
+  shifted = model(jnp.asarray(ids), positions=jnp.asarray(positions + 5),
+                  attention_mask=jnp.asarray(mask))
+  np.testing.assert_allclose(np.asarray(shifted), np.asarray(a), atol=1e-4)
+  stretched = model(jnp.asarray(ids), positions=jnp.asarray(positions * 2),
+                    attention_mask=jnp.asarray(mask))
+  assert np.abs(np.asarray(stretched) - np.asarray(a)).max() > 1e-3
+
+
+def test_scan_and_remat_match_unrolled(hf_pair):
+  _, cfg, path = hf_pair
+  plain, _ = load_hf(path)
+  scanned, _ = load_hf(path, scan_layers=True, remat=True)
+  ids, mask = padded_batch(np.random.RandomState(3), [8, 5], 8, False, cfg.vocab_size)
+  ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+
+  def loss(model):
+    return jnp.mean(jax.nn.log_softmax(model(ids, attention_mask=mask))[..., 7])
+
+  np.testing.assert_allclose(np.asarray(scanned(ids, attention_mask=mask)),
+                             np.asarray(plain(ids, attention_mask=mask)), atol=1e-5)
+  g_plain = nnx.grad(loss)(plain)
+  g_scan = nnx.grad(loss)(scanned)
+  # Layer 1's q_proj grad: element [1] of the stacked scan param.
+  np.testing.assert_allclose(np.asarray(g_scan["layers"]["self_attn"]["q_proj"][...][1]),
+                             np.asarray(g_plain["layers"][1]["self_attn"]["q_proj"][...]),
+                             atol=1e-6)
+
+
+def test_jit_matches_eager():
+  cfg = tiny_config("qwen2")
+  model = Decoder(cfg, rngs=nnx.Rngs(3))
+  ids = jnp.arange(24, dtype=jnp.int32).reshape(2, 12) % cfg.vocab_size
+  eager = model(ids)
+  jitted = nnx.jit(lambda m, x: m(x))(model, ids)
+  np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), atol=1e-5)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_every_param_has_logical_names(scan):
+  cfg = tiny_config("qwen3", tie_word_embeddings=False)
+  model = Decoder(cfg, rngs=nnx.Rngs(0), scan_layers=scan)
+  flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+  assert len(flat) > 0
+  for path, var in flat:
+    names = var.get_metadata()["out_sharding"]
+    assert len(names) == var.get_value().ndim, path
+    assert set(names) <= LOGICAL, (path, names)
+    assert (names[0] == "layers") == (scan and path[0] == "layers"), (path, names)
+
+
+def test_bf16_compute_is_close_to_fp32():
+  cfg = tiny_config("llama")
+  ref = Decoder(cfg, rngs=nnx.Rngs(0))
+  low = Decoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+  ids = jnp.arange(16, dtype=jnp.int32).reshape(2, 8)
+  out = low(ids)
+  assert out.dtype == jnp.float32
+  assert np.abs(np.asarray(out) - np.asarray(ref(ids))).max() < 5e-2
+
+
+def hf_dict() -> dict:
+  return tiny_config("qwen3").to_hf_dict()
+
+
+def test_config_round_trip_and_transformers5_rope_layout():
+  for model_type, tied in CASES:
+    cfg = tiny_config(model_type, tied)
+    assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+  d = hf_dict()
+  del d["rope_theta"]  # transformers 5 keeps it only under rope_parameters
+  d["rope_parameters"] = {"rope_theta": 1e6, "rope_type": "default"}
+  assert ModelConfig.from_hf_dict(d).rope_theta == 1e6
+  qwen2 = {k: v for k, v in tiny_config("qwen2").to_hf_dict().items() if k != "attention_bias"}
+  assert ModelConfig.from_hf_dict(qwen2).attention_bias  # Qwen2 always has q/k/v biases
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"model_type": "mistral"}, "model_type='mistral'"),
+    ({"hidden_size": None}, "'hidden_size' is missing"),
+    ({"num_hidden_layers": None}, "'num_hidden_layers' is missing"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0}, "rope_theta": None},
+     "rope_type='yarn'"),
+    ({"rope_parameters": None, "rope_theta": None}, "'rope_theta'"),
+    ({"num_key_value_heads": 3}, "num_key_value_heads=3"),
+])
+def test_bad_config_fields_raise(change, match):
+  d = hf_dict()
+  for k, v in change.items():
+    if v is None:
+      d.pop(k, None)
+    else:
+      d[k] = v
+  with pytest.raises(ModelConfigError, match=match):
+    ModelConfig.from_hf_dict(d)
