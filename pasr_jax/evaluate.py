@@ -33,7 +33,8 @@ def _default_sampler(cfg) -> Callable[[], Any]:
 def _default_judge(cfg) -> Callable[[], Any]:
   def make():
     from pasr_jax.judge.client import JudgeClient
-    return JudgeClient.from_config(cfg.judge)
+    from pasr_jax.pasr import load_prompts
+    return JudgeClient.from_config(cfg.judge, load_prompts(cfg.prompts))
   return make
 
 
@@ -89,10 +90,11 @@ def _main() -> None:
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    from pasr_jax.judge.client import JudgeError
     cfg = flags.FLAGS.config
     try:
       out = evaluate(cfg)
-    except EvalError as e:
+    except (EvalError, JudgeError) as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
     with open(f"{cfg.out_dir}/summary.md", encoding="utf-8") as f:
