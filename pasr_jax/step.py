@@ -1,0 +1,199 @@
+"""One PASR rollout step: B questions -> a trainer batch, rollout records and metrics.
+
+For B questions: n answers with the PASR system prompt and n baseline answers with the plain
+prompt, in ONE sampler call; all 2·B·n answers judged concurrently; rewards (format + accuracy
++ refine vs that question's baseline mean accuracy); group advantages over the PASR answers;
+zero-variance groups dropped or kept (config); completions cut at `max_tokens` counted and,
+if configured, masked out of the loss. The batch layout is the `Trainer`'s (see trainer.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from pasr_jax import grpo, pasr
+from pasr_jax.data import Row
+
+
+@dataclasses.dataclass
+class StepOutput:
+  """What one rollout step produced.
+
+  batch: trainer batch (numpy, `[B', L]` / `[B']`) of the kept PASR answers, None if none kept.
+  records: one JSON-able dict per sampled answer (PASR and baseline) for rollouts.jsonl.
+  scalars: metrics of the step (rewards, rates, lengths, judge stats, phase times in s).
+  """
+  batch: dict[str, np.ndarray] | None
+  records: list[dict[str, Any]]
+  scalars: dict[str, float]
+
+
+def chat_prompt_ids(tokenizer, system: str, question: str) -> list[int]:
+  """ChatML (the tokenizer's template) token ids of [system, user] + the assistant header."""
+  ids = tokenizer.apply_chat_template(
+      [{"role": "system", "content": system}, {"role": "user", "content": question}],
+      add_generation_prompt=True, tokenize=True, return_dict=False)
+  return list(ids)
+
+
+def _contains(answer_text: str, target: str) -> float:
+  return 1.0 if target.strip() and target.strip() in answer_text else 0.0
+
+
+def pack_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+               logprobs: Sequence[Sequence[float]], advantages: Sequence[float],
+               scored: Sequence[bool], pad_id: int, multiple: int) -> dict[str, np.ndarray]:
+  """Right-padded trainer batch of prompt+completion rows.
+
+  Row i is `prompts[i] + completions[i]`; `loss_mask` is 1 on completion tokens when
+  `scored[i]`, and `old_logps` holds the sampler logprob of that token at the same index
+  (the trainer reads its logprob from logits at t-1). Length L = longest row rounded up
+  to `multiple`.
+  """
+  lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+  L = max(1, -(-max(lengths) // multiple) * multiple)
+  B = len(prompts)
+  input_ids = np.full((B, L), pad_id, np.int32)
+  attention = np.zeros((B, L), np.int32)
+  loss_mask = np.zeros((B, L), np.float32)
+  old = np.zeros((B, L), np.float32)
+  for i, (p, c, lp) in enumerate(zip(prompts, completions, logprobs)):
+    n_p, n = len(p), len(p) + len(c)
+    input_ids[i, :n] = list(p) + list(c)
+    attention[i, :n] = 1
+    if scored[i] and len(c):
+      loss_mask[i, n_p:n] = 1.0
+      old[i, n_p:n] = lp
+  positions = np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy()
+  return {"input_ids": input_ids, "attention_mask": attention, "positions": positions,
+          "loss_mask": loss_mask, "old_logps": old,
+          "advantages": np.asarray(advantages, np.float32).reshape(B)}
+
+
+class RolloutStep:
+  """Turns questions into a trainer batch with a sampler and a judge (see module doc)."""
+
+  def __init__(self, cfg, tokenizer, sampler, judge, prompts: pasr.Prompts | None = None):
+    self.cfg = cfg
+    self.tok = tokenizer
+    self.sampler = sampler
+    self.judge = judge
+    self.prompts = prompts or pasr.load_prompts(cfg.prompts)
+    self.eos_ids = sorted({i for i in (tokenizer.eos_token_id,) if i is not None})
+    self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+
+  def _prompt(self, system: str, question: str) -> tuple[list[int], bool]:
+    ids = chat_prompt_ids(self.tok, system, question)
+    cap = self.cfg.rollout.max_prompt_tokens
+    if len(ids) > cap:
+      return ids[-cap:], True  # keep the end: the question and the assistant header
+    return ids, False
+
+  def _accuracies(self, rows: Sequence[Row], texts: list[list[str]]) -> tuple[list[list[float]], dict]:
+    """Accuracy in [0, 1] of every answer text, `texts[prompt][sample]`."""
+    rule = self.cfg.rewards.get("accuracy_rule", "")
+    if rule == "contains":
+      return [[_contains(pasr.extract_answer(t), rows[i % len(rows)].answer) for t in ts]
+              for i, ts in enumerate(texts)], {}
+    items, shape = [], []
+    for i, ts in enumerate(texts):
+      row = rows[i % len(rows)]
+      for t in ts:
+        shown = pasr.extract_answer(t) if self.cfg.judge.input == "answer" else t
+        items.append({"question": row.question, "ground_truth": row.answer, "answer": shown,
+                      "task_type": self.cfg.data.task_type})
+      shape.append(len(ts))
+    scores, stats = self.judge.score_batch(items)
+    out, k = [], 0
+    for m in shape:
+      out.append([float(s) for s in scores[k:k + m]])
+      k += m
+    return out, dict(stats)
+
+  def run(self, rows: Sequence[Row], step: int, seed: int) -> StepOutput:
+    """Sample, judge, reward and pack one step for `rows` (B questions)."""
+    rc, gc = self.cfg.rollout, self.cfg.grpo
+    B, n = len(rows), rc.n
+    t0 = time.perf_counter()
+    prompts, cut = zip(*[self._prompt(self.prompts.pasr_system, r.question) for r in rows])
+    all_prompts = list(prompts)
+    if rc.baseline:
+      base, base_cut = zip(*[self._prompt(self.prompts.plain_system, r.question) for r in rows])
+      all_prompts += list(base)
+      cut = cut + base_cut
+    groups = self.sampler.generate(all_prompts, n=n, temperature=rc.temperature, top_p=rc.top_p,
+                                   max_tokens=rc.max_tokens, stop_token_ids=self.eos_ids,
+                                   seed=seed)
+    t1 = time.perf_counter()
+    texts = [[c.text for c in g.completions] for g in groups]
+    accs, judge_stats = self._accuracies(rows, texts)
+    t2 = time.perf_counter()
+
+    base_accs = accs[B:] if rc.baseline else [None] * B
+    rewards, terms = [], []
+    for i in range(B):
+      for c, a in zip(groups[i].completions, accs[i]):
+        t = pasr.reward_terms(c.text, a, base_accs[i], self.cfg.rewards.zeta)
+        terms.append(t)
+        rewards.append(pasr.total_reward(c.text, a, base_accs[i], self.cfg.rewards))
+    adv, zero_var = grpo.group_advantages(rewards, n, gc.adv_std_ddof, gc.adv_scale)
+    group_var = np.asarray(rewards).reshape(B, n)
+    keep_group = ~(group_var.max(1) == group_var.min(1)) | (not gc.skip_zero_variance)
+
+    pasr_comps = [c for g in groups[:B] for c in g.completions]
+    truncated = np.array([c.finish_reason == "length" for c in pasr_comps])
+    scored = [bool(keep_group[j // n]) and not (gc.mask_truncated and truncated[j])
+              for j in range(B * n)]
+    batch = None
+    if any(scored):
+      idx = [j for j in range(B * n) if keep_group[j // n]]
+      batch = pack_batch([prompts[j // n] for j in idx], [pasr_comps[j].token_ids for j in idx],
+                         [pasr_comps[j].logprobs for j in idx], [adv[j] for j in idx],
+                         [scored[j] for j in idx], self.pad_id, self.cfg.train.seq_multiple)
+    t3 = time.perf_counter()
+
+    records = []
+    for i, g in enumerate(groups):
+      kind = "pasr" if i < B else "baseline"
+      row = rows[i % B]
+      for k, c in enumerate(g.completions):
+        rec = {"step": step, "id": row.id, "kind": kind, "sample": k, "text": c.text,
+               "num_tokens": len(c.token_ids), "finish_reason": c.finish_reason,
+               "accuracy": accs[i][k], "policy_version": c.policy_version}
+        if kind == "pasr":
+          j = i * n + k
+          rec.update(format=terms[j]["format"], refine=terms[j]["refine"], reward=rewards[j],
+                     advantage=float(adv[j]), trained=scored[j])
+        records.append(rec)
+
+    lens = np.array([len(c.token_ids) for c in pasr_comps], np.float64)
+    all_lens = np.array([len(c.token_ids) for g in groups for c in g.completions], np.float64)
+    scalars = {
+        "reward/mean": float(np.mean(rewards)),
+        "reward/format": float(np.mean([t["format"] for t in terms])),
+        "reward/accuracy": float(np.mean([t["accuracy"] for t in terms])),
+        "reward/refine": float(np.mean([t["refine"] for t in terms])),
+        "rate/format_ok": float(np.mean([t["format"] > 0 for t in terms])),
+        "rate/refine": float(np.mean([pasr.count_refines(c.text) > 0 for c in pasr_comps])),
+        "rate/truncated": float(np.mean([c.finish_reason == "length"
+                                         for g in groups for c in g.completions])),
+        "rate/prompt_truncated": float(np.mean(cut)),
+        "len/pasr_mean": float(lens.mean()),
+        "len/all_mean": float(all_lens.mean()),
+        "groups/zero_variance": float(zero_var),
+        "groups/trained": float(np.sum(keep_group)) if batch is not None else 0.0,
+        "tokens/generated": float(all_lens.sum()),
+        "time/rollout": t1 - t0, "time/judge": t2 - t1, "time/pack": t3 - t2,
+    }
+    if rc.baseline:
+      scalars["reward/baseline_accuracy"] = float(np.mean([a for acc in accs[B:] for a in acc]))
+    for k, v in judge_stats.items():
+      if isinstance(v, (int, float)) and math.isfinite(float(v)):
+        scalars[f"judge/{k}"] = float(v)
+    return StepOutput(batch=batch, records=records, scalars=scalars)
