@@ -61,11 +61,10 @@ def tiny_model_config(vocab_size: int, num_layers: int = 2):
   from pasr_jax.models.qwen import ModelConfig, tiny_config  # pylint: disable=import-outside-toplevel
   ids = {t: i for i, t in enumerate(char_vocab())}
   base = tiny_config("qwen2", tie_word_embeddings=True)
-  # Rounded up to a multiple of 64 so the vocab axis shards evenly; extra rows are never sampled
-  # often (random init) and never produced by the tokenizer.
-  padded = -(-vocab_size // 64) * 64
+  # Exactly the tokenizer's size: extra rows would be sampled (random init) yet decode to nothing.
+  # The vocab axis is then unsharded in practice (tiny_cpu uses tensor=1).
   return dataclasses.replace(
-      base, vocab_size=padded, hidden_size=64, intermediate_size=128, num_layers=num_layers,
+      base, vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=num_layers,
       num_heads=2, num_kv_heads=1, head_dim=32, max_position_embeddings=4096,
       bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
       pad_token_id=ids["<|endoftext|>"])
