@@ -243,6 +243,19 @@ def extract_answer(text: str) -> str:
   return text.strip()
 
 
+JUDGE_INPUTS = ("full", "answer")
+
+
+def judge_input(text: str, mode: str = "full") -> str:
+  """What the judge sees of a sampled answer (`judge.input`): the whole text ("full", as the
+  original does) or only the extracted <answer> content ("answer")."""
+  if mode == "full":
+    return text
+  if mode == "answer":
+    return extract_answer(text)
+  raise PromptError(f"judge.input={mode!r}: expected one of {JUDGE_INPUTS}")
+
+
 # ---------------------------------------------------------------------------- rewards
 def refine_reward(text: str, acc: float, baseline_accs: Sequence[float] | None,
                   zeta: float = 0.0) -> float:

@@ -22,6 +22,7 @@ import uvicorn
 
 from pasr_jax import pasr
 from pasr_jax.judge import JudgeClient, JudgeError, JudgeItem, parse_score
+from pasr_jax.judge import verify
 from pasr_jax.judge.server import wait_healthy
 
 KEY_ENV = "PASR_TEST_JUDGE_KEY"
@@ -162,6 +163,54 @@ def test_parse_score(reply, score):
   assert parse_score(reply) == score
 
 
+ARC_Q = ("Which should they do?\nA: Put the objects in groups.\nB: Change the ramp.\n"
+         "C: Choose other objects.\nD: Record the details.")
+GPQA_Q = "Which energy difference?\n\nA) 10^-9 eV\nB) 10^-11 eV\nC) 10^-4 eV\nD) 10^-8 eV\n"
+WINO_Q = "Sarah was a better surgeon than Maria so _ got the easier cases.\nOption1: Sarah\nOption2: Maria"
+
+
+@pytest.mark.parametrize("task,question,gold,answer,expected", [
+    # GSM8K: the reference keeps only what follows ####.
+    ("general", "", "so 16-3-4 = 9 eggs, 9*2 = 18\n#### 18", "\\boxed{18}", 1.0),
+    ("general", "", "so 16-3-4 = 9 eggs, 9*2 = 18\n#### 18", "\\boxed{9}", 0.0),
+    ("general", "", "#### 1,000", "<answer>1000</answer>", 1.0),
+    ("general", "", "18", "<think>9 at first, <refine>2*9</refine></think><answer>18</answer>",
+     1.0),
+    ("general", "", "18", "<think>it is 18</think><answer>19</answer>", 0.0),
+    # MATH: bare LaTeX references and answers.
+    ("general", "", "\\frac{\\pi}{2}", "<answer>\\pi/2</answer>", 1.0),
+    ("general", "", "(3, -2)", "The point is $(3,-2)$.", 1.0),
+    ("general", "", "x+1", "<answer>1+x</answer>", 1.0),
+    ("general", "", "5\\sqrt{2}", "<answer>5\\sqrt{2}</answer>", 1.0),
+    ("general", "", "5\\sqrt{2}", "<answer>5</answer>", 0.0),   # not just the leading 5
+    # Letter references under the general prompt (CommonsenseQA) and Winogrande numbers.
+    ("general", ARC_Q, "D", "<answer>D</answer>", 1.0),
+    ("general", ARC_Q, "D", "<answer>Record the details.</answer>", 1.0),
+    ("general", WINO_Q, "2", "Maria is the worse surgeon, so the answer is 2", 1.0),
+    ("general", WINO_Q, "2", "Option1", 0.0),
+    # Prose references (DROP spans).
+    ("general", "", "Odoacer", "<answer>It was Odoacer.</answer>", 1.0),
+    ("general", "", "Odoacer", "<answer>Theodoric</answer>", 0.0),
+    # Multiple choice in the forms models write.
+    ("multiple_choice", GPQA_Q, "C", "Step by step...\nAnswer: C", 1.0),
+    ("multiple_choice", GPQA_Q, "C", "So the answer is (C) 10^-4 eV.", 1.0),
+    ("multiple_choice", GPQA_Q, "C", "\\boxed{C}", 1.0),
+    ("multiple_choice", GPQA_Q, "C", "<answer>D) 10^-8 eV</answer>", 0.0),
+    ("multiple_choice", GPQA_Q, "C", "I cannot tell.", 0.0),
+    ("multiple_choice", ARC_Q, "A", "<answer>A</answer>", 1.0),
+    ("multiple_choice", ARC_Q, "Put the objects in groups.", "A. Put the objects in groups.", 1.0),
+])
+def test_verify_rules(task, question, gold, answer, expected):
+  assert verify.grade(task, question, gold, answer) == expected
+
+
+def test_rouge_l():
+  assert verify.rouge_l_f1("a b c d", "a b c d") == 1.0
+  assert verify.rouge_l_f1("a b c d", "") == 0.0
+  # LCS("a b c d", "a c x d") = 3 -> P = R = 3/4.
+  assert verify.rouge_l_f1("a b c d", "a c x d") == pytest.approx(0.75)
+
+
 def test_verify_server_grades(verify_url):
   q = "Natalia sold clips to 48 friends in April and half as many in May. How many in all?"
   gsm = "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips.\n#### 72"
@@ -297,6 +346,16 @@ def test_malformed_requests_get_4xx(verify_url):
   msgs[1]["content"] = [{"type": "text", "text": msgs[1]["content"]}]
   r = httpx.post(url, json={"model": "x", "messages": msgs})
   assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "1"
+
+
+def test_bad_items_and_empty_batch(verify_url):
+  client = JudgeClient(verify_url)
+  assert client.score_batch([]) == ([], client.score_batch([])[1])
+  with pytest.raises(ValueError, match="judge item 1: field 'answer'"):
+    client.score_batch([JudgeItem("q", "1", "1"), {"question": "q", "ground_truth": "1"}])
+  with pytest.raises(pasr.PromptError, match="task_type='essay'"):
+    client.score_batch([{"question": "q", "ground_truth": "1", "answer": "1",
+                         "task_type": "essay"}])
 
 
 def test_sync_wrapper_inside_running_loop(verify_url):

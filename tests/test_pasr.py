@@ -168,3 +168,11 @@ def test_load_prompts_errors_name_the_field(tmp_path):
   nodir = ml_collections.ConfigDict(dict(judge_dir=str(tmp_path)))
   with pytest.raises(pasr.PromptError, match="judge_dir=.*none of"):
     pasr.load_prompts(nodir)
+
+
+def test_judge_input_modes():
+  text = "<think>x</think><answer> 7 </answer>"
+  assert pasr.judge_input(text, "full") == text
+  assert pasr.judge_input(text, "answer") == "7"
+  with pytest.raises(pasr.PromptError, match="judge.input='both'"):
+    pasr.judge_input(text, "both")

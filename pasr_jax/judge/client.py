@@ -142,7 +142,7 @@ class JudgeClient:
     """Scores in [0, 1] (item order) and this batch's stats: items, requests, retries,
     failures, unparseable, cache_hits, latency_ms_p50/p90/p99. Raises JudgeError."""
     stats = _BatchStats()
-    keyed = [self._messages(it) for it in items]
+    keyed = [self._messages(i, it) for i, it in enumerate(items)]
     keys = [json.dumps(m, ensure_ascii=False) for m in keyed]
     todo: dict[str, list[dict[str, str]]] = {}
     for k, m in zip(keys, keyed):
@@ -173,10 +173,15 @@ class JudgeClient:
     return [self._cache[k] for k in keys], stats.as_dict(len(items))
 
   # ------------------------------------------------------------------ internals
-  def _messages(self, item: JudgeItem | Mapping[str, str]) -> list[dict[str, str]]:
+  def _messages(self, index: int, item: JudgeItem | Mapping[str, str]
+                ) -> list[dict[str, str]]:
     get = item.get if isinstance(item, Mapping) else (lambda k, d=None: getattr(item, k, d))
-    return self.prompts.judge_messages(str(get("question")), str(get("ground_truth")),
-                                       str(get("answer")), str(get("task_type", "general")))
+    fields = {k: get(k, d) for k, d in (("question", None), ("ground_truth", None),
+                                         ("answer", None), ("task_type", "general"))}
+    for k, v in fields.items():
+      if not isinstance(v, str):
+        raise ValueError(f"judge item {index}: field {k!r} must be a string, got {v!r:.80}")
+    return self.prompts.judge_messages(**fields)
 
   def _accumulate(self, stats: _BatchStats, n_items: int) -> None:
     for k, v in stats.as_dict(n_items).items():

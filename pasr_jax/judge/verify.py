@@ -98,12 +98,16 @@ def _looks_like_words(text: str) -> bool:
   return bool(re.search(r"[A-Za-z]{2,}", text)) and not re.search(r"[\\\d^=]", text)
 
 
-def _mv_parse(text: str, timeout_s: int | None) -> list:
-  out = mv_parse(text, parsing_timeout=timeout_s)
-  if not out and text and len(text) <= 200 and "$" not in text:
-    # A bare expression such as "\frac{\pi}{2}" or "x+1" is only read inside math mode.
+def _mv_parse(text: str, timeout_s: int | None, reference: bool = False) -> list:
+  """math-verify parse. A short bare expression ("5\\sqrt{2}", "(3, -2)") is read in
+  math mode first, where the plain parser would keep only its last number; a prose
+  candidate ("the answer is 18") is read as prose."""
+  bare = text and len(text) <= 200 and "$" not in text and "\\boxed" not in text
+  if bare and (reference or not re.search(r"(?<![\\A-Za-z])[A-Za-z]{3,}", text)):
     out = mv_parse("\\boxed{" + text + "}", parsing_timeout=timeout_s)
-  return out
+    if out:
+      return out
+  return mv_parse(text, parsing_timeout=timeout_s)
 
 
 def grade_math(gold: str, answer: str, timeout_s: int | None = 5) -> float | None:
@@ -113,7 +117,7 @@ def grade_math(gold: str, answer: str, timeout_s: int | None = 5) -> float | Non
   SIGALRM guard, valid only on the main thread; pass None from worker threads."""
   if "####" in gold:
     gold = gold.rsplit("####", 1)[1]
-  gold_parsed = _mv_parse(gold.strip(), timeout_s)
+  gold_parsed = _mv_parse(gold.strip(), timeout_s, reference=True)
   if not gold_parsed:
     return None
   pred = _mv_parse(_final_part(answer), timeout_s)
