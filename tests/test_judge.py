@@ -315,6 +315,12 @@ def test_cache_hits_on_repeats(scripted):
   _, stats = client.score_batch(items(3, "cache"))
   assert stats["cache_hits"] == 3 and stats["requests"] == 0
   assert client.totals["cache_hits"] == 6
+  small = JudgeClient(scripted.url + "/count", cache_size=2)
+  small.score_batch(items(3, "lru"))                 # lru0 is evicted
+  _, stats = small.score_batch(items(3, "lru")[1:])
+  assert stats["cache_hits"] == 2
+  _, stats = small.score_batch(items(1, "lru"))
+  assert stats["cache_hits"] == 0 and scripted.log[("count", "lru0")] == 2
 
 
 def test_api_key_enforced(keyed_verify_url, monkeypatch):
@@ -379,6 +385,7 @@ def test_vllm_backend_with_smollm2(smollm2_dir):
              JudgeItem("Capital of France?", "Paris", "Paris"),
              JudgeItem("Which?\nA: x\nB: y", "B", "B", "multiple_choice")]
     scores, stats = client.score_batch(batch)
+    print("smollm2 judge scores", scores, stats)
     # SmolLM2 does not follow grading instructions: every reply is parsed or counted.
     assert client.model == os.path.basename(str(smollm2_dir).rstrip("/"))
     assert len(scores) == 4 and all(0.0 <= s <= 1.0 for s in scores)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import collections
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -89,12 +91,13 @@ class JudgeClient:
 
   concurrency: requests in flight at most. timeout_s: whole-request deadline per attempt.
   retries: extra attempts after the first. backoff_s: first wait, doubled per retry.
+  cache_size: scores kept (least recently used dropped), keyed by a digest of the prompt.
   """
 
   def __init__(self, base_url: str, model: str = "", api_key: str | None = None,
                concurrency: int = 32, timeout_s: float = 60.0, retries: int = 3,
                max_tokens: int = 16, backoff_s: float = 0.5, backoff_max_s: float = 8.0,
-               prompts: pasr.Prompts | None = None):
+               prompts: pasr.Prompts | None = None, cache_size: int = 200_000):
     if concurrency < 1:
       raise ValueError(f"judge.concurrency={concurrency}: must be >= 1")
     if timeout_s <= 0:
@@ -111,7 +114,9 @@ class JudgeClient:
     self.backoff_max_s = backoff_max_s
     self.prompts = prompts or pasr.Prompts()
     self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    self._cache: dict[str, float] = {}
+    # Keys are digests of the full prompt: a long run judges millions of long answers.
+    self._cache: collections.OrderedDict[bytes, float] = collections.OrderedDict()
+    self.cache_size = cache_size
     self.totals: dict[str, float] = {}
 
   @classmethod
@@ -143,10 +148,16 @@ class JudgeClient:
     failures, unparseable, cache_hits, latency_ms_p50/p90/p99. Raises JudgeError."""
     stats = _BatchStats()
     keyed = [self._messages(i, it) for i, it in enumerate(items)]
-    keys = [json.dumps(m, ensure_ascii=False) for m in keyed]
-    todo: dict[str, list[dict[str, str]]] = {}
+    keys = [hashlib.sha256(json.dumps(m, ensure_ascii=False).encode()).digest()
+            for m in keyed]
+    todo: dict[bytes, list[dict[str, str]]] = {}
+    scores: dict[bytes, float] = {}
     for k, m in zip(keys, keyed):
-      if k in self._cache or k in todo:
+      if k in self._cache:
+        self._cache.move_to_end(k)
+        scores[k] = self._cache[k]
+        stats.cache_hits += 1
+      elif k in todo:
         stats.cache_hits += 1
       else:
         todo[k] = m
@@ -168,9 +179,11 @@ class JudgeClient:
           raise JudgeError(f"{first} ({stats.failures} of {len(todo)} items failed)",
                            stats.as_dict(len(items))) from first
       for k, t in tasks.items():
-        self._cache[k] = t.result()
+        scores[k] = self._cache[k] = t.result()
+      while len(self._cache) > self.cache_size:
+        self._cache.popitem(last=False)
     self._accumulate(stats, len(items))
-    return [self._cache[k] for k in keys], stats.as_dict(len(items))
+    return [scores[k] for k in keys], stats.as_dict(len(items))
 
   # ------------------------------------------------------------------ internals
   def _messages(self, index: int, item: JudgeItem | Mapping[str, str]
