@@ -106,8 +106,10 @@ def sequence_logprobs(logits: jax.Array, input_ids: jax.Array, temperature: floa
 
   logits `[B,T,V]` from the model over `input_ids [B,T]`; the logits at t-1 score token t.
   """
-  lp = token_logprobs(logits[:, :-1], input_ids[:, 1:], temperature, chunk)
-  return jnp.pad(lp, ((0, 0), (1, 0)))
+  # Score all T positions against the next token (last one wraps and is dropped) rather than
+  # slicing logits[:, :-1], which would copy the whole [B,T-1,V] array.
+  lp = token_logprobs(logits, jnp.roll(input_ids, -1, axis=1), temperature, chunk)
+  return jnp.pad(lp[:, :-1], ((0, 0), (1, 0)))
 
 
 # ----------------------------------------------------------------------------- advantages

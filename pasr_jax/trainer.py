@@ -1,0 +1,313 @@
+"""The sharded GRPO update: policy, frozen reference, optax AdamW, one jitted step on a mesh.
+
+The step is a pure function of (params, ref_params, opt_state, batch) compiled with `jax.jit`
+and explicit in/out shardings. A batch of B sequences is split into B / micro_batch
+micro-batches that a `lax.scan` visits one at a time; each contributes
+grad(loss_sum_i / D) where D is the denominator of the WHOLE batch, so the summed gradient is
+exactly the gradient of the full-batch loss. A step whose loss or gradient is not finite leaves
+params and optimizer state unchanged and is counted.
+
+Batch (numpy, B sequences of length L): input_ids, attention_mask, positions `[B,L] int32`;
+loss_mask, old_logps `[B,L] float32` (position t scores input_ids[:, t] from logits at t-1);
+advantages `[B] float32`; optional is_weights `[B,L]` (truncated IS weights).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from pasr_jax import grpo, sharding
+from pasr_jax.models.qwen import Decoder, ModelConfig
+
+BATCH_KEYS = ("input_ids", "attention_mask", "positions", "loss_mask", "old_logps",
+              "advantages")
+_INT_KEYS = ("input_ids", "attention_mask", "positions")
+
+
+class TrainerError(ValueError):
+  """A config value or batch that the trainer cannot use (field and value in the message)."""
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+  """AdamW with linear warm-up then constant or cosine decay, after global-norm clipping.
+
+  Weight decay touches matrices only (ndim >= 2), not norms or biases.
+  """
+  lr, warm = float(optim.lr), int(optim.warmup_steps)
+  if optim.schedule == "constant":
+    sched = optax.warmup_constant_schedule(0.0, lr, warm) if warm > 0 else optax.constant_schedule(lr)
+  elif optim.schedule == "cosine":
+    decay = max(int(total_steps), warm + 1)
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, warm, decay, end_value=0.0)
+  else:
+    raise TrainerError(f"optim.schedule={optim.schedule!r} must be constant or cosine")
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  adamw = optax.adamw(sched, b1=optim.b1, b2=optim.b2, eps=1e-8,
+                      weight_decay=optim.weight_decay, mask=decay_mask)
+  if optim.clip_norm and optim.clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(optim.clip_norm), adamw)
+  return adamw
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, abstract_params: Any,
+                        param_shardings: Any, mesh: Mesh) -> Any:
+  """Shardings for `tx.init(params)`: moment trees follow the params, scalars are replicated."""
+  abstract_state = jax.eval_shape(tx.init, abstract_params)
+  rep = sharding.replicated(mesh)
+  return optax.tree_utils.tree_map_params(
+      tx, lambda _, s: s, abstract_state, param_shardings,
+      transform_non_params=lambda _: rep, is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+# ----------------------------------------------------------------------------- step functions
+
+
+def _logprobs_fn(graphdef, rest, params, mb, temperature: float, chunk: int) -> jax.Array:
+  model = nnx.merge(graphdef, params, rest)
+  logits = model(mb["input_ids"], mb["positions"], mb["attention_mask"])
+  return grpo.sequence_logprobs(logits, mb["input_ids"], temperature, chunk)
+
+
+def _split_micro(batch: dict, num_micro: int, mesh: Mesh) -> dict:
+  """[B, ...] -> [K, B/K, ...]; row b goes to micro-batch b % K so each device keeps its rows."""
+  def one(x):
+    y = x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:]).swapaxes(0, 1)
+    spec = PartitionSpec(None, sharding.BATCH_AXES, *([None] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(y, NamedSharding(mesh, spec))
+  return jax.tree.map(one, batch)
+
+
+def _merge_micro(x: jax.Array) -> jax.Array:
+  """Inverse of `_split_micro` for one [K, B/K, ...] array."""
+  return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
+
+
+def make_step_fns(graphdef, rest, tx: optax.GradientTransformation,
+                  cfg: ml_collections.ConfigDict, num_micro: int, mesh: Mesh, chunk: int = 256
+                  ) -> tuple[Callable, Callable, Callable]:
+  """The pure (un-jitted) update, logprob and gradient functions.
+
+  update(params, ref_params, opt_state, batch) -> (params, opt_state, metrics)
+  logprobs(params, batch) -> [B,L] float32
+  gradients(params, ref_params, batch) -> (grads, metrics): the full-batch loss gradient
+  """
+  g = cfg.grpo
+  temperature = float(cfg.rollout.temperature)
+  beta = float(g.beta)
+  lp_fn = functools.partial(_logprobs_fn, graphdef, rest, temperature=temperature, chunk=chunk)
+
+  def logprobs(params, batch):
+    micro = _split_micro({k: batch[k] for k in _INT_KEYS}, num_micro, mesh)
+    out = jax.lax.map(lambda mb: lp_fn(params, mb), micro)
+    return _merge_micro(out)
+
+  def gradients(params, ref_params, batch):
+    denom = jnp.maximum(grpo.loss_denominator(batch["loss_mask"], g.agg), 1.0)
+    micro = _split_micro(batch, num_micro, mesh)
+
+    def loss_fn(p, mb, ref_lp):
+      lp = lp_fn(p, mb)
+      s, _, m = grpo.grpo_loss(lp, mb["old_logps"], ref_lp, mb["advantages"], mb["loss_mask"],
+                               beta=beta, eps_low=g.eps_low, eps_high=g.eps_high, agg=g.agg,
+                               max_tokens=cfg.rollout.max_tokens,
+                               is_weights=mb.get("is_weights"))
+      return s / denom, m
+
+    def body(acc, mb):
+      ref_lp = jax.lax.stop_gradient(lp_fn(ref_params, mb)) if beta > 0 else None
+      (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb, ref_lp)
+      return jax.tree.map(jnp.add, acc, grads), (loss, m)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, (losses, ms) = jax.lax.scan(body, zeros, micro)
+    tok = ms["tokens"]
+    wsum = lambda v: (v * tok).sum() / jnp.maximum(tok.sum(), 1.0)
+    metrics = {
+        "loss": losses.sum(), "tokens": tok.sum(), "kl": wsum(ms["kl"]),
+        "clip_frac": wsum(ms["clip_frac"]), "ratio_mean": wsum(ms["ratio_mean"]),
+        "ratio_max": jnp.where(tok > 0, ms["ratio_max"], -jnp.inf).max(),
+        "ratio_min": jnp.where(tok > 0, ms["ratio_min"], jnp.inf).min(),
+    }
+    return grads, metrics
+
+  def update(params, ref_params, opt_state, batch):
+    grads, metrics = gradients(params, ref_params, batch)
+    gnorm = optax.tree.norm(grads)
+    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(gnorm)
+    updates, new_opt = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    params, opt_state = keep(new_params, params), keep(new_opt, opt_state)
+    metrics = dict(metrics, grad_norm=gnorm, skipped=(~ok).astype(jnp.float32))
+    return params, opt_state, metrics
+
+  return update, logprobs, gradients
+
+
+# ----------------------------------------------------------------------------- Trainer
+
+
+class Trainer:
+  """Holds the mesh, the live policy, the frozen reference and the optimizer state.
+
+  `Trainer(cfg, model, model_cfg, mesh)`: `model` is a Decoder built with compute dtype
+  cfg.model.dtype and fp32 params; it is placed on `mesh` by cfg.mesh.rules (params already
+  sharded stay put). The reference is a copy of the initial params, kept only when beta > 0.
+  """
+
+  def __init__(self, cfg: ml_collections.ConfigDict, model: Decoder, model_cfg: ModelConfig,
+               mesh: Mesh):
+    self.cfg, self.model_cfg, self.mesh = cfg, model_cfg, mesh
+    if cfg.grpo.agg not in grpo.AGGS:
+      raise TrainerError(f"grpo.agg={cfg.grpo.agg!r} must be one of {grpo.AGGS}")
+    mb = int(cfg.optim.micro_batch)
+    if mb < 1 or mb % sharding.batch_shards(mesh):
+      raise TrainerError(f"optim.micro_batch={mb} must be a positive multiple of the batch "
+                         f"shards data*fsdp={sharding.batch_shards(mesh)}")
+    self.graphdef, params, self._rest = nnx.split(model, nnx.Param, ...)
+    for leaf in jax.tree.leaves(params):
+      if leaf.dtype != jnp.dtype(cfg.model.param_dtype):
+        raise TrainerError(f"model param dtype {leaf.dtype} != model.param_dtype="
+                           f"{cfg.model.param_dtype!r}")
+    rules = cfg.mesh.rules
+    self.param_shardings = sharding.state_shardings(params, mesh, rules)
+    self.params = sharding.put_tree(params, self.param_shardings)
+    self.ref_params = (jax.jit(lambda p: jax.tree.map(jnp.copy, p),
+                               out_shardings=self.param_shardings)(self.params)
+                       if cfg.grpo.beta > 0 else None)
+    self.tx = make_optimizer(cfg.optim, cfg.train.steps)
+    self.opt_shardings = opt_state_shardings(self.tx, self.params, self.param_shardings, mesh)
+    self.opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(self.params)
+    self.step = 0
+    self.skipped_steps = 0
+    self._fns: dict[tuple, Callable] = {}
+
+  # -- compiled functions, one per (number of micro-batches, batch keys)
+
+  def _compiled(self, kind: str, num_micro: int, keys: tuple[str, ...]) -> Callable:
+    key = (kind, num_micro, keys)
+    if key not in self._fns:
+      update, logprobs, gradients = make_step_fns(self.graphdef, self._rest, self.tx, self.cfg,
+                                                  num_micro, self.mesh)
+      bs = {k: sharding.batch_sharding(self.mesh, 1 if k == "advantages" else 2) for k in keys}
+      rep = sharding.replicated(self.mesh)
+      if kind == "update":
+        ref_sh = self.param_shardings if self.ref_params is not None else None
+        self._fns[key] = jax.jit(
+            update, in_shardings=(self.param_shardings, ref_sh, self.opt_shardings, bs),
+            out_shardings=(self.param_shardings, self.opt_shardings, rep),
+            donate_argnums=(0, 2))
+      elif kind == "gradients":
+        ref_sh = self.param_shardings if self.ref_params is not None else None
+        self._fns[key] = jax.jit(gradients, in_shardings=(self.param_shardings, ref_sh, bs),
+                                 out_shardings=(self.param_shardings, rep))
+      else:
+        self._fns[key] = jax.jit(logprobs, in_shardings=(self.param_shardings, bs),
+                                 out_shardings=sharding.batch_sharding(self.mesh))
+    return self._fns[key]
+
+  def _put_batch(self, batch: dict, keys: tuple[str, ...]) -> tuple[dict, int]:
+    missing = [k for k in keys if k not in batch]
+    if missing:
+      raise TrainerError(f"batch is missing {missing}")
+    b = np.asarray(batch["input_ids"]).shape[0]
+    mb = int(self.cfg.optim.micro_batch)
+    if b % mb:
+      raise TrainerError(f"batch of {b} sequences is not a multiple of optim.micro_batch={mb}")
+    out = {}
+    for k in keys:
+      x = np.asarray(batch[k])
+      x = x.astype(np.int32 if k in _INT_KEYS else np.float32)
+      want = (b,) if k == "advantages" else (b, np.asarray(batch["input_ids"]).shape[1])
+      if x.shape != want:
+        raise TrainerError(f"batch[{k!r}] has shape {x.shape}, expected {want}")
+      out[k] = sharding.put_global(x, sharding.batch_sharding(self.mesh, x.ndim))
+    return out, b // mb
+
+  # -- public API
+
+  def update(self, batch: dict) -> dict[str, float]:
+    """One optimizer step on `batch` (all its micro-batches); returns float metrics."""
+    keys = BATCH_KEYS + (("is_weights",) if "is_weights" in batch else ())
+    dev, k = self._put_batch(batch, keys)
+    fn = self._compiled("update", k, keys)
+    self.params, self.opt_state, m = fn(self.params, self.ref_params, self.opt_state, dev)
+    metrics = {name: float(v) for name, v in m.items()}
+    self.skipped_steps += int(metrics["skipped"])
+    self.step += 1
+    metrics["skipped_steps"] = float(self.skipped_steps)
+    return metrics
+
+  def gradients(self, batch: dict) -> tuple[Any, dict[str, float]]:
+    """Gradient of the full-batch loss w.r.t. the policy params (no step taken), and metrics."""
+    keys = BATCH_KEYS + (("is_weights",) if "is_weights" in batch else ())
+    dev, k = self._put_batch(batch, keys)
+    grads, m = self._compiled("gradients", k, keys)(self.params, self.ref_params, dev)
+    return grads, {name: float(v) for name, v in m.items()}
+
+  def logprobs(self, batch: dict, model: str = "policy") -> np.ndarray:
+    """Per-token logprobs `[B,L]` (aligned like loss_mask; column 0 is 0) under `model`."""
+    if model not in ("policy", "ref"):
+      raise TrainerError(f"model={model!r} must be 'policy' or 'ref'")
+    params = self.params if model == "policy" or self.ref_params is None else self.ref_params
+    dev, k = self._put_batch(batch, _INT_KEYS)
+    return sharding.to_host(self._compiled("logprobs", k, _INT_KEYS)(params, dev))
+
+  def train_batch(self, batch: dict) -> dict[str, float]:
+    """The per-rollout-batch routine: optional trainer-side old logprobs, then μ updates.
+
+    With grpo.recompute_old_logps or grpo.tis_cap > 0 the trainer's own logprobs of the
+    current policy become old_logps (and the capped IS weights against the sampler's are
+    applied); the sampler/trainer mismatch is reported either way in that case. Returns the
+    last update's metrics.
+    """
+    g = self.cfg.grpo
+    extra: dict[str, float] = {}
+    if g.recompute_old_logps or g.tis_cap > 0:
+      old_tr = self.logprobs(batch)
+      w, mm = grpo.tis_weights(jnp.asarray(old_tr), jnp.asarray(batch["old_logps"]),
+                               jnp.asarray(batch["loss_mask"]), float(g.tis_cap))
+      extra = {k: float(v) for k, v in mm.items()}
+      batch = dict(batch, old_logps=old_tr)
+      if g.tis_cap > 0:
+        batch["is_weights"] = np.asarray(w)
+    metrics: dict[str, float] = {}
+    for _ in range(max(1, int(g.num_iterations))):
+      metrics = self.update(batch)
+    metrics.update(extra)
+    return metrics
+
+  @property
+  def model(self) -> Decoder:
+    """The live policy as a Decoder (shares the trainer's arrays; no copy)."""
+    return nnx.merge(self.graphdef, self.params, self._rest)
+
+  def state_for_checkpoint(self) -> dict[str, Any]:
+    """Pytrees to save: params, opt_state (ref params are the initial ones; see restore)."""
+    state = {"params": self.params, "opt_state": self.opt_state,
+             "skipped_steps": np.asarray(self.skipped_steps, np.int64),
+             "step": np.asarray(self.step, np.int64)}
+    if self.ref_params is not None:
+      state["ref_params"] = self.ref_params
+    return state
+
+  def restore_from_checkpoint(self, state: dict[str, Any]) -> None:
+    """Puts restored pytrees back on the mesh with the trainer's shardings."""
+    self.params = sharding.put_tree(state["params"], self.param_shardings)
+    self.opt_state = sharding.put_tree(state["opt_state"], self.opt_shardings)
+    if self.ref_params is not None and "ref_params" in state:
+      self.ref_params = sharding.put_tree(state["ref_params"], self.param_shardings)
+    self.skipped_steps = int(state.get("skipped_steps", 0))
+    self.step = int(state.get("step", 0))
