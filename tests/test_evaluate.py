@@ -241,3 +241,15 @@ def test_self_refine_oracle_second_turn_only_for_wrong(tmp_path, smollm2_dir, vl
     # The second prompt is the first chat + the first answer + "there is an error".
     prompt2 = vllm_sampler.tokenizer.decode(rec.calls[1][1][0].prompt_token_ids)
     assert wrong[0]["first_answer"].strip()[:40] in prompt2 and "contains an error" in prompt2
+
+
+def test_long_question_is_cut_to_fit_the_prompt_budget(smollm2_dir):
+  from pasr_jax.eval.prompts import ChatEncoder, first_turn
+  enc = ChatEncoder(str(smollm2_dir))
+  item = load_items(BENCHMARKS["xsum"], DATA, 1)[0]
+  full = len(enc.encode(first_turn(item, item.question, None)))
+  q, cut = enc.fit_question(item, None, budget=200)
+  assert full > 200 and cut
+  assert len(enc.encode(first_turn(item, q, None))) <= 200
+  assert item.question.startswith(q[:-4][:100])          # the head of the article is kept
+  assert enc.fit_question(item, None, budget=full) == (item.question, False)
