@@ -70,6 +70,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.judge.concurrency = 32
   c.judge.timeout_s = 60.0
   c.judge.retries = 3
+  c.judge.backoff_s = 0.5             # first retry wait in s, doubled per retry (capped at 8 s)
+  c.judge.cache_size = 200_000        # judged prompts remembered (LRU), keyed by a prompt digest
   c.judge.input = "full"              # what the judge sees: full (the original) | answer
   c.judge.max_tokens = 16
   c.judge.autostart = False           # local base_url silent: start `python -m pasr_jax.judge --backend verify`
