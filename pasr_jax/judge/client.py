@@ -128,7 +128,8 @@ class JudgeClient:
                concurrency=int(cfg.get("concurrency", 32)),
                timeout_s=float(cfg.get("timeout_s", 60.0)), retries=int(cfg.get("retries", 3)),
                max_tokens=int(cfg.get("max_tokens", 16)),
-               backoff_s=float(cfg.get("backoff_s", 0.5)), prompts=prompts)
+               backoff_s=float(cfg.get("backoff_s", 0.5)),
+               cache_size=int(cfg.get("cache_size", 200_000)), prompts=prompts)
 
   # ------------------------------------------------------------------ public API
   def score_batch(self, items: Sequence[JudgeItem | Mapping[str, str]]
