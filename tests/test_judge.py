@@ -239,6 +239,26 @@ def test_verify_server_grades(verify_url):
   assert 0.5 < partial[0] < 0.9
 
 
+def test_verify_app_in_a_thread():
+  # math-verify's timeout uses SIGALRM; off the main thread the app must grade without it
+  # rather than let math-verify swallow the error and score everything 0.
+  from pasr_jax.judge.server import create_verify_app
+  port = free_port()
+  srv = uvicorn.Server(uvicorn.Config(create_verify_app(), host="127.0.0.1", port=port,
+                                      log_level="warning"))
+  th = threading.Thread(target=srv.run, daemon=True)
+  th.start()
+  try:
+    while not srv.started:
+      time.sleep(0.02)
+    scores, _ = JudgeClient(f"http://127.0.0.1:{port}").score_batch(
+        [JudgeItem("q", "#### 18", "\\boxed{18}"), JudgeItem("q", "5\\sqrt{2}", "5\\sqrt{2}")])
+    assert scores == [1.0, 1.0]
+  finally:
+    srv.should_exit = True
+    th.join(10)
+
+
 def test_verify_server_64_concurrent(verify_url):
   batch = [JudgeItem(f"What is {i}+{i}?", f"#### {2 * i}", f"\\boxed{{{2 * i + i % 2}}}")
            for i in range(64)]

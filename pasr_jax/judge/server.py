@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -52,7 +53,8 @@ def create_verify_app(api_key: str | None = None, latency_ms: float = 0.0,
                       grade_timeout_s: int | None = 5) -> fastapi.FastAPI:
   """The rule-based judge. `api_key`: when set, /v1/* need `Authorization: Bearer <key>`.
   `latency_ms`: an artificial delay per completion (benchmarks). `grade_timeout_s`:
-  math-verify's SIGALRM guard, only valid when the event loop runs on the main thread."""
+  math-verify's per-parse guard; it relies on SIGALRM, so it is used only when the event
+  loop runs on the main thread (uvicorn in a thread grades without it)."""
   app = fastapi.FastAPI(title="pasr_jax verify judge")
   created = int(time.time())
 
@@ -97,8 +99,9 @@ def create_verify_app(api_key: str | None = None, latency_ms: float = 0.0,
                     "pasr_jax.pasr.judge_messages)")
     if latency_ms > 0:
       await asyncio.sleep(latency_ms / 1000.0)
+    on_main = threading.current_thread() is threading.main_thread()
     score = verify.grade(fields["task_type"], fields["question"], fields["ground_truth"],
-                         fields["answer"], timeout_s=grade_timeout_s)
+                         fields["answer"], timeout_s=grade_timeout_s if on_main else None)
     reply = f"{score:.4f}" if fields["task_type"] == "summary" else str(int(score))
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
