@@ -252,8 +252,8 @@ def test_verify_app_in_a_thread():
     while not srv.started:
       time.sleep(0.02)
     scores, _ = JudgeClient(f"http://127.0.0.1:{port}").score_batch(
-        [JudgeItem("q", "#### 18", "\\boxed{18}"), JudgeItem("q", "5\\sqrt{2}", "5\\sqrt{2}")])
-    assert scores == [1.0, 1.0]
+        [JudgeItem("q", "#### 0.5", "\\frac{1}{2}"), JudgeItem("q", "\\frac{1}{2}", "0.5")])
+    assert scores == [1.0, 1.0]     # text matching alone would give 0 for both
   finally:
     srv.should_exit = True
     th.join(10)
