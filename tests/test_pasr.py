@@ -54,6 +54,20 @@ def test_format_table_is_big_enough():
   assert {e for _, _, e in FORMAT_CASES} == {1, -1}
 
 
+@pytest.mark.parametrize("naive", [
+    # Anchored, but `.*` may swallow further tags: duplicates pass.
+    r"^<think>.*</think>\s*<answer>.*</answer>$",
+    # Operator precedence: `^A|B$` is `(^A)|(B$)`, so either half alone passes.
+    r"^<think>.*</think>|<answer>.*</answer>$",
+])
+def test_table_catches_regex_checks(naive):
+  """The table must hold cases that these plausible one-regex checks get wrong."""
+  import re
+  wrong = [name for name, text, expected in FORMAT_CASES
+           if (1 if re.search(naive, text, re.DOTALL) else -1) != expected]
+  assert wrong, f"no case in the table separates the scanner from {naive!r}"
+
+
 @pytest.mark.parametrize("name,text,expected", FORMAT_CASES, ids=[c[0] for c in FORMAT_CASES])
 def test_format_reward(name, text, expected):
   assert pasr.format_reward(text) == expected, name
