@@ -1,5 +1,7 @@
 """Rewards and prompts of pasr_jax.pasr on hand-written cases."""
 
+import re
+
 import ml_collections
 import pytest
 
@@ -54,18 +56,32 @@ def test_format_table_is_big_enough():
   assert {e for _, _, e in FORMAT_CASES} == {1, -1}
 
 
+def _regex_check(pattern):
+  return lambda t: re.search(pattern, t, re.DOTALL) is not None
+
+
+def _counting_check(t):
+  # Regex plus tag counts joined as `a != 2 and b != 2` where `or` was meant: the counts
+  # only reject when BOTH are wrong, so a duplicated think (or answer) block passes.
+  m = re.match(r"^<think>.*?</think>\s*<answer>.*?</answer>$", t, re.DOTALL)
+  n_think = t.count("<think>") + t.count("</think>")
+  n_answer = t.count("<answer>") + t.count("</answer>")
+  return not (not m or n_think != 2 and n_answer != 2)
+
+
 @pytest.mark.parametrize("naive", [
     # Anchored, but `.*` may swallow further tags: duplicates pass.
-    r"^<think>.*</think>\s*<answer>.*</answer>$",
-    # Operator precedence: `^A|B$` is `(^A)|(B$)`, so either half alone passes.
-    r"^<think>.*</think>|<answer>.*</answer>$",
-])
-def test_table_catches_regex_checks(naive):
-  """The table must hold cases that these plausible one-regex checks get wrong."""
-  import re
+    _regex_check(r"^<think>.*</think>\s*<answer>.*</answer>$"),
+    # Regex precedence: `^A|B$` is `(^A)|(B$)`, so either half alone passes.
+    _regex_check(r"^<think>.*</think>|<answer>.*</answer>$"),
+    _counting_check,
+], ids=["greedy", "alternation", "and-or"])
+def test_table_catches_one_regex_checks(naive):
+  """The table holds cases that these plausible but wrong checks get wrong."""
   wrong = [name for name, text, expected in FORMAT_CASES
-           if (1 if re.search(naive, text, re.DOTALL) else -1) != expected]
-  assert wrong, f"no case in the table separates the scanner from {naive!r}"
+           if (1 if naive(text) else -1) != expected]
+  assert wrong, "no case in the table separates the scanner from this check"
+  assert _counting_check("<think>a</think><think>b</think><answer>4</answer>")
 
 
 @pytest.mark.parametrize("name,text,expected", FORMAT_CASES, ids=[c[0] for c in FORMAT_CASES])
