@@ -391,6 +391,15 @@ def test_sync_wrapper_inside_running_loop(verify_url):
   assert scores == [1.0]
 
 
+def test_cli_rejects_bad_vllm_model(tmp_path):
+  run = lambda *a: subprocess.run([sys.executable, "-m", "pasr_jax.judge", *a],
+                                  capture_output=True, text=True, timeout=60)
+  r = run("--backend", "vllm")
+  assert r.returncode == 2 and "needs --model" in r.stderr
+  r = run("--backend", "vllm", "--model", str(tmp_path))
+  assert r.returncode == 1 and "no config.json" in r.stderr and str(tmp_path) in r.stderr
+
+
 @pytest.mark.slow
 def test_vllm_backend_with_smollm2(smollm2_dir):
   proc, url = start_judge("--backend", "vllm", "--model", str(smollm2_dir),
