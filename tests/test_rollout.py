@@ -257,6 +257,13 @@ def test_engine_processes_end_at_exit_without_close(smollm2_dir, tmp_path):
   line = [l for l in proc.stdout.splitlines() if l.startswith("KIDS")][0]
   info = json.loads(line[4:])
   assert info["n"] == 2 and info["kids"], info
-  alive = [k for k in info["kids"] if psutil.pid_exists(k[0])
-           and psutil.Process(k[0]).status() != psutil.STATUS_ZOMBIE]
+  procs = []
+  for pid, _ in info["kids"]:
+    try:
+      procs.append(psutil.Process(pid))
+    except psutil.NoSuchProcess:
+      pass
+  # multiprocessing's resource tracker exits on its own once its parent's pipe closes.
+  _, alive = psutil.wait_procs(procs, timeout=20)
+  alive = [(p.pid, p.cmdline()) for p in alive if p.status() != psutil.STATUS_ZOMBIE]
   assert not alive, alive
