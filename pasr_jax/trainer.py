@@ -74,9 +74,17 @@ def opt_state_shardings(tx: optax.GradientTransformation, abstract_params: Any,
 # ----------------------------------------------------------------------------- step functions
 
 
-def _logprobs_fn(graphdef, rest, params, mb, temperature: float, chunk: int) -> jax.Array:
+def _logprobs_fn(graphdef, rest, params, mb, temperature: float, chunk: int,
+                 mesh: Mesh, compute_dtype: Any) -> jax.Array:
+  # Cast the sharded fp32 master weights before use, so FSDP all-gathers move (and hold)
+  # compute-dtype copies; gradients flow back through the cast to the fp32 params.
+  params = jax.tree.map(lambda x: x.astype(compute_dtype), params)
   model = nnx.merge(graphdef, params, rest)
   logits = model(mb["input_ids"], mb["positions"], mb["attention_mask"])
+  # Pin the logits to batch-sharded: left to itself, propagation may contract the
+  # fsdp-sharded lm_head by replicating the batch instead ([mb, T, V] on every device).
+  logits = jax.lax.with_sharding_constraint(
+      logits, NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES, None, "tensor")))
   return grpo.sequence_logprobs(logits, mb["input_ids"], temperature, chunk)
 
 
@@ -106,11 +114,14 @@ def make_step_fns(graphdef, rest, tx: optax.GradientTransformation,
   g = cfg.grpo
   temperature = float(cfg.rollout.temperature)
   beta = float(g.beta)
-  lp_fn = functools.partial(_logprobs_fn, graphdef, rest, temperature=temperature, chunk=chunk)
+  lp_fn = functools.partial(_logprobs_fn, graphdef, rest, temperature=temperature, chunk=chunk,
+                            mesh=mesh, compute_dtype=jnp.dtype(cfg.model.dtype))
 
   def logprobs(params, batch):
     micro = _split_micro({k: batch[k] for k in _INT_KEYS}, num_micro, mesh)
-    out = jax.lax.map(lambda mb: lp_fn(params, mb), micro)
+    # Params ride in the carry, not the closure: nnx.scan (scan_layers) refuses Variables whose
+    # values are tracers of an outer trace level.
+    _, out = jax.lax.scan(lambda p, mb: (p, lp_fn(p, mb)), params, micro)
     return _merge_micro(out)
 
   def gradients(params, ref_params, batch):
@@ -125,13 +136,14 @@ def make_step_fns(graphdef, rest, tx: optax.GradientTransformation,
                                is_weights=mb.get("is_weights"))
       return s / denom, m
 
-    def body(acc, mb):
-      ref_lp = jax.lax.stop_gradient(lp_fn(ref_params, mb)) if beta > 0 else None
-      (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb, ref_lp)
-      return jax.tree.map(jnp.add, acc, grads), (loss, m)
+    def body(carry, mb):
+      acc, p, ref = carry  # params in the carry: see logprobs
+      ref_lp = jax.lax.stop_gradient(lp_fn(ref, mb)) if beta > 0 else None
+      (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, mb, ref_lp)
+      return (jax.tree.map(jnp.add, acc, grads), p, ref), (loss, m)
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, (losses, ms) = jax.lax.scan(body, zeros, micro)
+    (grads, _, _), (losses, ms) = jax.lax.scan(body, (zeros, params, ref_params), micro)
     tok = ms["tokens"]
     wsum = lambda v: (v * tok).sum() / jnp.maximum(tok.sum(), 1.0)
     metrics = {
@@ -216,7 +228,12 @@ class Trainer:
       else:
         self._fns[key] = jax.jit(logprobs, in_shardings=(self.param_shardings, bs),
                                  out_shardings=sharding.batch_sharding(self.mesh))
-    return self._fns[key]
+    fn = self._fns[key]
+
+    def call(*args):
+      with jax.set_mesh(self.mesh):  # lets the model pin activations batch-sharded
+        return fn(*args)
+    return call
 
   def _put_batch(self, batch: dict, keys: tuple[str, ...]) -> tuple[dict, int]:
     missing = [k for k in keys if k not in batch]

@@ -169,6 +169,19 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str | None, ...]
   return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 
+def _shard_batch(x: jax.Array) -> jax.Array:
+  """Pins activations `[B, ...]` batch-sharded when a ('data', 'fsdp', ...) mesh is set with
+  `jax.set_mesh` (the trainer does). Without it SPMD propagation follows the fsdp-sharded
+  `embed` dim of the weights and replicates the batch on every device. No-op without a mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not {"data", "fsdp"} <= set(mesh.axis_names):
+    return x
+  if x.shape[0] % (mesh.shape["data"] * mesh.shape["fsdp"]):
+    return x
+  spec = jax.sharding.PartitionSpec(("data", "fsdp"), *([None] * (x.ndim - 1)))
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
 class RMSNorm(nnx.Module):
   """y = x / rms(x) * weight, computed in float32 (as HF does) and cast back."""
 
@@ -323,10 +336,10 @@ class Decoder(nnx.Module):
     causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
     mask = (causal[None] & (attention_mask[:, None, :] > 0))[:, None, None]  # [B,1,1,T,T]
 
-    x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
+    x = _shard_batch(jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype))
 
     def layer(block: Block, h: jax.Array) -> jax.Array:
-      return block(h, cos, sin, mask)
+      return _shard_batch(block(_shard_batch(h), cos, sin, mask))
     if self.remat:
       layer = nnx.remat(layer)
 
