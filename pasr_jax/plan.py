@@ -163,4 +163,8 @@ if __name__ == "__main__":
   flags.DEFINE_integer("layers", 0, "compile with this many layers instead (0 = all)")
   flags.DEFINE_integer("batch", 0, "sequences per step (0 = prompts_per_step * n)")
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  # Accept --device-memory-gib / --seq-len spellings too.
+  argv = [a if not a.startswith("--") or a.startswith("--config")
+          else "--" + a[2:].split("=", 1)[0].replace("-", "_") + a[2 + len(a[2:].split("=", 1)[0]):]
+          for a in sys.argv]
+  app.run(main, argv=argv)
