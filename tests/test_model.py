@@ -104,19 +104,32 @@ def test_scan_and_remat_match_unrolled(hf_pair):
   plain, _ = load_hf(path)
   scanned, _ = load_hf(path, scan_layers=True, remat=True)
   ids, mask = padded_batch(np.random.RandomState(3), [8, 5], 8, False, cfg.vocab_size)
+  np.testing.assert_allclose(np.asarray(scanned(jnp.asarray(ids), attention_mask=mask)),
+                             np.asarray(plain(jnp.asarray(ids), attention_mask=mask)), atol=1e-5)
+
+
+def test_scan_and_remat_gradients_match_unrolled(tmp_path):
+  hf_model, cfg = make_hf_model("qwen3", tied=False)  # the config with every optional param
+  hf_model.save_pretrained(tmp_path)
+  plain, _ = load_hf(tmp_path)
+  scanned, _ = load_hf(tmp_path, scan_layers=True, remat=True)
+  ids, mask = padded_batch(np.random.RandomState(3), [8, 5], 8, False, cfg.vocab_size)
   ids, mask = jnp.asarray(ids), jnp.asarray(mask)
 
   def loss(model):
     return jnp.mean(jax.nn.log_softmax(model(ids, attention_mask=mask))[..., 7])
 
-  np.testing.assert_allclose(np.asarray(scanned(ids, attention_mask=mask)),
-                             np.asarray(plain(ids, attention_mask=mask)), atol=1e-5)
   g_plain = nnx.grad(loss)(plain)
   g_scan = nnx.grad(loss)(scanned)
-  # Layer 1's q_proj grad: element [1] of the stacked scan param.
-  np.testing.assert_allclose(np.asarray(g_scan["layers"]["self_attn"]["q_proj"][...][1]),
-                             np.asarray(g_plain["layers"][1]["self_attn"]["q_proj"][...]),
-                             atol=1e-6)
+  for layer in range(cfg.num_layers):  # element [layer] of each stacked scan param
+    for name in ("q_proj", "o_proj"):
+      np.testing.assert_allclose(
+          np.asarray(g_scan["layers"]["self_attn"][name][...][layer]),
+          np.asarray(g_plain["layers"][layer]["self_attn"][name][...]), atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(g_scan["layers"]["self_attn"]["k_norm"]["weight"][...][layer]),
+        np.asarray(g_plain["layers"][layer]["self_attn"]["k_norm"]["weight"][...]), atol=1e-6)
+  assert np.abs(np.asarray(g_plain["embed_tokens"][...])).max() > 0
 
 
 def test_jit_matches_eager():
@@ -159,6 +172,10 @@ def test_config_round_trip_and_transformers5_rope_layout():
   for model_type, tied in CASES:
     cfg = tiny_config(model_type, tied)
     assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+  # Llama 3 style list of eos ids: kept hashable (the config is static jit metadata).
+  multi_eos = ModelConfig.from_hf_dict(hf_dict() | {"eos_token_id": [2, 7]})
+  assert multi_eos.eos_token_id == (2, 7) and hash(multi_eos)
+  assert multi_eos.to_hf_dict()["eos_token_id"] == [2, 7]
   d = hf_dict()
   del d["rope_theta"]  # transformers 5 keeps it only under rope_parameters
   d["rope_parameters"] = {"rope_theta": 1e6, "rope_type": "default"}

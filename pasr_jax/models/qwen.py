@@ -51,7 +51,7 @@ class ModelConfig:
   qk_norm: bool = False
   max_position_embeddings: int = 32768
   bos_token_id: int | None = None
-  eos_token_id: int | list[int] | None = None
+  eos_token_id: int | tuple[int, ...] | None = None  # a tuple keeps the config hashable
   pad_token_id: int | None = None
 
   def __post_init__(self):
@@ -108,7 +108,8 @@ class ModelConfig:
         qk_norm=model_type == "qwen3",
         max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
         bos_token_id=d.get("bos_token_id"),
-        eos_token_id=d.get("eos_token_id"),
+        eos_token_id=(tuple(d["eos_token_id"]) if isinstance(d.get("eos_token_id"), list)
+                      else d.get("eos_token_id")),
         pad_token_id=d.get("pad_token_id"),
     )
 
@@ -131,7 +132,8 @@ class ModelConfig:
         "tie_word_embeddings": self.tie_word_embeddings,
         "max_position_embeddings": self.max_position_embeddings,
         "bos_token_id": self.bos_token_id,
-        "eos_token_id": self.eos_token_id,
+        "eos_token_id": (list(self.eos_token_id) if isinstance(self.eos_token_id, tuple)
+                         else self.eos_token_id),
         "pad_token_id": self.pad_token_id,
         "torch_dtype": "float32",
         "use_cache": True,
