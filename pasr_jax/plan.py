@@ -134,7 +134,8 @@ def main(argv) -> None:
   mcfg = model_config(cfg)
   if f.layers and f.layers != mcfg.num_layers:
     scale = mcfg.num_layers / f.layers
-  print(f"config        {f.config_path if hasattr(f, 'config_path') else ''}".rstrip())
+  path = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "")
+  print(f"config        {path}".rstrip())
   print(f"model         {mcfg.model_type} layers={r['layers']} params={r['params'] / 1e9:.2f}B "
         f"dtype={cfg.model.dtype} master={cfg.model.param_dtype} remat={cfg.model.remat} "
         f"scan={cfg.model.scan_layers} beta={cfg.grpo.beta}")

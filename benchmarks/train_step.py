@@ -1,0 +1,145 @@
+"""Tokens/s of one full GRPO update: JAX (this project) vs PyTorch/transformers eager.
+
+  python benchmarks/train_step.py [--batch 8] [--seq 384] [--runs 1]
+
+One update = reference forward + policy forward/backward + AdamW step, SmolLM2-135M, fp32 CPU,
+B sequences of T tokens (the second half of each is the scored completion). The torch side is
+the original PASR/TRL way: eager transformers model, per-row log_softmax + gather, a deep-copied
+frozen reference model, torch.optim.AdamW. Each side is warmed up (compile / first-touch) once,
+then timed. Prints tokens/s, achieved GFLOP/s (model matmul FLOPs: 4 forward passes' worth:
+ref fwd, policy fwd, policy bwd = 2 fwd) and the JAX/torch ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def model_flops(cfg: dict, b: int, t: int) -> float:
+  """Matmul FLOPs of one forward over [b, t] tokens (linear layers, lm_head, attention)."""
+  d, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+  h, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+  hd = cfg.get("head_dim") or d // h
+  per_layer = 2 * d * (h * hd + 2 * kv * hd) + 2 * h * hd * d + 3 * 2 * d * f
+  attn = 2 * 2 * t * h * hd  # QK^T and PV over the full (masked) square, per token
+  return b * t * (cfg["num_hidden_layers"] * (per_layer + attn) + 2 * d * v)
+
+
+def make_batch(b: int, t: int, vocab: int, seed: int = 0) -> dict:
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(0, vocab, (b, t)).astype(np.int32)
+  loss = np.zeros((b, t), np.float32)
+  loss[:, t // 2:] = 1
+  return {"input_ids": ids, "attention_mask": np.ones((b, t), np.int32),
+          "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)), "loss_mask": loss,
+          "old_logps": np.zeros((b, t), np.float32),
+          "advantages": rng.normal(0, 1, b).astype(np.float32)}
+
+
+def bench_jax(model_dir: Path, batch: dict, runs: int) -> list[float]:
+  import jax
+
+  from configs.base import get_base_config
+  from pasr_jax import sharding
+  from pasr_jax.models.hf import load_hf
+  from pasr_jax.trainer import Trainer
+
+  c = get_base_config()
+  c.mesh.shape = (1, 1, 1)
+  c.optim.micro_batch = batch["input_ids"].shape[0]
+  c.rollout.max_tokens = batch["input_ids"].shape[1]
+  model, mcfg = load_hf(model_dir)
+  tr = Trainer(c, model, mcfg, sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
+  old = tr.logprobs(batch)  # also warms the logprob function
+  batch = dict(batch, old_logps=old * batch["loss_mask"])
+  tr.update(batch)  # compile
+  times = []
+  for _ in range(runs):
+    t0 = time.perf_counter()
+    m = tr.update(batch)
+    times.append(time.perf_counter() - t0)
+  assert np.isfinite(m["loss"])
+  return times
+
+
+def bench_torch(model_dir: Path, batch: dict, runs: int, threads: int) -> list[float]:
+  import torch
+  from transformers import AutoModelForCausalLM
+
+  torch.set_num_threads(threads)
+  policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+  ref = copy.deepcopy(policy).eval()
+  for p in ref.parameters():
+    p.requires_grad_(False)
+  opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
+  ids = torch.from_numpy(batch["input_ids"]).long()
+  attn = torch.from_numpy(batch["attention_mask"]).long()
+  mask = torch.from_numpy(batch["loss_mask"])[:, 1:]
+  adv = torch.from_numpy(batch["advantages"])[:, None]
+
+  def logps(model):
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+    rows = []  # the original's per-row log_softmax
+    for row, tg in zip(logits, ids[:, 1:]):
+      rows.append(torch.gather(row.log_softmax(-1), 1, tg[:, None])[:, 0])
+    return torch.stack(rows)
+
+  def step():
+    with torch.no_grad():
+      ref_lp = logps(ref)
+    lp = logps(policy)
+    ratio = torch.exp(lp - lp.detach())
+    pg = -torch.min(ratio * adv, torch.clamp(ratio, 0.8, 1.2) * adv)
+    d = ref_lp - lp
+    per = pg + 0.04 * (torch.exp(d) - d - 1)
+    loss = ((per * mask).sum(1) / mask.sum(1)).mean()
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+    opt.step()
+    return float(loss)
+
+  step()  # warm-up
+  times = []
+  for _ in range(runs):
+    t0 = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--seq", type=int, default=384)
+  ap.add_argument("--runs", type=int, default=1)
+  ap.add_argument("--torch-threads", type=int, default=2)
+  ap.add_argument("--skip-torch", action="store_true")
+  args = ap.parse_args()
+
+  from pasr_jax.paths import prepare_smollm2
+  model_dir = prepare_smollm2()
+  cfg = json.loads((model_dir / "config.json").read_text())
+  batch = make_batch(args.batch, args.seq, cfg["vocab_size"])
+  tokens = args.batch * args.seq
+  flops = 4 * model_flops(cfg, args.batch, args.seq)
+
+  res = {"jax": min(bench_jax(model_dir, batch, args.runs))}
+  if not args.skip_torch:
+    res["torch"] = min(bench_torch(model_dir, batch, args.runs, args.torch_threads))
+  print(f"GRPO update, SmolLM2-135M fp32, B={args.batch} T={args.seq} ({tokens} tokens), "
+        f"{flops / 1e9:.0f} GFLOP per update")
+  for name, s in res.items():
+    print(f"  {name:6s} {s:7.2f} s   {tokens / s:7.1f} tokens/s   {flops / s / 1e9:6.1f} GFLOP/s")
+  if "torch" in res:
+    print(f"  ratio jax/torch (tokens/s): {res['torch'] / res['jax']:.2f}x")
+
+
+if __name__ == "__main__":
+  main()
