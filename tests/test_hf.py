@@ -233,6 +233,14 @@ def test_extra_tensor_is_named(saved_dir):
     load_hf(saved_dir)
 
 
+def test_tied_checkpoint_with_lm_head_copy_loads(tmp_path):
+  model, cfg = random_model("llama", True)
+  save_hf(model, cfg, tmp_path)
+  edit_tensors(tmp_path, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"]}))
+  loaded, _ = load_hf(tmp_path)
+  np.testing.assert_array_equal(params_of(loaded)["embed_tokens"], params_of(model)["embed_tokens"])
+
+
 def test_shape_mismatch_names_tensor_and_both_shapes(saved_dir):
   edit_tensors(saved_dir, lambda t: t.update(
       {"model.layers.0.mlp.up_proj.weight": np.zeros((100, 64), np.float32)}))

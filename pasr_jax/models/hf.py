@@ -314,7 +314,9 @@ def load_hf(path: str | os.PathLike, dtype: Any = jnp.float32, param_dtype: Any 
 
   wanted = {e[1] for e in entries}
   missing = sorted(wanted - set(files))
-  extra = sorted(n for n in set(files) - wanted if not _IGNORED_HF.match(n))
+  # Some tied checkpoints still carry a copy of the embedding as lm_head.weight; HF ignores it.
+  ignored = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+  extra = sorted(n for n in set(files) - wanted - ignored if not _IGNORED_HF.match(n))
   if missing:
     raise HFFormatError(f"{path}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}"
                         f" ({len(missing)} in all) for model_type={cfg.model_type}")
