@@ -3,7 +3,8 @@
   PYTHONPATH=. .venv/bin/python benchmarks/forward.py [--batch 8] [--seq 256] [--threads 2]
 
 Prints tokens/s of each and the ratio (Flax / torch; > 1 means Flax is faster). One timed run
-after one warm-up run (compile for JAX) each, on the same random token batch.
+after one warm-up run (compile for JAX) each, on the same random token batch. `--backward`
+adds forward+backward of the mean next-token log-likelihood (the shape of a GRPO step).
 """
 
 import argparse
@@ -17,6 +18,7 @@ def main() -> None:
   ap.add_argument("--seq", type=int, default=256)
   ap.add_argument("--threads", type=int, default=2)
   ap.add_argument("--model", default="", help="HF dir (default: the prepared SmolLM2)")
+  ap.add_argument("--backward", action="store_true", help="also time forward+backward")
   args = ap.parse_args()
   # torch's pool must be sized before it starts; XLA CPU uses all cores (2 here).
   os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -56,12 +58,39 @@ def main() -> None:
     torch_s = time.perf_counter() - t0
 
   diff = float(np.abs(np.asarray(out_jax) - out_torch.numpy()).max())
+  del out_jax, out_torch
+
+  if args.backward:
+    def loss_jax(m, i, a):
+      logp = jax.nn.log_softmax(m(i, attention_mask=a)[:, :-1])
+      return -jnp.mean(jnp.take_along_axis(logp, i[:, 1:, None], axis=-1))
+    step = nnx.jit(nnx.value_and_grad(loss_jax))
+    jax.block_until_ready(step(model, j_ids, j_mask))
+    t0 = time.perf_counter()
+    jax.block_until_ready(step(model, j_ids, j_mask))
+    jax_bwd_s = time.perf_counter() - t0
+
+    def torch_step():
+      hf_model.zero_grad(set_to_none=True)
+      logits = hf_model(input_ids=t_ids, attention_mask=t_mask).logits[:, :-1]
+      logp = torch.log_softmax(logits, -1)
+      loss = -logp.gather(-1, t_ids[:, 1:, None]).mean()
+      loss.backward()
+    torch_step()
+    t0 = time.perf_counter()
+    torch_step()
+    torch_bwd_s = time.perf_counter() - t0
   print(f"model {path}  batch {args.batch} x {args.seq}  fp32  threads {args.threads}")
   print(f"{'':8s}{'seconds':>10s}{'tokens/s':>12s}")
   print(f"{'flax':8s}{jax_s:10.2f}{tokens / jax_s:12.0f}   (first call incl. compile "
         f"{compile_s:.1f} s)")
   print(f"{'torch':8s}{torch_s:10.2f}{tokens / torch_s:12.0f}")
   print(f"ratio flax/torch tokens/s: {torch_s / jax_s:.2f}   max |dlogit| {diff:.1e}")
+  if args.backward:
+    print(f"{'fwd+bwd':8s}{'seconds':>10s}{'tokens/s':>12s}")
+    print(f"{'flax':8s}{jax_bwd_s:10.2f}{tokens / jax_bwd_s:12.0f}")
+    print(f"{'torch':8s}{torch_bwd_s:10.2f}{tokens / torch_bwd_s:12.0f}")
+    print(f"ratio flax/torch fwd+bwd tokens/s: {torch_bwd_s / jax_bwd_s:.2f}")
 
 
 if __name__ == "__main__":
