@@ -60,8 +60,9 @@ import numpy as np
 
 from pasr_jax.rollout.base import Completion, Group, SamplerError, SyncError
 
-# Bytes per safetensors file written for a sync (vLLM reads every file in the dir).
-_SHARD_BYTES = 2 << 30
+# Bytes per safetensors file written for a sync (vLLM reads every file in the dir); small
+# enough that writing one overlaps converting the next.
+_SHARD_BYTES = 128 << 20
 _NP_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
@@ -96,6 +97,7 @@ class VllmSampler:
     self._broken: str | None = None   # why generate is refused (partly loaded weights)
     self._expected = _checkpoint_spec(self.model_dir)
     self._model_cfg = None
+    self.shard_bytes = _SHARD_BYTES
     atexit.register(self.close)
 
   @classmethod
@@ -261,30 +263,41 @@ class VllmSampler:
     return {"convert_write_s": t1 - t0, "reload_s": t2 - t1, "bytes": float(nbytes)}
 
   def _write(self, tensors: Iterable[tuple[str, np.ndarray]], out_dir: Path) -> int:
-    """Checks and writes tensors as safetensors shards; returns bytes written."""
+    """Checks and writes tensors as safetensors shards; returns bytes written.
+
+    A shard is written by a background thread while the next one is converted (both
+    mostly run outside the GIL: numpy copies and safetensors' native writer), so the
+    conversion hides behind the write; at most two shards are held at once.
+    """
+    from concurrent.futures import ThreadPoolExecutor
     from safetensors.numpy import save_file
     seen: set[str] = set()
     shard: dict[str, np.ndarray] = {}
     shard_bytes = nbytes = 0
-    n_files = 0
+    pending = []
 
-    def flush():
-      nonlocal shard, shard_bytes, n_files
-      if shard:
-        n_files += 1
-        save_file(shard, str(out_dir / f"model-{n_files:05d}.safetensors"))
-        shard, shard_bytes = {}, 0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pasr-sync-write") as pool:
+      def flush():
+        nonlocal shard, shard_bytes
+        if shard:
+          if pending:
+            pending.pop(0).result()  # raises the writer's error, bounds memory
+          path = out_dir / f"model-{len(seen):05d}.safetensors"
+          pending.append(pool.submit(save_file, shard, str(path)))
+          shard, shard_bytes = {}, 0
 
-    for name, arr in tensors:
-      arr = np.ascontiguousarray(np.asarray(arr, dtype=self._write_dtype(name)))
-      self._check_tensor(name, arr.shape, seen)
-      seen.add(name)
-      shard[name] = arr
-      shard_bytes += arr.nbytes
-      nbytes += arr.nbytes
-      if shard_bytes >= _SHARD_BYTES:
-        flush()
-    flush()
+      for name, arr in tensors:
+        arr = np.ascontiguousarray(np.asarray(arr, dtype=self._write_dtype(name)))
+        self._check_tensor(name, arr.shape, seen)
+        seen.add(name)
+        shard[name] = arr
+        shard_bytes += arr.nbytes
+        nbytes += arr.nbytes
+        if shard_bytes >= self.shard_bytes:
+          flush()
+      flush()
+      for f in pending:
+        f.result()
     if self._expected:
       missing = sorted(set(self._expected) - seen)
       if missing:
