@@ -131,6 +131,13 @@ def test_hf_tensors_names_layouts_and_dtype_cast(tmp_path):
   got = {name: x for name, x in hf_tensors(model, cfg, dtype=jnp.bfloat16)}
   assert {k: v.shape for k, v in got.items()} == expected
   assert all(x.dtype == ml_dtypes.bfloat16 for x in got.values())
+  # The vLLM sync passes a host (numpy) nnx.State instead of the model: same tensors.
+  host_state = jax.device_get(nnx.state(model, nnx.Param))
+  from_state = dict(hf_tensors(host_state, cfg))
+  from_model = dict(hf_tensors(model, cfg))
+  assert from_state.keys() == from_model.keys() == expected.keys()
+  for k in from_model:
+    np.testing.assert_array_equal(from_state[k], from_model[k], err_msg=k)
   save_hf(model, cfg, tmp_path, dtype=jnp.bfloat16)
   assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
   loaded, _ = load_hf(tmp_path)  # bf16 file -> fp32 params
