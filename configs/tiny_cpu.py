@@ -27,8 +27,9 @@ def get_config():
   c.grpo.beta = 0.04
   c.grpo.skip_zero_variance = False   # a random model rarely varies; still exercise the update
   c.optim.lr = 1e-3
-  c.optim.micro_batch = 4
+  c.optim.micro_batch = 8            # a multiple of data*fsdp (8 forced CPU devices in tests)
   c.train.steps = 3
+  c.train.seq_multiple = 256          # one batch length (768) for the usual prompt: one compile
   c.checkpoint.every = 1
   c.checkpoint.keep = 2
   return c

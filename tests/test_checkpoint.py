@@ -17,7 +17,8 @@ def _state(scale: float):
   mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
   sh = jax.sharding.NamedSharding(mesh, jax.P("x"))
   return {"params": {"w": jax.device_put(jnp.arange(32.0).reshape(16, 2) * scale, sh)},
-          "opt": {"mu": jnp.full((3,), scale), "count": jnp.asarray(int(scale), jnp.int32)}}
+          "opt": {"mu": jnp.full((3,), scale), "count": jnp.asarray(int(scale), jnp.int32)},
+          "host_step": np.asarray(int(scale), np.int64)}
 
 
 def _meta(step):
@@ -42,6 +43,7 @@ def test_round_trip_keeps_newest_and_shardings(tmp_path):
   np.testing.assert_array_equal(np.asarray(state["params"]["w"]), np.arange(32.0).reshape(16, 2) * 3)
   assert state["params"]["w"].sharding == template["params"]["w"].sharding
   assert int(state["opt"]["count"]) == 3 and state["opt"]["count"].dtype == jnp.int32
+  assert isinstance(state["host_step"], np.ndarray) and int(state["host_step"]) == 3
 
 
 def test_empty_dir_restores_none(tmp_path):
