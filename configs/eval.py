@@ -18,6 +18,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.mode = "vanilla"                  # vanilla | pasr | self_refine | self_refine_oracle
   c.limit = 0                         # first N questions per dataset (0 = all)
   c.out_dir = "runs/eval"             # results.json, summary.{md,csv,png}, cache/
+  c.cache_dir = ""                    # "" = <out_dir>/cache; share one between runs/modes (keys
+                                      # hold model, prompt ids, max_tokens, judge: always safe)
   c.max_tokens = 1500                 # new tokens per answer (per turn for self_refine)
   c.batch_size = 64                   # prompts per vLLM generate call (bounds lost work on ^C)
   c.seed = 0

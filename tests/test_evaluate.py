@@ -253,3 +253,16 @@ def test_long_question_is_cut_to_fit_the_prompt_budget(smollm2_dir):
   assert len(enc.encode(first_turn(item, q, None))) <= 200
   assert item.question.startswith(q[:-4][:100])          # the head of the article is kept
   assert enc.fit_question(item, None, budget=full) == (item.question, False)
+
+
+def test_shared_cache_dir_serves_another_out_dir(vanilla_run, smollm2_dir, judge_url, tmp_path):
+  out, _, _ = vanilla_run
+  c = _cfg(smollm2_dir, judge_url, tmp_path / "again", datasets="arc", limit=2)
+  c.cache_dir = str(out / "cache")
+
+  def no_engine():
+    raise AssertionError("everything is cached: the engine must not start")
+  res = evaluate(c, make_sampler=no_engine)
+  assert res["stats"]["generated_cached"] == 2 and res["stats"]["generated"] == 0
+  first = json.loads((out / "results.json").read_text())["items"][3:5]   # arc/1, arc/2
+  assert [i["answer"] for i in res["items"]] == [i["answer"] for i in first]

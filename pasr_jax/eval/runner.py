@@ -1,6 +1,6 @@
 """Runs one evaluation mode: prompts -> greedy vLLM answers -> judge scores, with an answer cache.
 
-The cache is two append-only JSONL files under `<out_dir>/cache/`: generations keyed by
+The cache is two append-only JSONL files under `cache_dir` (default `<out_dir>/cache/`): generations keyed by
 (model fingerprint, prompt token ids, max_tokens) and judge scores keyed by (judge, question,
 reference, answer, task type). A rerun — after a crash, with a larger `limit`, or with more
 datasets — generates and judges only what is missing; the engine is not even started when
@@ -85,7 +85,7 @@ class Runner:
     self.encoder = encoder
     self._make_sampler, self._make_judge = make_sampler, make_judge
     self.sampler = self.judge = None
-    cache_dir = os.path.join(cfg.out_dir, "cache")
+    cache_dir = cfg.get("cache_dir", "") or os.path.join(cfg.out_dir, "cache")
     self.gen_cache = JsonlCache(os.path.join(cache_dir, "generations.jsonl"))
     self.score_cache = JsonlCache(os.path.join(cache_dir, "judgments.jsonl"))
     self.model_id = model_fingerprint(cfg.model)
