@@ -83,8 +83,9 @@ def _logprobs_fn(graphdef, rest, params, mb, temperature: float, chunk: int,
   logits = model(mb["input_ids"], mb["positions"], mb["attention_mask"])
   # Pin the logits to batch-sharded: left to itself, propagation may contract the
   # fsdp-sharded lm_head by replicating the batch instead ([mb, T, V] on every device).
+  vocab_axis = "tensor" if logits.shape[-1] % mesh.shape["tensor"] == 0 else None
   logits = jax.lax.with_sharding_constraint(
-      logits, NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES, None, "tensor")))
+      logits, NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES, None, vocab_axis)))
   return grpo.sequence_logprobs(logits, mb["input_ids"], temperature, chunk)
 
 
@@ -142,8 +143,14 @@ def make_step_fns(graphdef, rest, tx: optax.GradientTransformation,
       (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, mb, ref_lp)
       return (jax.tree.map(jnp.add, acc, grads), p, ref), (loss, m)
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    (grads, _, _), (losses, ms) = jax.lax.scan(body, (zeros, params, ref_params), micro)
+    if num_micro == 1:  # no loop: saves the accumulator and the loop-carried param copies
+      (grads, _, _), (loss, m) = body(
+          (jax.tree.map(jnp.zeros_like, params), params, ref_params),
+          jax.tree.map(lambda x: x[0], micro))
+      losses, ms = loss[None], jax.tree.map(lambda x: x[None], m)
+    else:
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      (grads, _, _), (losses, ms) = jax.lax.scan(body, (zeros, params, ref_params), micro)
     tok = ms["tokens"]
     wsum = lambda v: (v * tok).sum() / jnp.maximum(tok.sum(), 1.0)
     metrics = {
