@@ -195,6 +195,8 @@ def run(cfg) -> dict[str, Any]:
     from pasr_jax.sharding import make_mesh  # pylint: disable=import-outside-toplevel
     from pasr_jax.trainer import Trainer  # pylint: disable=import-outside-toplevel
 
+    if cfg.mesh.get("distributed", False):
+      jax.distributed.initialize()  # reads JAX_COORDINATOR_ADDRESS etc. (scripts/launch_multihost.sh)
     model_dir = _model_dir(cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     mesh = make_mesh(tuple(cfg.mesh.shape))
