@@ -162,7 +162,7 @@ def test_sync_is_real_and_restores(vllm_sampler, prompts, jax_model, greedy_ref)
     timings = vllm_sampler.sync(model, v0 + 1)
     assert vllm_sampler.policy_version == v0 + 1
     assert {"gather_s", "convert_write_s", "reload_s", "total_s"} <= set(timings)
-    assert not list(vllm_sampler.sync_root.glob("pasr_sync_*"))   # sync dir cleaned up
+    assert not list(vllm_sampler.sync_root.glob(vllm_sampler.sync_prefix + "*"))   # sync dir cleaned up
     after = vllm_sampler.generate(prompts, n=2, temperature=1.0, top_p=1.0, max_tokens=24,
                                   seed=11)
     assert all(c.policy_version == v0 + 1 for g in after for c in g.completions)
@@ -215,11 +215,17 @@ def test_mismatched_sync_raises_and_keeps_version(vllm_sampler, prompts, smollm2
     del tensors[3]
   else:
     tensors.append(("model.layers.99.mlp.up_proj.weight", arr))
+  # A sync dir left by a process killed mid-sync is removed by the next sync.
+  dead = subprocess.Popen(["true"])
+  dead.wait()
+  orphan = vllm_sampler.sync_root / f"pasr_sync_{dead.pid}_x"
+  orphan.mkdir(parents=True)
   v = vllm_sampler.policy_version
   with pytest.raises(SyncError, match=name if break_it != "unknown" else "layers.99"):
     vllm_sampler.sync_tensors(tensors, v + 1)
   assert vllm_sampler.policy_version == v
-  assert not list(vllm_sampler.sync_root.glob("pasr_sync_*"))
+  assert not list(vllm_sampler.sync_root.glob(vllm_sampler.sync_prefix + "*"))
+  assert not orphan.exists()
   assert _greedy(vllm_sampler, prompts) == greedy_ref
 
 

@@ -100,6 +100,8 @@ class VllmSampler:
     self._expected = _checkpoint_spec(self.model_dir)
     self._model_cfg = None
     self.shard_bytes = _SHARD_BYTES
+    # The pid in the name lets a later sampler remove dirs of processes killed mid-sync.
+    self.sync_prefix = f"pasr_sync_{os.getpid()}_"
     atexit.register(self.close)
 
   @classmethod
@@ -242,7 +244,8 @@ class VllmSampler:
     """
     t0 = time.perf_counter()
     self.sync_root.mkdir(parents=True, exist_ok=True)
-    out_dir = Path(tempfile.mkdtemp(prefix="pasr_sync_", dir=self.sync_root))
+    _remove_orphaned_sync_dirs(self.sync_root)
+    out_dir = Path(tempfile.mkdtemp(prefix=self.sync_prefix, dir=self.sync_root))
     try:
       try:
         nbytes = self._write(tensors, out_dir)
@@ -383,6 +386,27 @@ def _checkpoint_spec(model_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
         sl = fh.get_slice(name)
         spec[name] = (tuple(sl.get_shape()), dtypes.get(sl.get_dtype(), "float32"))
   return spec
+
+
+def _remove_orphaned_sync_dirs(root: Path) -> None:
+  """Deletes sync dirs left by processes that died mid-sync (tmpfs holds them in RAM)."""
+  for d in root.glob("pasr_sync_*_*"):
+    try:
+      pid = int(d.name.split("_")[2])
+    except (IndexError, ValueError):
+      continue
+    if pid != os.getpid() and not _pid_alive(pid):
+      shutil.rmtree(d, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
 
 
 def _default_sync_root() -> Path:
