@@ -103,7 +103,7 @@ def bench_torch(model_dir: Path, batch: dict, runs: int, threads: int) -> list[f
     loss.backward()
     torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
     opt.step()
-    return float(loss)
+    return float(loss.detach())
 
   step()  # warm-up
   times = []
