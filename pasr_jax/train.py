@@ -85,6 +85,15 @@ def judge_answers(base_url: str, timeout_s: float = 3.0) -> bool:
     return False
 
 
+def _die_with_parent() -> None:
+  """In the judge child: get SIGTERM when the trainer dies, even by SIGKILL (Linux only)."""
+  try:
+    import ctypes  # pylint: disable=import-outside-toplevel
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+  except (OSError, AttributeError):
+    pass
+
+
 class LocalJudge:
   """A `python -m pasr_jax.judge --backend verify` child on the host/port of a local URL."""
 
@@ -97,7 +106,8 @@ class LocalJudge:
     logf = open(self.log_path, "ab")
     self.proc = subprocess.Popen(
         [sys.executable, "-m", "pasr_jax.judge", "--backend", "verify", "--host", u.hostname,
-         "--port", str(u.port)], stdout=logf, stderr=subprocess.STDOUT)
+         "--port", str(u.port)], stdout=logf, stderr=subprocess.STDOUT,
+        preexec_fn=_die_with_parent)
     deadline = time.time() + startup_s
     while not judge_answers(base_url, 1.0):
       if self.proc.poll() is not None or time.time() > deadline:
