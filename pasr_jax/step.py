@@ -114,8 +114,8 @@ class RolloutStep:
     for i, ts in enumerate(texts):
       row = rows[i % len(rows)]
       for t in ts:
-        shown = pasr.extract_answer(t) if self.cfg.judge.input == "answer" else t
-        items.append({"question": row.question, "ground_truth": row.answer, "answer": shown,
+        items.append({"question": row.question, "ground_truth": row.answer,
+                      "answer": pasr.judge_input(t, self.cfg.judge.input),
                       "task_type": self.cfg.data.task_type})
       shape.append(len(ts))
     scores, stats = self.judge.score_batch(items)

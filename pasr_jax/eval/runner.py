@@ -121,10 +121,9 @@ class Runner:
   # --- judging ----------------------------------------------------------------------------
   def score(self, items: Sequence[Item], answers: Sequence[str]) -> list[float]:
     """Judge scores in [0, 1] for (item, answer) pairs, from the cache where possible."""
-    from pasr_jax.pasr import extract_answer
-    # judge.input: the judge sees the whole answer (the original PASR) or only <answer>...
-    view = extract_answer if self.cfg.judge.input == "answer" else (lambda t: t)
-    reqs = [dict(question=it.question, ground_truth=it.ground_truth, answer=view(a),
+    from pasr_jax.pasr import judge_input
+    reqs = [dict(question=it.question, ground_truth=it.ground_truth,
+                 answer=judge_input(a, self.cfg.judge.input),
                  task_type=it.task_type) for it, a in zip(items, answers)]
     keys = [_key(self.judge_id, r) for r in reqs]
     todo = sorted({k: i for i, k in enumerate(keys) if k not in self.score_cache}.values())
