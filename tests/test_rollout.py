@@ -179,6 +179,32 @@ def test_sync_is_real_and_restores(vllm_sampler, prompts, jax_model, greedy_ref)
   assert _greedy(vllm_sampler, prompts) == greedy_ref
 
 
+def test_sync_of_tied_embedding_updates_lm_head(vllm_sampler, prompts, jax_model, greedy_ref):
+  """SmolLM2 ties lm_head to embed_tokens; vLLM's plain reload left the CPU lm_head kernel
+  stale (logprobs off by up to 2.5 nats), `pasr_jax.rollout.vllm_worker` rebuilds it."""
+  model, cfg = jax_model
+  assert cfg.tie_word_embeddings
+  original = jax.device_get(nnx.state(model, nnx.Param))
+  v0 = vllm_sampler.policy_version
+  try:
+    emb = model.embed_tokens.get_value()
+    noise = jax.random.normal(jax.random.key(0), emb.shape, emb.dtype) * emb.std() * 0.3
+    model.embed_tokens.set_value(emb * 1.1 + noise)
+    vllm_sampler.sync(model, v0 + 1)
+    assert vllm_sampler.refreshed_layers == ["lm_head"]
+    after = vllm_sampler.generate(prompts, n=2, temperature=1.0, top_p=1.0, max_tokens=24,
+                                  seed=5)
+    d = _diffs(model, after, 1.0)          # matches the perturbed JAX model ...
+    assert d.mean() <= 1e-4 and d.max() <= 5e-3, (d.mean(), d.max())
+    nnx.update(model, jax.tree.map(jnp.asarray, original))
+    stale = _diffs(model, after, 1.0)      # ... and not the original one
+    assert stale.mean() > 1e-2, stale.mean()
+  finally:
+    nnx.update(model, jax.tree.map(jnp.asarray, original))
+    vllm_sampler.sync(model, v0 + 2)
+  assert _greedy(vllm_sampler, prompts) == greedy_ref
+
+
 def test_exported_dir_gives_same_greedy(vllm_sampler, prompts, jax_model, greedy_ref,
                                         tmp_path, smollm2_dir):
   """Issue #2's export, checked through vLLM: reload the engine from the written files."""

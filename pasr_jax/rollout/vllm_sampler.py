@@ -26,8 +26,10 @@ Weight sync. `sync(model, version)` gathers the Decoder's params to host, conver
 `pasr_jax.models.hf.hf_tensors` (the one HF name map, shared with `save_hf`), checks names
 and shapes against the checkpoint the engine was started from, writes safetensors to a
 fresh directory under the sync root (``/dev/shm`` when present: tmpfs, no disk I/O), then
-``llm.collective_rpc("reload_weights", kwargs={"weights_path": dir})`` (vLLM's in-place
-reload, which loads every file in the dir through the model's own `load_weights`) and
+``llm.collective_rpc("pasr_reload_weights", kwargs={"weights_path": dir})``: vLLM's in-place
+reload (it loads every file in the dir through the model's own `load_weights`), then a
+rebuild of the kernels of tied layers, which that reload leaves stale (a tied lm_head on CPU;
+see `pasr_jax.rollout.vllm_worker`, mixed into vLLM's worker via ``worker_extension_cls``), and
 ``llm.reset_prefix_cache()`` (cached KV blocks were computed with the old weights). The
 directory is removed afterwards. On any failure a `SyncError` is raised, the version does
 not advance, and if the engine may hold partly loaded weights the sampler refuses to
@@ -98,6 +100,7 @@ class VllmSampler:
     self._expected = _checkpoint_spec(self.model_dir)
     self._model_cfg = None
     self.shard_bytes = _SHARD_BYTES
+    self.refreshed_layers: list[str] = []  # tied layers rebuilt by the last sync (worker 0)
     # The pid in the name lets a later sampler remove dirs of processes killed mid-sync.
     self.sync_prefix = f"pasr_sync_{os.getpid()}_"
     atexit.register(self.close)
@@ -138,7 +141,8 @@ class VllmSampler:
         model=str(self.model_dir), dtype=self.dtype, max_model_len=self.max_model_len,
         tensor_parallel_size=self.tensor_parallel_size, enforce_eager=self.enforce_eager,
         gpu_memory_utilization=self.gpu_memory_utilization, seed=self.seed,
-        logprobs_mode="processed_logprobs")
+        logprobs_mode="processed_logprobs",
+        worker_extension_cls="pasr_jax.rollout.vllm_worker.SyncExtension")
     if current_platform.is_cpu():
       # On CPU the KV cache is sized in bytes (gpu_memory_utilization does not apply).
       # VLLM_CPU_KVCACHE_SPACE, if set, still takes precedence inside vLLM.
@@ -259,7 +263,8 @@ class VllmSampler:
         self.close()
       llm = self.llm
       try:
-        llm.collective_rpc("reload_weights", kwargs={"weights_path": str(out_dir)})
+        refreshed = llm.collective_rpc("pasr_reload_weights",
+                                       kwargs={"weights_path": str(out_dir)})
       except Exception as e:
         self._broken = f"reload for version {version} failed: {e!r}"
         raise SyncError(f"sync to version {version}: vLLM reload_weights from {out_dir} "
@@ -270,6 +275,7 @@ class VllmSampler:
       t2 = time.perf_counter()
     finally:
       shutil.rmtree(out_dir, ignore_errors=True)
+    self.refreshed_layers = refreshed[0] if refreshed else []
     self._broken = None
     self._synced = True
     self._version = int(version)
