@@ -147,7 +147,10 @@ class VllmSampler:
       # On CPU the KV cache is sized in bytes (gpu_memory_utilization does not apply).
       # VLLM_CPU_KVCACHE_SPACE, if set, still takes precedence inside vLLM.
       kwargs["kv_cache_memory_bytes"] = int(self.kv_cache_space_gib * (1 << 30))
-    return LLM(**kwargs)
+    llm = LLM(**kwargs)
+    # The engine core outlives a SIGKILLed trainer otherwise (see vllm_worker).
+    llm.collective_rpc("pasr_watch_trainer", args=(os.getpid(),))
+    return llm
 
   def close(self) -> None:
     """Shuts the engine core down and waits for its processes; idempotent."""

@@ -14,6 +14,11 @@ built by `dispatch_cpu_unquantized_gemm`), so the logits used the old embedding 
 
 from __future__ import annotations
 
+import os
+import select
+import signal
+import threading
+
 
 class SyncExtension:
   """Mixin for vLLM's worker class; only adds methods (no state, no name clashes)."""
@@ -25,6 +30,31 @@ class SyncExtension:
     """
     self.reload_weights(weights_path=weights_path)
     return refresh_tied_layers(self.model_runner.get_model())
+
+  def pasr_watch_trainer(self, trainer_pid: int) -> bool:
+    """Ends the engine when process `trainer_pid` (the one that built the `LLM`) dies.
+
+    vLLM 0.32's engine core has no parent-death check, so a SIGKILLed trainer left it (and
+    its worker) running. A daemon thread waits on a pidfd of the trainer, then SIGTERMs
+    the engine core (this worker's parent; it shuts its workers down), or this process when
+    the worker runs inside the engine core. Returns False where pidfds are unavailable.
+    """
+    if not hasattr(os, "pidfd_open"):
+      return False
+    try:
+      fd = os.pidfd_open(trainer_pid)
+    except OSError:
+      return False
+    target = os.getppid()
+    if target == trainer_pid:   # uniproc executor: this worker is the engine core
+      target = os.getpid()
+
+    def wait() -> None:
+      select.select([fd], [], [])   # readable once the trainer has exited
+      os.kill(target, signal.SIGTERM)
+
+    threading.Thread(target=wait, name="pasr-trainer-watch", daemon=True).start()
+    return True
 
 
 def refresh_tied_layers(model) -> list[str]:
