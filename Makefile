@@ -13,7 +13,7 @@ export PYTHONPATH := $(CURDIR)
 
 setup: $(STAMP) $(MODEL_STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	# torch first so the on-disk CPU build is the one every other package sees.

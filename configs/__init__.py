@@ -1,0 +1,1 @@
+"""Config presets (`--config=configs/<preset>.py`); importable so presets can share `base`."""
