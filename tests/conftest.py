@@ -52,3 +52,12 @@ def _is_mp_helper(proc) -> bool:
     return any("resource_tracker" in part for part in proc.cmdline())
   except Exception:  # the process ended meanwhile
     return True
+
+
+@pytest.fixture(scope="session")
+def judge_url():
+  """The rule-based `verify` judge as a real process on 127.0.0.1, one per test session."""
+  from procs import start_judge, stop
+  proc, url = start_judge("--backend", "verify")
+  yield url
+  stop(proc)

@@ -4,7 +4,6 @@ judge as a real process on 127.0.0.1, the benchmark slices in tests/data/eval.""
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,35 +14,10 @@ from configs.eval import get_config
 from pasr_jax.eval.benchmarks import BENCHMARKS, PAPER_DATASETS, EvalError, load_items
 from pasr_jax.eval.report import compare, transitions, write_outputs
 from pasr_jax.evaluate import evaluate
-from pasr_jax.judge.server import wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = str(ROOT / "tests" / "data" / "eval")
 MAX_TOKENS = 64
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def judge_url():
-  port = _free_port()
-  proc = subprocess.Popen([sys.executable, "-m", "pasr_jax.judge", "--backend", "verify",
-                           "--host", "127.0.0.1", "--port", str(port)])
-  url = f"http://127.0.0.1:{port}"
-  try:
-    assert wait_healthy(url, proc, 60.0), "verify judge did not come up"
-    yield url
-  finally:
-    proc.terminate()
-    try:
-      proc.wait(30)
-    except subprocess.TimeoutExpired:
-      proc.kill()
-      proc.wait()
 
 
 class Recorder:

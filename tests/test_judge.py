@@ -9,7 +9,6 @@ import asyncio
 import collections
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,37 +22,10 @@ import uvicorn
 from pasr_jax import pasr
 from pasr_jax.judge import JudgeClient, JudgeError, JudgeItem, parse_score
 from pasr_jax.judge import verify
-from pasr_jax.judge.server import wait_healthy
+from procs import free_port, start_judge, stop
 
 KEY_ENV = "PASR_TEST_JUDGE_KEY"
 KEY = "test-key-123"
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def start_judge(*args: str, env: dict | None = None, timeout_s: float = 60.0):
-  port = free_port()
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "pasr_jax.judge", "--port", str(port), *args],
-      env={**os.environ, **(env or {})})
-  url = f"http://127.0.0.1:{port}"
-  if not wait_healthy(url, proc, timeout_s):
-    proc.kill()
-    raise RuntimeError(f"judge {args} did not become healthy")
-  return proc, url
-
-
-def stop(proc: subprocess.Popen) -> None:
-  proc.terminate()
-  try:
-    proc.wait(30)
-  except subprocess.TimeoutExpired:
-    proc.kill()
-    proc.wait()
 
 
 @pytest.fixture(scope="module")

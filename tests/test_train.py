@@ -8,7 +8,6 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,43 +16,16 @@ import numpy as np
 import pytest
 
 from pasr_jax import metrics
+from procs import free_port
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def _env():
   env = dict(os.environ)
   env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
   return env
-
-
-@pytest.fixture(scope="module")
-def judge_url():
-  import httpx
-  port = _free_port()
-  proc = subprocess.Popen([sys.executable, "-m", "pasr_jax.judge", "--backend", "verify",
-                           "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT, env=_env(),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  url = f"http://127.0.0.1:{port}"
-  deadline = time.time() + 120
-  while True:
-    try:
-      if httpx.get(url + "/v1/models", timeout=1).status_code == 200:
-        break
-    except httpx.HTTPError:
-      pass
-    assert proc.poll() is None and time.time() < deadline, "verify judge did not start"
-    time.sleep(0.3)
-  yield url
-  proc.terminate()
-  proc.wait(20)
 
 
 def _cmd(workdir, judge, *overrides):
@@ -147,7 +119,7 @@ def test_bad_config_fails_fast(tmp_path, override, needle):
 
 
 def test_unreachable_judge_fails_fast(tmp_path):
-  dead = f"http://127.0.0.1:{_free_port()}"
+  dead = f"http://127.0.0.1:{free_port()}"
   t = time.time()
   p = subprocess.run(_cmd(tmp_path / "w", dead), cwd=ROOT, env=_env(), capture_output=True,
                      text=True, timeout=120)
