@@ -85,15 +85,6 @@ def judge_answers(base_url: str, timeout_s: float = 3.0) -> bool:
     return False
 
 
-def _die_with_parent() -> None:
-  """In the judge child: get SIGTERM when the trainer dies, even by SIGKILL (Linux only)."""
-  try:
-    import ctypes  # pylint: disable=import-outside-toplevel
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-  except (OSError, AttributeError):
-    pass
-
-
 class LocalJudge:
   """A `python -m pasr_jax.judge --backend verify` child on the host/port of a local URL."""
 
@@ -102,19 +93,18 @@ class LocalJudge:
     if u.hostname not in ("127.0.0.1", "localhost") or not u.port:
       raise ConfigError(f"config judge.base_url={base_url!r}: judge.autostart needs a local "
                         "URL with a port (http://127.0.0.1:PORT)")
+    # pylint: disable-next=import-outside-toplevel
+    from pasr_jax.judge.server import die_with_parent, wait_healthy
     self.log_path = os.path.join(workdir, "judge.log")
     logf = open(self.log_path, "ab")
     self.proc = subprocess.Popen(
         [sys.executable, "-m", "pasr_jax.judge", "--backend", "verify", "--host", u.hostname,
          "--port", str(u.port)], stdout=logf, stderr=subprocess.STDOUT,
-        preexec_fn=_die_with_parent)
-    deadline = time.time() + startup_s
-    while not judge_answers(base_url, 1.0):
-      if self.proc.poll() is not None or time.time() > deadline:
-        self.stop()
-        raise ConfigError(f"config judge.base_url={base_url!r}: the autostarted verify judge did "
-                          f"not come up (see {self.log_path})")
-      time.sleep(0.5)
+        preexec_fn=die_with_parent)
+    if not wait_healthy(base_url.rstrip("/"), self.proc, startup_s):
+      self.stop()
+      raise ConfigError(f"config judge.base_url={base_url!r}: the autostarted verify judge did "
+                        f"not come up (see {self.log_path})")
 
   def stop(self) -> None:
     if self.proc.poll() is None:

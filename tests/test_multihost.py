@@ -7,12 +7,13 @@ processes, and takes the same GRPO steps as the in-process reference.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from procs import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 2
@@ -75,18 +76,12 @@ def _worker(pid: int, port: int, out: str) -> None:
   jax.distributed.shutdown()
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_equal_one_process(tmp_path):
   import jax
   assert jax.device_count() >= 8
   want = _run(*_setup(jax.devices()[:8]))
 
-  port, out = _free_port(), tmp_path / "res.json"
+  port, out = free_port(), tmp_path / "res.json"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
   procs = [subprocess.Popen([sys.executable, __file__, str(i), str(port), str(out)], env=env,

@@ -137,11 +137,11 @@ def vllm_command(model: str, host: str, port: int, served_model_name: str,
   return cmd + list(extra)
 
 
-def _die_with_parent() -> None:
-  # Linux: the child gets SIGTERM if this process dies without forwarding (e.g. SIGKILL).
+def die_with_parent() -> None:
+  """`preexec_fn` for children: SIGTERM when the parent dies, even by SIGKILL (Linux only)."""
   try:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
-  except OSError:
+  except (OSError, AttributeError):
     pass
 
 
@@ -172,7 +172,7 @@ def serve_vllm(model: str, host: str, port: int, served_model_name: str,
     env["VLLM_API_KEY"] = api_key
   cmd = vllm_command(model, host, port, served_model_name, dtype, max_model_len,
                      enforce_eager, extra)
-  proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+  proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent)
 
   def forward(signum, frame):
     del frame
