@@ -290,7 +290,13 @@ def total_reward(text: str, acc: float, baseline_accs: Sequence[float] | None,
   `weights` is the `rewards` config (format_weight, accuracy_weight, refine_weight, zeta);
   None means the paper's defaults 1, 1, 1 and zeta 0.
   """
+  zeta = 0.0 if weights is None else float(weights.get("zeta", 0.0))
+  return weighted_reward(reward_terms(text, acc, baseline_accs, zeta), weights)
+
+
+def weighted_reward(terms: dict[str, float], weights: Any = None) -> float:
+  """The weighted sum of `reward_terms` output; `weights` as in `total_reward`."""
   get = (lambda k, d: d) if weights is None else (lambda k, d: float(weights.get(k, d)))
-  t = reward_terms(text, acc, baseline_accs, get("zeta", 0.0))
-  return (get("format_weight", 1.0) * t["format"] + get("accuracy_weight", 1.0) * t["accuracy"]
-          + get("refine_weight", 1.0) * t["refine"])
+  return (get("format_weight", 1.0) * terms["format"]
+          + get("accuracy_weight", 1.0) * terms["accuracy"]
+          + get("refine_weight", 1.0) * terms["refine"])

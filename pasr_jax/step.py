@@ -150,7 +150,7 @@ class RolloutStep:
       for c, a in zip(groups[i].completions, accs[i]):
         t = pasr.reward_terms(c.text, a, base_accs[i], self.cfg.rewards.zeta)
         terms.append(t)
-        rewards.append(pasr.total_reward(c.text, a, base_accs[i], self.cfg.rewards))
+        rewards.append(pasr.weighted_reward(t, self.cfg.rewards))
     adv, zero_var = grpo.group_advantages(rewards, n, gc.adv_std_ddof, gc.adv_scale)
     group_var = np.asarray(rewards).reshape(B, n)
     keep_group = ~(group_var.max(1) == group_var.min(1)) | (not gc.skip_zero_variance)
