@@ -107,13 +107,8 @@ class LocalJudge:
                         f"not come up (see {self.log_path})")
 
   def stop(self) -> None:
-    if self.proc.poll() is None:
-      self.proc.terminate()
-      try:
-        self.proc.wait(10)
-      except subprocess.TimeoutExpired:
-        self.proc.kill()
-        self.proc.wait()
+    from pasr_jax.judge.server import stop_process  # pylint: disable=import-outside-toplevel
+    stop_process(self.proc, 10.0)
 
 
 # ----------------------------------------------------------------------------- the run

@@ -5,7 +5,7 @@ import socket
 import subprocess
 import sys
 
-from pasr_jax.judge.server import wait_healthy
+from pasr_jax.judge.server import stop_process, wait_healthy
 
 
 def free_port() -> int:
@@ -30,9 +30,4 @@ def start_judge(*args: str, env: dict | None = None, timeout_s: float = 60.0):
 
 def stop(proc: subprocess.Popen) -> None:
   """SIGTERM, then SIGKILL after 30 s."""
-  proc.terminate()
-  try:
-    proc.wait(30)
-  except subprocess.TimeoutExpired:
-    proc.kill()
-    proc.wait()
+  stop_process(proc, 30.0)

@@ -145,6 +145,18 @@ def die_with_parent() -> None:
     pass
 
 
+def stop_process(proc: subprocess.Popen, grace_s: float) -> None:
+  """SIGTERM `proc`, then SIGKILL if it has not exited after `grace_s` seconds."""
+  if proc.poll() is not None:
+    return
+  proc.terminate()
+  try:
+    proc.wait(grace_s)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    proc.wait()
+
+
 def wait_healthy(url: str, proc: subprocess.Popen | None, timeout_s: float) -> bool:
   """Poll `url`/health until 200; False on timeout or when `proc` exits first."""
   deadline = time.monotonic() + timeout_s
@@ -187,10 +199,6 @@ def serve_vllm(model: str, host: str, port: int, served_model_name: str,
   elif proc.poll() is None:
     print(f"pasr_jax.judge: vllm not healthy after {startup_timeout_s:.0f} s; stopping it",
           file=sys.stderr, flush=True)
-    proc.terminate()
-    try:
-      proc.wait(30)
-    except subprocess.TimeoutExpired:
-      proc.kill()
+    stop_process(proc, 30.0)
     return 1
   return proc.wait()
