@@ -13,11 +13,14 @@ name for what older releases called `sharding_names`/`sharding`); logical names 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from pasr_jax.sharding import BATCH_AXES
 
 MODEL_TYPES = ("qwen2", "qwen3", "llama")
 ARCHITECTURES = {
@@ -176,11 +179,11 @@ def _shard_batch(x: jax.Array) -> jax.Array:
   `jax.set_mesh` (the trainer does). Without it SPMD propagation follows the fsdp-sharded
   `embed` dim of the weights and replicates the batch on every device. No-op without a mesh."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not {"data", "fsdp"} <= set(mesh.axis_names):
+  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
     return x
-  if x.shape[0] % (mesh.shape["data"] * mesh.shape["fsdp"]):
+  if x.shape[0] % math.prod(mesh.shape[a] for a in BATCH_AXES):
     return x
-  spec = jax.sharding.PartitionSpec(("data", "fsdp"), *([None] * (x.ndim - 1)))
+  spec = jax.sharding.PartitionSpec(BATCH_AXES, *([None] * (x.ndim - 1)))
   return jax.lax.with_sharding_constraint(x, spec)
 
 
