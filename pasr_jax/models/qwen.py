@@ -187,6 +187,15 @@ def _shard_batch(x: jax.Array) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, spec)
 
 
+def _matmul(x2: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
+  """x2 [N, in] @ kernel [in..., out...] as one 2-D matmul -> [N, prod(out)].
+
+  Batch dims are flattened by the caller: XLA:CPU lowers a 3-D activation times a matrix (and
+  its backward) with extra transposes of the activation, which cost ~40% of the MLP's
+  forward+backward on SmolLM2 shapes. Kernel reshapes are free (row-major, leading dims)."""
+  return x2 @ kernel.astype(dtype).reshape(x2.shape[-1], -1)
+
+
 class RMSNorm(nnx.Module):
   """y = x / rms(x) * weight, computed in float32 (as HF does) and cast back."""
 
@@ -243,9 +252,13 @@ class Attention(nnx.Module):
                mask: jax.Array) -> jax.Array:
     """x [B,T,D]; mask [B,1,1,T,T] bool (True = may attend) -> [B,T,D]."""
     cfg, dt = self.cfg, self.dtype
-    q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(dt))
-    k = jnp.einsum("btd,dhk->bthk", x, self.k_proj[...].astype(dt))
-    v = jnp.einsum("btd,dhk->bthk", x, self.v_proj[...].astype(dt))
+    b, t, d = x.shape
+    h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    g = h // kv
+    x2 = x.reshape(b * t, d)
+    q = _matmul(x2, self.q_proj[...], dt).reshape(b, t, h, hd)
+    k = _matmul(x2, self.k_proj[...], dt).reshape(b, t, kv, hd)
+    v = _matmul(x2, self.v_proj[...], dt).reshape(b, t, kv, hd)
     if cfg.attention_bias:
       q = q + self.q_bias[...].astype(dt)
       k = k + self.k_bias[...].astype(dt)
@@ -253,15 +266,19 @@ class Attention(nnx.Module):
     if cfg.qk_norm:  # Qwen3 normalises each head before RoPE.
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    b, t, _, hd = q.shape
-    groups = cfg.num_heads // cfg.num_kv_heads
-    q = q.reshape(b, t, cfg.num_kv_heads, groups, hd)  # head h = kv * groups + g, as HF repeats
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (hd ** -0.5)
+    # Heads-major layout [B, kv, g*T, hd]: the g query heads sharing a kv head become extra
+    # rows of one batched matmul per kv head (head h = kv * g + g', as HF repeats kv heads).
+    # Measured on XLA:CPU, this layout's forward+backward is ~25% faster than contracting in
+    # the [B, T, heads, hd] layout, where XLA inserts transposes around every dot.
+    q = q.reshape(b, t, kv, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, hd)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, kv, S, hd]
+    scores = jnp.einsum("bkqh,bksh->bkqs", q, k, preferred_element_type=jnp.float32)
+    scores = (scores * (hd ** -0.5)).reshape(b, kv, g, t, t)
     scores = jnp.where(mask, scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, cfg.num_heads, hd)
-    return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt))
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(b, kv, g * t, t)
+    out = jnp.einsum("bkqs,bksh->bkqh", probs, v).reshape(b, kv, g, t, hd)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(b * t, h * hd)
+    return _matmul(out, self.o_proj[...], dt).reshape(b, t, d)
 
 
 class MLP(nnx.Module):
@@ -277,9 +294,10 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dt = self.dtype
-    gate = x @ self.gate_proj[...].astype(dt)
-    up = x @ self.up_proj[...].astype(dt)
-    return (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(dt)
+    x2 = x.reshape(-1, x.shape[-1])
+    gate = _matmul(x2, self.gate_proj[...], dt)
+    up = _matmul(x2, self.up_proj[...], dt)
+    return _matmul(jax.nn.silu(gate) * up, self.down_proj[...], dt).reshape(x.shape)
 
 
 class Block(nnx.Module):

@@ -1,0 +1,48 @@
+"""Keep freed host memory in the process instead of handing it back to the OS (glibc only).
+
+XLA:CPU allocates every temporary buffer of a step with the system malloc. glibc serves blocks
+over 32 MiB with fresh `mmap`s, trims the heap top once more than 128 KiB is free, and gives
+each XLA worker thread its own arena, so each train step maps, zero-fills (page faults) and
+unmaps its ~10 GiB of activations again. Measured on the SmolLM2 fwd+bwd (B=8, T=384, 2 cores):
+2.5 M page faults and ~10 s of kernel time per step, 16 s -> 11.5 s wall with this module.
+
+The settings must be in place before JAX starts its thread pools (the first computation), so
+`pasr_jax/__init__.py` applies them on import. `PASR_JAX_HOST_MALLOC=system` leaves glibc's
+defaults alone. Memory that is freed stays reserved for the next step: the process's resident
+size stays at its peak instead of breathing in and out every step.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+# mallopt parameters from glibc's malloc.h.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
+
+ENV = "PASR_JAX_HOST_MALLOC"
+
+
+def keep_freed_memory() -> bool:
+  """Tune glibc malloc to reuse freed blocks (no mmap per large block, no trimming, one arena).
+
+  Returns True when the settings were applied; False on non-glibc systems or when
+  `PASR_JAX_HOST_MALLOC=system` opts out. Safe to call more than once.
+  """
+  if os.environ.get(ENV, "").lower() == "system" or not sys.platform.startswith("linux"):
+    return False
+  name = ctypes.util.find_library("c")
+  try:
+    libc = ctypes.CDLL(name or "libc.so.6")
+    mallopt = libc.mallopt
+  except (OSError, AttributeError):  # musl and other libcs have no mallopt
+    return False
+  mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+  # Trim threshold -1 becomes SIZE_MAX inside glibc (the int is converted to size_t): never
+  # trim. The largest positive int (2 GiB) is too small: a step frees more than that at once.
+  ok = [mallopt(_M_MMAP_MAX, 0), mallopt(_M_TRIM_THRESHOLD, -1), mallopt(_M_ARENA_MAX, 1)]
+  return all(r == 1 for r in ok)
