@@ -7,7 +7,7 @@ unmaps its ~10 GiB of activations again. Measured on the SmolLM2 fwd+bwd (B=8, T
 2.5 M page faults and ~10 s of kernel time per step, 16 s -> 11.5 s wall with this module.
 
 The settings must be in place before JAX starts its thread pools (the first computation), so
-`pasr_jax/__init__.py` applies them on import. `PASR_JAX_HOST_MALLOC=system` leaves glibc's
+`pasr_jax/models/__init__.py` applies them on import. `PASR_JAX_HOST_MALLOC=system` leaves glibc's
 defaults alone. Memory that is freed stays reserved for the next step: the process's resident
 size stays at its peak instead of breathing in and out every step.
 """

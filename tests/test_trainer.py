@@ -139,7 +139,7 @@ def test_mesh_2x2x2_equals_one_device():
     res[name] = (flat(tr.params), ms)
     if name == "222":  # really sharded: fsdp on embed, tensor on heads
       q = tr.params["layers"][0]["self_attn"]["q_proj"]
-      assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
+      assert q.sharding.spec == jax.sharding.PartitionSpec("tensor", None, "fsdp")
   (p1, m1), (p8, m8) = res["one"], res["222"]
   for a, b in zip(m1, m8):
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)

@@ -5,8 +5,8 @@ Each row maps a Flax param path (`{i}` = layer index) to an HF tensor name and a
 
   "same"     identical layout (embeddings, norm weights)
   "flat"     Flax [heads, head_dim] <-> HF [heads*head_dim] (q/k/v biases)
-  ("linear", k)  Flax kernel [in..., out...] with k leading input axes <-> HF weight
-             [prod(out), prod(in)] (torch Linear is [out, in])
+  ("linear", k)  Flax kernel [out..., in...] with k leading output axes <-> HF weight
+             [prod(out), prod(in)] (torch Linear's [out, in]: a reshape, never a transpose)
 
 Rows whose Flax param does not exist in the model (biases without `attention_bias`, q/k norms
 without `qk_norm`, lm_head with tied embeddings) are simply skipped, so one table covers
@@ -41,10 +41,10 @@ NAME_MAP: tuple[tuple[str, str, Any], ...] = (
     ("layers.{i}.input_layernorm.weight", "model.layers.{i}.input_layernorm.weight", "same"),
     ("layers.{i}.post_attention_layernorm.weight",
      "model.layers.{i}.post_attention_layernorm.weight", "same"),
-    ("layers.{i}.self_attn.q_proj", "model.layers.{i}.self_attn.q_proj.weight", ("linear", 1)),
-    ("layers.{i}.self_attn.k_proj", "model.layers.{i}.self_attn.k_proj.weight", ("linear", 1)),
-    ("layers.{i}.self_attn.v_proj", "model.layers.{i}.self_attn.v_proj.weight", ("linear", 1)),
-    ("layers.{i}.self_attn.o_proj", "model.layers.{i}.self_attn.o_proj.weight", ("linear", 2)),
+    ("layers.{i}.self_attn.q_proj", "model.layers.{i}.self_attn.q_proj.weight", ("linear", 2)),
+    ("layers.{i}.self_attn.k_proj", "model.layers.{i}.self_attn.k_proj.weight", ("linear", 2)),
+    ("layers.{i}.self_attn.v_proj", "model.layers.{i}.self_attn.v_proj.weight", ("linear", 2)),
+    ("layers.{i}.self_attn.o_proj", "model.layers.{i}.self_attn.o_proj.weight", ("linear", 1)),
     ("layers.{i}.self_attn.q_bias", "model.layers.{i}.self_attn.q_proj.bias", "flat"),
     ("layers.{i}.self_attn.k_bias", "model.layers.{i}.self_attn.k_proj.bias", "flat"),
     ("layers.{i}.self_attn.v_bias", "model.layers.{i}.self_attn.v_proj.bias", "flat"),
@@ -77,24 +77,18 @@ def hf_shape(flax_shape: Sequence[int], layout: Any) -> tuple[int, ...]:
   if layout == "flat":
     return (math.prod(flax_shape),)
   _, k = layout
-  return (math.prod(flax_shape[k:]), math.prod(flax_shape[:k]))
+  return (math.prod(flax_shape[:k]), math.prod(flax_shape[k:]))
 
 
 def to_flax(x: np.ndarray, flax_shape: Sequence[int], layout: Any) -> np.ndarray:
-  """HF layout -> Flax layout (one layer)."""
-  if layout == "same" or layout == "flat":
-    return x.reshape(flax_shape)
-  return np.ascontiguousarray(x.T).reshape(flax_shape)
+  """HF layout -> Flax layout (one layer): a reshape (a view) for every layout."""
+  del layout  # every rule keeps the element order
+  return x.reshape(flax_shape)
 
 
 def to_hf(x: np.ndarray, layout: Any) -> np.ndarray:
-  """Flax layout -> HF layout (one layer)."""
-  if layout == "same":
-    return x
-  if layout == "flat":
-    return x.reshape(-1)
-  _, k = layout
-  return np.ascontiguousarray(x.reshape(math.prod(x.shape[:k]), -1).T)
+  """Flax layout -> HF layout (one layer): a reshape (a view) for every layout."""
+  return x.reshape(hf_shape(x.shape, layout))
 
 
 # ----------------------------------------------------------------------------- path plumbing

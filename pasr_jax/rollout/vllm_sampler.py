@@ -225,18 +225,32 @@ class VllmSampler:
   def sync(self, model, version: int) -> dict[str, float]:
     """Loads `model`'s params (a `Decoder`, possibly sharded) into the engine; see module doc.
 
-    Returns seconds for gather (device -> host), convert_write (HF names/layout +
-    safetensors), reload (vLLM reload + prefix-cache reset) and total, plus bytes written.
+    Returns seconds for gather (device -> host, one param at a time as it is written),
+    convert_write (HF names + safetensors; the Decoder keeps HF's [out, in] kernel layout, so
+    converting is a reshape), reload (vLLM reload + prefix-cache reset) and total, plus bytes.
     """
+    from pasr_jax.models.hf import hf_tensors
     t0 = time.perf_counter()
-    try:
-      from pasr_jax.models.hf import hf_tensors
-      host = _gather_params(model)
-    except Exception as e:
-      raise SyncError(f"sync to version {version}: gathering params failed: {e!r}") from e
-    t1 = time.perf_counter()
-    timings = self.sync_tensors(hf_tensors(host, self._get_model_cfg(model)), version)
-    timings["gather_s"] = t1 - t0
+    gather_s = 0.0
+
+    def gathered():
+      nonlocal gather_s
+      it = hf_tensors(model, self._get_model_cfg(model))
+      while True:
+        t = time.perf_counter()
+        try:
+          item = next(it)
+        except StopIteration:
+          return
+        except Exception as e:
+          raise SyncError(f"sync to version {version}: gathering params failed: {e!r}") from e
+        finally:
+          gather_s += time.perf_counter() - t
+        yield item
+
+    timings = self.sync_tensors(gathered(), version)
+    timings["gather_s"] = gather_s
+    timings["convert_write_s"] -= gather_s
     timings["total_s"] = time.perf_counter() - t0
     return timings
 
@@ -367,19 +381,6 @@ def _completion(c, version: int) -> Completion:
   reason = c.finish_reason if c.finish_reason in ("stop", "length") else str(c.finish_reason)
   return Completion(token_ids=ids, logprobs=lps, text=c.text, finish_reason=reason,
                     policy_version=version)
-
-
-def _gather_params(model):
-  """The Decoder's nnx.Param state with host numpy values (single process), else the model.
-
-  Across processes `hf_tensors` all-gathers param by param itself, so the model is passed
-  through and the gather time is counted in convert_write.
-  """
-  import jax
-  from flax import nnx
-  if jax.process_count() > 1:
-    return model
-  return jax.device_get(nnx.state(model, nnx.Param))
 
 
 def _checkpoint_spec(model_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
