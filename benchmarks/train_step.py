@@ -7,7 +7,9 @@ B sequences of T tokens (the second half of each is the scored completion). The 
 the original PASR/TRL way: eager transformers model, per-row log_softmax + gather, a deep-copied
 frozen reference model, torch.optim.AdamW. Each side is warmed up (compile / first-touch) once,
 then timed. Prints tokens/s, achieved GFLOP/s (model matmul FLOPs: 4 forward passes' worth:
-ref fwd, policy fwd, policy bwd = 2 fwd) and the JAX/torch ratio.
+ref fwd, policy fwd, policy bwd = 2 fwd; each side counted with the LM-head positions it
+computes: JAX only the completion window, see trainer._logprobs_fn) and the JAX/torch ratio.
+Both sides run in one process, so both get pasr_jax.host_malloc's settings.
 """
 
 from __future__ import annotations
@@ -21,14 +23,16 @@ from pathlib import Path
 import numpy as np
 
 
-def model_flops(cfg: dict, b: int, t: int) -> float:
-  """Matmul FLOPs of one forward over [b, t] tokens (linear layers, lm_head, attention)."""
+def model_flops(cfg: dict, b: int, t: int, head_positions: int | None = None) -> float:
+  """Matmul FLOPs of one forward over [b, t] tokens (linear layers, attention, and the
+  lm_head over `head_positions` positions per row, default all t)."""
   d, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
   h, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
   hd = cfg.get("head_dim") or d // h
   per_layer = 2 * d * (h * hd + 2 * kv * hd) + 2 * h * hd * d + 3 * 2 * d * f
   attn = 2 * 2 * t * h * hd  # QK^T and PV over the full (masked) square, per token
-  return b * t * (cfg["num_hidden_layers"] * (per_layer + attn) + 2 * d * v)
+  head = 2 * d * v * (t if head_positions is None else head_positions)
+  return b * (t * cfg["num_hidden_layers"] * (per_layer + attn) + head)
 
 
 def make_batch(b: int, t: int, vocab: int, seed: int = 0) -> dict:
@@ -42,6 +46,10 @@ def make_batch(b: int, t: int, vocab: int, seed: int = 0) -> dict:
           "advantages": rng.normal(0, 1, b).astype(np.float32)}
 
 
+def completion_tokens(batch: dict) -> int:
+  return int(batch["loss_mask"].sum(1).max())
+
+
 def bench_jax(model_dir: Path, batch: dict, runs: int) -> list[float]:
   import jax
 
@@ -53,7 +61,9 @@ def bench_jax(model_dir: Path, batch: dict, runs: int) -> list[float]:
   c = get_base_config()
   c.mesh.shape = (1, 1, 1)
   c.optim.micro_batch = batch["input_ids"].shape[0]
-  c.rollout.max_tokens = batch["input_ids"].shape[1]
+  # Completions are the second half of each row: at most that many tokens, so the loss's
+  # LM head runs on that window only (the torch side, the original's way, runs it on all).
+  c.rollout.max_tokens = completion_tokens(batch)
   model, mcfg = load_hf(model_dir)
   tr = Trainer(c, model, mcfg, sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
   old = tr.logprobs(batch)  # also warms the logprob function
@@ -128,15 +138,18 @@ def main() -> None:
   cfg = json.loads((model_dir / "config.json").read_text())
   batch = make_batch(args.batch, args.seq, cfg["vocab_size"])
   tokens = args.batch * args.seq
-  flops = 4 * model_flops(cfg, args.batch, args.seq)
+  flops = {"torch": 4 * model_flops(cfg, args.batch, args.seq),
+           "jax": 4 * model_flops(cfg, args.batch, args.seq, completion_tokens(batch))}
 
   res = {"jax": min(bench_jax(model_dir, batch, args.runs))}
   if not args.skip_torch:
     res["torch"] = min(bench_torch(model_dir, batch, args.runs, args.torch_threads))
-  print(f"GRPO update, SmolLM2-135M fp32, B={args.batch} T={args.seq} ({tokens} tokens), "
-        f"{flops / 1e9:.0f} GFLOP per update")
+  print(f"GRPO update, SmolLM2-135M fp32, B={args.batch} T={args.seq} ({tokens} tokens); "
+        f"GFLOP per update: jax {flops['jax'] / 1e9:.0f} (LM head on the "
+        f"{completion_tokens(batch)} completion positions), torch {flops['torch'] / 1e9:.0f}")
   for name, s in res.items():
-    print(f"  {name:6s} {s:7.2f} s   {tokens / s:7.1f} tokens/s   {flops / s / 1e9:6.1f} GFLOP/s")
+    print(f"  {name:6s} {s:7.2f} s   {tokens / s:7.1f} tokens/s   "
+          f"{flops[name] / s / 1e9:6.1f} GFLOP/s")
   if "torch" in res:
     print(f"  ratio jax/torch (tokens/s): {res['torch'] / res['jax']:.2f}x")
 

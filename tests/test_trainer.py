@@ -186,6 +186,38 @@ def test_tis_and_recompute_use_trainer_old_logps():
   assert m["tis_weight_mean"] < 2.0
 
 
+def test_logit_window_equals_full_logits():
+  """Only rollout.max_tokens logit positions per row go through the LM head in the loss; the
+  gradient and metrics equal computing all L positions (max_tokens >= L - 1 disables it)."""
+  batch = make_batch(seed=4)
+  keep = 8
+  batch["loss_mask"][:, PROMPT + keep:] = 0  # completions of at most `keep` scored tokens
+  # Shift two rows right so the windows start at different offsets per row.
+  for row, shift in ((1, 2), (2, 4)):
+    for k in ("input_ids", "attention_mask", "loss_mask"):
+      batch[k][row] = np.roll(batch[k][row], shift)
+  window, full = (make_trainer(make_cfg(**{"grpo.beta": 0.04, "rollout.max_tokens": n}))
+                  for n in (keep, L))
+  batch = with_old(full, batch, noise=0.3)
+  window.update(batch)  # one step each: the policies leave the reference (KL > 0)
+  full.update(batch)
+  np.testing.assert_allclose(flat(window.params), flat(full.params), rtol=0, atol=1e-6)
+  gw, mw = window.gradients(batch)
+  gf, mf = full.gradients(batch)
+  for k in ("loss", "kl", "clip_frac", "tokens"):
+    assert mw[k] == pytest.approx(mf[k], rel=1e-6, abs=1e-9), k
+  assert mf["kl"] > 0 and mf["clip_frac"] > 0
+  np.testing.assert_allclose(flat(gw), flat(gf), rtol=0, atol=1e-7)
+  assert np.abs(flat(gf)).max() > 1e-3
+
+
+def test_loss_mask_wider_than_max_tokens_raises():
+  batch = make_batch()
+  tr = make_trainer(make_cfg(**{"rollout.max_tokens": 5}))
+  with pytest.raises(TrainerError, match=r"batch\['loss_mask'\] row 0 .*rollout.max_tokens=5"):
+    tr.update(batch)
+
+
 def test_bad_config_and_batch_raise():
   with pytest.raises(TrainerError, match="optim.micro_batch=3"):
     make_trainer(make_cfg(**{"optim.micro_batch": 3}),

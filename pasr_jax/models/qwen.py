@@ -352,6 +352,11 @@ class Decoder(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
                attention_mask: jax.Array | None = None) -> jax.Array:
+    return self.logits(self.hidden_states(input_ids, positions, attention_mask))
+
+  def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None,
+                    attention_mask: jax.Array | None = None) -> jax.Array:
+    """The final-norm hidden states [B,T,D] (compute dtype) that `logits` projects."""
     cfg = self.cfg
     b, t = input_ids.shape
     if attention_mask is None:
@@ -378,7 +383,11 @@ class Decoder(nnx.Module):
     else:
       for block in self.layers:
         x = layer(block, x)
-    x = self.norm(x)
+    return self.norm(x)
+
+  def logits(self, x: jax.Array) -> jax.Array:
+    """Hidden states [..., D] -> float32 logits [..., V] (the tied or separate LM head)."""
+    cfg = self.cfg
     head = self.embed_tokens[...] if cfg.tie_word_embeddings else self.lm_head[...]
-    return jnp.einsum("btd,vd->btv", x, head.astype(self.dtype),
+    return jnp.einsum("...d,vd->...v", x, head.astype(self.dtype),
                       preferred_element_type=jnp.float32).astype(jnp.float32)
