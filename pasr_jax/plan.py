@@ -47,7 +47,8 @@ from flax import nnx  # noqa: E402
 
 from pasr_jax import sharding  # noqa: E402
 from pasr_jax.models.qwen import Decoder, ModelConfig  # noqa: E402
-from pasr_jax.trainer import BATCH_KEYS, make_optimizer, make_step_fns, opt_state_shardings  # noqa: E402
+from pasr_jax.trainer import (BATCH_KEYS, batch_shardings, jit_update, make_optimizer,  # noqa: E402
+                              make_step_fns, opt_state_shardings)
 
 GIB = 1024 ** 3
 
@@ -94,15 +95,14 @@ def plan(cfg: ml_collections.ConfigDict, mesh_shape, seq_len: int, layers: int =
   o_sh = opt_state_shardings(tx, params, p_sh, mesh)
   abs_params = _abstract(params, p_sh)
   abs_opt = _abstract(jax.eval_shape(tx.init, params), o_sh)
-  b_sh = {k: sharding.batch_sharding(mesh, 1 if k == "advantages" else 2) for k in BATCH_KEYS}
+  b_sh = batch_shardings(mesh, BATCH_KEYS)
   abs_batch = {k: jax.ShapeDtypeStruct(
       (batch,) if k == "advantages" else (batch, seq_len),
       jnp.int32 if k in ("input_ids", "attention_mask", "positions") else jnp.float32,
       sharding=b_sh[k]) for k in BATCH_KEYS}
   beta = cfg.grpo.beta > 0
   update, _, _ = make_step_fns(graphdef, rest, tx, cfg, batch // mb, mesh)
-  fn = jax.jit(update, in_shardings=(p_sh, p_sh if beta else None, o_sh, b_sh),
-               out_shardings=(p_sh, o_sh, sharding.replicated(mesh)), donate_argnums=(0, 2))
+  fn = jit_update(update, mesh, p_sh, o_sh, BATCH_KEYS, beta)
   t0 = time.perf_counter()
   with jax.set_mesh(mesh):  # the model pins activations batch-sharded under a set mesh
     lowered = fn.lower(abs_params, abs_params if beta else None, abs_opt, abs_batch)

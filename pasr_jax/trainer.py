@@ -217,6 +217,24 @@ def make_step_fns(graphdef, rest, tx: optax.GradientTransformation,
   return update, logprobs, gradients
 
 
+def batch_shardings(mesh: Mesh, keys: tuple[str, ...]) -> dict[str, NamedSharding]:
+  """Batch-dim shardings of the trainer batch arrays named by `keys`."""
+  return {k: sharding.batch_sharding(mesh, 1 if k == "advantages" else 2) for k in keys}
+
+
+def jit_update(update: Callable, mesh: Mesh, param_shardings: Any, opt_shardings: Any,
+               keys: tuple[str, ...], with_ref: bool) -> Callable:
+  """`update` from make_step_fns under jax.jit with the trainer's shardings; params and
+  optimizer state are donated. Shared by Trainer and the memory plan, so the plan compiles
+  exactly the step that runs."""
+  return jax.jit(
+      update,
+      in_shardings=(param_shardings, param_shardings if with_ref else None, opt_shardings,
+                    batch_shardings(mesh, keys)),
+      out_shardings=(param_shardings, opt_shardings, sharding.replicated(mesh)),
+      donate_argnums=(0, 2))
+
+
 # ----------------------------------------------------------------------------- Trainer
 
 
@@ -262,14 +280,11 @@ class Trainer:
     if key not in self._fns:
       update, logprobs, gradients = make_step_fns(self.graphdef, self._rest, self.tx, self.cfg,
                                                   num_micro, self.mesh)
-      bs = {k: sharding.batch_sharding(self.mesh, 1 if k == "advantages" else 2) for k in keys}
+      bs = batch_shardings(self.mesh, keys)
       rep = sharding.replicated(self.mesh)
       if kind == "update":
-        ref_sh = self.param_shardings if self.ref_params is not None else None
-        self._fns[key] = jax.jit(
-            update, in_shardings=(self.param_shardings, ref_sh, self.opt_shardings, bs),
-            out_shardings=(self.param_shardings, self.opt_shardings, rep),
-            donate_argnums=(0, 2))
+        self._fns[key] = jit_update(update, self.mesh, self.param_shardings,
+                                    self.opt_shardings, keys, self.ref_params is not None)
       elif kind == "gradients":
         ref_sh = self.param_shardings if self.ref_params is not None else None
         self._fns[key] = jax.jit(gradients, in_shardings=(self.param_shardings, ref_sh, bs),
