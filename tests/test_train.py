@@ -131,8 +131,13 @@ def test_unreachable_judge_fails_fast(tmp_path):
 @pytest.mark.timeout(900)
 def test_end_to_end_then_kill_and_resume_matches(tmp_path, judge_url):
   """4 uninterrupted steps vs 2 steps + SIGKILL + resume to 4: same rollouts, cursor, params."""
+  # Questions whose answer is "7": the judge finds it in some of the random tiny model's
+  # answers, so rewards differ within a group and the run really trains (the last
+  # assertions). Under the GSM8K sample every answer scored the same (format -1, accuracy 0)
+  # and every gradient was 0.
+  run_args = ("--config.train.steps=4", f"--config.data.files=('{DATA / 'say_seven.jsonl'}',)")
   a = tmp_path / "a"
-  out = _run(a, judge_url, "--config.train.steps=4")
+  out = _run(a, judge_url, *run_args)
   assert "vLLM engine up" in out and "done at step 4" in out
   cfg = json.loads((a / "config.json").read_text())
   assert cfg["train"]["steps"] == 4 and cfg["judge"]["base_url"] == judge_url
@@ -152,14 +157,14 @@ def test_end_to_end_then_kill_and_resume_matches(tmp_path, judge_url):
 
   b = tmp_path / "b"
   with open(str(b) + ".log", "w") as log:
-    p = _start(b, judge_url, "--config.train.steps=4", log=log)
+    p = _start(b, judge_url, *run_args, log=log)
     deadline = time.time() + 420
     while not (b / "checkpoints" / "2").is_dir():
       assert p.poll() is None and time.time() < deadline, "run b ended before its 2nd checkpoint"
       time.sleep(0.05)
     os.killpg(p.pid, signal.SIGKILL)  # the whole group: trainer and vLLM engine, like a crash
     assert p.wait(30) == -signal.SIGKILL
-  out = _run(b, judge_url, "--config.train.steps=4")
+  out = _run(b, judge_url, *run_args)
   assert "resumed from step " in out and "done at step 4" in out
 
   rec_b = metrics.read_jsonl(str(b / "rollouts.jsonl"))
@@ -176,6 +181,7 @@ def test_end_to_end_then_kill_and_resume_matches(tmp_path, judge_url):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6, err_msg=str(k))
   # The params moved: a run that never trained would pass the comparison above too.
   first = _state(b / "checkpoints" / "3") if (b / "checkpoints" / "3").is_dir() else None
+  assert any(r["train/grad_norm"] > 0 for r in m)
   if first is not None:
     assert any(np.abs(np.asarray(x) - np.asarray(y)).max() > 0
                for (_, x), (_, y) in zip(jax.tree.leaves_with_path(first["params"]), lb))
