@@ -4,7 +4,9 @@ Each step directory holds two items: `state` (any pytree of arrays, saved sharde
 the shardings of a template) and `meta` (JSON: step, data cursor, RNG key, policy version,
 config). Orbax writes a step into a temporary directory and renames it when complete, so a
 half-written step is never listed; a listed step that fails to restore (files lost or damaged)
-is moved to `<dir>_corrupt/` with a warning and the previous step is used.
+is moved to `<dir>_corrupt/` with a warning and the previous step is used. A readable step
+whose array shapes do not fit the run (another model or layout) raises
+`CheckpointMismatchError` and is left where it is.
 """
 
 from __future__ import annotations
@@ -25,6 +27,29 @@ class CheckpointError(RuntimeError):
   """No usable checkpoint although some exist, or a save failed."""
 
 
+class CheckpointMismatchError(CheckpointError):
+  """A readable checkpoint whose arrays have other shapes than the run's model and optimizer
+  (another model or config, or another param layout): nothing is moved aside."""
+
+
+def _path_key(path: tuple) -> str:
+  """A pytree path as 'a.b.0.c', without the 'value' level nnx.Variable adds on disk."""
+  names = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+  return ".".join(n for n in names if n != "value")
+
+
+def _shape_mismatches(stored: Any, abstract: Any) -> list[str]:
+  """'path: stored (a, b) != expected (c, d)' for each array whose stored shape differs."""
+  want = {_path_key(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract)
+          if hasattr(x, "shape")}
+  out = []
+  for p, m in jax.tree_util.tree_leaves_with_path(stored):
+    key, shape = _path_key(p), getattr(m, "shape", None)
+    if shape is not None and key in want and tuple(shape) != want[key]:
+      out.append(f"{key}: stored {tuple(shape)} != expected {want[key]}")
+  return out
+
+
 def abstract_like(tree: Any) -> Any:
   """The restore target of a pytree: jax arrays -> ShapeDtypeStructs with their shardings;
   host (numpy) leaves stay as they are and come back as numpy."""
@@ -43,8 +68,11 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True)  # remove what a killed run left half-written
-    self._mgr = ocp.CheckpointManager(self.directory, options=options,
-                                      item_names=("state", "meta"))
+    # Explicit handlers so item_metadata can read stored shapes before a restore.
+    self._mgr = ocp.CheckpointManager(
+        self.directory, options=options, item_names=("state", "meta"),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
 
   def all_steps(self) -> list[int]:
     return sorted(self._mgr.all_steps())
@@ -71,6 +99,7 @@ class Checkpointer:
       return None
     abstract = abstract_like(template)
     for step in reversed(steps):
+      self._check_shapes(step, abstract)
       try:
         out = self._mgr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
@@ -83,6 +112,21 @@ class Checkpointer:
                     step, self.directory, type(e).__name__, e)
         self._move_aside(step)
     raise CheckpointError(f"{self.directory}: steps {steps} exist but none could be restored")
+
+  def _check_shapes(self, step: int, abstract: Any) -> None:
+    """Raises CheckpointMismatchError if `step`'s stored arrays have other shapes than
+    `abstract`'s; a step whose metadata cannot be read is left to the restore (damaged)."""
+    try:
+      stored = self._mgr.item_metadata(step)["state"]
+    except Exception:  # pylint: disable=broad-except
+      return
+    bad = _shape_mismatches(stored, abstract)
+    if bad:
+      raise CheckpointMismatchError(
+          f"{self.directory}/{step}: {len(bad)} stored arrays do not fit this run's model, "
+          f"e.g. {bad[0]}. It was written for another model or config, or by a pasr_jax "
+          f"before 2026-11-25 (kernels then were [in, out]; now HF's [out, in]). Nothing was "
+          f"moved or deleted; train in another workdir.")
 
   def _move_aside(self, step: int) -> None:
     """Move a damaged step out of the manager's view so a later save of that step succeeds."""

@@ -176,7 +176,8 @@ def run(cfg) -> dict[str, Any]:
   from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
 
   from pasr_jax import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
-  from pasr_jax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  from pasr_jax.checkpoint import (  # pylint: disable=import-outside-toplevel
+      Checkpointer, CheckpointMismatchError)
   from pasr_jax.step import RolloutStep  # pylint: disable=import-outside-toplevel
 
   sampler = None
@@ -212,7 +213,10 @@ def run(cfg) -> dict[str, Any]:
       if not cfg.resume:
         raise ConfigError(f"config resume=False but {workdir}/checkpoints has steps "
                           f"{ckpt.all_steps()}: use another workdir or resume=True")
-      restored = ckpt.restore(trainer.state_for_checkpoint())
+      try:
+        restored = ckpt.restore(trainer.state_for_checkpoint())
+      except CheckpointMismatchError as e:
+        raise ConfigError(f"config workdir={cfg.workdir!r}: {e}") from None
     if restored is not None:
       start, state, meta = restored
       trainer.restore_from_checkpoint(state)

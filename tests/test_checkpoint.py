@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pasr_jax.checkpoint import Checkpointer, CheckpointError
+from pasr_jax.checkpoint import Checkpointer, CheckpointError, CheckpointMismatchError
 
 
 def _state(scale: float):
@@ -82,3 +82,18 @@ def test_all_damaged_raises(tmp_path):
   (tmp_path / "1" / "meta" / "metadata").write_text("{not json")
   with pytest.raises(CheckpointError, match="none could be restored"):
     Checkpointer(str(tmp_path)).restore(_state(0.0))
+
+
+def test_other_shapes_raise_and_leave_steps_in_place(tmp_path):
+  """A checkpoint of another model/layout is not 'damaged': no fallback, nothing moved."""
+  _save_steps(tmp_path, [1, 2])
+  template = _state(0.0)
+  mesh = template["params"]["w"].sharding.mesh
+  template["params"]["w"] = jax.device_put(
+      jnp.zeros((2, 16)), jax.sharding.NamedSharding(mesh, jax.P(None, "x")))  # transposed
+  ck = Checkpointer(str(tmp_path), keep=2)
+  with pytest.raises(CheckpointMismatchError,
+                     match=r"/2: 1 stored arrays .* params\.w: stored \(16, 2\) != expected \(2, 16\)"):
+    ck.restore(template)
+  assert ck.all_steps() == [1, 2] and not os.path.exists(str(tmp_path) + "_corrupt")
+  assert ck.restore(_state(0.0))[0] == 2  # the same steps still restore into their own shapes
