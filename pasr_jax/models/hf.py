@@ -264,6 +264,15 @@ def _tensor_files(path: Path) -> dict[str, Path]:
   return files
 
 
+_ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def tensor_specs(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
+  """{HF tensor name: (shape, dtype name)} of an HF dir's safetensors (headers only)."""
+  reader = _Reader(_tensor_files(Path(path)))
+  return {name: (reader.shape(name), reader.dtype(name)) for name in reader.files}
+
+
 class _Reader:
   """Keeps safetensors files open while loading; reads one tensor at a time."""
 
@@ -273,6 +282,10 @@ class _Reader:
 
   def shape(self, name: str) -> tuple[int, ...]:
     return tuple(self._handle(name).get_slice(name).get_shape())
+
+  def dtype(self, name: str) -> str:
+    """numpy-style dtype name of a stored tensor (float32 for types not listed)."""
+    return _ST_DTYPES.get(self._handle(name).get_slice(name).get_dtype(), "float32")
 
   def get(self, name: str) -> np.ndarray:
     return self._handle(name).get_tensor(name)

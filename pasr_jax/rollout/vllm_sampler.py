@@ -384,16 +384,12 @@ def _completion(c, version: int) -> Completion:
 
 
 def _checkpoint_spec(model_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-  """{tensor name: (shape, dtype name)} of the safetensors files in `model_dir` ({} if none)."""
-  from safetensors import safe_open
-  spec: dict[str, tuple[tuple[int, ...], str]] = {}
-  dtypes = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-  for f in sorted(model_dir.glob("*.safetensors")):
-    with safe_open(str(f), framework="numpy") as fh:
-      for name in fh.keys():
-        sl = fh.get_slice(name)
-        spec[name] = (tuple(sl.get_shape()), dtypes.get(sl.get_dtype(), "float32"))
-  return spec
+  """{tensor name: (shape, dtype name)} of `model_dir`'s safetensors ({} if it has none)."""
+  from pasr_jax.models.hf import HFFormatError, tensor_specs
+  try:
+    return tensor_specs(model_dir)
+  except HFFormatError:
+    return {}
 
 
 def _remove_orphaned_sync_dirs(root: Path) -> None:
