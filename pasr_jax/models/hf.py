@@ -80,12 +80,6 @@ def hf_shape(flax_shape: Sequence[int], layout: Any) -> tuple[int, ...]:
   return (math.prod(flax_shape[:k]), math.prod(flax_shape[k:]))
 
 
-def to_flax(x: np.ndarray, flax_shape: Sequence[int], layout: Any) -> np.ndarray:
-  """HF layout -> Flax layout (one layer): a reshape (a view) for every layout."""
-  del layout  # every rule keeps the element order
-  return x.reshape(flax_shape)
-
-
 def to_hf(x: np.ndarray, layout: Any) -> np.ndarray:
   """Flax layout -> HF layout (one layer): a reshape (a view) for every layout."""
   return x.reshape(hf_shape(x.shape, layout))
@@ -348,11 +342,12 @@ def load_hf(path: str | os.PathLike, dtype: Any = jnp.float32, param_dtype: Any 
         raise HFFormatError(f"{files[hf_name]}: tensor {hf_name} has shape {got}, expected "
                             f"{want} (from config.json)")
     if rows[0][2] is None:
-      host = to_flax(reader.get(rows[0][0]), layer_shape, rows[0][1]).astype(param_dtype)
+      # Every layout keeps the element order: HF -> Flax is a reshape.
+      host = reader.get(rows[0][0]).reshape(layer_shape).astype(param_dtype)
     else:  # scanned: stack this param's layers (one param on host at a time)
       host = np.empty(full_shape, dtype=param_dtype)
-      for hf_name, layout, layer in rows:
-        host[layer] = to_flax(reader.get(hf_name), layer_shape, layout)
+      for hf_name, _, layer in rows:
+        host[layer] = reader.get(hf_name).reshape(layer_shape)
     values[flax_path] = _place(host, var, mesh, rules)
     del host
 
