@@ -74,6 +74,12 @@ def opt_state_shardings(tx: optax.GradientTransformation, abstract_params: Any,
 # ----------------------------------------------------------------------------- step functions
 
 
+def _uses_window(keep: int | None, length: int) -> bool:
+  """Whether rows of `length` tokens get a `keep`-position logit window (else all positions);
+  the one bound shared by `_logprobs_fn` and `scored_window_check`."""
+  return keep is not None and keep < length - 1
+
+
 def _logprobs_fn(graphdef, rest, params, mb, temperature: float, chunk: int,
                  mesh: Mesh, compute_dtype: Any, keep: int | None = None) -> jax.Array:
   """Logprobs `[B,L]` of mb's tokens (aligned like loss_mask; see grpo.sequence_logprobs).
@@ -90,7 +96,7 @@ def _logprobs_fn(graphdef, rest, params, mb, temperature: float, chunk: int,
   ids = mb["input_ids"]
   hidden = model.hidden_states(ids, mb["positions"], mb["attention_mask"])
   b, length = ids.shape
-  windowed = keep is not None and keep < length - 1
+  windowed = _uses_window(keep, length)
   if windowed:
     first = jnp.argmax(mb["loss_mask"] > 0, axis=1)  # 0 for a row with nothing scored
     start = jnp.clip(first - 1, 0, length - 1 - keep)
@@ -115,7 +121,7 @@ def scored_window_check(loss_mask: np.ndarray, keep: int) -> None:
   positions, the logit window `_logprobs_fn` computes per row (rollout.max_tokens)."""
   m = np.asarray(loss_mask) > 0
   rows = np.flatnonzero(m.any(axis=1))
-  if not rows.size or keep >= m.shape[1] - 1:
+  if not rows.size or not _uses_window(keep, m.shape[1]):
     return
   first = m[rows].argmax(axis=1)
   last = m.shape[1] - 1 - m[rows, ::-1].argmax(axis=1)
