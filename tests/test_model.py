@@ -9,6 +9,7 @@ import transformers
 from flax import nnx
 
 from pasr_jax.models.hf import load_hf
+from pasr_jax.models import qwen
 from pasr_jax.models.qwen import Decoder, ModelConfig, ModelConfigError, tiny_config
 
 CASES = [("qwen2", True), ("qwen3", True), ("qwen3", False), ("llama", False)]
@@ -67,6 +68,22 @@ def test_logits_match_transformers(hf_pair, left):
   real = mask > 0
   assert np.abs(out - ref)[real].max() <= 1e-4
   assert np.isfinite(out).all()  # padded query rows stay finite (no -inf softmax)
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["right_pad", "left_pad"])
+def test_causal_query_blocks_match_transformers(hf_pair, left):
+  # From 384 positions on, Attention splits queries into causal blocks that skip the keys
+  # after the block; with padding, early blocks hold fully masked (padding) query rows.
+  hf_model, cfg, path = hf_pair
+  assert qwen._query_blocks(400) == 2 and qwen._query_blocks(2048) == 8
+  assert qwen._query_blocks(16) == 1 and qwen._query_blocks(401) == 1
+  model, _ = load_hf(path)
+  ids, mask = padded_batch(np.random.RandomState(5), [400, 170, 333], 400, left,
+                           cfg.vocab_size)
+  ref = torch_logits(hf_model, ids, mask)
+  out = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+  assert np.abs(out - ref)[mask > 0].max() <= 1e-4
+  assert np.isfinite(out).all()
 
 
 def test_left_and_right_padding_agree(hf_pair):
