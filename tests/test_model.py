@@ -149,6 +149,28 @@ def test_scan_and_remat_gradients_match_unrolled(tmp_path):
   assert np.abs(np.asarray(g_plain["embed_tokens"][...])).max() > 0
 
 
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
+def test_lm_head_gradient_equals_autodiff(dtype, tol):
+  # The LM head has a hand-written backward (qwen._lm_head); check it against autodiff of
+  # the plain matmul, in both compute dtypes.
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 5, 16)), dtype)
+  w = jnp.asarray(rng.normal(size=(40, 16)), dtype)
+  cot = jnp.asarray(rng.normal(size=(2, 5, 40)), jnp.float32)
+
+  def loss(f):
+    return lambda x, w: (f(x, w) * cot).sum()
+  plain = lambda x, w: jnp.einsum("...d,vd->...v", x, w, preferred_element_type=jnp.float32)
+  ours = lambda x, w: qwen._lm_head(x.reshape(-1, 16), w).reshape(2, 5, 40)
+  np.testing.assert_array_equal(np.asarray(ours(x, w)), np.asarray(plain(x, w)))
+  got = jax.grad(loss(ours), argnums=(0, 1))(x, w)
+  want = jax.grad(loss(plain), argnums=(0, 1))(x, w)
+  for a, b in zip(got, want):
+    assert a.dtype == b.dtype == dtype and a.shape == b.shape
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert np.abs(a - b).max() <= tol * np.abs(b).max()
+
+
 def test_jit_matches_eager():
   cfg = tiny_config("qwen2")
   model = Decoder(cfg, rngs=nnx.Rngs(3))
