@@ -1,14 +1,16 @@
 """Tokens/s of one full GRPO update: JAX (this project) vs PyTorch/transformers eager.
 
-  python benchmarks/train_step.py [--batch 8] [--seq 384] [--runs 1]
+  python benchmarks/train_step.py [--batch 8] [--seq 384] [--runs 3]
 
 One update = reference forward + policy forward/backward + AdamW step, SmolLM2-135M, fp32 CPU,
 B sequences of T tokens (the second half of each is the scored completion). The torch side is
 the original PASR/TRL way: eager transformers model, per-row log_softmax + gather, a deep-copied
-frozen reference model, torch.optim.AdamW. Each side is warmed up (compile / first-touch) once,
-then timed. Prints tokens/s, achieved GFLOP/s (model matmul FLOPs: 4 forward passes' worth:
-ref fwd, policy fwd, policy bwd = 2 fwd; each side counted with the LM-head positions it
-computes: JAX only the completion window, see trainer._logprobs_fn) and the JAX/torch ratio.
+frozen reference model, torch.optim.AdamW. Each side is warmed up (compile / first-touch)
+once, then the two are timed in turns, `--runs` times each; each side's best run counts.
+Prints tokens/s, achieved GFLOP/s (model matmul FLOPs: 4 forward passes' worth: ref fwd,
+policy fwd, policy bwd = 2 fwd; each side counted with the LM-head positions it computes: JAX
+only the completion window, see trainer._logprobs_fn; attention over the full causal square
+for both, though both skip part of it) and the JAX/torch ratio.
 Both sides run in one process, so both get pasr_jax.host_malloc's settings.
 """
 
@@ -19,6 +21,7 @@ import copy
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -50,7 +53,8 @@ def completion_tokens(batch: dict) -> int:
   return int(batch["loss_mask"].sum(1).max())
 
 
-def bench_jax(model_dir: Path, batch: dict, runs: int) -> list[float]:
+def setup_jax(model_dir: Path, batch: dict) -> Callable[[], None]:
+  """The JAX update as a callable, compiled and run once."""
   import jax
 
   from configs.base import get_base_config
@@ -68,17 +72,16 @@ def bench_jax(model_dir: Path, batch: dict, runs: int) -> list[float]:
   tr = Trainer(c, model, mcfg, sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
   old = tr.logprobs(batch)  # also warms the logprob function
   batch = dict(batch, old_logps=old * batch["loss_mask"])
-  tr.update(batch)  # compile
-  times = []
-  for _ in range(runs):
-    t0 = time.perf_counter()
+
+  def step() -> None:
     m = tr.update(batch)
-    times.append(time.perf_counter() - t0)
-  assert np.isfinite(m["loss"])
-  return times
+    assert np.isfinite(m["loss"])
+  step()  # compile
+  return step
 
 
-def bench_torch(model_dir: Path, batch: dict, runs: int, threads: int) -> list[float]:
+def setup_torch(model_dir: Path, batch: dict, threads: int) -> Callable[[], None]:
+  """The torch update as a callable, run once (warm-up)."""
   import torch
   from transformers import AutoModelForCausalLM
 
@@ -116,19 +119,14 @@ def bench_torch(model_dir: Path, batch: dict, runs: int, threads: int) -> list[f
     return float(loss.detach())
 
   step()  # warm-up
-  times = []
-  for _ in range(runs):
-    t0 = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t0)
-  return times
+  return step
 
 
 def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--seq", type=int, default=384)
-  ap.add_argument("--runs", type=int, default=1)
+  ap.add_argument("--runs", type=int, default=3)
   ap.add_argument("--torch-threads", type=int, default=2)
   ap.add_argument("--skip-torch", action="store_true")
   args = ap.parse_args()
@@ -141,15 +139,25 @@ def main() -> None:
   flops = {"torch": 4 * model_flops(cfg, args.batch, args.seq),
            "jax": 4 * model_flops(cfg, args.batch, args.seq, completion_tokens(batch))}
 
-  res = {"jax": min(bench_jax(model_dir, batch, args.runs))}
+  steps = {"jax": setup_jax(model_dir, batch)}
   if not args.skip_torch:
-    res["torch"] = min(bench_torch(model_dir, batch, args.runs, args.torch_threads))
+    steps["torch"] = setup_torch(model_dir, batch, args.torch_threads)
+  # Alternate the two sides run by run, so that the machine's drift (large on shared CPUs)
+  # falls on both alike; report each side's best run.
+  times: dict[str, list[float]] = {name: [] for name in steps}
+  for _ in range(args.runs):
+    for name, step in steps.items():
+      t0 = time.perf_counter()
+      step()
+      times[name].append(time.perf_counter() - t0)
+  res = {name: min(t) for name, t in times.items()}
   print(f"GRPO update, SmolLM2-135M fp32, B={args.batch} T={args.seq} ({tokens} tokens); "
         f"GFLOP per update: jax {flops['jax'] / 1e9:.0f} (LM head on the "
         f"{completion_tokens(batch)} completion positions), torch {flops['torch'] / 1e9:.0f}")
   for name, s in res.items():
     print(f"  {name:6s} {s:7.2f} s   {tokens / s:7.1f} tokens/s   "
-          f"{flops[name] / s / 1e9:6.1f} GFLOP/s")
+          f"{flops[name] / s / 1e9:6.1f} GFLOP/s   (runs: "
+          f"{' '.join(f'{t:.2f}' for t in times[name])})")
   if "torch" in res:
     print(f"  ratio jax/torch (tokens/s): {res['torch'] / res['jax']:.2f}x")
 
