@@ -230,7 +230,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 def _query_blocks(t: int) -> int:
   """How many causal query blocks `Attention` splits t positions into: blocks of >= 192
-  positions (on CPU, smaller blocks made the matmuls slower than the skipped work saved), at
+  positions (on CPU, blocks of 128 or 96 were no faster: smaller matmuls ate the saving), at
   most 8, and dividing t."""
   n = min(8, t // 192)
   while n > 1 and t % n:
