@@ -32,19 +32,22 @@ class CheckpointMismatchError(CheckpointError):
   (another model or config, or another param layout): nothing is moved aside."""
 
 
-def _path_key(path: tuple) -> str:
-  """A pytree path as 'a.b.0.c', without the 'value' level nnx.Variable adds on disk."""
+def path_key(path: tuple) -> str:
+  """A pytree (or Orbax metadata) key path as 'layers.0.mlp.down_proj', without the trailing
+  'value' level an nnx.Variable adds."""
   names = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
-  return ".".join(n for n in names if n != "value")
+  if names and names[-1] == "value":
+    names = names[:-1]
+  return ".".join(names)
 
 
 def _shape_mismatches(stored: Any, abstract: Any) -> list[str]:
   """'path: stored (a, b) != expected (c, d)' for each array whose stored shape differs."""
-  want = {_path_key(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract)
+  want = {path_key(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract)
           if hasattr(x, "shape")}
   out = []
   for p, m in jax.tree_util.tree_leaves_with_path(stored):
-    key, shape = _path_key(p), getattr(m, "shape", None)
+    key, shape = path_key(p), getattr(m, "shape", None)
     if shape is not None and key in want and tuple(shape) != want[key]:
       out.append(f"{key}: stored {tuple(shape)} != expected {want[key]}")
   return out

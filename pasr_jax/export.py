@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pasr_jax.checkpoint import path_key
+
 CHECKPOINT_SUBDIRS = ("checkpoints", "ckpt", ".")   # where in a workdir the steps may live
 DTYPES = {"": None, "float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -56,14 +58,6 @@ def read_meta(step_dir: Path) -> dict[str, Any]:
     return dict(ck.restore(step_dir / "meta"))
 
 
-def _norm_path(path: tuple) -> str:
-  """Orbax key path -> 'layers.0.mlp.down_proj' (drops the Variable's trailing 'value')."""
-  keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
-  if keys and keys[-1] == "value":
-    keys = keys[:-1]
-  return ".".join(keys)
-
-
 def restore_params(step_dir: Path) -> dict[str, np.ndarray]:
   """{param path: host array} of the policy params in `<step>/state` (optimizer state skipped).
 
@@ -83,7 +77,7 @@ def restore_params(step_dir: Path) -> dict[str, np.ndarray]:
     out = ck.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
         item=target, restore_args=restore_args, partial_restore=sub is not tree))
   out = out["params"] if sub is not tree else out
-  return {_norm_path(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(out)[0]}
+  return {path_key(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(out)[0]}
 
 
 def source_model_dir(workdir: str, meta: dict[str, Any], override: str = "") -> str:
