@@ -47,8 +47,8 @@ from flax import nnx  # noqa: E402
 
 from pasr_jax import sharding  # noqa: E402
 from pasr_jax.models.qwen import Decoder, ModelConfig  # noqa: E402
-from pasr_jax.trainer import (BATCH_KEYS, batch_shardings, jit_update, make_optimizer,  # noqa: E402
-                              make_step_fns, opt_state_shardings)
+from pasr_jax.trainer import (BATCH_KEYS, INT_KEYS, batch_shardings, jit_update,  # noqa: E402
+                              make_optimizer, make_step_fns, opt_state_shardings)
 
 GIB = 1024 ** 3
 
@@ -98,7 +98,7 @@ def plan(cfg: ml_collections.ConfigDict, mesh_shape, seq_len: int, layers: int =
   b_sh = batch_shardings(mesh, BATCH_KEYS)
   abs_batch = {k: jax.ShapeDtypeStruct(
       (batch,) if k == "advantages" else (batch, seq_len),
-      jnp.int32 if k in ("input_ids", "attention_mask", "positions") else jnp.float32,
+      jnp.int32 if k in INT_KEYS else jnp.float32,
       sharding=b_sh[k]) for k in BATCH_KEYS}
   beta = cfg.grpo.beta > 0
   update, _, _ = make_step_fns(graphdef, rest, tx, cfg, batch // mb, mesh)

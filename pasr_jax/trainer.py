@@ -30,7 +30,7 @@ from pasr_jax.models.qwen import Decoder, ModelConfig
 
 BATCH_KEYS = ("input_ids", "attention_mask", "positions", "loss_mask", "old_logps",
               "advantages")
-_INT_KEYS = ("input_ids", "attention_mask", "positions")
+INT_KEYS = ("input_ids", "attention_mask", "positions")
 
 
 class TrainerError(ValueError):
@@ -167,7 +167,7 @@ def make_step_fns(graphdef, rest, tx: optax.GradientTransformation,
   loss_lp_fn = functools.partial(lp_fn, keep=int(cfg.rollout.max_tokens))
 
   def logprobs(params, batch):
-    micro = _split_micro({k: batch[k] for k in _INT_KEYS}, num_micro, mesh)
+    micro = _split_micro({k: batch[k] for k in INT_KEYS}, num_micro, mesh)
     # Params ride in the carry, not the closure: nnx.scan (scan_layers) refuses Variables whose
     # values are tracers of an outer trace level.
     _, out = jax.lax.scan(lambda p, mb: (p, lp_fn(p, mb)), params, micro)
@@ -316,7 +316,7 @@ class Trainer:
     out = {}
     for k in keys:
       x = np.asarray(batch[k])
-      x = x.astype(np.int32 if k in _INT_KEYS else np.float32)
+      x = x.astype(np.int32 if k in INT_KEYS else np.float32)
       want = (b,) if k == "advantages" else (b, np.asarray(batch["input_ids"]).shape[1])
       if x.shape != want:
         raise TrainerError(f"batch[{k!r}] has shape {x.shape}, expected {want}")
@@ -351,8 +351,8 @@ class Trainer:
     if model not in ("policy", "ref"):
       raise TrainerError(f"model={model!r} must be 'policy' or 'ref'")
     params = self.params if model == "policy" or self.ref_params is None else self.ref_params
-    dev, k = self._put_batch(batch, _INT_KEYS)
-    return sharding.to_host(self._compiled("logprobs", k, _INT_KEYS)(params, dev))
+    dev, k = self._put_batch(batch, INT_KEYS)
+    return sharding.to_host(self._compiled("logprobs", k, INT_KEYS)(params, dev))
 
   def train_batch(self, batch: dict) -> dict[str, float]:
     """The per-rollout-batch routine: optional trainer-side old logprobs, then μ updates.
