@@ -155,7 +155,8 @@ def make_step_fns(graphdef, rest, tx: optax.GradientTransformation,
   """The pure (un-jitted) update, logprob and gradient functions.
 
   update(params, ref_params, opt_state, batch) -> (params, opt_state, metrics)
-  logprobs(params, batch) -> [B,L] float32
+  logprobs(params, batch) -> [B,L] float32 (batch: INT_KEYS, optionally loss_mask: then
+    only the scored window, see _logprobs_fn)
   gradients(params, ref_params, batch) -> (grads, metrics): the full-batch loss gradient
   """
   g = cfg.grpo
@@ -167,10 +168,13 @@ def make_step_fns(graphdef, rest, tx: optax.GradientTransformation,
   loss_lp_fn = functools.partial(lp_fn, keep=int(cfg.rollout.max_tokens))
 
   def logprobs(params, batch):
-    micro = _split_micro({k: batch[k] for k in INT_KEYS}, num_micro, mesh)
+    # With a loss_mask in the batch, only its rollout.max_tokens window goes through the LM
+    # head, as in the loss (positions outside it are 0).
+    fn = loss_lp_fn if "loss_mask" in batch else lp_fn
+    micro = _split_micro(batch, num_micro, mesh)
     # Params ride in the carry, not the closure: nnx.scan (scan_layers) refuses Variables whose
     # values are tracers of an outer trace level.
-    _, out = jax.lax.scan(lambda p, mb: (p, lp_fn(p, mb)), params, micro)
+    _, out = jax.lax.scan(lambda p, mb: (p, fn(p, mb)), params, micro)
     return _merge_micro(out)
 
   def gradients(params, ref_params, batch):
@@ -346,13 +350,20 @@ class Trainer:
     grads, m = self._compiled("gradients", k, keys)(self.params, self.ref_params, dev)
     return grads, {name: float(v) for name, v in m.items()}
 
-  def logprobs(self, batch: dict, model: str = "policy") -> np.ndarray:
-    """Per-token logprobs `[B,L]` (aligned like loss_mask; column 0 is 0) under `model`."""
+  def logprobs(self, batch: dict, model: str = "policy", scored_only: bool = False
+               ) -> np.ndarray:
+    """Per-token logprobs `[B,L]` (aligned like loss_mask; column 0 is 0) under `model`.
+
+    With `scored_only`, the LM head runs only on the window of rollout.max_tokens positions
+    per row that the loss uses (the row's scored tokens, from batch['loss_mask']); positions
+    outside it are 0. Cheaper, and all the loss ever reads.
+    """
     if model not in ("policy", "ref"):
       raise TrainerError(f"model={model!r} must be 'policy' or 'ref'")
     params = self.params if model == "policy" or self.ref_params is None else self.ref_params
-    dev, k = self._put_batch(batch, INT_KEYS)
-    return sharding.to_host(self._compiled("logprobs", k, INT_KEYS)(params, dev))
+    keys = INT_KEYS + (("loss_mask",) if scored_only else ())
+    dev, k = self._put_batch(batch, keys)
+    return sharding.to_host(self._compiled("logprobs", k, keys)(params, dev))
 
   def train_batch(self, batch: dict) -> dict[str, float]:
     """The per-rollout-batch routine: optional trainer-side old logprobs, then μ updates.
@@ -365,7 +376,7 @@ class Trainer:
     g = self.cfg.grpo
     extra: dict[str, float] = {}
     if g.recompute_old_logps or g.tis_cap > 0:
-      old_tr = self.logprobs(batch)
+      old_tr = self.logprobs(batch, scored_only=True)
       w, mm = grpo.tis_weights(jnp.asarray(old_tr), jnp.asarray(batch["old_logps"]),
                                jnp.asarray(batch["loss_mask"]), float(g.tis_cap))
       extra = {k: float(v) for k, v in mm.items()}

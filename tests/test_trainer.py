@@ -202,6 +202,11 @@ def test_logit_window_equals_full_logits():
       batch[k][row] = np.roll(batch[k][row], shift)
   window, full = (make_trainer(make_cfg(**{"grpo.beta": 0.04, "rollout.max_tokens": n}))
                   for n in (keep, L))
+  # The trainer's own old logprobs (recompute_old_logps / TIS) use the same window.
+  scored = batch["loss_mask"] > 0
+  lw, lf = window.logprobs(batch, scored_only=True), window.logprobs(batch)
+  np.testing.assert_allclose(lw[scored], lf[scored], rtol=0, atol=1e-6)
+  assert (lf[~scored] != 0).sum() > (lw[~scored] != 0).sum()  # the rest was not computed
   batch = with_old(full, batch, noise=0.3)
   window.update(batch)  # one step each: the policies leave the reference (KL > 0)
   full.update(batch)
