@@ -4,8 +4,9 @@
   python benchmarks/train_breakdown.py --workdir runs/demo --two_calls # + one call vs two
 
 Shares come from the run's metrics.jsonl (time/rollout, judge, update (reference forward +
-GRPO updates), sync, checkpoint; the first step, which holds JIT compilation, is reported
-apart). --two_calls starts the run's vLLM engine on its model and times the same prompts
+GRPO updates), sync, checkpoint). Steps whose update compiled (train/compilations > 0: the
+first step, and every step with a batch length not seen before) are reported apart; runs
+written before that metric existed have only their first step set apart. --two_calls starts the run's vLLM engine on its model and times the same prompts
 sampled as one call (this project) and as a PASR call followed by a baseline call (the
 original's design).
 """
@@ -93,10 +94,19 @@ def main() -> None:
   ap.add_argument("--two_calls", action="store_true")
   args = ap.parse_args()
   rows = _rows(args.workdir)
-  if len(rows) > 1:
-    print_breakdown(f"{args.workdir}: steps 2..{rows[-1]['step']} (compiled)", breakdown(rows[1:]))
-  print_breakdown(f"{args.workdir}: step {rows[0]['step']} (includes JIT compile)",
-                  breakdown(rows[:1]))
+  counted = any("train/compilations" in r for r in rows)
+  compiling = ([r for r in rows if r.get("train/compilations", 0) > 0] if counted
+               else rows[:1])
+  steady = [r for r in rows if r not in compiling]
+  steps = lambda rs: ("step " if len(rs) == 1 else "steps ") + ", ".join(str(r["step"])
+                                                                        for r in rs)
+  if steady:
+    print_breakdown(f"{args.workdir}: {steps(steady)} "
+                    f"({'no compilation' if counted else 'compilations not recorded'})",
+                    breakdown(steady))
+  if compiling:
+    print_breakdown(f"{args.workdir}: {steps(compiling)} (with XLA compilation)",
+                    breakdown(compiling))
   if args.two_calls:
     two_calls(args.workdir)
 

@@ -7,6 +7,8 @@ B sequences of T tokens (the second half of each is the scored completion). The 
 the original PASR/TRL way: eager transformers model, per-row log_softmax + gather, a deep-copied
 frozen reference model, torch.optim.AdamW. Each side is warmed up (compile / first-touch)
 once, then the two are timed in turns, `--runs` times each; each side's best run counts.
+Also times `jax_full`: the JAX update with the LM head on all T positions like torch's, which
+shows what the logit window contributes (`--skip-full-head` leaves it out).
 Prints tokens/s, achieved GFLOP/s (model matmul FLOPs: 4 forward passes' worth: ref fwd,
 policy fwd, policy bwd = 2 fwd; each side counted with the LM-head positions it computes: JAX
 only the completion window, see trainer._logprobs_fn; attention over the full causal square
@@ -53,8 +55,9 @@ def completion_tokens(batch: dict) -> int:
   return int(batch["loss_mask"].sum(1).max())
 
 
-def setup_jax(model_dir: Path, batch: dict) -> Callable[[], None]:
-  """The JAX update as a callable, compiled and run once."""
+def setup_jax(model_dir: Path, batch: dict, window: bool = True) -> Callable[[], None]:
+  """The JAX update as a callable, compiled and run once. `window=False` runs the LM head
+  on all T positions, as the torch side does (rollout.max_tokens = T turns the window off)."""
   import jax
 
   from configs.base import get_base_config
@@ -67,7 +70,7 @@ def setup_jax(model_dir: Path, batch: dict) -> Callable[[], None]:
   c.optim.micro_batch = batch["input_ids"].shape[0]
   # Completions are the second half of each row: at most that many tokens, so the loss's
   # LM head runs on that window only (the torch side, the original's way, runs it on all).
-  c.rollout.max_tokens = completion_tokens(batch)
+  c.rollout.max_tokens = completion_tokens(batch) if window else batch["input_ids"].shape[1]
   model, mcfg = load_hf(model_dir)
   tr = Trainer(c, model, mcfg, sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
   old = tr.logprobs(batch)  # also warms the logprob function
@@ -129,6 +132,8 @@ def main() -> None:
   ap.add_argument("--runs", type=int, default=3)
   ap.add_argument("--torch-threads", type=int, default=2)
   ap.add_argument("--skip-torch", action="store_true")
+  ap.add_argument("--skip-full-head", action="store_true",
+                  help="do not also time JAX with the LM head on all positions")
   args = ap.parse_args()
 
   from pasr_jax.paths import prepare_smollm2
@@ -138,8 +143,11 @@ def main() -> None:
   tokens = args.batch * args.seq
   flops = {"torch": 4 * model_flops(cfg, args.batch, args.seq),
            "jax": 4 * model_flops(cfg, args.batch, args.seq, completion_tokens(batch))}
+  flops["jax_full"] = flops["torch"]
 
   steps = {"jax": setup_jax(model_dir, batch)}
+  if not args.skip_full_head:
+    steps["jax_full"] = setup_jax(model_dir, batch, window=False)
   if not args.skip_torch:
     steps["torch"] = setup_torch(model_dir, batch, args.torch_threads)
   # Alternate the two sides run by run, so that the machine's drift (large on shared CPUs)
@@ -155,11 +163,14 @@ def main() -> None:
         f"GFLOP per update: jax {flops['jax'] / 1e9:.0f} (LM head on the "
         f"{completion_tokens(batch)} completion positions), torch {flops['torch'] / 1e9:.0f}")
   for name, s in res.items():
-    print(f"  {name:6s} {s:7.2f} s   {tokens / s:7.1f} tokens/s   "
+    print(f"  {name:8s} {s:7.2f} s   {tokens / s:7.1f} tokens/s   "
           f"{flops[name] / s / 1e9:6.1f} GFLOP/s   (runs: "
           f"{' '.join(f'{t:.2f}' for t in times[name])})")
   if "torch" in res:
     print(f"  ratio jax/torch (tokens/s): {res['torch'] / res['jax']:.2f}x")
+    if "jax_full" in res:
+      print(f"  ratio jax_full/torch (both LM heads on all {args.seq} positions): "
+            f"{res['torch'] / res['jax_full']:.2f}x")
 
 
 if __name__ == "__main__":

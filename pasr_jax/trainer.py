@@ -281,11 +281,19 @@ class Trainer:
     self.opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(self.params)
     self.step = 0
     self.skipped_steps = 0
+    # XLA compilations so far: jit compiles once per (function, batch length), and a new
+    # length (train.seq_multiple) costs a compile that a step's time should not hide.
+    self.compilations = 0
     self._fns: dict[tuple, Callable] = {}
+    self._shapes: set[tuple] = set()
 
   # -- compiled functions, one per (number of micro-batches, batch keys)
 
-  def _compiled(self, kind: str, num_micro: int, keys: tuple[str, ...]) -> Callable:
+  def _compiled(self, kind: str, num_micro: int, keys: tuple[str, ...], length: int
+                ) -> Callable:
+    if (kind, num_micro, keys, length) not in self._shapes:
+      self._shapes.add((kind, num_micro, keys, length))
+      self.compilations += 1
     key = (kind, num_micro, keys)
     if key not in self._fns:
       update, logprobs, gradients = make_step_fns(self.graphdef, self._rest, self.tx, self.cfg,
@@ -309,7 +317,7 @@ class Trainer:
         return fn(*args)
     return call
 
-  def _put_batch(self, batch: dict, keys: tuple[str, ...]) -> tuple[dict, int]:
+  def _put_batch(self, batch: dict, keys: tuple[str, ...]) -> tuple[dict, int, int]:
     missing = [k for k in keys if k not in batch]
     if missing:
       raise TrainerError(f"batch is missing {missing}")
@@ -327,15 +335,15 @@ class Trainer:
       if k == "loss_mask":
         scored_window_check(x, int(self.cfg.rollout.max_tokens))
       out[k] = sharding.put_global(x, sharding.batch_sharding(self.mesh, x.ndim))
-    return out, b // mb
+    return out, b // mb, np.asarray(batch["input_ids"]).shape[1]
 
   # -- public API
 
   def update(self, batch: dict) -> dict[str, float]:
     """One optimizer step on `batch` (all its micro-batches); returns float metrics."""
     keys = BATCH_KEYS + (("is_weights",) if "is_weights" in batch else ())
-    dev, k = self._put_batch(batch, keys)
-    fn = self._compiled("update", k, keys)
+    dev, k, length = self._put_batch(batch, keys)
+    fn = self._compiled("update", k, keys, length)
     self.params, self.opt_state, m = fn(self.params, self.ref_params, self.opt_state, dev)
     metrics = {name: float(v) for name, v in m.items()}
     self.skipped_steps += int(metrics["skipped"])
@@ -346,8 +354,8 @@ class Trainer:
   def gradients(self, batch: dict) -> tuple[Any, dict[str, float]]:
     """Gradient of the full-batch loss w.r.t. the policy params (no step taken), and metrics."""
     keys = BATCH_KEYS + (("is_weights",) if "is_weights" in batch else ())
-    dev, k = self._put_batch(batch, keys)
-    grads, m = self._compiled("gradients", k, keys)(self.params, self.ref_params, dev)
+    dev, k, length = self._put_batch(batch, keys)
+    grads, m = self._compiled("gradients", k, keys, length)(self.params, self.ref_params, dev)
     return grads, {name: float(v) for name, v in m.items()}
 
   def logprobs(self, batch: dict, model: str = "policy", scored_only: bool = False
@@ -362,8 +370,8 @@ class Trainer:
       raise TrainerError(f"model={model!r} must be 'policy' or 'ref'")
     params = self.params if model == "policy" or self.ref_params is None else self.ref_params
     keys = INT_KEYS + (("loss_mask",) if scored_only else ())
-    dev, k = self._put_batch(batch, keys)
-    return sharding.to_host(self._compiled("logprobs", k, keys)(params, dev))
+    dev, k, length = self._put_batch(batch, keys)
+    return sharding.to_host(self._compiled("logprobs", k, keys, length)(params, dev))
 
   def train_batch(self, batch: dict) -> dict[str, float]:
     """The per-rollout-batch routine: optional trainer-side old logprobs, then μ updates.
@@ -371,9 +379,10 @@ class Trainer:
     With grpo.recompute_old_logps or grpo.tis_cap > 0 the trainer's own logprobs of the
     current policy become old_logps (and the capped IS weights against the sampler's are
     applied); the sampler/trainer mismatch is reported either way in that case. Returns the
-    last update's metrics.
+    last update's metrics, with `compilations`: how many XLA compilations this call paid for.
     """
     g = self.cfg.grpo
+    compiled_before = self.compilations
     extra: dict[str, float] = {}
     if g.recompute_old_logps or g.tis_cap > 0:
       old_tr = self.logprobs(batch, scored_only=True)
@@ -387,6 +396,7 @@ class Trainer:
     for _ in range(max(1, int(g.num_iterations))):
       metrics = self.update(batch)
     metrics.update(extra)
+    metrics["compilations"] = float(self.compilations - compiled_before)
     return metrics
 
   @property

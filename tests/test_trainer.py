@@ -190,6 +190,17 @@ def test_tis_and_recompute_use_trainer_old_logps():
   assert m["tis_weight_mean"] < 2.0
 
 
+def test_compilations_counted_per_batch_length():
+  """train_batch reports the XLA compilations it paid for: one per new batch length."""
+  tr = make_trainer(make_cfg())
+  batch = make_batch()
+  assert tr.train_batch(batch)["compilations"] == 1
+  assert tr.train_batch(batch)["compilations"] == 0
+  longer = {k: (np.pad(v, ((0, 0), (0, 4))) if v.ndim == 2 else v) for k, v in batch.items()}
+  assert tr.train_batch(longer)["compilations"] == 1
+  assert tr.compilations == 2
+
+
 def test_logit_window_equals_full_logits():
   """Only rollout.max_tokens logit positions per row go through the LM head in the loss; the
   gradient and metrics equal computing all L positions (max_tokens >= L - 1 disables it)."""
