@@ -6,9 +6,9 @@
 Shares come from the run's metrics.jsonl (time/rollout, judge, update (reference forward +
 GRPO updates), sync, checkpoint). Steps whose update compiled (train/compilations > 0: the
 first step, and every step with a batch length not seen before) are reported apart; runs
-written before that metric existed have only their first step set apart. --two_calls starts the run's vLLM engine on its model and times the same prompts
-sampled as one call (this project) and as a PASR call followed by a baseline call (the
-original's design).
+written before that metric existed have only their first step set apart. --two_calls starts
+the run's vLLM engine on its model and times the same prompts sampled as one call (this
+project) and as a PASR call followed by a baseline call (the original's design).
 """
 
 from __future__ import annotations
