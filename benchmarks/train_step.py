@@ -8,7 +8,9 @@ the original PASR/TRL way: eager transformers model, per-row log_softmax + gathe
 frozen reference model, torch.optim.AdamW. Each side is warmed up (compile / first-touch)
 once, then the two are timed in turns, `--runs` times each; each side's best run counts.
 Also times `jax_full`: the JAX update with the LM head on all T positions like torch's, which
-shows what the logit window contributes (`--skip-full-head` leaves it out).
+shows what the logit window contributes (`--skip-full-head` leaves it out). With the malloc
+settings each side keeps its peak heap, so three sides need ~8 GiB at B=8 T=384, and more than
+this machine's 24 GiB at B=4 T=768: use `--skip-full-head` there.
 Prints tokens/s, achieved GFLOP/s (model matmul FLOPs: 4 forward passes' worth: ref fwd,
 policy fwd, policy bwd = 2 fwd; each side counted with the LM-head positions it computes: JAX
 only the completion window, see trainer._logprobs_fn; attention over the full causal square
