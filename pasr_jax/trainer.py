@@ -281,19 +281,20 @@ class Trainer:
     self.opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(self.params)
     self.step = 0
     self.skipped_steps = 0
-    # XLA compilations so far: jit compiles once per (function, batch length), and a new
-    # length (train.seq_multiple) costs a compile that a step's time should not hide.
-    self.compilations = 0
     self._fns: dict[tuple, Callable] = {}
-    self._shapes: set[tuple] = set()
+    self._shapes: set[tuple] = set()  # (kind, micro-batches, keys, length) compiled so far
+
+  @property
+  def compilations(self) -> int:
+    """XLA compilations so far: jit compiles once per (function, batch length), and a new
+    length (train.seq_multiple) costs a compile that a step's time should not hide."""
+    return len(self._shapes)
 
   # -- compiled functions, one per (number of micro-batches, batch keys)
 
   def _compiled(self, kind: str, num_micro: int, keys: tuple[str, ...], length: int
                 ) -> Callable:
-    if (kind, num_micro, keys, length) not in self._shapes:
-      self._shapes.add((kind, num_micro, keys, length))
-      self.compilations += 1
+    self._shapes.add((kind, num_micro, keys, length))
     key = (kind, num_micro, keys)
     if key not in self._fns:
       update, logprobs, gradients = make_step_fns(self.graphdef, self._rest, self.tx, self.cfg,
@@ -321,7 +322,8 @@ class Trainer:
     missing = [k for k in keys if k not in batch]
     if missing:
       raise TrainerError(f"batch is missing {missing}")
-    b = np.asarray(batch["input_ids"]).shape[0]
+    ids_shape = np.asarray(batch["input_ids"]).shape
+    b = ids_shape[0]
     mb = int(self.cfg.optim.micro_batch)
     if b % mb:
       raise TrainerError(f"batch of {b} sequences is not a multiple of optim.micro_batch={mb}")
@@ -329,13 +331,13 @@ class Trainer:
     for k in keys:
       x = np.asarray(batch[k])
       x = x.astype(np.int32 if k in INT_KEYS else np.float32)
-      want = (b,) if k == "advantages" else (b, np.asarray(batch["input_ids"]).shape[1])
+      want = (b,) if k == "advantages" else (b, ids_shape[1])
       if x.shape != want:
         raise TrainerError(f"batch[{k!r}] has shape {x.shape}, expected {want}")
       if k == "loss_mask":
         scored_window_check(x, int(self.cfg.rollout.max_tokens))
       out[k] = sharding.put_global(x, sharding.batch_sharding(self.mesh, x.ndim))
-    return out, b // mb, np.asarray(batch["input_ids"]).shape[1]
+    return out, b // mb, ids_shape[1]
 
   # -- public API
 
