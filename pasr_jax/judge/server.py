@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import hmac
+import json
 import os
 import signal
 import subprocess
@@ -31,6 +32,22 @@ from pasr_jax import pasr
 from pasr_jax.judge import verify
 
 VERIFY_MODEL_NAME = "pasr-verify"
+MAX_BODY_BYTES = 1 << 20       # a judge request is a question, a reference and an answer
+MAX_CONCURRENCY = 64           # requests graded at once; more get 503 (clients retry)
+
+
+async def _read_body(request: fastapi.Request, limit: int) -> bytes | None:
+  """The request body, or None when it is longer than `limit` bytes (declared or streamed)."""
+  declared = request.headers.get("content-length", "")
+  if declared.isdigit() and int(declared) > limit:
+    return None
+  chunks, size = [], 0
+  async for chunk in request.stream():
+    size += len(chunk)
+    if size > limit:
+      return None
+    chunks.append(chunk)
+  return b"".join(chunks)
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
@@ -50,13 +67,18 @@ def _message_text(content: Any) -> str | None:
 
 def create_verify_app(api_key: str | None = None, latency_ms: float = 0.0,
                       model_name: str = VERIFY_MODEL_NAME,
-                      grade_timeout_s: int | None = 5) -> fastapi.FastAPI:
-  """The rule-based judge. `api_key`: when set, /v1/* need `Authorization: Bearer <key>`.
-  `latency_ms`: an artificial delay per completion (benchmarks). `grade_timeout_s`:
-  math-verify's per-parse guard; it relies on SIGALRM, so it is used only when the event
-  loop runs on the main thread (uvicorn in a thread grades without it)."""
+                      grade_timeout_s: int | None = 5,
+                      max_body_bytes: int = MAX_BODY_BYTES,
+                      max_concurrency: int = MAX_CONCURRENCY) -> fastapi.FastAPI:
+  """The rule-based judge. `api_key`: when set, /v1/* need `Authorization: Bearer <key>`
+  (compared in constant time). `latency_ms`: an artificial delay per completion
+  (benchmarks). `grade_timeout_s`: math-verify's per-parse guard; it relies on SIGALRM, so
+  it is used only when the event loop runs on the main thread (uvicorn in a thread grades
+  without it). A body over `max_body_bytes` gets 413 before it is parsed; a request that
+  finds `max_concurrency` others in flight gets 503 at once (OpenAI clients retry those)."""
   app = fastapi.FastAPI(title="pasr_jax verify judge")
   created = int(time.time())
+  in_flight = [0]
 
   @app.middleware("http")
   async def require_key(request: fastapi.Request, call_next):
@@ -77,9 +99,21 @@ def create_verify_app(api_key: str | None = None, latency_ms: float = 0.0,
 
   @app.post("/v1/chat/completions")
   async def chat(request: fastapi.Request):
+    if in_flight[0] >= max_concurrency:
+      return _error(503, f"busy: {max_concurrency} requests in flight; retry", "server_error")
+    in_flight[0] += 1
     try:
-      body = await request.json()
-    except ValueError:
+      return await _chat(request)
+    finally:
+      in_flight[0] -= 1
+
+  async def _chat(request: fastapi.Request):
+    raw = await _read_body(request, max_body_bytes)
+    if raw is None:
+      return _error(413, f"request body is larger than {max_body_bytes} bytes")
+    try:
+      body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
       return _error(400, "request body is not JSON")
     if not isinstance(body, dict):
       return _error(400, "request body must be a JSON object")
@@ -115,12 +149,19 @@ def create_verify_app(api_key: str | None = None, latency_ms: float = 0.0,
 
 
 def serve_verify(host: str, port: int, api_key: str | None = None, latency_ms: float = 0.0,
-                 model_name: str = VERIFY_MODEL_NAME) -> None:
-  """Serve the verify app in the foreground until SIGINT/SIGTERM."""
-  app = create_verify_app(api_key, latency_ms, model_name)
+                 model_name: str = VERIFY_MODEL_NAME, max_body_bytes: int = MAX_BODY_BYTES,
+                 max_concurrency: int = MAX_CONCURRENCY) -> None:
+  """Serve the verify app in the foreground until SIGINT/SIGTERM.
+
+  At most `max_concurrency` requests are graded at once (503 beyond), and uvicorn refuses
+  connections beyond four times that (idle keep-alive connections of pooled clients count).
+  """
+  app = create_verify_app(api_key, latency_ms, model_name, max_body_bytes=max_body_bytes,
+                          max_concurrency=max_concurrency)
   print(f"pasr_jax.judge: verify backend on http://{host}:{port} (model {model_name!r})",
         flush=True)
-  uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+  uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
+              limit_concurrency=4 * max_concurrency)
 
 
 def vllm_command(model: str, host: str, port: int, served_model_name: str,

@@ -76,7 +76,8 @@ _NP_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"
 # prompt is prefilled in one step, so nothing is discarded and no generator is rewound;
 # seeded sampling then works at any batch size. max_num_batched_tokens must then hold the
 # longest sequence (max_model_len), and is at least vLLM's CPU default.
-_CPU_SCHEDULER = {"enable_chunked_prefill": False, "max_num_batched_tokens": 4096}
+def _cpu_scheduler(max_model_len: int) -> dict[str, Any]:
+  return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 4096)}
 
 
 def _np_dtype(name: str) -> np.dtype:
@@ -107,6 +108,7 @@ class VllmSampler:
     self.seed = int(seed)
     self.timeout_s = float(timeout_s)          # one generate call; 0 = no limit
     self.cpu_reserved_cores = int(cpu_reserved_cores)  # -1 = vLLM's default
+    self.cpu_unchunked_prefill = True  # see _cpu_scheduler; False only to benchmark vLLM's way
     # Polled while a call waits on the engine; True ends the wait with EngineError (the
     # trainer points it at its SIGTERM/SIGINT flag).
     self.should_stop: Callable[[], bool] = lambda: False
@@ -165,9 +167,7 @@ class VllmSampler:
       # On CPU the KV cache is sized in bytes (gpu_memory_utilization does not apply).
       # VLLM_CPU_KVCACHE_SPACE, if set, still takes precedence inside vLLM.
       kwargs["kv_cache_memory_bytes"] = int(self.kv_cache_space_gib * (1 << 30))
-      kwargs.update(_CPU_SCHEDULER)
-      kwargs["max_num_batched_tokens"] = max(self.max_model_len,
-                                             _CPU_SCHEDULER["max_num_batched_tokens"])
+      kwargs.update(_cpu_scheduler(self.max_model_len) if self.cpu_unchunked_prefill else {})
     with _scoped_env(_cpu_env(self.cpu_reserved_cores) if current_platform.is_cpu() else {}):
       llm = LLM(**kwargs)  # the engine's processes are spawned here and read this env
     # The engine core outlives a SIGKILLed trainer otherwise (see vllm_worker).
