@@ -7,6 +7,13 @@ half-written step is never listed; a listed step that fails to restore (files lo
 is moved to `<dir>_corrupt/` with a warning and the previous step is used. A readable step
 whose array shapes do not fit the run (another model or layout) raises
 `CheckpointMismatchError` and is left where it is.
+
+Integrity. `save` refuses a state with a non-finite float (nothing is written, so retention
+never replaces a good step with a NaN one) and stores a checksum of every array in `meta`
+("checksums"); `restore` recomputes them on what it read and treats a mismatch like an
+unreadable step. The checksums are integer sums of the arrays' bit patterns (plain and
+position-weighted, mod 2^32), computed on device under jit: exact and independent of the
+sharding, so a step saved on 8 devices verifies when restored on 1.
 """
 
 from __future__ import annotations
@@ -15,9 +22,12 @@ import logging
 import os
 import shutil
 import time
+import zlib
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -30,6 +40,10 @@ class CheckpointError(RuntimeError):
 class CheckpointMismatchError(CheckpointError):
   """A readable checkpoint whose arrays have other shapes than the run's model and optimizer
   (another model or config, or another param layout): nothing is moved aside."""
+
+
+class ChecksumComputeError(CheckpointError):
+  """Computing checksums failed (a bug or a device problem): the step itself is not blamed."""
 
 
 def path_key(path: tuple) -> str:
@@ -53,6 +67,62 @@ def _shape_mismatches(stored: Any, abstract: Any) -> list[str]:
   return out
 
 
+def _bit_words(x: jax.Array) -> jax.Array:
+  """The array's bit patterns as uint32 (same shape)."""
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  bits = jnp.dtype(f"uint{x.dtype.itemsize * 8}") if x.dtype.itemsize in (1, 2, 4) else None
+  if bits is None:  # 8-byte types: fold the two halves
+    w = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return w[..., 0] ^ (w[..., 1] * jnp.uint32(0x9E3779B1))
+  return jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32)
+
+
+@jax.jit
+def _digests(arrays: list[jax.Array]) -> jax.Array:
+  """[n, 3] uint32: (sum of words, position-weighted sum, count of non-finite floats)."""
+  rows = []
+  for x in arrays:
+    w = _bit_words(x)
+    pos = jnp.zeros(w.shape, jnp.uint32)  # flat index, built per axis: no reshape of shards
+    stride = 1
+    for d in reversed(range(w.ndim)):
+      pos = pos + jax.lax.broadcasted_iota(jnp.uint32, w.shape, d) * jnp.uint32(stride % 2**32)
+      stride *= w.shape[d]
+    weighted = w * (pos * jnp.uint32(2654435761) + jnp.uint32(1))
+    bad = (jnp.sum(~jnp.isfinite(x), dtype=jnp.uint32) if jnp.issubdtype(x.dtype, jnp.floating)
+           else jnp.uint32(0))
+    rows.append(jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(weighted, dtype=jnp.uint32),
+                           bad]))
+  return jnp.stack(rows) if rows else jnp.zeros((0, 3), jnp.uint32)
+
+
+def checksums(state: Any) -> tuple[dict[str, list[int]], list[str]]:
+  """({array path: checksum}, [paths holding non-finite floats]) of a state pytree.
+
+  Device arrays are summed on device (see the module docstring); host (numpy) leaves get a
+  CRC32 of their bytes.
+  """
+  leaves = [(path_key(p), x) for p, x in jax.tree_util.tree_leaves_with_path(state)]
+  groups: dict[frozenset, list[tuple[str, jax.Array]]] = {}
+  for k, x in leaves:  # one jit call per device set: jit refuses to mix them
+    if isinstance(x, jax.Array):
+      groups.setdefault(frozenset(x.sharding.device_set), []).append((k, x))
+  out, bad = {}, []
+  for group in groups.values():
+    for (k, _), (a, b, nonfinite) in zip(group, np.asarray(_digests([x for _, x in group]))):
+      out[k] = [int(a), int(b)]
+      if nonfinite:
+        bad.append(k)
+  for k, x in leaves:
+    if not isinstance(x, jax.Array):
+      arr = np.ascontiguousarray(np.asarray(x))
+      out[k] = [zlib.crc32(arr.tobytes()), 0]
+      if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        bad.append(k)
+  return out, bad
+
+
 def abstract_like(tree: Any) -> Any:
   """The restore target of a pytree: jax arrays -> ShapeDtypeStructs with their shardings;
   host (numpy) leaves stay as they are and come back as numpy."""
@@ -61,6 +131,23 @@ def abstract_like(tree: Any) -> Any:
       return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
     return x
   return jax.tree.map(leaf, tree)
+
+
+def _verify(state: Any, stored: dict[str, list[int]] | None) -> None:
+  """Raises CheckpointError if `state`'s checksums differ from those saved with it."""
+  if stored is None:  # written before checksums existed
+    log.warning("checkpoint has no checksums (an older pasr_jax wrote it); not verified")
+    return
+  try:
+    got, bad = checksums(state)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ChecksumComputeError(f"computing checksums of a restored step failed: {e!r}") from e
+  wrong = sorted(k for k in stored if got.get(k) != stored[k])
+  missing = sorted(set(got) - set(stored))
+  if wrong or missing or bad:
+    first = (wrong or missing or bad)[0]
+    raise CheckpointError(f"checksum mismatch: {len(wrong)} arrays differ from what was saved, "
+                          f"{len(missing)} unlisted, {len(bad)} non-finite (e.g. {first})")
 
 
 class Checkpointer:
@@ -84,7 +171,15 @@ class Checkpointer:
     return self._mgr.latest_step()
 
   def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-    """Start saving `state` and `meta` as `step` (returns before the write ends when async)."""
+    """Start saving `state` and `meta` as `step` (returns before the write ends when async).
+
+    Raises CheckpointError, writing nothing, if any float in `state` is NaN or infinite.
+    """
+    sums, bad = checksums(state)
+    if bad:
+      raise CheckpointError(f"{self.directory}: step {step} not saved: {len(bad)} arrays hold "
+                            f"NaN or inf, e.g. {bad[0]}")
+    meta = dict(meta, checksums=sums)
     ok = self._mgr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
     if not ok:
@@ -109,11 +204,15 @@ class Checkpointer:
         meta = out["meta"]
         if not isinstance(meta, dict) or meta.get("step") != step:
           raise CheckpointError(f"metadata missing or for another step: {meta!r:.200}")
+        _verify(out["state"], meta.pop("checksums", None))
         return step, out["state"], meta
+      except ChecksumComputeError:
+        raise  # our own failure, not the step's: move nothing aside
       except Exception as e:  # Orbax/tensorstore raise many types for damaged files.
-        log.warning("checkpoint step %d in %s is unreadable (%s: %.300s); using the previous one",
-                    step, self.directory, type(e).__name__, e)
-        self._move_aside(step)
+        aside = self._move_aside(step)
+        log.warning("checkpoint step %d in %s is unreadable or damaged (%s: %.300s); moved to "
+                    "%s, using the previous one", step, self.directory, type(e).__name__, e,
+                    aside)
     raise CheckpointError(f"{self.directory}: steps {steps} exist but none could be restored")
 
   def _check_shapes(self, step: int, abstract: Any) -> None:
@@ -131,14 +230,16 @@ class Checkpointer:
           f"before 2026-11-25 (kernels then were [in, out]; now HF's [out, in]). Nothing was "
           f"moved or deleted; train in another workdir.")
 
-  def _move_aside(self, step: int) -> None:
-    """Move a damaged step out of the manager's view so a later save of that step succeeds."""
+  def _move_aside(self, step: int) -> str:
+    """Move a damaged step out of the manager's view so a later save of that step succeeds;
+    returns where it went (kept for inspection, never deleted)."""
     src = os.path.join(self.directory, str(step))
     dst = os.path.join(self.directory + "_corrupt", f"{step}-{int(time.time())}")
     if os.path.exists(src):
       os.makedirs(os.path.dirname(dst), exist_ok=True)
       shutil.move(src, dst)
     self._mgr.reload()
+    return dst
 
   def wait(self) -> None:
     """Block until pending async saves are on disk."""
