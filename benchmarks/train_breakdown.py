@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 PHASES = ("time/rollout", "time/judge", "time/pack", "time/update", "time/sync",
@@ -23,8 +22,9 @@ PHASES = ("time/rollout", "time/judge", "time/pack", "time/update", "time/sync",
 
 
 def _rows(workdir: str) -> list[dict]:
-  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  from pasr_jax.metrics import read_jsonl  # pylint: disable=import-outside-toplevel
+  from pasr_jax.workdir import Workdir  # pylint: disable=import-outside-toplevel
+  return read_jsonl(str(Workdir(workdir).metrics))
 
 
 def breakdown(rows: list[dict]) -> dict[str, float]:
@@ -52,10 +52,11 @@ def two_calls(workdir: str, steps: int = 2) -> None:
   from pasr_jax import data, pasr  # pylint: disable=import-outside-toplevel
   from pasr_jax.rollout.vllm_sampler import VllmSampler  # pylint: disable=import-outside-toplevel
   from pasr_jax.step import chat_prompt_ids  # pylint: disable=import-outside-toplevel
+  from pasr_jax.workdir import Workdir  # pylint: disable=import-outside-toplevel
 
-  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-    cfg = ml_collections.ConfigDict(json.load(f))
-  model_dir = cfg.model.path or os.path.join(workdir, "tiny_model")
+  wd = Workdir(workdir)
+  cfg = ml_collections.ConfigDict(json.loads(wd.config.read_text(encoding="utf-8")))
+  model_dir = str(wd.model_dir(cfg.model))
   tok = AutoTokenizer.from_pretrained(model_dir)
   prompts = pasr.load_prompts(cfg.prompts)
   stream = data.BatchStream(data.load_dataset(cfg.data), cfg.rollout.prompts_per_step, 123)

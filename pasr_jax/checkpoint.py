@@ -1,9 +1,9 @@
 """Orbax checkpoints of the training state: array pytree (params, optimizer state) + JSON metadata.
 
 Each step directory holds two items: `state` (any pytree of arrays, saved sharded, restored into
-the shardings of a template) and `meta` (JSON: step, data cursor, RNG key, policy version,
-config). Orbax writes a step into a temporary directory and renames it when complete, so a
-half-written step is never listed; a listed step that fails to restore (files lost or damaged)
+the shardings of a template) and `meta` (JSON: the `RunState` (step, data cursor, RNG key,
+policy version, log sizes) and the config). Orbax writes a step into a temporary directory
+and renames it when complete, so a half-written step is never listed; a listed step that fails to restore (files lost or damaged)
 is moved to `<dir>_corrupt/` with a warning and the previous step is used. A readable step
 whose array shapes do not fit the run (another model or layout) raises
 `CheckpointMismatchError` and is left where it is.
@@ -18,6 +18,7 @@ sharding, so a step saved on 8 devices verifies when restored on 1.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -29,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from pasr_jax.data import Cursor
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +153,43 @@ def _verify(state: Any, stored: dict[str, list[int]] | None) -> None:
                           f"{len(missing)} unlisted, {len(bad)} non-finite (e.g. {first})")
 
 
+@dataclasses.dataclass
+class RunState:
+  """Where a run stands, besides its arrays: what a resume needs to continue exactly.
+
+  step: steps done. cursor: the data stream's next row. rng: the run's JAX PRNG key (typed).
+  policy_version: weights version the sampler holds. log_bytes: byte size of each JSONL log
+  (metrics, rollouts) when the step was saved; a resume cuts the logs back to it.
+  """
+  step: int
+  cursor: Cursor
+  rng: Any
+  policy_version: int = 0
+  log_bytes: dict[str, int] = dataclasses.field(
+      default_factory=lambda: {"metrics": 0, "rollouts": 0})
+
+  @classmethod
+  def fresh(cls, seed: int) -> "RunState":
+    """The state of a run that has not taken a step (no checkpoint: earlier logs are void)."""
+    return cls(step=0, cursor=Cursor(), rng=jax.random.key(seed))
+
+  def to_meta(self, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON saved as a step's `meta` item."""
+    meta = {"step": self.step, "cursor": self.cursor.to_dict(),
+            "rng": np.asarray(jax.random.key_data(self.rng)).tolist(),
+            "policy_version": self.policy_version, "log_bytes": dict(self.log_bytes)}
+    if config is not None:
+      meta["config"] = config
+    return meta
+
+  @classmethod
+  def from_meta(cls, meta: dict[str, Any]) -> "RunState":
+    return cls(step=int(meta["step"]), cursor=Cursor.from_dict(meta["cursor"]),
+               rng=jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32)),
+               policy_version=int(meta["policy_version"]),
+               log_bytes={k: int(v) for k, v in meta["log_bytes"].items()})
+
+
 class Checkpointer:
   """A `CheckpointManager` over `directory` keeping the `keep` newest steps, optionally async."""
 
@@ -184,6 +224,18 @@ class Checkpointer:
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
     if not ok:
       raise CheckpointError(f"{self.directory}: orbax refused to save step {step}")
+
+  def save_run(self, state: Any, run: RunState, config: dict[str, Any] | None = None) -> None:
+    """Starts saving the arrays `state` with `run` (and the config) as step `run.step`."""
+    self.save(run.step, state, run.to_meta(config))
+
+  def restore_run(self, template: Any) -> tuple[Any, RunState] | None:
+    """(arrays shaped like `template`, RunState) of the newest restorable step, or None."""
+    out = self.restore(template)
+    if out is None:
+      return None
+    _, state, meta = out
+    return state, RunState.from_meta(meta)
 
   def restore(self, template: Any) -> tuple[int, Any, dict[str, Any]] | None:
     """(step, state, meta) of the newest restorable step, shaped/sharded like `template`.

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pasr_jax.checkpoint import path_key
+from pasr_jax.workdir import Workdir
 
-CHECKPOINT_SUBDIRS = ("checkpoints", "ckpt", ".")   # where in a workdir the steps may live
 DTYPES = {"": None, "float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -38,15 +38,13 @@ def _steps(d: Path) -> list[int]:
 
 def find_checkpoints(workdir: str) -> tuple[Path, list[int]]:
   """(checkpoint dir, its complete steps) for a training workdir."""
-  wd = Path(workdir)
-  if not wd.is_dir():
+  wd = Workdir(workdir)
+  if not wd.root.is_dir():
     raise ExportError(f"--workdir={workdir!r}: no such directory")
-  for sub in CHECKPOINT_SUBDIRS:
-    d = wd / sub
-    if d.is_dir() and _steps(d):
-      return d, _steps(d)
-  raise ExportError(f"--workdir={workdir!r}: no Orbax checkpoint steps in "
-                    f"{[str(wd / s) for s in CHECKPOINT_SUBDIRS]}")
+  d = wd.checkpoints
+  if d.is_dir() and _steps(d):
+    return d, _steps(d)
+  raise ExportError(f"--workdir={workdir!r}: no Orbax checkpoint steps in {d}")
 
 
 def read_meta(step_dir: Path) -> dict[str, Any]:
@@ -82,9 +80,10 @@ def restore_params(step_dir: Path) -> dict[str, np.ndarray]:
 
 def source_model_dir(workdir: str, meta: dict[str, Any], override: str = "") -> str:
   """The HF dir the run started from (its config.json and tokenizer are reused)."""
+  wd = Workdir(workdir)
   cands = [override] if override else []
   cfgs = [meta.get("config")]
-  run_cfg = Path(workdir) / "config.json"
+  run_cfg = wd.config
   if run_cfg.is_file():
     try:
       cfgs.append(json.loads(run_cfg.read_text()))
@@ -93,7 +92,7 @@ def source_model_dir(workdir: str, meta: dict[str, Any], override: str = "") -> 
   for c in cfgs:
     if isinstance(c, dict) and isinstance(c.get("model"), dict) and c["model"].get("path"):
       cands.append(c["model"]["path"])
-  cands.append(str(Path(workdir) / "tiny_model"))   # where tiny_cpu writes its random model
+  cands.append(str(wd.tiny_model))   # where tiny_cpu writes its random model
   for c in cands:
     for d in (c, os.path.join(workdir, c)):
       if os.path.isfile(os.path.join(d, "config.json")):

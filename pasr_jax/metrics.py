@@ -54,15 +54,15 @@ def format_scalars(step: int, scalars: Mapping[str, float], keys: Iterable[str])
 
 
 class MetricsWriter:
-  """Scalars to TensorBoard (tensorboardX, `<workdir>/tb`) and `<workdir>/metrics.jsonl`."""
+  """Scalars to a JSONL log (`metrics_path`) and, with `tb_dir`, TensorBoard (tensorboardX)."""
 
-  def __init__(self, workdir: str, tensorboard: bool = True, truncate_to: int | None = None):
-    self.workdir = workdir
-    self.log = JsonlLog(os.path.join(workdir, "metrics.jsonl"), truncate_to)
+  def __init__(self, metrics_path: str | os.PathLike, tb_dir: str | os.PathLike | None = None,
+               truncate_to: int | None = None):
+    self.log = JsonlLog(str(metrics_path), truncate_to)
     self._tb = None
-    if tensorboard:
+    if tb_dir is not None:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+      self._tb = SummaryWriter(str(tb_dir))
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     clean = {k: float(v) for k, v in scalars.items()}
@@ -78,7 +78,7 @@ class MetricsWriter:
       self._tb.close()
 
 
-def plot_reward_curve(metrics_path: str, out_png: str,
+def plot_reward_curve(metrics_path: str | os.PathLike, out_png: str | os.PathLike,
                       keys: tuple[str, ...] = ("reward/mean", "reward/accuracy",
                                                "reward/format", "reward/refine")) -> str:
   """Reward components per step from metrics.jsonl into a PNG; returns its path."""
@@ -98,4 +98,4 @@ def plot_reward_curve(metrics_path: str, out_png: str,
   fig.tight_layout()
   fig.savefig(out_png, dpi=100)
   plt.close(fig)
-  return out_png
+  return str(out_png)

@@ -24,7 +24,7 @@ def test_preset_loads(name):
 
 @pytest.mark.parametrize("name", ("qwen2_5_7b", "qwen3_8b"))
 def test_paper_presets_have_paper_hyperparameters_and_need_a_model_dir(name):
-  from pasr_jax.train import ConfigError, validate_config
+  from pasr_jax.config import ConfigError, validate_config
   cfg = load_preset(name)
   assert (cfg.grpo.beta, cfg.grpo.eps_low, cfg.grpo.eps_high) == (0.04, 0.2, 0.2)
   assert (cfg.rollout.prompts_per_step, cfg.rollout.n, cfg.rollout.max_tokens) == (8, 8, 1500)

@@ -1,0 +1,283 @@
+"""The training run: setup, resume, one step at a time, finish.
+
+  run = Run(cfg); run.setup(); run.resume()
+  while not run.finished: run.step()
+  summary = run.finish(); run.close()          # what `run(cfg)` does
+
+setup: the config is checked and written, data, prompts and judge (a local one autostarted if
+asked), JAX (multi-host when mesh.distributed), the model on its mesh, the `Trainer` and the
+`Checkpointer`. resume: the newest checkpoint's arrays and `RunState` (step, data cursor, RNG,
+policy version, log sizes), or a fresh state; the logs cut back to the checkpoint; the vLLM
+engine started (and synced to the restored policy). step: next B questions -> `RolloutStep`
+(rollouts, judge, rewards, advantages, batch) -> mu `Trainer` updates -> every k steps a
+weight sync -> metrics and rollouts -> every m steps (and at the last or a stopping step) an
+Orbax checkpoint. SIGTERM / the first Ctrl-C set a stop flag: the step in progress finishes,
+is saved, and the run ends. Every path is named by `Workdir`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import time
+from typing import Any
+
+from pasr_jax.config import ConfigError, validate_config
+from pasr_jax.workdir import Workdir
+
+log = logging.getLogger("pasr_jax.run")
+
+# The stdout line of each step shows these scalars.
+LINE_KEYS = ("reward/mean", "reward/accuracy", "reward/format", "rate/refine", "rate/truncated",
+             "time/rollout", "time/judge", "time/update", "time/sync", "time/checkpoint")
+
+
+class StopFlag:
+  """Set by SIGTERM / the first Ctrl-C; the run saves and ends at the next step boundary."""
+
+  def __init__(self):
+    self.stop = False
+    self._old = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._old[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    if self.stop and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # second Ctrl-C: stop now
+    self.stop = True
+    print(f"\n[train] got {signal.Signals(signum).name}: finishing this step, saving, exiting",
+          file=sys.stderr, flush=True)
+
+  def restore(self):
+    for sig, h in self._old.items():
+      signal.signal(sig, h)
+
+
+def model_dir(cfg, wd: Workdir) -> str:
+  """The run's HF model dir; for model.tiny_random, made in the workdir at the first start."""
+  d = wd.model_dir(cfg.model)
+  if cfg.model.tiny_random and not (d / "config.json").is_file():
+    from pasr_jax.tiny import make_tiny_model_dir  # pylint: disable=import-outside-toplevel
+    # Untied, so tiny runs cover the untied path; SmolLM2 (the demo) covers tied heads, whose
+    # vLLM-side refresh after a sync is in rollout/vllm_worker.py.
+    make_tiny_model_dir(str(d), seed=cfg.seed, tie_word_embeddings=False)
+  return str(d)
+
+
+def dtype(name: str):
+  """The jnp dtype of a model.dtype / model.param_dtype name."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  try:
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+  except KeyError:
+    raise ConfigError(f"config model.dtype/param_dtype={name!r}: float32 | bfloat16 | float16") from None
+
+
+class Run:
+  """One training run of `cfg` (see the module docstring for the phases).
+
+  Attributes after `resume`: `state` (the RunState; `state.step` steps are done), `trainer`,
+  `sampler`, `scalars` (the last step's), `last_saved` (newest checkpointed step).
+  """
+
+  def __init__(self, cfg):
+    validate_config(cfg)  # before the heavy imports: a bad value fails in seconds
+    self.cfg = cfg
+    self.wd = Workdir(cfg.workdir)
+    self.judge_proc = self.sampler = self.ckpt = self.writer = self.rollouts = None
+    self.stop: StopFlag | None = None
+    self.state = None
+    self.scalars: dict[str, float] = {}
+    self.last_saved = 0
+    self._ckpt_time = 0.0  # blocking part of the previous step's save, reported with this step
+
+  # ---------------------------------------------------------------------------- setup
+  def setup(self) -> None:
+    """Config written; data, prompts, judge; JAX, model, trainer and checkpointer."""
+    from pasr_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+    from pasr_jax import pasr  # pylint: disable=import-outside-toplevel
+    cfg, wd = self.cfg, self.wd
+    wd.root.mkdir(parents=True, exist_ok=True)
+    print("[train] resolved config:\n" + cfg.to_json(indent=2), flush=True)
+    wd.config.write_text(cfg.to_json(indent=2), encoding="utf-8")
+
+    self.rows = data_lib.load_dataset(cfg.data)
+    self.prompts = pasr.load_prompts(cfg.prompts)
+    self.judge = None
+    if cfg.rewards.accuracy_rule == "":
+      from pasr_jax.judge.local import ensure_judge  # pylint: disable=import-outside-toplevel
+      self.judge_proc = ensure_judge(cfg.judge, wd.judge_log)
+      from pasr_jax.judge.client import JudgeClient  # pylint: disable=import-outside-toplevel
+      self.judge = JudgeClient.from_config(cfg.judge, self.prompts)
+    self.stop = StopFlag()
+
+    import jax  # pylint: disable=import-outside-toplevel
+    from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
+
+    from pasr_jax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+    from pasr_jax.models.hf import load_hf  # pylint: disable=import-outside-toplevel
+    from pasr_jax.sharding import make_mesh  # pylint: disable=import-outside-toplevel
+    from pasr_jax.trainer import Trainer  # pylint: disable=import-outside-toplevel
+
+    if cfg.mesh.get("distributed", False):
+      jax.distributed.initialize()  # reads JAX_COORDINATOR_ADDRESS etc. (scripts/launch_multihost.sh)
+    self.model_dir = model_dir(cfg, wd)
+    self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+    mesh = make_mesh(tuple(cfg.mesh.shape))
+    model, self.model_cfg = load_hf(self.model_dir, dtype=dtype(cfg.model.dtype),
+                                    param_dtype=dtype(cfg.model.param_dtype), mesh=mesh,
+                                    rules=tuple(cfg.mesh.rules),
+                                    scan_layers=cfg.model.scan_layers, remat=cfg.model.remat)
+    self.trainer = Trainer(cfg, model, self.model_cfg, mesh)
+    self.ckpt = Checkpointer(str(wd.checkpoints), keep=cfg.checkpoint.keep,
+                             async_save=cfg.checkpoint.async_save)
+
+  # ---------------------------------------------------------------------------- resume
+  def resume(self) -> None:
+    """RunState and arrays from the newest checkpoint (or fresh); logs; sampler; stepper."""
+    from pasr_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+    from pasr_jax import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
+    from pasr_jax.checkpoint import (  # pylint: disable=import-outside-toplevel
+        CheckpointMismatchError, RunState)
+    from pasr_jax.step import RolloutStep  # pylint: disable=import-outside-toplevel
+    cfg, wd = self.cfg, self.wd
+    restored = None
+    if self.ckpt.all_steps():
+      if not cfg.resume:
+        raise ConfigError(f"config resume=False but {wd.checkpoints} has steps "
+                          f"{self.ckpt.all_steps()}: use another workdir or resume=True")
+      try:
+        restored = self.ckpt.restore_run(self.trainer.state_for_checkpoint())
+      except CheckpointMismatchError as e:
+        raise ConfigError(f"config workdir={cfg.workdir!r}: {e}") from None
+    if restored is not None:
+      arrays, self.state = restored
+      self.trainer.restore_from_checkpoint(arrays)
+      print(f"[train] resumed from step {self.state.step} (cursor {self.state.cursor}, policy "
+            f"version {self.state.policy_version})", flush=True)
+    else:
+      self.state = RunState.fresh(cfg.seed)
+    self.last_saved = self.state.step
+    self.stream = data_lib.BatchStream(self.rows, cfg.rollout.prompts_per_step,
+                                       cfg.data.shuffle_seed, self.state.cursor)
+    self.writer = metrics_lib.MetricsWriter(wd.metrics, wd.tb if cfg.logging.tensorboard else None,
+                                            self.state.log_bytes["metrics"])
+    self.rollouts = metrics_lib.JsonlLog(str(wd.rollouts), self.state.log_bytes["rollouts"])
+
+    self.sampler = self.make_sampler()
+    t = time.perf_counter()
+    _ = self.sampler.llm  # start the engine now so step 1's rollout time is the rollout's
+    print(f"[train] vLLM engine up in {time.perf_counter() - t:.1f}s", flush=True)
+    if restored is not None:
+      self.sampler.sync(self.trainer.model, self.state.policy_version)  # it starts from the base
+    self.stepper = RolloutStep(cfg, self.tokenizer, self.sampler, self.judge, self.prompts)
+
+  def make_sampler(self):
+    """The rollout engine on the run's model dir (not started yet)."""
+    from pasr_jax.rollout.vllm_sampler import VllmSampler  # pylint: disable=import-outside-toplevel
+    return VllmSampler.from_config(self.cfg.rollout, self.model_dir, seed=self.cfg.seed)
+
+  # ---------------------------------------------------------------------------- step
+  @property
+  def finished(self) -> bool:
+    """All train.steps are done, or a stop was asked for (and the step saved)."""
+    return self.state.step >= self.cfg.train.steps or self.stop.stop
+
+  def step(self) -> dict[str, float]:
+    """One training step (rollout, update, sync, logs, checkpoint if due); its scalars."""
+    import jax  # pylint: disable=import-outside-toplevel
+    cfg, st = self.cfg, self.state
+    t_step = time.perf_counter()
+    batch_rows = self.stream.next_batch()
+    st.rng, sub = jax.random.split(st.rng)
+    seed = int(jax.random.randint(sub, (), 0, 2**31 - 1))
+    out = self.stepper.run(batch_rows, st.step + 1, seed)
+    scalars = dict(out.scalars)
+    t = time.perf_counter()
+    if out.batch is not None:  # None: every group had zero variance and was skipped
+      for k, v in self.trainer.train_batch(out.batch).items():  # mu updates inside
+        scalars[f"train/{k}"] = float(v)
+    scalars["time/update"] = time.perf_counter() - t
+    t = time.perf_counter()
+    if (st.step + 1) % cfg.rollout.sync_every == 0:
+      for k, v in self.sampler.sync(self.trainer.model, st.policy_version + 1).items():
+        scalars[f"sync/{k}"] = float(v)
+      st.policy_version += 1
+    scalars["time/sync"] = time.perf_counter() - t
+    scalars["policy_version"] = float(st.policy_version)
+    self.rollouts.append(out.records)
+    st.step += 1
+    st.cursor = self.stream.cursor
+    scalars["time/checkpoint"] = self._ckpt_time
+    scalars["time/step"] = time.perf_counter() - t_step + self._ckpt_time
+    self.writer.write(st.step, scalars)
+    self._ckpt_time = 0.0
+    if st.step % cfg.checkpoint.every == 0 or st.step == cfg.train.steps or self.stop.stop:
+      self._ckpt_time = self.save()
+    self.scalars = scalars
+    return scalars
+
+  def save(self) -> float:
+    """Starts the checkpoint of the steps done; returns the seconds it blocked."""
+    t = time.perf_counter()
+    self.state.log_bytes = {"rollouts": self.rollouts.tell(), "metrics": self.writer.log.tell()}
+    self.ckpt.save_run(self.trainer.state_for_checkpoint(), self.state,
+                       json.loads(self.cfg.to_json()))
+    self.last_saved = self.state.step
+    return time.perf_counter() - t
+
+  # ---------------------------------------------------------------------------- finish
+  def finish(self) -> dict[str, Any]:
+    """Waits for the last save; reward curve and (train.export) HF dir; the summary."""
+    from pasr_jax import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
+    from pasr_jax.models.hf import save_hf  # pylint: disable=import-outside-toplevel
+    wd = self.wd
+    self.ckpt.wait()
+    summary = {"last_step": self.last_saved, "workdir": str(wd.root), "scalars": self.scalars,
+               "stopped": self.stop.stop}
+    if wd.metrics.stat().st_size:
+      summary["reward_curve"] = metrics_lib.plot_reward_curve(wd.metrics, wd.reward_curve)
+    if self.cfg.train.export and not self.stop.stop:
+      summary["hf"] = str(save_hf(self.trainer.model, self.model_cfg, wd.hf,
+                                  tokenizer_from=self.model_dir))
+    print(f"[train] done at step {self.last_saved}: checkpoints {wd.checkpoints}, metrics "
+          f"{wd.metrics}, rollouts {wd.rollouts}, TensorBoard {wd.tb}"
+          + (f", curve {summary['reward_curve']}" if "reward_curve" in summary else "")
+          + (f", HF dir {summary['hf']}" if "hf" in summary else ""), flush=True)
+    return summary
+
+  def close(self) -> None:
+    """Restores signal handlers, closes checkpointer, logs and engine, stops a local judge."""
+    if self.stop is not None:
+      self.stop.restore()
+    for closer in (self.ckpt, self.writer, self.rollouts, self.sampler):
+      if closer is not None:
+        try:
+          closer.close()
+        except Exception as e:  # keep closing the rest  # pylint: disable=broad-except
+          log.warning("closing %s failed: %s", type(closer).__name__, e)
+    if self.judge_proc is not None:
+      self.judge_proc.stop()
+
+
+def run(cfg) -> dict[str, Any]:
+  """Train per `cfg`; returns a summary (last step, workdir paths, last scalars)."""
+  from pasr_jax.metrics import format_scalars  # pylint: disable=import-outside-toplevel
+  r = Run(cfg)
+  try:
+    r.setup()
+    r.resume()
+    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+    bar = tqdm(total=cfg.train.steps, initial=r.state.step, desc="train", dynamic_ncols=True,
+               file=sys.stdout)
+    while not r.finished:
+      scalars = r.step()
+      bar.update(1)
+      bar.set_postfix(reward=f"{scalars['reward/mean']:.3f}", t=f"{scalars['time/step']:.1f}s")
+      tqdm.write(format_scalars(r.state.step, scalars, LINE_KEYS), file=sys.stdout)
+    bar.close()
+    return r.finish()
+  finally:
+    r.close()
