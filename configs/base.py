@@ -22,7 +22,10 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (1, -1, 1)           # (data, fsdp, tensor); one entry may be -1 = the rest
-  c.mesh.distributed = False          # multi-host: call jax.distributed.initialize() first
+  c.mesh.distributed = False          # multi-host: one process per host (scripts/launch_multihost.sh)
+  c.mesh.coordinator_address = ""     # host:port of process 0; "" = JAX detects it (SLURM, MPI)
+  c.mesh.num_processes = 0            # 0 = JAX detects it
+  c.mesh.process_id = -1              # -1 = JAX detects it
   # logical axis -> mesh axis (or None = replicated)
   c.mesh.rules = (
       ("batch", ("data", "fsdp")),

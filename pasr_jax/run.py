@@ -13,6 +13,11 @@ engine started (and synced to the restored policy). step: next B questions -> `R
 weight sync -> metrics and rollouts -> every m steps (and at the last or a stopping step) an
 Orbax checkpoint. SIGTERM / the first Ctrl-C set a stop flag: the step in progress finishes,
 is saved, and the run ends. Every path is named by `Workdir`.
+
+Multi-host (mesh.distributed, one process per host): each process samples and judges its
+share of the step's questions on its own engine, the global batch is built from every
+process's rows, and every branch (batch or none, stop) is agreed; process 0 writes the logs,
+the config and the curve (see `pasr_jax.multihost`).
 """
 
 from __future__ import annotations
@@ -88,6 +93,8 @@ class Run:
     self.wd = Workdir(cfg.workdir)
     self.judge_proc = self.sampler = self.ckpt = self.writer = self.rollouts = None
     self.stop: StopFlag | None = None
+    self.stopping = False  # a stop was asked for on some process (agreed at the step's end)
+    self.writer_process = True  # process 0 (multi-host: the one that writes logs)
     self.state = None
     self.scalars: dict[str, float] = {}
     self.last_saved = 0
@@ -99,10 +106,6 @@ class Run:
     from pasr_jax import data as data_lib  # pylint: disable=import-outside-toplevel
     from pasr_jax import pasr  # pylint: disable=import-outside-toplevel
     cfg, wd = self.cfg, self.wd
-    wd.root.mkdir(parents=True, exist_ok=True)
-    print("[train] resolved config:\n" + cfg.to_json(indent=2), flush=True)
-    wd.config.write_text(cfg.to_json(indent=2), encoding="utf-8")
-
     self.rows = data_lib.load_dataset(cfg.data)
     self.prompts = pasr.load_prompts(cfg.prompts)
     self.judge = None
@@ -116,16 +119,28 @@ class Run:
     import jax  # pylint: disable=import-outside-toplevel
     from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
 
+    from pasr_jax import multihost  # pylint: disable=import-outside-toplevel
     from pasr_jax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
     from pasr_jax.models.hf import load_hf  # pylint: disable=import-outside-toplevel
     from pasr_jax.sharding import make_mesh  # pylint: disable=import-outside-toplevel
     from pasr_jax.trainer import Trainer  # pylint: disable=import-outside-toplevel
 
     if cfg.mesh.get("distributed", False):
-      jax.distributed.initialize()  # reads JAX_COORDINATOR_ADDRESS etc. (scripts/launch_multihost.sh)
-    self.model_dir = model_dir(cfg, wd)
+      multihost.initialize(cfg.mesh)
+    if cfg.rollout.prompts_per_step < jax.process_count():
+      raise ConfigError(f"config rollout.prompts_per_step={cfg.rollout.prompts_per_step}: "
+                        f"must be >= the {jax.process_count()} processes (each samples a share)")
+    self.writer_process = multihost.is_writer()
+    if self.writer_process:
+      wd.root.mkdir(parents=True, exist_ok=True)
+      print("[train] resolved config:\n" + cfg.to_json(indent=2), flush=True)
+      wd.config.write_text(cfg.to_json(indent=2), encoding="utf-8")
+      model_dir(cfg, wd)  # tiny_random: the writer makes it, the others wait
+    multihost.barrier("setup: workdir and model dir written")
+    self.model_dir = str(wd.model_dir(cfg.model))
     self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
     mesh = make_mesh(tuple(cfg.mesh.shape))
+    multihost.check_mesh(mesh)
     model, self.model_cfg = load_hf(self.model_dir, dtype=dtype(cfg.model.dtype),
                                     param_dtype=dtype(cfg.model.param_dtype), mesh=mesh,
                                     rules=tuple(cfg.mesh.rules),
@@ -162,9 +177,10 @@ class Run:
     self.last_saved = self.state.step
     self.stream = data_lib.BatchStream(self.rows, cfg.rollout.prompts_per_step,
                                        cfg.data.shuffle_seed, self.state.cursor)
-    self.writer = metrics_lib.MetricsWriter(wd.metrics, wd.tb if cfg.logging.tensorboard else None,
-                                            self.state.log_bytes["metrics"])
-    self.rollouts = metrics_lib.JsonlLog(str(wd.rollouts), self.state.log_bytes["rollouts"])
+    if self.writer_process:
+      self.writer = metrics_lib.MetricsWriter(
+          wd.metrics, wd.tb if cfg.logging.tensorboard else None, self.state.log_bytes["metrics"])
+      self.rollouts = metrics_lib.JsonlLog(str(wd.rollouts), self.state.log_bytes["rollouts"])
 
     self.sampler = self.make_sampler()
     t = time.perf_counter()
@@ -183,21 +199,28 @@ class Run:
   @property
   def finished(self) -> bool:
     """All train.steps are done, or a stop was asked for (and the step saved)."""
-    return self.state.step >= self.cfg.train.steps or self.stop.stop
+    return self.state.step >= self.cfg.train.steps or self.stopping
 
   def step(self) -> dict[str, float]:
     """One training step (rollout, update, sync, logs, checkpoint if due); its scalars."""
     import jax  # pylint: disable=import-outside-toplevel
+
+    from pasr_jax import multihost  # pylint: disable=import-outside-toplevel
+    from pasr_jax.step import merge_scalars  # pylint: disable=import-outside-toplevel
     cfg, st = self.cfg, self.state
     t_step = time.perf_counter()
-    batch_rows = self.stream.next_batch()
+    batch_rows = self.stream.next_batch()  # the step's questions: the same on every process
     st.rng, sub = jax.random.split(st.rng)
     seed = int(jax.random.randint(sub, (), 0, 2**31 - 1))
-    out = self.stepper.run(batch_rows, st.step + 1, seed)
+    mine = multihost.share(len(batch_rows))
+    # Per-prompt seeds of the processes' shares do not overlap (vLLM: seed + i * n).
+    seed = (seed + mine.start * 2 * cfg.rollout.n) % 2**31
+    out = self.stepper.run(batch_rows[mine], st.step + 1, seed)
     scalars = dict(out.scalars)
     t = time.perf_counter()
-    if out.batch is not None:  # None: every group had zero variance and was skipped
-      for k, v in self.trainer.train_batch(out.batch).items():  # mu updates inside
+    batch = self._global_batch(out.batch)
+    if batch is not None:  # None: on every process, every group had zero variance
+      for k, v in self.trainer.train_batch(batch).items():  # mu updates inside
         scalars[f"train/{k}"] = float(v)
     scalars["time/update"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -207,22 +230,45 @@ class Run:
       st.policy_version += 1
     scalars["time/sync"] = time.perf_counter() - t
     scalars["policy_version"] = float(st.policy_version)
-    self.rollouts.append(out.records)
     st.step += 1
     st.cursor = self.stream.cursor
     scalars["time/checkpoint"] = self._ckpt_time
     scalars["time/step"] = time.perf_counter() - t_step + self._ckpt_time
-    self.writer.write(st.step, scalars)
+    for rec in out.records:
+      rec["process"] = jax.process_index()
+    parts = multihost.allgather_json({"scalars": scalars, "weights": out.weights,
+                                      "records": out.records, "stop": self.stop.stop})
+    scalars = merge_scalars([(p["scalars"], p["weights"]) for p in parts])
+    self.stopping = any(p["stop"] for p in parts)  # every process stops at the same step
+    if self.writer_process:
+      self.rollouts.append([rec for p in parts for rec in p["records"]])
+      self.writer.write(st.step, scalars)
     self._ckpt_time = 0.0
-    if st.step % cfg.checkpoint.every == 0 or st.step == cfg.train.steps or self.stop.stop:
+    if st.step % cfg.checkpoint.every == 0 or st.step == cfg.train.steps or self.stopping:
       self._ckpt_time = self.save()
     self.scalars = scalars
     return scalars
 
+  def _global_batch(self, local: dict | None) -> dict | None:
+    """The step's trainer batch from every process's rows (`local`, None if it kept none),
+    padded to the agreed rows per process and length; None when no process has rows."""
+    from pasr_jax import multihost  # pylint: disable=import-outside-toplevel
+    from pasr_jax.step import pad_batch  # pylint: disable=import-outside-toplevel
+    shape = (0, 0) if local is None else local["input_ids"].shape
+    rows, length = (int(v) for v in multihost.agree(shape).max(axis=0))
+    if rows == 0:
+      return None
+    rows = multihost.rows_per_process(rows, int(self.cfg.optim.micro_batch))
+    return multihost.global_batch(pad_batch(local, rows, length, self.stepper.pad_id),
+                                  self.trainer.mesh)
+
   def save(self) -> float:
     """Starts the checkpoint of the steps done; returns the seconds it blocked."""
+    from pasr_jax import multihost  # pylint: disable=import-outside-toplevel
     t = time.perf_counter()
-    self.state.log_bytes = {"rollouts": self.rollouts.tell(), "metrics": self.writer.log.tell()}
+    sizes = ({"rollouts": self.rollouts.tell(), "metrics": self.writer.log.tell()}
+             if self.writer_process else None)
+    self.state.log_bytes = multihost.allgather_json(sizes)[0]  # the writer's logs
     self.ckpt.save_run(self.trainer.state_for_checkpoint(), self.state,
                        json.loads(self.cfg.to_json()))
     self.last_saved = self.state.step
@@ -236,10 +282,10 @@ class Run:
     wd = self.wd
     self.ckpt.wait()
     summary = {"last_step": self.last_saved, "workdir": str(wd.root), "scalars": self.scalars,
-               "stopped": self.stop.stop}
-    if wd.metrics.stat().st_size:
+               "stopped": self.stopping}
+    if self.writer_process and wd.metrics.stat().st_size:
       summary["reward_curve"] = metrics_lib.plot_reward_curve(wd.metrics, wd.reward_curve)
-    if self.cfg.train.export and not self.stop.stop:
+    if self.cfg.train.export and not self.stopping:
       summary["hf"] = str(save_hf(self.trainer.model, self.model_cfg, wd.hf,
                                   tokenizer_from=self.model_dir))
     print(f"[train] done at step {self.last_saved}: checkpoints {wd.checkpoints}, metrics "

@@ -4,8 +4,9 @@ Params carry logical axis names (`vocab, embed, heads, kv_heads, head_dim, mlp, 
 in their `out_sharding` metadata; a rule table (cfg.mesh.rules) maps each name to a mesh axis
 (`data`, `fsdp`, `tensor`) or None. A dimension that the chosen mesh axis does not divide is
 replicated instead (e.g. SmolLM2's 9 heads on a tensor axis of 2), so any model runs on any mesh.
-Works in one process or many (`jax.distributed.initialize()` first): arrays are built with
-`jax.make_array_from_callback` from host values that every process holds identically.
+Works in one process or many (`jax.distributed.initialize()` first): params are built with
+`jax.make_array_from_callback` from host values that every process holds identically (a
+multi-host batch is built from each process's own rows, see `pasr_jax.multihost`).
 """
 
 from __future__ import annotations
@@ -130,8 +131,9 @@ def state_shardings(state: Any, mesh: Mesh, rules: Rules) -> Any:
 
 
 def put_global(x: Any, sharding: NamedSharding) -> jax.Array:
-  """Places a host value that every process holds identically as a global array."""
-  if isinstance(x, jax.Array) and x.is_fully_addressable and jax.process_count() == 1:
+  """Places a host value that every process holds identically as a global array (a global
+  array is resharded where it lies)."""
+  if isinstance(x, jax.Array) and (not x.is_fully_addressable or jax.process_count() == 1):
     return jax.device_put(x, sharding)
   host = np.asarray(x)
   return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
@@ -164,9 +166,40 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def to_host(x: jax.Array) -> np.ndarray:
-  """Gathers a (possibly multi-process) global array to host numpy on every process."""
+def to_host(x: Any, dtype: Any = None) -> np.ndarray:
+  """Host numpy copy of a (possibly multi-process) global array, on every process.
+
+  With `dtype`, the array is cast on its devices first (same sharding), so what is gathered
+  and held is `dtype` bytes (bf16 for a bf16 sampler, not the fp32 master weights). Across
+  processes it is resharded once onto each host's own devices (split over them, one replica
+  per host) and copied out shard by shard: one copy of the whole array per host, and no
+  device ever holds all of it (an all-gather would put the whole array on every device).
+  """
+  if not isinstance(x, jax.Array):
+    return np.asarray(x, dtype)
+  if dtype is not None and x.dtype != np.dtype(dtype):
+    x = _astype(x, np.dtype(dtype))
   if jax.process_count() > 1 and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    x = jax.device_put(x, _per_host_sharding(x))
+    out = np.empty(x.shape, x.dtype)
+    for s in x.addressable_shards:
+      out[s.index] = np.asarray(s.data)
+    return out
   return np.asarray(x)
+
+
+_astype = jax.jit(lambda x, dtype: x.astype(dtype), static_argnums=1)
+
+
+def _per_host_sharding(x: jax.Array) -> NamedSharding:
+  """x's devices as a (host, local) mesh: the first dimension that the local device count
+  divides is split over each host's devices, and the whole is replicated across hosts."""
+  devices = sorted(x.sharding.device_set, key=lambda d: (d.process_index, d.id))
+  mesh = Mesh(np.array(devices).reshape(jax.process_count(), -1), ("host", "local"))
+  n = mesh.shape["local"]
+  spec = [None] * x.ndim
+  for i, size in enumerate(x.shape):
+    if size % n == 0:
+      spec[i] = "local"
+      break
+  return NamedSharding(mesh, PartitionSpec(*spec))

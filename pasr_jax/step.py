@@ -25,13 +25,50 @@ from pasr_jax.data import Row
 class StepOutput:
   """What one rollout step produced.
 
-  batch: trainer batch (numpy, `[B', L]` / `[B']`) of the kept PASR answers, None if none kept.
+  batch: trainer batch (numpy, `[B', L]` / `[B']`) of the kept PASR answers, None if none
+    kept; B' is not rounded to the micro-batch (`pad_batch` does that).
   records: one JSON-able dict per sampled answer (PASR and baseline) for rollouts.jsonl.
   scalars: metrics of the step (rewards, rates, lengths, judge stats, phase times in s).
+  weights: how many items the means in `scalars` average over (pasr answers, all answers,
+    prompts, baseline answers), for `merge_scalars`.
   """
   batch: dict[str, np.ndarray] | None
   records: list[dict[str, Any]]
   scalars: dict[str, float]
+  weights: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+# How several processes' step scalars combine into the run's (multi-host): counts add up,
+# a mean is weighted by the items it averages over, times and latencies take the slowest
+# process; anything else (the trainer's and the sync's, equal on every process) is process 0's.
+_SUMMED = ("groups/zero_variance", "groups/trained", "tokens/generated", "judge/items",
+           "judge/requests", "judge/retries", "judge/failures", "judge/unparseable",
+           "judge/cache_hits")
+_MEAN_OVER = {"reward/mean": "pasr", "reward/format": "pasr", "reward/accuracy": "pasr",
+              "reward/refine": "pasr", "rate/format_ok": "pasr", "rate/refine": "pasr",
+              "len/pasr_mean": "pasr", "rate/truncated": "answers", "len/all_mean": "answers",
+              "rate/prompt_truncated": "prompts", "reward/baseline_accuracy": "baseline"}
+_SLOWEST = ("time/", "judge/latency", "sync/")
+
+
+def merge_scalars(parts: Sequence[tuple[dict[str, float], dict[str, float]]]
+                  ) -> dict[str, float]:
+  """One step's scalars from each process's (scalars, weights), in process order."""
+  if len(parts) == 1:
+    return dict(parts[0][0])
+  out = {}
+  for k, first in parts[0][0].items():
+    vals = [float(s[k]) for s, _ in parts]
+    if k in _SUMMED:
+      out[k] = sum(vals)
+    elif k in _MEAN_OVER:
+      w = [float(ws.get(_MEAN_OVER[k], 0.0)) for _, ws in parts]
+      out[k] = sum(v * x for v, x in zip(vals, w)) / max(sum(w), 1e-12)
+    elif k.startswith(_SLOWEST) and not k.endswith("bytes"):
+      out[k] = max(vals)
+    else:
+      out[k] = first
+  return out
 
 
 def chat_prompt_ids(tokenizer, system: str, question: str) -> list[int]:
@@ -55,16 +92,9 @@ def pack_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[
   Row i is `prompts[i] + completions[i]`; `loss_mask` is 1 on completion tokens when
   `scored[i]`, and `old_logps` holds the sampler logprob of that token at the same index
   (the trainer reads its logprob from logits at t-1). Length L = longest row rounded up
-  to `multiple`. The row count is rounded up to `rows_multiple` (the micro-batch) with
-  copies of row 0 whose loss_mask is 0: real tokens keep attention finite, and a row
-  without scored tokens adds nothing to the loss (token_mean / seq_mean_token_mean).
+  to `multiple`. The row count is rounded up to `rows_multiple` (the micro-batch) by
+  `pad_batch`.
   """
-  extra = (-len(prompts)) % rows_multiple
-  prompts = list(prompts) + [prompts[0]] * extra
-  completions = list(completions) + [completions[0]] * extra
-  logprobs = list(logprobs) + [logprobs[0]] * extra
-  advantages = list(advantages) + [0.0] * extra
-  scored = list(scored) + [False] * extra
   lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
   L = max(1, -(-max(lengths) // multiple) * multiple)
   B = len(prompts)
@@ -79,10 +109,55 @@ def pack_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[
     if scored[i] and len(c):
       loss_mask[i, n_p:n] = 1.0
       old[i, n_p:n] = lp
-  positions = np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy()
-  return {"input_ids": input_ids, "attention_mask": attention, "positions": positions,
-          "loss_mask": loss_mask, "old_logps": old,
-          "advantages": np.asarray(advantages, np.float32).reshape(B)}
+  batch = {"input_ids": input_ids, "attention_mask": attention, "positions": _positions(B, L),
+           "loss_mask": loss_mask, "old_logps": old,
+           "advantages": np.asarray(advantages, np.float32).reshape(B)}
+  return pad_batch(batch, -(-B // rows_multiple) * rows_multiple, L, pad_id)
+
+
+def _positions(rows: int, length: int) -> np.ndarray:
+  return np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy()
+
+
+# Batch arrays copied from row 0 into padding rows; the others (loss_mask, old_logps,
+# advantages, ...) are 0 there.
+_ROW_KEYS = ("input_ids", "attention_mask", "positions")
+
+
+def pad_batch(batch: dict[str, np.ndarray] | None, rows: int, length: int,
+              pad_id: int) -> dict[str, np.ndarray]:
+  """`batch` (`[B, L]` / `[B]`, B <= rows, L <= length) padded to `rows` x `length`.
+
+  New columns are padding (pad_id, attention 0, no loss). New rows are copies of row 0 with
+  loss_mask 0 and advantage 0: real tokens keep attention finite, and a row without scored
+  tokens adds nothing to the loss (token_mean / seq_mean_token_mean). With `batch` None (a
+  process that has no rows of its own this step), every row is one attended pad token.
+  """
+  if batch is None:
+    ids = np.full((1, length), pad_id, np.int32)
+    att = np.zeros((1, length), np.int32)
+    att[:, 0] = 1
+    batch = {"input_ids": ids, "attention_mask": att, "positions": _positions(1, length),
+             "loss_mask": np.zeros((1, length), np.float32),
+             "old_logps": np.zeros((1, length), np.float32),
+             "advantages": np.zeros((1,), np.float32)}
+  B, L = batch["input_ids"].shape
+  assert B <= rows and L <= length, (B, L, rows, length)
+  out = {}
+  for k, x in batch.items():
+    if x.ndim == 1:
+      out[k] = np.concatenate([x, np.zeros(rows - B, x.dtype)])
+      continue
+    y = np.zeros((rows, length), x.dtype)
+    y[:B, :L] = x
+    if k in _ROW_KEYS:
+      y[B:, :L] = x[0]
+    if k == "input_ids":
+      y[:, L:] = pad_id
+    elif k == "positions":
+      y[:, L:] = np.arange(L, length, dtype=y.dtype)
+    out[k] = y
+  return out
 
 
 class RolloutStep:
@@ -164,8 +239,7 @@ class RolloutStep:
       idx = [j for j in range(B * n) if keep_group[j // n]]
       batch = pack_batch([prompts[j // n] for j in idx], [pasr_comps[j].token_ids for j in idx],
                          [pasr_comps[j].logprobs for j in idx], [adv[j] for j in idx],
-                         [scored[j] for j in idx], self.pad_id, self.cfg.train.seq_multiple,
-                         self.cfg.optim.micro_batch)
+                         [scored[j] for j in idx], self.pad_id, self.cfg.train.seq_multiple)
     t3 = time.perf_counter()
 
     records = []
@@ -206,4 +280,6 @@ class RolloutStep:
     for k, v in judge_stats.items():
       if isinstance(v, (int, float)) and math.isfinite(float(v)):
         scalars[f"judge/{k}"] = float(v)
-    return StepOutput(batch=batch, records=records, scalars=scalars)
+    weights = {"pasr": float(B * n), "answers": float(all_lens.size),
+               "prompts": float(len(all_prompts)), "baseline": float(B * n * rc.baseline)}
+    return StepOutput(batch=batch, records=records, scalars=scalars, weights=weights)

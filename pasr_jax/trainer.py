@@ -245,6 +245,13 @@ def jit_update(update: Callable, mesh: Mesh, param_shardings: Any, opt_shardings
       donate_argnums=(0, 2))
 
 
+def _local_rows(x: Any) -> np.ndarray:
+  """The rows of a batch array this process holds (all of a host array)."""
+  if not isinstance(x, jax.Array):
+    return x
+  return np.concatenate([np.asarray(s.data) for s in x.addressable_shards if s.replica_id == 0])
+
+
 # ----------------------------------------------------------------------------- Trainer
 
 
@@ -322,21 +329,27 @@ class Trainer:
     missing = [k for k in keys if k not in batch]
     if missing:
       raise TrainerError(f"batch is missing {missing}")
-    ids_shape = np.asarray(batch["input_ids"]).shape
+    ids_shape = np.shape(batch["input_ids"])
     b = ids_shape[0]
     mb = int(self.cfg.optim.micro_batch)
     if b % mb:
       raise TrainerError(f"batch of {b} sequences is not a multiple of optim.micro_batch={mb}")
     out = {}
     for k in keys:
-      x = np.asarray(batch[k])
-      x = x.astype(np.int32 if k in INT_KEYS else np.float32)
+      x = batch[k]
+      # A jax.Array is already a global batch array (multi-host: each process's own rows,
+      # see pasr_jax.multihost) and is used as it is; host arrays must be the same on every
+      # process.
+      if not isinstance(x, jax.Array):
+        x = np.asarray(x).astype(np.int32 if k in INT_KEYS else np.float32)
       want = (b,) if k == "advantages" else (b, ids_shape[1])
       if x.shape != want:
         raise TrainerError(f"batch[{k!r}] has shape {x.shape}, expected {want}")
       if k == "loss_mask":
-        scored_window_check(x, int(self.cfg.rollout.max_tokens))
-      out[k] = sharding.put_global(x, sharding.batch_sharding(self.mesh, x.ndim))
+        scored_window_check(_local_rows(x), int(self.cfg.rollout.max_tokens))
+      if not isinstance(x, jax.Array):
+        x = sharding.put_global(x, sharding.batch_sharding(self.mesh, x.ndim))
+      out[k] = x
     return out, b // mb, ids_shape[1]
 
   # -- public API
@@ -388,8 +401,10 @@ class Trainer:
     extra: dict[str, float] = {}
     if g.recompute_old_logps or g.tis_cap > 0:
       old_tr = self.logprobs(batch, scored_only=True)
-      w, mm = grpo.tis_weights(jnp.asarray(old_tr), jnp.asarray(batch["old_logps"]),
-                               jnp.asarray(batch["loss_mask"]), float(g.tis_cap))
+      w, mm = grpo.tis_weights(jnp.asarray(old_tr),
+                               jnp.asarray(sharding.to_host(batch["old_logps"])),
+                               jnp.asarray(sharding.to_host(batch["loss_mask"])),
+                               float(g.tis_cap))
       extra = {k: float(v) for k, v in mm.items()}
       batch = dict(batch, old_logps=old_tr)
       if g.tis_cap > 0:

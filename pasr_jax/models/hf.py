@@ -128,8 +128,9 @@ def hf_tensors(model_or_state: Decoder | nnx.State, cfg: ModelConfig,
                dtype: Any = None) -> Iterator[tuple[str, np.ndarray]]:
   """Yields (HF name, host numpy array in HF layout) for every param, one at a time.
 
-  Sharded (even multi-process) arrays are gathered to host per param; `dtype` (e.g.
-  jnp.bfloat16) casts on the way out. Used by `save_hf` and by the vLLM weight sync.
+  Sharded (even multi-process) arrays are gathered to host per param, one copy per host
+  (`sharding.to_host`); `dtype` (e.g. jnp.bfloat16) casts on the devices before the gather.
+  Used by `save_hf` and by the vLLM weight sync.
   """
   from pasr_jax.sharding import to_host
   if isinstance(model_or_state, nnx.Module):
@@ -145,12 +146,9 @@ def hf_tensors(model_or_state: Decoder | nnx.State, cfg: ModelConfig,
   for path, hf_name, layout, layer in _entries(list(params), cfg, scan_layers):
     if host_cache is None or host_cache[0] != path:
       value = params[path].get_value()
-      host_cache = (path, to_host(value))
+      host_cache = (path, to_host(value, dtype))
     x = host_cache[1] if layer is None else host_cache[1][layer]
-    x = to_hf(x, layout)
-    if dtype is not None:
-      x = x.astype(dtype)
-    yield hf_name, x
+    yield hf_name, to_hf(x, layout)
 
 
 def save_hf(model: Decoder, cfg: ModelConfig, out_dir: str | os.PathLike,

@@ -314,7 +314,9 @@ class VllmSampler:
 
     def gathered():
       nonlocal gather_s
-      it = hf_tensors(model, self._get_model_cfg(model))
+      # Gathered in the engine's dtype: a bf16 engine never needs the fp32 weights on host.
+      it = hf_tensors(model, self._get_model_cfg(model),
+                      _np_dtype(self.dtype) if self.dtype in _NP_DTYPES else None)
       while True:
         t = time.perf_counter()
         try:

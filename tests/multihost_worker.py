@@ -1,0 +1,59 @@
+"""One process of a scripted training run (tests/test_multihost_run.py starts 1 or 2 of them).
+
+  python tests/multihost_worker.py WORKDIR OUT_NPY [--config.x=y ...]
+
+The tiny_cpu run of `pasr_jax.run.Run` with `ScriptedSampler` instead of vLLM; multi-host
+when the overrides set mesh.distributed. Every process ends by gathering the final params
+(a collective); process 0 saves them, flattened, to OUT_NPY, and every process the checksums
+of the weights its sampler received to OUT_NPY.sync<process>.json.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+
+def main(workdir: str, out: str, overrides: list[str]) -> None:
+  import jax
+  import numpy as np
+  from absl import flags
+  from ml_collections import config_flags
+
+  from pasr_jax import sharding
+  from pasr_jax.run import Run
+  from scripted import ScriptedSampler
+
+  argv = [sys.argv[0], f"--config={ROOT / 'configs' / 'tiny_cpu.py'}",
+          f"--config.workdir={workdir}", *overrides]
+  cfg_flag = config_flags.DEFINE_config_file("config", sys_argv=argv)
+  flags.FLAGS(argv)
+  cfg = cfg_flag.value
+
+  class ScriptedRun(Run):
+    def make_sampler(self):
+      return ScriptedSampler(self.model_dir)
+
+  r = ScriptedRun(cfg)
+  try:
+    r.setup()
+    r.resume()
+    while not r.finished:
+      r.step()
+    r.finish()
+    flat = np.concatenate([sharding.to_host(x).ravel()
+                           for x in jax.tree.leaves(r.trainer.params)])
+    if jax.process_index() == 0:
+      np.save(out, flat)
+    # The weights each sync gathered on this host (one checksum per sync).
+    Path(f"{out}.sync{jax.process_index()}.json").write_text(json.dumps(r.sampler.weight_sums))
+    print(f"[worker {jax.process_index()}] prompts {len(r.sampler.prompts_seen)} "
+          f"syncs {len(r.sampler.weight_sums)}", flush=True)
+  finally:
+    r.close()
+
+
+if __name__ == "__main__":
+  main(sys.argv[1], sys.argv[2], sys.argv[3:])

