@@ -45,6 +45,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.answer_field = ""            # "" = auto: answer | output | A | solution
   c.data.task_type = "general"        # judge prompt: general | multiple_choice | summary
   c.data.shuffle_seed = 0
+  c.data.max_row_chars = 200_000      # longer rows (question + answer) are skipped and logged
   c.data.tfds_name = ""               # optional TFDS builder name (with data.tfds_data_dir)
   c.data.tfds_data_dir = ""
 
@@ -80,6 +81,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.judge.cache_size = 200_000        # judged prompts remembered (LRU), keyed by a prompt digest
   c.judge.input = "full"              # what the judge sees: full (the original) | answer
   c.judge.max_tokens = 16
+  c.judge.max_unparseable_frac = 0.5  # more replies without a score in a batch stop the run
   c.judge.autostart = False           # local base_url silent: start `python -m pasr_jax.judge --backend verify`
 
   c.prompts = ml_collections.ConfigDict()

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 # Auto-detection order (case-insensitive), from the PASR seed files.
 QUESTION_FIELDS = ("question", "instruction", "q", "problem", "prompt")
@@ -85,9 +88,14 @@ def _as_text(value: Any) -> str | None:
 
 
 def rows_from_records(records: Iterable[tuple[int, Any]], source: str, question_field: str = "",
-                      answer_field: str = "") -> list[Row]:
-  """Validate decoded records into Rows; `source` names the file in errors and default ids."""
-  rows = []
+                      answer_field: str = "", max_chars: int = 0) -> list[Row]:
+  """Validate decoded records into Rows; `source` names the file in errors and default ids.
+
+  Rows whose question + answer exceed `max_chars` characters (0 = no limit) are skipped and
+  logged with their row numbers: one stray 50 MB row would otherwise stall every step it
+  lands in (tokenising, judging) without a word.
+  """
+  rows, too_long = [], []
   base = os.path.basename(source)
   for rowno, rec in records:
     where = f"{source}: row {rowno}"
@@ -107,17 +115,29 @@ def rows_from_records(records: Iterable[tuple[int, Any]], source: str, question_
     if answer is None or not answer.strip():
       raise DataError(f"{where}: field {ak!r} must be a non-empty string or number, "
                       f"got {rec[ak]!r:.80}")
+    if max_chars and len(question) + len(answer) > max_chars:
+      too_long.append(rowno)
+      continue
     rid = rec.get("id", rec.get("unique_id"))
     rid = f"{base}:{rid}" if isinstance(rid, (str, int)) and not isinstance(rid, bool) else f"{base}:{rowno}"
     rows.append(Row(question=question, answer=answer, id=rid))
+  if too_long:
+    log.warning("%s: skipped %d rows longer than data.max_row_chars=%d characters (rows %s)",
+                source, len(too_long), max_chars,
+                ", ".join(map(str, too_long[:10])) + (", ..." if len(too_long) > 10 else ""))
   if not rows:
-    raise DataError(f"{source}: no rows")
+    raise DataError(f"{source}: no rows" + (f" ({len(too_long)} skipped as longer than "
+                                             f"data.max_row_chars={max_chars})" if too_long else ""))
   return rows
 
 
-def load_rows(path: str, question_field: str = "", answer_field: str = "") -> list[Row]:
-  """All rows of one JSON-array or JSONL file, validated; raises DataError naming file and row."""
-  return rows_from_records(_parse_records(str(path)), str(path), question_field, answer_field)
+def load_rows(path: str, question_field: str = "", answer_field: str = "",
+              max_chars: int = 0) -> list[Row]:
+  """All rows of one JSON-array or JSONL file, validated; raises DataError naming file and row.
+
+  Rows longer than `max_chars` are skipped (see `rows_from_records`)."""
+  return rows_from_records(_parse_records(str(path)), str(path), question_field, answer_field,
+                           max_chars)
 
 
 def load_tfds(name: str, data_dir: str, question_field: str = "",
@@ -150,7 +170,8 @@ def load_dataset(data_cfg) -> list[Row]:
     files = (files,)
   rows: list[Row] = []
   for path in files:
-    rows.extend(load_rows(path, data_cfg.question_field, data_cfg.answer_field))
+    rows.extend(load_rows(path, data_cfg.question_field, data_cfg.answer_field,
+                          data_cfg.get("max_row_chars", 0)))
   if data_cfg.get("tfds_name", ""):
     rows.extend(load_tfds(data_cfg.tfds_name, data_cfg.get("tfds_data_dir", ""),
                           data_cfg.question_field, data_cfg.answer_field))

@@ -97,3 +97,25 @@ def test_stream_is_seeded_covers_epochs_and_resumes():
   assert [[r.id for r in s3.next_batch()] for _ in range(4)] == [[r.id for r in b] for b in batches[3:]]
   other = data.BatchStream(rows, batch_size=5, seed=4)
   assert [r.id for r in other.next_batch()] != [r.id for r in batches[0]]
+
+
+def test_huge_row_is_skipped_counted_and_named(tmp_path, caplog):
+  """A 50 MB row used to be accepted, then no step finished (#16)."""
+  import logging
+  path = tmp_path / "mixed.jsonl"
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(json.dumps({"question": "2+2?", "answer": "4"}) + "\n")
+    f.write(json.dumps({"question": "x" * (50 << 20), "answer": "1"}) + "\n")
+    f.write(json.dumps({"question": "3+3?", "answer": "6"}) + "\n")
+  cfg = ml_collections.ConfigDict(dict(files=(str(path),), question_field="", answer_field="",
+                                       max_row_chars=200_000))
+  with caplog.at_level(logging.WARNING, logger="pasr_jax.data"):
+    rows = data.load_dataset(cfg)
+  assert [r.answer for r in rows] == ["4", "6"]
+  assert f"{path}: skipped 1 rows longer than data.max_row_chars=200000 characters (rows 2)" \
+      in caplog.text
+  only_huge = tmp_path / "huge.jsonl"
+  only_huge.write_text(json.dumps({"question": "y" * 300_000, "answer": "1"}) + "\n")
+  with pytest.raises(data.DataError, match=r"huge.jsonl: no rows \(1 skipped as longer than "
+                     r"data.max_row_chars=200000\)"):
+    data.load_rows(only_huge, max_chars=200_000)

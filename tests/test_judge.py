@@ -280,8 +280,25 @@ def test_server_slower_than_timeout_fails_fast(scripted):
 
 
 def test_prose_reply_scores_zero_and_is_counted(scripted):
-  scores, stats = JudgeClient(scripted.url + "/prose").score_batch(items(3, "prose"))
+  client = JudgeClient(scripted.url + "/prose", max_unparseable_frac=1.0)
+  scores, stats = client.score_batch(items(3, "prose"))
   assert scores == [0.0, 0.0, 0.0] and stats["unparseable"] == 3
+
+
+def test_mostly_prose_judge_stops_with_its_own_words(scripted):
+  """A judge that answers in prose no longer scores everything 0 silently."""
+  with pytest.raises(JudgeError, match=r"3 of 3 replies hold no score \(more than "
+                     r"judge.max_unparseable_frac=0.5\), e.g. 'The candidate seems to "
+                     r"understand the problem well.'") as e:
+    JudgeClient(scripted.url + "/prose").score_batch(items(3, "prose2"))
+  assert e.value.stats["unparseable"] == 3
+
+
+def test_failure_counts_are_right_when_every_item_fails(scripted):
+  """Was '(1 of 16 items failed)' when all 16 failed: the rest were cancelled, not fine."""
+  client = JudgeClient(scripted.url + "/flaky", retries=0, backoff_s=0.01, concurrency=1)
+  with pytest.raises(JudgeError, match=r"\(1 of 16 items failed, 15 stopped unfinished"):
+    client.score_batch(items(16, "allfail"))
   scores, _ = JudgeClient(scripted.url + "/clamp").score_batch(
       [JudgeItem(q, "1", "1") for q in "abc"])
   assert scores == [1.0, 0.0, 0.25]

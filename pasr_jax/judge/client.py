@@ -73,6 +73,7 @@ class _BatchStats:
   retries: int = 0
   failures: int = 0          # items that failed after the retry budget
   unparseable: int = 0
+  unparseable_example: str = ""   # the first reply without a score, quoted in errors
   cache_hits: int = 0
   latencies: list[float] = dataclasses.field(default_factory=list)   # seconds, per success
 
@@ -92,12 +93,15 @@ class JudgeClient:
   concurrency: requests in flight at most. timeout_s: whole-request deadline per attempt.
   retries: extra attempts after the first. backoff_s: first wait, doubled per retry.
   cache_size: scores kept (least recently used dropped), keyed by a digest of the prompt.
+  max_unparseable_frac: a batch in which more of the new replies than this hold no number
+    raises JudgeError quoting one (a judge that answers in prose would score everything 0).
   """
 
   def __init__(self, base_url: str, model: str = "", api_key: str | None = None,
                concurrency: int = 32, timeout_s: float = 60.0, retries: int = 3,
                max_tokens: int = 16, backoff_s: float = 0.5, backoff_max_s: float = 8.0,
-               prompts: pasr.Prompts | None = None, cache_size: int = 200_000):
+               prompts: pasr.Prompts | None = None, cache_size: int = 200_000,
+               max_unparseable_frac: float = 0.5):
     if concurrency < 1:
       raise ValueError(f"judge.concurrency={concurrency}: must be >= 1")
     if timeout_s <= 0:
@@ -117,6 +121,7 @@ class JudgeClient:
     # Keys are digests of the full prompt: a long run judges millions of long answers.
     self._cache: collections.OrderedDict[bytes, float] = collections.OrderedDict()
     self.cache_size = cache_size
+    self.max_unparseable_frac = float(max_unparseable_frac)
     self.totals: dict[str, float] = {}
 
   @classmethod
@@ -129,7 +134,8 @@ class JudgeClient:
                timeout_s=float(cfg.get("timeout_s", 60.0)), retries=int(cfg.get("retries", 3)),
                max_tokens=int(cfg.get("max_tokens", 16)),
                backoff_s=float(cfg.get("backoff_s", 0.5)),
-               cache_size=int(cfg.get("cache_size", 200_000)), prompts=prompts)
+               cache_size=int(cfg.get("cache_size", 200_000)), prompts=prompts,
+               max_unparseable_frac=float(cfg.get("max_unparseable_frac", 0.5)))
 
   # ------------------------------------------------------------------ public API
   def score_batch(self, items: Sequence[JudgeItem | Mapping[str, str]]
@@ -162,6 +168,7 @@ class JudgeClient:
         stats.cache_hits += 1
       else:
         todo[k] = m
+    tasks: dict[bytes, asyncio.Task] = {}
     if todo:
       limits = httpx.Limits(max_connections=self.concurrency,
                             max_keepalive_connections=self.concurrency)
@@ -177,13 +184,21 @@ class JudgeClient:
         except* JudgeError as eg:
           self._accumulate(stats, len(items))
           first = eg.exceptions[0]
-          raise JudgeError(f"{first} ({stats.failures} of {len(todo)} items failed)",
-                           stats.as_dict(len(items))) from first
+          stopped = sum(1 for t in tasks.values() if t.cancelled())
+          raise JudgeError(f"{first} ({stats.failures} of {len(todo)} items failed, {stopped} "
+                           "stopped unfinished after that)", stats.as_dict(len(items))) from first
       for k, t in tasks.items():
         scores[k] = self._cache[k] = t.result()
       while len(self._cache) > self.cache_size:
         self._cache.popitem(last=False)
     self._accumulate(stats, len(items))
+    if todo and stats.unparseable > self.max_unparseable_frac * len(todo):
+      raise JudgeError(
+          f"judge at {self.base_url}: {stats.unparseable} of {len(todo)} replies hold no score "
+          f"(more than judge.max_unparseable_frac={self.max_unparseable_frac:g}), e.g. "
+          f"{stats.unparseable_example!r:.300}. The judge model does not answer the grading "
+          "prompt with a number: use another judge model, or the rule-based one "
+          "(python -m pasr_jax.judge --backend verify)", stats.as_dict(len(items)))
     return [scores[k] for k in keys], stats.as_dict(len(items))
 
   # ------------------------------------------------------------------ internals
@@ -268,5 +283,6 @@ class JudgeClient:
     score = parse_score(reply)
     if score is None:
       stats.unparseable += 1
+      stats.unparseable_example = stats.unparseable_example or reply
       return 0.0
     return score
