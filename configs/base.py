@@ -122,6 +122,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.steps = 100
   c.train.seq_multiple = 64           # batch length rounded up to this (fewer jit shapes)
+  c.train.max_nonfinite_steps = 3    # steps in a row with only NaN/inf (skipped) updates: stop
   c.train.export = False              # at the end write the policy as an HF dir to <workdir>/hf
 
   c.checkpoint = ml_collections.ConfigDict()

@@ -41,6 +41,27 @@ def validate_config(cfg) -> None:
   need(cfg.rewards.accuracy_rule in ("", "contains"), "rewards.accuracy_rule",
        "must be '' (judge) or 'contains'")
   need(cfg.rewards.zeta >= 0, "rewards.zeta", "must be >= 0")
+  need(cfg.rollout.timeout_s >= 0, "rollout.timeout_s", "must be >= 0 (0 = no limit)")
+  need(cfg.rollout.engine_retries >= 0, "rollout.engine_retries", "must be >= 0")
+  need(cfg.optim.lr > 0, "optim.lr", "must be > 0 (a negative rate trains backwards)")
+  need(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+  need(0 <= cfg.optim.b1 < 1, "optim.b1", "must be in [0, 1)")
+  need(0 <= cfg.optim.b2 < 1, "optim.b2", "must be in [0, 1)")
+  need(cfg.optim.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0 = no clipping)")
+  need(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+  need(cfg.grpo.beta >= 0, "grpo.beta", "must be >= 0 (0 = no KL term)")
+  need(0 <= cfg.grpo.eps_low < 1, "grpo.eps_low", "must be in [0, 1)")
+  need(cfg.grpo.eps_high >= 0, "grpo.eps_high", "must be >= 0")
+  need(cfg.grpo.tis_cap >= 0, "grpo.tis_cap", "must be >= 0 (0 = off)")
+  need(cfg.judge.timeout_s > 0, "judge.timeout_s", "must be > 0")
+  need(cfg.judge.concurrency >= 1, "judge.concurrency", "must be >= 1")
+  need(cfg.judge.retries >= 0, "judge.retries", "must be >= 0")
+  need(0 <= cfg.judge.max_unparseable_frac <= 1, "judge.max_unparseable_frac",
+       "must be in [0, 1] (1 = never stop)")
+  need(cfg.data.max_row_chars >= 0, "data.max_row_chars", "must be >= 0 (0 = no limit)")
+  need(cfg.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
+  for k in ("format_weight", "accuracy_weight", "refine_weight"):
+    need(cfg.rewards[k] >= 0, f"rewards.{k}", "must be >= 0")
   need(bool(cfg.workdir), "workdir", "must be set")
   if not cfg.model.tiny_random:
     need(bool(cfg.model.path) and os.path.isfile(os.path.join(cfg.model.path, "config.json")),

@@ -11,8 +11,16 @@ policy version, log sizes), or a fresh state; the logs cut back to the checkpoin
 engine started (and synced to the restored policy). step: next B questions -> `RolloutStep`
 (rollouts, judge, rewards, advantages, batch) -> mu `Trainer` updates -> every k steps a
 weight sync -> metrics and rollouts -> every m steps (and at the last or a stopping step) an
-Orbax checkpoint. SIGTERM / the first Ctrl-C set a stop flag: the step in progress finishes,
-is saved, and the run ends. Every path is named by `Workdir`.
+Orbax checkpoint. Every path is named by `Workdir`.
+
+Faults. SIGTERM / the first Ctrl-C set a stop flag: the step in progress finishes and is
+saved, or, while it waits on the rollout engine, the step is abandoned (the data cursor and
+RNG stay at the last finished step) and the steps done are saved; either way the run ends with
+`RunInterrupted` (exit 130). An engine that dies or passes `rollout.timeout_s` is restarted,
+given the trainer's weights, and the step retried `rollout.engine_retries` times before its
+`EngineError` ends the run. `train.max_nonfinite_steps` steps in a row whose every update was
+skipped for a NaN/inf loss or gradient end the run with `TrainingDiverged`; a state with a
+non-finite value is never checkpointed.
 
 Multi-host (mesh.distributed, one process per host): each process samples and judges its
 share of the step's questions on its own engine, the global batch is built from every
@@ -37,6 +45,14 @@ log = logging.getLogger("pasr_jax.run")
 # The stdout line of each step shows these scalars.
 LINE_KEYS = ("reward/mean", "reward/accuracy", "reward/format", "rate/refine", "rate/truncated",
              "time/rollout", "time/judge", "time/update", "time/sync", "time/checkpoint")
+
+
+class RunInterrupted(RuntimeError):
+  """SIGTERM / Ctrl-C ended the run before train.steps; the steps done are saved."""
+
+
+class TrainingDiverged(RuntimeError):
+  """Too many steps in a row had only non-finite (skipped) updates."""
 
 
 class StopFlag:
@@ -98,6 +114,7 @@ class Run:
     self.state = None
     self.scalars: dict[str, float] = {}
     self.last_saved = 0
+    self._nonfinite_run = 0  # steps in a row whose every update was non-finite (skipped)
     self._ckpt_time = 0.0  # blocking part of the previous step's save, reported with this step
 
   # ---------------------------------------------------------------------------- setup
@@ -183,6 +200,11 @@ class Run:
       self.rollouts = metrics_lib.JsonlLog(str(wd.rollouts), self.state.log_bytes["rollouts"])
 
     self.sampler = self.make_sampler()
+    import jax  # pylint: disable=import-outside-toplevel
+    if jax.process_count() == 1:
+      # A signal ends a rollout wait at once; across hosts the stop is agreed at step ends
+      # instead, since one process leaving a step early would hang the others' collectives.
+      self.sampler.should_stop = lambda: self.stop.stop
     t = time.perf_counter()
     _ = self.sampler.llm  # start the engine now so step 1's rollout time is the rollout's
     print(f"[train] vLLM engine up in {time.perf_counter() - t:.1f}s", flush=True)
@@ -210,18 +232,27 @@ class Run:
     cfg, st = self.cfg, self.state
     t_step = time.perf_counter()
     batch_rows = self.stream.next_batch()  # the step's questions: the same on every process
-    st.rng, sub = jax.random.split(st.rng)
+    rng, sub = jax.random.split(st.rng)  # st.rng advances only when the step is done
     seed = int(jax.random.randint(sub, (), 0, 2**31 - 1))
     mine = multihost.share(len(batch_rows))
     # Per-prompt seeds of the processes' shares do not overlap (vLLM: seed + i * n).
     seed = (seed + mine.start * 2 * cfg.rollout.n) % 2**31
-    out = self.stepper.run(batch_rows[mine], st.step + 1, seed)
+    out = self._rollout(batch_rows[mine], seed)
     scalars = dict(out.scalars)
     t = time.perf_counter()
     batch = self._global_batch(out.batch)
     if batch is not None:  # None: on every process, every group had zero variance
+      updates, skipped = self.trainer.step, self.trainer.skipped_steps
       for k, v in self.trainer.train_batch(batch).items():  # mu updates inside
         scalars[f"train/{k}"] = float(v)
+      all_skipped = self.trainer.skipped_steps - skipped == self.trainer.step - updates
+      self._nonfinite_run = self._nonfinite_run + 1 if all_skipped else 0
+      if self._nonfinite_run >= cfg.train.max_nonfinite_steps:
+        raise TrainingDiverged(
+            f"step {st.step + 1}: every update of the last {self._nonfinite_run} steps had a "
+            f"NaN/inf loss or gradient and was skipped (train.max_nonfinite_steps="
+            f"{cfg.train.max_nonfinite_steps}); the last checkpoint (step {self.last_saved}) "
+            "holds finite weights. Lower optim.lr or check the data")
     scalars["time/update"] = time.perf_counter() - t
     t = time.perf_counter()
     if (st.step + 1) % cfg.rollout.sync_every == 0:
@@ -231,7 +262,7 @@ class Run:
     scalars["time/sync"] = time.perf_counter() - t
     scalars["policy_version"] = float(st.policy_version)
     st.step += 1
-    st.cursor = self.stream.cursor
+    st.cursor, st.rng = self.stream.cursor, rng
     scalars["time/checkpoint"] = self._ckpt_time
     scalars["time/step"] = time.perf_counter() - t_step + self._ckpt_time
     for rec in out.records:
@@ -248,6 +279,36 @@ class Run:
       self._ckpt_time = self.save()
     self.scalars = scalars
     return scalars
+
+  def _rollout(self, rows, seed: int):
+    """`RolloutStep.run` with engine failures handled (see the module docstring)."""
+    from pasr_jax.rollout import EngineError  # pylint: disable=import-outside-toplevel
+    st, retries = self.state, int(self.cfg.rollout.engine_retries)
+    for attempt in range(retries + 1):
+      try:
+        return self.stepper.run(rows, st.step + 1, seed)
+      except EngineError as e:
+        if self.stop.stop:
+          self._abandon_step()
+          raise RunInterrupted(f"interrupted during step {st.step + 1}; the {st.step} steps "
+                               "done are saved: run the same command to resume") from None
+        if attempt == retries:
+          raise EngineError(f"step {st.step + 1}: {e} (gave up after {retries} restarts, "
+                            "rollout.engine_retries); the checkpoint of step "
+                            f"{self.last_saved} is intact: run the same command to resume") from e
+        log.warning("step %d: %s; restarting the engine and retrying the step (%d of %d)",
+                    st.step + 1, e, attempt + 1, retries)
+        if self.sampler.needs_sync:  # a fresh engine holds the model dir's weights
+          st.policy_version += 1
+          self.sampler.sync(self.trainer.model, st.policy_version)
+    raise AssertionError("unreachable")
+
+  def _abandon_step(self) -> None:
+    """Undo the unfinished step's data draw and save the steps done (if not yet saved)."""
+    self.stream.cursor = self.state.cursor
+    if self.last_saved < self.state.step:
+      self.save()
+    self.ckpt.wait()
 
   def _global_batch(self, local: dict | None) -> dict | None:
     """The step's trainer batch from every process's rows (`local`, None if it kept none),
@@ -324,6 +385,10 @@ def run(cfg) -> dict[str, Any]:
       bar.set_postfix(reward=f"{scalars['reward/mean']:.3f}", t=f"{scalars['time/step']:.1f}s")
       tqdm.write(format_scalars(r.state.step, scalars, LINE_KEYS), file=sys.stdout)
     bar.close()
-    return r.finish()
+    summary = r.finish()
+    if r.state.step < cfg.train.steps:
+      raise RunInterrupted(f"stopped by a signal after step {r.state.step} of "
+                           f"{cfg.train.steps}; it is saved: run the same command to resume")
+    return summary
   finally:
     r.close()

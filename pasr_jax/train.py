@@ -1,9 +1,20 @@
 """PASR GRPO training: `python -m pasr_jax.train --config=configs/<preset>.py --config.x=y`.
 
-The command only: flags, `main`, exit codes (0 done or stopped by SIGTERM / Ctrl-C after
-saving; 2 bad config, data or prompts, with a message naming the key, file or field). The run
-itself (per-step pipeline, resume, checkpoints) is `pasr_jax.run`; the files it writes are
-named by `pasr_jax.workdir.Workdir`.
+The command only: flags, `main`, exit codes. The run itself (per-step pipeline, resume,
+checkpoints) is `pasr_jax.run`; the files it writes are named by `pasr_jax.workdir.Workdir`.
+
+Every failure a user can cause or meet ends in one line on stderr, `pasr_jax.train: <what
+failed>: <message>`, with what to do, and one exit code per class (`--debug` re-raises it
+with its traceback):
+
+  0    done
+  2    config, data or prompts (the message names the --config. key, file, row or field)
+  3    judge: unreachable, erroring past its retries, or not answering with scores
+  4    rollout engine: died or timed out past rollout.engine_retries, or a weight sync failed
+  5    checkpoint or disk: nothing restorable, a save refused or failed, disk full
+  6    training diverged: train.max_nonfinite_steps steps of NaN/inf updates
+  130  interrupted by SIGTERM / Ctrl-C; the steps done are saved, the same command resumes
+  1    anything else is a bug: the traceback is printed
 """
 
 from __future__ import annotations
@@ -14,11 +25,38 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from pasr_jax.config import ConfigError
 from pasr_jax.run import run
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config preset file (configs/*.py).",
                                           lock_config=True)
+_DEBUG = flags.DEFINE_bool("debug", False, "Re-raise errors with their traceback.")
+
+EXIT_CONFIG, EXIT_JUDGE, EXIT_ENGINE, EXIT_DISK, EXIT_DIVERGED, EXIT_INTERRUPTED = (
+    2, 3, 4, 5, 6, 130)
+
+
+def classify(e: BaseException) -> tuple[int, str] | None:
+  """(exit code, what failed) for an error a user can cause or meet; None for a bug."""
+  # pylint: disable=import-outside-toplevel
+  from pasr_jax.checkpoint import CheckpointError
+  from pasr_jax.judge.client import JudgeError
+  from pasr_jax.rollout.base import EngineError, SyncError
+  from pasr_jax.run import RunInterrupted, TrainingDiverged
+  if isinstance(e, RunInterrupted):
+    return EXIT_INTERRUPTED, "interrupted"
+  if isinstance(e, JudgeError):
+    return EXIT_JUDGE, "judge"
+  if isinstance(e, (EngineError, SyncError)):
+    return EXIT_ENGINE, "rollout engine"
+  if isinstance(e, CheckpointError):
+    return EXIT_DISK, "checkpoint"
+  if isinstance(e, OSError) and e.errno is not None:  # disk full, permissions, ...
+    return EXIT_DISK, "disk"
+  if isinstance(e, TrainingDiverged):
+    return EXIT_DIVERGED, "training diverged"
+  if isinstance(e, ValueError) and type(e).__module__.startswith("pasr_jax"):
+    return EXIT_CONFIG, type(e).__name__  # ConfigError, DataError, PromptError, ...
+  return None
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -59,14 +97,17 @@ def main(argv: list[str]) -> int:
     return 2
   try:
     run(cfg)
-  except ConfigError as e:
-    print(f"pasr_jax.train: {e}", file=sys.stderr)
-    return 2
-  except ValueError as e:  # DataError, PromptError, ...: user input, not a crash
-    if type(e).__module__.startswith("pasr_jax"):
-      print(f"pasr_jax.train: {type(e).__name__}: {e}", file=sys.stderr)
-      return 2
-    raise
+  except KeyboardInterrupt:  # a second Ctrl-C: no save
+    print("pasr_jax.train: interrupted: stopped at once by a second Ctrl-C; the last "
+          "checkpoint is what a rerun resumes from", file=sys.stderr)
+    return EXIT_INTERRUPTED
+  except Exception as e:  # pylint: disable=broad-except
+    known = classify(e)
+    if known is None or _DEBUG.value:
+      raise
+    code, what = known
+    print(f"pasr_jax.train: {what}: {' '.join(str(e).split())}", file=sys.stderr)
+    return code
   return 0
 
 

@@ -1,6 +1,7 @@
 """Every preset loads, and the memory plan of a paper preset accounts for every byte class."""
 
 import importlib.util
+import re
 import os
 
 import pytest
@@ -44,3 +45,28 @@ def test_plan_one_layer_of_qwen3_8b_on_8_devices():
   expected_gib = out["params"] * 4 * 4 / 8 / 2**30
   assert out["argument_gib"] == pytest.approx(expected_gib, rel=0.05)
   assert 0 < out["temp_gib"] and out["peak_gib"] >= out["argument_gib"]
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("optim.lr", -0.001, "optim.lr=-0.001: must be > 0"),
+    ("grpo.beta", -1.0, "grpo.beta=-1.0: must be >= 0"),
+    ("grpo.eps_low", 1.5, "grpo.eps_low=1.5: must be in [0, 1)"),
+    ("rollout.temperature", -0.5, "rollout.temperature=-0.5: must be > 0"),
+    ("judge.timeout_s", 0.0, "judge.timeout_s=0.0: must be > 0"),
+    ("judge.max_unparseable_frac", 2.0, "judge.max_unparseable_frac=2.0"),
+    ("rollout.timeout_s", -1.0, "rollout.timeout_s=-1.0"),
+    ("data.max_row_chars", -5, "data.max_row_chars=-5"),
+    ("rewards.refine_weight", -1.0, "rewards.refine_weight=-1.0"),
+])
+def test_senseless_values_fail_before_anything_starts(key, value, needle):
+  from pasr_jax.config import ConfigError, validate_config
+  cfg = load_preset("tiny_cpu")
+  node = cfg
+  *parents, leaf = key.split(".")
+  for part in parents:
+    node = node[part]
+  node[leaf] = value
+  with pytest.raises(ConfigError, match=re.escape(needle)):
+    validate_config(cfg)
+
+

@@ -91,3 +91,176 @@ def test_stop_request_ends_the_wait(tiny_sampler):
                             seed=3)
   finally:
     tiny_sampler.should_stop = lambda: False
+
+
+# ----------------------------------------------------------------------------- whole runs
+# `python -m pasr_jax.train` (tiny_cpu preset) in its own process group, as in test_train.
+from test_train import DATA, ROOT, _assert_group_gone, _cmd, _env  # noqa: E402
+
+
+def _serve_verify(port: int):
+  import subprocess
+  import sys
+
+  from procs import wait_healthy
+  proc = subprocess.Popen([sys.executable, "-m", "pasr_jax.judge", "--backend", "verify",
+                           "--host", "127.0.0.1", "--port", str(port)], env=_env())
+  assert wait_healthy(f"http://127.0.0.1:{port}", proc, 60), "verify judge did not start"
+  return proc
+
+
+def _wait_for_step(workdir, proc, step: int, timeout_s: float = 420.0) -> None:
+  from pasr_jax import metrics
+  path = workdir / "metrics.jsonl"
+  deadline = time.time() + timeout_s
+  while not (path.exists() and len(metrics.read_jsonl(str(path))) >= step):
+    assert proc.poll() is None, f"run ended (rc {proc.returncode}) before step {step}"
+    assert time.time() < deadline, f"no step {step} within {timeout_s} s"
+    time.sleep(0.2)
+
+
+def _popen(workdir, judge_url, *overrides, log):
+  import subprocess
+  return subprocess.Popen(_cmd(workdir, judge_url, *overrides), cwd=ROOT, env=_env(),
+                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@pytest.mark.timeout(900)
+def test_run_survives_engine_death_and_a_judge_restart(tmp_path):
+  """The engine core SIGKILLed between steps 1 and 2 and the judge down for ~10 s in step 3:
+  the engine is restarted and re-synced, the judge retried, and the run ends like an
+  unfaulted one: every step logged once, every sampled answer recorded once."""
+  from pasr_jax import metrics
+  from procs import free_port, stop
+  port = free_port()
+  url = f"http://127.0.0.1:{port}"
+  judge = _serve_verify(port)
+  w = tmp_path / "w"
+  log_path = tmp_path / "w.log"
+  try:
+    with open(log_path, "w") as log:
+      p = _popen(w, url, "--config.train.steps=4", "--config.judge.retries=6",
+                 f"--config.data.files=('{DATA / 'say_seven.jsonl'}',)", log=log)
+      _wait_for_step(w, p, 1)
+      cores = [c for c in psutil.Process(p.pid).children(recursive=True)
+               if "EngineCore" in " ".join(c.cmdline()) + c.name()]
+      assert cores, [c.name() for c in psutil.Process(p.pid).children(recursive=True)]
+      for c in cores:
+        c.kill()
+      _wait_for_step(w, p, 2)
+      stop(judge)                       # judge gone while step 3 samples and judges
+      time.sleep(8.0)
+      judge = _serve_verify(port)       # ... and back on the same port
+      rc = p.wait(420)
+    out = log_path.read_text(errors="replace")
+    assert rc == 0, out[-4000:]
+    _assert_group_gone(p.pid)
+  finally:
+    stop(judge)
+  assert "restarting the engine and retrying the step" in out, out[-3000:]
+  m = metrics.read_jsonl(str(w / "metrics.jsonl"))
+  assert [r["step"] for r in m] == [1, 2, 3, 4]
+  assert all(r["judge/failures"] == 0 for r in m) and any(r["judge/retries"] > 0 for r in m)
+  rec = metrics.read_jsonl(str(w / "rollouts.jsonl"))
+  assert [r["step"] for r in rec] == [s for s in (1, 2, 3, 4) for _ in range(16)]
+  # Step 2 ran on the restarted engine, given the trainer's weights as a new version.
+  assert m[-1]["policy_version"] == 5
+
+
+class _ProseJudge:
+  """An OpenAI-compatible server on 127.0.0.1 that never answers with a number."""
+
+  def __init__(self):
+    import fastapi
+    import uvicorn
+
+    from procs import free_port
+    app = fastapi.FastAPI()
+
+    @app.get("/v1/models")
+    async def models():
+      return {"object": "list", "data": [{"id": "chatty", "object": "model"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat():
+      return {"choices": [{"index": 0, "message": {
+          "role": "assistant", "content": "What a thoughtful answer, well done!"}}]}
+
+    self.url = f"http://127.0.0.1:{free_port()}"
+    port = int(self.url.rsplit(":", 1)[1])
+    self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                                log_level="warning"))
+    self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+  def __enter__(self):
+    self.thread.start()
+    while not self.server.started:
+      time.sleep(0.05)
+    return self
+
+  def __exit__(self, *exc):
+    self.server.should_exit = True
+    self.thread.join(10)
+
+
+@pytest.mark.timeout(600)
+def test_prose_judge_stops_the_run_with_its_words(tmp_path):
+  import subprocess
+  with _ProseJudge() as judge:
+    p = subprocess.run(_cmd(tmp_path / "w", judge.url, "--config.train.steps=2"), cwd=ROOT,
+                       env=_env(), capture_output=True, text=True, timeout=500)
+  assert p.returncode == 3, p.stderr[-3000:]
+  last = p.stderr.strip().splitlines()[-1]
+  assert last.startswith("pasr_jax.train: judge: ") and "16 of 16 replies hold no score" in last
+  assert "What a thoughtful answer, well done!" in last and "Traceback" not in p.stderr
+
+
+@pytest.mark.timeout(900)
+def test_disk_full_ends_in_one_line_and_the_run_resumes(tmp_path):
+  """The workdir's filesystem (a 64 MB tmpfs made here) fills up after step 1: exit 5 with one
+  line; once there is room again the same command resumes from step 1's checkpoint."""
+  import subprocess
+
+  from pasr_jax import metrics
+  mnt = tmp_path / "small"
+  mnt.mkdir()
+  r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)],
+                     capture_output=True, text=True)
+  if r.returncode != 0:
+    pytest.skip(f"this machine refuses a tmpfs mount: {r.stderr.strip()}")
+  try:
+    w = mnt / "w"
+    filler = mnt / "filler"
+    args = ("--config.train.steps=3", "--config.checkpoint.every=1",
+            "--config.checkpoint.async_save=False")
+    from procs import start_judge, stop
+    judge, url = start_judge("--backend", "verify")
+    try:
+      with open(tmp_path / "a.log", "w") as log:
+        p = _popen(w, url, *args, log=log)
+        _wait_for_step(w, p, 1)
+        with open(filler, "wb") as f:   # take every free byte
+          try:
+            while True:
+              f.write(b"\0" * (1 << 20))
+              f.flush()
+          except OSError:
+            pass
+        rc = p.wait(420)
+      out = (tmp_path / "a.log").read_text(errors="replace")
+      assert rc == 5, out[-3000:]
+      last = out.strip().splitlines()[-1]
+      assert last.startswith("pasr_jax.train: ") and "No space left on device" in last, last
+      _assert_group_gone(p.pid)
+      filler.unlink()
+      p = subprocess.run(_cmd(w, url, *args), cwd=ROOT, env=_env(), capture_output=True,
+                         text=True, timeout=500)
+      assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+      assert "resumed from step " in p.stdout
+    finally:
+      stop(judge)
+    assert [r["step"] for r in metrics.read_jsonl(str(w / "metrics.jsonl"))] == [1, 2, 3]
+    rec = metrics.read_jsonl(str(w / "rollouts.jsonl"))
+    assert [r["step"] for r in rec] == [s for s in (1, 2, 3) for _ in range(16)]
+  finally:
+    subprocess.run(["umount", "-l", str(mnt)], check=False)

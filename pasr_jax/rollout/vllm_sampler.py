@@ -148,6 +148,11 @@ class VllmSampler:
     return self._llm
 
   @property
+  def needs_sync(self) -> bool:
+    """True when the engine does not hold the weights of `policy_version` (generate refuses)."""
+    return self._broken is not None
+
+  @property
   def tokenizer(self):
     return self.llm.get_tokenizer()
 
