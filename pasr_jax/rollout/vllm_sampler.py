@@ -236,12 +236,14 @@ class VllmSampler:
   def _guarded(self, call: Callable[[], Any], what: str) -> Any:
     """Runs a blocking engine call; a dead engine, the time limit or `should_stop` end it.
 
-    vLLM's `LLM.generate` waits on its engine client's output queue, and when the engine
-    core dies its monitor thread shuts the client down without putting anything there, so
-    the wait never ends (vllm 0.32). A watchdog thread checks the engine's processes, the
-    deadline and `should_stop` every 0.2 s and, on any of them, puts an exception into that
-    queue, which `get_output` then raises in this thread. The engine is closed afterwards,
-    since it may still hold the aborted requests or be half gone.
+    vLLM's `LLM.generate` waits on its engine client's output queue (and `collective_rpc` on
+    a future), and when the engine core dies its monitor thread shuts the client down
+    without putting anything there, so the wait never ends (vllm 0.32). A watchdog thread
+    checks the engine's processes, the deadline and `should_stop` every 0.2 s and, on any of
+    them, puts an exception into that queue and into every pending utility future, which
+    then raise in this thread. The engine is closed afterwards (it may still hold the
+    aborted requests or be half gone) and EngineError raised; so is vLLM's own
+    EngineDeadError. Other errors of the call are raised unchanged.
     """
     client = self.llm.llm_engine.engine_core
     queue = getattr(client, "outputs_queue", None)  # absent in-process (no engine core)
@@ -264,8 +266,13 @@ class VllmSampler:
           why.append("interrupted (SIGTERM/SIGINT)")
         else:
           continue
+        err = EngineError(why[0])
         if queue is not None:
-          queue.put_nowait(EngineError(why[0]))
+          queue.put_nowait(err)
+        for fut in list(getattr(client, "utility_results", {}).values()):
+          if not fut.done():
+            with contextlib.suppress(Exception):  # resolved meanwhile
+              fut.set_exception(err)
         return
 
     watcher = threading.Thread(target=watch, name="pasr-engine-watchdog", daemon=True)
@@ -273,7 +280,9 @@ class VllmSampler:
     try:
       return call()
     except Exception as e:  # pylint: disable=broad-except
-      reason = why[0] if why else f"{type(e).__name__}: {e}"
+      if not why and type(e).__name__ != "EngineDeadError":
+        raise
+      reason = why[0] if why else f"the vLLM engine died ({type(e).__name__}: {e})"
       self._abandon_engine()
       raise EngineError(f"vLLM {what}: {reason}; the engine was closed and restarts on the "
                         "next call") from e
@@ -366,8 +375,12 @@ class VllmSampler:
         self.close()
       llm = self.llm
       try:
-        refreshed = llm.collective_rpc("pasr_reload_weights",
-                                       kwargs={"weights_path": str(out_dir)})
+        refreshed = self._guarded(
+            lambda: llm.collective_rpc("pasr_reload_weights",
+                                       kwargs={"weights_path": str(out_dir)}),
+            f"weight reload for version {version}")
+      except EngineError:
+        raise  # the engine is gone (closed): the next call starts one from model_dir
       except Exception as e:
         self._broken = f"reload for version {version} failed: {e!r}"
         raise SyncError(f"sync to version {version}: vLLM reload_weights from {out_dir} "
