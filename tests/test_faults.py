@@ -210,9 +210,10 @@ def test_prose_judge_stops_the_run_with_its_words(tmp_path):
     p = subprocess.run(_cmd(tmp_path / "w", judge.url, "--config.train.steps=2"), cwd=ROOT,
                        env=_env(), capture_output=True, text=True, timeout=500)
   assert p.returncode == 3, p.stderr[-3000:]
-  last = p.stderr.strip().splitlines()[-1]
-  assert last.startswith("pasr_jax.train: judge: ") and "16 of 16 replies hold no score" in last
-  assert "What a thoughtful answer, well done!" in last and "Traceback" not in p.stderr
+  ours = [line for line in p.stderr.splitlines() if line.startswith("pasr_jax.train: ")]
+  assert len(ours) == 1 and ours[0].startswith("pasr_jax.train: judge: "), p.stderr[-3000:]
+  assert "16 of 16 replies hold no score" in ours[0]
+  assert "What a thoughtful answer, well done!" in ours[0] and "Traceback" not in p.stderr
 
 
 @pytest.mark.timeout(900)
@@ -249,8 +250,8 @@ def test_disk_full_ends_in_one_line_and_the_run_resumes(tmp_path):
         rc = p.wait(420)
       out = (tmp_path / "a.log").read_text(errors="replace")
       assert rc == 5, out[-3000:]
-      last = out.strip().splitlines()[-1]
-      assert last.startswith("pasr_jax.train: ") and "No space left on device" in last, last
+      ours = [line for line in out.splitlines() if line.startswith("pasr_jax.train: ")]
+      assert len(ours) == 1 and "No space left on device" in ours[0], out[-3000:]
       _assert_group_gone(p.pid)
       filler.unlink()
       p = subprocess.run(_cmd(w, url, *args), cwd=ROOT, env=_env(), capture_output=True,
