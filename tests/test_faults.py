@@ -240,6 +240,10 @@ def test_disk_full_ends_in_one_line_and_the_run_resumes(tmp_path):
       with open(tmp_path / "a.log", "w") as log:
         p = _popen(w, url, *args, log=log)
         _wait_for_step(w, p, 1)
+        deadline = time.time() + 120
+        while not (w / "checkpoints" / "1").is_dir():  # renamed into place when complete
+          assert p.poll() is None and time.time() < deadline, "no checkpoint of step 1"
+          time.sleep(0.05)
         with open(filler, "wb") as f:   # take every free byte
           try:
             while True:
@@ -257,7 +261,7 @@ def test_disk_full_ends_in_one_line_and_the_run_resumes(tmp_path):
       p = subprocess.run(_cmd(w, url, *args), cwd=ROOT, env=_env(), capture_output=True,
                          text=True, timeout=500)
       assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-      assert "resumed from step " in p.stdout
+      assert "resumed from step 1" in p.stdout, p.stdout[-3000:]
     finally:
       stop(judge)
     assert [r["step"] for r in metrics.read_jsonl(str(w / "metrics.jsonl"))] == [1, 2, 3]
@@ -265,3 +269,20 @@ def test_disk_full_ends_in_one_line_and_the_run_resumes(tmp_path):
     assert [r["step"] for r in rec] == [s for s in (1, 2, 3) for _ in range(16)]
   finally:
     subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("--config.mesh.shape=(3,-1,1)", "MeshError: mesh.shape=(3, -1, 1) does not divide 8 devices"),
+    ("--config.optim.micro_batch=3", "optim.micro_batch=3 must be a positive multiple of the "
+     "batch shards data*fsdp=8"),
+    ("--config.model.tiny_random=False", "model.path='': no HF model dir (config.json) there"),
+    ("--config.optim.lr=-0.001", "optim.lr=-0.001: must be > 0"),
+])
+def test_config_faults_end_in_one_line_exit_2(tmp_path, override, needle):
+  import subprocess
+  p = subprocess.run(_cmd(tmp_path / "w", "http://127.0.0.1:9", override,
+                          "--config.rewards.accuracy_rule=contains"),
+                     cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+  ours = [line for line in p.stderr.splitlines() if line.startswith("pasr_jax.train: ")]
+  assert p.returncode == 2 and len(ours) == 1 and needle in ours[0], p.stderr[-3000:]
+  assert "Traceback" not in p.stderr
