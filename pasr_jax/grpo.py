@@ -168,16 +168,20 @@ def tis_weights(old_trainer: jax.Array, old_sampler: jax.Array, mask: jax.Array,
 def loss_denominator(mask: jax.Array, agg: str) -> jax.Array:
   """The denominator of the batch loss for `agg` (the loss is sum / denominator).
 
-  token_mean: number of completion tokens; seq_mean_token_mean: number of sequences with at
-  least one completion token; seq_mean_token_sum_norm: number of sequences.
+  token_mean: number of scored tokens; seq_mean_token_mean and seq_mean_token_sum_norm:
+  number of sequences with at least one scored token.
+
+  A row with no scored token is not a sequence of the loss, whatever the aggregation: the
+  rows `step.pack_batch` adds to fill the last micro-batch, and answers masked out by
+  grpo.mask_truncated. (TRL divides by all rows, `completion_mask.size(0)`, for "grpo" and
+  "dr_grpo", so there an all-masked row scales the batch's loss down; here it changes
+  nothing, and a batch padded with such rows has exactly the loss of the unpadded one.)
   """
   mask = mask.astype(jnp.float32)
   if agg == "token_mean":
     return mask.sum()
-  if agg == "seq_mean_token_mean":
+  if agg in ("seq_mean_token_mean", "seq_mean_token_sum_norm"):
     return (mask.sum(axis=1) > 0).astype(jnp.float32).sum()
-  if agg == "seq_mean_token_sum_norm":
-    return jnp.asarray(mask.shape[0], jnp.float32)
   raise GRPOError(f"grpo.agg={agg!r} must be one of {AGGS}")
 
 
@@ -192,7 +196,7 @@ def grpo_loss(logps: jax.Array, old_logps: jax.Array, ref_logps: jax.Array | Non
   k3 = exp(ref - logp) - (ref - logp) - 1, w the optional truncated IS weight. `agg`:
   seq_mean_token_mean (per-sequence token mean, then mean over sequences: PASR/TRL),
   token_mean (DAPO), seq_mean_token_sum_norm (Dr.GRPO: token sum / max_tokens, mean over
-  sequences). Metrics are means over this batch's masked tokens plus "tokens" (their count)
+  sequences); rows with no scored token do not count as sequences (see loss_denominator). Metrics are means over this batch's masked tokens plus "tokens" (their count)
   so the caller can combine micro-batches with token weights.
   """
   if agg not in AGGS:

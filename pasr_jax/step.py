@@ -57,7 +57,8 @@ def pack_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[
   (the trainer reads its logprob from logits at t-1). Length L = longest row rounded up
   to `multiple`. The row count is rounded up to `rows_multiple` (the micro-batch) with
   copies of row 0 whose loss_mask is 0: real tokens keep attention finite, and a row
-  without scored tokens adds nothing to the loss (token_mean / seq_mean_token_mean).
+  without scored tokens is no sequence of the loss (grpo.loss_denominator, all three
+  aggregations).
   """
   extra = (-len(prompts)) % rows_multiple
   prompts = list(prompts) + [prompts[0]] * extra

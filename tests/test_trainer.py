@@ -252,3 +252,25 @@ def test_bad_config_and_batch_raise():
     tr.update(b)
   with pytest.raises(TrainerError, match="schedule"):
     make_trainer(make_cfg(**{"optim.schedule": "linear"}))
+
+
+@pytest.mark.parametrize("agg", ["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"])
+def test_rows_padded_by_pack_batch_leave_the_loss_unchanged(agg):
+  """pack_batch fills the last micro-batch with mask-0 rows; 3 real rows padded to 4 give the
+  loss and gradient of the 3 rows alone (Dr.GRPO once counted the padding as sequences)."""
+  from pasr_jax.step import pack_batch
+  rng = np.random.default_rng(7)
+  prompts = [list(rng.integers(3, 256, PROMPT)) for _ in range(3)]
+  comps = [list(rng.integers(3, 256, n)) for n in (9, 4, 14)]
+  lps = [list(rng.normal(-5, 0.3, len(c))) for c in comps]
+  adv = [1.0, -0.5, 0.7]
+  tr = make_trainer(make_cfg(**{"grpo.agg": agg, "optim.micro_batch": 1, "grpo.beta": 0.04}))
+  out = {}
+  for rows in (1, 4):
+    b = pack_batch(prompts, comps, lps, adv, [True] * 3, 0, L, rows_multiple=rows)
+    out[rows] = tr.gradients(b)
+  assert out[4][1]["tokens"] == out[1][1]["tokens"] == 27
+  assert abs(out[1][1]["loss"]) > 1e-3
+  assert out[4][1]["loss"] == pytest.approx(out[1][1]["loss"], rel=1e-6)
+  np.testing.assert_allclose(flat(out[4][0]), flat(out[1][0]), rtol=1e-5,
+                             atol=1e-6 * np.abs(flat(out[1][0])).max())
