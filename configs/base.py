@@ -113,6 +113,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.optim.b2 = 0.999
   c.optim.clip_norm = 1.0
   c.optim.micro_batch = 2             # sequences per micro-batch (gradient accumulation)
+  c.optim.sequences_per_update = 0    # sequences per optimizer update; 0 = the whole rollout batch
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 100
