@@ -77,12 +77,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.judge.cache_size = 200_000        # judged prompts remembered (LRU), keyed by a prompt digest
   c.judge.input = "full"              # what the judge sees: full (the original) | answer
   c.judge.max_tokens = 16
+  c.judge.temperature = 0.0           # sampling temperature of the judge (original: 0.2)
   c.judge.autostart = False           # local base_url silent: start `python -m pasr_jax.judge --backend verify`
 
   c.prompts = ml_collections.ConfigDict()
   c.prompts.pasr_system_file = ""     # "" = built-in; else a text file with the system prompt
   c.prompts.plain_system_file = ""
   c.prompts.judge_dir = ""            # optional dir with general.txt / multiple_choice.txt / summary.txt
+  c.prompts.builtin = "ours"          # built-in system prompts: ours | paper (the original's meaning)
+  c.prompts.judge_style = "binary"    # built-in judge: binary (1/0) | graded (0..1, the original's training judge)
 
   c.rewards = ml_collections.ConfigDict()
   c.rewards.format_weight = 1.0
@@ -97,9 +100,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.grpo.eps_high = 0.2
   c.grpo.agg = "seq_mean_token_mean"  # | token_mean (DAPO) | seq_mean_token_sum_norm (Dr.GRPO)
   c.grpo.num_iterations = 1           # mu: updates per rollout batch
-  c.grpo.adv_std_ddof = 0
+  c.grpo.adv_std_ddof = 0             # 0 population std | 1 sample std (torch.std, the original)
+  c.grpo.adv_eps = 1e-4               # advantage = (r - mean) / (std + adv_eps)
+  c.grpo.skip_range = 0.0             # "zero variance": group reward max - min <= this (original: < 1e-4)
   c.grpo.adv_scale = "group"          # group | batch | none
-  c.grpo.skip_zero_variance = True
+  c.grpo.skip_zero_variance = True    # drop groups within grpo.skip_range from the batch
   c.grpo.recompute_old_logps = False  # use trainer logprobs instead of the sampler's
   c.grpo.tis_cap = 0.0                # >0: truncated importance-sampling weight cap
   c.grpo.mask_truncated = False       # drop loss on completions cut at max_tokens

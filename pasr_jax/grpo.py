@@ -116,22 +116,25 @@ def sequence_logprobs(logits: jax.Array, input_ids: jax.Array, temperature: floa
 
 
 def group_advantages(rewards, n: int, ddof: int = 0, scale: str = "group",
-                     eps: float = 1e-4) -> tuple[np.ndarray, int]:
+                     eps: float = 1e-4, tol: float = 0.0) -> tuple[np.ndarray, int]:
   """Group-normalised advantages for rewards `[G*n]` (n answers per prompt, grouped contiguously).
 
   adv = (r - mean_group) / (std + eps) with std the group's (scale="group"), the whole batch's
   (scale="batch", as Dr.GRPO-style batch normalisation) or 1 with eps=0 (scale="none": mean
   centring only). `ddof` is the std flavour (0 population, 1 sample as torch.std). Returns
-  (float32 `[G*n]`, number of groups whose rewards are all equal).
+  (float32 `[G*n]`, number of "zero-variance" groups: reward max - min <= tol, see
+  `flat_groups`).
   """
   r = np.asarray(rewards, dtype=np.float64).reshape(-1)
   if n < 1 or r.size % n:
     raise GRPOError(f"{r.size} rewards do not split into groups of n={n}")
   if ddof not in (0, 1) or (ddof == 1 and n < 2):
     raise GRPOError(f"adv_std_ddof={ddof} is not usable with n={n} (0, or 1 when n >= 2)")
+  if eps < 0 or tol < 0:
+    raise GRPOError(f"grpo.adv_eps={eps} and grpo.skip_range={tol} must be >= 0")
   g = r.reshape(-1, n)
   centred = g - g.mean(axis=1, keepdims=True)
-  zero_var = int(np.sum(g.max(axis=1) == g.min(axis=1)))
+  zero_var = int(np.sum(flat_groups(r, n, tol)))
   if scale == "group":
     adv = centred / (g.std(axis=1, ddof=ddof, keepdims=True) + eps)
   elif scale == "batch":
@@ -141,6 +144,13 @@ def group_advantages(rewards, n: int, ddof: int = 0, scale: str = "group",
   else:
     raise GRPOError(f"grpo.adv_scale={scale!r} must be one of group, batch, none")
   return adv.reshape(-1).astype(np.float32), zero_var
+
+
+def flat_groups(rewards, n: int, tol: float = 0.0) -> np.ndarray:
+  """`[G]` bool: groups of n rewards whose range max - min is <= tol (grpo.skip_range; 0 =
+  all equal; the original skips ranges < 1e-4). They carry no (or only noise) signal."""
+  g = np.asarray(rewards, dtype=np.float64).reshape(-1, n)
+  return (g.max(axis=1) - g.min(axis=1)) <= tol
 
 
 # ----------------------------------------------------------------------------- loss

@@ -152,9 +152,9 @@ class RolloutStep:
         t = pasr.reward_terms(c.text, a, base_accs[i], self.cfg.rewards.zeta)
         terms.append(t)
         rewards.append(pasr.weighted_reward(t, self.cfg.rewards))
-    adv, zero_var = grpo.group_advantages(rewards, n, gc.adv_std_ddof, gc.adv_scale)
-    group_var = np.asarray(rewards).reshape(B, n)
-    keep_group = ~(group_var.max(1) == group_var.min(1)) | (not gc.skip_zero_variance)
+    adv, zero_var = grpo.group_advantages(rewards, n, gc.adv_std_ddof, gc.adv_scale,
+                                          gc.adv_eps, gc.skip_range)
+    keep_group = ~grpo.flat_groups(rewards, n, gc.skip_range) | (not gc.skip_zero_variance)
 
     pasr_comps = [c for g in groups[:B] for c in g.completions]
     truncated = np.array([c.finish_reason == "length" for c in pasr_comps])
