@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pasr_jax import grpo, pasr
+from pasr_jax import chat, grpo, pasr
 from pasr_jax.data import Row
 
 
@@ -32,14 +32,6 @@ class StepOutput:
   batch: dict[str, np.ndarray] | None
   records: list[dict[str, Any]]
   scalars: dict[str, float]
-
-
-def chat_prompt_ids(tokenizer, system: str, question: str) -> list[int]:
-  """ChatML (the tokenizer's template) token ids of [system, user] + the assistant header."""
-  ids = tokenizer.apply_chat_template(
-      [{"role": "system", "content": system}, {"role": "user", "content": question}],
-      add_generation_prompt=True, tokenize=True, return_dict=False)
-  return list(ids)
 
 
 def _contains(answer_text: str, target: str) -> float:
@@ -99,11 +91,11 @@ class RolloutStep:
     self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
   def _prompt(self, system: str, question: str) -> tuple[list[int], bool]:
-    ids = chat_prompt_ids(self.tok, system, question)
-    cap = self.cfg.rollout.max_prompt_tokens
-    if len(ids) > cap:
-      return ids[-cap:], True  # keep the end: the question and the assistant header
-    return ids, False
+    """[system, user] ids within rollout.max_prompt_tokens: the question is cut, not the
+    system prompt (chat.fit); the bool says whether it was."""
+    ids, _, cut = chat.fit(self.tok, lambda q: chat.user_chat(system, q), question,
+                           int(self.cfg.rollout.max_prompt_tokens))
+    return ids, cut
 
   def _accuracies(self, rows: Sequence[Row], texts: list[list[str]]) -> tuple[list[list[float]], dict]:
     """Accuracy in [0, 1] of every answer text, `texts[prompt][sample]`."""
