@@ -93,6 +93,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.rewards.refine_weight = 1.0
   c.rewards.zeta = 0.0                # tolerance around the baseline mean (original: strict)
   c.rewards.accuracy_rule = ""        # "" = judge; "contains": 1 if the answer holds the row's answer
+  c.rewards.refine_compare = "mean"   # mean (PASR) | single ("w/o multi-answer") | none ("w/o comparison"), paper Table 2
+  c.rewards.refine_fixed = 1.0        # refine_compare=none: the reward of any answer with a refinement
 
   c.grpo = ml_collections.ConfigDict()
   c.grpo.beta = 0.04                  # KL weight (k3); 0 skips the reference forward

@@ -329,6 +329,41 @@ def reward_terms(text: str, acc: float, baseline_accs: Sequence[float] | None,
           "refine": refine_reward(text, acc, baseline_accs, zeta)}
 
 
+# rewards.refine_compare: what a refining answer is compared with. "mean": the mean accuracy
+# of the question's baseline answers (PASR); "single": only the baseline answer with the same
+# index (paper Table 2, "w/o multi-answer"); "none": no comparison, every answer with a
+# refinement gets rewards.refine_fixed (Table 2, "w/o comparison").
+REFINE_COMPARE = ("mean", "single", "none")
+
+
+def group_reward_terms(texts: Sequence[str], accs: Sequence[float],
+                       baseline_accs: Sequence[float] | None, cfg: Any = None
+                       ) -> list[dict[str, float]]:
+  """`reward_terms` of one question's answers under the `rewards` config `cfg` (zeta,
+  refine_compare, refine_fixed; None: the paper's defaults). `baseline_accs`: the accuracies
+  of the question's baseline answers, None without a baseline."""
+  get = (lambda k, d: d) if cfg is None else cfg.get
+  zeta = float(get("zeta", 0.0))
+  compare = get("refine_compare", "mean")
+  if compare not in REFINE_COMPARE:
+    raise RewardError(f"rewards.refine_compare={compare!r}: expected one of {REFINE_COMPARE}")
+  if compare == "single" and baseline_accs is not None and len(baseline_accs) != len(texts):
+    raise RewardError(f"rewards.refine_compare='single' pairs answer k with baseline answer k: "
+                      f"{len(texts)} answers but {len(baseline_accs)} baseline answers")
+  out = []
+  for k, (text, acc) in enumerate(zip(texts, accs)):
+    if compare == "none":
+      t = reward_terms(text, acc, None, zeta)
+      t["refine"] = float(get("refine_fixed", 1.0)) if count_refines(text) else 0.0
+    else:
+      base = baseline_accs
+      if compare == "single" and base is not None:
+        base = [baseline_accs[k]]
+      t = reward_terms(text, acc, base, zeta)
+    out.append(t)
+  return out
+
+
 def total_reward(text: str, acc: float, baseline_accs: Sequence[float] | None,
                  weights: Any = None) -> float:
   """format_weight*format + accuracy_weight*acc + refine_weight*refine.

@@ -140,10 +140,10 @@ class RolloutStep:
     base_accs = accs[B:] if rc.baseline else [None] * B
     rewards, terms = [], []
     for i in range(B):
-      for c, a in zip(groups[i].completions, accs[i]):
-        t = pasr.reward_terms(c.text, a, base_accs[i], self.cfg.rewards.zeta)
-        terms.append(t)
-        rewards.append(pasr.weighted_reward(t, self.cfg.rewards))
+      group = pasr.group_reward_terms([c.text for c in groups[i].completions], accs[i],
+                                      base_accs[i], self.cfg.rewards)
+      terms += group
+      rewards += [pasr.weighted_reward(t, self.cfg.rewards) for t in group]
     adv, zero_var = grpo.group_advantages(rewards, n, gc.adv_std_ddof, gc.adv_scale,
                                           gc.adv_eps, gc.skip_range)
     keep_group = ~grpo.flat_groups(rewards, n, gc.skip_range) | (not gc.skip_zero_variance)
