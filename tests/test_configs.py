@@ -16,10 +16,10 @@ def load_preset(name: str):
   return mod.get_config()
 
 
-@pytest.mark.parametrize("name", TRAIN_PRESETS + ("eval",))
+@pytest.mark.parametrize("name", TRAIN_PRESETS + ("eval", "paper_eval"))
 def test_preset_loads(name):
   cfg = load_preset(name)
-  assert cfg.workdir if name != "eval" else cfg.model is not None
+  assert cfg.workdir if "eval" not in name else cfg.model is not None
 
 
 @pytest.mark.parametrize("name", ("qwen2_5_7b", "qwen3_8b"))
