@@ -110,6 +110,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.grpo.recompute_old_logps = False  # use trainer logprobs instead of the sampler's
   c.grpo.tis_cap = 0.0                # >0: truncated importance-sampling weight cap
   c.grpo.mask_truncated = False       # drop loss on completions cut at max_tokens
+  c.grpo.loss_temperature = 0.0       # logprob temperature of the loss; 0 = rollout.temperature (original: 1.0)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-6

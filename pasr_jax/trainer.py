@@ -162,7 +162,7 @@ def make_step_fns(graphdef, rest, tx: optax.GradientTransformation,
   gradients(params, ref_params, batch) -> (grads, metrics): the full-batch loss gradient
   """
   g = cfg.grpo
-  temperature = float(cfg.rollout.temperature)
+  temperature = loss_temperature(cfg)
   beta = float(g.beta)
   lp_fn = functools.partial(_logprobs_fn, graphdef, rest, temperature=temperature, chunk=chunk,
                             mesh=mesh, compute_dtype=jnp.dtype(cfg.model.dtype))
@@ -247,6 +247,13 @@ def jit_update(update: Callable, mesh: Mesh, param_shardings: Any, opt_shardings
       donate_argnums=(0, 2))
 
 
+def loss_temperature(cfg: ml_collections.ConfigDict) -> float:
+  """The temperature of the trainer's logprobs: grpo.loss_temperature, or with 0 (default)
+  rollout.temperature, so that the ratio is against the distribution that was sampled. The
+  original run scores raw logits (1.0) while sampling at 0.9."""
+  return float(cfg.grpo.get("loss_temperature", 0.0) or cfg.rollout.temperature)
+
+
 def updates_per_step(cfg: ml_collections.ConfigDict) -> int:
   """Optimizer updates one rollout step takes at most (a full batch of prompts_per_step x n
   answers): ceil(batch / optim.sequences_per_update) x grpo.num_iterations. The learning-rate
@@ -299,6 +306,14 @@ class Trainer:
     if spu < 0 or spu % mb:
       raise TrainerError(f"optim.sequences_per_update={spu} must be 0 (the whole rollout "
                          f"batch) or a positive multiple of optim.micro_batch={mb}")
+    g = cfg.grpo
+    if loss_temperature(cfg) != float(cfg.rollout.temperature) and not (
+        g.recompute_old_logps or g.tis_cap > 0):
+      raise TrainerError(
+          f"grpo.loss_temperature={g.loss_temperature} differs from rollout.temperature="
+          f"{cfg.rollout.temperature}, whose logprobs the sampler returns: set "
+          "grpo.recompute_old_logps=True (or grpo.tis_cap > 0) so the old logprobs are the "
+          "trainer's at the loss temperature")
     self.graphdef, params, self._rest = nnx.split(model, nnx.Param, ...)
     for leaf in jax.tree.leaves(params):
       if leaf.dtype != jnp.dtype(cfg.model.param_dtype):

@@ -319,3 +319,18 @@ def test_sequences_per_update_splits_the_rollout_batch(over, mesh):
 def test_sequences_per_update_must_split_into_micro_batches():
   with pytest.raises(TrainerError, match="optim.sequences_per_update=6"):
     make_trainer(make_cfg(**{"optim.micro_batch": 4, "optim.sequences_per_update": 6}))
+
+
+def test_loss_temperature_scores_raw_logits_like_the_original():
+  """grpo.loss_temperature=1 with sampling at 0.9: the trainer's logprobs are those of the raw
+  logits (the original run's), and it needs its own old logprobs to match them."""
+  over = {"rollout.temperature": 0.9, "grpo.loss_temperature": 1.0}
+  with pytest.raises(TrainerError, match="grpo.loss_temperature=1.0 .*recompute_old_logps"):
+    make_trainer(make_cfg(**over))
+  raw = make_trainer(make_cfg(**over, **{"grpo.recompute_old_logps": True}))
+  at_09 = make_trainer(make_cfg(**{"rollout.temperature": 0.9}))
+  batch = make_batch(8)
+  scored = batch["loss_mask"] > 0
+  want = np.asarray(np_logprobs(raw.model, batch))
+  np.testing.assert_allclose(raw.logprobs(batch)[scored], want[scored], rtol=0, atol=2e-5)
+  assert np.abs(at_09.logprobs(batch)[scored] - want[scored]).max() > 1e-2
