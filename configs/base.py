@@ -41,7 +41,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.question_field = ""          # "" = auto: question | instruction | Q | problem
   c.data.answer_field = ""            # "" = auto: answer | output | A | solution
   c.data.task_type = "general"        # judge prompt: general | multiple_choice | summary
-  c.data.shuffle_seed = 0
+  c.data.shuffle_seed = 0             # permutation per epoch; -1 = file order (the original's)
   c.data.tfds_name = ""               # optional TFDS builder name (with data.tfds_data_dir)
   c.data.tfds_data_dir = ""
 

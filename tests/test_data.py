@@ -97,3 +97,14 @@ def test_stream_is_seeded_covers_epochs_and_resumes():
   assert [[r.id for r in s3.next_batch()] for _ in range(4)] == [[r.id for r in b] for b in batches[3:]]
   other = data.BatchStream(rows, batch_size=5, seed=4)
   assert [r.id for r in other.next_batch()] != [r.id for r in batches[0]]
+
+
+def test_seed_minus_one_streams_in_file_order_and_resumes():
+  """data.shuffle_seed=-1: the original run's order (the file's, every epoch)."""
+  rows = data.load_rows(DATA / "gsm8k_train_16.jsonl")
+  s = data.BatchStream(rows, batch_size=5, seed=-1)
+  flat = [r.id for _ in range(7) for r in s.next_batch()]
+  ids = [r.id for r in rows]
+  assert flat == (ids * 3)[:35]
+  s2 = data.BatchStream(rows, batch_size=5, seed=-1, cursor=data.Cursor(epoch=1, index=2))
+  assert [r.id for r in s2.next_batch()] == ids[2:7]
