@@ -31,9 +31,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def _prompts(tok, k: int) -> list[list[int]]:
   qs = ["What is 2+3?", "Name a primary colour.", "Write a sentence about the sea.",
         "Why is the sky blue?", "List three fruits.", "What is the capital of France?"]
-  return [list(tok.apply_chat_template([{"role": "user", "content": q}],
-                                       add_generation_prompt=True, tokenize=True,
-                                       return_dict=True)["input_ids"]) for q in qs[:k]]
+  from pasr_jax import chat
+  return [chat.encode(tok, chat.user_chat(None, q)) for q in qs[:k]]
 
 
 def bench_generate(sampler, prompts, n, max_tokens, reps) -> None:

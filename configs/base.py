@@ -46,6 +46,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.task_type = "general"        # judge prompt: general | multiple_choice | summary
   c.data.shuffle_seed = 0
   c.data.max_row_chars = 200_000      # longer rows (question + answer) are skipped and logged
+  c.data.shuffle_seed = 0             # permutation per epoch; -1 = file order (the original's)
   c.data.tfds_name = ""               # optional TFDS builder name (with data.tfds_data_dir)
   c.data.tfds_data_dir = ""
 
@@ -82,12 +83,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.judge.input = "full"              # what the judge sees: full (the original) | answer
   c.judge.max_tokens = 16
   c.judge.max_unparseable_frac = 0.5  # more replies without a score in a batch stop the run
+  c.judge.temperature = 0.0           # sampling temperature of the judge (original: 0.2)
   c.judge.autostart = False           # local base_url silent: start `python -m pasr_jax.judge --backend verify`
 
   c.prompts = ml_collections.ConfigDict()
   c.prompts.pasr_system_file = ""     # "" = built-in; else a text file with the system prompt
   c.prompts.plain_system_file = ""
   c.prompts.judge_dir = ""            # optional dir with general.txt / multiple_choice.txt / summary.txt
+  c.prompts.builtin = "ours"          # built-in system prompts: ours | paper (the original's meaning)
+  c.prompts.judge_style = "binary"    # built-in judge: binary (1/0) | graded (0..1, the original's training judge)
 
   c.rewards = ml_collections.ConfigDict()
   c.rewards.format_weight = 1.0
@@ -95,6 +99,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.rewards.refine_weight = 1.0
   c.rewards.zeta = 0.0                # tolerance around the baseline mean (original: strict)
   c.rewards.accuracy_rule = ""        # "" = judge; "contains": 1 if the answer holds the row's answer
+  c.rewards.refine_compare = "mean"   # mean (PASR) | single ("w/o multi-answer") | none ("w/o comparison"), paper Table 2
+  c.rewards.refine_fixed = 1.0        # refine_compare=none: the reward of any answer with a refinement
 
   c.grpo = ml_collections.ConfigDict()
   c.grpo.beta = 0.04                  # KL weight (k3); 0 skips the reference forward
@@ -102,12 +108,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.grpo.eps_high = 0.2
   c.grpo.agg = "seq_mean_token_mean"  # | token_mean (DAPO) | seq_mean_token_sum_norm (Dr.GRPO)
   c.grpo.num_iterations = 1           # mu: updates per rollout batch
-  c.grpo.adv_std_ddof = 0
+  c.grpo.adv_std_ddof = 0             # 0 population std | 1 sample std (torch.std, the original)
+  c.grpo.adv_eps = 1e-4               # advantage = (r - mean) / (std + adv_eps)
+  c.grpo.skip_range = 0.0             # "zero variance": group reward max - min <= this (original: < 1e-4)
   c.grpo.adv_scale = "group"          # group | batch | none
-  c.grpo.skip_zero_variance = True
+  c.grpo.skip_zero_variance = True    # drop groups within grpo.skip_range from the batch
   c.grpo.recompute_old_logps = False  # use trainer logprobs instead of the sampler's
   c.grpo.tis_cap = 0.0                # >0: truncated importance-sampling weight cap
   c.grpo.mask_truncated = False       # drop loss on completions cut at max_tokens
+  c.grpo.loss_temperature = 0.0       # logprob temperature of the loss; 0 = rollout.temperature (original: 1.0)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-6
@@ -118,6 +127,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.optim.b2 = 0.999
   c.optim.clip_norm = 1.0
   c.optim.micro_batch = 2             # sequences per micro-batch (gradient accumulation)
+  c.optim.sequences_per_update = 0    # sequences per optimizer update; 0 = the whole rollout batch
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 100

@@ -24,6 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.batch_size = 64                   # prompts per vLLM generate call (bounds lost work on ^C)
   c.seed = 0
   c.correct_threshold = 0.5           # score >= this counts as right (XSum scores are 0..1)
+  c.instructions = "ours"             # task instruction before the question: ours | paper (App. B.3)
+  c.second_turn_temperature = 0.0     # self_refine*: sampling temperature of the review turn (paper: 0.6)
+  c.oracle_revises = "wrong"          # self_refine_oracle revises: wrong (score < threshold) | zero (paper)
   c.rollout = base.rollout            # only rollout.vllm.* is used (engine settings)
   c.rollout.vllm.max_model_len = 4096     # long articles (XSum, DROP) + 1500 new tokens
   c.judge = base.judge

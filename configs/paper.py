@@ -16,9 +16,14 @@ def paper_gpu_config(hf_config: dict, workdir: str) -> ml_collections.ConfigDict
   c.model.scan_layers = True          # compile time independent of depth
   c.model.remat = True
   c.mesh.shape = (1, -1, 1)           # FSDP over every device (8 GPUs in the paper)
-  # The paper: 8 prompts x 8 answers, β 0.04, ε 0.2, AdamW lr 1e-6, 1500 new tokens.
+  # The original run (PASR/config.py, PASR/pasr_main.py; README "fidelity" table): 8 prompts
+  # x 8 answers at temperature 0.9, 1500 new tokens; β 0.04 (k3), ε 0.2; AdamW lr 1e-6, no
+  # weight decay, no gradient clipping; 8 sequences per optimizer update (micro-batch 2 x
+  # accumulation 4 per trainer process), so a rollout batch of 64 answers gives 8 updates.
   c.rollout.prompts_per_step = 8
   c.rollout.n = 8
+  c.rollout.temperature = 0.9
+  c.rollout.top_p = 1.0
   c.rollout.max_tokens = 1500
   c.rollout.max_prompt_tokens = 512
   c.rollout.vllm.max_model_len = 2048
@@ -28,11 +33,37 @@ def paper_gpu_config(hf_config: dict, workdir: str) -> ml_collections.ConfigDict
   c.grpo.eps_low = 0.2
   c.grpo.eps_high = 0.2
   c.grpo.agg = "seq_mean_token_mean"
+  c.grpo.num_iterations = 1
+  # (r - mean) / (std + 1e-4), torch's sample std; groups whose rewards span < 1e-4 skipped.
+  c.grpo.adv_std_ddof = 1
+  c.grpo.adv_eps = 1e-4
+  c.grpo.adv_scale = "group"
+  c.grpo.skip_zero_variance = True
+  c.grpo.skip_range = 1e-4
+  c.grpo.mask_truncated = False
   c.optim.lr = 1e-6
+  c.optim.schedule = "constant"
+  c.optim.warmup_steps = 0
   c.optim.weight_decay = 0.0
-  # Global sequences per micro-batch: the paper's 2 per device x 8 devices (sequences of up to
-  # 2048 tokens); 64 sequences per step -> 4 accumulation steps.
-  c.optim.micro_batch = 16
+  c.optim.clip_norm = 0.0             # 0 = no clipping
+  c.optim.sequences_per_update = 8
+  # Sequences per micro-batch, over all devices: a multiple of the batch shards (8 with FSDP
+  # over 8 GPUs) dividing sequences_per_update, so one sequence per device per update.
+  c.optim.micro_batch = 8
+  # Rewards: format + accuracy + refine, weights 1, strict comparison with the baseline mean.
+  c.rewards.format_weight = 1.0
+  c.rewards.accuracy_weight = 1.0
+  c.rewards.refine_weight = 1.0
+  c.rewards.zeta = 0.0
+  # The training judge grades 0..1 at temperature 0.2 and sees the whole answer.
+  c.prompts.builtin = "paper"
+  c.prompts.judge_style = "graded"
+  c.judge.temperature = 0.2
+  c.judge.input = "full"
+  # alpaca_evol_instruct: a JSON array of {"instruction", "output"}.
+  c.data.question_field = "instruction"
+  c.data.answer_field = "output"
+  c.data.task_type = "general"
   c.train.steps = 1000
   c.checkpoint.every = 50
   return c

@@ -195,7 +195,8 @@ class Cursor:
 
 
 class BatchStream:
-  """Endless seeded batches of rows; epoch e is `permutation(len(rows))` seeded by (seed, e).
+  """Endless seeded batches of rows; epoch e is `permutation(len(rows))` seeded by (seed, e),
+  or the file order when seed is -1.
 
   A batch that runs past the end of an epoch continues into the next one, so every batch has
   exactly `batch_size` rows and no row repeats inside an epoch.
@@ -216,7 +217,9 @@ class BatchStream:
 
   def _order(self, epoch: int) -> np.ndarray:
     if epoch != self._perm_epoch:
-      self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
+      # data.shuffle_seed=-1: file order every epoch, as the original run reads its data.
+      self._perm = (np.arange(len(self.rows)) if self.seed == -1 else
+                    np.random.default_rng([self.seed, epoch]).permutation(len(self.rows)))
       self._perm_epoch = epoch
     return self._perm
 

@@ -51,7 +51,8 @@ def evaluate(cfg, make_sampler: Callable[[], Any] | None = None,
     raise EvalError("config.model is empty; give --config.model=HF_DIR")
   check_mode(cfg.mode)
   benches = parse_datasets(cfg.datasets)
-  items = [it for b in benches for it in load_items(b, cfg.data_dir, int(cfg.limit))]
+  items = [it for b in benches
+           for it in load_items(b, cfg.data_dir, int(cfg.limit), cfg.get("instructions", "ours"))]
   encoder = ChatEncoder(cfg.model)
   runner = Runner(cfg, encoder, make_sampler or _default_sampler(cfg),
                   make_judge or _default_judge(cfg))

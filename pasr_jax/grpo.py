@@ -116,22 +116,25 @@ def sequence_logprobs(logits: jax.Array, input_ids: jax.Array, temperature: floa
 
 
 def group_advantages(rewards, n: int, ddof: int = 0, scale: str = "group",
-                     eps: float = 1e-4) -> tuple[np.ndarray, int]:
+                     eps: float = 1e-4, tol: float = 0.0) -> tuple[np.ndarray, int]:
   """Group-normalised advantages for rewards `[G*n]` (n answers per prompt, grouped contiguously).
 
   adv = (r - mean_group) / (std + eps) with std the group's (scale="group"), the whole batch's
   (scale="batch", as Dr.GRPO-style batch normalisation) or 1 with eps=0 (scale="none": mean
   centring only). `ddof` is the std flavour (0 population, 1 sample as torch.std). Returns
-  (float32 `[G*n]`, number of groups whose rewards are all equal).
+  (float32 `[G*n]`, number of "zero-variance" groups: reward max - min <= tol, see
+  `flat_groups`).
   """
   r = np.asarray(rewards, dtype=np.float64).reshape(-1)
   if n < 1 or r.size % n:
     raise GRPOError(f"{r.size} rewards do not split into groups of n={n}")
   if ddof not in (0, 1) or (ddof == 1 and n < 2):
     raise GRPOError(f"adv_std_ddof={ddof} is not usable with n={n} (0, or 1 when n >= 2)")
+  if eps < 0 or tol < 0:
+    raise GRPOError(f"grpo.adv_eps={eps} and grpo.skip_range={tol} must be >= 0")
   g = r.reshape(-1, n)
   centred = g - g.mean(axis=1, keepdims=True)
-  zero_var = int(np.sum(g.max(axis=1) == g.min(axis=1)))
+  zero_var = int(np.sum(flat_groups(r, n, tol)))
   if scale == "group":
     adv = centred / (g.std(axis=1, ddof=ddof, keepdims=True) + eps)
   elif scale == "batch":
@@ -141,6 +144,13 @@ def group_advantages(rewards, n: int, ddof: int = 0, scale: str = "group",
   else:
     raise GRPOError(f"grpo.adv_scale={scale!r} must be one of group, batch, none")
   return adv.reshape(-1).astype(np.float32), zero_var
+
+
+def flat_groups(rewards, n: int, tol: float = 0.0) -> np.ndarray:
+  """`[G]` bool: groups of n rewards whose range max - min is <= tol (grpo.skip_range; 0 =
+  all equal; the original skips ranges < 1e-4). They carry no (or only noise) signal."""
+  g = np.asarray(rewards, dtype=np.float64).reshape(-1, n)
+  return (g.max(axis=1) - g.min(axis=1)) <= tol
 
 
 # ----------------------------------------------------------------------------- loss
@@ -168,16 +178,20 @@ def tis_weights(old_trainer: jax.Array, old_sampler: jax.Array, mask: jax.Array,
 def loss_denominator(mask: jax.Array, agg: str) -> jax.Array:
   """The denominator of the batch loss for `agg` (the loss is sum / denominator).
 
-  token_mean: number of completion tokens; seq_mean_token_mean: number of sequences with at
-  least one completion token; seq_mean_token_sum_norm: number of sequences.
+  token_mean: number of scored tokens; seq_mean_token_mean and seq_mean_token_sum_norm:
+  number of sequences with at least one scored token.
+
+  A row with no scored token is not a sequence of the loss, whatever the aggregation: the
+  rows `step.pack_batch` adds to fill the last micro-batch, and answers masked out by
+  grpo.mask_truncated. (TRL divides by all rows, `completion_mask.size(0)`, for "grpo" and
+  "dr_grpo", so there an all-masked row scales the batch's loss down; here it changes
+  nothing, and a batch padded with such rows has exactly the loss of the unpadded one.)
   """
   mask = mask.astype(jnp.float32)
   if agg == "token_mean":
     return mask.sum()
-  if agg == "seq_mean_token_mean":
+  if agg in ("seq_mean_token_mean", "seq_mean_token_sum_norm"):
     return (mask.sum(axis=1) > 0).astype(jnp.float32).sum()
-  if agg == "seq_mean_token_sum_norm":
-    return jnp.asarray(mask.shape[0], jnp.float32)
   raise GRPOError(f"grpo.agg={agg!r} must be one of {AGGS}")
 
 
@@ -192,7 +206,7 @@ def grpo_loss(logps: jax.Array, old_logps: jax.Array, ref_logps: jax.Array | Non
   k3 = exp(ref - logp) - (ref - logp) - 1, w the optional truncated IS weight. `agg`:
   seq_mean_token_mean (per-sequence token mean, then mean over sequences: PASR/TRL),
   token_mean (DAPO), seq_mean_token_sum_norm (Dr.GRPO: token sum / max_tokens, mean over
-  sequences). Metrics are means over this batch's masked tokens plus "tokens" (their count)
+  sequences); rows with no scored token do not count as sequences (see loss_denominator). Metrics are means over this batch's masked tokens plus "tokens" (their count)
   so the caller can combine micro-batches with token weights.
   """
   if agg not in AGGS:

@@ -36,6 +36,31 @@ PLAIN_SYSTEM_PROMPT = """\
 You are a helpful assistant. Answer the question. Show your reasoning briefly if it helps, \
 and state the final answer clearly at the end."""
 
+# The original run's prompts, in our words with the same meaning (prompts.builtin="paper"):
+# refine with <refine> inside <think> as often as needed until nothing is left to improve;
+# the baseline is a generic helpful assistant.
+PAPER_PASR_SYSTEM_PROMPT = """\
+You are a helpful assistant that can refine its own work. When the user asks something, \
+think it over carefully first, then answer.
+Put the thinking between <think> and </think> and the answer between <answer> and \
+</answer>; each of these four tags appears exactly once.
+Inside the thinking:
+1. Begin with a first line of thought on how to tackle the question.
+2. Whenever you find that something needs clarifying, more detail or better reasoning, \
+insert <refine> </refine> and state inside it what to reconsider or improve. You may do \
+this several times.
+3. After each refinement keep reasoning, and refine again, as often as needed until you \
+see nothing left to improve.
+Shape of the whole response:
+<think>your thinking, with <refine>a reflection</refine> wherever one is needed, repeated \
+as often as needed before the final answer</think><answer>the final answer reached by the \
+thinking</answer>"""
+
+PAPER_PLAIN_SYSTEM_PROMPT = """\
+You are a helpful AI assistant. Respond to the user's request with the answer it asks for."""
+
+PROMPT_SETS = ("ours", "paper")
+
 JUDGE_INSTRUCTIONS = {
     "general": """\
 You grade answers. You are given a question, its reference answer and a candidate answer, \
@@ -54,6 +79,16 @@ summary, each in its own section. Rate how closely the candidate conveys the sam
 as the reference, from 0 (unrelated or empty) to 1 (same content). Reply with one number \
 between 0 and 1 and nothing else.""",
 }
+
+# The original run's training judge (prompts.judge_style="graded"): one graded instruction
+# for every task type, in our words.
+GRADED_JUDGE_INSTRUCTION = """\
+You judge how correct an AI assistant's answer is. You are given a question, its reference \
+answer and the assistant's answer, each in its own section. Rate the assistant's answer \
+against the reference on a scale from 0 (wrong) to 1 (fully correct). Reply with just the \
+number, between 0 and 1."""
+
+JUDGE_STYLES = ("binary", "graded")
 
 # Section markers of the judge's user message. They sit on lines of their own so the
 # `verify` server can split the prompt back into its fields without guessing.
@@ -111,14 +146,25 @@ def _read_prompt(path: str, field: str) -> str:
 def load_prompts(cfg: Any = None) -> Prompts:
   """Built-in prompts, each replaced by a file when `cfg` (the `prompts` config) names one.
 
-  `cfg.judge_dir` may hold `general.txt`, `multiple_choice.txt`, `summary.txt`; a task type
-  whose file is absent keeps the built-in instruction. See `judge_messages` for templates.
+  `cfg.builtin` picks the built-in system prompts: "ours" (default) or "paper" (the
+  original run's meaning); `cfg.judge_style` the built-in judge instructions: "binary"
+  (default: 1 or 0 per task type; summaries graded) or "graded" (the original run's
+  training judge: 0..1 for every task type). `cfg.judge_dir` may hold `general.txt`,
+  `multiple_choice.txt`, `summary.txt`; a task type whose file is absent keeps the built-in
+  instruction. See `judge_messages` for templates.
   """
   if cfg is None:
     return Prompts()
-  pasr = PASR_SYSTEM_PROMPT
-  plain = PLAIN_SYSTEM_PROMPT
-  judge = dict(JUDGE_INSTRUCTIONS)
+  builtin = cfg.get("builtin", "ours")
+  if builtin not in PROMPT_SETS:
+    raise PromptError(f"prompts.builtin={builtin!r}: expected one of {PROMPT_SETS}")
+  style = cfg.get("judge_style", "binary")
+  if style not in JUDGE_STYLES:
+    raise PromptError(f"prompts.judge_style={style!r}: expected one of {JUDGE_STYLES}")
+  pasr = PAPER_PASR_SYSTEM_PROMPT if builtin == "paper" else PASR_SYSTEM_PROMPT
+  plain = PAPER_PLAIN_SYSTEM_PROMPT if builtin == "paper" else PLAIN_SYSTEM_PROMPT
+  judge = (dict.fromkeys(TASK_TYPES, GRADED_JUDGE_INSTRUCTION) if style == "graded"
+           else dict(JUDGE_INSTRUCTIONS))
   if cfg.get("pasr_system_file", ""):
     pasr = _read_prompt(cfg.pasr_system_file, "pasr_system_file")
   if cfg.get("plain_system_file", ""):
@@ -281,6 +327,41 @@ def reward_terms(text: str, acc: float, baseline_accs: Sequence[float] | None,
   """The unweighted terms: {'format', 'accuracy', 'refine'}."""
   return {"format": format_reward(text), "accuracy": float(acc),
           "refine": refine_reward(text, acc, baseline_accs, zeta)}
+
+
+# rewards.refine_compare: what a refining answer is compared with. "mean": the mean accuracy
+# of the question's baseline answers (PASR); "single": only the baseline answer with the same
+# index (paper Table 2, "w/o multi-answer"); "none": no comparison, every answer with a
+# refinement gets rewards.refine_fixed (Table 2, "w/o comparison").
+REFINE_COMPARE = ("mean", "single", "none")
+
+
+def group_reward_terms(texts: Sequence[str], accs: Sequence[float],
+                       baseline_accs: Sequence[float] | None, cfg: Any = None
+                       ) -> list[dict[str, float]]:
+  """`reward_terms` of one question's answers under the `rewards` config `cfg` (zeta,
+  refine_compare, refine_fixed; None: the paper's defaults). `baseline_accs`: the accuracies
+  of the question's baseline answers, None without a baseline."""
+  get = (lambda k, d: d) if cfg is None else cfg.get
+  zeta = float(get("zeta", 0.0))
+  compare = get("refine_compare", "mean")
+  if compare not in REFINE_COMPARE:
+    raise RewardError(f"rewards.refine_compare={compare!r}: expected one of {REFINE_COMPARE}")
+  if compare == "single" and baseline_accs is not None and len(baseline_accs) != len(texts):
+    raise RewardError(f"rewards.refine_compare='single' pairs answer k with baseline answer k: "
+                      f"{len(texts)} answers but {len(baseline_accs)} baseline answers")
+  out = []
+  for k, (text, acc) in enumerate(zip(texts, accs)):
+    if compare == "none":
+      t = reward_terms(text, acc, None, zeta)
+      t["refine"] = float(get("refine_fixed", 1.0)) if count_refines(text) else 0.0
+    else:
+      base = baseline_accs
+      if compare == "single" and base is not None:
+        base = [baseline_accs[k]]
+      t = reward_terms(text, acc, base, zeta)
+    out.append(t)
+  return out
 
 
 def total_reward(text: str, acc: float, baseline_accs: Sequence[float] | None,

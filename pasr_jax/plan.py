@@ -81,7 +81,9 @@ def plan(cfg: ml_collections.ConfigDict, mesh_shape, seq_len: int, layers: int =
   mcfg = model_config(cfg, layers)
   mesh = sharding.make_mesh(mesh_shape)
   mb = int(cfg.optim.micro_batch)
-  batch = batch or int(cfg.rollout.prompts_per_step) * int(cfg.rollout.n)
+  # One update's batch: optim.sequences_per_update rows, or the whole rollout batch (0).
+  batch = batch or int(cfg.optim.sequences_per_update) or (
+      int(cfg.rollout.prompts_per_step) * int(cfg.rollout.n))
   if batch % mb or mb % sharding.batch_shards(mesh):
     raise PlanError(f"batch={batch}, optim.micro_batch={mb}, batch shards="
                     f"{sharding.batch_shards(mesh)}: need shards | micro_batch | batch")

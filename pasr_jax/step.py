@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pasr_jax import grpo, pasr
+from pasr_jax import chat, grpo, pasr
 from pasr_jax.data import Row
 
 
@@ -71,14 +71,6 @@ def merge_scalars(parts: Sequence[tuple[dict[str, float], dict[str, float]]]
   return out
 
 
-def chat_prompt_ids(tokenizer, system: str, question: str) -> list[int]:
-  """ChatML (the tokenizer's template) token ids of [system, user] + the assistant header."""
-  ids = tokenizer.apply_chat_template(
-      [{"role": "system", "content": system}, {"role": "user", "content": question}],
-      add_generation_prompt=True, tokenize=True, return_dict=False)
-  return list(ids)
-
-
 def _contains(answer_text: str, target: str) -> float:
   return 1.0 if target.strip() and target.strip() in answer_text else 0.0
 
@@ -93,7 +85,9 @@ def pack_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[
   `scored[i]`, and `old_logps` holds the sampler logprob of that token at the same index
   (the trainer reads its logprob from logits at t-1). Length L = longest row rounded up
   to `multiple`. The row count is rounded up to `rows_multiple` (the micro-batch) by
-  `pad_batch`.
+  `pad_batch`, with copies of row 0 whose loss_mask is 0: real tokens keep attention finite,
+  and a row without scored tokens is no sequence of the loss (grpo.loss_denominator, all
+  three aggregations).
   """
   lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
   L = max(1, -(-max(lengths) // multiple) * multiple)
@@ -173,11 +167,11 @@ class RolloutStep:
     self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
   def _prompt(self, system: str, question: str) -> tuple[list[int], bool]:
-    ids = chat_prompt_ids(self.tok, system, question)
-    cap = self.cfg.rollout.max_prompt_tokens
-    if len(ids) > cap:
-      return ids[-cap:], True  # keep the end: the question and the assistant header
-    return ids, False
+    """[system, user] ids within rollout.max_prompt_tokens: the question is cut, not the
+    system prompt (chat.fit); the bool says whether it was."""
+    ids, _, cut = chat.fit(self.tok, lambda q: chat.user_chat(system, q), question,
+                           int(self.cfg.rollout.max_prompt_tokens))
+    return ids, cut
 
   def _accuracies(self, rows: Sequence[Row], texts: list[list[str]]) -> tuple[list[list[float]], dict]:
     """Accuracy in [0, 1] of every answer text, `texts[prompt][sample]`."""
@@ -222,13 +216,13 @@ class RolloutStep:
     base_accs = accs[B:] if rc.baseline else [None] * B
     rewards, terms = [], []
     for i in range(B):
-      for c, a in zip(groups[i].completions, accs[i]):
-        t = pasr.reward_terms(c.text, a, base_accs[i], self.cfg.rewards.zeta)
-        terms.append(t)
-        rewards.append(pasr.weighted_reward(t, self.cfg.rewards))
-    adv, zero_var = grpo.group_advantages(rewards, n, gc.adv_std_ddof, gc.adv_scale)
-    group_var = np.asarray(rewards).reshape(B, n)
-    keep_group = ~(group_var.max(1) == group_var.min(1)) | (not gc.skip_zero_variance)
+      group = pasr.group_reward_terms([c.text for c in groups[i].completions], accs[i],
+                                      base_accs[i], self.cfg.rewards)
+      terms += group
+      rewards += [pasr.weighted_reward(t, self.cfg.rewards) for t in group]
+    adv, zero_var = grpo.group_advantages(rewards, n, gc.adv_std_ddof, gc.adv_scale,
+                                          gc.adv_eps, gc.skip_range)
+    keep_group = ~grpo.flat_groups(rewards, n, gc.skip_range) | (not gc.skip_zero_variance)
 
     pasr_comps = [c for g in groups[:B] for c in g.completions]
     truncated = np.array([c.finish_reason == "length" for c in pasr_comps])

@@ -5,7 +5,9 @@ and explicit in/out shardings. A batch of B sequences is split into B / micro_ba
 micro-batches that a `lax.scan` visits one at a time; each contributes
 grad(loss_sum_i / D) where D is the denominator of the WHOLE batch, so the summed gradient is
 exactly the gradient of the full-batch loss. A step whose loss or gradient is not finite leaves
-params and optimizer state unchanged and is counted.
+params and optimizer state unchanged and is counted. `train_batch` takes one such step per
+optim.sequences_per_update rows of a rollout batch (the original PASR run: 8), or one for the
+whole batch (0).
 
 Batch (numpy, B sequences of length L): input_ids, attention_mask, positions `[B,L] int32`;
 loss_mask, old_logps `[B,L] float32` (position t scores input_ids[:, t] from logits at t-1);
@@ -160,7 +162,7 @@ def make_step_fns(graphdef, rest, tx: optax.GradientTransformation,
   gradients(params, ref_params, batch) -> (grads, metrics): the full-batch loss gradient
   """
   g = cfg.grpo
-  temperature = float(cfg.rollout.temperature)
+  temperature = loss_temperature(cfg)
   beta = float(g.beta)
   lp_fn = functools.partial(_logprobs_fn, graphdef, rest, temperature=temperature, chunk=chunk,
                             mesh=mesh, compute_dtype=jnp.dtype(cfg.model.dtype))
@@ -252,6 +254,41 @@ def _local_rows(x: Any) -> np.ndarray:
   return np.concatenate([np.asarray(s.data) for s in x.addressable_shards if s.replica_id == 0])
 
 
+def loss_temperature(cfg: ml_collections.ConfigDict) -> float:
+  """The temperature of the trainer's logprobs: grpo.loss_temperature, or with 0 (default)
+  rollout.temperature, so that the ratio is against the distribution that was sampled. The
+  original run scores raw logits (1.0) while sampling at 0.9."""
+  return float(cfg.grpo.get("loss_temperature", 0.0) or cfg.rollout.temperature)
+
+
+def updates_per_step(cfg: ml_collections.ConfigDict) -> int:
+  """Optimizer updates one rollout step takes at most (a full batch of prompts_per_step x n
+  answers): ceil(batch / optim.sequences_per_update) x grpo.num_iterations. The learning-rate
+  schedule counts updates, so its length is train.steps times this."""
+  rows = int(cfg.rollout.prompts_per_step) * int(cfg.rollout.n)
+  per = int(cfg.optim.sequences_per_update) or rows
+  return -(-rows // per) * max(1, int(cfg.grpo.num_iterations))
+
+
+def _combine(steps: list[dict[str, float]]) -> dict[str, float]:
+  """One rollout batch's metrics from its updates' metrics: token-weighted means of the
+  per-token metrics, mean loss and grad norm, sums of tokens and skipped updates, extreme
+  ratios, the latest skipped_steps, and `updates`."""
+  tok = np.array([m["tokens"] for m in steps], np.float64)
+  w = tok / max(tok.sum(), 1.0)
+  out = dict(steps[-1])
+  for k in ("kl", "clip_frac", "ratio_mean"):
+    out[k] = float(sum(wi * m[k] for wi, m in zip(w, steps)))
+  for k in ("loss", "grad_norm"):
+    out[k] = float(np.mean([m[k] for m in steps]))
+  out["tokens"] = float(tok.sum())
+  out["skipped"] = float(sum(m["skipped"] for m in steps))
+  out["ratio_max"] = max(m["ratio_max"] for m in steps)
+  out["ratio_min"] = min(m["ratio_min"] for m in steps)
+  out["updates"] = float(len(steps))
+  return out
+
+
 # ----------------------------------------------------------------------------- Trainer
 
 
@@ -272,6 +309,18 @@ class Trainer:
     if mb < 1 or mb % sharding.batch_shards(mesh):
       raise TrainerError(f"optim.micro_batch={mb} must be a positive multiple of the batch "
                          f"shards data*fsdp={sharding.batch_shards(mesh)}")
+    spu = int(cfg.optim.sequences_per_update)
+    if spu < 0 or spu % mb:
+      raise TrainerError(f"optim.sequences_per_update={spu} must be 0 (the whole rollout "
+                         f"batch) or a positive multiple of optim.micro_batch={mb}")
+    g = cfg.grpo
+    if loss_temperature(cfg) != float(cfg.rollout.temperature) and not (
+        g.recompute_old_logps or g.tis_cap > 0):
+      raise TrainerError(
+          f"grpo.loss_temperature={g.loss_temperature} differs from rollout.temperature="
+          f"{cfg.rollout.temperature}, whose logprobs the sampler returns: set "
+          "grpo.recompute_old_logps=True (or grpo.tis_cap > 0) so the old logprobs are the "
+          "trainer's at the loss temperature")
     self.graphdef, params, self._rest = nnx.split(model, nnx.Param, ...)
     for leaf in jax.tree.leaves(params):
       if leaf.dtype != jnp.dtype(cfg.model.param_dtype):
@@ -283,7 +332,7 @@ class Trainer:
     self.ref_params = (jax.jit(lambda p: jax.tree.map(jnp.copy, p),
                                out_shardings=self.param_shardings)(self.params)
                        if cfg.grpo.beta > 0 else None)
-    self.tx = make_optimizer(cfg.optim, cfg.train.steps)
+    self.tx = make_optimizer(cfg.optim, cfg.train.steps * updates_per_step(cfg))
     self.opt_shardings = opt_state_shardings(self.tx, self.params, self.param_shardings, mesh)
     self.opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(self.params)
     self.step = 0
@@ -389,12 +438,16 @@ class Trainer:
     return sharding.to_host(self._compiled("logprobs", k, keys, length)(params, dev))
 
   def train_batch(self, batch: dict) -> dict[str, float]:
-    """The per-rollout-batch routine: optional trainer-side old logprobs, then μ updates.
+    """The per-rollout-batch routine: optional trainer-side old logprobs, then the updates.
 
     With grpo.recompute_old_logps or grpo.tis_cap > 0 the trainer's own logprobs of the
     current policy become old_logps (and the capped IS weights against the sampler's are
-    applied); the sampler/trainer mismatch is reported either way in that case. Returns the
-    last update's metrics, with `compilations`: how many XLA compilations this call paid for.
+    applied), once, before any update; the sampler/trainer mismatch is reported in that case.
+    Then grpo.num_iterations passes over the batch, each one optimizer update per
+    optim.sequences_per_update consecutive rows (0: the whole batch); a slice without scored
+    tokens is passed over (Adam's moments would still move the params). Returns the updates'
+    metrics combined (see `_combine`), `updates` (how many were taken) and `compilations`
+    (how many XLA compilations this call paid for).
     """
     g = self.cfg.grpo
     compiled_before = self.compilations
@@ -409,9 +462,14 @@ class Trainer:
       batch = dict(batch, old_logps=old_tr)
       if g.tis_cap > 0:
         batch["is_weights"] = np.asarray(w)
-    metrics: dict[str, float] = {}
-    for _ in range(max(1, int(g.num_iterations))):
-      metrics = self.update(batch)
+    b = np.asarray(batch["input_ids"]).shape[0]
+    per = int(self.cfg.optim.sequences_per_update) or b
+    mask = np.asarray(batch["loss_mask"])
+    slices = [slice(i, min(i + per, b)) for i in range(0, b, per)]
+    slices = [s for s in slices if mask[s].any()] or slices[:1]
+    steps = [self.update({k: v[s] for k, v in batch.items()} if per < b else batch)
+             for _ in range(max(1, int(g.num_iterations))) for s in slices]
+    metrics = _combine(steps)
     metrics.update(extra)
     metrics["compilations"] = float(self.compilations - compiled_before)
     return metrics

@@ -119,3 +119,13 @@ def test_huge_row_is_skipped_counted_and_named(tmp_path, caplog):
   with pytest.raises(data.DataError, match=r"huge.jsonl: no rows \(1 skipped as longer than "
                      r"data.max_row_chars=200000\)"):
     data.load_rows(only_huge, max_chars=200_000)
+
+def test_seed_minus_one_streams_in_file_order_and_resumes():
+  """data.shuffle_seed=-1: the original run's order (the file's, every epoch)."""
+  rows = data.load_rows(DATA / "gsm8k_train_16.jsonl")
+  s = data.BatchStream(rows, batch_size=5, seed=-1)
+  flat = [r.id for _ in range(7) for r in s.next_batch()]
+  ids = [r.id for r in rows]
+  assert flat == (ids * 3)[:35]
+  s2 = data.BatchStream(rows, batch_size=5, seed=-1, cursor=data.Cursor(epoch=1, index=2))
+  assert [r.id for r in s2.next_batch()] == ids[2:7]

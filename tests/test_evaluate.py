@@ -37,8 +37,8 @@ class Recorder:
 
 
 def _cfg(model, judge_url, out_dir, mode="vanilla", datasets="gsm8k,arc,xsum", limit=3,
-         max_tokens=MAX_TOKENS):
-  c = get_config()
+         max_tokens=MAX_TOKENS, preset=get_config):
+  c = preset()
   c.model, c.data_dir, c.datasets, c.mode = str(model), DATA, datasets, mode
   c.limit, c.max_tokens, c.out_dir = limit, max_tokens, str(out_dir)
   c.rollout.vllm.max_model_len = 1024   # what the session vllm_sampler fixture was built with
@@ -240,3 +240,37 @@ def test_shared_cache_dir_serves_another_out_dir(vanilla_run, smollm2_dir, judge
   assert res["stats"]["generated_cached"] == 2 and res["stats"]["generated"] == 0
   first = json.loads((out / "results.json").read_text())["items"][3:5]   # arc/1, arc/2
   assert [i["answer"] for i in res["items"]] == [i["answer"] for i in first]
+
+
+def test_paper_eval_self_refine_plus(tmp_path, smollm2_dir, vllm_sampler, judge_url):
+  """configs/paper_eval.py: App. B.3 instructions, greedy first answers, the review turn
+  sampled at 0.6, and the oracle revising only the answers scored 0 (not XSum's partial
+  scores)."""
+  from configs.paper_eval import get_config as paper_eval
+  from pasr_jax.eval.benchmarks import PAPER_INSTRUCTIONS
+  rec = Recorder(vllm_sampler)
+  cfg = _cfg(smollm2_dir, judge_url, tmp_path, mode="self_refine_oracle", datasets="gsm8k,xsum",
+             limit=2, max_tokens=32, preset=paper_eval)
+  assert (cfg.instructions, cfg.second_turn_temperature, cfg.oracle_revises) == (
+      "paper", 0.6, "zero")
+  res = evaluate(cfg, make_sampler=lambda: rec)
+  items = res["items"]
+  assert all(i["second_turn"] == (i["first_score"] == 0.0) for i in items)
+  assert rec.calls[0][0]["temperature"] == 0.0
+  prompt = vllm_sampler.tokenizer.decode(rec.calls[0][1][0].prompt_token_ids)
+  assert PAPER_INSTRUCTIONS["gsm8k"] in prompt and "step by step" in PAPER_INSTRUCTIONS["gsm8k"]
+  revised = [i for i in items if i["second_turn"]]
+  assert revised, "SmolLM2 in 32 tokens gets some item wrong"
+  assert len(rec.calls) == 2 and rec.calls[1][0]["temperature"] == 0.6
+  partial = [i for i in items if 0 < i["first_score"] < cfg.correct_threshold]
+  assert all(not i["second_turn"] for i in partial)   # "wrong" would have revised these
+
+
+def test_bad_paper_eval_choices_raise(tmp_path, smollm2_dir, judge_url):
+  c = _cfg(smollm2_dir, judge_url, tmp_path, datasets="gsm8k", limit=1)
+  c.instructions = "theirs"
+  with pytest.raises(EvalError, match="config.instructions='theirs'"):
+    evaluate(c, make_sampler=lambda: None)
+  c.instructions, c.oracle_revises = "paper", "some"
+  with pytest.raises(EvalError, match="config.oracle_revises='some'"):
+    evaluate(c, make_sampler=lambda: None)

@@ -33,7 +33,8 @@ def np_grpo(logps, old, ref, adv, mask, beta, el, eh, agg, max_tokens=None, w=No
   if agg == "seq_mean_token_mean":
     rows = [(per[b] * mask[b]).sum() / mask[b].sum() for b in range(B) if mask[b].sum() > 0]
     return np.mean(rows)
-  return (per * mask).sum() / (B * max_tokens)
+  # Rows with no scored token are not sequences of the loss (grpo.loss_denominator).
+  return (per * mask).sum() / ((mask.sum(1) > 0).sum() * max_tokens)
 
 
 def _inputs(seed, B=5, T=7, spread=0.5):

@@ -53,6 +53,7 @@ class Scripted:
     self.log = collections.Counter()
     self.models_calls = collections.Counter()
     self.seen_models = set()
+    self.bodies = []                   # every chat request body, in order
     self.in_flight = 0
     self.in_flight_max = 0
     app = fastapi.FastAPI()
@@ -66,6 +67,7 @@ class Scripted:
     async def chat(mode: str, request: fastapi.Request):
       body = await request.json()
       self.seen_models.add(body["model"])
+      self.bodies.append(body)
       question = pasr.parse_judge_sections(body["messages"][-1]["content"])["question"]
       self.log[(mode, question)] += 1
       n = self.log[(mode, question)]
@@ -86,6 +88,8 @@ class Scripted:
           if n == 1:
             await asyncio.sleep(10)
           reply = "0.75"
+        elif mode == "temperature":    # echoes the sampling temperature it was asked for
+          reply = str(body["temperature"])
         elif mode == "prose":
           reply = "The candidate seems to understand the problem well."
         elif mode == "clamp":
@@ -448,3 +452,17 @@ def test_vllm_backend_with_smollm2(smollm2_dir):
     proc.send_signal(signal.SIGTERM)       # forwarded to the vLLM child
     proc.wait(120)
   assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_paper_training_judge_is_graded_at_temperature_0_2(scripted):
+  """The paper preset's judge: the graded instruction (0..1) at temperature 0.2."""
+  from test_configs import load_preset
+  cfg = load_preset("qwen2_5_7b")
+  cfg.judge.base_url = scripted.url + "/temperature"
+  client = JudgeClient.from_config(cfg.judge, pasr.load_prompts(cfg.prompts))
+  scores, _ = client.score_batch([JudgeItem("paper-judge", "4", "2 + 2 = 4")])
+  assert scores == [0.2]
+  body = [b for b in scripted.bodies if "paper-judge" in b["messages"][-1]["content"]][0]
+  assert body["temperature"] == 0.2
+  assert body["messages"][0] == {"role": "system", "content": pasr.GRADED_JUDGE_INSTRUCTION}
+  assert "scale from 0" in pasr.GRADED_JUDGE_INSTRUCTION

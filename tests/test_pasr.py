@@ -206,3 +206,40 @@ def test_judge_input_modes():
   assert pasr.judge_input(text, "answer") == "7"
   with pytest.raises(pasr.PromptError, match="judge.input='both'"):
     pasr.judge_input(text, "both")
+
+
+# The paper's Table 2 ablations of the refine reward, on hand-written groups.
+REF = "<think> a <refine> b </refine> c </think> <answer> 4 </answer>"
+NOREF = "<think> a </think> <answer> 4 </answer>"
+
+
+def _refine_terms(compare, texts, accs, base, **extra):
+  cfg = ml_collections.ConfigDict(dict(zeta=0.0, refine_compare=compare, refine_fixed=1.0,
+                                       **extra))
+  return [t["refine"] for t in pasr.group_reward_terms(texts, accs, base, cfg)]
+
+
+def test_refine_against_the_mean_of_the_baseline_answers():
+  # baseline mean 0.25: 1 and 0.5 beat it, 0 does not, the unrefined answer gets 0
+  assert _refine_terms("mean", [REF, REF, REF, NOREF], [1, .5, 0, 1], [1, 0, 0, 0]) == [
+      1.0, 1.0, -1.0, 0.0]
+  assert _refine_terms("mean", [REF], [1], None) == [0.0]  # no baseline: no refine reward
+
+
+def test_refine_without_multi_answer_compares_with_one_baseline_answer():
+  # answer k against baseline answer k only: 1 vs 1 tie, 0.5 vs 0 better, 0 vs 0 tie
+  assert _refine_terms("single", [REF, REF, REF, NOREF], [1, .5, 0, 1], [1, 0, 0, 0]) == [
+      -0.5, 1.0, -0.5, 0.0]
+  assert _refine_terms("single", [REF, REF], [0, 1], [1, 0]) == [-1.0, 1.0]
+  with pytest.raises(pasr.RewardError, match="refine_compare='single'.*2 answers but 3"):
+    _refine_terms("single", [REF, REF], [0, 1], [1, 0, 0])
+
+
+def test_refine_without_comparison_is_a_fixed_reward_for_refining():
+  # whatever the accuracies, a refinement earns the fixed reward and its absence 0
+  assert _refine_terms("none", [REF, REF, NOREF], [0, 1, 1], [1, 1, 1]) == [1.0, 1.0, 0.0]
+  assert _refine_terms("none", [REF, NOREF], [0, 0], None) == [1.0, 0.0]  # no baseline needed
+  cfg = ml_collections.ConfigDict(dict(refine_compare="none", refine_fixed=0.5))
+  assert [t["refine"] for t in pasr.group_reward_terms([REF], [0.0], None, cfg)] == [0.5]
+  with pytest.raises(pasr.RewardError, match="rewards.refine_compare='best'"):
+    _refine_terms("best", [REF], [0], [0])

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from configs.base import get_base_config
-from pasr_jax import sharding
+from pasr_jax import grpo, sharding
 from pasr_jax.models.qwen import Decoder, tiny_config
 from pasr_jax.trainer import Trainer, TrainerError
 
@@ -252,3 +252,85 @@ def test_bad_config_and_batch_raise():
     tr.update(b)
   with pytest.raises(TrainerError, match="schedule"):
     make_trainer(make_cfg(**{"optim.schedule": "linear"}))
+
+
+@pytest.mark.parametrize("agg", ["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"])
+def test_rows_padded_by_pack_batch_leave_the_loss_unchanged(agg):
+  """pack_batch fills the last micro-batch with mask-0 rows; 3 real rows padded to 4 give the
+  loss and gradient of the 3 rows alone (Dr.GRPO once counted the padding as sequences)."""
+  from pasr_jax.step import pack_batch
+  rng = np.random.default_rng(7)
+  prompts = [list(rng.integers(3, 256, PROMPT)) for _ in range(3)]
+  comps = [list(rng.integers(3, 256, n)) for n in (9, 4, 14)]
+  lps = [list(rng.normal(-5, 0.3, len(c))) for c in comps]
+  adv = [1.0, -0.5, 0.7]
+  tr = make_trainer(make_cfg(**{"grpo.agg": agg, "optim.micro_batch": 1, "grpo.beta": 0.04}))
+  out = {}
+  for rows in (1, 4):
+    b = pack_batch(prompts, comps, lps, adv, [True] * 3, 0, L, rows_multiple=rows)
+    out[rows] = tr.gradients(b)
+  assert out[4][1]["tokens"] == out[1][1]["tokens"] == 27
+  assert abs(out[1][1]["loss"]) > 1e-3
+  assert out[4][1]["loss"] == pytest.approx(out[1][1]["loss"], rel=1e-6)
+  np.testing.assert_allclose(flat(out[4][0]), flat(out[1][0]), rtol=1e-5,
+                             atol=1e-6 * np.abs(flat(out[1][0])).max())
+
+
+@pytest.mark.parametrize("over, mesh", [
+    ({"grpo.num_iterations": 2, "grpo.tis_cap": 2.0}, (1, 1, 1)),
+    ({"optim.micro_batch": 4}, (2, 2, 2)),
+])
+def test_sequences_per_update_splits_the_rollout_batch(over, mesh):
+  """A rollout batch of 64 with optim.sequences_per_update=8 takes 8 optimizer updates per
+  pass (x num_iterations), equal to 8 single updates on consecutive 8-row slices; the old
+  logprobs and TIS weights are the trainer's from before the first update."""
+  big = {k: np.concatenate([make_batch(s)[k] for s in range(8)]) for k in make_batch()}
+  base = {"optim.micro_batch": 8, "grpo.beta": 0.04, "optim.lr": 1e-4, **over}
+  devs = int(np.prod(mesh))
+  mini = make_trainer(make_cfg(**base, **{"optim.sequences_per_update": 8}),
+                      sharding.make_mesh(mesh, devices=jax.devices()[:devs]))
+  ref = make_trainer(make_cfg(**base))
+  big = with_old(ref, big, noise=0.3)
+  iters = int(base.get("grpo.num_iterations", 1))
+
+  m = mini.train_batch(big)
+  assert m["updates"] == 8 * iters and mini.step == 8 * iters
+  assert m["tokens"] == big["loss_mask"].sum() * iters
+
+  b = dict(big)
+  if "grpo.tis_cap" in base:
+    old = ref.logprobs(big, scored_only=True)
+    w, _ = grpo.tis_weights(jnp.asarray(old), jnp.asarray(big["old_logps"]),
+                            jnp.asarray(big["loss_mask"]), 2.0)
+    b.update(old_logps=old, is_weights=np.asarray(w))
+  for _ in range(iters):
+    for i in range(0, 64, 8):
+      ref.update({k: v[i:i + 8] for k, v in b.items()})
+  assert ref.step == mini.step
+  p_mini, p_ref = flat(mini.params), flat(ref.params)
+  np.testing.assert_allclose(p_mini, p_ref, rtol=0, atol=1e-7 if devs == 1 else 1e-5)
+
+  if devs == 1:  # the default (0): one update per rollout batch, a different result
+    whole = make_trainer(make_cfg(**base))
+    assert whole.train_batch(big)["updates"] == iters
+    assert np.linalg.norm(flat(whole.params) - p_ref) > 100 * np.linalg.norm(p_mini - p_ref)
+
+
+def test_sequences_per_update_must_split_into_micro_batches():
+  with pytest.raises(TrainerError, match="optim.sequences_per_update=6"):
+    make_trainer(make_cfg(**{"optim.micro_batch": 4, "optim.sequences_per_update": 6}))
+
+
+def test_loss_temperature_scores_raw_logits_like_the_original():
+  """grpo.loss_temperature=1 with sampling at 0.9: the trainer's logprobs are those of the raw
+  logits (the original run's), and it needs its own old logprobs to match them."""
+  over = {"rollout.temperature": 0.9, "grpo.loss_temperature": 1.0}
+  with pytest.raises(TrainerError, match="grpo.loss_temperature=1.0 .*recompute_old_logps"):
+    make_trainer(make_cfg(**over))
+  raw = make_trainer(make_cfg(**over, **{"grpo.recompute_old_logps": True}))
+  at_09 = make_trainer(make_cfg(**{"rollout.temperature": 0.9}))
+  batch = make_batch(8)
+  scored = batch["loss_mask"] > 0
+  want = np.asarray(np_logprobs(raw.model, batch))
+  np.testing.assert_allclose(raw.logprobs(batch)[scored], want[scored], rtol=0, atol=2e-5)
+  assert np.abs(at_09.logprobs(batch)[scored] - want[scored]).max() > 1e-2

@@ -72,6 +72,28 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
               "block.", lambda a: a),
 )}
 
+# config.instructions="paper": the task instructions of the paper's App. B.3, in our words
+# with their meaning (what the set is, then "think step by step and give your final answer").
+_STEP = "Think step by step and give your final answer."
+PAPER_INSTRUCTIONS = {
+    "gsm8k": "Here is a problem. " + _STEP,
+    "math": "Here is a problem. " + _STEP,
+    "aime24": "Here is a problem. " + _STEP,
+    "mmlu": ("Here is a multiple-choice question from a test of knowledge in 57 fields, from "
+             "elementary mathematics to history, computer science and law. " + _STEP),
+    "arc": "Here is a multiple-choice question from a science exam. " + _STEP,
+    "gpqa": "",
+    "winogrande": ("Here is a sentence with two options. Think step by step and choose the "
+                   "option that makes sense of the sentence."),
+    "commonsenseqa": "Here is a multiple-choice question about common sense. " + _STEP,
+    "drop": ("Here are a passage and a question that needs discrete reasoning over the "
+             "passage. " + _STEP),
+    "xsum": "Here is a passage. Summarise it.",
+    "humaneval": ("Think step by step, complete the Python function and give the whole "
+                  "function in one Python code block."),
+}
+INSTRUCTION_SETS = ("ours", "paper")
+
 # The ten sets of the paper's Table 1 (HumanEval is optional and not in the default list).
 PAPER_DATASETS = ("gsm8k", "math", "aime24", "arc", "gpqa", "winogrande", "commonsenseqa", "drop",
                   "mmlu", "xsum")
@@ -103,8 +125,13 @@ def parse_datasets(spec: str | Sequence[str]) -> list[Benchmark]:
   return [BENCHMARKS[n] for n in dict.fromkeys(names)]
 
 
-def load_items(bench: Benchmark, data_dir: str, limit: int = 0) -> list[Item]:
-  """The first `limit` (0 = all) rows of `bench` under `data_dir`, as Items."""
+def load_items(bench: Benchmark, data_dir: str, limit: int = 0,
+               instructions: str = "ours") -> list[Item]:
+  """The first `limit` (0 = all) rows of `bench` under `data_dir`, as Items, with the task
+  instruction of `instructions` (config.instructions: ours | paper)."""
+  if instructions not in INSTRUCTION_SETS:
+    raise EvalError(f"config.instructions={instructions!r} is not one of {INSTRUCTION_SETS}")
+  instruction = PAPER_INSTRUCTIONS[bench.name] if instructions == "paper" else bench.instruction
   path = os.path.join(data_dir, bench.path)
   if not os.path.isfile(path):
     raise EvalError(f"dataset {bench.name!r}: file {path} not found (config.data_dir="
@@ -117,4 +144,4 @@ def load_items(bench: Benchmark, data_dir: str, limit: int = 0) -> list[Item]:
     rows = rows[:limit]
   return [Item(id=f"{bench.name}/{r.id.split(':', 1)[-1]}", dataset=bench.name,
                question=r.question, ground_truth=bench.truth(r.answer),
-               task_type=bench.task_type, instruction=bench.instruction) for r in rows]
+               task_type=bench.task_type, instruction=instruction) for r in rows]

@@ -1,7 +1,8 @@
 """Evaluation prompts: chat messages per mode, encoded to token ids with the model's template.
 
 Token ids (not text) go to the sampler so that what is counted is exactly what was generated.
-Questions too long for `max_model_len - reserve` are cut (head kept) and the cut is reported.
+Encoding and the cut of questions too long for `max_model_len - reserve` (head kept, reported)
+are `pasr_jax.chat`'s, shared with training.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from pasr_jax import chat
 from pasr_jax.eval.benchmarks import EvalError, Item
 
 MODES = ("vanilla", "pasr", "self_refine", "self_refine_oracle")
@@ -43,9 +45,8 @@ def system_prompt(mode: str, prompts_cfg: Any = None) -> str | None:
 
 def first_turn(item: Item, question: str, system: str | None) -> list[dict[str, str]]:
   """[system?, user(instruction + question)] for the first answer."""
-  msgs = [{"role": "system", "content": system}] if system else []
-  msgs.append({"role": "user", "content": f"{item.instruction}\n\n{question}"})
-  return msgs
+  user = f"{item.instruction}\n\n{question}" if item.instruction else question
+  return chat.user_chat(system, user)
 
 
 def second_turn(first: list[dict[str, str]], answer: str, oracle: bool) -> list[dict[str, str]]:
@@ -69,25 +70,18 @@ class ChatEncoder:
       raise EvalError(f"config.model={model_dir!r}: the tokenizer has no chat template")
 
   def encode(self, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of the chat followed by the assistant generation prompt."""
-    text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+    """Token ids of the chat followed by the assistant generation prompt (chat.encode)."""
+    return chat.encode(self.tokenizer, messages)
 
   def fit_question(self, item: Item, system: str | None, budget: int) -> tuple[str, bool]:
-    """The question, cut at the end so the first-turn prompt has <= `budget` tokens."""
-    n = len(self.encode(first_turn(item, item.question, system)))
-    if n <= budget:
-      return item.question, False
-    q_ids = self.tokenizer(item.question, add_special_tokens=False)["input_ids"]
-    keep = len(q_ids) - (n - budget) - 16   # margin: merges at the cut can change counts
-    if keep <= 0:
-      raise EvalError(f"{item.id}: the prompt without the question already exceeds {budget} "
-                      "tokens; raise rollout.vllm.max_model_len or lower max_tokens")
-    while True:
-      q = self.tokenizer.decode(q_ids[:keep]) + " ..."
-      if len(self.encode(first_turn(item, q, system))) <= budget or keep <= 16:
-        return q, True
-      keep -= 16
+    """The question, cut at the end so the first-turn prompt has <= `budget` tokens; the
+    system prompt and the task instruction are kept whole (chat.fit)."""
+    try:
+      _, q, cut = chat.fit(self.tokenizer, lambda q: first_turn(item, q, system),
+                           item.question, budget, what="rollout.vllm.max_model_len - max_tokens")
+    except chat.ChatError as e:
+      raise EvalError(f"{item.id}: {e}, or lower max_tokens") from None
+    return q, cut
 
   def decode(self, ids: list[int]) -> str:
     return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -29,6 +29,17 @@ class Generation:
   finish_reason: str
 
 
+ORACLE_REVISES = ("wrong", "zero")
+
+
+def needs_revision(score: float, cfg) -> bool:
+  """Whether the oracle asks to revise a first answer with judge `score`: config
+  oracle_revises "wrong" (score < correct_threshold) or "zero" (score == 0, the paper's
+  Self-Refine+)."""
+  which = cfg.get("oracle_revises", "wrong")
+  return score == 0.0 if which == "zero" else score < float(cfg.correct_threshold)
+
+
 def _key(*parts: Any) -> str:
   return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -82,6 +93,9 @@ class Runner:
                make_judge: Callable[[], Any]):
     self.cfg = cfg
     self.mode = P.check_mode(cfg.mode)
+    if cfg.get("oracle_revises", "wrong") not in ORACLE_REVISES:
+      raise EvalError(f"config.oracle_revises={cfg.oracle_revises!r} is not one of "
+                      f"{ORACLE_REVISES}")
     self.encoder = encoder
     self._make_sampler, self._make_judge = make_sampler, make_judge
     self.sampler = self.judge = None
@@ -94,9 +108,13 @@ class Runner:
                       prompts_truncated=0, engine_started=False, generate_s=0.0, judge_s=0.0)
 
   # --- generation -------------------------------------------------------------------------
-  def generate(self, prompts: Sequence[list[int]]) -> list[Generation]:
-    """Greedy answers for token-id prompts, from the cache where possible."""
-    keys = [_key(self.model_id, p, self.cfg.max_tokens) for p in prompts]
+  def generate(self, prompts: Sequence[list[int]], temperature: float = 0.0
+               ) -> list[Generation]:
+    """Answers for token-id prompts (greedy by default; else sampled with config.seed), from
+    the cache where possible."""
+    # Greedy keys stay as they were, so caches written before sampling existed still serve.
+    extra = (float(temperature), int(self.cfg.seed)) if temperature > 0 else ()
+    keys = [_key(self.model_id, p, self.cfg.max_tokens, *extra) for p in prompts]
     todo = sorted({k: i for i, k in enumerate(keys) if k not in self.gen_cache}.values())
     self.stats["generated_cached"] += len(keys) - len(todo)
     bs = max(1, int(self.cfg.batch_size))
@@ -106,7 +124,8 @@ class Runner:
         self.sampler = self._make_sampler()
         self.stats["engine_started"] = True
       t0 = time.perf_counter()
-      groups = self.sampler.generate([prompts[i] for i in chunk], n=1, temperature=0.0, top_p=1.0,
+      groups = self.sampler.generate([prompts[i] for i in chunk], n=1,
+                                     temperature=float(temperature), top_p=1.0,
                                      max_tokens=int(self.cfg.max_tokens), seed=int(self.cfg.seed))
       self.stats["generate_s"] += time.perf_counter() - t0
       pairs = []
@@ -163,10 +182,9 @@ class Runner:
     second_asked = [False] * len(items)
     if two_turn:
       oracle = self.mode == "self_refine_oracle"
-      idx = [i for i, s in enumerate(first_scores)
-             if not oracle or s < float(cfg.correct_threshold)]
+      idx = [i for i, s in enumerate(first_scores) if not oracle or needs_revision(s, cfg)]
       second = self.generate([enc.encode(P.second_turn(chats[i], first[i].text, oracle))
-                              for i in idx])
+                              for i in idx], float(cfg.get("second_turn_temperature", 0.0)))
       second_scores = self.score([items[i] for i in idx], [g.text for g in second])
       for i, g, s in zip(idx, second, second_scores):
         final[i], final_scores[i], second_asked[i] = g, s, True

@@ -101,19 +101,22 @@ class JudgeClient:
                concurrency: int = 32, timeout_s: float = 60.0, retries: int = 3,
                max_tokens: int = 16, backoff_s: float = 0.5, backoff_max_s: float = 8.0,
                prompts: pasr.Prompts | None = None, cache_size: int = 200_000,
-               max_unparseable_frac: float = 0.5):
+               max_unparseable_frac: float = 0.5, temperature: float = 0.0):
     if concurrency < 1:
       raise ValueError(f"judge.concurrency={concurrency}: must be >= 1")
     if timeout_s <= 0:
       raise ValueError(f"judge.timeout_s={timeout_s}: must be > 0")
     if retries < 0:
       raise ValueError(f"judge.retries={retries}: must be >= 0")
+    if temperature < 0:
+      raise ValueError(f"judge.temperature={temperature}: must be >= 0")
     self.base_url = base_url.rstrip("/")
     self.model = model
     self.concurrency = concurrency
     self.timeout_s = timeout_s
     self.retries = retries
     self.max_tokens = max_tokens
+    self.temperature = float(temperature)
     self.backoff_s = backoff_s
     self.backoff_max_s = backoff_max_s
     self.prompts = prompts or pasr.Prompts()
@@ -135,7 +138,8 @@ class JudgeClient:
                max_tokens=int(cfg.get("max_tokens", 16)),
                backoff_s=float(cfg.get("backoff_s", 0.5)),
                cache_size=int(cfg.get("cache_size", 200_000)), prompts=prompts,
-               max_unparseable_frac=float(cfg.get("max_unparseable_frac", 0.5)))
+               max_unparseable_frac=float(cfg.get("max_unparseable_frac", 0.5)),
+               temperature=float(cfg.get("temperature", 0.0)))
 
   # ------------------------------------------------------------------ public API
   def score_batch(self, items: Sequence[JudgeItem | Mapping[str, str]]
@@ -258,7 +262,7 @@ class JudgeClient:
   async def _score_one(self, http: httpx.AsyncClient, sem: asyncio.Semaphore,
                        messages: list[dict[str, str]], stats: _BatchStats) -> float:
     body = {"model": self.model, "messages": messages, "max_tokens": self.max_tokens,
-            "temperature": 0.0}
+            "temperature": self.temperature}
 
     async def send() -> str:
       t0 = time.perf_counter()
