@@ -68,7 +68,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.rollout.vllm.enforce_eager = True
   c.rollout.vllm.dtype = "float32"
   c.rollout.vllm.kv_cache_space_gib = 2   # CPU only (VLLM_CPU_KVCACHE_SPACE)
-  c.rollout.vllm.cpu_reserved_cores = 0   # CPU only: cores kept from the model (-1 = vLLM's 1)
+  # CPU only: cores kept free of the model's threads for vLLM's engine loop; -1 = vLLM's
+  # default (1). 0 gave 1.5x on an idle 2-core host and 0.4-0.6x under load
+  # (benchmarks/rollout.py --engines), so the default stays vLLM's.
+  c.rollout.vllm.cpu_reserved_cores = -1
   c.rollout.vllm.sync_dir = ""        # "" = /dev/shm if present, else a temp dir
 
   c.judge = ml_collections.ConfigDict()
