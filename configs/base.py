@@ -19,6 +19,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"     # master weights and optimizer state
   c.model.scan_layers = False
   c.model.remat = False
+  c.model.attention = "auto"          # auto (cuDNN flash attention on GPU in bf16, else xla) | xla | cudnn
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (1, -1, 1)           # (data, fsdp, tensor); one entry may be -1 = the rest
@@ -26,6 +27,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.mesh.coordinator_address = ""     # host:port of process 0; "" = JAX detects it (SLURM, MPI)
   c.mesh.num_processes = 0            # 0 = JAX detects it
   c.mesh.process_id = -1              # -1 = JAX detects it
+  c.mesh.local_device_ids = ""        # this process's GPUs, e.g. "0,1,2,3" ("" = all it sees)
+  c.mesh.cuda_visible_devices = ""    # JAX's GPUs (indices in CUDA_VISIBLE_DEVICES), "" = all
+  c.mesh.memory_fraction = 0.0        # JAX's share of each GPU; 0 = 0.9 - vLLM's share if colocated
   # logical axis -> mesh axis (or None = replicated)
   c.mesh.rules = (
       ("batch", ("data", "fsdp")),
@@ -64,6 +68,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.rollout.vllm = ml_collections.ConfigDict()
   c.rollout.vllm.max_model_len = 2048
   c.rollout.vllm.gpu_memory_utilization = 0.3
+  c.rollout.vllm.colocate = True      # the engine shares JAX's GPUs (its share comes out of JAX's)
   c.rollout.vllm.tensor_parallel_size = 1
   c.rollout.vllm.enforce_eager = True
   c.rollout.vllm.dtype = "float32"

@@ -291,7 +291,8 @@ class _Reader:
 
 def load_hf(path: str | os.PathLike, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
             mesh: jax.sharding.Mesh | None = None, rules: Sequence | None = None,
-            scan_layers: bool = False, remat: bool = False) -> tuple[Decoder, ModelConfig]:
+            scan_layers: bool = False, remat: bool = False, attention: str = "auto"
+            ) -> tuple[Decoder, ModelConfig]:
   """Builds a `Decoder` from an HF dir (single-file or index-sharded safetensors).
 
   Tensors are read one at a time and each lands directly in its target sharding (from the
@@ -305,7 +306,7 @@ def load_hf(path: str | os.PathLike, dtype: Any = jnp.float32, param_dtype: Any 
   reader = _Reader(files)
   abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), dtype=dtype,
                                             param_dtype=param_dtype, scan_layers=scan_layers,
-                                            remat=remat))
+                                            remat=remat, attention=attention))
   graphdef, state = nnx.split(abstract)
   params = _params_by_path(state)
   entries = list(_entries(list(params), cfg, scan_layers))

@@ -1,0 +1,129 @@
+"""What JAX gets of the machine, set before it first touches a device.
+
+`setup(cfg)` runs at the start of a training run, before any JAX array exists:
+- JAX's share of each GPU: `XLA_PYTHON_CLIENT_MEM_FRACTION` = `memory_fraction(cfg)`. JAX
+  otherwise takes 75% at its first op, and a vLLM engine started after it on the same GPU
+  then refuses to start (it wants `gpu_memory_utilization` x total free).
+- JAX's GPUs: `jax_cuda_visible_devices` from `mesh.cuda_visible_devices` through
+  `jax.config.update` (JAX 0.10.2 does not read JAX_CUDA_VISIBLE_DEVICES from the environment).
+- Multi-host: `jax.distributed.initialize(...)` with the coordinator, process count, process
+  id and local device ids from the config (`scripts/launch_multihost.sh` fills them); without
+  arguments JAX reads only the coordinator address and local device ids from the environment.
+
+`python -m pasr_jax.devices --config=<preset> [--config.x=y]` applies the same setup and
+prints what JAX then sees as JSON (the launch scripts run it with MODULE=pasr_jax.devices).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+# JAX's share of a GPU it has to itself; the rest is CUDA context, cuDNN/cuBLAS workspaces and
+# NCCL buffers outside JAX's pool.
+DEFAULT_FRACTION = 0.9
+FRACTION_ENV = "XLA_PYTHON_CLIENT_MEM_FRACTION"
+
+
+class DeviceSetupError(ValueError):
+  """A device setting in the config that cannot be applied (the key is named)."""
+
+
+def memory_fraction(cfg) -> float:
+  """JAX's share of each device: `mesh.memory_fraction` if > 0, else 0.9 minus vLLM's
+  `rollout.vllm.gpu_memory_utilization` when the engine shares JAX's GPUs
+  (`rollout.vllm.colocate`), else 0.9."""
+  frac = float(cfg.mesh.memory_fraction)
+  if frac <= 0:
+    v = cfg.rollout.vllm
+    frac = DEFAULT_FRACTION - (float(v.gpu_memory_utilization) if v.colocate else 0.0)
+  if not 0.05 <= frac <= 1.0:
+    raise DeviceSetupError(
+        f"config mesh.memory_fraction={cfg.mesh.memory_fraction!r} (JAX's share {frac:.2f} with "
+        f"rollout.vllm.gpu_memory_utilization={cfg.rollout.vllm.gpu_memory_utilization!r}, "
+        f"colocate={cfg.rollout.vllm.colocate!r}) must lie in [0.05, 1]")
+  return round(frac, 4)
+
+
+def fraction_reason(cfg) -> str:
+  """Where `memory_fraction(cfg)` comes from, for logs and the plan."""
+  if float(cfg.mesh.memory_fraction) > 0:
+    return "mesh.memory_fraction"
+  v = cfg.rollout.vllm
+  if v.colocate:
+    return f"{DEFAULT_FRACTION} - vLLM colocated at {v.gpu_memory_utilization}"
+  return f"{DEFAULT_FRACTION}, vLLM on other GPUs"
+
+
+def _ids(key: str, text: str) -> list[int]:
+  try:
+    return [int(x) for x in str(text).split(",") if x.strip()]
+  except ValueError:
+    raise DeviceSetupError(f"config {key}={text!r}: comma-separated device indices") from None
+
+
+def setup(cfg) -> dict[str, Any]:
+  """Applies the config's device settings; must run before JAX first touches a device.
+
+  Returns what was set. Raises DeviceSetupError for unusable values, and if JAX's backends
+  are already up (then the fraction and visible devices would be silently ignored)."""
+  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+  if xla_bridge.backends_are_initialized():
+    raise DeviceSetupError("devices.setup must run before JAX first touches a device "
+                           "(its backends are already initialised)")
+  import jax  # pylint: disable=import-outside-toplevel
+  m = cfg.mesh
+  frac = memory_fraction(cfg)
+  if os.environ.get(FRACTION_ENV) not in (None, f"{frac:g}"):
+    print(f"[devices] {FRACTION_ENV}={os.environ[FRACTION_ENV]} from the environment replaced by "
+          f"{frac:g} ({fraction_reason(cfg)})", file=sys.stderr, flush=True)
+  os.environ[FRACTION_ENV] = f"{frac:g}"
+  done: dict[str, Any] = {"memory_fraction": frac}
+  if m.cuda_visible_devices:
+    visible = ",".join(map(str, _ids("mesh.cuda_visible_devices", m.cuda_visible_devices)))
+    jax.config.update("jax_cuda_visible_devices", visible)
+    done["cuda_visible_devices"] = visible
+  if m.distributed:
+    kwargs: dict[str, Any] = {}
+    if m.coordinator:
+      kwargs["coordinator_address"] = str(m.coordinator)
+    if int(m.num_processes) > 0:
+      kwargs["num_processes"] = int(m.num_processes)
+    if int(m.process_id) >= 0:
+      if "num_processes" in kwargs and not int(m.process_id) < kwargs["num_processes"]:
+        raise DeviceSetupError(f"config mesh.process_id={m.process_id!r} must be < "
+                               f"mesh.num_processes={m.num_processes!r}")
+      kwargs["process_id"] = int(m.process_id)
+    if m.local_device_ids:
+      kwargs["local_device_ids"] = _ids("mesh.local_device_ids", m.local_device_ids)
+    jax.distributed.initialize(**kwargs)
+    done["distributed"] = kwargs
+  return done
+
+
+def describe() -> dict[str, Any]:
+  """What JAX sees now (initialises its backends)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  return {
+      "backend": jax.default_backend(),
+      "process_index": jax.process_index(), "process_count": jax.process_count(),
+      "local_devices": [str(d) for d in jax.local_devices()],
+      "device_count": jax.device_count(),
+      FRACTION_ENV: os.environ.get(FRACTION_ENV),
+      "jax_cuda_visible_devices": jax.config.jax_cuda_visible_devices,
+  }
+
+
+def main(argv) -> None:
+  del argv
+  from pasr_jax.train import _CONFIG  # pylint: disable=import-outside-toplevel
+  set_ = setup(_CONFIG.value)
+  print(json.dumps({"set": set_, "jax": describe()}), flush=True)
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=import-outside-toplevel
+  from pasr_jax import train  # pylint: disable=import-outside-toplevel
+  app.run(main, flags_parser=train._parse_flags)  # pylint: disable=protected-access
