@@ -6,10 +6,14 @@ STAMP := $(VENV)/.installed
 # The machine's pip config lists local mirrors that may not exist; their warnings are noise.
 PIP := $(VPY) -m pip install -q --disable-pip-version-check
 MODEL_STAMP := $(VENV)/.model-ready
+# Deviceless XLA:GPU compiles (pasr_jax.plan --platform=cuda) need the CUDA plugin, which changes
+# how every JAX process starts: it gets its own venv; the package comes in by PYTHONPATH.
+XLA_GPU_VENV := .venv-xla-gpu
+XLA_GPU_STAMP := $(XLA_GPU_VENV)/.installed
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup test demo bench clean
+.PHONY: setup xla-gpu test demo bench clean
 
 setup: $(STAMP) $(MODEL_STAMP)
 
@@ -30,7 +34,14 @@ $(MODEL_STAMP): $(STAMP) scripts/prepare_model.py
 	$(VPY) scripts/prepare_model.py
 	touch $@
 
-test: setup
+$(XLA_GPU_STAMP): requirements-xla-gpu.txt
+	test -x $(XLA_GPU_VENV)/bin/python || $(PY) -m venv $(XLA_GPU_VENV)
+	$(XLA_GPU_VENV)/bin/python -m pip install -q --disable-pip-version-check -r requirements-xla-gpu.txt
+	touch $@
+
+xla-gpu: $(XLA_GPU_STAMP)
+
+test: setup xla-gpu
 	$(VPY) -m pytest -q tests
 
 demo: setup
@@ -40,4 +51,4 @@ bench: setup
 	for b in benchmarks/*.py; do $(VPY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(XLA_GPU_VENV)

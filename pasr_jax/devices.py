@@ -106,13 +106,14 @@ def setup(cfg) -> dict[str, Any]:
 def describe() -> dict[str, Any]:
   """What JAX sees now (initialises its backends)."""
   import jax  # pylint: disable=import-outside-toplevel
+  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
   return {
       "backend": jax.default_backend(),
       "process_index": jax.process_index(), "process_count": jax.process_count(),
       "local_devices": [str(d) for d in jax.local_devices()],
       "device_count": jax.device_count(),
       FRACTION_ENV: os.environ.get(FRACTION_ENV),
-      "jax_cuda_visible_devices": jax.config.jax_cuda_visible_devices,
+      "jax_cuda_visible_devices": xla_bridge.CUDA_VISIBLE_DEVICES.value,
   }
 
 

@@ -60,7 +60,8 @@ import ml_collections  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from pasr_jax import devices, sharding, xla_gpu  # noqa: E402
-from pasr_jax.models.qwen import Decoder, ModelConfig, resolve_attention  # noqa: E402
+from pasr_jax.models.qwen import (Decoder, ModelConfig, ModelConfigError,  # noqa: E402
+                                  resolve_attention)
 from pasr_jax.trainer import (BATCH_KEYS, INT_KEYS, batch_shardings, jit_update,  # noqa: E402
                               make_optimizer, make_step_fns, opt_state_shardings)
 
@@ -160,8 +161,17 @@ def plan(cfg: ml_collections.ConfigDict, mesh_shape, seq_len: int, layers: int =
   return result
 
 
-def main(argv) -> None:
+def main(argv) -> int:
   del argv
+  try:
+    _main()
+  except (PlanError, xla_gpu.XlaGpuError, ModelConfigError, devices.DeviceSetupError) as e:
+    print(f"pasr_jax.plan: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+def _main() -> None:
   from absl import flags
   f = flags.FLAGS
   cfg = f.config
