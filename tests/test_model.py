@@ -242,3 +242,46 @@ def test_bad_config_fields_raise(change, match):
       d[k] = v
   with pytest.raises(ModelConfigError, match=match):
     ModelConfig.from_hf_dict(d)
+
+
+def test_resolve_attention():
+  assert qwen.resolve_attention("auto", jnp.float32) == "xla"          # CPU here
+  assert qwen.resolve_attention("auto", jnp.bfloat16, platform="cuda") == "cudnn"
+  assert qwen.resolve_attention("auto", jnp.float32, platform="cuda") == "xla"  # no fp32 cuDNN
+  assert qwen.resolve_attention("xla", jnp.bfloat16, platform="cuda") == "xla"
+  with pytest.raises(ModelConfigError, match="model.attention='cudnn' needs model.dtype"):
+    qwen.resolve_attention("cudnn", jnp.float32)
+  with pytest.raises(ModelConfigError, match="model.attention='flash'"):
+    qwen.resolve_attention("flash", jnp.bfloat16)
+
+
+def test_fused_attention_call_matches_blocked_attention():
+  """`fused_attention` hands jax.nn.dot_product_attention causal masking, GQA and key padding
+  by length; cuDNN cannot run here, so the same call with implementation="xla" is held to the
+  blocked path (which transformers checks above) on right-padded rows of a GQA model."""
+  cfg = tiny_config("qwen3")
+  model = Decoder(cfg, rngs=nnx.Rngs(0))
+  attn = model.layers[0].self_attn
+  b, t = 3, 400  # t >= 384: the blocked path splits causal query blocks
+  lengths = np.array([400, 257, 31], np.int32)
+  x = jax.random.normal(jax.random.key(1), (b, t, cfg.hidden_size), jnp.float32)
+  mask2d = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
+  pos = jnp.asarray(np.maximum(np.cumsum(mask2d, 1) - 1, 0))
+  cos, sin = qwen.rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta)
+  causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
+  mask = (causal[None] & (jnp.asarray(mask2d)[:, None, :] > 0))[:, None, :, None]
+  want = np.asarray(attn(x, cos, sin, mask))
+
+  orig = qwen.fused_attention
+
+  def fused_xla(q, k, v, lens, implementation):
+    assert implementation == "cudnn"
+    return orig(q, k, v, lens, "xla")
+  attn.attention = "cudnn"
+  qwen.fused_attention = fused_xla
+  try:
+    got = np.asarray(attn(x, cos, sin, jnp.asarray(lengths)))
+  finally:
+    qwen.fused_attention, attn.attention = orig, "xla"
+  for i, n in enumerate(lengths):  # padding queries are don't-care (cuDNN writes zeros)
+    np.testing.assert_allclose(got[i, :n], want[i, :n], atol=2e-5, rtol=1e-4)
