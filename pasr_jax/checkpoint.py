@@ -252,11 +252,14 @@ class Checkpointer:
       self._check_shapes(step, abstract)
       try:
         out = self._mgr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(self._with_legacy_ref(step, abstract)),
+            meta=ocp.args.JsonRestore()))
         meta = out["meta"]
         if not isinstance(meta, dict) or meta.get("step") != step:
           raise CheckpointError(f"metadata missing or for another step: {meta!r:.200}")
         _verify(out["state"], meta.pop("checksums", None))
+        if "ref_params" not in abstract:  # verified with the rest, then dropped
+          out["state"].pop("ref_params", None)
         return step, out["state"], meta
       except ChecksumComputeError:
         raise  # our own failure, not the step's: move nothing aside
@@ -266,6 +269,20 @@ class Checkpointer:
                     "%s, using the previous one", step, self.directory, type(e).__name__, e,
                     aside)
     raise CheckpointError(f"{self.directory}: steps {steps} exist but none could be restored")
+
+  def _with_legacy_ref(self, step: int, abstract: Any) -> Any:
+    """Checkpoints before 2026-12-01 also stored the reference params (now rebuilt from
+    model.path); Orbax restores only whole trees, so such a step is read with a reference
+    shaped and sharded like the params, which the caller then drops."""
+    if not isinstance(abstract, dict) or "ref_params" in abstract or "params" not in abstract:
+      return abstract
+    try:
+      stored = self._mgr.item_metadata(step)["state"]
+    except Exception:  # pylint: disable=broad-except
+      return abstract
+    if hasattr(stored, "keys") and "ref_params" in stored.keys():
+      return dict(abstract, ref_params=abstract["params"])
+    return abstract
 
   def _check_shapes(self, step: int, abstract: Any) -> None:
     """Raises CheckpointMismatchError if `step`'s stored arrays have other shapes than

@@ -63,7 +63,7 @@ from pasr_jax import devices, sharding, xla_gpu  # noqa: E402
 from pasr_jax.models.qwen import (Decoder, ModelConfig, ModelConfigError,  # noqa: E402
                                   resolve_attention)
 from pasr_jax.trainer import (BATCH_KEYS, INT_KEYS, batch_shardings, jit_update,  # noqa: E402
-                              make_optimizer, make_step_fns, opt_state_shardings)
+                              make_optimizer, make_step_fns, opt_state_shardings, ref_copy)
 
 GIB = 1024 ** 3
 
@@ -133,12 +133,13 @@ def plan(cfg: ml_collections.ConfigDict, mesh_shape, seq_len: int, layers: int =
       jnp.int32 if k in INT_KEYS else jnp.float32,
       sharding=b_sh[k]) for k in BATCH_KEYS}
   beta = cfg.grpo.beta > 0
+  abs_ref = _abstract(jax.eval_shape(lambda p: ref_copy(p, dtype), params), p_sh) if beta else None
   update, _, _ = make_step_fns(graphdef, rest, tx, cfg, batch // mb, mesh)
   fn = jit_update(update, mesh, p_sh, o_sh, BATCH_KEYS, beta)
   t0 = time.perf_counter()
   # Under a set mesh the model pins activations batch-sharded.
   with jax.set_mesh(mesh), tracing:
-    lowered = fn.lower(abs_params, abs_params if beta else None, abs_opt, abs_batch)
+    lowered = fn.lower(abs_params, abs_ref, abs_opt, abs_batch)
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()

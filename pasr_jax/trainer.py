@@ -164,8 +164,9 @@ def make_step_fns(graphdef, rest, tx: optax.GradientTransformation,
   g = cfg.grpo
   temperature = loss_temperature(cfg)
   beta = float(g.beta)
+  compute_dtype = jnp.dtype(cfg.model.dtype)
   lp_fn = functools.partial(_logprobs_fn, graphdef, rest, temperature=temperature, chunk=chunk,
-                            mesh=mesh, compute_dtype=jnp.dtype(cfg.model.dtype))
+                            mesh=mesh, compute_dtype=compute_dtype)
   # The loss only reads scored (completion) positions: at most rollout.max_tokens per row.
   loss_lp_fn = functools.partial(lp_fn, keep=int(cfg.rollout.max_tokens))
 
@@ -292,12 +293,19 @@ def _combine(steps: list[dict[str, float]]) -> dict[str, float]:
 # ----------------------------------------------------------------------------- Trainer
 
 
+def ref_copy(params: Any, dtype: Any) -> Any:
+  """The frozen reference: the initial params in the compute dtype (it is only ever used cast
+  to it), so a bf16 run holds it at half the fp32 size."""
+  return jax.tree.map(lambda x: x.astype(dtype), params)
+
+
 class Trainer:
   """Holds the mesh, the live policy, the frozen reference and the optimizer state.
 
   `Trainer(cfg, model, model_cfg, mesh)`: `model` is a Decoder built with compute dtype
   cfg.model.dtype and fp32 params; it is placed on `mesh` by cfg.mesh.rules (params already
-  sharded stay put). The reference is a copy of the initial params, kept only when beta > 0.
+  sharded stay put). The reference is a copy of the initial params in the compute dtype, kept
+  only when beta > 0; it is not checkpointed (a resumed run rebuilds it from model.path).
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, model: Decoder, model_cfg: ModelConfig,
@@ -329,7 +337,7 @@ class Trainer:
     rules = cfg.mesh.rules
     self.param_shardings = sharding.state_shardings(params, mesh, rules)
     self.params = sharding.put_tree(params, self.param_shardings)
-    self.ref_params = (jax.jit(lambda p: jax.tree.map(jnp.copy, p),
+    self.ref_params = (jax.jit(functools.partial(ref_copy, dtype=cfg.model.dtype),
                                out_shardings=self.param_shardings)(self.params)
                        if cfg.grpo.beta > 0 else None)
     self.tx = make_optimizer(cfg.optim, cfg.train.steps * updates_per_step(cfg))
@@ -480,19 +488,15 @@ class Trainer:
     return nnx.merge(self.graphdef, self.params, self._rest)
 
   def state_for_checkpoint(self) -> dict[str, Any]:
-    """Pytrees to save: params, opt_state (ref params are the initial ones; see restore)."""
-    state = {"params": self.params, "opt_state": self.opt_state,
-             "skipped_steps": np.asarray(self.skipped_steps, np.int64),
-             "step": np.asarray(self.step, np.int64)}
-    if self.ref_params is not None:
-      state["ref_params"] = self.ref_params
-    return state
+    """Pytrees to save: params, opt_state. Not the reference: it is the initial params, which
+    a resumed run loads again from model.path (train checks it is the same model)."""
+    return {"params": self.params, "opt_state": self.opt_state,
+            "skipped_steps": np.asarray(self.skipped_steps, np.int64),
+            "step": np.asarray(self.step, np.int64)}
 
   def restore_from_checkpoint(self, state: dict[str, Any]) -> None:
     """Puts restored pytrees back on the mesh with the trainer's shardings."""
     self.params = sharding.put_tree(state["params"], self.param_shardings)
     self.opt_state = sharding.put_tree(state["opt_state"], self.opt_shardings)
-    if self.ref_params is not None and "ref_params" in state:
-      self.ref_params = sharding.put_tree(state["ref_params"], self.param_shardings)
     self.skipped_steps = int(state.get("skipped_steps", 0))
     self.step = int(state.get("step", 0))

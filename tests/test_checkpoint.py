@@ -177,3 +177,17 @@ def test_non_finite_state_is_never_saved(tmp_path):
   assert ck.all_steps() == [1]  # keep=1: the good step is still there
   assert ck.restore(_state(0.0))[0] == 1
   ck.close()
+
+
+def test_checkpoint_with_stored_reference_restores_without_it(tmp_path):
+  """Steps written before 2026-12-01 hold ref_params too; a run that no longer checkpoints
+  the reference restores them (the stored reference is read and dropped), not moves them aside."""
+  ck = Checkpointer(str(tmp_path), keep=2, async_save=False)
+  old = _state(2.0)
+  ck.save(2, dict(old, ref_params=old["params"]), _meta(2))
+  ck.close()
+  step, state, _ = Checkpointer(str(tmp_path)).restore(_state(0.0))
+  assert step == 2 and "ref_params" not in state
+  np.testing.assert_array_equal(np.asarray(state["params"]["w"]),
+                                np.arange(32.0).reshape(16, 2) * 2)
+  assert not (tmp_path.parent / (tmp_path.name + "_corrupt")).exists()

@@ -309,3 +309,13 @@ def test_exported_smollm2_in_vllm_gives_same_greedy_completion(smollm2_dir, vllm
     llm.reset_prefix_cache()
   assert all(len(t) > 0 for t in original)
   assert exported == original
+
+
+def test_model_digest_tells_fine_tuned_copies_apart(tmp_path):
+  """Same architecture, other weights -> another digest; the same files -> the same one."""
+  from pasr_jax.models.hf import model_digest
+  a, cfg = random_model("qwen2", True, seed=0)
+  b, _ = random_model("qwen2", True, seed=1)
+  da, db = save_hf(a, cfg, tmp_path / "a"), save_hf(b, cfg, tmp_path / "b")
+  save_hf(a, cfg, tmp_path / "a2")
+  assert model_digest(da) == model_digest(tmp_path / "a2") != model_digest(db)

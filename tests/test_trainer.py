@@ -334,3 +334,19 @@ def test_loss_temperature_scores_raw_logits_like_the_original():
   want = np.asarray(np_logprobs(raw.model, batch))
   np.testing.assert_allclose(raw.logprobs(batch)[scored], want[scored], rtol=0, atol=2e-5)
   assert np.abs(at_09.logprobs(batch)[scored] - want[scored]).max() > 1e-2
+
+
+def test_reference_is_held_in_compute_dtype_and_not_checkpointed():
+  """bf16 compute: the frozen reference is the initial params cast to bf16 (half the fp32
+  bytes, the same values the step would cast to), and checkpoints leave it out."""
+  cfg = make_cfg(**{"grpo.beta": 0.04, "model.dtype": "bfloat16"})
+  model = Decoder(tiny_config("qwen2"), rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  tr = Trainer(cfg, model, tiny_config("qwen2"), mesh)
+  assert {x.dtype for x in jax.tree.leaves(tr.ref_params)} == {jnp.dtype(jnp.bfloat16)}
+  assert {x.dtype for x in jax.tree.leaves(tr.params)} == {jnp.dtype(jnp.float32)}
+  np.testing.assert_array_equal(
+      flat(tr.ref_params), flat(jax.tree.map(lambda x: x.astype(jnp.bfloat16), tr.params)))
+  batch = with_old(tr, make_batch())
+  assert tr.update(batch)["kl"] == 0.0  # same values as the cast policy: no KL at step 0
+  assert set(tr.state_for_checkpoint()) == {"params", "opt_state", "skipped_steps", "step"}

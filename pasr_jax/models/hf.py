@@ -265,6 +265,24 @@ def tensor_specs(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], st
   return {name: (reader.shape(name), reader.dtype(name)) for name in reader.files}
 
 
+def model_digest(path: str | os.PathLike, sample_bytes: int = 1 << 20) -> str:
+  """A sha256 that tells HF checkpoints apart without reading all of a 15 GB model: every
+  tensor's name, shape and dtype, and per safetensors file its size and its first and last
+  `sample_bytes` (a fine-tuned copy of the same architecture differs there)."""
+  import hashlib  # pylint: disable=import-outside-toplevel
+  h = hashlib.sha256()
+  for name, (shape, dtype) in sorted(tensor_specs(path).items()):
+    h.update(f"{name}:{shape}:{dtype};".encode())
+  for f in sorted(set(_tensor_files(Path(path)).values())):
+    size = f.stat().st_size
+    h.update(f"{f.name}:{size};".encode())
+    with open(f, "rb") as fh:
+      h.update(fh.read(sample_bytes))
+      fh.seek(max(0, size - sample_bytes))
+      h.update(fh.read(sample_bytes))
+  return h.hexdigest()
+
+
 class _Reader:
   """Keeps safetensors files open while loading; reads one tensor at a time."""
 
