@@ -107,7 +107,9 @@ def describe() -> dict[str, Any]:
   """What JAX sees now (initialises its backends)."""
   import jax  # pylint: disable=import-outside-toplevel
   from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+  stats = jax.local_devices()[0].memory_stats() or {}  # None on CPU
   return {
+      "bytes_limit": stats.get("bytes_limit"),  # JAX's pool on a GPU: fraction x total
       "backend": jax.default_backend(),
       "process_index": jax.process_index(), "process_count": jax.process_count(),
       "local_devices": [str(d) for d in jax.local_devices()],
