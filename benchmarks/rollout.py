@@ -85,8 +85,8 @@ def bench_sync(sampler, model_dir, reps) -> None:
     timings = sampler.sync(model, sampler.policy_version + 1)
     full.append(timings["total_s"])
     phases.append(timings)
-    sampler.sync_root.mkdir(parents=True, exist_ok=True)
-    d = Path(tempfile.mkdtemp(prefix="bench_sync_", dir=sampler.sync_root))
+    sampler.weight_sync.sync_root.mkdir(parents=True, exist_ok=True)
+    d = Path(tempfile.mkdtemp(prefix="bench_sync_", dir=sampler.weight_sync.sync_root))
     try:
       t0 = time.perf_counter()
       save_file(host, str(d / "model-00001.safetensors"))
@@ -101,7 +101,8 @@ def bench_sync(sampler, model_dir, reps) -> None:
           f"convert+write {timings['convert_write_s']:.2f}, reload {timings['reload_s']:.2f}) "
           f"| write {t1 - t0:.2f} + reload {t2 - t1:.2f} = {t2 - t0:.2f} s")
   f, i = statistics.median(full), statistics.median(irreducible)
-  print(f"\n(b) sync of {nbytes / 1e6:.0f} MB to {sampler.sync_root}, median of {reps}")
+  print(f"\n(b) sync of {nbytes / 1e6:.0f} MB to {sampler.weight_sync.sync_root}, "
+        f"median of {reps}")
   print(f"  VllmSampler.sync (gather+convert+write+reload) {f:6.2f} s")
   print(f"  write same bytes + reload_weights             {i:6.2f} s")
   print(f"  ratio {f / i:.2f} (target <= 1.3)")

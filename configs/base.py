@@ -78,6 +78,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # (benchmarks/rollout.py --engines), so the default stays vLLM's.
   c.rollout.vllm.cpu_reserved_cores = -1
   c.rollout.vllm.sync_dir = ""        # "" = /dev/shm if present, else a temp dir
+  c.rollout.vllm.sync_fallback_dir = ""   # used when sync_dir lacks room ("" = the temp dir)
+  c.rollout.vllm.sync_headroom_gib = 0.25  # free space a sync leaves on sync_dir
 
   c.judge = ml_collections.ConfigDict()
   c.judge.base_url = "http://127.0.0.1:8001"

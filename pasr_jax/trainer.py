@@ -164,9 +164,8 @@ def make_step_fns(graphdef, rest, tx: optax.GradientTransformation,
   g = cfg.grpo
   temperature = loss_temperature(cfg)
   beta = float(g.beta)
-  compute_dtype = jnp.dtype(cfg.model.dtype)
   lp_fn = functools.partial(_logprobs_fn, graphdef, rest, temperature=temperature, chunk=chunk,
-                            mesh=mesh, compute_dtype=compute_dtype)
+                            mesh=mesh, compute_dtype=jnp.dtype(cfg.model.dtype))
   # The loss only reads scored (completion) positions: at most rollout.max_tokens per row.
   loss_lp_fn = functools.partial(lp_fn, keep=int(cfg.rollout.max_tokens))
 
@@ -295,8 +294,9 @@ def _combine(steps: list[dict[str, float]]) -> dict[str, float]:
 
 def ref_copy(params: Any, dtype: Any) -> Any:
   """The frozen reference: the initial params in the compute dtype (it is only ever used cast
-  to it), so a bf16 run holds it at half the fp32 size."""
-  return jax.tree.map(lambda x: x.astype(dtype), params)
+  to it), so a bf16 run holds it at half the fp32 size. Always a copy: the policy's buffers
+  are donated to each update."""
+  return jax.tree.map(lambda x: jnp.copy(x.astype(dtype)), params)
 
 
 class Trainer:

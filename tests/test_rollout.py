@@ -5,6 +5,7 @@ weights restore SmolLM2's own before they end.
 """
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -162,7 +163,8 @@ def test_sync_is_real_and_restores(vllm_sampler, prompts, jax_model, greedy_ref)
     timings = vllm_sampler.sync(model, v0 + 1)
     assert vllm_sampler.policy_version == v0 + 1
     assert {"gather_s", "convert_write_s", "reload_s", "total_s"} <= set(timings)
-    assert not list(vllm_sampler.sync_root.glob(vllm_sampler.sync_prefix + "*"))   # sync dir cleaned up
+    ws = vllm_sampler.weight_sync
+    assert not list(ws.sync_root.glob(ws.prefix + "*"))   # sync dir cleaned up
     after = vllm_sampler.generate(prompts, n=2, temperature=1.0, top_p=1.0, max_tokens=24,
                                   seed=11)
     assert all(c.policy_version == v0 + 1 for g in after for c in g.completions)
@@ -191,7 +193,7 @@ def test_sync_of_tied_embedding_updates_lm_head(vllm_sampler, prompts, jax_model
     noise = jax.random.normal(jax.random.key(0), emb.shape, emb.dtype) * emb.std() * 0.3
     model.embed_tokens.set_value(emb * 1.1 + noise)
     vllm_sampler.sync(model, v0 + 1)
-    assert vllm_sampler.refreshed_layers == ["lm_head"]
+    assert vllm_sampler.weight_sync.refreshed_layers == ["lm_head"]
     after = vllm_sampler.generate(prompts, n=2, temperature=1.0, top_p=1.0, max_tokens=24,
                                   seed=5)
     d = _diffs(model, after, 1.0)          # matches the perturbed JAX model ...
@@ -244,15 +246,45 @@ def test_mismatched_sync_raises_and_keeps_version(vllm_sampler, prompts, smollm2
   # A sync dir left by a process killed mid-sync is removed by the next sync.
   dead = subprocess.Popen(["true"])
   dead.wait()
-  orphan = vllm_sampler.sync_root / f"pasr_sync_{dead.pid}_x"
+  ws = vllm_sampler.weight_sync
+  orphan = ws.sync_root / f"pasr_sync_{dead.pid}_x"
   orphan.mkdir(parents=True)
   v = vllm_sampler.policy_version
   with pytest.raises(SyncError, match=name if break_it != "unknown" else "layers.99"):
     vllm_sampler.sync_tensors(tensors, v + 1)
   assert vllm_sampler.policy_version == v
-  assert not list(vllm_sampler.sync_root.glob(vllm_sampler.sync_prefix + "*"))
+  assert not list(ws.sync_root.glob(ws.prefix + "*"))
   assert not orphan.exists()
   assert _greedy(vllm_sampler, prompts) == greedy_ref
+
+
+def test_sync_falls_back_to_disk_when_the_sync_dir_is_too_small(
+    vllm_sampler, prompts, smollm2_dir, greedy_ref, tmp_path, caplog):
+  """Docker gives /dev/shm 64 MB; a sync that does not fit the sync dir (here a 4 MiB tmpfs)
+  goes to the fallback dir on disk and says where; with room nowhere it raises."""
+  small = tmp_path / "shm"
+  small.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)]).returncode:
+    pytest.skip("cannot mount a tmpfs here (needs root)")
+  ws = vllm_sampler.weight_sync
+  saved = ws.sync_root, ws.fallback_root, ws.headroom_bytes
+  ws.sync_root, ws.fallback_root = small / "sync", tmp_path / "disk"
+  v = vllm_sampler.policy_version
+  try:
+    with caplog.at_level(logging.WARNING, logger="pasr_jax.rollout.weight_sync"):
+      vllm_sampler.sync_tensors(_checkpoint(smollm2_dir), v + 1)
+    assert ws.last_root == tmp_path / "disk" and vllm_sampler.policy_version == v + 1
+    assert f"{small / 'sync'} has " in caplog.text, caplog.text
+    assert f"writing to {tmp_path / 'disk'} instead" in caplog.text, caplog.text
+    assert not list((tmp_path / "disk").iterdir())  # the sync dir was removed after the reload
+    assert _greedy(vllm_sampler, prompts) == greedy_ref
+    ws.headroom_bytes = 1 << 60
+    with pytest.raises(SyncError, match="MiB free"):
+      vllm_sampler.sync_tensors(_checkpoint(smollm2_dir), v + 2)
+    assert vllm_sampler.policy_version == v + 1
+  finally:
+    ws.sync_root, ws.fallback_root, ws.headroom_bytes = saved
+    subprocess.run(["umount", str(small)], check=False)
 
 
 def test_sync_of_a_different_model_raises(vllm_sampler):
@@ -283,7 +315,7 @@ _ATEXIT_SCRIPT = textwrap.dedent("""
       good = [(k, fh.get_tensor(k)) for k in fh.keys()]
     # A failure inside vLLM's reload (our own name/shape checks switched off to reach it):
     # the sampler must raise, keep its version and refuse to sample until a good sync.
-    expected, s._expected = s._expected, {}
+    expected, s.weight_sync.expected = s.weight_sync.expected, {}
     bad = [(k, v[:-1] if "mlp.down_proj" in k else v) for k, v in good]
     out = {"kids": kids}
     try:
@@ -297,7 +329,7 @@ _ATEXIT_SCRIPT = textwrap.dedent("""
       out["refused"] = False
     except SyncError:
       out["refused"] = True
-    s._expected = expected
+    s.weight_sync.expected = expected
     s.sync_tensors(good, 2)
     out["restored"] = greedy(s) == ref
     out["version"] = s.policy_version

@@ -22,7 +22,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -151,6 +151,45 @@ def hf_tensors(model_or_state: Decoder | nnx.State, cfg: ModelConfig,
     yield hf_name, to_hf(x, layout)
 
 
+def write_shards(tensors: Iterable[tuple[str, np.ndarray]], out_dir: Path,
+                 max_shard_bytes: int, file_name: Callable[[int], str],
+                 write: bool = True) -> tuple[list[tuple[Path, list[str]]], int]:
+  """Writes (HF name, host array) pairs as safetensors files of about `max_shard_bytes`
+  each, named `file_name(k)`; returns [(file, tensor names)] and the bytes written.
+
+  A file is written by a background thread while the next one fills (numpy copies and the
+  safetensors writer run outside the GIL), with at most one write in flight, so the host holds
+  about two shards. With `write=False` (multi-process, not process 0) the tensors are still
+  consumed (their gathers are collective) but nothing is written. The one writer of
+  `save_hf` and the vLLM weight sync."""
+  from concurrent.futures import ThreadPoolExecutor  # pylint: disable=import-outside-toplevel
+  written: list[tuple[Path, list[str]]] = []
+  shard: dict[str, np.ndarray] = {}
+  size = nbytes = 0
+  pending = None
+  with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pasr-safetensors") as pool:
+    def flush():
+      nonlocal shard, size, pending
+      if write and shard:
+        if pending is not None:
+          pending.result()  # raises the writer's error; bounds host memory
+        path = out_dir / file_name(len(written))
+        pending = pool.submit(save_file, shard, str(path), {"format": "pt"})
+        written.append((path, list(shard)))
+      shard, size = {}, 0
+
+    for name, x in tensors:
+      if shard and size + x.nbytes > max_shard_bytes:
+        flush()
+      shard[name] = x
+      size += x.nbytes
+      nbytes += x.nbytes
+    flush()
+    if pending is not None:
+      pending.result()
+  return written, nbytes
+
+
 def save_hf(model: Decoder, cfg: ModelConfig, out_dir: str | os.PathLike,
             tokenizer_from: str | os.PathLike | None = None, dtype: Any = None,
             max_shard_bytes: int = _DEFAULT_SHARD_BYTES) -> Path:
@@ -167,27 +206,16 @@ def save_hf(model: Decoder, cfg: ModelConfig, out_dir: str | os.PathLike,
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("model*.safetensors*"):
       old.unlink()
-  written: list[tuple[Path, list[str]]] = []  # (temporary file, tensor names) per shard
-  shard: dict[str, np.ndarray] = {}
-  size = 0
   out_dtype = None
 
-  def flush():
-    # Each shard goes to disk as soon as it is full, so the host holds about one shard.
-    if write and shard:
-      tmp = out / f"model-part-{len(written):05d}.safetensors.tmp"
-      save_file(shard, str(tmp), metadata={"format": "pt"})
-      written.append((tmp, list(shard)))
-    shard.clear()
-
-  for name, x in hf_tensors(model, cfg, dtype):
-    out_dtype = out_dtype or x.dtype
-    if shard and size + x.nbytes > max_shard_bytes:
-      flush()
-      size = 0
-    shard[name] = x
-    size += x.nbytes
-  flush()
+  def tensors():
+    nonlocal out_dtype
+    for name, x in hf_tensors(model, cfg, dtype):
+      out_dtype = out_dtype or x.dtype
+      yield name, x
+  # Temporary names until the shard count is known.
+  written, _ = write_shards(tensors(), out, max_shard_bytes,
+                            lambda k: f"model-part-{k:05d}.safetensors.tmp", write)
   if not write:
     return out
   if len(written) == 1:

