@@ -167,6 +167,7 @@ class RunState:
   policy_version: int = 0
   log_bytes: dict[str, int] = dataclasses.field(
       default_factory=lambda: {"metrics": 0, "rollouts": 0})
+  model_digest: str = ""  # hf.model_digest of model.path: the reference is rebuilt from it
 
   @classmethod
   def fresh(cls, seed: int) -> "RunState":
@@ -177,7 +178,8 @@ class RunState:
     """The JSON saved as a step's `meta` item."""
     meta = {"step": self.step, "cursor": self.cursor.to_dict(),
             "rng": np.asarray(jax.random.key_data(self.rng)).tolist(),
-            "policy_version": self.policy_version, "log_bytes": dict(self.log_bytes)}
+            "policy_version": self.policy_version, "log_bytes": dict(self.log_bytes),
+            "model_digest": self.model_digest}
     if config is not None:
       meta["config"] = config
     return meta
@@ -187,7 +189,8 @@ class RunState:
     return cls(step=int(meta["step"]), cursor=Cursor.from_dict(meta["cursor"]),
                rng=jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32)),
                policy_version=int(meta["policy_version"]),
-               log_bytes={k: int(v) for k, v in meta["log_bytes"].items()})
+               log_bytes={k: int(v) for k, v in meta["log_bytes"].items()},
+               model_digest=str(meta.get("model_digest", "")))  # older steps have none
 
 
 class Checkpointer:

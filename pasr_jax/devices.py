@@ -6,9 +6,8 @@
   then refuses to start (it wants `gpu_memory_utilization` x total free).
 - JAX's GPUs: `jax_cuda_visible_devices` from `mesh.cuda_visible_devices` through
   `jax.config.update` (JAX 0.10.2 does not read JAX_CUDA_VISIBLE_DEVICES from the environment).
-- Multi-host: `jax.distributed.initialize(...)` with the coordinator, process count, process
-  id and local device ids from the config (`scripts/launch_multihost.sh` fills them); without
-  arguments JAX reads only the coordinator address and local device ids from the environment.
+Multi-host init (`jax.distributed.initialize` with explicit arguments) is
+`pasr_jax.multihost.initialize`, which a run calls after this.
 
 `python -m pasr_jax.devices --config=<preset> [--config.x=y]` applies the same setup and
 prints what JAX then sees as JSON (the launch scripts run it with MODULE=pasr_jax.devices).
@@ -85,21 +84,6 @@ def setup(cfg) -> dict[str, Any]:
     visible = ",".join(map(str, _ids("mesh.cuda_visible_devices", m.cuda_visible_devices)))
     jax.config.update("jax_cuda_visible_devices", visible)
     done["cuda_visible_devices"] = visible
-  if m.distributed:
-    kwargs: dict[str, Any] = {}
-    if m.coordinator:
-      kwargs["coordinator_address"] = str(m.coordinator)
-    if int(m.num_processes) > 0:
-      kwargs["num_processes"] = int(m.num_processes)
-    if int(m.process_id) >= 0:
-      if "num_processes" in kwargs and not int(m.process_id) < kwargs["num_processes"]:
-        raise DeviceSetupError(f"config mesh.process_id={m.process_id!r} must be < "
-                               f"mesh.num_processes={m.num_processes!r}")
-      kwargs["process_id"] = int(m.process_id)
-    if m.local_device_ids:
-      kwargs["local_device_ids"] = _ids("mesh.local_device_ids", m.local_device_ids)
-    jax.distributed.initialize(**kwargs)
-    done["distributed"] = kwargs
   return done
 
 
@@ -122,7 +106,11 @@ def describe() -> dict[str, Any]:
 def main(argv) -> None:
   del argv
   from pasr_jax.train import _CONFIG  # pylint: disable=import-outside-toplevel
-  set_ = setup(_CONFIG.value)
+  cfg = _CONFIG.value
+  set_ = setup(cfg)
+  if cfg.mesh.distributed:  # as a run does (pasr_jax.run)
+    from pasr_jax import multihost  # pylint: disable=import-outside-toplevel
+    multihost.initialize(cfg.mesh)
   print(json.dumps({"set": set_, "jax": describe()}), flush=True)
 
 

@@ -42,6 +42,8 @@ def initialize(mesh_cfg) -> None:
     kw["num_processes"] = int(mesh_cfg.num_processes)
   if mesh_cfg.get("process_id", -1) >= 0:
     kw["process_id"] = int(mesh_cfg.process_id)
+  if mesh_cfg.get("local_device_ids", ""):  # this process's GPUs, e.g. "0,1,2,3"
+    kw["local_device_ids"] = [int(x) for x in str(mesh_cfg.local_device_ids).split(",") if x]
   jax.distributed.initialize(**kw)
 
 

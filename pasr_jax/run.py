@@ -76,6 +76,16 @@ class StopFlag:
       signal.signal(sig, h)
 
 
+def setup_devices(cfg) -> None:
+  """JAX's memory fraction and visible GPUs (pasr_jax.devices), before JAX touches a device."""
+  from pasr_jax import devices  # pylint: disable=import-outside-toplevel
+  try:
+    done = devices.setup(cfg)
+  except devices.DeviceSetupError as e:
+    raise ConfigError(str(e)) from None
+  print(f"[train] devices: {done} ({devices.fraction_reason(cfg)})", flush=True)
+
+
 def model_dir(cfg, wd: Workdir) -> str:
   """The run's HF model dir; for model.tiny_random, made in the workdir at the first start."""
   d = wd.model_dir(cfg.model)
@@ -123,6 +133,7 @@ class Run:
     from pasr_jax import data as data_lib  # pylint: disable=import-outside-toplevel
     from pasr_jax import pasr  # pylint: disable=import-outside-toplevel
     cfg, wd = self.cfg, self.wd
+    setup_devices(cfg)  # JAX's memory fraction and GPUs, before it touches a device
     self.rows = data_lib.load_dataset(cfg.data)
     self.prompts = pasr.load_prompts(cfg.prompts)
     self.judge = None
@@ -138,7 +149,8 @@ class Run:
 
     from pasr_jax import multihost  # pylint: disable=import-outside-toplevel
     from pasr_jax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
-    from pasr_jax.models.hf import load_hf  # pylint: disable=import-outside-toplevel
+    from pasr_jax.models.hf import (  # pylint: disable=import-outside-toplevel
+        load_hf, model_digest)
     from pasr_jax.sharding import make_mesh  # pylint: disable=import-outside-toplevel
     from pasr_jax.trainer import Trainer  # pylint: disable=import-outside-toplevel
 
@@ -161,8 +173,10 @@ class Run:
     model, self.model_cfg = load_hf(self.model_dir, dtype=dtype(cfg.model.dtype),
                                     param_dtype=dtype(cfg.model.param_dtype), mesh=mesh,
                                     rules=tuple(cfg.mesh.rules),
-                                    scan_layers=cfg.model.scan_layers, remat=cfg.model.remat)
-    self.trainer = Trainer(cfg, model, self.model_cfg, mesh)
+                                    scan_layers=cfg.model.scan_layers, remat=cfg.model.remat,
+                                    attention=cfg.model.attention)
+    self.trainer = Trainer(cfg, model, self.model_cfg, mesh)  # its reference: model_dir's
+    self.model_digest = model_digest(self.model_dir)
     self.ckpt = Checkpointer(str(wd.checkpoints), keep=cfg.checkpoint.keep,
                              async_save=cfg.checkpoint.async_save)
 
@@ -186,11 +200,16 @@ class Run:
         raise ConfigError(f"config workdir={cfg.workdir!r}: {e}") from None
     if restored is not None:
       arrays, self.state = restored
+      if self.state.model_digest not in ("", self.model_digest):
+        raise ConfigError(f"config model.path={self.model_dir!r}: not the model that "
+                          f"{wd.checkpoints}/{self.state.step} was trained from (the reference "
+                          "policy is rebuilt from model.path on resume; give the same model)")
       self.trainer.restore_from_checkpoint(arrays)
       print(f"[train] resumed from step {self.state.step} (cursor {self.state.cursor}, policy "
             f"version {self.state.policy_version})", flush=True)
     else:
       self.state = RunState.fresh(cfg.seed)
+    self.state.model_digest = self.model_digest
     self.last_saved = self.state.step
     self.stream = data_lib.BatchStream(self.rows, cfg.rollout.prompts_per_step,
                                        cfg.data.shuffle_seed, self.state.cursor)
