@@ -286,3 +286,27 @@ def test_config_faults_end_in_one_line_exit_2(tmp_path, override, needle):
   ours = [line for line in p.stderr.splitlines() if line.startswith("pasr_jax.train: ")]
   assert p.returncode == 2 and len(ours) == 1 and needle in ours[0], p.stderr[-3000:]
   assert "Traceback" not in p.stderr
+
+
+@pytest.mark.timeout(600)
+def test_diverging_run_stops_with_exit_6_and_keeps_finite_checkpoints(tmp_path, judge_url):
+  """optim.lr=1e30: the first update blows the weights up, every later loss is NaN and its
+  update skipped; after train.max_nonfinite_steps such steps the run ends (it trained on
+  forever before), and no checkpoint holds a NaN."""
+  import subprocess
+  w = tmp_path / "w"
+  p = subprocess.run(_cmd(w, judge_url, "--config.optim.lr=1e30", "--config.train.steps=8",
+                          "--config.train.max_nonfinite_steps=2",
+                          f"--config.data.files=('{DATA / 'say_seven.jsonl'}',)"),
+                     cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=500)
+  ours = [line for line in p.stderr.splitlines() if line.startswith("pasr_jax.train: ")]
+  assert p.returncode == 6 and len(ours) == 1, p.stdout[-2000:] + p.stderr[-3000:]
+  assert "training diverged: " in ours[0] and "train.max_nonfinite_steps=2" in ours[0]
+  from pasr_jax import metrics
+  m = metrics.read_jsonl(str(w / "metrics.jsonl"))
+  assert len(m) < 8 and m[-1]["train/skipped_steps"] >= 1
+  from pasr_jax.checkpoint import checksums
+  from test_train import _state
+  for step_dir in (w / "checkpoints").iterdir():
+    _, bad = checksums(_state(step_dir))
+    assert not bad, (step_dir.name, bad)
