@@ -30,6 +30,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.mesh.local_device_ids = ""        # this process's GPUs, e.g. "0,1,2,3" ("" = all it sees)
   c.mesh.cuda_visible_devices = ""    # JAX's GPUs (indices in CUDA_VISIBLE_DEVICES), "" = all
   c.mesh.memory_fraction = 0.0        # JAX's share of each GPU; 0 = 0.9 - vLLM's share if colocated
+  c.mesh.heartbeat_timeout_s = 100    # a process silent this long counts as dead (raise on overloaded hosts)
   # logical axis -> mesh axis (or None = replicated)
   c.mesh.rules = (
       ("batch", ("data", "fsdp")),

@@ -32,7 +32,8 @@ class MultihostError(ValueError):
 
 def initialize(mesh_cfg) -> None:
   """`jax.distributed.initialize` from cfg.mesh (coordinator_address, num_processes,
-  process_id; empty / 0 / -1 let JAX detect them, e.g. under SLURM or Open MPI). On CPU the
+  process_id; empty / 0 / -1 let JAX detect them, e.g. under SLURM or Open MPI;
+  heartbeat_timeout_s). On CPU the
   collectives between processes go through gloo."""
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   kw: dict[str, Any] = {}
@@ -44,7 +45,8 @@ def initialize(mesh_cfg) -> None:
     kw["process_id"] = int(mesh_cfg.process_id)
   if mesh_cfg.get("local_device_ids", ""):  # this process's GPUs, e.g. "0,1,2,3"
     kw["local_device_ids"] = [int(x) for x in str(mesh_cfg.local_device_ids).split(",") if x]
-  jax.distributed.initialize(**kw)
+  jax.distributed.initialize(**kw, heartbeat_timeout_seconds=int(
+      mesh_cfg.get("heartbeat_timeout_s", 100)))
 
 
 def is_writer() -> bool:

