@@ -404,9 +404,8 @@ class Trainer:
         raise TrainerError(f"batch[{k!r}] has shape {x.shape}, expected {want}")
       if k == "loss_mask":
         scored_window_check(_local_rows(x), int(self.cfg.rollout.max_tokens))
-      if not isinstance(x, jax.Array):
-        x = sharding.put_global(x, sharding.batch_sharding(self.mesh, x.ndim))
-      out[k] = x
+      # Host arrays are placed; global ones (or slices of them) moved to the batch sharding.
+      out[k] = sharding.put_global(x, sharding.batch_sharding(self.mesh, x.ndim))
     return out, b // mb, ids_shape[1]
 
   # -- public API
@@ -470,9 +469,9 @@ class Trainer:
       batch = dict(batch, old_logps=old_tr)
       if g.tis_cap > 0:
         batch["is_weights"] = np.asarray(w)
-    b = np.asarray(batch["input_ids"]).shape[0]
+    b = np.shape(batch["input_ids"])[0]
     per = int(self.cfg.optim.sequences_per_update) or b
-    mask = np.asarray(batch["loss_mask"])
+    mask = sharding.to_host(batch["loss_mask"])  # multi-host: a global array (a collective)
     slices = [slice(i, min(i + per, b)) for i in range(0, b, per)]
     slices = [s for s in slices if mask[s].any()] or slices[:1]
     steps = [self.update({k: v[s] for k, v in batch.items()} if per < b else batch)
