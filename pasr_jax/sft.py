@@ -245,13 +245,13 @@ def run_sft(cfg, transcripts: list[list[dict[str, str]]], workdir: str, model_di
   if not transcripts:
     raise SFTError("no SFT transcripts")
   import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
 
   from pasr_jax import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
   from pasr_jax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
   from pasr_jax.models.hf import load_hf, save_hf  # pylint: disable=import-outside-toplevel
   from pasr_jax.sharding import make_mesh  # pylint: disable=import-outside-toplevel
-  from pasr_jax.train import _dtype  # pylint: disable=import-outside-toplevel
   from pasr_jax.trainer import Trainer  # pylint: disable=import-outside-toplevel
 
   workdir = os.path.abspath(workdir)
@@ -267,6 +267,10 @@ def run_sft(cfg, transcripts: list[list[dict[str, str]]], workdir: str, model_di
       encoded.append((ids, mask))
   if not encoded:
     raise SFTError(f"no transcript has an assistant token within sft.max_len={s.max_len}")
+  # Every batch padded to one length: one XLA compile for the run (a new length costs a
+  # compile, minutes for SmolLM2 on CPU, more than the padding).
+  mult = int(cfg.train.seq_multiple)
+  length = -(-max(len(ids) for ids, _ in encoded) // mult) * mult
   per_epoch = -(-len(encoded) // int(s.batch_size))
   total = epochs * per_epoch if max_steps <= 0 else min(max_steps, epochs * per_epoch)
   tcfg = trainer_config(cfg, total, lr)
@@ -279,8 +283,10 @@ def run_sft(cfg, transcripts: list[list[dict[str, str]]], workdir: str, model_di
       [{"messages": m} for m in transcripts])
 
   mesh = make_mesh(tuple(cfg.mesh.shape))
-  model, model_cfg = load_hf(model_dir, dtype=_dtype(cfg.model.dtype),
-                             param_dtype=_dtype(cfg.model.param_dtype), mesh=mesh,
+  # Not pasr_jax.train's helpers: under `python -m pasr_jax.train` that module is __main__
+  # and a second import would define its flags twice.
+  model, model_cfg = load_hf(model_dir, dtype=jnp.dtype(cfg.model.dtype),
+                             param_dtype=jnp.dtype(cfg.model.param_dtype), mesh=mesh,
                              rules=tuple(cfg.mesh.rules), scan_layers=cfg.model.scan_layers,
                              remat=cfg.model.remat)
   trainer = Trainer(tcfg, model, model_cfg, mesh)
@@ -296,7 +302,8 @@ def run_sft(cfg, transcripts: list[list[dict[str, str]]], workdir: str, model_di
       log_bytes = int(meta["log_bytes"])
       print(f"[sft] resumed from step {start}", flush=True)
     writer = metrics_lib.MetricsWriter(workdir, False, log_bytes)
-    print(f"[sft] {len(encoded)} transcripts ({cut} cut at sft.max_len={s.max_len}), "
+    print(f"[sft] {len(encoded)} transcripts ({cut} cut at sft.max_len={s.max_len}; batch "
+          f"length {length}), "
           f"{total} updates of {s.batch_size}, lr {lr:g} cosine, warm-up "
           f"{tcfg.optim.warmup_steps}", flush=True)
     first = last_epoch = None
@@ -306,7 +313,7 @@ def run_sft(cfg, transcripts: list[list[dict[str, str]]], workdir: str, model_di
       epoch, k = divmod(step, per_epoch)
       order = np.random.default_rng([int(cfg.seed), epoch]).permutation(len(encoded))
       rows = [encoded[i] for i in order[k * s.batch_size:(k + 1) * s.batch_size]]
-      m = sft_step(trainer, pack(rows, pad_id, cfg.train.seq_multiple, cfg.optim.micro_batch))
+      m = sft_step(trainer, pack(rows, pad_id, length, cfg.optim.micro_batch))
       first = m["nll"] if first is None else first
       epoch_nll = (epoch_nll if k else []) + [m["nll"]]
       last_epoch = float(np.mean(epoch_nll))
