@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from collections import defaultdict
 from typing import Any
@@ -363,27 +362,14 @@ def run(cfg) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
   del argv
-  from pasr_jax.train import _CONFIG, ConfigError  # pylint: disable=import-outside-toplevel
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-  logging.getLogger("absl").setLevel(logging.WARNING)
-  cfg = _CONFIG.value
-  if cfg is None:
-    print("pasr_jax.sft: --config=configs/<preset>.py is required", file=sys.stderr)
-    return 2
-  try:
-    run(cfg)
-  except (SFTError, ConfigError) as e:
-    print(f"pasr_jax.sft: {e}", file=sys.stderr)
-    return 2
-  except ValueError as e:  # DataError, HFFormatError, ...: user input, not a crash
-    if type(e).__module__.startswith("pasr_jax"):
-      print(f"pasr_jax.sft: {type(e).__name__}: {e}", file=sys.stderr)
-      return 2
-    raise
-  return 0
+  from pasr_jax.train import config_main  # pylint: disable=import-outside-toplevel
+  return config_main("pasr_jax.sft", run)
 
 
 if __name__ == "__main__":
   from absl import app  # pylint: disable=import-outside-toplevel
+
+  from pasr_jax import sft  # pylint: disable=import-outside-toplevel,import-self
   from pasr_jax.train import _parse_flags  # pylint: disable=import-outside-toplevel
-  app.run(main, flags_parser=_parse_flags)
+  # The imported module's main, so errors are pasr_jax.sft.SFTError, not __main__.SFTError.
+  app.run(sft.main, flags_parser=_parse_flags)

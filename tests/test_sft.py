@@ -116,6 +116,14 @@ def test_encode_scores_assistant_tokens_only(tmp_path):
   assert mask.index(1) == len(gen) and ids[:len(gen)] == list(gen)
 
 
+def test_cli_needs_exactly_one_input(tmp_path):
+  p = subprocess.run([sys.executable, "-m", "pasr_jax.sft", "--config=configs/tiny_cpu.py",
+                      f"--config.workdir={tmp_path}"], cwd=ROOT, env=_env(),
+                     capture_output=True, text=True, timeout=120)
+  assert p.returncode == 2, p.stderr[-2000:]
+  assert "sft.data='', sft.rollouts='': set exactly one" in p.stderr, p.stderr[-2000:]
+
+
 # ----------------------------------------------------------------------------- tiny model
 @pytest.fixture(scope="module")
 def harvested_run(tmp_path_factory):
