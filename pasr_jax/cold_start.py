@@ -87,6 +87,10 @@ def ensure(cfg, model_dir: str) -> str:
   c = cfg.cold_start
   if not c.enabled:
     return model_dir
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_count() > 1:
+    raise ColdStartError("config cold_start.enabled=True runs on one host only: run the cold "
+                         "start once (python -m pasr_jax.sft) and point model.path at its hf/")
   workdir = os.path.join(os.path.abspath(cfg.workdir), "cold_start")
   hf = os.path.join(workdir, "hf")
   if os.path.isfile(os.path.join(hf, "config.json")):

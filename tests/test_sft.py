@@ -116,6 +116,16 @@ def test_encode_scores_assistant_tokens_only(tmp_path):
   assert mask.index(1) == len(gen) and ids[:len(gen)] == list(gen)
 
 
+@pytest.mark.parametrize("name,on", [("smollm2_135m", True), ("qwen2_5_7b", False),
+                                     ("qwen3_8b", False), ("tiny_cpu", False)])
+def test_cold_start_only_in_the_smollm2_preset_and_sft_defaults_are_the_papers(name, on):
+  from test_configs import load_preset
+  cfg = load_preset(name)
+  assert cfg.cold_start.enabled is on   # not part of the paper: never on in a paper preset
+  if name.startswith("qwen"):           # PASR+IFT, paper App. A.1
+    assert (cfg.sft.lr, cfg.sft.warmup_frac, cfg.sft.epochs) == (1e-5, 0.1, 2)
+
+
 def test_cli_needs_exactly_one_input(tmp_path):
   p = subprocess.run([sys.executable, "-m", "pasr_jax.sft", "--config=configs/tiny_cpu.py",
                       f"--config.workdir={tmp_path}"], cwd=ROOT, env=_env(),
