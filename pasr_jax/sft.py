@@ -194,7 +194,7 @@ def sft_step(trainer, batch: dict[str, np.ndarray]) -> dict[str, float]:
   return {"nll": nll, "grad_norm": m["grad_norm"], "tokens": tokens, "skipped": m["skipped"]}
 
 
-def trainer_config(cfg, total_steps: int, lr: float):
+def trainer_config(cfg, total_steps: int, lr: float, scored_span: int):
   """The run's config with the SFT optimiser (cosine, warm-up) and a loss that is the NLL."""
   t = copy.deepcopy(cfg)
   s = cfg.sft
@@ -209,7 +209,9 @@ def trainer_config(cfg, total_steps: int, lr: float):
   t.grpo.recompute_old_logps = False
   t.grpo.tis_cap = 0.0
   t.rollout.temperature = 1.0           # logprobs of the model itself
-  t.rollout.max_tokens = int(s.max_len)  # the scored window spans a whole transcript
+  # The trainer's logit window: only the scored span (assistant tokens) goes through the LM
+  # head, as in PASR training; for SmolLM2 (49k vocab) that is most of the activation memory.
+  t.rollout.max_tokens = int(scored_span)
   return t
 
 
@@ -270,9 +272,11 @@ def run_sft(cfg, transcripts: list[list[dict[str, str]]], workdir: str, model_di
   # compile, minutes for SmolLM2 on CPU, more than the padding).
   mult = int(cfg.train.seq_multiple)
   length = -(-max(len(ids) for ids, _ in encoded) // mult) * mult
+  span = max(len(m) - m.index(1) - m[::-1].index(1) for _, m in encoded)
+  span = min(-(-span // mult) * mult, length)
   per_epoch = -(-len(encoded) // int(s.batch_size))
   total = epochs * per_epoch if max_steps <= 0 else min(max_steps, epochs * per_epoch)
-  tcfg = trainer_config(cfg, total, lr)
+  tcfg = trainer_config(cfg, total, lr, span)
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
     # model.path is what `python -m pasr_jax.export --workdir=<sft workdir>` reads back.
     run_cfg = json.loads(tcfg.to_json())
