@@ -48,7 +48,7 @@ demo: setup
 	$(VPY) -m pasr_jax.train --config=configs/smollm2_135m.py --config.workdir=runs/demo
 
 # About 75 min on an idle 2-core host (cold start + PASR + 2x2 evaluations); see the script.
-# EVAL_DATA=<root of the PASR test sets> (default data/pasr/test_dataset), EXP_STEPS=15.
+# EVAL_DATA=<root of the PASR test sets> (default data/pasr/test_dataset), EXP_STEPS=15. Not yet run.
 experiment: setup
 	PY=$(VPY) scripts/experiment.sh
 
