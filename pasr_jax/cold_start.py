@@ -109,7 +109,9 @@ def ensure(cfg, model_dir: str) -> str:
   summary: dict[str, Any] = run_sft(cfg, transcripts, workdir, model_dir, lr=float(c.lr),
                                     epochs=int(c.epochs), max_steps=int(c.max_steps),
                                     export=True)
-  print(f"[cold start] done: nll {summary['first_nll']:.3f} -> {summary['last_epoch_nll']:.3f} "
-        f"in {summary['steps']} updates; PASR starts from {hf}", flush=True)
+  a, b = summary["first_nll"], summary["last_epoch_nll"]
+  nll = f"nll {a:.3f} -> {b:.3f}" if a is not None else "resumed after its last update"
+  print(f"[cold start] done ({nll}, {summary['steps']} updates); PASR starts from {hf}",
+        flush=True)
   gc.collect()  # the SFT trainer's arrays, before the PASR trainer loads its own
   return hf
