@@ -203,6 +203,9 @@ def trainer_config(cfg, total_steps: int, lr: float, scored_span: int):
   t.optim.warmup_steps = int(round(float(s.warmup_frac) * total_steps))
   t.optim.clip_norm = float(s.clip_norm)
   t.train.steps = int(total_steps)
+  # One optimizer update per SFT batch: the schedule spans exactly total_steps updates.
+  t.optim.sequences_per_update = 0
+  t.grpo.loss_temperature = 0.0         # = rollout.temperature below
   t.grpo.beta = 0.0                     # no reference model, no KL
   t.grpo.agg = "token_mean"             # mean over all assistant tokens of the batch
   t.grpo.num_iterations = 1
@@ -282,8 +285,8 @@ def run_sft(cfg, transcripts: list[list[dict[str, str]]], workdir: str, model_di
     run_cfg = json.loads(tcfg.to_json())
     run_cfg["model"]["path"] = os.path.abspath(model_dir)
     json.dump(run_cfg, f, indent=2)
-  metrics_lib.JsonlLog(os.path.join(workdir, "data.jsonl"), truncate_to=0).append(
-      [{"messages": m} for m in transcripts])
+  with open(os.path.join(workdir, "data.jsonl"), "w", encoding="utf-8") as f:
+    f.writelines(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in transcripts)
 
   mesh = make_mesh(tuple(cfg.mesh.shape))
   # Not pasr_jax.train's helpers: under `python -m pasr_jax.train` that module is __main__
@@ -304,7 +307,7 @@ def run_sft(cfg, transcripts: list[list[dict[str, str]]], workdir: str, model_di
       trainer.restore_from_checkpoint(state)
       log_bytes = int(meta["log_bytes"])
       print(f"[sft] resumed from step {start}", flush=True)
-    writer = metrics_lib.MetricsWriter(workdir, False, log_bytes)
+    writer = metrics_lib.MetricsWriter(os.path.join(workdir, "metrics.jsonl"), None, log_bytes)
     print(f"[sft] {len(encoded)} transcripts ({cut} cut at sft.max_len={s.max_len}; batch "
           f"length {length}), "
           f"{total} updates of {s.batch_size}, lr {lr:g} cosine, warm-up "
