@@ -13,7 +13,7 @@ XLA_GPU_STAMP := $(XLA_GPU_VENV)/.installed
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup xla-gpu test demo bench clean
+.PHONY: setup xla-gpu test demo experiment bench clean
 
 setup: $(STAMP) $(MODEL_STAMP)
 
@@ -46,6 +46,11 @@ test: setup xla-gpu
 
 demo: setup
 	$(VPY) -m pasr_jax.train --config=configs/smollm2_135m.py --config.workdir=runs/demo
+
+# About 75 min on an idle 2-core host (cold start + PASR + 2x2 evaluations); see the script.
+# EVAL_DATA=<root of the PASR test sets> (default data/pasr/test_dataset), EXP_STEPS=15. Not yet run.
+experiment: setup
+	PY=$(VPY) scripts/experiment.sh
 
 bench: setup
 	for b in benchmarks/*.py; do $(VPY) $$b || exit 1; done

@@ -151,6 +151,33 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.checkpoint.keep = 3
   c.checkpoint.async_save = True
 
+  # PASR+IFT (paper App. A.1): `python -m pasr_jax.sft`; also runs the cold start below.
+  c.sft = ml_collections.ConfigDict()
+  c.sft.data = ""                     # JSONL of {"messages": [{role, content}, ...]} transcripts
+  c.sft.rollouts = ""                 # or a run's rollouts.jsonl: harvest good refinement paths
+  c.sft.workdir = ""                  # "" = <workdir>/sft (checkpoints/, metrics.jsonl, hf/)
+  c.sft.model_path = ""               # "" = model.path (e.g. a PASR run's exported hf/)
+  c.sft.lr = 1e-5
+  c.sft.warmup_frac = 0.1             # linear warm-up over this share of the steps, then cosine
+  c.sft.epochs = 2
+  c.sft.batch_size = 2                # sequences per update (paper: 1 x accumulation 2)
+  c.sft.max_steps = 0                 # >0: stop after this many updates (schedule spans them)
+  c.sft.max_len = 1024                # tokens per transcript; longer ones are cut and counted
+  c.sft.clip_norm = 1.0
+  c.sft.checkpoint_every = 50
+  c.sft.export = True                 # write <sft workdir>/hf at the end
+
+  # NOT part of the PASR paper: a format cold start for models that cannot write the layout
+  # (SmolLM2-135M: 0/64 well-formed). SFT on the training file's own reference solutions
+  # rewritten as <think> reasoning </think> <answer> final </answer>, then PASR from there.
+  c.cold_start = ml_collections.ConfigDict()
+  c.cold_start.enabled = False
+  c.cold_start.max_examples = 0       # 0 = every usable training row
+  c.cold_start.refine_fraction = 0.5  # share of examples whose think ends with a <refine> re-check
+  c.cold_start.lr = 1e-4
+  c.cold_start.epochs = 1
+  c.cold_start.max_steps = 0          # >0: cap on SFT updates ("a few minutes")
+
   c.logging = ml_collections.ConfigDict()
   c.logging.tensorboard = True
   c.logging.every = 1

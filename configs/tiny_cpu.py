@@ -30,6 +30,7 @@ def get_config():
   c.optim.micro_batch = 8            # a multiple of data*fsdp (8 forced CPU devices in tests)
   c.train.steps = 3
   c.train.seq_multiple = 256          # one batch length (768) for the usual prompt: one compile
+  c.sft.batch_size = 8                # = optim.micro_batch: no padding rows
   c.checkpoint.every = 1
   c.checkpoint.keep = 2
   return c

@@ -78,23 +78,48 @@ class MetricsWriter:
       self._tb.close()
 
 
-def plot_reward_curve(metrics_path: str | os.PathLike, out_png: str | os.PathLike,
-                      keys: tuple[str, ...] = ("reward/mean", "reward/accuracy",
-                                               "reward/format", "reward/refine")) -> str:
-  """Reward components per step from metrics.jsonl into a PNG; returns its path."""
+# What a run shows of learning (issue 18): per step, on one figure and in the end-of-run line.
+LEARNING_KEYS = (("rate/format_ok", "format rate"), ("rate/refine", "refine rate"),
+                 ("reward/accuracy", "accuracy"), ("len/pasr_mean", "answer length (tokens)"))
+
+
+def learning_summary(metrics_path: str | os.PathLike) -> str:
+  """'format rate a -> b | refine rate ... | accuracy ... | answer length ...': the first and
+  the last step's value of each of LEARNING_KEYS, plus the steps with a nonzero gradient."""
+  rows = read_jsonl(metrics_path)
+  parts = []
+  for key, name in LEARNING_KEYS:
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    if vals:
+      parts.append(f"{name} {vals[0]:.3g} -> {vals[-1]:.3g}")
+  moved = sum(1 for r in rows if (r.get("train/grad_norm") or 0) > 0)
+  parts.append(f"steps with train/grad_norm > 0: {moved} of {len(rows)}")
+  return f"steps {rows[0]['step']}..{rows[-1]['step']}: " + " | ".join(parts) if rows else ""
+
+
+def plot_reward_curve(metrics_path: str | os.PathLike, out_png: str | os.PathLike) -> str:
+  """Per step from metrics.jsonl: format rate, refine rate, accuracy and the mean reward
+  (left axis) and the mean PASR answer length in tokens (right axis), on one PNG."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   rows = read_jsonl(metrics_path)
-  fig, ax = plt.subplots(figsize=(7, 4))
-  for k in keys:
+  fig, ax = plt.subplots(figsize=(8, 4.5))
+  right = ax.twinx()
+  series = [(k, name, ax) for k, name in LEARNING_KEYS[:3]]
+  series += [("reward/mean", "reward (mean)", ax), (*LEARNING_KEYS[3], right)]
+  for i, (k, name, axis) in enumerate(series):
     pts = [(r["step"], r[k]) for r in rows if r.get(k) is not None]
     if pts:
-      ax.plot(*zip(*pts), marker="o", markersize=3, label=k)
+      axis.plot(*zip(*pts), marker="o", markersize=3, label=name, color=f"C{i}",
+                linestyle="--" if axis is right else "-")
   ax.set_xlabel("step")
-  ax.set_ylabel("reward")
+  ax.set_ylabel("rate / accuracy / reward")
+  right.set_ylabel("answer length (tokens)")
   ax.grid(alpha=0.3)
-  ax.legend()
+  handles = ax.get_legend_handles_labels()
+  more = right.get_legend_handles_labels()
+  ax.legend(handles[0] + more[0], handles[1] + more[1], loc="best", fontsize=8)
   fig.tight_layout()
   fig.savefig(out_png, dpi=100)
   plt.close(fig)

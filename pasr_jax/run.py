@@ -43,8 +43,9 @@ from pasr_jax.workdir import Workdir
 log = logging.getLogger("pasr_jax.run")
 
 # The stdout line of each step shows these scalars.
-LINE_KEYS = ("reward/mean", "reward/accuracy", "reward/format", "rate/refine", "rate/truncated",
-             "time/rollout", "time/judge", "time/update", "time/sync", "time/checkpoint")
+LINE_KEYS = ("reward/mean", "reward/accuracy", "rate/format_ok", "rate/refine", "len/pasr_mean",
+             "rate/truncated", "train/grad_norm", "time/rollout", "time/judge", "time/update",
+             "time/sync", "time/checkpoint")
 
 
 class RunInterrupted(RuntimeError):
@@ -168,7 +169,9 @@ class Run:
       wd.config.write_text(cfg.to_json(indent=2), encoding="utf-8")
       model_dir(cfg, wd)  # tiny_random: the writer makes it, the others wait
     multihost.barrier("setup: workdir and model dir written")
-    self.model_dir = str(wd.model_dir(cfg.model))
+    from pasr_jax import cold_start  # pylint: disable=import-outside-toplevel
+    # cold_start.enabled (not part of the paper): PASR starts from the format SFT's HF dir.
+    self.model_dir = cold_start.ensure(cfg, str(wd.model_dir(cfg.model)))
     self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
     mesh = make_mesh(tuple(cfg.mesh.shape))
     multihost.check_mesh(mesh)
@@ -369,6 +372,7 @@ class Run:
     summary = {"last_step": self.last_saved, "workdir": str(wd.root), "scalars": self.scalars,
                "stopped": self.stopping}
     if self.writer_process and wd.metrics.stat().st_size:
+      print(f"[train] learning: {metrics_lib.learning_summary(str(wd.metrics))}", flush=True)
       summary["reward_curve"] = metrics_lib.plot_reward_curve(wd.metrics, wd.reward_curve)
     if self.cfg.train.export and not self.stopping:
       summary["hf"] = str(save_hf(self.trainer.model, self.model_cfg, wd.hf,

@@ -87,18 +87,19 @@ def _parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
-def main(argv: list[str]) -> int:
-  del argv
+def config_main(prog: str, fn) -> int:
+  """The CLI body of `python -m pasr_jax.train` / `pasr_jax.sft`: logging, the --config preset,
+  `fn(cfg)`; known failures print one line and return their exit code (see the module doc)."""
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it renames
   cfg = _CONFIG.value
   if cfg is None:
-    print("pasr_jax.train: --config=configs/<preset>.py is required", file=sys.stderr)
+    print(f"{prog}: --config=configs/<preset>.py is required", file=sys.stderr)
     return 2
   try:
-    run(cfg)
+    fn(cfg)
   except KeyboardInterrupt:  # a second Ctrl-C: no save
-    print("pasr_jax.train: interrupted: stopped at once by a second Ctrl-C; the last "
+    print(f"{prog}: interrupted: stopped at once by a second Ctrl-C; the last "
           "checkpoint is what a rerun resumes from", file=sys.stderr)
     return EXIT_INTERRUPTED
   except Exception as e:  # pylint: disable=broad-except
@@ -106,9 +107,14 @@ def main(argv: list[str]) -> int:
     if known is None or _DEBUG.value:
       raise
     code, what = known
-    print(f"pasr_jax.train: {what}: {' '.join(str(e).split())}", file=sys.stderr)
+    print(f"{prog}: {what}: {' '.join(str(e).split())}", file=sys.stderr)
     return code
   return 0
+
+
+def main(argv: list[str]) -> int:
+  del argv
+  return config_main("pasr_jax.train", run)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,117 @@
+"""Format cold start (NOT part of the PASR paper): SFT on reference solutions in the PASR layout.
+
+A model too small to follow the PASR format (SmolLM2-135M: 0 of 64 sampled answers
+well-formed) gives PASR's RL no signal: every reward -1, zero variance, zero gradient. With
+`cold_start.enabled`, training first rewrites the training file's own reference solutions as
+
+  <think> reasoning [<refine> re-check of the last calculation </refine>] </think>
+  <answer> final answer </answer>
+
+fine-tunes on them with `pasr_jax.sft` (under the PASR system prompt, as sampled later) and
+starts PASR from that checkpoint. Solutions need a recognisable final answer: GSM8K's
+`#### X` or a `\\boxed{X}`; other rows are skipped and counted. The re-check (for a share
+`cold_start.refine_fraction` of examples with a GSM8K `<<a*b=c>>` annotation) restates the
+last calculation: it teaches where the refine tag goes, not when refining pays off.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from pasr_jax import pasr
+from pasr_jax.data import Row
+
+_CALC = re.compile(r"<<([^<>]*?)=([^<>]*?)>>")
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+
+
+class ColdStartError(ValueError):
+  """No training row can be written in the PASR layout (the message says why)."""
+
+
+def reference_to_pasr(solution: str, refine: bool = False) -> str | None:
+  """The PASR-layout answer for a reference solution, or None when it has no final answer
+  (`#### X` or `\\boxed{X}`) or would not be well-formed."""
+  if "####" in solution:
+    reasoning, final = solution.rsplit("####", 1)
+  else:
+    boxed = _BOXED.findall(solution)
+    if not boxed:
+      return None
+    reasoning, final = solution, boxed[-1]
+  calcs = _CALC.findall(reasoning)
+  reasoning = _CALC.sub("", reasoning).strip()  # GSM8K calculator annotations
+  final = final.strip()
+  if not reasoning or not final:
+    return None
+  think = reasoning
+  if refine and calcs:
+    lhs, rhs = calcs[-1]
+    think += f"\n<refine> Let me re-check the last step: {lhs} = {rhs}. It holds. </refine>"
+  text = f"<think>\n{think}\n</think>\n<answer>\n{final}\n</answer>"
+  return text if pasr.format_ok(text) else None
+
+
+def build_set(rows: Sequence[Row], system: str, refine_fraction: float = 0.5,
+              max_examples: int = 0, seed: int = 0
+              ) -> tuple[list[list[dict[str, str]]], dict[str, int]]:
+  """([system, user, assistant] transcripts, counts) from training rows; the first
+  `max_examples` usable rows (0 = all) of a seeded order."""
+  order = np.random.default_rng(seed).permutation(len(rows))
+  refine_draw = np.random.default_rng([seed, 1]).random(len(rows))
+  out, stats = [], {"rows": len(rows), "kept": 0, "with_refine": 0, "no_final_answer": 0}
+  for i in order:
+    if max_examples and len(out) >= max_examples:
+      break
+    text = reference_to_pasr(rows[i].answer, refine=bool(refine_draw[i] < refine_fraction))
+    if text is None:
+      stats["no_final_answer"] += 1
+      continue
+    stats["kept"] += 1
+    stats["with_refine"] += int(pasr.count_refines(text) > 0)
+    out.append([{"role": "system", "content": system},
+                {"role": "user", "content": rows[i].question},
+                {"role": "assistant", "content": text}])
+  return out, stats
+
+
+def ensure(cfg, model_dir: str) -> str:
+  """The HF dir PASR starts from: `model_dir` itself when cold_start.enabled is off, else
+  <workdir>/cold_start/hf, made by SFT on the cold-start set unless it exists already."""
+  c = cfg.cold_start
+  if not c.enabled:
+    return model_dir
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_count() > 1:
+    raise ColdStartError("config cold_start.enabled=True runs on one host only: run the cold "
+                         "start once (python -m pasr_jax.sft) and point model.path at its hf/")
+  workdir = os.path.join(os.path.abspath(cfg.workdir), "cold_start")
+  hf = os.path.join(workdir, "hf")
+  if os.path.isfile(os.path.join(hf, "config.json")):
+    return hf
+  from pasr_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+  from pasr_jax.sft import run_sft  # pylint: disable=import-outside-toplevel
+  system = pasr.load_prompts(cfg.prompts).pasr_system
+  transcripts, stats = build_set(data_lib.load_dataset(cfg.data), system,
+                                 float(c.refine_fraction), int(c.max_examples), int(cfg.seed))
+  if not transcripts:
+    raise ColdStartError(f"config cold_start.enabled=True but no row of data.files="
+                         f"{tuple(cfg.data.files)} has a final answer (GSM8K '#### X' or "
+                         f"\\boxed{{X}}): {stats}")
+  print(f"[cold start] NOT part of the PASR paper: SFT on {stats['kept']} reference solutions "
+        f"in the PASR layout ({stats}) into {workdir}", flush=True)
+  summary: dict[str, Any] = run_sft(cfg, transcripts, workdir, model_dir, lr=float(c.lr),
+                                    epochs=int(c.epochs), max_steps=int(c.max_steps),
+                                    export=True)
+  a, b = summary["first_nll"], summary["last_epoch_nll"]
+  nll = f"nll {a:.3f} -> {b:.3f}" if a is not None else "resumed after its last update"
+  print(f"[cold start] done ({nll}, {summary['steps']} updates); PASR starts from {hf}",
+        flush=True)
+  gc.collect()  # the SFT trainer's arrays, before the PASR trainer loads its own
+  return hf
