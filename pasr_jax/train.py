@@ -19,6 +19,7 @@ with its traceback):
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 
@@ -51,7 +52,7 @@ def classify(e: BaseException) -> tuple[int, str] | None:
   if isinstance(e, CheckpointError):
     return EXIT_DISK, "checkpoint"
   if isinstance(e, OSError) and e.errno is not None:  # disk full, permissions, ...
-    return EXIT_DISK, "disk"
+    return EXIT_DISK, "disk" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "file system"
   if isinstance(e, TrainingDiverged):
     return EXIT_DIVERGED, "training diverged"
   if isinstance(e, ValueError) and type(e).__module__.startswith("pasr_jax"):

@@ -35,6 +35,7 @@ class LocalJudge:
     # pylint: disable-next=import-outside-toplevel
     from pasr_jax.judge.server import die_with_parent, wait_healthy
     self.log_path = str(log_path)
+    os.makedirs(os.path.dirname(self.log_path) or ".", exist_ok=True)  # a fresh workdir
     with open(self.log_path, "ab") as logf:  # the child keeps its own descriptor
       self.proc = subprocess.Popen(
           [sys.executable, "-m", "pasr_jax.judge", "--backend", "verify", "--host", u.hostname,
