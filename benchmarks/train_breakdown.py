@@ -51,7 +51,7 @@ def two_calls(workdir: str, steps: int = 2) -> None:
 
   from pasr_jax import data, pasr  # pylint: disable=import-outside-toplevel
   from pasr_jax.rollout.vllm_sampler import VllmSampler  # pylint: disable=import-outside-toplevel
-  from pasr_jax.step import chat_prompt_ids  # pylint: disable=import-outside-toplevel
+  from pasr_jax import chat  # pylint: disable=import-outside-toplevel
   from pasr_jax.workdir import Workdir  # pylint: disable=import-outside-toplevel
 
   wd = Workdir(workdir)
@@ -70,8 +70,8 @@ def two_calls(workdir: str, steps: int = 2) -> None:
     tokens_one = tokens_two = 0
     for _ in range(steps):
       rows = stream.next_batch()
-      pa = [chat_prompt_ids(tok, prompts.pasr_system, x.question) for x in rows]
-      ba = [chat_prompt_ids(tok, prompts.plain_system, x.question) for x in rows]
+      pa = [chat.encode(tok, chat.user_chat(prompts.pasr_system, x.question)) for x in rows]
+      ba = [chat.encode(tok, chat.user_chat(prompts.plain_system, x.question)) for x in rows]
       t = time.perf_counter()
       g = sampler.generate(pa + ba, **kw)
       one += time.perf_counter() - t

@@ -154,7 +154,7 @@ def encode_transcript(tokenizer, messages: list[dict[str, str]]) -> tuple[list[i
 
   An assistant turn's tokens are those between the template with a generation prompt for the
   messages before it and the template through it: its content and end-of-turn token(s), as
-  the sampler produces them after the same prompt (train.chat_prompt_ids).
+  the sampler produces them after the same prompt (pasr_jax.chat.encode).
   """
   ids = _template_ids(tokenizer, messages, False)
   mask = [0] * len(ids)

