@@ -2,13 +2,15 @@
 # `make experiment`: the CPU-scale PASR experiment of issue 18 (about 75 min on an idle 2-core
 # host; much longer on a shared one). Format cold start (SFT; NOT part of the PASR paper) +
 # PASR on the GSM8K training slice of the SmolLM2 preset, export, then greedy evaluation of
-# vanilla SmolLM2 vs the trained model (pasr mode) on the first 100 items of GSM8K test and
-# ARC-C with the verify judge, and `evaluate compare` (table + refinement analysis).
-#   EVAL_DATA  root of the PASR test sets (default data/pasr/test_dataset)
+# vanilla SmolLM2, the cold-started model alone and the trained model (both in pasr mode) on
+# the first 100 items of GSM8K test and ARC-C with the verify judge, and `evaluate compare`
+# (table + refinement analysis). The cold-start-only row separates what SFT on the format did
+# from what PASR's RL did.
+#   EVAL_DATA  root of the PASR test sets (default configs/data/eval_100: their first 100 rows)
 #   EXP_STEPS  PASR steps (default 15)   EXP_DIR  output root (default runs/experiment)
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
-EVAL_DATA=${EVAL_DATA:-data/pasr/test_dataset}
+EVAL_DATA=${EVAL_DATA:-configs/data/eval_100}
 EXP_STEPS=${EXP_STEPS:-15}
 EXP_DIR=${EXP_DIR:-runs/experiment}
 PORT=${JUDGE_PORT:-8011}
@@ -40,9 +42,11 @@ EVAL=(--config=configs/eval.py --config.data_dir="$EVAL_DATA" --config.datasets=
       --config.rollout.vllm.max_model_len=2048)
 $PY -m pasr_jax.evaluate "${EVAL[@]}" --config.model="$SMOL" --config.mode=vanilla \
   --config.out_dir="$EXP_DIR/eval_vanilla"
+$PY -m pasr_jax.evaluate "${EVAL[@]}" --config.model="$EXP_DIR/train/cold_start/hf" \
+  --config.mode=pasr --config.out_dir="$EXP_DIR/eval_cold_start"
 $PY -m pasr_jax.evaluate "${EVAL[@]}" --config.model="$EXP_DIR/train/hf" --config.mode=pasr \
   --config.out_dir="$EXP_DIR/eval_pasr"
-$PY -m pasr_jax.evaluate compare "$EXP_DIR/eval_vanilla" "$EXP_DIR/eval_pasr" \
+$PY -m pasr_jax.evaluate compare "$EXP_DIR/eval_vanilla" "$EXP_DIR/eval_cold_start" "$EXP_DIR/eval_pasr" \
   --png="$EXP_DIR/compare.png" | tee "$EXP_DIR/compare.md"
 cp "$EXP_DIR/train/reward_curve.png" "$EXP_DIR/reward_curve.png"
 echo "[experiment] $(date -u +%F) commit $(git rev-parse --short HEAD 2>/dev/null || echo ?):" \
