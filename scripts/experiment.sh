@@ -26,7 +26,7 @@ JUDGE=$!
 trap 'kill $JUDGE 2>/dev/null || true' EXIT
 URL=http://127.0.0.1:$PORT
 $PY -c "import sys, time
-from pasr_jax.train import judge_answers
+from pasr_jax.judge.local import judge_answers
 for _ in range(240):
   if judge_answers('$URL'): sys.exit(0)
   time.sleep(0.5)
