@@ -180,7 +180,7 @@ def main() -> None:
                  help="only (c): the CPU engine settings on a paper-sized step (n=8)")
   args = p.parse_args()
 
-  from pasr_jax.paths import prepare_smollm2
+  from pasr_jax.smollm2 import prepare_smollm2
   from pasr_jax.rollout import VllmSampler
   model_dir = Path(args.model) if args.model else prepare_smollm2()
   if args.engines:
