@@ -17,8 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from pasr_jax import chat, grpo, pasr
+from pasr_jax import chat, grpo, rewards as rewards_lib
+from pasr_jax.answer_format import count_refines
 from pasr_jax.data import Row
+from pasr_jax.judge.wire import judge_request
+from pasr_jax.prompts import Prompts, load_prompts
 
 
 @dataclasses.dataclass
@@ -69,10 +72,6 @@ def merge_scalars(parts: Sequence[tuple[dict[str, float], dict[str, float]]]
     else:
       out[k] = first
   return out
-
-
-def _contains(answer_text: str, target: str) -> float:
-  return 1.0 if target.strip() and target.strip() in answer_text else 0.0
 
 
 def pack_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
@@ -157,12 +156,12 @@ def pad_batch(batch: dict[str, np.ndarray] | None, rows: int, length: int,
 class RolloutStep:
   """Turns questions into a trainer batch with a sampler and a judge (see module doc)."""
 
-  def __init__(self, cfg, tokenizer, sampler, judge, prompts: pasr.Prompts | None = None):
+  def __init__(self, cfg, tokenizer, sampler, judge, prompts: Prompts | None = None):
     self.cfg = cfg
     self.tok = tokenizer
     self.sampler = sampler
     self.judge = judge
-    self.prompts = prompts or pasr.load_prompts(cfg.prompts)
+    self.prompts = prompts or load_prompts(cfg.prompts)
     self.eos_ids = sorted({i for i in (tokenizer.eos_token_id,) if i is not None})
     self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
@@ -177,15 +176,14 @@ class RolloutStep:
     """Accuracy in [0, 1] of every answer text, `texts[prompt][sample]`."""
     rule = self.cfg.rewards.get("accuracy_rule", "")
     if rule == "contains":
-      return [[_contains(pasr.extract_answer(t), rows[i % len(rows)].answer) for t in ts]
+      return [[rewards_lib.contains_accuracy(t, rows[i % len(rows)].answer) for t in ts]
               for i, ts in enumerate(texts)], {}
     items, shape = [], []
     for i, ts in enumerate(texts):
       row = rows[i % len(rows)]
       for t in ts:
-        items.append({"question": row.question, "ground_truth": row.answer,
-                      "answer": pasr.judge_input(t, self.cfg.judge.input),
-                      "task_type": self.cfg.data.task_type})
+        items.append(judge_request(row.question, row.answer, t, self.cfg.data.task_type,
+                                   self.cfg.judge.input))
       shape.append(len(ts))
     scores, stats = self.judge.score_batch(items)
     out, k = [], 0
@@ -216,10 +214,10 @@ class RolloutStep:
     base_accs = accs[B:] if rc.baseline else [None] * B
     rewards, terms = [], []
     for i in range(B):
-      group = pasr.group_reward_terms([c.text for c in groups[i].completions], accs[i],
+      group = rewards_lib.group_reward_terms([c.text for c in groups[i].completions], accs[i],
                                       base_accs[i], self.cfg.rewards)
       terms += group
-      rewards += [pasr.weighted_reward(t, self.cfg.rewards) for t in group]
+      rewards += [rewards_lib.weighted_reward(t, self.cfg.rewards) for t in group]
     adv, zero_var = grpo.group_advantages(rewards, n, gc.adv_std_ddof, gc.adv_scale,
                                           gc.adv_eps, gc.skip_range)
     keep_group = ~grpo.flat_groups(rewards, n, gc.skip_range) | (not gc.skip_zero_variance)
@@ -258,7 +256,7 @@ class RolloutStep:
         "reward/accuracy": float(np.mean([t["accuracy"] for t in terms])),
         "reward/refine": float(np.mean([t["refine"] for t in terms])),
         "rate/format_ok": float(np.mean([t["format"] > 0 for t in terms])),
-        "rate/refine": float(np.mean([pasr.count_refines(c.text) > 0 for c in pasr_comps])),
+        "rate/refine": float(np.mean([count_refines(c.text) > 0 for c in pasr_comps])),
         "rate/truncated": float(np.mean([c.finish_reason == "length"
                                          for g in groups for c in g.completions])),
         "rate/prompt_truncated": float(np.mean(cut)),
