@@ -308,12 +308,12 @@ class Run:
     return scalars
 
   def _rollout(self, rows, seed: int):
-    """`RolloutStep.run` with engine failures handled (see the module docstring)."""
+    """`RolloutStep` with engine failures handled (see the module docstring)."""
     from pasr_jax.rollout import EngineError  # pylint: disable=import-outside-toplevel
     st, retries = self.state, int(self.cfg.rollout.engine_retries)
     for attempt in range(retries + 1):
       try:
-        return self.stepper.run(rows, st.step + 1, seed)
+        return self.stepper(rows, st.step + 1, seed)
       except EngineError as e:
         if self.stop.stop:
           self._abandon_step()
