@@ -146,9 +146,9 @@ def test_paper_training_judge_graded_at_0_2(paper):
   from pasr_jax import prompts
   assert paper.judge.temperature == 0.2 and paper.judge.input == "full"
   assert paper.prompts.judge_style == "graded"
-  prompts = prompts.load_prompts(paper.prompts)
+  p = prompts.load_prompts(paper.prompts)
   for task in prompts.TASK_TYPES:
-    assert prompts.judge[task] == prompts.GRADED_JUDGE_INSTRUCTION
+    assert p.judge[task] == prompts.GRADED_JUDGE_INSTRUCTION
   assert "from 0" in prompts.GRADED_JUDGE_INSTRUCTION and "just the" in prompts.GRADED_JUDGE_INSTRUCTION
 
 

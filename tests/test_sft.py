@@ -12,7 +12,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from configs.tiny_cpu import get_config as tiny_config
-from pasr_jax import answer_format, cold_start, data, metrics, prompts, rewards, sft
+from pasr_jax import answer_format, cold_start, data, metrics, rewards, sft
+from pasr_jax.prompts import PASR_SYSTEM_PROMPT
 from pasr_jax.tiny import make_tiny_model_dir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ def _write_jsonl(path, recs):
 # ----------------------------------------------------------------------------- no model
 def test_cold_start_set_scores_plus_one_format_on_gsm8k():
   rows = data.load_rows(str(GSM8K))
-  ts, stats = cold_start.build_set(rows, prompts.PASR_SYSTEM_PROMPT, refine_fraction=0.5)
+  ts, stats = cold_start.build_set(rows, PASR_SYSTEM_PROMPT, refine_fraction=0.5)
   assert stats["kept"] == len(rows) == len(ts) == 64 and stats["no_final_answer"] == 0
   for t in ts:
     assert rewards.format_reward(t[-1]["content"]) == 1.0, t[-1]["content"]
