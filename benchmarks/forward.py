@@ -31,7 +31,7 @@ def main() -> None:
   from flax import nnx
 
   from pasr_jax.models.hf import load_hf
-  from pasr_jax.paths import prepare_smollm2
+  from pasr_jax.smollm2 import prepare_smollm2
 
   torch.set_num_threads(args.threads)
   path = args.model or str(prepare_smollm2())

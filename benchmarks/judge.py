@@ -18,7 +18,7 @@ import time
 
 import httpx
 
-from pasr_jax import pasr
+from pasr_jax.judge import wire
 from pasr_jax.judge import JudgeClient, JudgeItem, parse_score
 from pasr_jax.judge.server import wait_healthy
 
@@ -28,7 +28,7 @@ def serial_scores(url: str, model: str, batch: list[JudgeItem]) -> list[float]:
   out = []
   with httpx.Client(base_url=url, timeout=60.0) as http:
     for it in batch:
-      msgs = pasr.judge_messages(it.question, it.ground_truth, it.answer, it.task_type)
+      msgs = wire.judge_messages(it.question, it.ground_truth, it.answer, it.task_type)
       r = http.post("/v1/chat/completions",
                     json={"model": model, "messages": msgs, "max_tokens": 16})
       r.raise_for_status()

@@ -111,10 +111,11 @@ def bench_sync(sampler, model_dir, reps) -> None:
 def _paper_step_prompts(tok) -> list[list[int]]:
   import json
 
-  from pasr_jax import chat, pasr
+  from pasr_jax import chat
+  from pasr_jax.prompts import load_prompts
   path = Path(__file__).resolve().parent.parent / "configs" / "data" / "gsm8k_train_64.jsonl"
   rows = [json.loads(line) for line in path.read_text().splitlines()][:8]
-  p = pasr.load_prompts(None)
+  p = load_prompts(None)
   return [chat.encode(tok, chat.user_chat(system, r["question"]))
           for system in (p.pasr_system, p.plain_system) for r in rows]
 
@@ -180,7 +181,7 @@ def main() -> None:
                  help="only (c): the CPU engine settings on a paper-sized step (n=8)")
   args = p.parse_args()
 
-  from pasr_jax.paths import prepare_smollm2
+  from pasr_jax.smollm2 import prepare_smollm2
   from pasr_jax.rollout import VllmSampler
   model_dir = Path(args.model) if args.model else prepare_smollm2()
   if args.engines:

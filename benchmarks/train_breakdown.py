@@ -49,7 +49,7 @@ def two_calls(workdir: str, steps: int = 2) -> None:
   import ml_collections  # pylint: disable=import-outside-toplevel
   from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
 
-  from pasr_jax import data, pasr  # pylint: disable=import-outside-toplevel
+  from pasr_jax import data, prompts as prompts_lib  # pylint: disable=import-outside-toplevel
   from pasr_jax.rollout.vllm_sampler import VllmSampler  # pylint: disable=import-outside-toplevel
   from pasr_jax import chat  # pylint: disable=import-outside-toplevel
   from pasr_jax.workdir import Workdir  # pylint: disable=import-outside-toplevel
@@ -58,7 +58,7 @@ def two_calls(workdir: str, steps: int = 2) -> None:
   cfg = ml_collections.ConfigDict(json.loads(wd.config.read_text(encoding="utf-8")))
   model_dir = str(wd.model_dir(cfg.model))
   tok = AutoTokenizer.from_pretrained(model_dir)
-  prompts = pasr.load_prompts(cfg.prompts)
+  prompts = prompts_lib.load_prompts(cfg.prompts)
   stream = data.BatchStream(data.load_dataset(cfg.data), cfg.rollout.prompts_per_step, 123)
   r = cfg.rollout
   kw = dict(n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens,

@@ -138,7 +138,7 @@ def main() -> None:
                   help="do not also time JAX with the LM head on all positions")
   args = ap.parse_args()
 
-  from pasr_jax.paths import prepare_smollm2
+  from pasr_jax.smollm2 import prepare_smollm2
   model_dir = prepare_smollm2()
   cfg = json.loads((model_dir / "config.json").read_text())
   batch = make_batch(args.batch, args.seq, cfg["vocab_size"])

@@ -14,7 +14,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 def _smollm2_dir() -> str:
   # Where `make setup` (scripts/prepare_model.py) puts the converted model; nothing is made here.
-  from pasr_jax.paths import smollm2_dir  # pylint: disable=import-outside-toplevel
+  from pasr_jax.smollm2 import smollm2_dir  # pylint: disable=import-outside-toplevel
   return str(smollm2_dir())
 
 

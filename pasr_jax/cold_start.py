@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from pasr_jax import pasr
+from pasr_jax import answer_format, prompts
 from pasr_jax.data import Row
 
 _CALC = re.compile(r"<<([^<>]*?)=([^<>]*?)>>")
@@ -55,7 +55,7 @@ def reference_to_pasr(solution: str, refine: bool = False) -> str | None:
     lhs, rhs = calcs[-1]
     think += f"\n<refine> Let me re-check the last step: {lhs} = {rhs}. It holds. </refine>"
   text = f"<think>\n{think}\n</think>\n<answer>\n{final}\n</answer>"
-  return text if pasr.format_ok(text) else None
+  return text if answer_format.format_ok(text) else None
 
 
 def build_set(rows: Sequence[Row], system: str, refine_fraction: float = 0.5,
@@ -74,7 +74,7 @@ def build_set(rows: Sequence[Row], system: str, refine_fraction: float = 0.5,
       stats["no_final_answer"] += 1
       continue
     stats["kept"] += 1
-    stats["with_refine"] += int(pasr.count_refines(text) > 0)
+    stats["with_refine"] += int(answer_format.count_refines(text) > 0)
     out.append([{"role": "system", "content": system},
                 {"role": "user", "content": rows[i].question},
                 {"role": "assistant", "content": text}])
@@ -97,7 +97,7 @@ def ensure(cfg, model_dir: str) -> str:
     return hf
   from pasr_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   from pasr_jax.sft import run_sft  # pylint: disable=import-outside-toplevel
-  system = pasr.load_prompts(cfg.prompts).pasr_system
+  system = prompts.load_prompts(cfg.prompts).pasr_system
   transcripts, stats = build_set(data_lib.load_dataset(cfg.data), system,
                                  float(c.refine_fraction), int(c.max_examples), int(cfg.seed))
   if not transcripts:

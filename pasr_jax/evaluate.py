@@ -33,7 +33,7 @@ def _default_sampler(cfg) -> Callable[[], Any]:
 def _default_judge(cfg) -> Callable[[], Any]:
   def make():
     from pasr_jax.judge.client import JudgeClient
-    from pasr_jax.pasr import load_prompts
+    from pasr_jax.prompts import load_prompts
     return JudgeClient.from_config(cfg.judge, load_prompts(cfg.prompts))
   return make
 

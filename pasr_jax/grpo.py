@@ -8,7 +8,7 @@ whole batch first and divides every micro-batch's sum by it.
 from __future__ import annotations
 
 import functools
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -115,15 +115,33 @@ def sequence_logprobs(logits: jax.Array, input_ids: jax.Array, temperature: floa
 # ----------------------------------------------------------------------------- advantages
 
 
+class GroupAdvantages(NamedTuple):
+  """Advantages of G groups of n answers, and which groups are "zero-variance".
+
+  values: float32 `[G*n]`, group after group. flat: bool `[G]`, groups whose reward range is
+  within grpo.skip_range (`flat_groups`): the one place this mask is computed; a step counts
+  them and drops them from the batch (grpo.skip_zero_variance) from here.
+  """
+  values: np.ndarray
+  flat: np.ndarray
+
+  @property
+  def zero_variance(self) -> int:
+    return int(np.sum(self.flat))
+
+  def kept(self, skip_zero_variance: bool) -> np.ndarray:
+    """`[G]` bool: the groups a batch trains on: all, or all but the flat ones."""
+    return ~self.flat | (not skip_zero_variance)
+
+
 def group_advantages(rewards, n: int, ddof: int = 0, scale: str = "group",
-                     eps: float = 1e-4, tol: float = 0.0) -> tuple[np.ndarray, int]:
+                     eps: float = 1e-4, tol: float = 0.0) -> GroupAdvantages:
   """Group-normalised advantages for rewards `[G*n]` (n answers per prompt, grouped contiguously).
 
   adv = (r - mean_group) / (std + eps) with std the group's (scale="group"), the whole batch's
   (scale="batch", as Dr.GRPO-style batch normalisation) or 1 with eps=0 (scale="none": mean
   centring only). `ddof` is the std flavour (0 population, 1 sample as torch.std). Returns
-  (float32 `[G*n]`, number of "zero-variance" groups: reward max - min <= tol, see
-  `flat_groups`).
+  the advantages and the mask of "zero-variance" groups (reward max - min <= tol).
   """
   r = np.asarray(rewards, dtype=np.float64).reshape(-1)
   if n < 1 or r.size % n:
@@ -134,7 +152,7 @@ def group_advantages(rewards, n: int, ddof: int = 0, scale: str = "group",
     raise GRPOError(f"grpo.adv_eps={eps} and grpo.skip_range={tol} must be >= 0")
   g = r.reshape(-1, n)
   centred = g - g.mean(axis=1, keepdims=True)
-  zero_var = int(np.sum(flat_groups(r, n, tol)))
+  flat = flat_groups(r, n, tol)
   if scale == "group":
     adv = centred / (g.std(axis=1, ddof=ddof, keepdims=True) + eps)
   elif scale == "batch":
@@ -143,7 +161,7 @@ def group_advantages(rewards, n: int, ddof: int = 0, scale: str = "group",
     adv = centred
   else:
     raise GRPOError(f"grpo.adv_scale={scale!r} must be one of group, batch, none")
-  return adv.reshape(-1).astype(np.float32), zero_var
+  return GroupAdvantages(adv.reshape(-1).astype(np.float32), flat)
 
 
 def flat_groups(rewards, n: int, tol: float = 0.0) -> np.ndarray:

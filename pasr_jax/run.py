@@ -132,11 +132,11 @@ class Run:
   def setup(self) -> None:
     """Config written; data, prompts, judge; JAX, model, trainer and checkpointer."""
     from pasr_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-    from pasr_jax import pasr  # pylint: disable=import-outside-toplevel
+    from pasr_jax import prompts  # pylint: disable=import-outside-toplevel
     cfg, wd = self.cfg, self.wd
     setup_devices(cfg)  # JAX's memory fraction and GPUs, before it touches a device
     self.rows = data_lib.load_dataset(cfg.data)
-    self.prompts = pasr.load_prompts(cfg.prompts)
+    self.prompts = prompts.load_prompts(cfg.prompts)
     self.judge = None
     if cfg.rewards.accuracy_rule == "":
       from pasr_jax.judge.local import ensure_judge  # pylint: disable=import-outside-toplevel
@@ -308,12 +308,12 @@ class Run:
     return scalars
 
   def _rollout(self, rows, seed: int):
-    """`RolloutStep.run` with engine failures handled (see the module docstring)."""
+    """`RolloutStep` with engine failures handled (see the module docstring)."""
     from pasr_jax.rollout import EngineError  # pylint: disable=import-outside-toplevel
     st, retries = self.state, int(self.cfg.rollout.engine_retries)
     for attempt in range(retries + 1):
       try:
-        return self.stepper.run(rows, st.step + 1, seed)
+        return self.stepper(rows, st.step + 1, seed)
       except EngineError as e:
         if self.stop.stop:
           self._abandon_step()

@@ -80,7 +80,7 @@ def harvest_refinement_paths(records: list[dict[str, Any]], questions: dict[str,
   question at the same step. Identical texts for the same question are kept once. Returns
   ([system, user, assistant] transcripts, counts of why answers were dropped).
   """
-  from pasr_jax import pasr  # pylint: disable=import-outside-toplevel
+  from pasr_jax import answer_format  # pylint: disable=import-outside-toplevel
   base = defaultdict(list)
   for r in records:
     if r.get("kind") == "baseline":
@@ -94,9 +94,9 @@ def harvest_refinement_paths(records: list[dict[str, Any]], questions: dict[str,
     stats["pasr"] += 1
     text = r["text"]
     accs = base.get((r["step"], r["id"]))
-    if not pasr.format_ok(text):
+    if not answer_format.format_ok(text):
       stats["malformed"] += 1
-    elif pasr.count_refines(text) == 0:
+    elif answer_format.count_refines(text) == 0:
       stats["no_refine"] += 1
     elif not accs:
       stats["no_baseline"] += 1
@@ -121,7 +121,7 @@ def _harvest_from_run(cfg) -> tuple[list[list[dict[str, str]]], dict[str, int]]:
   from ml_collections import ConfigDict  # pylint: disable=import-outside-toplevel
 
   from pasr_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-  from pasr_jax import metrics, pasr  # pylint: disable=import-outside-toplevel
+  from pasr_jax import metrics, prompts  # pylint: disable=import-outside-toplevel
   path = cfg.sft.rollouts
   if not os.path.isfile(path):
     raise SFTError(f"sft.rollouts={path!r}: no such file")
@@ -135,7 +135,7 @@ def _harvest_from_run(cfg) -> tuple[list[list[dict[str, str]]], dict[str, int]]:
     with open(run_cfg, encoding="utf-8") as f:
       data_cfg = ConfigDict(json.load(f)["data"])
   questions = {r.id: r.question for r in data_lib.load_dataset(data_cfg)}
-  system = pasr.load_prompts(cfg.prompts).pasr_system
+  system = prompts.load_prompts(cfg.prompts).pasr_system
   out, stats = harvest_refinement_paths(records, questions, system)
   if not out:
     raise SFTError(f"sft.rollouts={path!r}: no good refinement path among {stats['pasr']} "

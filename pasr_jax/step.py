@@ -1,10 +1,13 @@
 """One PASR rollout step: B questions -> a trainer batch, rollout records and metrics.
 
-For B questions: n answers with the PASR system prompt and n baseline answers with the plain
-prompt, in ONE sampler call; all 2·B·n answers judged concurrently; rewards (format + accuracy
-+ refine vs that question's baseline mean accuracy); group advantages over the PASR answers;
-zero-variance groups dropped or kept (config); completions cut at `max_tokens` counted and,
-if configured, masked out of the loss. The batch layout is the `Trainer`'s (see trainer.py).
+`RolloutStep` runs it as named stages, each a method: prompts (every question under the PASR
+system prompt and, for the baseline, the plain one) -> sampling (n answers per prompt, both
+halves in ONE sampler call) -> judge requests (`judge.wire.judge_request`) -> accuracies (all
+2·B·n answers judged concurrently, or the `contains` rule) -> rewards (format + accuracy +
+refine vs that question's baseline accuracies) -> advantages (grpo, over the PASR answers,
+with the zero-variance groups) -> batch (those groups dropped or kept per config; completions
+cut at `max_tokens` masked out of the loss if configured) -> records and scalars. `Halves`
+holds the [PASR | baseline] layout. The batch layout is the `Trainer`'s (see trainer.py).
 """
 
 from __future__ import annotations
@@ -12,13 +15,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from pasr_jax import chat, grpo, pasr
+from pasr_jax import chat, grpo, rewards as rewards_lib
+from pasr_jax.answer_format import count_refines
 from pasr_jax.data import Row
+from pasr_jax.judge.wire import judge_request
+from pasr_jax.prompts import Prompts, load_prompts
+from pasr_jax.rollout.base import Completion
 
 
 @dataclasses.dataclass
@@ -69,10 +76,6 @@ def merge_scalars(parts: Sequence[tuple[dict[str, float], dict[str, float]]]
     else:
       out[k] = first
   return out
-
-
-def _contains(answer_text: str, target: str) -> float:
-  return 1.0 if target.strip() and target.strip() in answer_text else 0.0
 
 
 def pack_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
@@ -154,18 +157,125 @@ def pad_batch(batch: dict[str, np.ndarray] | None, rows: int, length: int,
   return out
 
 
-class RolloutStep:
-  """Turns questions into a trainer batch with a sampler and a judge (see module doc)."""
+T = TypeVar("T")
+U = TypeVar("U")
 
-  def __init__(self, cfg, tokenizer, sampler, judge, prompts: pasr.Prompts | None = None):
+
+@dataclasses.dataclass(frozen=True)
+class Halves(Generic[T]):
+  """The [PASR | baseline] layout of a step: one list per half, each in question order.
+
+  Both halves go to the sampler in ONE call, as `joined()` (PASR first); `split` cuts a list
+  in that joined order back into halves. `baseline` is empty when rollout.baseline is off.
+  """
+  pasr: list[T]
+  baseline: list[T]
+
+  def joined(self) -> list[T]:
+    return [*self.pasr, *self.baseline]
+
+  def split(self, joined: Sequence[U]) -> Halves[U]:
+    """`joined`, one item per item of `self.joined()`, cut back into the two halves."""
+    if len(joined) != len(self.pasr) + len(self.baseline):
+      raise ValueError(f"{len(joined)} items for halves of {len(self.pasr)} + "
+                       f"{len(self.baseline)}")
+    k = len(self.pasr)
+    return Halves(list(joined[:k]), list(joined[k:]))
+
+  def map(self, fn: Callable[[T], U]) -> Halves[U]:
+    return Halves([fn(x) for x in self.pasr], [fn(x) for x in self.baseline])
+
+  def kinds(self) -> tuple[tuple[str, list[T]], ...]:
+    """(kind, half) pairs in joined order; kind is the rollouts.jsonl `kind`."""
+    return (("pasr", self.pasr), ("baseline", self.baseline))
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+  """A question's token ids under one system prompt; `cut`: the question was shortened."""
+  row: Row
+  ids: list[int]
+  cut: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Answers:
+  """The rollout.n sampled answers to one prompt."""
+  prompt: Prompt
+  completions: list[Completion]
+
+  @property
+  def row(self) -> Row:
+    return self.prompt.row
+
+
+@dataclasses.dataclass(frozen=True)
+class Rewards:
+  """The PASR answers' reward terms and weighted rewards, `[question][sample]`."""
+  terms: list[list[dict[str, float]]]
+  rewards: list[list[float]]
+
+  def flat_rewards(self) -> list[float]:
+    return [r for group in self.rewards for r in group]
+
+  def flat_terms(self) -> list[dict[str, float]]:
+    return [t for group in self.terms for t in group]
+
+
+@dataclasses.dataclass(frozen=True)
+class Packed:
+  """The trainer batch (None when no answer is trained) and the groups / answers in it."""
+  batch: dict[str, np.ndarray] | None
+  kept: np.ndarray       # [B] bool: groups in the batch
+  trained: np.ndarray    # [B, n] bool: answers whose tokens the loss scores
+
+
+def _regroup(flat: Sequence[U], sizes: Sequence[int]) -> list[list[U]]:
+  """`flat` cut into consecutive lists of `sizes`."""
+  out, k = [], 0
+  for m in sizes:
+    out.append(list(flat[k:k + m]))
+    k += m
+  return out
+
+
+class RolloutStep:
+  """Turns questions into a trainer batch with a sampler and a judge (see module doc).
+
+  Calling it, `stepper(rows, step, seed)`, runs the stages in order: prompt_ids -> sample ->
+  judge_requests -> accuracies -> rewards -> advantages -> batch -> records, scalars; every
+  stage but sampling and judging is a pure function of the ones before it.
+  """
+
+  def __init__(self, cfg, tokenizer, sampler, judge, prompts: Prompts | None = None):
     self.cfg = cfg
     self.tok = tokenizer
     self.sampler = sampler
     self.judge = judge
-    self.prompts = prompts or pasr.load_prompts(cfg.prompts)
+    self.prompts = prompts or load_prompts(cfg.prompts)
     self.eos_ids = sorted({i for i in (tokenizer.eos_token_id,) if i is not None})
     self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
+  def __call__(self, rows: Sequence[Row], step: int, seed: int) -> StepOutput:
+    """Sample, judge, reward and pack one step for `rows` (B questions)."""
+    t0 = time.perf_counter()
+    prompts = self.prompt_ids(rows)
+    answers = self.sample(prompts, seed)
+    t1 = time.perf_counter()
+    requests = self.judge_requests(answers)
+    accuracies, judge_stats = self.accuracies(answers, requests)
+    t2 = time.perf_counter()
+    rewards = self.rewards(answers, accuracies)
+    advantages = self.advantages(rewards)
+    packed = self.batch(answers.pasr, advantages)
+    t3 = time.perf_counter()
+    records = self.records(step, answers, accuracies, rewards, advantages, packed)
+    times = {"time/rollout": t1 - t0, "time/judge": t2 - t1, "time/pack": t3 - t2}
+    scalars, weights = self.scalars(answers, accuracies, rewards, advantages, packed,
+                                    judge_stats, times)
+    return StepOutput(batch=packed.batch, records=records, scalars=scalars, weights=weights)
+
+  # ---------------------------------------------------------------------------- the stages
   def _prompt(self, system: str, question: str) -> tuple[list[int], bool]:
     """[system, user] ids within rollout.max_prompt_tokens: the question is cut, not the
     system prompt (chat.fit); the bool says whether it was."""
@@ -173,107 +283,133 @@ class RolloutStep:
                            int(self.cfg.rollout.max_prompt_tokens))
     return ids, cut
 
-  def _accuracies(self, rows: Sequence[Row], texts: list[list[str]]) -> tuple[list[list[float]], dict]:
-    """Accuracy in [0, 1] of every answer text, `texts[prompt][sample]`."""
-    rule = self.cfg.rewards.get("accuracy_rule", "")
-    if rule == "contains":
-      return [[_contains(pasr.extract_answer(t), rows[i % len(rows)].answer) for t in ts]
-              for i, ts in enumerate(texts)], {}
-    items, shape = [], []
-    for i, ts in enumerate(texts):
-      row = rows[i % len(rows)]
-      for t in ts:
-        items.append({"question": row.question, "ground_truth": row.answer,
-                      "answer": pasr.judge_input(t, self.cfg.judge.input),
-                      "task_type": self.cfg.data.task_type})
-      shape.append(len(ts))
-    scores, stats = self.judge.score_batch(items)
-    out, k = [], 0
-    for m in shape:
-      out.append([float(s) for s in scores[k:k + m]])
-      k += m
-    return out, dict(stats)
+  def prompt_ids(self, rows: Sequence[Row]) -> Halves[Prompt]:
+    """Every question under the PASR system prompt, and under the plain one (the baseline)
+    when rollout.baseline is on."""
+    def under(system: str) -> list[Prompt]:
+      return [Prompt(r, *self._prompt(system, r.question)) for r in rows]
+    return Halves(under(self.prompts.pasr_system),
+                  under(self.prompts.plain_system) if self.cfg.rollout.baseline else [])
 
-  def run(self, rows: Sequence[Row], step: int, seed: int) -> StepOutput:
-    """Sample, judge, reward and pack one step for `rows` (B questions)."""
-    rc, gc = self.cfg.rollout, self.cfg.grpo
-    B, n = len(rows), rc.n
-    t0 = time.perf_counter()
-    prompts, cut = zip(*[self._prompt(self.prompts.pasr_system, r.question) for r in rows])
-    all_prompts = list(prompts)
-    if rc.baseline:
-      base, base_cut = zip(*[self._prompt(self.prompts.plain_system, r.question) for r in rows])
-      all_prompts += list(base)
-      cut = cut + base_cut
-    groups = self.sampler.generate(all_prompts, n=n, temperature=rc.temperature, top_p=rc.top_p,
+  def sample(self, prompts: Halves[Prompt], seed: int) -> Halves[Answers]:
+    """rollout.n answers to every prompt of both halves, in one sampler call."""
+    rc = self.cfg.rollout
+    joined = prompts.joined()
+    groups = self.sampler.generate([p.ids for p in joined], n=rc.n,
+                                   temperature=rc.temperature, top_p=rc.top_p,
                                    max_tokens=rc.max_tokens, stop_token_ids=self.eos_ids,
                                    seed=seed)
-    t1 = time.perf_counter()
-    texts = [[c.text for c in g.completions] for g in groups]
-    accs, judge_stats = self._accuracies(rows, texts)
-    t2 = time.perf_counter()
+    return prompts.split([Answers(p, g.completions) for p, g in zip(joined, groups)])
 
-    base_accs = accs[B:] if rc.baseline else [None] * B
-    rewards, terms = [], []
-    for i in range(B):
-      group = pasr.group_reward_terms([c.text for c in groups[i].completions], accs[i],
-                                      base_accs[i], self.cfg.rewards)
-      terms += group
-      rewards += [pasr.weighted_reward(t, self.cfg.rewards) for t in group]
-    adv, zero_var = grpo.group_advantages(rewards, n, gc.adv_std_ddof, gc.adv_scale,
-                                          gc.adv_eps, gc.skip_range)
-    keep_group = ~grpo.flat_groups(rewards, n, gc.skip_range) | (not gc.skip_zero_variance)
+  def judge_requests(self, answers: Halves[Answers]) -> Halves[list[dict[str, str]]] | None:
+    """One judge request (`wire.judge_request`) per answer, `[question][sample]` per half;
+    None under rewards.accuracy_rule="contains", which asks no judge."""
+    if self.cfg.rewards.get("accuracy_rule", "") == "contains":
+      return None
+    task_type, mode = self.cfg.data.task_type, self.cfg.judge.input
+    return answers.map(lambda a: [judge_request(a.row.question, a.row.answer, c.text,
+                                                task_type, mode) for c in a.completions])
 
-    pasr_comps = [c for g in groups[:B] for c in g.completions]
-    truncated = np.array([c.finish_reason == "length" for c in pasr_comps])
-    scored = [bool(keep_group[j // n]) and not (gc.mask_truncated and truncated[j])
-              for j in range(B * n)]
+  def accuracies(self, answers: Halves[Answers], requests: Halves[list[dict[str, str]]] | None
+                 ) -> tuple[Halves[list[float]], dict[str, Any]]:
+    """Accuracy in [0, 1] of every answer, `[question][sample]` per half, and the judge's
+    stats: all `requests` in one concurrent judge batch, or the contains rule without them."""
+    if requests is None:
+      return answers.map(lambda a: [rewards_lib.contains_accuracy(c.text, a.row.answer)
+                                    for c in a.completions]), {}
+    per_question = requests.joined()
+    scores, stats = self.judge.score_batch([r for rs in per_question for r in rs])
+    return requests.split(_regroup([float(s) for s in scores],
+                                   [len(rs) for rs in per_question])), dict(stats)
+
+  def rewards(self, answers: Halves[Answers], accuracies: Halves[list[float]]) -> Rewards:
+    """Reward terms and weighted rewards of the PASR answers (the refine term against the
+    same question's baseline accuracies)."""
+    cfg = self.cfg
+    baseline = accuracies.baseline or [None] * len(accuracies.pasr)
+    terms = [rewards_lib.group_reward_terms([c.text for c in a.completions], accs, base,
+                                            cfg.rewards)
+             for a, accs, base in zip(answers.pasr, accuracies.pasr, baseline)]
+    rewards = [[rewards_lib.weighted_reward(t, cfg.rewards) for t in group] for group in terms]
+    return Rewards(terms=terms, rewards=rewards)
+
+  def advantages(self, rewards: Rewards) -> grpo.GroupAdvantages:
+    """Group advantages of the PASR answers and the zero-variance groups (grpo)."""
+    gc = self.cfg.grpo
+    return grpo.group_advantages(rewards.flat_rewards(), self.cfg.rollout.n, gc.adv_std_ddof,
+                                 gc.adv_scale, gc.adv_eps, gc.skip_range)
+
+  def batch(self, answers: Sequence[Answers], advantages: grpo.GroupAdvantages) -> Packed:
+    """The trainer batch of the kept groups' PASR answers (grpo.skip_zero_variance drops the
+    flat ones); an answer cut at max_tokens is in it but unscored with grpo.mask_truncated."""
+    gc, n = self.cfg.grpo, self.cfg.rollout.n
+    kept = advantages.kept(gc.skip_zero_variance)
+    truncated = np.array([[c.finish_reason == "length" for c in a.completions]
+                          for a in answers]).reshape(len(answers), n)
+    trained = kept[:, None] & ~(gc.mask_truncated & truncated)
+    adv = advantages.values.reshape(len(answers), n)
+    rows = [(a.prompt.ids, c, adv[i, k], bool(trained[i, k]))
+            for i, a in enumerate(answers) if kept[i] for k, c in enumerate(a.completions)]
     batch = None
-    if any(scored):
-      idx = [j for j in range(B * n) if keep_group[j // n]]
-      batch = pack_batch([prompts[j // n] for j in idx], [pasr_comps[j].token_ids for j in idx],
-                         [pasr_comps[j].logprobs for j in idx], [adv[j] for j in idx],
-                         [scored[j] for j in idx], self.pad_id, self.cfg.train.seq_multiple)
-    t3 = time.perf_counter()
+    if trained.any():
+      batch = pack_batch([ids for ids, _, _, _ in rows], [c.token_ids for _, c, _, _ in rows],
+                         [c.logprobs for _, c, _, _ in rows], [a for _, _, a, _ in rows],
+                         [t for _, _, _, t in rows], self.pad_id, self.cfg.train.seq_multiple)
+    return Packed(batch=batch, kept=kept, trained=trained)
 
+  def records(self, step: int, answers: Halves[Answers], accuracies: Halves[list[float]],
+              rewards: Rewards, advantages: grpo.GroupAdvantages, packed: Packed
+              ) -> list[dict[str, Any]]:
+    """One rollouts.jsonl record per answer, PASR half first; PASR answers also carry their
+    reward terms, reward, advantage and whether the loss trained on them."""
+    adv = advantages.values.reshape(packed.trained.shape)
     records = []
-    for i, g in enumerate(groups):
-      kind = "pasr" if i < B else "baseline"
-      row = rows[i % B]
-      for k, c in enumerate(g.completions):
-        rec = {"step": step, "id": row.id, "kind": kind, "sample": k, "text": c.text,
-               "num_tokens": len(c.token_ids), "finish_reason": c.finish_reason,
-               "accuracy": accs[i][k], "policy_version": c.policy_version}
-        if kind == "pasr":
-          j = i * n + k
-          rec.update(format=terms[j]["format"], refine=terms[j]["refine"], reward=rewards[j],
-                     advantage=float(adv[j]), trained=scored[j])
-        records.append(rec)
+    for (kind, half), (_, half_accs) in zip(answers.kinds(), accuracies.kinds()):
+      for i, a in enumerate(half):
+        for k, c in enumerate(a.completions):
+          rec = {"step": step, "id": a.row.id, "kind": kind, "sample": k, "text": c.text,
+                 "num_tokens": len(c.token_ids), "finish_reason": c.finish_reason,
+                 "accuracy": half_accs[i][k], "policy_version": c.policy_version}
+          if kind == "pasr":
+            terms = rewards.terms[i][k]
+            rec.update(format=terms["format"], refine=terms["refine"],
+                       reward=rewards.rewards[i][k], advantage=float(adv[i, k]),
+                       trained=bool(packed.trained[i, k]))
+          records.append(rec)
+    return records
 
+  def scalars(self, answers: Halves[Answers], accuracies: Halves[list[float]], rewards: Rewards,
+              advantages: grpo.GroupAdvantages, packed: Packed, judge_stats: dict[str, Any],
+              times: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """The step's metrics (see `StepOutput`) and the counts their means are over."""
+    terms = rewards.flat_terms()
+    pasr_comps = [c for a in answers.pasr for c in a.completions]
+    all_comps = [c for a in answers.joined() for c in a.completions]
     lens = np.array([len(c.token_ids) for c in pasr_comps], np.float64)
-    all_lens = np.array([len(c.token_ids) for g in groups for c in g.completions], np.float64)
+    all_lens = np.array([len(c.token_ids) for c in all_comps], np.float64)
     scalars = {
-        "reward/mean": float(np.mean(rewards)),
+        "reward/mean": float(np.mean(rewards.flat_rewards())),
         "reward/format": float(np.mean([t["format"] for t in terms])),
         "reward/accuracy": float(np.mean([t["accuracy"] for t in terms])),
         "reward/refine": float(np.mean([t["refine"] for t in terms])),
         "rate/format_ok": float(np.mean([t["format"] > 0 for t in terms])),
-        "rate/refine": float(np.mean([pasr.count_refines(c.text) > 0 for c in pasr_comps])),
-        "rate/truncated": float(np.mean([c.finish_reason == "length"
-                                         for g in groups for c in g.completions])),
-        "rate/prompt_truncated": float(np.mean(cut)),
+        "rate/refine": float(np.mean([count_refines(c.text) > 0 for c in pasr_comps])),
+        "rate/truncated": float(np.mean([c.finish_reason == "length" for c in all_comps])),
+        "rate/prompt_truncated": float(np.mean([a.prompt.cut for a in answers.joined()])),
         "len/pasr_mean": float(lens.mean()),
         "len/all_mean": float(all_lens.mean()),
-        "groups/zero_variance": float(zero_var),
-        "groups/trained": float(np.sum(keep_group)) if batch is not None else 0.0,
+        "groups/zero_variance": float(advantages.zero_variance),
+        "groups/trained": float(np.sum(packed.kept)) if packed.batch is not None else 0.0,
         "tokens/generated": float(all_lens.sum()),
-        "time/rollout": t1 - t0, "time/judge": t2 - t1, "time/pack": t3 - t2,
+        **times,
     }
-    if rc.baseline:
-      scalars["reward/baseline_accuracy"] = float(np.mean([a for acc in accs[B:] for a in acc]))
+    if answers.baseline:
+      scalars["reward/baseline_accuracy"] = float(np.mean(
+          [x for accs in accuracies.baseline for x in accs]))
     for k, v in judge_stats.items():
       if isinstance(v, (int, float)) and math.isfinite(float(v)):
         scalars[f"judge/{k}"] = float(v)
-    weights = {"pasr": float(B * n), "answers": float(all_lens.size),
-               "prompts": float(len(all_prompts)), "baseline": float(B * n * rc.baseline)}
-    return StepOutput(batch=batch, records=records, scalars=scalars, weights=weights)
+    weights = {"pasr": float(len(pasr_comps)), "answers": float(all_lens.size),
+               "prompts": float(len(answers.joined())),
+               "baseline": float(sum(len(a.completions) for a in answers.baseline))}
+    return scalars, weights

@@ -18,7 +18,7 @@ for d in gsm8k arc; do
   [ -d "$EVAL_DATA/$d" ] || { echo "experiment: EVAL_DATA=$EVAL_DATA has no $d/ (PASR test sets)" >&2; exit 2; }
 done
 mkdir -p "$EXP_DIR"
-SMOL=$($PY -c "from pasr_jax.paths import smollm2_dir; print(smollm2_dir())")
+SMOL=$($PY -c "from pasr_jax.smollm2 import smollm2_dir; print(smollm2_dir())")
 start=$(date +%s)
 
 $PY -m pasr_jax.judge --backend verify --host 127.0.0.1 --port "$PORT" > "$EXP_DIR/judge.log" 2>&1 &

@@ -10,7 +10,7 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from pasr_jax.paths import prepare_smollm2  # noqa: E402
+from pasr_jax.smollm2 import prepare_smollm2  # noqa: E402
 
 
 def main() -> None:

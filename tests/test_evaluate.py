@@ -171,7 +171,7 @@ def test_rerun_reuses_cache_without_engine(vanilla_run, smollm2_dir, judge_url):
 
 def test_pasr_mode_uses_the_system_prompt(pasr_run, smollm2_dir):
   from transformers import AutoTokenizer
-  from pasr_jax.pasr import PASR_SYSTEM_PROMPT
+  from pasr_jax.prompts import PASR_SYSTEM_PROMPT
   out, res, rec = pasr_run
   tok = AutoTokenizer.from_pretrained(smollm2_dir)
   prompt = tok.decode(rec.calls[0][1][0].prompt_token_ids)

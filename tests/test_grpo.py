@@ -159,8 +159,9 @@ def test_sequence_logprobs_alignment():
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
 def test_group_advantages(ddof, scale):
   r = np.array([1, 0, 1, 1, 0.5, 0.5, 0.5, 0.5, 0, 0.2, 0.9, 0.4], np.float64)
-  adv, zero = grpo.group_advantages(r, n=4, ddof=ddof, scale=scale, eps=1e-4)
-  assert zero == 1
+  adv, flat = grpo.group_advantages(r, n=4, ddof=ddof, scale=scale, eps=1e-4)
+  assert flat.tolist() == [False, True, False]
+  assert grpo.group_advantages(r, n=4).zero_variance == 1
   want = []
   for g in r.reshape(3, 4):
     c = [x - sum(g) / 4 for x in g]

@@ -19,7 +19,8 @@ import httpx
 import pytest
 import uvicorn
 
-from pasr_jax import pasr
+from pasr_jax import prompts
+from pasr_jax.judge import wire
 from pasr_jax.judge import JudgeClient, JudgeError, JudgeItem, parse_score
 from pasr_jax.judge import verify
 from procs import free_port, start_judge, stop
@@ -68,7 +69,7 @@ class Scripted:
       body = await request.json()
       self.seen_models.add(body["model"])
       self.bodies.append(body)
-      question = pasr.parse_judge_sections(body["messages"][-1]["content"])["question"]
+      question = wire.parse_judge_sections(body["messages"][-1]["content"])["question"]
       self.log[(mode, question)] += 1
       n = self.log[(mode, question)]
       self.in_flight += 1
@@ -361,7 +362,7 @@ def test_malformed_requests_get_4xx(verify_url):
   assert r.status_code == 400 and "judge sections" in r.json()["error"]["message"]
   assert httpx.get(verify_url + "/health").status_code == 200     # still alive
   # List-of-parts content (newer OpenAI clients) is accepted.
-  msgs = pasr.judge_messages("q", "3", "3", "general")
+  msgs = wire.judge_messages("q", "3", "3", "general")
   msgs[1]["content"] = [{"type": "text", "text": msgs[1]["content"]}]
   r = httpx.post(url, json={"model": "x", "messages": msgs})
   assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "1"
@@ -369,7 +370,7 @@ def test_malformed_requests_get_4xx(verify_url):
 
 def test_oversized_and_odd_requests_get_4xx_not_a_crash(verify_url):
   url = verify_url + "/v1/chat/completions"
-  big = pasr.judge_messages("q", "3", "x" * (2 << 20), "general")   # 2 MB answer
+  big = wire.judge_messages("q", "3", "x" * (2 << 20), "general")   # 2 MB answer
   r = httpx.post(url, json={"model": "x", "messages": big})
   assert r.status_code == 413 and "larger than" in r.json()["error"]["message"]
 
@@ -379,7 +380,7 @@ def test_oversized_and_odd_requests_get_4xx_not_a_crash(verify_url):
   assert httpx.post(url, content=chunked()).status_code == 413
   assert httpx.post(url, content=b"\xff\xfe\x00garbage").status_code == 400
   assert httpx.post(url, json={"messages": [None, 5]}).status_code == 400
-  r = httpx.post(url, json={"model": "x", "messages": pasr.judge_messages("q", "3", "3")})
+  r = httpx.post(url, json={"model": "x", "messages": wire.judge_messages("q", "3", "3")})
   assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "1"
 
 
@@ -392,7 +393,7 @@ def test_server_binds_loopback_and_bounds_concurrency():
   try:
     async def burst():
       async with httpx.AsyncClient(timeout=30) as c:
-        body = {"model": "x", "messages": pasr.judge_messages("q", "3", "3")}
+        body = {"model": "x", "messages": wire.judge_messages("q", "3", "3")}
         return await asyncio.gather(*[c.post(url + "/v1/chat/completions", json=body)
                                       for _ in range(6)])
     codes = sorted(r.status_code for r in asyncio.run(burst()))
@@ -407,7 +408,7 @@ def test_bad_items_and_empty_batch(verify_url):
   assert client.score_batch([]) == ([], client.score_batch([])[1])
   with pytest.raises(ValueError, match="judge item 1: field 'answer'"):
     client.score_batch([JudgeItem("q", "1", "1"), {"question": "q", "ground_truth": "1"}])
-  with pytest.raises(pasr.PromptError, match="task_type='essay'"):
+  with pytest.raises(prompts.PromptError, match="task_type='essay'"):
     client.score_batch([{"question": "q", "ground_truth": "1", "answer": "1",
                          "task_type": "essay"}])
 
@@ -459,10 +460,10 @@ def test_paper_training_judge_is_graded_at_temperature_0_2(scripted):
   from test_configs import load_preset
   cfg = load_preset("qwen2_5_7b")
   cfg.judge.base_url = scripted.url + "/temperature"
-  client = JudgeClient.from_config(cfg.judge, pasr.load_prompts(cfg.prompts))
+  client = JudgeClient.from_config(cfg.judge, prompts.load_prompts(cfg.prompts))
   scores, _ = client.score_batch([JudgeItem("paper-judge", "4", "2 + 2 = 4")])
   assert scores == [0.2]
   body = [b for b in scripted.bodies if "paper-judge" in b["messages"][-1]["content"]][0]
   assert body["temperature"] == 0.2
-  assert body["messages"][0] == {"role": "system", "content": pasr.GRADED_JUDGE_INSTRUCTION}
-  assert "scale from 0" in pasr.GRADED_JUDGE_INSTRUCTION
+  assert body["messages"][0] == {"role": "system", "content": prompts.GRADED_JUDGE_INSTRUCTION}
+  assert "scale from 0" in prompts.GRADED_JUDGE_INSTRUCTION

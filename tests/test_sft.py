@@ -12,7 +12,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from configs.tiny_cpu import get_config as tiny_config
-from pasr_jax import cold_start, data, metrics, pasr, sft
+from pasr_jax import answer_format, cold_start, data, metrics, rewards, sft
+from pasr_jax.prompts import PASR_SYSTEM_PROMPT
 from pasr_jax.tiny import make_tiny_model_dir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -45,24 +46,24 @@ def _write_jsonl(path, recs):
 # ----------------------------------------------------------------------------- no model
 def test_cold_start_set_scores_plus_one_format_on_gsm8k():
   rows = data.load_rows(str(GSM8K))
-  ts, stats = cold_start.build_set(rows, pasr.PASR_SYSTEM_PROMPT, refine_fraction=0.5)
+  ts, stats = cold_start.build_set(rows, PASR_SYSTEM_PROMPT, refine_fraction=0.5)
   assert stats["kept"] == len(rows) == len(ts) == 64 and stats["no_final_answer"] == 0
   for t in ts:
-    assert pasr.format_reward(t[-1]["content"]) == 1.0, t[-1]["content"]
+    assert rewards.format_reward(t[-1]["content"]) == 1.0, t[-1]["content"]
   by_q = {r.question: r for r in rows}
   for t in ts:
-    assert pasr.extract_answer(t[-1]["content"]) == by_q[t[1]["content"]].answer.rsplit("####")[1].strip()
+    assert answer_format.extract_answer(t[-1]["content"]) == by_q[t[1]["content"]].answer.rsplit("####")[1].strip()
     assert "<<" not in t[-1]["content"]  # calculator annotations are removed
   # About half re-check their last step inside <refine>, and that still scores +1.
   assert 16 <= stats["with_refine"] <= 48
-  assert sum(pasr.count_refines(t[-1]["content"]) > 0 for t in ts) == stats["with_refine"]
+  assert sum(answer_format.count_refines(t[-1]["content"]) > 0 for t in ts) == stats["with_refine"]
 
 
 def test_cold_start_skips_rows_without_a_final_answer():
   rows = [data.Row("q1", "no marker here", "a:1"), data.Row("q2", "so \\boxed{12}", "a:2")]
   ts, stats = cold_start.build_set(rows, "sys")
   assert stats["no_final_answer"] == 1 and len(ts) == 1
-  assert pasr.extract_answer(ts[0][-1]["content"]) == "12"
+  assert answer_format.extract_answer(ts[0][-1]["content"]) == "12"
   assert cold_start.reference_to_pasr("bad </think> text\n#### 3") is None  # would be malformed
 
 
@@ -213,7 +214,7 @@ def _well_formed_rate(sampler, tok, questions, n=8, seed=0) -> float:
                             stop_token_ids=[tok.eos_token_id], seed=seed)
   texts = [c.text for g in groups for c in g.completions]
   print("samples:", texts[:4])
-  return float(np.mean([pasr.format_ok(t) for t in texts]))
+  return float(np.mean([answer_format.format_ok(t) for t in texts]))
 
 
 def test_cold_start_sft_raises_the_well_formed_rate(tmp_path, engine):

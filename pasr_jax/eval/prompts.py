@@ -36,7 +36,7 @@ def system_prompt(mode: str, prompts_cfg: Any = None) -> str | None:
   (the chat template's default system prompt, if any)."""
   if check_mode(mode) != "pasr":
     return None
-  from pasr_jax.pasr import PromptError, load_prompts
+  from pasr_jax.prompts import PromptError, load_prompts
   try:
     return load_prompts(prompts_cfg).pasr_system
   except PromptError as e:

@@ -4,6 +4,7 @@
 serves one locally, rule-based (`verify`) or as a vLLM child process (`vllm`).
 """
 
-from pasr_jax.judge.client import JudgeClient, JudgeError, JudgeItem, parse_score
+from pasr_jax.judge.client import JudgeClient, JudgeError, parse_score
+from pasr_jax.judge.wire import JudgeItem
 
 __all__ = ["JudgeClient", "JudgeError", "JudgeItem", "parse_score"]

