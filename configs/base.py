@@ -49,7 +49,6 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.question_field = ""          # "" = auto: question | instruction | Q | problem
   c.data.answer_field = ""            # "" = auto: answer | output | A | solution
   c.data.task_type = "general"        # judge prompt: general | multiple_choice | summary
-  c.data.shuffle_seed = 0
   c.data.max_row_chars = 200_000      # longer rows (question + answer) are skipped and logged
   c.data.shuffle_seed = 0             # permutation per epoch; -1 = file order (the original's)
   c.data.tfds_name = ""               # optional TFDS builder name (with data.tfds_data_dir)
@@ -181,5 +180,5 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   c.logging = ml_collections.ConfigDict()
   c.logging.tensorboard = True
-  c.logging.every = 1
+  c.logging.every = 1                 # the step line on stdout every k steps (metrics.jsonl: every step)
   return c

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from pasr_jax.config import DataCfg
+
 log = logging.getLogger(__name__)
 
 # Auto-detection order (case-insensitive), from the PASR seed files.
@@ -165,15 +167,13 @@ def load_tfds(name: str, data_dir: str, question_field: str = "",
 
 def load_dataset(data_cfg) -> list[Row]:
   """Rows of every file in `data_cfg.files` (in order), then the TFDS source if configured."""
-  files = data_cfg.files
-  if isinstance(files, str):
-    files = (files,)
+  data_cfg = DataCfg.of(data_cfg)
   rows: list[Row] = []
-  for path in files:
+  for path in data_cfg.files:
     rows.extend(load_rows(path, data_cfg.question_field, data_cfg.answer_field,
-                          data_cfg.get("max_row_chars", 0)))
-  if data_cfg.get("tfds_name", ""):
-    rows.extend(load_tfds(data_cfg.tfds_name, data_cfg.get("tfds_data_dir", ""),
+                          data_cfg.max_row_chars))
+  if data_cfg.tfds_name:
+    rows.extend(load_tfds(data_cfg.tfds_name, data_cfg.tfds_data_dir,
                           data_cfg.question_field, data_cfg.answer_field))
   if not rows:
     raise DataError("data.files is empty and data.tfds_name is not set: no training questions")

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-AGGS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
+from pasr_jax.config import AGGS
+
 Agg = Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"]
 
 

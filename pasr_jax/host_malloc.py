@@ -3,8 +3,8 @@
 XLA:CPU allocates every temporary buffer of a step with the system malloc. glibc serves blocks
 over 32 MiB with fresh `mmap`s, trims the heap top once more than 128 KiB is free, and gives
 each XLA worker thread its own arena, so each train step maps, zero-fills (page faults) and
-unmaps its ~10 GiB of activations again. Measured on the SmolLM2 fwd+bwd (B=8, T=384, 2 cores):
-2.5 M page faults and ~10 s of kernel time per step, 16 s -> 11.5 s wall with this module.
+unmaps its activations again: page faults and kernel time that this module removes (figures
+in docs/performance.md, "Host malloc").
 
 The settings must be in place before JAX starts its thread pools (the first computation), so
 `pasr_jax/models/__init__.py` applies them on import. `PASR_JAX_HOST_MALLOC=system` leaves glibc's

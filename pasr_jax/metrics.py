@@ -103,6 +103,7 @@ def plot_reward_curve(metrics_path: str | os.PathLike, out_png: str | os.PathLik
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  from matplotlib.ticker import MaxNLocator  # pylint: disable=import-outside-toplevel
   rows = read_jsonl(metrics_path)
   fig, ax = plt.subplots(figsize=(8, 4.5))
   right = ax.twinx()
@@ -114,6 +115,7 @@ def plot_reward_curve(metrics_path: str | os.PathLike, out_png: str | os.PathLik
       axis.plot(*zip(*pts), marker="o", markersize=3, label=name, color=f"C{i}",
                 linestyle="--" if axis is right else "-")
   ax.set_xlabel("step")
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole
   ax.set_ylabel("rate / accuracy / reward")
   right.set_ylabel("answer length (tokens)")
   ax.grid(alpha=0.3)

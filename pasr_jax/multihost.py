@@ -37,16 +37,16 @@ def initialize(mesh_cfg) -> None:
   collectives between processes go through gloo."""
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   kw: dict[str, Any] = {}
-  if mesh_cfg.get("coordinator_address", ""):
+  if mesh_cfg.coordinator_address:
     kw["coordinator_address"] = mesh_cfg.coordinator_address
-  if mesh_cfg.get("num_processes", 0) > 0:
+  if mesh_cfg.num_processes > 0:
     kw["num_processes"] = int(mesh_cfg.num_processes)
-  if mesh_cfg.get("process_id", -1) >= 0:
+  if mesh_cfg.process_id >= 0:
     kw["process_id"] = int(mesh_cfg.process_id)
-  if mesh_cfg.get("local_device_ids", ""):  # this process's GPUs, e.g. "0,1,2,3"
+  if mesh_cfg.local_device_ids:  # this process's GPUs, e.g. "0,1,2,3"
     kw["local_device_ids"] = [int(x) for x in str(mesh_cfg.local_device_ids).split(",") if x]
   jax.distributed.initialize(**kw, heartbeat_timeout_seconds=int(
-      mesh_cfg.get("heartbeat_timeout_s", 100)))
+      mesh_cfg.heartbeat_timeout_s))
 
 
 def is_writer() -> bool:

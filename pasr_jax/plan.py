@@ -60,6 +60,7 @@ import ml_collections  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from pasr_jax import devices, sharding, xla_gpu  # noqa: E402
+from pasr_jax.config import RunConfig  # noqa: E402
 from pasr_jax.models.qwen import (Decoder, ModelConfig, ModelConfigError,  # noqa: E402
                                   resolve_attention)
 from pasr_jax.trainer import (BATCH_KEYS, INT_KEYS, batch_shardings, jit_update,  # noqa: E402
@@ -72,10 +73,11 @@ class PlanError(ValueError):
   """A preset or flag the plan cannot use."""
 
 
-def model_config(cfg: ml_collections.ConfigDict, layers: int = 0) -> ModelConfig:
+def model_config(cfg: RunConfig | ml_collections.ConfigDict, layers: int = 0) -> ModelConfig:
   """The ModelConfig from `model.hf_config` or `model.path`/config.json (optionally fewer layers)."""
-  if cfg.model.get("hf_config"):
-    d = cfg.model.hf_config.to_dict()
+  cfg = RunConfig.from_tree(cfg)
+  if cfg.model.hf_config:
+    d = dict(cfg.model.hf_config)
   elif cfg.model.tiny_random:  # what train writes to <workdir>/tiny_model (untied)
     from pasr_jax.tiny import char_vocab, tiny_model_config
     d = tiny_model_config(len(char_vocab()), tie_word_embeddings=False).to_hf_dict()
@@ -93,12 +95,13 @@ def _abstract(tree, shardings):
                       tree, shardings)
 
 
-def plan(cfg: ml_collections.ConfigDict, mesh_shape, seq_len: int, layers: int = 0,
+def plan(cfg: RunConfig | ml_collections.ConfigDict, mesh_shape, seq_len: int, layers: int = 0,
          batch: int = 0, gpu: str = "") -> dict[str, float]:
   """Lowers + compiles the update for abstract inputs; returns per-device bytes and timings.
 
   With `gpu` (a name in xla_gpu.GPUS) it compiles with XLA:GPU for that many GPUs of one host
   (deviceless) and also returns the cuDNN attention custom calls in the compiled program."""
+  cfg = RunConfig.from_tree(cfg)
   mcfg = model_config(cfg, layers)
   dtype = jnp.dtype(cfg.model.dtype)
   target = xla_gpu.GpuTarget(gpu) if gpu else None

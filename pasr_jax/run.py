@@ -37,7 +37,7 @@ import sys
 import time
 from typing import Any
 
-from pasr_jax.config import ConfigError, validate_config
+from pasr_jax.config import ConfigError, RunConfig
 from pasr_jax.workdir import Workdir
 
 log = logging.getLogger("pasr_jax.run")
@@ -115,8 +115,9 @@ class Run:
   """
 
   def __init__(self, cfg):
-    validate_config(cfg)  # before the heavy imports: a bad value fails in seconds
-    self.cfg = cfg
+    # Typed and checked before the heavy imports: a bad value fails in seconds.
+    self.cfg = cfg = RunConfig.from_tree(cfg)
+    cfg.need_files()
     self.wd = Workdir(cfg.workdir)
     self.judge_proc = self.sampler = self.ckpt = self.writer = self.rollouts = None
     self.stop: StopFlag | None = None
@@ -154,7 +155,7 @@ class Run:
     from pasr_jax.sharding import make_mesh  # pylint: disable=import-outside-toplevel
     from pasr_jax.trainer import Trainer  # pylint: disable=import-outside-toplevel
 
-    if cfg.mesh.get("distributed", False):
+    if cfg.mesh.distributed:
       multihost.initialize(cfg.mesh)
     # After the distributed init: it installs JAX's own SIGTERM handler (its preemption
     # notifier), which would otherwise swallow the signal.
@@ -401,6 +402,7 @@ def run(cfg) -> dict[str, Any]:
   """Train per `cfg`; returns a summary (last step, workdir paths, last scalars)."""
   from pasr_jax.metrics import format_scalars  # pylint: disable=import-outside-toplevel
   r = Run(cfg)
+  cfg = r.cfg
   try:
     r.setup()
     r.resume()
@@ -411,7 +413,8 @@ def run(cfg) -> dict[str, Any]:
       scalars = r.step()
       bar.update(1)
       bar.set_postfix(reward=f"{scalars['reward/mean']:.3f}", t=f"{scalars['time/step']:.1f}s")
-      tqdm.write(format_scalars(r.state.step, scalars, LINE_KEYS), file=sys.stdout)
+      if r.state.step % cfg.logging.every == 0 or r.finished:
+        tqdm.write(format_scalars(r.state.step, scalars, LINE_KEYS), file=sys.stdout)
     bar.close()
     summary = r.finish()
     if r.state.step < cfg.train.steps:

@@ -18,7 +18,6 @@ checkpoints/ (Orbax, resumable), metrics.jsonl, hf/ (with sft.export; vLLM loads
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -28,6 +27,8 @@ from collections import defaultdict
 from typing import Any
 
 import numpy as np
+
+from pasr_jax.config import RunConfig
 
 log = logging.getLogger("pasr_jax.sft")
 
@@ -118,8 +119,6 @@ def harvest_refinement_paths(records: list[dict[str, Any]], questions: dict[str,
 def _harvest_from_run(cfg) -> tuple[list[list[dict[str, str]]], dict[str, int]]:
   """`harvest_refinement_paths` on `sft.rollouts`; questions come from the data section of the
   run's config.json beside it (else this config's `data`), the system prompt from `prompts`."""
-  from ml_collections import ConfigDict  # pylint: disable=import-outside-toplevel
-
   from pasr_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   from pasr_jax import metrics, prompts  # pylint: disable=import-outside-toplevel
   path = cfg.sft.rollouts
@@ -133,7 +132,7 @@ def _harvest_from_run(cfg) -> tuple[list[list[dict[str, str]]], dict[str, int]]:
   run_cfg = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
   if os.path.isfile(run_cfg):
     with open(run_cfg, encoding="utf-8") as f:
-      data_cfg = ConfigDict(json.load(f)["data"])
+      data_cfg = json.load(f)["data"]
   questions = {r.id: r.question for r in data_lib.load_dataset(data_cfg)}
   system = prompts.load_prompts(cfg.prompts).pasr_system
   out, stats = harvest_refinement_paths(records, questions, system)
@@ -194,43 +193,26 @@ def sft_step(trainer, batch: dict[str, np.ndarray]) -> dict[str, float]:
   return {"nll": nll, "grad_norm": m["grad_norm"], "tokens": tokens, "skipped": m["skipped"]}
 
 
-def trainer_config(cfg, total_steps: int, lr: float, scored_span: int):
+def trainer_config(cfg: RunConfig, total_steps: int, lr: float, scored_span: int) -> RunConfig:
   """The run's config with the SFT optimiser (cosine, warm-up) and a loss that is the NLL."""
-  t = copy.deepcopy(cfg)
   s = cfg.sft
-  t.optim.lr = float(lr)
-  t.optim.schedule = "cosine"
-  t.optim.warmup_steps = int(round(float(s.warmup_frac) * total_steps))
-  t.optim.clip_norm = float(s.clip_norm)
-  t.train.steps = int(total_steps)
-  # One optimizer update per SFT batch: the schedule spans exactly total_steps updates.
-  t.optim.sequences_per_update = 0
-  t.grpo.loss_temperature = 0.0         # = rollout.temperature below
-  t.grpo.beta = 0.0                     # no reference model, no KL
-  t.grpo.agg = "token_mean"             # mean over all assistant tokens of the batch
-  t.grpo.num_iterations = 1
-  t.grpo.recompute_old_logps = False
-  t.grpo.tis_cap = 0.0
-  t.rollout.temperature = 1.0           # logprobs of the model itself
-  # The trainer's logit window: only the scored span (assistant tokens) goes through the LM
-  # head, as in PASR training; for SmolLM2 (49k vocab) that is most of the activation memory.
-  t.rollout.max_tokens = int(scored_span)
-  return t
+  return cfg.replace(
+      # One optimizer update per SFT batch: the schedule spans exactly total_steps updates.
+      optim=cfg.optim.replace(lr=float(lr), schedule="cosine", clip_norm=float(s.clip_norm),
+                              warmup_steps=int(round(float(s.warmup_frac) * total_steps)),
+                              sequences_per_update=0),
+      train=cfg.train.replace(steps=int(total_steps)),
+      # No reference model (no KL); the mean over all assistant tokens of the batch; the
+      # logprobs of the model itself (loss temperature = rollout temperature 1).
+      grpo=cfg.grpo.replace(loss_temperature=0.0, beta=0.0, agg="token_mean", num_iterations=1,
+                            recompute_old_logps=False, tis_cap=0.0),
+      # The trainer's logit window: only the scored span (assistant tokens) goes through the
+      # LM head, as in PASR training; for SmolLM2 (49k vocab) that is most of the activation
+      # memory.
+      rollout=cfg.rollout.replace(temperature=1.0, max_tokens=int(scored_span)))
 
 
 # ----------------------------------------------------------------------------- the run
-def _validate(cfg, lr: float, epochs: int) -> None:
-  s = cfg.sft
-  for key, value, ok in (("lr", lr, lr > 0), ("epochs", epochs, epochs >= 1),
-                         ("batch_size", s.batch_size, s.batch_size >= 1),
-                         ("max_len", s.max_len, s.max_len >= 8),
-                         ("max_steps", s.max_steps, s.max_steps >= 0),
-                         ("warmup_frac", s.warmup_frac, 0 <= s.warmup_frac < 1),
-                         ("checkpoint_every", s.checkpoint_every, s.checkpoint_every >= 1)):
-    if not ok:
-      raise SFTError(f"config sft.{key}={value!r}: out of range")
-
-
 def run_sft(cfg, transcripts: list[list[dict[str, str]]], workdir: str, model_dir: str,
             lr: float | None = None, epochs: int | None = None, max_steps: int | None = None,
             export: bool | None = None) -> dict[str, Any]:
@@ -240,12 +222,12 @@ def run_sft(cfg, transcripts: list[list[dict[str, str]]], workdir: str, model_di
   first/last NLL (first batch before any update, mean of the last epoch's batches), the
   HF dir when exported, how many transcripts were cut at sft.max_len.
   """
+  cfg = RunConfig.from_tree(cfg)
   s = cfg.sft
   lr = float(s.lr if lr is None else lr)
   epochs = int(s.epochs if epochs is None else epochs)
   max_steps = int(s.max_steps if max_steps is None else max_steps)
   export = bool(s.export if export is None else export)
-  _validate(cfg, lr, epochs)
   if not transcripts:
     raise SFTError("no SFT transcripts")
   import jax  # pylint: disable=import-outside-toplevel
@@ -346,6 +328,7 @@ def run_sft(cfg, transcripts: list[list[dict[str, str]]], workdir: str, model_di
 
 def run(cfg) -> dict[str, Any]:
   """`python -m pasr_jax.sft`: transcripts from sft.data or sft.rollouts, then `run_sft`."""
+  cfg = RunConfig.from_tree(cfg)
   s = cfg.sft
   if bool(s.data) == bool(s.rollouts):
     raise SFTError(f"config sft.data={s.data!r}, sft.rollouts={s.rollouts!r}: set exactly one")

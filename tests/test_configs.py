@@ -25,13 +25,13 @@ def test_preset_loads(name):
 
 @pytest.mark.parametrize("name", ("qwen2_5_7b", "qwen3_8b"))
 def test_paper_presets_have_paper_hyperparameters_and_need_a_model_dir(name):
-  from pasr_jax.config import ConfigError, validate_config
+  from pasr_jax.config import ConfigError, RunConfig
   cfg = load_preset(name)
   assert (cfg.grpo.beta, cfg.grpo.eps_low, cfg.grpo.eps_high) == (0.04, 0.2, 0.2)
   assert (cfg.rollout.prompts_per_step, cfg.rollout.n, cfg.rollout.max_tokens) == (8, 8, 1500)
   assert cfg.optim.lr == 1e-6 and cfg.model.dtype == "bfloat16"
   with pytest.raises(ConfigError, match="model.path"):
-    validate_config(cfg)  # the snapshot path is the user's to give
+    RunConfig.from_tree(cfg).need_files()  # the snapshot path is the user's to give
 
 
 def test_plan_one_layer_of_qwen3_8b_on_8_devices():
@@ -59,7 +59,7 @@ def test_plan_one_layer_of_qwen3_8b_on_8_devices():
     ("rewards.refine_weight", -1.0, "rewards.refine_weight=-1.0"),
 ])
 def test_senseless_values_fail_before_anything_starts(key, value, needle):
-  from pasr_jax.config import ConfigError, validate_config
+  from pasr_jax.config import ConfigError, RunConfig
   cfg = load_preset("tiny_cpu")
   node = cfg
   *parents, leaf = key.split(".")
@@ -67,7 +67,7 @@ def test_senseless_values_fail_before_anything_starts(key, value, needle):
     node = node[part]
   node[leaf] = value
   with pytest.raises(ConfigError, match=re.escape(needle)):
-    validate_config(cfg)
+    RunConfig.from_tree(cfg)
 
 
 
@@ -183,3 +183,128 @@ def test_prompt_choices_are_checked():
   cfg.builtin, cfg.judge_style = "ours", "strict"
   with pytest.raises(prompts.PromptError, match="prompts.judge_style='strict'"):
     prompts.load_prompts(cfg)
+
+
+# ---------------------------------------------------------------- the typed config itself
+def _base():
+  from configs.base import get_base_config
+  return get_base_config()
+
+
+def _set(cfg, dotted, value):
+  *parents, leaf = dotted.split(".")
+  node = cfg
+  for part in parents:
+    node = node[part]
+  with node.ignore_type():
+    node[leaf] = value
+
+
+def test_the_typed_config_has_exactly_the_base_trees_keys():
+  import dataclasses
+  from pasr_jax.config import RunConfig, leaf_keys
+  cfg = _base()
+  typed = RunConfig.from_tree(cfg)
+  assert leaf_keys(typed.to_dict()) == [k for k in leaf_keys(cfg)] + ["model.hf_config"] \
+      or sorted(leaf_keys(typed.to_dict())) == sorted(leaf_keys(cfg) + ["model.hf_config"])
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    typed.optim.lr = 1.0  # type: ignore[misc]
+  assert RunConfig.from_tree(typed) is typed  # typed once; passing it on does not re-check
+
+
+@pytest.mark.parametrize("name", TRAIN_PRESETS)
+def test_every_training_preset_types(name):
+  from pasr_jax.config import RunConfig
+  typed = RunConfig.from_tree(load_preset(name))
+  assert typed.rollout.vllm.max_model_len >= typed.rollout.max_prompt_tokens
+
+
+def test_no_dead_keys_every_config_key_is_read_by_the_code():
+  """Each key of configs/base.py appears as `<section>.<key>` (or `.<key>` in a module that
+  reads that section) in pasr_jax/, outside the config module itself."""
+  from pasr_jax.config import leaf_keys
+  sources = {}
+  for root, _, files in os.walk(os.path.join(ROOT, "pasr_jax")):
+    for f in files:
+      if f.endswith(".py") and f != "config.py":
+        sources[os.path.join(root, f)] = open(os.path.join(root, f), encoding="utf-8").read()
+  dead = []
+  for key in leaf_keys(_base()):
+    parts = key.split(".")
+    name, section = parts[-1], ".".join(parts[:-1])
+    if not section:  # workdir, seed, resume
+      ok = any(re.search(rf"\bcfg\.{name}\b", s) for s in sources.values())
+    else:
+      ok = any(re.search(rf"\b{re.escape(section)}\.{name}\b", s) or (
+          re.search(rf"\.{section.split('.')[-1]}\b", s) and re.search(rf"\.{name}\b", s))
+               for s in sources.values())
+    if not ok:
+      dead.append(key)
+  assert not dead, f"config keys no code reads: {dead}"
+
+
+def _wrong_type(value):
+  if isinstance(value, bool):
+    return "maybe"
+  if isinstance(value, (int, float)):
+    return "abc"
+  if isinstance(value, str):
+    return 1.5
+  return 7  # tuples
+
+
+def test_every_key_with_a_wrong_type_is_named():
+  from pasr_jax.config import ConfigError, RunConfig, leaf_keys
+  for key in leaf_keys(_base()):
+    cfg = _base()
+    node = cfg
+    for part in key.split("."):
+      node = node[part]
+    _set(cfg, key, _wrong_type(node))
+    with pytest.raises(ConfigError, match=rf"config {re.escape(key)}="):
+      RunConfig.from_tree(cfg)
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("grpo.agg", "mean", "grpo.agg='mean': must be one of"),
+    ("rollout.vllm.max_model_len", 100, "rollout.vllm.max_model_len=100: must hold"),
+    ("rollout.n", 1, "rollout.n=1"),
+    ("optim.schedule", "linear", "optim.schedule='linear'"),
+    ("mesh.shape", (1, -1, -1), "mesh.shape=(1, -1, -1)"),
+    ("model.dtype", "fp8", "model.dtype='fp8'"),
+    ("judge.input", "question", "judge.input='question'"),
+    ("logging.every", 0, "logging.every=0"),
+    ("cold_start.refine_fraction", 1.5, "cold_start.refine_fraction=1.5"),
+    ("sft.warmup_frac", 1.0, "sft.warmup_frac=1.0"),
+    ("prompts.pasr_system_file", "/no/such/prompt.txt", "prompts.pasr_system_file="),
+])
+def test_each_bad_value_names_its_key(key, value, needle):
+  from pasr_jax.config import ConfigError, RunConfig
+  cfg = _base()
+  _set(cfg, key, value)
+  with pytest.raises(ConfigError, match=re.escape(needle)):
+    RunConfig.from_tree(cfg)
+
+
+def test_an_unknown_or_missing_key_is_named():
+  from pasr_jax.config import ConfigError, RunConfig
+  cfg = _base()
+  cfg.optim.lrr = 1e-3  # a preset's typo
+  with pytest.raises(ConfigError, match=r"config optim\.lrr: unknown key; keys under optim: "):
+    RunConfig.from_tree(cfg)
+  d = _base().to_dict()
+  del d["judge"]["timeout_s"]
+  with pytest.raises(ConfigError, match=r"config judge\.timeout_s: missing"):
+    RunConfig.from_tree(d)
+
+
+def test_missing_inputs_are_named_before_a_run_starts(tmp_path):
+  from pasr_jax.config import ConfigError, RunConfig
+  cfg = load_preset("tiny_cpu")
+  cfg.data.files = (str(tmp_path / "nope.jsonl"),)
+  with pytest.raises(ConfigError, match=r"config data\.files=.*nope\.jsonl' does not exist"):
+    RunConfig.from_tree(cfg).need_files()
+  cfg = load_preset("smollm2_135m")
+  cfg.model.path = str(tmp_path)
+  with pytest.raises(ConfigError, match=r"config model\.path=.*no HF model dir"):
+    RunConfig.from_tree(cfg).need_files()

@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from pasr_jax.config import JudgeCfg
 from pasr_jax.judge.wire import JudgeItem, judge_messages
 from pasr_jax.prompts import Prompts
 
@@ -120,18 +121,16 @@ class JudgeClient:
     self.totals: dict[str, float] = {}
 
   @classmethod
-  def from_config(cls, cfg: Any, prompts: Prompts | None = None) -> JudgeClient:
-    """From the `judge` config; the key comes from the env var named by cfg.api_key_env."""
-    env = cfg.get("api_key_env", "")
-    return cls(base_url=cfg.base_url, model=cfg.get("model", ""),
+  def from_config(cls, cfg: JudgeCfg | Any, prompts: Prompts | None = None) -> JudgeClient:
+    """From the `judge` section; the key comes from the env var named by cfg.api_key_env."""
+    cfg = JudgeCfg.of(cfg)
+    env = cfg.api_key_env
+    return cls(base_url=cfg.base_url, model=cfg.model,
                api_key=(os.environ.get(env) or None) if env else None,
-               concurrency=int(cfg.get("concurrency", 32)),
-               timeout_s=float(cfg.get("timeout_s", 60.0)), retries=int(cfg.get("retries", 3)),
-               max_tokens=int(cfg.get("max_tokens", 16)),
-               backoff_s=float(cfg.get("backoff_s", 0.5)),
-               cache_size=int(cfg.get("cache_size", 200_000)), prompts=prompts,
-               max_unparseable_frac=float(cfg.get("max_unparseable_frac", 0.5)),
-               temperature=float(cfg.get("temperature", 0.0)))
+               concurrency=cfg.concurrency, timeout_s=cfg.timeout_s, retries=cfg.retries,
+               max_tokens=cfg.max_tokens, backoff_s=cfg.backoff_s, cache_size=cfg.cache_size,
+               prompts=prompts, max_unparseable_frac=cfg.max_unparseable_frac,
+               temperature=cfg.temperature)
 
   # ------------------------------------------------------------------ public API
   def score_batch(self, items: Sequence[JudgeItem | Mapping[str, str]]

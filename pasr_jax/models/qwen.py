@@ -209,8 +209,8 @@ def _matmul(x2: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
   weights load and sync without a transpose) as one 2-D matmul -> [N, prod(out)].
 
   Batch dims are flattened by the caller: XLA:CPU lowers a 3-D activation times a matrix (and
-  its backward) with extra transposes of the activation, which cost ~40% of the MLP's
-  forward+backward on SmolLM2 shapes. x @ W.T is as fast as x @ W there (measured)."""
+  its backward) with extra transposes of the activation; x @ W.T is as fast as x @ W
+  (docs/performance.md)."""
   return jnp.einsum("ni,oi->no", x2, kernel.astype(dtype).reshape(-1, x2.shape[-1]))
 
 
@@ -303,9 +303,9 @@ class Attention(nnx.Module):
       out = fused_attention(q, k, v, mask, "cudnn")
       return _matmul(out.reshape(b * t, h * hd), self.o_proj[...], dt).reshape(b, t, d)
     # Layout [B, kv, T*g, hd]: the g query heads sharing a kv head become extra rows of one
-    # batched matmul per kv head (head h = kv * g + g', as HF repeats kv heads). Measured on
-    # XLA:CPU, this forward+backward is ~25% faster than contracting in the [B, T, heads, hd]
-    # layout, where XLA inserts transposes around every dot. Rows are position-major, so a
+    # batched matmul per kv head (head h = kv * g + g', as HF repeats kv heads). XLA:CPU
+    # inserts transposes around every dot in the [B, T, heads, hd] layout
+    # (docs/performance.md). Rows are position-major, so a
     # block of query positions is a contiguous slice.
     q = q.reshape(b, t, kv, g, hd).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * g, hd)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, kv, S, hd]
