@@ -17,8 +17,14 @@ import os
 import typing
 from typing import Any, ClassVar
 
+# The choices of config values; the modules that act on them import them from here.
 AGGS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+TASK_TYPES = ("general", "multiple_choice", "summary")
+PROMPT_SETS = ("ours", "paper")
+JUDGE_STYLES = ("binary", "graded")
+JUDGE_INPUTS = ("full", "answer")
+REFINE_COMPARE = ("mean", "single", "none")
 
 
 class ConfigError(ValueError):
@@ -112,8 +118,7 @@ class DataCfg(Section):
   tfds_data_dir: str
 
   def check(self):
-    self.need(self.task_type in ("general", "multiple_choice", "summary"), "task_type",
-              "general | multiple_choice | summary")
+    self.need(self.task_type in TASK_TYPES, "task_type", " | ".join(TASK_TYPES))
     self.need(self.max_row_chars >= 0, "max_row_chars", "must be >= 0 (0 = no limit)")
 
 
@@ -197,7 +202,7 @@ class JudgeCfg(Section):
     self.need(self.retries >= 0, "retries", "must be >= 0")
     self.need(self.backoff_s >= 0, "backoff_s", "must be >= 0")
     self.need(self.cache_size >= 0, "cache_size", "must be >= 0")
-    self.need(self.input in ("full", "answer"), "input", "full | answer")
+    self.need(self.input in JUDGE_INPUTS, "input", " | ".join(JUDGE_INPUTS))
     self.need(self.max_tokens >= 1, "max_tokens", "must be >= 1")
     self.need(0 <= self.max_unparseable_frac <= 1, "max_unparseable_frac",
               "must be in [0, 1] (1 = never stop)")
@@ -214,8 +219,8 @@ class PromptsCfg(Section):
   judge_style: str
 
   def check(self):
-    self.need(self.builtin in ("ours", "paper"), "builtin", "ours | paper")
-    self.need(self.judge_style in ("binary", "graded"), "judge_style", "binary | graded")
+    self.need(self.builtin in PROMPT_SETS, "builtin", " | ".join(PROMPT_SETS))
+    self.need(self.judge_style in JUDGE_STYLES, "judge_style", " | ".join(JUDGE_STYLES))
     for f in ("pasr_system_file", "plain_system_file"):
       self.need(not getattr(self, f) or os.path.isfile(getattr(self, f)), f, "no such file")
     self.need(not self.judge_dir or os.path.isdir(self.judge_dir), "judge_dir", "no such dir")
@@ -238,8 +243,8 @@ class RewardsCfg(Section):
     self.need(self.zeta >= 0, "zeta", "must be >= 0")
     self.need(self.accuracy_rule in ("", "contains"), "accuracy_rule",
               "must be '' (judge) or 'contains'")
-    self.need(self.refine_compare in ("mean", "single", "none"), "refine_compare",
-              "mean | single | none")
+    self.need(self.refine_compare in REFINE_COMPARE, "refine_compare",
+              " | ".join(REFINE_COMPARE))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -429,6 +434,49 @@ class RunConfig(Section):
 
   def to_json(self, indent: int | None = None) -> str:
     return json.dumps(self.to_dict(), indent=indent)
+
+  def step_cfg(self) -> StepCfg:
+    """The rollout step's slice."""
+    return StepCfg(rollout=self.rollout, rewards=self.rewards, grpo=self.grpo,
+                   task_type=self.data.task_type, judge_input=self.judge.input,
+                   seq_multiple=self.train.seq_multiple)
+
+  def trainer_cfg(self) -> TrainerCfg:
+    """The trainer's slice."""
+    r = self.rollout
+    return TrainerCfg(model=self.model, rules=self.mesh.rules, grpo=self.grpo, optim=self.optim,
+                      max_tokens=r.max_tokens, temperature=self.grpo.temperature(r.temperature),
+                      rows_per_step=r.prompts_per_step * r.n, steps=self.train.steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCfg:
+  """What a rollout step (`pasr_jax.step.RolloutStep`) reads: `RunConfig.step_cfg()`."""
+  rollout: RolloutCfg
+  rewards: RewardsCfg
+  grpo: GrpoCfg
+  task_type: str       # data.task_type: which judge instruction
+  judge_input: str     # judge.input: what of an answer the judge sees
+  seq_multiple: int    # train.seq_multiple: the batch length is a multiple of it
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerCfg:
+  """What the trainer (`pasr_jax.trainer.Trainer`) reads: `RunConfig.trainer_cfg()`."""
+  model: ModelCfg
+  rules: tuple         # mesh.rules: logical axis -> mesh axes, for weights and activations
+  grpo: GrpoCfg
+  optim: OptimCfg
+  max_tokens: int      # rollout.max_tokens: the logit window of the loss
+  temperature: float   # the loss's logprob temperature (grpo.loss_temperature or the sampler's)
+  rows_per_step: int   # rollout.prompts_per_step x rollout.n answers per step
+  steps: int           # train.steps: the optimizer schedule spans steps x updates per step
+
+  @property
+  def updates_per_step(self) -> int:
+    """Optimizer updates per training step (optim.sequences_per_update, grpo.num_iterations)."""
+    per = self.optim.sequences_per_update or self.rows_per_step
+    return -(-self.rows_per_step // per) * self.grpo.num_iterations
 
 
 def _as_dict(tree: Any) -> dict:

@@ -11,7 +11,7 @@ import dataclasses
 import pathlib
 from typing import Any
 
-TASK_TYPES = ("general", "multiple_choice", "summary")
+from pasr_jax.config import JUDGE_STYLES, PROMPT_SETS, TASK_TYPES, PromptsCfg  # noqa: F401
 
 PASR_SYSTEM_PROMPT = """\
 You are a careful assistant who thinks before answering and improves your own reasoning \
@@ -53,7 +53,6 @@ thinking</answer>"""
 PAPER_PLAIN_SYSTEM_PROMPT = """\
 You are a helpful AI assistant. Respond to the user's request with the answer it asks for."""
 
-PROMPT_SETS = ("ours", "paper")
 
 JUDGE_INSTRUCTIONS = {
     "general": """\
@@ -82,7 +81,6 @@ answer and the assistant's answer, each in its own section. Rate the assistant's
 against the reference on a scale from 0 (wrong) to 1 (fully correct). Reply with just the \
 number, between 0 and 1."""
 
-JUDGE_STYLES = ("binary", "graded")
 
 
 class PromptError(ValueError):
@@ -120,25 +118,19 @@ def load_prompts(cfg: Any = None) -> Prompts:
   """
   if cfg is None:
     return Prompts()
-  builtin = cfg.get("builtin", "ours")
-  if builtin not in PROMPT_SETS:
-    raise PromptError(f"prompts.builtin={builtin!r}: expected one of {PROMPT_SETS}")
-  style = cfg.get("judge_style", "binary")
-  if style not in JUDGE_STYLES:
-    raise PromptError(f"prompts.judge_style={style!r}: expected one of {JUDGE_STYLES}")
+  cfg = PromptsCfg.of(cfg)  # choices and paths checked there
+  builtin, style = cfg.builtin, cfg.judge_style
   pasr = PAPER_PASR_SYSTEM_PROMPT if builtin == "paper" else PASR_SYSTEM_PROMPT
   plain = PAPER_PLAIN_SYSTEM_PROMPT if builtin == "paper" else PLAIN_SYSTEM_PROMPT
   judge = (dict.fromkeys(TASK_TYPES, GRADED_JUDGE_INSTRUCTION) if style == "graded"
            else dict(JUDGE_INSTRUCTIONS))
-  if cfg.get("pasr_system_file", ""):
+  if cfg.pasr_system_file:
     pasr = _read_prompt(cfg.pasr_system_file, "pasr_system_file")
-  if cfg.get("plain_system_file", ""):
+  if cfg.plain_system_file:
     plain = _read_prompt(cfg.plain_system_file, "plain_system_file")
-  judge_dir = cfg.get("judge_dir", "")
+  judge_dir = cfg.judge_dir
   if judge_dir:
     d = pathlib.Path(judge_dir)
-    if not d.is_dir():
-      raise PromptError(f"prompts.judge_dir={judge_dir!r}: not a directory")
     found = [t for t in TASK_TYPES if (d / f"{t}.txt").is_file()]
     if not found:
       raise PromptError(f"prompts.judge_dir={judge_dir!r}: none of "

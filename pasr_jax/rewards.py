@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 from pasr_jax.answer_format import count_refines, extract_answer, format_ok
+from pasr_jax.config import RewardsCfg
+
+# The paper's reward: 1*format + 1*accuracy + 1*refine, refine against the baseline mean,
+# no tolerance. What `None` means below (configs/base.py has the same values).
+PAPER_REWARDS = RewardsCfg(format_weight=1.0, accuracy_weight=1.0, refine_weight=1.0, zeta=0.0,
+                           accuracy_rule="", refine_compare="mean", refine_fixed=1.0)
 
 
 class RewardError(ValueError):
@@ -69,20 +74,16 @@ def reward_terms(text: str, acc: float, baseline_accs: Sequence[float] | None,
 # of the question's baseline answers (PASR); "single": only the baseline answer with the same
 # index (paper Table 2, "w/o multi-answer"); "none": no comparison, every answer with a
 # refinement gets rewards.refine_fixed (Table 2, "w/o comparison").
-REFINE_COMPARE = ("mean", "single", "none")
 
 
 def group_reward_terms(texts: Sequence[str], accs: Sequence[float],
-                       baseline_accs: Sequence[float] | None, cfg: Any = None
+                       baseline_accs: Sequence[float] | None, cfg: RewardsCfg | None = None
                        ) -> list[dict[str, float]]:
   """`reward_terms` of one question's answers under the `rewards` config `cfg` (zeta,
   refine_compare, refine_fixed; None: the paper's defaults). `baseline_accs`: the accuracies
   of the question's baseline answers, None without a baseline."""
-  get = (lambda k, d: d) if cfg is None else cfg.get
-  zeta = float(get("zeta", 0.0))
-  compare = get("refine_compare", "mean")
-  if compare not in REFINE_COMPARE:
-    raise RewardError(f"rewards.refine_compare={compare!r}: expected one of {REFINE_COMPARE}")
+  cfg = PAPER_REWARDS if cfg is None else RewardsCfg.of(cfg)
+  zeta, compare = cfg.zeta, cfg.refine_compare
   if compare == "single" and baseline_accs is not None and len(baseline_accs) != len(texts):
     raise RewardError(f"rewards.refine_compare='single' pairs answer k with baseline answer k: "
                       f"{len(texts)} answers but {len(baseline_accs)} baseline answers")
@@ -90,7 +91,7 @@ def group_reward_terms(texts: Sequence[str], accs: Sequence[float],
   for k, (text, acc) in enumerate(zip(texts, accs)):
     if compare == "none":
       t = reward_terms(text, acc, None, zeta)
-      t["refine"] = float(get("refine_fixed", 1.0)) if count_refines(text) else 0.0
+      t["refine"] = cfg.refine_fixed if count_refines(text) else 0.0
     else:
       base = baseline_accs
       if compare == "single" and base is not None:
@@ -101,19 +102,15 @@ def group_reward_terms(texts: Sequence[str], accs: Sequence[float],
 
 
 def total_reward(text: str, acc: float, baseline_accs: Sequence[float] | None,
-                 weights: Any = None) -> float:
-  """format_weight*format + accuracy_weight*acc + refine_weight*refine.
-
-  `weights` is the `rewards` config (format_weight, accuracy_weight, refine_weight, zeta);
-  None means the paper's defaults 1, 1, 1 and zeta 0.
-  """
-  zeta = 0.0 if weights is None else float(weights.get("zeta", 0.0))
-  return weighted_reward(reward_terms(text, acc, baseline_accs, zeta), weights)
+                 weights: RewardsCfg | None = None) -> float:
+  """format_weight*format + accuracy_weight*acc + refine_weight*refine, with the `rewards`
+  config's weights and zeta (None: the paper's, PAPER_REWARDS)."""
+  weights = PAPER_REWARDS if weights is None else RewardsCfg.of(weights)
+  return weighted_reward(reward_terms(text, acc, baseline_accs, weights.zeta), weights)
 
 
-def weighted_reward(terms: dict[str, float], weights: Any = None) -> float:
+def weighted_reward(terms: dict[str, float], weights: RewardsCfg | None = None) -> float:
   """The weighted sum of `reward_terms` output; `weights` as in `total_reward`."""
-  get = (lambda k, d: d) if weights is None else (lambda k, d: float(weights.get(k, d)))
-  return (get("format_weight", 1.0) * terms["format"]
-          + get("accuracy_weight", 1.0) * terms["accuracy"]
-          + get("refine_weight", 1.0) * terms["refine"])
+  w = PAPER_REWARDS if weights is None else RewardsCfg.of(weights)
+  return (w.format_weight * terms["format"] + w.accuracy_weight * terms["accuracy"]
+          + w.refine_weight * terms["refine"])

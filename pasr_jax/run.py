@@ -238,7 +238,7 @@ class Run:
     print(f"[train] vLLM engine up in {time.perf_counter() - t:.1f}s", flush=True)
     if restored is not None:
       self.sampler.sync(self.trainer.model, self.state.policy_version)  # it starts from the base
-    self.stepper = RolloutStep(cfg, self.tokenizer, self.sampler, self.judge, self.prompts)
+    self.stepper = RolloutStep(cfg.step_cfg(), self.tokenizer, self.sampler, self.judge, self.prompts)
 
   def make_sampler(self):
     """The rollout engine on the run's model dir (not started yet)."""

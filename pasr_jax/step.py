@@ -22,6 +22,7 @@ import numpy as np
 
 from pasr_jax import chat, grpo, rewards as rewards_lib
 from pasr_jax.answer_format import count_refines
+from pasr_jax.config import RunConfig, StepCfg
 from pasr_jax.data import Row
 from pasr_jax.judge.wire import judge_request
 from pasr_jax.prompts import Prompts, load_prompts
@@ -247,12 +248,18 @@ class RolloutStep:
   stage but sampling and judging is a pure function of the ones before it.
   """
 
-  def __init__(self, cfg, tokenizer, sampler, judge, prompts: Prompts | None = None):
+  def __init__(self, cfg: StepCfg | RunConfig | Any, tokenizer, sampler, judge,
+               prompts: Prompts | None = None):
+    """`cfg`: the step's slice (a whole run config or tree is sliced here, and its prompts
+    section loaded when `prompts` is not given)."""
+    if not isinstance(cfg, StepCfg):
+      run_cfg = RunConfig.from_tree(cfg)
+      cfg, prompts = run_cfg.step_cfg(), prompts or load_prompts(run_cfg.prompts)
     self.cfg = cfg
     self.tok = tokenizer
     self.sampler = sampler
     self.judge = judge
-    self.prompts = prompts or load_prompts(cfg.prompts)
+    self.prompts = prompts or Prompts()
     self.eos_ids = sorted({i for i in (tokenizer.eos_token_id,) if i is not None})
     self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
@@ -304,9 +311,9 @@ class RolloutStep:
   def judge_requests(self, answers: Halves[Answers]) -> Halves[list[dict[str, str]]] | None:
     """One judge request (`wire.judge_request`) per answer, `[question][sample]` per half;
     None under rewards.accuracy_rule="contains", which asks no judge."""
-    if self.cfg.rewards.get("accuracy_rule", "") == "contains":
+    if self.cfg.rewards.accuracy_rule == "contains":
       return None
-    task_type, mode = self.cfg.data.task_type, self.cfg.judge.input
+    task_type, mode = self.cfg.task_type, self.cfg.judge_input
     return answers.map(lambda a: [judge_request(a.row.question, a.row.answer, c.text,
                                                 task_type, mode) for c in a.completions])
 
@@ -354,7 +361,7 @@ class RolloutStep:
     if trained.any():
       batch = pack_batch([ids for ids, _, _, _ in rows], [c.token_ids for _, c, _, _ in rows],
                          [c.logprobs for _, c, _, _ in rows], [a for _, _, a, _ in rows],
-                         [t for _, _, _, t in rows], self.pad_id, self.cfg.train.seq_multiple)
+                         [t for _, _, _, t in rows], self.pad_id, self.cfg.seq_multiple)
     return Packed(batch=batch, kept=kept, trained=trained)
 
   def records(self, step: int, answers: Halves[Answers], accuracies: Halves[list[float]],

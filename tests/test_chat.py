@@ -22,6 +22,7 @@ def tok(smollm2_dir):
 def rollout_step(tok, cap):
   cfg = get_base_config()
   cfg.rollout.max_prompt_tokens = cap
+  cfg.rollout.vllm.max_model_len = max(cap + cfg.rollout.max_tokens, 2048)
   return RolloutStep(cfg, tok, sampler=None, judge=None)
 
 

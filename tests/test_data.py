@@ -63,9 +63,15 @@ def test_explicit_field_missing_and_numeric_answer(tmp_path):
     data.load_rows(tmp_path / "missing.jsonl")
 
 
+def _data_cfg(**overrides):
+  from configs.base import get_base_config
+  cfg = get_base_config().data
+  cfg.update(overrides)
+  return cfg
+
+
 def test_load_dataset_concatenates_and_tfds_is_optional():
-  cfg = ml_collections.ConfigDict(dict(files=(str(DATA / "gsm8k_train_16.jsonl"), str(DATA / "mmlu_4.json")),
-                                       question_field="", answer_field="", tfds_name="", tfds_data_dir=""))
+  cfg = _data_cfg(files=(str(DATA / "gsm8k_train_16.jsonl"), str(DATA / "mmlu_4.json")))
   assert len(data.load_dataset(cfg)) == 20
   cfg.files = ()
   with pytest.raises(data.DataError, match="no training questions"):
@@ -107,8 +113,7 @@ def test_huge_row_is_skipped_counted_and_named(tmp_path, caplog):
     f.write(json.dumps({"question": "2+2?", "answer": "4"}) + "\n")
     f.write(json.dumps({"question": "x" * (50 << 20), "answer": "1"}) + "\n")
     f.write(json.dumps({"question": "3+3?", "answer": "6"}) + "\n")
-  cfg = ml_collections.ConfigDict(dict(files=(str(path),), question_field="", answer_field="",
-                                       max_row_chars=200_000))
+  cfg = _data_cfg(files=(str(path),), max_row_chars=200_000)
   with caplog.at_level(logging.WARNING, logger="pasr_jax.data"):
     rows = data.load_dataset(cfg)
   assert [r.answer for r in rows] == ["4", "6"]

@@ -344,10 +344,10 @@ def test_api_key_enforced(keyed_verify_url, monkeypatch):
   with pytest.raises(JudgeError, match="401"):
     JudgeClient(keyed_verify_url).score_batch(items(1))
   monkeypatch.setenv("MY_JUDGE_KEY", KEY)
-  import ml_collections
-  cfg = ml_collections.ConfigDict(dict(base_url=keyed_verify_url, model="", concurrency=4,
-                                       timeout_s=10.0, retries=0, api_key_env="MY_JUDGE_KEY",
-                                       max_tokens=4))
+  from configs.base import get_base_config
+  cfg = get_base_config().judge
+  cfg.update(dict(base_url=keyed_verify_url, concurrency=4, timeout_s=10.0, retries=0,
+                  api_key_env="MY_JUDGE_KEY", max_tokens=4))
   scores, _ = JudgeClient.from_config(cfg).score_batch(items(2))
   assert scores == [1.0, 1.0]
 

@@ -1,9 +1,11 @@
 """The prompts (pasr_jax.prompts) and the judge wire format (pasr_jax.judge.wire)."""
 
-import ml_collections
 import pytest
 
+from configs.base import get_base_config
+
 from pasr_jax import prompts
+from pasr_jax.config import ConfigError
 from pasr_jax.judge import wire
 
 
@@ -30,8 +32,7 @@ def test_load_prompts_from_files(tmp_path):
   jd = tmp_path / "judge"
   jd.mkdir()
   (jd / "general.txt").write_text("Q: {question}\nRef: {ground_truth}\nAns: {answer}\nScore:")
-  cfg = ml_collections.ConfigDict(dict(pasr_system_file=str(tmp_path / "prompts.txt"),
-                                       plain_system_file="", judge_dir=str(jd)))
+  cfg = _prompts_cfg(pasr_system_file=str(tmp_path / "prompts.txt"), judge_dir=str(jd))
   p = prompts.load_prompts(cfg)
   assert p.pasr_system == "Refine a lot."
   assert p.plain_system == prompts.PLAIN_SYSTEM_PROMPT
@@ -41,15 +42,21 @@ def test_load_prompts_from_files(tmp_path):
   assert prompts.load_prompts(None) == prompts.Prompts()
 
 
+def _prompts_cfg(**overrides):
+  cfg = get_base_config().prompts
+  cfg.update(overrides)
+  return cfg
+
+
 def test_load_prompts_errors_name_the_field(tmp_path):
-  missing = ml_collections.ConfigDict(dict(pasr_system_file=str(tmp_path / "nope.txt")))
-  with pytest.raises(prompts.PromptError, match="pasr_system_file=.*nope.txt"):
+  missing = _prompts_cfg(pasr_system_file=str(tmp_path / "nope.txt"))
+  with pytest.raises(ConfigError, match="prompts.pasr_system_file=.*nope.txt'?: no such file"):
     prompts.load_prompts(missing)
   (tmp_path / "empty.txt").write_text("  \n")
-  empty = ml_collections.ConfigDict(dict(plain_system_file=str(tmp_path / "empty.txt")))
+  empty = _prompts_cfg(plain_system_file=str(tmp_path / "empty.txt"))
   with pytest.raises(prompts.PromptError, match="plain_system_file=.*empty"):
     prompts.load_prompts(empty)
-  nodir = ml_collections.ConfigDict(dict(judge_dir=str(tmp_path)))
+  nodir = _prompts_cfg(judge_dir=str(tmp_path))
   with pytest.raises(prompts.PromptError, match="judge_dir=.*none of"):
     prompts.load_prompts(nodir)
 

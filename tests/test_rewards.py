@@ -1,9 +1,10 @@
 """The rewards (pasr_jax.rewards) on hand-written cases."""
 
-import ml_collections
+
 import pytest
 
 from pasr_jax import rewards
+from pasr_jax.config import ConfigError
 
 REFINED = "<think>a<refine>b</refine></think><answer>4</answer>"
 UNREFINED = "<think>a</think><answer>4</answer>"
@@ -38,8 +39,8 @@ def test_total_reward_weights():
   assert rewards.total_reward(REFINED, 1.0, [0.0]) == 1 + 1 + 1
   assert rewards.total_reward(REFINED, 0.0, [1.0]) == 1 + 0 - 1
   assert rewards.total_reward("4", 1.0, [0.0]) == -1 + 1 + 0
-  w = ml_collections.ConfigDict(dict(format_weight=0.5, accuracy_weight=2.0,
-                                     refine_weight=0.25, zeta=0.3))
+  w = rewards.PAPER_REWARDS.replace(format_weight=0.5, accuracy_weight=2.0, refine_weight=0.25,
+                                    zeta=0.3)
   # acc 0.7 vs mean 0.5 is within zeta 0.3 -> refine -0.5.
   assert rewards.total_reward(REFINED, 0.7, [0.5], w) == pytest.approx(0.5 + 1.4 - 0.125)
   assert rewards.reward_terms(REFINED, 0.9, [0.5], 0.3) == {
@@ -52,8 +53,8 @@ NOREF = "<think> a </think> <answer> 4 </answer>"
 
 
 def _refine_terms(compare, texts, accs, base, **extra):
-  cfg = ml_collections.ConfigDict(dict(zeta=0.0, refine_compare=compare, refine_fixed=1.0,
-                                       **extra))
+  cfg = rewards.PAPER_REWARDS.replace(zeta=0.0, refine_compare=compare, refine_fixed=1.0,
+                                      **extra)
   return [t["refine"] for t in rewards.group_reward_terms(texts, accs, base, cfg)]
 
 
@@ -77,9 +78,9 @@ def test_refine_without_comparison_is_a_fixed_reward_for_refining():
   # whatever the accuracies, a refinement earns the fixed reward and its absence 0
   assert _refine_terms("none", [REF, REF, NOREF], [0, 1, 1], [1, 1, 1]) == [1.0, 1.0, 0.0]
   assert _refine_terms("none", [REF, NOREF], [0, 0], None) == [1.0, 0.0]  # no baseline needed
-  cfg = ml_collections.ConfigDict(dict(refine_compare="none", refine_fixed=0.5))
+  cfg = rewards.PAPER_REWARDS.replace(refine_compare="none", refine_fixed=0.5)
   assert [t["refine"] for t in rewards.group_reward_terms([REF], [0.0], None, cfg)] == [0.5]
-  with pytest.raises(rewards.RewardError, match="rewards.refine_compare='best'"):
+  with pytest.raises(ConfigError, match="rewards.refine_compare='best'"):
     _refine_terms("best", [REF], [0], [0])
 
 

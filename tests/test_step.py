@@ -67,6 +67,7 @@ def _step(texts, **cfg_over):
   cfg = get_base_config()
   cfg.rollout.n = 2
   cfg.rollout.max_prompt_tokens = 4096
+  cfg.rollout.vllm.max_model_len = 4096 + cfg.rollout.max_tokens
   cfg.judge.input = "answer"
   for k, v in cfg_over.items():
     section, key = k.split("__")

@@ -11,7 +11,8 @@ import dataclasses
 import re
 
 from pasr_jax.answer_format import extract_answer
-from pasr_jax.prompts import JUDGE_INSTRUCTIONS, TASK_TYPES, PromptError
+from pasr_jax.config import JUDGE_INPUTS, TASK_TYPES
+from pasr_jax.prompts import JUDGE_INSTRUCTIONS, PromptError
 
 # Section markers of the judge's user message. They sit on lines of their own so the
 # `verify` server can split the prompt back into its fields without guessing.
@@ -44,7 +45,6 @@ class JudgeItem:
   task_type: str = "general"
 
 
-JUDGE_INPUTS = ("full", "answer")
 
 
 def judge_input(text: str, mode: str = "full") -> str:
