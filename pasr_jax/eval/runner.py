@@ -36,7 +36,7 @@ def needs_revision(score: float, cfg) -> bool:
   """Whether the oracle asks to revise a first answer with judge `score`: config
   oracle_revises "wrong" (score < correct_threshold) or "zero" (score == 0, the paper's
   Self-Refine+)."""
-  which = cfg.get("oracle_revises", "wrong")
+  which = cfg.oracle_revises
   return score == 0.0 if which == "zero" else score < float(cfg.correct_threshold)
 
 
@@ -93,13 +93,13 @@ class Runner:
                make_judge: Callable[[], Any]):
     self.cfg = cfg
     self.mode = P.check_mode(cfg.mode)
-    if cfg.get("oracle_revises", "wrong") not in ORACLE_REVISES:
+    if cfg.oracle_revises not in ORACLE_REVISES:
       raise EvalError(f"config.oracle_revises={cfg.oracle_revises!r} is not one of "
                       f"{ORACLE_REVISES}")
     self.encoder = encoder
     self._make_sampler, self._make_judge = make_sampler, make_judge
     self.sampler = self.judge = None
-    cache_dir = cfg.get("cache_dir", "") or os.path.join(cfg.out_dir, "cache")
+    cache_dir = cfg.cache_dir or os.path.join(cfg.out_dir, "cache")
     self.gen_cache = JsonlCache(os.path.join(cache_dir, "generations.jsonl"))
     self.score_cache = JsonlCache(os.path.join(cache_dir, "judgments.jsonl"))
     self.model_id = model_fingerprint(cfg.model)
@@ -184,7 +184,7 @@ class Runner:
       oracle = self.mode == "self_refine_oracle"
       idx = [i for i, s in enumerate(first_scores) if not oracle or needs_revision(s, cfg)]
       second = self.generate([enc.encode(P.second_turn(chats[i], first[i].text, oracle))
-                              for i in idx], float(cfg.get("second_turn_temperature", 0.0)))
+                              for i in idx], float(cfg.second_turn_temperature))
       second_scores = self.score([items[i] for i in idx], [g.text for g in second])
       for i, g, s in zip(idx, second, second_scores):
         final[i], final_scores[i], second_asked[i] = g, s, True
