@@ -59,7 +59,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from pasr_jax import devices, sharding, xla_gpu  # noqa: E402
+from pasr_jax import devices, dtypes, sharding, xla_gpu  # noqa: E402
 from pasr_jax.models.qwen import (Decoder, ModelConfig, ModelConfigError,  # noqa: E402
                                   resolve_attention)
 from pasr_jax.trainer import (BATCH_KEYS, INT_KEYS, batch_shardings, jit_update,  # noqa: E402
@@ -100,7 +100,7 @@ def plan(cfg: ml_collections.ConfigDict, mesh_shape, seq_len: int, layers: int =
   With `gpu` (a name in xla_gpu.GPUS) it compiles with XLA:GPU for that many GPUs of one host
   (deviceless) and also returns the cuDNN attention custom calls in the compiled program."""
   mcfg = model_config(cfg, layers)
-  dtype = jnp.dtype(cfg.model.dtype)
+  dtype = dtypes.to_dtype(cfg.model.dtype, "model.dtype")
   target = xla_gpu.GpuTarget(gpu) if gpu else None
   if target:
     mesh = sharding.make_mesh(mesh_shape, xla_gpu.topology_devices(
@@ -119,7 +119,7 @@ def plan(cfg: ml_collections.ConfigDict, mesh_shape, seq_len: int, layers: int =
     raise PlanError(f"batch={batch}, optim.micro_batch={mb}, batch shards="
                     f"{sharding.batch_shards(mesh)}: need shards | micro_batch | batch")
   abs_model = nnx.eval_shape(lambda: Decoder(
-      mcfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=jnp.dtype(cfg.model.param_dtype),
+      mcfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtypes.to_dtype(cfg.model.param_dtype, "model.param_dtype"),
       scan_layers=cfg.model.scan_layers, remat=cfg.model.remat, attention=attention))
   graphdef, params, rest = nnx.split(abs_model, nnx.Param, ...)
   p_sh = sharding.state_shardings(params, mesh, cfg.mesh.rules)

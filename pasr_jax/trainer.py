@@ -27,7 +27,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from pasr_jax import grpo, sharding
+from pasr_jax import dtypes, grpo, sharding
 from pasr_jax.models.qwen import Decoder, ModelConfig
 
 BATCH_KEYS = ("input_ids", "attention_mask", "positions", "loss_mask", "old_logps",
@@ -165,7 +165,8 @@ def make_step_fns(graphdef, rest, tx: optax.GradientTransformation,
   temperature = loss_temperature(cfg)
   beta = float(g.beta)
   lp_fn = functools.partial(_logprobs_fn, graphdef, rest, temperature=temperature, chunk=chunk,
-                            mesh=mesh, compute_dtype=jnp.dtype(cfg.model.dtype))
+                            mesh=mesh,
+                            compute_dtype=dtypes.to_dtype(cfg.model.dtype, "model.dtype"))
   # The loss only reads scored (completion) positions: at most rollout.max_tokens per row.
   loss_lp_fn = functools.partial(lp_fn, keep=int(cfg.rollout.max_tokens))
 
@@ -329,15 +330,17 @@ class Trainer:
           f"{cfg.rollout.temperature}, whose logprobs the sampler returns: set "
           "grpo.recompute_old_logps=True (or grpo.tis_cap > 0) so the old logprobs are the "
           "trainer's at the loss temperature")
+    compute_dtype = dtypes.to_dtype(cfg.model.dtype, "model.dtype")
+    param_dtype = dtypes.to_dtype(cfg.model.param_dtype, "model.param_dtype")
     self.graphdef, params, self._rest = nnx.split(model, nnx.Param, ...)
     for leaf in jax.tree.leaves(params):
-      if leaf.dtype != jnp.dtype(cfg.model.param_dtype):
+      if leaf.dtype != param_dtype:
         raise TrainerError(f"model param dtype {leaf.dtype} != model.param_dtype="
                            f"{cfg.model.param_dtype!r}")
     rules = cfg.mesh.rules
     self.param_shardings = sharding.state_shardings(params, mesh, rules)
     self.params = sharding.put_tree(params, self.param_shardings)
-    self.ref_params = (jax.jit(functools.partial(ref_copy, dtype=cfg.model.dtype),
+    self.ref_params = (jax.jit(functools.partial(ref_copy, dtype=compute_dtype),
                                out_shardings=self.param_shardings)(self.params)
                        if cfg.grpo.beta > 0 else None)
     self.tx = make_optimizer(cfg.optim, cfg.train.steps * updates_per_step(cfg))
