@@ -100,12 +100,27 @@ def logical_to_sharding(names: Iterable[str | None], mesh: Mesh, rules: Rules,
   return NamedSharding(mesh, logical_to_spec(names, rules, mesh, shape))
 
 
-def _var_names(var: nnx.Variable) -> tuple | None:
+def logical_axes(var: nnx.Variable) -> tuple | None:
+  """The logical axis names a param carries in its metadata (None: it has none)."""
   meta = var.get_metadata()
   for key in ("out_sharding", "sharding_names", "sharding"):
     if meta.get(key):
       return tuple(meta[key])
   return None
+
+
+def param_sharding(var: nnx.Variable, mesh: Mesh, rules: Rules,
+                   shape: Sequence[int] | None = None) -> NamedSharding:
+  """The NamedSharding of param `var` (of `shape`, default its value's) from its logical axis
+  names under `rules`; replicated when it has none. The one reader of the params' sharding
+  metadata (`state_shardings`, `models.hf.load_hf`)."""
+  shape = tuple(var.get_value().shape if shape is None else shape)
+  names = logical_axes(var)
+  if names is None:
+    return NamedSharding(mesh, PartitionSpec())
+  if len(names) != len(shape):
+    raise MeshError(f"param of shape {shape} has {len(names)} logical names {names}")
+  return logical_to_sharding(names, mesh, rules, shape)
 
 
 def state_shardings(state: Any, mesh: Mesh, rules: Rules) -> Any:
@@ -118,13 +133,7 @@ def state_shardings(state: Any, mesh: Mesh, rules: Rules) -> Any:
 
   def one(v):
     if isinstance(v, nnx.Variable):
-      value = v.get_value()
-      names = _var_names(v)
-      if names is None:
-        return v.replace(NamedSharding(mesh, PartitionSpec()))
-      if len(names) != len(value.shape):
-        raise MeshError(f"param of shape {value.shape} has {len(names)} logical names {names}")
-      return v.replace(logical_to_sharding(names, mesh, rules, value.shape))
+      return v.replace(param_sharding(v, mesh, rules))
     return NamedSharding(mesh, PartitionSpec())
 
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
