@@ -166,7 +166,7 @@ class Run:
     self.model_dir = cold_start.ensure(cfg, str(wd.model_dir(cfg.model)))
     self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
     mesh = make_mesh(tuple(cfg.mesh.shape))
-    multihost.check_mesh(mesh)
+    multihost.check_mesh(mesh, tuple(cfg.mesh.rules))
     dtype = dtypes.to_dtype(cfg.model.dtype, "model.dtype")
     param_dtype = dtypes.to_dtype(cfg.model.param_dtype, "model.param_dtype")
     model, self.model_cfg = load_hf(self.model_dir, dtype=dtype, param_dtype=param_dtype,
@@ -341,7 +341,7 @@ class Run:
       return None
     rows = multihost.rows_per_process(rows, int(self.cfg.optim.micro_batch))
     return multihost.global_batch(pad_batch(local, rows, length, self.stepper.pad_id),
-                                  self.trainer.mesh)
+                                  self.trainer.mesh, self.trainer.rules)
 
   def save(self) -> float:
     """Starts the checkpoint of the steps done; returns the seconds it blocked."""
