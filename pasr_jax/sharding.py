@@ -4,6 +4,8 @@ Params carry logical axis names (`vocab, embed, heads, kv_heads, head_dim, mlp, 
 in their `out_sharding` metadata; a rule table (cfg.mesh.rules) maps each name to a mesh axis
 (`data`, `fsdp`, `tensor`) or None. A dimension that the chosen mesh axis does not divide is
 replicated instead (e.g. SmolLM2's 9 heads on a tensor axis of 2), so any model runs on any mesh.
+The same table's `batch` rule splits batch arrays and activations (`batch_sharding`;
+`use_mesh` + `constrain_batch` in the model) and its `vocab` rule the logits' vocab dimension.
 Works in one process or many (`jax.distributed.initialize()` first): params are built with
 `jax.make_array_from_callback` from host values that every process holds identically (a
 multi-host batch is built from each process's own rows, see `pasr_jax.multihost`).
