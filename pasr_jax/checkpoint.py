@@ -32,6 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from pasr_jax.data import Cursor
+from pasr_jax.layout import path_key, shape_mismatches
 
 log = logging.getLogger(__name__)
 
@@ -49,25 +50,13 @@ class ChecksumComputeError(CheckpointError):
   """Computing checksums failed (a bug or a device problem): the step itself is not blamed."""
 
 
-def path_key(path: tuple) -> str:
-  """A pytree (or Orbax metadata) key path as 'layers.0.mlp.down_proj', without the trailing
-  'value' level an nnx.Variable adds."""
-  names = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
-  if names and names[-1] == "value":
-    names = names[:-1]
-  return ".".join(names)
-
-
 def _shape_mismatches(stored: Any, abstract: Any) -> list[str]:
   """'path: stored (a, b) != expected (c, d)' for each array whose stored shape differs."""
-  want = {path_key(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract)
-          if hasattr(x, "shape")}
-  out = []
-  for p, m in jax.tree_util.tree_leaves_with_path(stored):
-    key, shape = path_key(p), getattr(m, "shape", None)
-    if shape is not None and key in want and tuple(shape) != want[key]:
-      out.append(f"{key}: stored {tuple(shape)} != expected {want[key]}")
-  return out
+  def shapes(tree):
+    return {path_key(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(tree)
+            if getattr(x, "shape", None) is not None}
+  return [f"{k}: stored {got} != expected {want}"
+          for k, got, want in shape_mismatches(shapes(stored), shapes(abstract))]
 
 
 def _bit_words(x: jax.Array) -> jax.Array:
@@ -196,11 +185,15 @@ class RunState:
 class Checkpointer:
   """A `CheckpointManager` over `directory` keeping the `keep` newest steps, optionally async."""
 
-  def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: str, keep: int = 3, async_save: bool = True,
+               read_only: bool = False):
     self.directory = os.path.abspath(directory)
+    # read_only (export): never create the directory, and leave alone the temporary dirs of
+    # a step that a running training is writing right now.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True)  # remove what a killed run left half-written
+        max_to_keep=keep, create=not read_only, enable_async_checkpointing=async_save,
+        read_only=read_only,
+        cleanup_tmp_directories=not read_only)  # remove what a killed run left half-written
     # Explicit handlers so item_metadata can read stored shapes before a restore.
     self._mgr = ocp.CheckpointManager(
         self.directory, options=options, item_names=("state", "meta"),
@@ -272,6 +265,43 @@ class Checkpointer:
                     "%s, using the previous one", step, self.directory, type(e).__name__, e,
                     aside)
     raise CheckpointError(f"{self.directory}: steps {steps} exist but none could be restored")
+
+  def read_params(self, step: int | None = None) -> tuple[int, dict[str, np.ndarray],
+                                                         dict[str, Any]]:
+    """(step, {param path: host array}, meta) of `step` (default: the latest), for export.
+
+    Only the policy params are read: the `params` subtree of the saved state (the trainer's
+    `state_for_checkpoint()`), or the whole state when it holds params only; the optimizer
+    state stays on disk. No template or mesh is needed. Checksums are not verified (they are
+    of device arrays). CheckpointError when the step or the params are not there.
+    """
+    self.wait()
+    steps = self.all_steps()
+    if step is None and steps:
+      step = steps[-1]
+    if step not in steps:
+      raise CheckpointError(f"{self.directory}: no step {step} (complete steps: {steps})")
+    meta = dict(self._mgr.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))["meta"])
+    meta.pop("checksums", None)
+    tree = self._mgr.item_metadata(step)["state"]
+    whole = not (hasattr(tree, "keys") and "params" in tree.keys())
+    sub = tree if whole else tree["params"]
+    if not hasattr(sub, "keys") or "embed_tokens" not in sub.keys():
+      raise CheckpointError(f"{self.directory}/{step}: no policy params (expected a 'params' "
+                            f"subtree with 'embed_tokens'; top-level keys {list(tree)[:10]})")
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(sub))
+    target = target if whole else {"params": target}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    # The manager's state handler restores whole trees only; a partial restore reads the
+    # same files through the PyTree handler.
+    with ocp.PyTreeCheckpointer() as ck:
+      out = ck.restore(os.path.join(self.directory, str(step), "state"),
+                       args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                                   partial_restore=not whole))
+    out = out if whole else out["params"]
+    params = {path_key(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(out)}
+    return step, params, meta
 
   def _with_legacy_ref(self, step: int, abstract: Any) -> Any:
     """Checkpoints before 2026-12-01 also stored the reference params (now rebuilt from

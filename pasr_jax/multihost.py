@@ -93,20 +93,21 @@ def allgather_json(obj: Any) -> list[Any]:
   return [json.loads(every[i, :sizes[i]].tobytes()) for i in range(len(sizes))]
 
 
-def check_mesh(mesh: Mesh) -> None:
+def check_mesh(mesh: Mesh, rules: sharding.Rules) -> None:
   """Raises MultihostError unless each process holds its own equal share of the batch
-  dimension (data x fsdp shards spread over the processes, none held by two)."""
+  dimension (the 'batch' rule's shards spread over the processes, none held by two)."""
   count = jax.process_count()
   if count == 1:
     return
-  shards = sharding.batch_shards(mesh)
-  spec = sharding.batch_sharding(mesh, 1)
+  shards = sharding.batch_shards(mesh, rules)
+  spec = sharding.batch_sharding(mesh, rules, 1)
   local = {idx[0].start for idx in spec.addressable_devices_indices_map((shards,)).values()}
   if shards % count or len(local) * count != shards:
+    axes = " x ".join(sharding.batch_axes(mesh, rules)) or "(no axis)"
     raise MultihostError(
         f"config mesh.shape={tuple(mesh.shape.values())}: the batch is split {shards} ways "
-        f"(data x fsdp) and this process holds {len(local)} of them; with {count} processes "
-        f"each must hold {shards}/{count}, so data x fsdp must span the hosts")
+        f"({axes}) and this process holds {len(local)} of them; with {count} processes "
+        f"each must hold {shards}/{count}, so {axes} must span the hosts")
 
 
 def rows_per_process(rows: int, micro_batch: int) -> int:
@@ -116,7 +117,8 @@ def rows_per_process(rows: int, micro_batch: int) -> int:
   return max(step, -(-rows // step) * step)
 
 
-def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh, rules: sharding.Rules
+                 ) -> dict[str, jax.Array]:
   """Global batch arrays `[count * r, ...]` sharded over the batch axes, from this process's
   `r` rows (every process passes the same r and length)."""
   out = {}
@@ -124,5 +126,5 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
     x = np.asarray(x)
     shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
     out[k] = jax.make_array_from_process_local_data(
-        sharding.batch_sharding(mesh, x.ndim), x, shape)
+        sharding.batch_sharding(mesh, rules, x.ndim), x, shape)
   return out

@@ -59,7 +59,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from pasr_jax import devices, sharding, xla_gpu  # noqa: E402
+from pasr_jax import devices, dtypes, sharding, xla_gpu  # noqa: E402
 from pasr_jax.config import RunConfig  # noqa: E402
 from pasr_jax.models.qwen import (Decoder, ModelConfig, ModelConfigError,  # noqa: E402
                                   resolve_attention)
@@ -103,7 +103,7 @@ def plan(cfg: RunConfig | ml_collections.ConfigDict, mesh_shape, seq_len: int, l
   (deviceless) and also returns the cuDNN attention custom calls in the compiled program."""
   cfg = RunConfig.from_tree(cfg)
   mcfg = model_config(cfg, layers)
-  dtype = jnp.dtype(cfg.model.dtype)
+  dtype = dtypes.to_dtype(cfg.model.dtype, "model.dtype")
   target = xla_gpu.GpuTarget(gpu) if gpu else None
   if target:
     mesh = sharding.make_mesh(mesh_shape, xla_gpu.topology_devices(
@@ -118,19 +118,22 @@ def plan(cfg: RunConfig | ml_collections.ConfigDict, mesh_shape, seq_len: int, l
   # One update's batch: optim.sequences_per_update rows, or the whole rollout batch (0).
   batch = batch or int(cfg.optim.sequences_per_update) or (
       int(cfg.rollout.prompts_per_step) * int(cfg.rollout.n))
-  if batch % mb or mb % sharding.batch_shards(mesh):
-    raise PlanError(f"batch={batch}, optim.micro_batch={mb}, batch shards="
-                    f"{sharding.batch_shards(mesh)}: need shards | micro_batch | batch")
+  rules = tuple(cfg.mesh.rules)
+  shards = sharding.batch_shards(mesh, rules)
+  if batch % mb or mb % shards:
+    raise PlanError(f"batch={batch}, optim.micro_batch={mb}, batch shards={shards}: need "
+                    f"shards | micro_batch | batch")
+  param_dtype = dtypes.to_dtype(cfg.model.param_dtype, "model.param_dtype")
   abs_model = nnx.eval_shape(lambda: Decoder(
-      mcfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=jnp.dtype(cfg.model.param_dtype),
+      mcfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
       scan_layers=cfg.model.scan_layers, remat=cfg.model.remat, attention=attention))
   graphdef, params, rest = nnx.split(abs_model, nnx.Param, ...)
-  p_sh = sharding.state_shardings(params, mesh, cfg.mesh.rules)
+  p_sh = sharding.state_shardings(params, mesh, rules)
   tx = make_optimizer(cfg.optim, cfg.train.steps)
   o_sh = opt_state_shardings(tx, params, p_sh, mesh)
   abs_params = _abstract(params, p_sh)
   abs_opt = _abstract(jax.eval_shape(tx.init, params), o_sh)
-  b_sh = batch_shardings(mesh, BATCH_KEYS)
+  b_sh = batch_shardings(mesh, rules, BATCH_KEYS)
   abs_batch = {k: jax.ShapeDtypeStruct(
       (batch,) if k == "advantages" else (batch, seq_len),
       jnp.int32 if k in INT_KEYS else jnp.float32,
@@ -138,10 +141,10 @@ def plan(cfg: RunConfig | ml_collections.ConfigDict, mesh_shape, seq_len: int, l
   beta = cfg.grpo.beta > 0
   abs_ref = _abstract(jax.eval_shape(lambda p: ref_copy(p, dtype), params), p_sh) if beta else None
   update, _, _ = make_step_fns(graphdef, rest, tx, cfg, batch // mb, mesh)
-  fn = jit_update(update, mesh, p_sh, o_sh, BATCH_KEYS, beta)
+  fn = jit_update(update, mesh, rules, p_sh, o_sh, BATCH_KEYS, beta)
   t0 = time.perf_counter()
-  # Under a set mesh the model pins activations batch-sharded.
-  with jax.set_mesh(mesh), tracing:
+  # Under use_mesh the model pins activations by the 'batch' rule.
+  with sharding.use_mesh(mesh, rules), tracing:
     lowered = fn.lower(abs_params, abs_ref, abs_opt, abs_batch)
   t1 = time.perf_counter()
   compiled = lowered.compile()
@@ -156,7 +159,7 @@ def plan(cfg: RunConfig | ml_collections.ConfigDict, mesh_shape, seq_len: int, l
       "argument_gib": arg / GIB, "output_gib": out / GIB, "temp_gib": temp / GIB,
       "alias_gib": alias / GIB, "peak_gib": (arg + out - alias + temp) / GIB,
       "lower_s": t1 - t0, "compile_s": t2 - t1, "attention": attention,
-      "batch_shards": sharding.batch_shards(mesh),
+      "batch_shards": shards,
   }
   if target:
     calls = xla_gpu.cudnn_attention_calls(compiled.as_text())

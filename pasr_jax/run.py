@@ -37,6 +37,7 @@ import sys
 import time
 from typing import Any
 
+from pasr_jax import dtypes
 from pasr_jax.config import ConfigError, RunConfig
 from pasr_jax.workdir import Workdir
 
@@ -96,15 +97,6 @@ def model_dir(cfg, wd: Workdir) -> str:
     # vLLM-side refresh after a sync is in rollout/vllm_worker.py.
     make_tiny_model_dir(str(d), seed=cfg.seed, tie_word_embeddings=False)
   return str(d)
-
-
-def dtype(name: str):
-  """The jnp dtype of a model.dtype / model.param_dtype name."""
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  try:
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
-  except KeyError:
-    raise ConfigError(f"config model.dtype/param_dtype={name!r}: float32 | bfloat16 | float16") from None
 
 
 class Run:
@@ -175,10 +167,11 @@ class Run:
     self.model_dir = cold_start.ensure(cfg, str(wd.model_dir(cfg.model)))
     self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
     mesh = make_mesh(tuple(cfg.mesh.shape))
-    multihost.check_mesh(mesh)
-    model, self.model_cfg = load_hf(self.model_dir, dtype=dtype(cfg.model.dtype),
-                                    param_dtype=dtype(cfg.model.param_dtype), mesh=mesh,
-                                    rules=tuple(cfg.mesh.rules),
+    multihost.check_mesh(mesh, tuple(cfg.mesh.rules))
+    dtype = dtypes.to_dtype(cfg.model.dtype, "model.dtype")
+    param_dtype = dtypes.to_dtype(cfg.model.param_dtype, "model.param_dtype")
+    model, self.model_cfg = load_hf(self.model_dir, dtype=dtype, param_dtype=param_dtype,
+                                    mesh=mesh, rules=tuple(cfg.mesh.rules),
                                     scan_layers=cfg.model.scan_layers, remat=cfg.model.remat,
                                     attention=cfg.model.attention)
     self.trainer = Trainer(cfg, model, self.model_cfg, mesh)  # its reference: model_dir's
@@ -349,7 +342,7 @@ class Run:
       return None
     rows = multihost.rows_per_process(rows, int(self.cfg.optim.micro_batch))
     return multihost.global_batch(pad_batch(local, rows, length, self.stepper.pad_id),
-                                  self.trainer.mesh)
+                                  self.trainer.mesh, self.trainer.rules)
 
   def save(self) -> float:
     """Starts the checkpoint of the steps done; returns the seconds it blocked."""

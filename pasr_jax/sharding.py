@@ -4,6 +4,8 @@ Params carry logical axis names (`vocab, embed, heads, kv_heads, head_dim, mlp, 
 in their `out_sharding` metadata; a rule table (cfg.mesh.rules) maps each name to a mesh axis
 (`data`, `fsdp`, `tensor`) or None. A dimension that the chosen mesh axis does not divide is
 replicated instead (e.g. SmolLM2's 9 heads on a tensor axis of 2), so any model runs on any mesh.
+The same table's `batch` rule splits batch arrays and activations (`batch_sharding`;
+`use_mesh` + `constrain_batch` in the model) and its `vocab` rule the logits' vocab dimension.
 Works in one process or many (`jax.distributed.initialize()` first): params are built with
 `jax.make_array_from_callback` from host values that every process holds identically (a
 multi-host batch is built from each process's own rows, see `pasr_jax.multihost`).
@@ -11,8 +13,10 @@ multi-host batch is built from each process's own rows, see `pasr_jax.multihost`
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -20,7 +24,6 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
 
 Rules = Sequence[tuple[str, Any]]
 
@@ -100,12 +103,27 @@ def logical_to_sharding(names: Iterable[str | None], mesh: Mesh, rules: Rules,
   return NamedSharding(mesh, logical_to_spec(names, rules, mesh, shape))
 
 
-def _var_names(var: nnx.Variable) -> tuple | None:
+def logical_axes(var: nnx.Variable) -> tuple | None:
+  """The logical axis names a param carries in its metadata (None: it has none)."""
   meta = var.get_metadata()
   for key in ("out_sharding", "sharding_names", "sharding"):
     if meta.get(key):
       return tuple(meta[key])
   return None
+
+
+def param_sharding(var: nnx.Variable, mesh: Mesh, rules: Rules,
+                   shape: Sequence[int] | None = None) -> NamedSharding:
+  """The NamedSharding of param `var` (of `shape`, default its value's) from its logical axis
+  names under `rules`; replicated when it has none. The one reader of the params' sharding
+  metadata (`state_shardings`, `models.hf.load_hf`)."""
+  shape = tuple(var.get_value().shape if shape is None else shape)
+  names = logical_axes(var)
+  if names is None:
+    return NamedSharding(mesh, PartitionSpec())
+  if len(names) != len(shape):
+    raise MeshError(f"param of shape {shape} has {len(names)} logical names {names}")
+  return logical_to_sharding(names, mesh, rules, shape)
 
 
 def state_shardings(state: Any, mesh: Mesh, rules: Rules) -> Any:
@@ -118,13 +136,7 @@ def state_shardings(state: Any, mesh: Mesh, rules: Rules) -> Any:
 
   def one(v):
     if isinstance(v, nnx.Variable):
-      value = v.get_value()
-      names = _var_names(v)
-      if names is None:
-        return v.replace(NamedSharding(mesh, PartitionSpec()))
-      if len(names) != len(value.shape):
-        raise MeshError(f"param of shape {value.shape} has {len(names)} logical names {names}")
-      return v.replace(logical_to_sharding(names, mesh, rules, value.shape))
+      return v.replace(param_sharding(v, mesh, rules))
     return NamedSharding(mesh, PartitionSpec())
 
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -152,14 +164,77 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules) -> nnx.Module:
   return model
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-  """Sharding of a `[B, ...]` batch array: B over ('data', 'fsdp'), the rest replicated."""
-  return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+def batch_axes(mesh: Any, rules: Rules) -> tuple[str, ...]:
+  """The mesh axes the batch dimension is split over, of batch arrays and activations alike:
+  the 'batch' logical rule of `rules` (cfg.mesh.rules; default ('data', 'fsdp')); no rule:
+  not split. MeshError, naming mesh.rules, for an axis `mesh` does not have."""
+  axes = _rule_table(rules).get("batch", ())
+  for a in axes:
+    if a not in mesh.axis_names:
+      raise MeshError(f"mesh.rules: 'batch' -> {a!r} is not an axis of the mesh "
+                      f"{tuple(mesh.axis_names)}")
+  return axes
 
 
-def batch_shards(mesh: Mesh) -> int:
-  """How many ways the batch dimension is split (data × fsdp)."""
-  return mesh.shape["data"] * mesh.shape["fsdp"]
+def batch_spec(mesh: Any, rules: Rules, ndim: int = 2, lead: int = 0) -> PartitionSpec:
+  """PartitionSpec of an array whose dimension `lead` is the batch (`batch_axes`); the other
+  dimensions are replicated."""
+  axes = batch_axes(mesh, rules) or None
+  return PartitionSpec(*([None] * lead), axes, *([None] * (ndim - lead - 1)))
+
+
+def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
+  """Sharding of a `[B, ...]` batch array: B by the 'batch' rule, the rest replicated."""
+  return NamedSharding(mesh, batch_spec(mesh, rules, ndim))
+
+
+def batch_shards(mesh: Any, rules: Rules) -> int:
+  """How many ways the batch dimension is split (the product of `batch_axes`)."""
+  return math.prod(mesh.shape[a] for a in batch_axes(mesh, rules))
+
+
+def logits_spec(mesh: Mesh, rules: Rules, vocab_size: int) -> PartitionSpec:
+  """PartitionSpec of `[B, T, V]` logits: B by the 'batch' rule, V by the 'vocab' rule's axes
+  not used by the batch when they divide V (else replicated)."""
+  batch = batch_axes(mesh, rules)
+  vocab = tuple(a for a in _rule_table(rules).get("vocab", ()) if a not in batch)
+  if not vocab or vocab_size % math.prod(mesh.shape[a] for a in vocab):
+    vocab = ()
+  return PartitionSpec(batch or None, None,
+                       None if not vocab else vocab[0] if len(vocab) == 1 else vocab)
+
+
+# The rules activations are sharded by, while `use_mesh` is active (read at trace time).
+_ACTIVATION_RULES: contextvars.ContextVar[tuple | None] = contextvars.ContextVar(
+    "pasr_jax_activation_rules", default=None)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: Rules) -> Iterator[None]:
+  """`jax.set_mesh(mesh)` with `rules` (cfg.mesh.rules, the table the weights are placed by)
+  for activations: functions traced inside pin them with `constrain_batch`. A jitted function
+  keeps what it was traced with, so trace it under one rule table only."""
+  batch_axes(mesh, rules)  # a bad rule fails here, not inside a trace
+  token = _ACTIVATION_RULES.set(tuple(rules))
+  try:
+    with jax.set_mesh(mesh):
+      yield
+  finally:
+    _ACTIVATION_RULES.reset(token)
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """Pins activations `[B, ...]` batch-sharded by the 'batch' rule inside `use_mesh`. Without
+  it SPMD propagation follows the fsdp-sharded `embed` dim of the weights and replicates the
+  batch on every device. No-op outside `use_mesh`, or when the batch axes do not divide B."""
+  rules = _ACTIVATION_RULES.get()
+  mesh = jax.sharding.get_abstract_mesh()
+  if rules is None or mesh.empty:
+    return x
+  axes = batch_axes(mesh, rules)
+  if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+    return x
+  return jax.lax.with_sharding_constraint(x, batch_spec(mesh, rules, x.ndim))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

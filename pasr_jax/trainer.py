@@ -25,9 +25,9 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
-from pasr_jax import grpo, sharding
+from pasr_jax import dtypes, grpo, sharding
 from pasr_jax.models.qwen import Decoder, ModelConfig
 
 BATCH_KEYS = ("input_ids", "attention_mask", "positions", "loss_mask", "old_logps",
@@ -83,7 +83,8 @@ def _uses_window(keep: int | None, length: int) -> bool:
 
 
 def _logprobs_fn(graphdef, rest, params, mb, temperature: float, chunk: int,
-                 mesh: Mesh, compute_dtype: Any, keep: int | None = None) -> jax.Array:
+                 mesh: Mesh, rules: sharding.Rules, compute_dtype: Any,
+                 keep: int | None = None) -> jax.Array:
   """Logprobs `[B,L]` of mb's tokens (aligned like loss_mask; see grpo.sequence_logprobs).
 
   With `keep` (< L-1), only a window of `keep` logit positions per row goes through the LM
@@ -107,9 +108,8 @@ def _logprobs_fn(graphdef, rest, params, mb, temperature: float, chunk: int,
   logits = model.logits(hidden)
   # Pin the logits to batch-sharded: left to itself, propagation may contract the
   # fsdp-sharded lm_head by replicating the batch instead ([mb, T, V] on every device).
-  vocab_axis = "tensor" if logits.shape[-1] % mesh.shape["tensor"] == 0 else None
   logits = jax.lax.with_sharding_constraint(
-      logits, NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES, None, vocab_axis)))
+      logits, NamedSharding(mesh, sharding.logits_spec(mesh, rules, logits.shape[-1])))
   if not windowed:
     return grpo.sequence_logprobs(logits, ids, temperature, chunk)
   # The logits at position t score token t+1.
@@ -137,11 +137,11 @@ def scored_window_check(loss_mask: np.ndarray, keep: int) -> None:
         f"only for a window of rollout.max_tokens completion positions per row")
 
 
-def _split_micro(batch: dict, num_micro: int, mesh: Mesh) -> dict:
+def _split_micro(batch: dict, num_micro: int, mesh: Mesh, rules: sharding.Rules) -> dict:
   """[B, ...] -> [K, B/K, ...]; row b goes to micro-batch b % K so each device keeps its rows."""
   def one(x):
     y = x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:]).swapaxes(0, 1)
-    spec = PartitionSpec(None, sharding.BATCH_AXES, *([None] * (x.ndim - 1)))
+    spec = sharding.batch_spec(mesh, rules, y.ndim, lead=1)
     return jax.lax.with_sharding_constraint(y, NamedSharding(mesh, spec))
   return jax.tree.map(one, batch)
 
@@ -165,7 +165,8 @@ def make_step_fns(graphdef, rest, tx: optax.GradientTransformation,
   temperature = loss_temperature(cfg)
   beta = float(g.beta)
   lp_fn = functools.partial(_logprobs_fn, graphdef, rest, temperature=temperature, chunk=chunk,
-                            mesh=mesh, compute_dtype=jnp.dtype(cfg.model.dtype))
+                            mesh=mesh, rules=cfg.mesh.rules,
+                            compute_dtype=dtypes.to_dtype(cfg.model.dtype, "model.dtype"))
   # The loss only reads scored (completion) positions: at most rollout.max_tokens per row.
   loss_lp_fn = functools.partial(lp_fn, keep=int(cfg.rollout.max_tokens))
 
@@ -173,7 +174,7 @@ def make_step_fns(graphdef, rest, tx: optax.GradientTransformation,
     # With a loss_mask in the batch, only its rollout.max_tokens window goes through the LM
     # head, as in the loss (positions outside it are 0).
     fn = loss_lp_fn if "loss_mask" in batch else lp_fn
-    micro = _split_micro(batch, num_micro, mesh)
+    micro = _split_micro(batch, num_micro, mesh, cfg.mesh.rules)
     # Params ride in the carry, not the closure: nnx.scan (scan_layers) refuses Variables whose
     # values are tracers of an outer trace level.
     _, out = jax.lax.scan(lambda p, mb: (p, fn(p, mb)), params, micro)
@@ -181,7 +182,7 @@ def make_step_fns(graphdef, rest, tx: optax.GradientTransformation,
 
   def gradients(params, ref_params, batch):
     denom = jnp.maximum(grpo.loss_denominator(batch["loss_mask"], g.agg), 1.0)
-    micro = _split_micro(batch, num_micro, mesh)
+    micro = _split_micro(batch, num_micro, mesh, cfg.mesh.rules)
 
     def loss_fn(p, mb, ref_lp):
       lp = loss_lp_fn(p, mb)
@@ -229,20 +230,21 @@ def make_step_fns(graphdef, rest, tx: optax.GradientTransformation,
   return update, logprobs, gradients
 
 
-def batch_shardings(mesh: Mesh, keys: tuple[str, ...]) -> dict[str, NamedSharding]:
-  """Batch-dim shardings of the trainer batch arrays named by `keys`."""
-  return {k: sharding.batch_sharding(mesh, 1 if k == "advantages" else 2) for k in keys}
+def batch_shardings(mesh: Mesh, rules: sharding.Rules, keys: tuple[str, ...]
+                    ) -> dict[str, NamedSharding]:
+  """Batch-dim shardings (the 'batch' rule) of the trainer batch arrays named by `keys`."""
+  return {k: sharding.batch_sharding(mesh, rules, 1 if k == "advantages" else 2) for k in keys}
 
 
-def jit_update(update: Callable, mesh: Mesh, param_shardings: Any, opt_shardings: Any,
-               keys: tuple[str, ...], with_ref: bool) -> Callable:
+def jit_update(update: Callable, mesh: Mesh, rules: sharding.Rules, param_shardings: Any,
+               opt_shardings: Any, keys: tuple[str, ...], with_ref: bool) -> Callable:
   """`update` from make_step_fns under jax.jit with the trainer's shardings; params and
   optimizer state are donated. Shared by Trainer and the memory plan, so the plan compiles
   exactly the step that runs."""
   return jax.jit(
       update,
       in_shardings=(param_shardings, param_shardings if with_ref else None, opt_shardings,
-                    batch_shardings(mesh, keys)),
+                    batch_shardings(mesh, rules, keys)),
       out_shardings=(param_shardings, opt_shardings, sharding.replicated(mesh)),
       donate_argnums=(0, 2))
 
@@ -314,9 +316,12 @@ class Trainer:
     if cfg.grpo.agg not in grpo.AGGS:
       raise TrainerError(f"grpo.agg={cfg.grpo.agg!r} must be one of {grpo.AGGS}")
     mb = int(cfg.optim.micro_batch)
-    if mb < 1 or mb % sharding.batch_shards(mesh):
+    self.rules = tuple(cfg.mesh.rules)  # params and batch/activations alike
+    shards = sharding.batch_shards(mesh, self.rules)
+    if mb < 1 or mb % shards:
+      axes = "*".join(sharding.batch_axes(mesh, self.rules)) or "(none)"
       raise TrainerError(f"optim.micro_batch={mb} must be a positive multiple of the batch "
-                         f"shards data*fsdp={sharding.batch_shards(mesh)}")
+                         f"shards {axes}={shards}")
     spu = int(cfg.optim.sequences_per_update)
     if spu < 0 or spu % mb:
       raise TrainerError(f"optim.sequences_per_update={spu} must be 0 (the whole rollout "
@@ -329,15 +334,16 @@ class Trainer:
           f"{cfg.rollout.temperature}, whose logprobs the sampler returns: set "
           "grpo.recompute_old_logps=True (or grpo.tis_cap > 0) so the old logprobs are the "
           "trainer's at the loss temperature")
+    compute_dtype = dtypes.to_dtype(cfg.model.dtype, "model.dtype")
+    param_dtype = dtypes.to_dtype(cfg.model.param_dtype, "model.param_dtype")
     self.graphdef, params, self._rest = nnx.split(model, nnx.Param, ...)
     for leaf in jax.tree.leaves(params):
-      if leaf.dtype != jnp.dtype(cfg.model.param_dtype):
+      if leaf.dtype != param_dtype:
         raise TrainerError(f"model param dtype {leaf.dtype} != model.param_dtype="
                            f"{cfg.model.param_dtype!r}")
-    rules = cfg.mesh.rules
-    self.param_shardings = sharding.state_shardings(params, mesh, rules)
+    self.param_shardings = sharding.state_shardings(params, mesh, self.rules)
     self.params = sharding.put_tree(params, self.param_shardings)
-    self.ref_params = (jax.jit(functools.partial(ref_copy, dtype=cfg.model.dtype),
+    self.ref_params = (jax.jit(functools.partial(ref_copy, dtype=compute_dtype),
                                out_shardings=self.param_shardings)(self.params)
                        if cfg.grpo.beta > 0 else None)
     self.tx = make_optimizer(cfg.optim, cfg.train.steps * updates_per_step(cfg))
@@ -363,10 +369,10 @@ class Trainer:
     if key not in self._fns:
       update, logprobs, gradients = make_step_fns(self.graphdef, self._rest, self.tx, self.cfg,
                                                   num_micro, self.mesh)
-      bs = batch_shardings(self.mesh, keys)
+      bs = batch_shardings(self.mesh, self.rules, keys)
       rep = sharding.replicated(self.mesh)
       if kind == "update":
-        self._fns[key] = jit_update(update, self.mesh, self.param_shardings,
+        self._fns[key] = jit_update(update, self.mesh, self.rules, self.param_shardings,
                                     self.opt_shardings, keys, self.ref_params is not None)
       elif kind == "gradients":
         ref_sh = self.param_shardings if self.ref_params is not None else None
@@ -374,11 +380,11 @@ class Trainer:
                                  out_shardings=(self.param_shardings, rep))
       else:
         self._fns[key] = jax.jit(logprobs, in_shardings=(self.param_shardings, bs),
-                                 out_shardings=sharding.batch_sharding(self.mesh))
+                                 out_shardings=sharding.batch_sharding(self.mesh, self.rules))
     fn = self._fns[key]
 
     def call(*args):
-      with jax.set_mesh(self.mesh):  # lets the model pin activations batch-sharded
+      with sharding.use_mesh(self.mesh, self.rules):  # the model pins activations by 'batch'
         return fn(*args)
     return call
 
@@ -405,7 +411,7 @@ class Trainer:
       if k == "loss_mask":
         scored_window_check(_local_rows(x), int(self.cfg.rollout.max_tokens))
       # Host arrays are placed; global ones (or slices of them) moved to the batch sharding.
-      out[k] = sharding.put_global(x, sharding.batch_sharding(self.mesh, x.ndim))
+      out[k] = sharding.put_global(x, sharding.batch_sharding(self.mesh, self.rules, x.ndim))
     return out, b // mb, ids_shape[1]
 
   # -- public API

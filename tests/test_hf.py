@@ -16,7 +16,7 @@ from safetensors.numpy import load_file, save_file
 from configs.base import get_base_config
 from pasr_jax.models.hf import HFFormatError, hf_tensors, load_hf, save_hf
 from pasr_jax.models.qwen import Decoder, tiny_config
-from pasr_jax.sharding import logical_to_sharding, make_mesh
+from pasr_jax.sharding import logical_to_sharding, make_mesh, use_mesh
 
 CASES = [("qwen2", True), ("qwen3", False), ("llama", True)]
 
@@ -166,7 +166,7 @@ def test_load_with_mesh_places_each_param_and_keeps_logits(tmp_path, scan):
   embed = nnx.state(sharded, nnx.Param)["embed_tokens"].get_value()
   assert embed.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
   ids, mask = batch(cfg.vocab_size)
-  with jax.set_mesh(mesh):
+  with use_mesh(mesh, rules):  # the model pins activations by the 'batch' rule
     out = jax.jit(lambda m, i, a: m(i, attention_mask=a))(sharded, ids, mask)
   ref = model(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)

@@ -350,3 +350,35 @@ def test_reference_is_held_in_compute_dtype_and_not_checkpointed():
   batch = with_old(tr, make_batch())
   assert tr.update(batch)["kl"] == 0.0  # same values as the cast policy: no KL at step 0
   assert set(tr.state_for_checkpoint()) == {"params", "opt_state", "skipped_steps", "step"}
+
+
+def test_batch_rule_decides_the_batch_sharding_of_the_train_step():
+  """mesh.rules' ('batch', ...) entry, like the weights' rules, decides over which mesh axes
+  the step's inputs (and the activations pinned to them) are split; the math is the same."""
+  from pasr_jax.trainer import BATCH_KEYS  # pylint: disable=import-outside-toplevel
+  mesh = sharding.make_mesh((2, 2, 1), devices=jax.devices()[:4])
+  batch = make_batch(3)
+  losses = {}
+  for rule, shards in ((("data", "fsdp"), 4), (("data",), 2)):
+    rules = tuple(r for r in get_base_config().mesh.rules if r[0] != "batch") + (
+        ("batch", rule),)
+    tr = make_trainer(make_cfg(**{"optim.micro_batch": 4, "mesh.rules": rules}), mesh)
+    dev, k, length = tr._put_batch(batch, BATCH_KEYS)  # what the jitted update gets
+    for key, x in dev.items():
+      assert x.sharding.spec == jax.P(rule, *([None] * (x.ndim - 1))), key
+      assert len({s.index[0].start for s in x.addressable_shards}) == shards, key
+    b = with_old(tr, batch)
+    losses[rule] = tr.update(b)["loss"]
+    dev, k, length = tr._put_batch(b, BATCH_KEYS)
+    fn = tr._fns[("update", k, BATCH_KEYS)]
+    with sharding.use_mesh(mesh, tr.rules):
+      compiled = fn.lower(tr.params, tr.ref_params, tr.opt_state, dev).compile()
+    in_batch = compiled.input_shardings[0][3]
+    assert all(s.spec[0] == jax.P(rule)[0] for s in in_batch.values()), in_batch
+  assert losses[("data",)] == pytest.approx(losses[("data", "fsdp")], rel=1e-5)
+
+
+def test_batch_rule_naming_a_missing_mesh_axis_names_mesh_rules():
+  rules = tuple(get_base_config().mesh.rules) + (("batch", ("data", "pipe")),)
+  with pytest.raises(sharding.MeshError, match=r"mesh\.rules: 'batch' -> 'pipe'"):
+    make_trainer(make_cfg(**{"mesh.rules": rules}))

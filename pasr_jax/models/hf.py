@@ -31,6 +31,8 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from pasr_jax import dtypes
+from pasr_jax.layout import is_scanned, path_key, shape_mismatches
 from pasr_jax.models.qwen import Decoder, ModelConfig, ModelConfigError
 
 # (flax path, HF name, layout)
@@ -88,13 +90,9 @@ def to_hf(x: np.ndarray, layout: Any) -> np.ndarray:
 # ----------------------------------------------------------------------------- path plumbing
 
 
-def _path_str(path: tuple) -> str:
-  return ".".join(str(p) for p in path)
-
-
 def _params_by_path(state: nnx.State) -> dict[str, nnx.Variable]:
   flat = nnx.to_flat_state(state)
-  return {_path_str(path): var for path, var in flat}
+  return {path_key(path): var for path, var in flat}
 
 
 def _entries(names: Sequence[str], cfg: ModelConfig, scan_layers: bool
@@ -134,13 +132,11 @@ def hf_tensors(model_or_state: Decoder | nnx.State, cfg: ModelConfig,
   """
   from pasr_jax.sharding import to_host
   if isinstance(model_or_state, nnx.Module):
+    params = _params_by_path(nnx.state(model_or_state, nnx.Param))
     scan_layers = bool(getattr(model_or_state, "scan_layers", False))
-    state = nnx.state(model_or_state, nnx.Param)
   else:
-    state = model_or_state
-    scan_layers = any(_path_str(p).startswith("layers.") and not str(p[1]).isdigit()
-                      for p, _ in nnx.to_flat_state(state))
-  params = _params_by_path(state)
+    params = _params_by_path(model_or_state)
+    scan_layers = is_scanned(params)
   _check_all_mapped(list(params), cfg, scan_layers)
   host_cache: tuple[str, np.ndarray] | None = None
   for path, hf_name, layout, layer in _entries(list(params), cfg, scan_layers):
@@ -231,7 +227,7 @@ def save_hf(model: Decoder, cfg: ModelConfig, out_dir: str | os.PathLike,
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
   hf_cfg = cfg.to_hf_dict()
   if out_dtype is not None:
-    hf_cfg["torch_dtype"] = "bfloat16" if out_dtype == jnp.bfloat16 else str(np.dtype(out_dtype))
+    hf_cfg["torch_dtype"] = dtypes.name_of(out_dtype)
   (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
   if tokenizer_from is not None:
     for fname in _TOKENIZER_FILES:
@@ -284,9 +280,6 @@ def _tensor_files(path: Path) -> dict[str, Path]:
   return files
 
 
-_ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-
-
 def tensor_specs(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
   """{HF tensor name: (shape, dtype name)} of an HF dir's safetensors (headers only)."""
   reader = _Reader(_tensor_files(Path(path)))
@@ -323,7 +316,7 @@ class _Reader:
 
   def dtype(self, name: str) -> str:
     """numpy-style dtype name of a stored tensor (float32 for types not listed)."""
-    return _ST_DTYPES.get(self._handle(name).get_slice(name).get_dtype(), "float32")
+    return dtypes.from_safetensors(self._handle(name).get_slice(name).get_dtype())
 
   def get(self, name: str) -> np.ndarray:
     return self._handle(name).get_tensor(name)
@@ -381,11 +374,12 @@ def load_hf(path: str | os.PathLike, dtype: Any = jnp.float32, param_dtype: Any 
     var = params[flax_path]
     full_shape = tuple(var.get_value().shape)
     layer_shape = full_shape[1:] if rows[0][2] is not None else full_shape
-    for hf_name, layout, _ in rows:
-      got, want = reader.shape(hf_name), hf_shape(layer_shape, layout)
-      if got != want:
-        raise HFFormatError(f"{files[hf_name]}: tensor {hf_name} has shape {got}, expected "
-                            f"{want} (from config.json)")
+    bad = shape_mismatches({n: reader.shape(n) for n, _, _ in rows},
+                           {n: hf_shape(layer_shape, layout) for n, layout, _ in rows})
+    if bad:
+      hf_name, got, want = bad[0]
+      raise HFFormatError(f"{files[hf_name]}: tensor {hf_name} has shape {got}, expected "
+                          f"{want} (from config.json)")
     if rows[0][2] is None:
       # Every layout keeps the element order: HF -> Flax is a reshape.
       host = reader.get(rows[0][0]).reshape(layer_shape).astype(param_dtype)
@@ -397,15 +391,13 @@ def load_hf(path: str | os.PathLike, dtype: Any = jnp.float32, param_dtype: Any 
     del host
 
   for path_tuple, var in nnx.to_flat_state(state):
-    if _path_str(path_tuple) in values:
-      var.set_value(values[_path_str(path_tuple)])
+    if path_key(path_tuple) in values:
+      var.set_value(values[path_key(path_tuple)])
   return nnx.merge(graphdef, state), cfg
 
 
 def _place(host: np.ndarray, var: nnx.Variable, mesh, rules) -> jax.Array:
   if mesh is None:
     return jnp.asarray(host)
-  from pasr_jax.sharding import logical_to_sharding, put_global
-  names = var.get_metadata().get("out_sharding") or (None,) * host.ndim
-  sharding = logical_to_sharding(names, mesh, rules or (), host.shape)
-  return put_global(host, sharding)
+  from pasr_jax.sharding import param_sharding, put_global
+  return put_global(host, param_sharding(var, mesh, rules or (), host.shape))

@@ -13,14 +13,13 @@ name for what older releases called `sharding_names`/`sharding`); logical names 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pasr_jax.sharding import BATCH_AXES
+from pasr_jax.sharding import constrain_batch
 
 MODEL_TYPES = ("qwen2", "qwen3", "llama")
 ARCHITECTURES = {
@@ -189,19 +188,6 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str | None, ...]
     value = jnp.zeros(shape, param_dtype)
   # Logical names only; placement is done by load_hf / sharding.shard_model under a mesh.
   return nnx.Param(value, out_sharding=names, eager_sharding=False)
-
-
-def _shard_batch(x: jax.Array) -> jax.Array:
-  """Pins activations `[B, ...]` batch-sharded when a ('data', 'fsdp', ...) mesh is set with
-  `jax.set_mesh` (the trainer does). Without it SPMD propagation follows the fsdp-sharded
-  `embed` dim of the weights and replicates the batch on every device. No-op without a mesh."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
-    return x
-  if x.shape[0] % math.prod(mesh.shape[a] for a in BATCH_AXES):
-    return x
-  spec = jax.sharding.PartitionSpec(BATCH_AXES, *([None] * (x.ndim - 1)))
-  return jax.lax.with_sharding_constraint(x, spec)
 
 
 def _matmul(x2: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
@@ -427,10 +413,10 @@ class Decoder(nnx.Module):
       causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
       mask = (causal[None] & (attention_mask[:, None, :] > 0))[:, None, :, None]  # [B,1,T,1,T]
 
-    x = _shard_batch(jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype))
+    x = constrain_batch(jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype))
 
     def layer(block: Block, h: jax.Array) -> jax.Array:
-      return _shard_batch(block(_shard_batch(h), cos, sin, mask))
+      return constrain_batch(block(constrain_batch(h), cos, sin, mask))
     if self.remat:
       layer = nnx.remat(layer)
 

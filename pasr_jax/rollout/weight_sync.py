@@ -40,6 +40,7 @@ from typing import Any, Iterable, Iterator, Protocol
 
 import numpy as np
 
+from pasr_jax import dtypes
 from pasr_jax.rollout.base import EngineError, SyncError
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,6 @@ log = logging.getLogger(__name__)
 # Bytes per safetensors file written for a sync (vLLM reads every file in the dir); small
 # enough that writing one overlaps converting the next.
 SHARD_BYTES = 128 << 20
-_NP_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class Engine(Protocol):
@@ -61,14 +61,6 @@ class Engine(Protocol):
   def guarded(self, call: Any, what: str) -> Any: ...
 
   def mark_weights(self, version: int | None, broken: str | None = None) -> None: ...
-
-
-def np_dtype(name: str) -> np.dtype:
-  """numpy dtype for a dtype name, bfloat16 included."""
-  if name == "bfloat16":
-    import ml_dtypes  # pylint: disable=import-outside-toplevel
-    return np.dtype(ml_dtypes.bfloat16)
-  return np.dtype(name)
 
 
 class WeightSync:
@@ -237,10 +229,10 @@ class WeightSync:
                       f"({self.model_dir}) has {want}")
 
   def _write_dtype(self, name: str) -> np.dtype:
-    if self.dtype in _NP_DTYPES:
-      return np_dtype(self.dtype)
+    if self.dtype in dtypes.NAMES:
+      return dtypes.to_dtype(self.dtype, "rollout.vllm.dtype")
     if name in self.expected:      # dtype "auto": keep the checkpoint's dtype
-      return np_dtype(self.expected[name][1])
+      return dtypes.to_dtype(self.expected[name][1])
     return np.dtype("float32")
 
   def _uniform_dtype(self) -> np.dtype | None:
