@@ -17,9 +17,10 @@ import os
 import typing
 from typing import Any, ClassVar
 
+from pasr_jax.dtypes import NAMES as DTYPE_NAMES
+
 # The choices of config values; the modules that act on them import them from here.
 AGGS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
 TASK_TYPES = ("general", "multiple_choice", "summary")
 PROMPT_SETS = ("ours", "paper")
 JUDGE_STYLES = ("binary", "graded")
@@ -118,7 +119,7 @@ class DataCfg(Section):
   tfds_data_dir: str
 
   def check(self):
-    self.need(self.task_type in TASK_TYPES, "task_type", " | ".join(TASK_TYPES))
+    self.need(self.task_type in TASK_TYPES, "task_type", "must be one of " + " | ".join(TASK_TYPES))
     self.need(self.max_row_chars >= 0, "max_row_chars", "must be >= 0 (0 = no limit)")
 
 
@@ -202,7 +203,7 @@ class JudgeCfg(Section):
     self.need(self.retries >= 0, "retries", "must be >= 0")
     self.need(self.backoff_s >= 0, "backoff_s", "must be >= 0")
     self.need(self.cache_size >= 0, "cache_size", "must be >= 0")
-    self.need(self.input in JUDGE_INPUTS, "input", " | ".join(JUDGE_INPUTS))
+    self.need(self.input in JUDGE_INPUTS, "input", "must be one of " + " | ".join(JUDGE_INPUTS))
     self.need(self.max_tokens >= 1, "max_tokens", "must be >= 1")
     self.need(0 <= self.max_unparseable_frac <= 1, "max_unparseable_frac",
               "must be in [0, 1] (1 = never stop)")
@@ -219,8 +220,8 @@ class PromptsCfg(Section):
   judge_style: str
 
   def check(self):
-    self.need(self.builtin in PROMPT_SETS, "builtin", " | ".join(PROMPT_SETS))
-    self.need(self.judge_style in JUDGE_STYLES, "judge_style", " | ".join(JUDGE_STYLES))
+    self.need(self.builtin in PROMPT_SETS, "builtin", "must be one of " + " | ".join(PROMPT_SETS))
+    self.need(self.judge_style in JUDGE_STYLES, "judge_style", "must be one of " + " | ".join(JUDGE_STYLES))
     for f in ("pasr_system_file", "plain_system_file"):
       self.need(not getattr(self, f) or os.path.isfile(getattr(self, f)), f, "no such file")
     self.need(not self.judge_dir or os.path.isdir(self.judge_dir), "judge_dir", "no such dir")
@@ -306,8 +307,9 @@ class OptimCfg(Section):
     self.need(0 <= self.b2 < 1, "b2", "must be in [0, 1)")
     self.need(self.clip_norm >= 0, "clip_norm", "must be >= 0 (0 = no clipping)")
     self.need(self.micro_batch >= 1, "micro_batch", "must be >= 1")
-    self.need(self.sequences_per_update >= 0, "sequences_per_update",
-              "must be >= 0 (0 = the whole rollout batch)")
+    self.need(self.sequences_per_update >= 0 and self.sequences_per_update % self.micro_batch == 0,
+              "sequences_per_update", "must be 0 (the whole rollout batch) or a positive "
+              f"multiple of optim.micro_batch={self.micro_batch}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -415,6 +417,13 @@ class RunConfig(Section):
 
   def check(self):
     self.need(bool(self.workdir), "workdir", "must be set")
+    g, r = self.grpo, self.rollout
+    if g.temperature(r.temperature) != r.temperature and not (
+        g.recompute_old_logps or g.tis_cap > 0):
+      g.need(False, "loss_temperature",
+             f"differs from rollout.temperature={r.temperature}, whose logprobs the sampler "
+             "returns: set grpo.recompute_old_logps=True (or grpo.tis_cap > 0) so the old "
+             "logprobs are the trainer's at the loss temperature")
 
   def need_files(self) -> None:
     """A training run's inputs exist: model.path is an HF dir (unless model.tiny_random) and

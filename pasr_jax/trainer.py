@@ -21,13 +21,13 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from pasr_jax import dtypes, grpo, sharding
+from pasr_jax.config import OptimCfg, RunConfig, TrainerCfg
 from pasr_jax.models.qwen import Decoder, ModelConfig
 
 BATCH_KEYS = ("input_ids", "attention_mask", "positions", "loss_mask", "old_logps",
@@ -42,11 +42,12 @@ class TrainerError(ValueError):
 # ----------------------------------------------------------------------------- optimizer
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(optim: OptimCfg | Any, total_steps: int) -> optax.GradientTransformation:
   """AdamW with linear warm-up then constant or cosine decay, after global-norm clipping.
 
   Weight decay touches matrices only (ndim >= 2), not norms or biases.
   """
+  optim = OptimCfg.of(optim)
   lr, warm = float(optim.lr), int(optim.warmup_steps)
   if optim.schedule == "constant":
     sched = optax.warmup_constant_schedule(0.0, lr, warm) if warm > 0 else optax.constant_schedule(lr)
@@ -152,7 +153,7 @@ def _merge_micro(x: jax.Array) -> jax.Array:
 
 
 def make_step_fns(graphdef, rest, tx: optax.GradientTransformation,
-                  cfg: ml_collections.ConfigDict, num_micro: int, mesh: Mesh, chunk: int = 256
+                  cfg: TrainerCfg, num_micro: int, mesh: Mesh, chunk: int = 256
                   ) -> tuple[Callable, Callable, Callable]:
   """The pure (un-jitted) update, logprob and gradient functions.
 
@@ -162,19 +163,19 @@ def make_step_fns(graphdef, rest, tx: optax.GradientTransformation,
   gradients(params, ref_params, batch) -> (grads, metrics): the full-batch loss gradient
   """
   g = cfg.grpo
-  temperature = loss_temperature(cfg)
+  temperature = cfg.temperature
   beta = float(g.beta)
   lp_fn = functools.partial(_logprobs_fn, graphdef, rest, temperature=temperature, chunk=chunk,
-                            mesh=mesh, rules=cfg.mesh.rules,
+                            mesh=mesh, rules=cfg.rules,
                             compute_dtype=dtypes.to_dtype(cfg.model.dtype, "model.dtype"))
   # The loss only reads scored (completion) positions: at most rollout.max_tokens per row.
-  loss_lp_fn = functools.partial(lp_fn, keep=int(cfg.rollout.max_tokens))
+  loss_lp_fn = functools.partial(lp_fn, keep=cfg.max_tokens)
 
   def logprobs(params, batch):
     # With a loss_mask in the batch, only its rollout.max_tokens window goes through the LM
     # head, as in the loss (positions outside it are 0).
     fn = loss_lp_fn if "loss_mask" in batch else lp_fn
-    micro = _split_micro(batch, num_micro, mesh, cfg.mesh.rules)
+    micro = _split_micro(batch, num_micro, mesh, cfg.rules)
     # Params ride in the carry, not the closure: nnx.scan (scan_layers) refuses Variables whose
     # values are tracers of an outer trace level.
     _, out = jax.lax.scan(lambda p, mb: (p, fn(p, mb)), params, micro)
@@ -182,13 +183,13 @@ def make_step_fns(graphdef, rest, tx: optax.GradientTransformation,
 
   def gradients(params, ref_params, batch):
     denom = jnp.maximum(grpo.loss_denominator(batch["loss_mask"], g.agg), 1.0)
-    micro = _split_micro(batch, num_micro, mesh, cfg.mesh.rules)
+    micro = _split_micro(batch, num_micro, mesh, cfg.rules)
 
     def loss_fn(p, mb, ref_lp):
       lp = loss_lp_fn(p, mb)
       s, _, m = grpo.grpo_loss(lp, mb["old_logps"], ref_lp, mb["advantages"], mb["loss_mask"],
                                beta=beta, eps_low=g.eps_low, eps_high=g.eps_high, agg=g.agg,
-                               max_tokens=cfg.rollout.max_tokens,
+                               max_tokens=cfg.max_tokens,
                                is_weights=mb.get("is_weights"))
       return s / denom, m
 
@@ -256,20 +257,16 @@ def _local_rows(x: Any) -> np.ndarray:
   return np.concatenate([np.asarray(s.data) for s in x.addressable_shards if s.replica_id == 0])
 
 
-def loss_temperature(cfg: ml_collections.ConfigDict) -> float:
-  """The temperature of the trainer's logprobs: grpo.loss_temperature, or with 0 (default)
-  rollout.temperature, so that the ratio is against the distribution that was sampled. The
-  original run scores raw logits (1.0) while sampling at 0.9."""
-  return float(cfg.grpo.get("loss_temperature", 0.0) or cfg.rollout.temperature)
+def trainer_cfg(cfg: TrainerCfg | RunConfig | Any) -> TrainerCfg:
+  """The trainer's slice of a run config (or of a config tree, typed and checked here)."""
+  return cfg if isinstance(cfg, TrainerCfg) else RunConfig.from_tree(cfg).trainer_cfg()
 
 
-def updates_per_step(cfg: ml_collections.ConfigDict) -> int:
+def updates_per_step(cfg: TrainerCfg | RunConfig | Any) -> int:
   """Optimizer updates one rollout step takes at most (a full batch of prompts_per_step x n
   answers): ceil(batch / optim.sequences_per_update) x grpo.num_iterations. The learning-rate
   schedule counts updates, so its length is train.steps times this."""
-  rows = int(cfg.rollout.prompts_per_step) * int(cfg.rollout.n)
-  per = int(cfg.optim.sequences_per_update) or rows
-  return -(-rows // per) * max(1, int(cfg.grpo.num_iterations))
+  return trainer_cfg(cfg).updates_per_step
 
 
 def _combine(steps: list[dict[str, float]]) -> dict[str, float]:
@@ -304,36 +301,24 @@ def ref_copy(params: Any, dtype: Any) -> Any:
 class Trainer:
   """Holds the mesh, the live policy, the frozen reference and the optimizer state.
 
-  `Trainer(cfg, model, model_cfg, mesh)`: `model` is a Decoder built with compute dtype
-  cfg.model.dtype and fp32 params; it is placed on `mesh` by cfg.mesh.rules (params already
+  `Trainer(cfg, model, model_cfg, mesh)`: `cfg` its slice (`RunConfig.trainer_cfg()`; a run
+  config or tree is sliced here); `model` is a Decoder built with compute dtype
+  cfg.model.dtype and fp32 params; it is placed on `mesh` by mesh.rules (params already
   sharded stay put). The reference is a copy of the initial params in the compute dtype, kept
   only when beta > 0; it is not checkpointed (a resumed run rebuilds it from model.path).
   """
 
-  def __init__(self, cfg: ml_collections.ConfigDict, model: Decoder, model_cfg: ModelConfig,
+  def __init__(self, cfg: TrainerCfg | RunConfig | Any, model: Decoder, model_cfg: ModelConfig,
                mesh: Mesh):
+    cfg = trainer_cfg(cfg)
     self.cfg, self.model_cfg, self.mesh = cfg, model_cfg, mesh
-    if cfg.grpo.agg not in grpo.AGGS:
-      raise TrainerError(f"grpo.agg={cfg.grpo.agg!r} must be one of {grpo.AGGS}")
-    mb = int(cfg.optim.micro_batch)
-    self.rules = tuple(cfg.mesh.rules)  # params and batch/activations alike
+    mb = cfg.optim.micro_batch
+    self.rules = tuple(cfg.rules)  # params and batch/activations alike
     shards = sharding.batch_shards(mesh, self.rules)
     if mb < 1 or mb % shards:
       axes = "*".join(sharding.batch_axes(mesh, self.rules)) or "(none)"
       raise TrainerError(f"optim.micro_batch={mb} must be a positive multiple of the batch "
                          f"shards {axes}={shards}")
-    spu = int(cfg.optim.sequences_per_update)
-    if spu < 0 or spu % mb:
-      raise TrainerError(f"optim.sequences_per_update={spu} must be 0 (the whole rollout "
-                         f"batch) or a positive multiple of optim.micro_batch={mb}")
-    g = cfg.grpo
-    if loss_temperature(cfg) != float(cfg.rollout.temperature) and not (
-        g.recompute_old_logps or g.tis_cap > 0):
-      raise TrainerError(
-          f"grpo.loss_temperature={g.loss_temperature} differs from rollout.temperature="
-          f"{cfg.rollout.temperature}, whose logprobs the sampler returns: set "
-          "grpo.recompute_old_logps=True (or grpo.tis_cap > 0) so the old logprobs are the "
-          "trainer's at the loss temperature")
     compute_dtype = dtypes.to_dtype(cfg.model.dtype, "model.dtype")
     param_dtype = dtypes.to_dtype(cfg.model.param_dtype, "model.param_dtype")
     self.graphdef, params, self._rest = nnx.split(model, nnx.Param, ...)
@@ -346,7 +331,7 @@ class Trainer:
     self.ref_params = (jax.jit(functools.partial(ref_copy, dtype=compute_dtype),
                                out_shardings=self.param_shardings)(self.params)
                        if cfg.grpo.beta > 0 else None)
-    self.tx = make_optimizer(cfg.optim, cfg.train.steps * updates_per_step(cfg))
+    self.tx = make_optimizer(cfg.optim, cfg.steps * cfg.updates_per_step)
     self.opt_shardings = opt_state_shardings(self.tx, self.params, self.param_shardings, mesh)
     self.opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(self.params)
     self.step = 0
@@ -409,7 +394,7 @@ class Trainer:
       if x.shape != want:
         raise TrainerError(f"batch[{k!r}] has shape {x.shape}, expected {want}")
       if k == "loss_mask":
-        scored_window_check(_local_rows(x), int(self.cfg.rollout.max_tokens))
+        scored_window_check(_local_rows(x), self.cfg.max_tokens)
       # Host arrays are placed; global ones (or slices of them) moved to the batch sharding.
       out[k] = sharding.put_global(x, sharding.batch_sharding(self.mesh, self.rules, x.ndim))
     return out, b // mb, ids_shape[1]
