@@ -167,22 +167,34 @@ def test_run_survives_engine_death_and_a_judge_restart(tmp_path):
   assert m[-1]["policy_version"] == 5
 
 
-class _ProseJudge:
-  """An OpenAI-compatible server on 127.0.0.1 that never answers with a number."""
+class _BadJudge:
+  """An OpenAI-compatible server on 127.0.0.1 whose chat replies are `behaviour`: "prose"
+  (never a number), "http500", "empty" (200 with an empty body) or "slow" (past the
+  client's timeout). /v1/models answers normally."""
 
-  def __init__(self):
+  def __init__(self, behaviour: str):
+    import asyncio
+
     import fastapi
     import uvicorn
 
     from procs import free_port
     app = fastapi.FastAPI()
+    self.chat_calls = 0
 
     @app.get("/v1/models")
     async def models():
-      return {"object": "list", "data": [{"id": "chatty", "object": "model"}]}
+      return {"object": "list", "data": [{"id": "bad", "object": "model"}]}
 
     @app.post("/v1/chat/completions")
     async def chat():
+      self.chat_calls += 1
+      if behaviour == "http500":
+        return fastapi.responses.PlainTextResponse("boom", status_code=500)
+      if behaviour == "empty":
+        return fastapi.responses.Response(b"", status_code=200, media_type="application/json")
+      if behaviour == "slow":
+        await asyncio.sleep(30)
       return {"choices": [{"index": 0, "message": {
           "role": "assistant", "content": "What a thoughtful answer, well done!"}}]}
 
@@ -203,17 +215,38 @@ class _ProseJudge:
     self.thread.join(10)
 
 
+# behaviour, config overrides, what the one error line must say
+_JUDGE_FAULTS = [
+    ("prose", (), ["16 of 16 replies hold no score", "What a thoughtful answer, well done!"]),
+    ("http500", ("--config.judge.retries=1", "--config.judge.backoff_s=0.05"),
+     ["HTTP 500", "failed after 2"]),
+    ("empty", ("--config.judge.retries=0",), ["reply is not a chat completion"]),
+    ("slow", ("--config.judge.retries=0", "--config.judge.timeout_s=1"),
+     ["no reply within 1 s"]),
+]
+
+
 @pytest.mark.timeout(600)
-def test_prose_judge_stops_the_run_with_its_words(tmp_path):
+@pytest.mark.parametrize("behaviour,overrides,needles", _JUDGE_FAULTS,
+                         ids=[f[0] for f in _JUDGE_FAULTS])
+def test_a_bad_judge_ends_the_run_in_one_line_exit_3(tmp_path, behaviour, overrides, needles):
+  """A judge that answers in prose, with 500s, with an empty body or too slowly: the run
+  stops in its first step with exit 3 and one line saying what the judge did; no step is
+  logged as done and nothing is checkpointed."""
   import subprocess
-  with _ProseJudge() as judge:
-    p = subprocess.run(_cmd(tmp_path / "w", judge.url, "--config.train.steps=2"), cwd=ROOT,
-                       env=_env(), capture_output=True, text=True, timeout=500)
+  with _BadJudge(behaviour) as judge:
+    p = subprocess.run(_cmd(tmp_path / "w", judge.url, "--config.train.steps=2", *overrides),
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=500)
+    assert judge.chat_calls > 0
   assert p.returncode == 3, p.stderr[-3000:]
   ours = [line for line in p.stderr.splitlines() if line.startswith("pasr_jax.train: ")]
   assert len(ours) == 1 and ours[0].startswith("pasr_jax.train: judge: "), p.stderr[-3000:]
-  assert "16 of 16 replies hold no score" in ours[0]
-  assert "What a thoughtful answer, well done!" in ours[0] and "Traceback" not in p.stderr
+  for needle in needles:
+    assert needle in ours[0], ours[0]
+  assert "Traceback" not in p.stderr
+  metrics_path = tmp_path / "w" / "metrics.jsonl"
+  assert not metrics_path.exists() or metrics_path.read_text() == ""
+  assert not any((tmp_path / "w" / "checkpoints").glob("[0-9]*"))
 
 
 @pytest.mark.timeout(900)
