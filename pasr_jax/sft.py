@@ -18,6 +18,7 @@ checkpoints/ (Orbax, resumable), metrics.jsonl, hf/ (with sft.export; vLLM loads
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from pasr_jax.config import RunConfig
+from pasr_jax.config import RunConfig, TrainerCfg
 
 log = logging.getLogger("pasr_jax.sft")
 
@@ -193,23 +194,24 @@ def sft_step(trainer, batch: dict[str, np.ndarray]) -> dict[str, float]:
   return {"nll": nll, "grad_norm": m["grad_norm"], "tokens": tokens, "skipped": m["skipped"]}
 
 
-def trainer_config(cfg: RunConfig, total_steps: int, lr: float, scored_span: int) -> RunConfig:
-  """The run's config with the SFT optimiser (cosine, warm-up) and a loss that is the NLL."""
+def trainer_config(cfg: RunConfig, total_steps: int, lr: float, scored_span: int) -> TrainerCfg:
+  """The trainer's slice for SFT: the SFT optimiser (cosine, warm-up) and a loss that is the NLL."""
   s = cfg.sft
-  return cfg.replace(
+  return dataclasses.replace(
+      cfg.trainer_cfg(),
       # One optimizer update per SFT batch: the schedule spans exactly total_steps updates.
       optim=cfg.optim.replace(lr=float(lr), schedule="cosine", clip_norm=float(s.clip_norm),
                               warmup_steps=int(round(float(s.warmup_frac) * total_steps)),
                               sequences_per_update=0),
-      train=cfg.train.replace(steps=int(total_steps)),
-      # No reference model (no KL); the mean over all assistant tokens of the batch; the
-      # logprobs of the model itself (loss temperature = rollout temperature 1).
+      rows_per_step=int(s.batch_size), steps=int(total_steps),
+      # No reference model (no KL); the mean over all assistant tokens of the batch.
       grpo=cfg.grpo.replace(loss_temperature=0.0, beta=0.0, agg="token_mean", num_iterations=1,
                             recompute_old_logps=False, tis_cap=0.0),
+      temperature=1.0,  # the logprobs of the model itself
       # The trainer's logit window: only the scored span (assistant tokens) goes through the
       # LM head, as in PASR training; for SmolLM2 (49k vocab) that is most of the activation
       # memory.
-      rollout=cfg.rollout.replace(temperature=1.0, max_tokens=int(scored_span)))
+      max_tokens=int(scored_span))
 
 
 # ----------------------------------------------------------------------------- the run
@@ -264,8 +266,8 @@ def run_sft(cfg, transcripts: list[list[dict[str, str]]], workdir: str, model_di
   tcfg = trainer_config(cfg, total, lr, span)
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
     # model.path is what `python -m pasr_jax.export --workdir=<sft workdir>` reads back.
-    run_cfg = json.loads(tcfg.to_json())
-    run_cfg["model"]["path"] = os.path.abspath(model_dir)
+    run_cfg = cfg.replace(model=cfg.model.replace(path=os.path.abspath(model_dir)),
+                          optim=tcfg.optim, grpo=tcfg.grpo).to_dict()
     json.dump(run_cfg, f, indent=2)
   with open(os.path.join(workdir, "data.jsonl"), "w", encoding="utf-8") as f:
     f.writelines(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in transcripts)
