@@ -47,8 +47,8 @@ test: setup xla-gpu
 demo: setup
 	$(VPY) -m pasr_jax.train --config=configs/smollm2_135m.py --config.workdir=runs/demo
 
-# About 75 min on an idle 2-core host (cold start + PASR + 2x2 evaluations); see the script.
-# EVAL_DATA=<root of the PASR test sets> (default data/pasr/test_dataset), EXP_STEPS=15. Not yet run.
+# 53.5 min measured on a shared 2-core host (cold start + 15 PASR steps + 3x2 evaluations); see README.
+# EVAL_DATA=<root of the PASR test sets> (default configs/data/eval_100), EXP_STEPS=15.
 experiment: setup
 	PY=$(VPY) scripts/experiment.sh
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `make experiment`: the CPU-scale PASR experiment of issue 18 (about 75 min on an idle 2-core
-# host; much longer on a shared one). Format cold start (SFT; NOT part of the PASR paper) +
+# `make experiment`: the CPU-scale PASR experiment of issue 18 (53.5 min measured on a shared 2-core
+# host, 2026-12-01). Format cold start (SFT; NOT part of the PASR paper) +
 # PASR on the GSM8K training slice of the SmolLM2 preset, export, then greedy evaluation of
 # vanilla SmolLM2, the cold-started model alone and the trained model (both in pasr mode) on
 # the first 100 items of GSM8K test and ARC-C with the verify judge, and `evaluate compare`
