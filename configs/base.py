@@ -31,7 +31,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.mesh.cuda_visible_devices = ""    # JAX's GPUs (indices in CUDA_VISIBLE_DEVICES), "" = all
   c.mesh.memory_fraction = 0.0        # JAX's share of each GPU; 0 = 0.9 - vLLM's share if colocated
   c.mesh.heartbeat_timeout_s = 100    # a process silent this long counts as dead (raise on overloaded hosts)
-  # logical axis -> mesh axis (or None = replicated)
+  # logical axis -> mesh axis (or None = replicated), for weights and activations alike: "batch"
+  # shards the batch, activations and logits (pasr_jax/sharding.py)
   c.mesh.rules = (
       ("batch", ("data", "fsdp")),
       ("vocab", "tensor"),

@@ -78,7 +78,7 @@ class ModelCfg(Section):
 
   def check(self):
     for f in ("dtype", "param_dtype"):
-      self.need(getattr(self, f) in DTYPE_NAMES, f, f"must be one of {DTYPE_NAMES}")
+      self.need(getattr(self, f) in DTYPE_NAMES, f, "must be one of " + " | ".join(DTYPE_NAMES))
     self.need(self.attention in ("auto", "xla", "cudnn"), "attention", "auto | xla | cudnn")
 
 
@@ -142,7 +142,7 @@ class VllmCfg(Section):
     self.need(self.max_model_len >= 2, "max_model_len", "must be >= 2")
     self.need(0 < self.gpu_memory_utilization < 1, "gpu_memory_utilization", "must be in (0, 1)")
     self.need(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
-    self.need(self.dtype in DTYPE_NAMES, "dtype", f"must be one of {DTYPE_NAMES}")
+    self.need(self.dtype in DTYPE_NAMES, "dtype", "must be one of " + " | ".join(DTYPE_NAMES))
     self.need(self.kv_cache_space_gib > 0, "kv_cache_space_gib", "must be > 0")
     self.need(self.cpu_reserved_cores >= -1, "cpu_reserved_cores", "must be >= -1 (-1 = vLLM's)")
     self.need(self.sync_headroom_gib >= 0, "sync_headroom_gib", "must be >= 0")
@@ -270,7 +270,7 @@ class GrpoCfg(Section):
     self.need(self.beta >= 0, "beta", "must be >= 0 (0 = no KL term)")
     self.need(0 <= self.eps_low < 1, "eps_low", "must be in [0, 1)")
     self.need(self.eps_high >= 0, "eps_high", "must be >= 0")
-    self.need(self.agg in AGGS, "agg", f"must be one of {AGGS}")
+    self.need(self.agg in AGGS, "agg", "must be one of " + " | ".join(AGGS))
     self.need(self.num_iterations >= 1, "num_iterations", "must be >= 1")
     self.need(self.adv_std_ddof in (0, 1), "adv_std_ddof", "0 (population) | 1 (sample)")
     self.need(self.adv_eps >= 0, "adv_eps", "must be >= 0")
