@@ -221,11 +221,9 @@ class Run:
       self.rollouts = metrics_lib.JsonlLog(str(wd.rollouts), self.state.log_bytes["rollouts"])
 
     self.sampler = self.make_sampler()
-    import jax  # pylint: disable=import-outside-toplevel
-    if jax.process_count() == 1:
-      # A signal ends a rollout wait at once; across hosts the stop is agreed at step ends
-      # instead, since one process leaving a step early would hang the others' collectives.
-      self.sampler.should_stop = lambda: self.stop.stop
+    # A signal ends a rollout wait at once; with several processes the step is then abandoned
+    # by all of them together (`_rollout` agrees on it).
+    self.sampler.should_stop = lambda: self.stop.stop
     t = time.perf_counter()
     _ = self.sampler.llm  # start the engine now so step 1's rollout time is the rollout's
     print(f"[train] vLLM engine up in {time.perf_counter() - t:.1f}s", flush=True)
@@ -302,26 +300,47 @@ class Run:
     return scalars
 
   def _rollout(self, rows, seed: int):
-    """`RolloutStep` with engine failures handled (see the module docstring)."""
+    """`RolloutStep` with engine failures handled (see the module docstring).
+
+    Every process takes the same branch after each attempt, agreed in one small collective:
+    a rollout interrupted by a signal on any process abandons the step on all of them; an
+    engine failure on any process makes every process sync the trainer's weights again (the
+    gather is a collective; a healthy engine just reloads the same weights) and the failed
+    processes retry their share, up to `rollout.engine_retries` times.
+    """
+    from pasr_jax import multihost  # pylint: disable=import-outside-toplevel
     from pasr_jax.rollout import EngineError  # pylint: disable=import-outside-toplevel
     st, retries = self.state, int(self.cfg.rollout.engine_retries)
+    out = None
     for attempt in range(retries + 1):
-      try:
-        return self.stepper(rows, st.step + 1, seed)
-      except EngineError as e:
-        if self.stop.stop:
-          self._abandon_step()
-          raise RunInterrupted(f"interrupted during step {st.step + 1}; the {st.step} steps "
-                               "done are saved: run the same command to resume") from None
-        if attempt == retries:
-          raise EngineError(f"step {st.step + 1}: {e} (gave up after {retries} restarts, "
-                            "rollout.engine_retries); the checkpoint of step "
-                            f"{self.last_saved} is intact: run the same command to resume") from e
-        log.warning("step %d: %s; restarting the engine and retrying the step (%d of %d)",
-                    st.step + 1, e, attempt + 1, retries)
-        if self.sampler.needs_sync:  # a fresh engine holds the model dir's weights
-          st.policy_version += 1
-          self.sampler.sync(self.trainer.model, st.policy_version)
+      error = None
+      if out is None:
+        try:
+          out = self.stepper(rows, st.step + 1, seed)
+        except EngineError as e:
+          error = e
+      interrupted = error is not None and self.stop.stop
+      flags = multihost.agree([error is not None, interrupted,
+                               bool(getattr(self.sampler, "needs_sync", False))])
+      failed = [i for i, f in enumerate(flags[:, 0]) if f]
+      if flags[:, 1].any():
+        self._abandon_step()
+        raise RunInterrupted(f"interrupted during step {st.step + 1}; the {st.step} steps "
+                             "done are saved: run the same command to resume")
+      if not failed:
+        return out
+      where = (f"process {', '.join(map(str, failed))}" if flags.shape[0] > 1 else "")
+      what = f"{error}" if error is not None else f"the engine of {where} failed"
+      if attempt == retries:
+        raise EngineError(f"step {st.step + 1}: {what} (gave up after {retries} restarts, "
+                          "rollout.engine_retries); the checkpoint of step "
+                          f"{self.last_saved} is intact: run the same command to resume")
+      log.warning("step %d: %s%s; restarting the engine and retrying the step (%d of %d)",
+                  st.step + 1, what, f" [{where}]" if where and error is not None else "",
+                  attempt + 1, retries)
+      if flags[:, 2].any():  # a fresh engine holds the model dir's weights
+        st.policy_version += 1
+        self.sampler.sync(self.trainer.model, st.policy_version)
     raise AssertionError("unreachable")
 
   def _abandon_step(self) -> None:

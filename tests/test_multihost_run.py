@@ -157,11 +157,11 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
 
 
 # ----------------------------------------------------------------------------- real parts
-@pytest.mark.timeout(900)
-def test_two_processes_own_engines_kill_and_resume(tmp_path, judge_url):
+def _own_engines(tmp_path, judge_url, steps=3):
+  """A `launch(tag)` of the 2-process tiny run, each process with its own vLLM engine."""
   wd = tmp_path / "w"
   args = ["--config=configs/tiny_cpu.py", f"--config.workdir={wd}",
-          f"--config.judge.base_url={judge_url}", "--config.train.steps=3",
+          f"--config.judge.base_url={judge_url}", f"--config.train.steps={steps}",
           f"--config.data.files=('{DATA / 'say_seven.jsonl'}',)",
           "--config.logging.tensorboard=False"]
 
@@ -173,7 +173,30 @@ def test_two_processes_own_engines_kill_and_resume(tmp_path, judge_url):
                     "--config.mesh.heartbeat_timeout_s=900"],
                    dict(_env(4), VLLM_CPU_OMP_THREADS_BIND=str(i % os.cpu_count())),
                    tmp_path / f"{tag}{i}.log") for i in range(2)]
+  return wd, launch
 
+
+def _check_records(wd, steps):
+  """One metrics line per step, one record per sampled answer, each process its own share."""
+  m = metrics.read_jsonl(str(wd / "metrics.jsonl"))
+  assert [r["step"] for r in m] == list(range(1, steps + 1))
+  assert all(r["judge/items"] == 16 and r["judge/failures"] == 0 for r in m)  # both shares
+  recs = metrics.read_jsonl(str(wd / "rollouts.jsonl"))
+  keys = [(r["step"], r["id"], r["kind"], r["sample"]) for r in recs]
+  assert len(keys) == len(set(keys)) == steps * 2 * 2 * 4      # none missing, none twice
+  from pasr_jax import data
+  stream = data.BatchStream(data.load_rows(str(DATA / "say_seven.jsonl")), 2, 0)
+  for step in range(1, steps + 1):
+    rows = stream.next_batch()    # the global data order
+    for proc in (0, 1):
+      got = {r["id"] for r in recs if r["step"] == step and r["process"] == proc}
+      assert got == {row.id for row in rows[share(2, proc, 2)]}, (step, proc)
+  return m
+
+
+@pytest.mark.timeout(900)
+def test_two_processes_own_engines_kill_and_resume(tmp_path, judge_url):
+  wd, launch = _own_engines(tmp_path, judge_url)
   procs = launch("a")
   deadline = time.time() + 480
   while not (wd / "checkpoints" / "2").is_dir():
@@ -190,18 +213,32 @@ def test_two_processes_own_engines_kill_and_resume(tmp_path, judge_url):
   assert "resumed from step 2" in out0 and "resumed from step 2" in out1
   assert "vLLM engine up" in out0 and "vLLM engine up" in out1     # one engine per process
 
-  m = metrics.read_jsonl(str(wd / "metrics.jsonl"))
-  assert [r["step"] for r in m] == [1, 2, 3]
-  assert all(r["judge/items"] == 16 and r["judge/failures"] == 0 for r in m)  # both shares
-  recs = metrics.read_jsonl(str(wd / "rollouts.jsonl"))
-  keys = [(r["step"], r["id"], r["kind"], r["sample"]) for r in recs]
-  assert len(keys) == len(set(keys)) == 3 * 2 * 2 * 4      # none missing, none twice
-  from pasr_jax import data
-  stream = data.BatchStream(data.load_rows(str(DATA / "say_seven.jsonl")), 2, 0)
-  for step in (1, 2, 3):
-    rows = stream.next_batch()    # the global data order: step 3 ran on the restored cursor
-    for proc in (0, 1):
-      got = {r["id"] for r in recs if r["step"] == step and r["process"] == proc}
-      assert got == {row.id for row in rows[share(2, proc, 2)]}, (step, proc)
+  _check_records(wd, 3)       # step 3 ran on the restored cursor
   meta = json.loads((wd / "checkpoints" / "3" / "meta" / "metadata").read_text())
   assert meta["cursor"] == {"epoch": 0, "index": 6} and meta["step"] == 3
+
+
+@pytest.mark.timeout(900)
+def test_two_processes_one_engine_dies_both_agree_and_go_on(tmp_path, judge_url):
+  """Process 1's vLLM engine core SIGKILLed after step 1: both processes agree on the failure,
+  both sync the trainer's weights again (the gather is a collective), process 1 restarts its
+  engine and retries its share, and the run ends like an unfaulted one."""
+  import psutil
+  wd, launch = _own_engines(tmp_path, judge_url)
+  procs = launch("a")
+  logs = [tmp_path / "a0.log", tmp_path / "a1.log"]
+  deadline = time.time() + 480
+  while not ((wd / "metrics.jsonl").exists() and metrics.read_jsonl(str(wd / "metrics.jsonl"))):
+    assert all(p.poll() is None for p in procs) and time.time() < deadline, _tails(logs)
+    time.sleep(0.1)
+  cores = [c for c in psutil.Process(procs[1].pid).children(recursive=True)
+           if "EngineCore" in " ".join(c.cmdline()) + c.name()]
+  assert cores, _tails(logs)
+  for c in cores:
+    c.kill()
+  _wait_all(procs, logs, 480)
+  out0, out1 = (f.read_text(errors="replace") for f in logs)
+  assert "restarting the engine and retrying the step" in out1, out1[-3000:]
+  assert "the engine of process 1 failed; restarting the engine" in out0, out0[-3000:]
+  m = _check_records(wd, 3)
+  assert m[-1]["policy_version"] == 4  # 3 step syncs + the agreed re-sync after the failure
