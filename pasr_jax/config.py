@@ -17,6 +17,7 @@ import os
 import typing
 from typing import Any, ClassVar
 
+from pasr_jax import dtypes
 from pasr_jax.dtypes import NAMES as DTYPE_NAMES
 
 # The choices of config values; the modules that act on them import them from here.
@@ -80,6 +81,16 @@ class ModelCfg(Section):
     for f in ("dtype", "param_dtype"):
       self.need(getattr(self, f) in DTYPE_NAMES, f, "must be one of " + " | ".join(DTYPE_NAMES))
     self.need(self.attention in ("auto", "xla", "cudnn"), "attention", "auto | xla | cudnn")
+
+  @property
+  def compute_dtype(self) -> Any:
+    """`dtype` as a numpy/JAX dtype."""
+    return dtypes.to_dtype(self.dtype, "model.dtype")
+
+  @property
+  def weight_dtype(self) -> Any:
+    """`param_dtype` as a numpy/JAX dtype (master weights and optimizer state)."""
+    return dtypes.to_dtype(self.param_dtype, "model.param_dtype")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -59,7 +59,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from pasr_jax import devices, dtypes, sharding, xla_gpu  # noqa: E402
+from pasr_jax import devices, sharding, xla_gpu  # noqa: E402
 from pasr_jax.config import RunConfig  # noqa: E402
 from pasr_jax.models.qwen import (Decoder, ModelConfig, ModelConfigError,  # noqa: E402
                                   resolve_attention)
@@ -103,7 +103,7 @@ def plan(cfg: RunConfig | ml_collections.ConfigDict, mesh_shape, seq_len: int, l
   (deviceless) and also returns the cuDNN attention custom calls in the compiled program."""
   cfg = RunConfig.from_tree(cfg)
   mcfg = model_config(cfg, layers)
-  dtype = dtypes.to_dtype(cfg.model.dtype, "model.dtype")
+  dtype = cfg.model.compute_dtype
   target = xla_gpu.GpuTarget(gpu) if gpu else None
   if target:
     mesh = sharding.make_mesh(mesh_shape, xla_gpu.topology_devices(
@@ -123,7 +123,7 @@ def plan(cfg: RunConfig | ml_collections.ConfigDict, mesh_shape, seq_len: int, l
   if batch % mb or mb % shards:
     raise PlanError(f"batch={batch}, optim.micro_batch={mb}, batch shards={shards}: need "
                     f"shards | micro_batch | batch")
-  param_dtype = dtypes.to_dtype(cfg.model.param_dtype, "model.param_dtype")
+  param_dtype = cfg.model.weight_dtype
   abs_model = nnx.eval_shape(lambda: Decoder(
       mcfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
       scan_layers=cfg.model.scan_layers, remat=cfg.model.remat, attention=attention))

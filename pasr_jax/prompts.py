@@ -11,7 +11,7 @@ import dataclasses
 import pathlib
 from typing import Any
 
-from pasr_jax.config import JUDGE_STYLES, PROMPT_SETS, TASK_TYPES, PromptsCfg  # noqa: F401
+from pasr_jax.config import TASK_TYPES, PromptsCfg
 
 PASR_SYSTEM_PROMPT = """\
 You are a careful assistant who thinks before answering and improves your own reasoning \

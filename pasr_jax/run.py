@@ -37,7 +37,6 @@ import sys
 import time
 from typing import Any
 
-from pasr_jax import dtypes
 from pasr_jax.config import ConfigError, RunConfig
 from pasr_jax.workdir import Workdir
 
@@ -168,9 +167,8 @@ class Run:
     self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
     mesh = make_mesh(tuple(cfg.mesh.shape))
     multihost.check_mesh(mesh, tuple(cfg.mesh.rules))
-    dtype = dtypes.to_dtype(cfg.model.dtype, "model.dtype")
-    param_dtype = dtypes.to_dtype(cfg.model.param_dtype, "model.param_dtype")
-    model, self.model_cfg = load_hf(self.model_dir, dtype=dtype, param_dtype=param_dtype,
+    model, self.model_cfg = load_hf(self.model_dir, dtype=cfg.model.compute_dtype,
+                                    param_dtype=cfg.model.weight_dtype,
                                     mesh=mesh, rules=tuple(cfg.mesh.rules),
                                     scan_layers=cfg.model.scan_layers, remat=cfg.model.remat,
                                     attention=cfg.model.attention)

@@ -237,7 +237,6 @@ def run_sft(cfg, transcripts: list[list[dict[str, str]]], workdir: str, model_di
 
   from pasr_jax import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
   from pasr_jax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
-  from pasr_jax.dtypes import to_dtype  # pylint: disable=import-outside-toplevel
   from pasr_jax.models.hf import load_hf, save_hf  # pylint: disable=import-outside-toplevel
   from pasr_jax.sharding import make_mesh  # pylint: disable=import-outside-toplevel
   from pasr_jax.trainer import Trainer  # pylint: disable=import-outside-toplevel
@@ -275,8 +274,8 @@ def run_sft(cfg, transcripts: list[list[dict[str, str]]], workdir: str, model_di
   mesh = make_mesh(tuple(cfg.mesh.shape))
   # Not pasr_jax.train's helpers: under `python -m pasr_jax.train` that module is __main__
   # and a second import would define its flags twice.
-  model, model_cfg = load_hf(model_dir, dtype=to_dtype(cfg.model.dtype, "model.dtype"),
-                             param_dtype=to_dtype(cfg.model.param_dtype, "model.param_dtype"),
+  model, model_cfg = load_hf(model_dir, dtype=cfg.model.compute_dtype,
+                             param_dtype=cfg.model.weight_dtype,
                              mesh=mesh, rules=tuple(cfg.mesh.rules),
                              scan_layers=cfg.model.scan_layers,
                              remat=cfg.model.remat)

@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from pasr_jax import dtypes, grpo, sharding
+from pasr_jax import grpo, sharding
 from pasr_jax.config import OptimCfg, RunConfig, TrainerCfg
 from pasr_jax.models.qwen import Decoder, ModelConfig
 
@@ -167,7 +167,7 @@ def make_step_fns(graphdef, rest, tx: optax.GradientTransformation,
   beta = float(g.beta)
   lp_fn = functools.partial(_logprobs_fn, graphdef, rest, temperature=temperature, chunk=chunk,
                             mesh=mesh, rules=cfg.rules,
-                            compute_dtype=dtypes.to_dtype(cfg.model.dtype, "model.dtype"))
+                            compute_dtype=cfg.model.compute_dtype)
   # The loss only reads scored (completion) positions: at most rollout.max_tokens per row.
   loss_lp_fn = functools.partial(lp_fn, keep=cfg.max_tokens)
 
@@ -319,8 +319,7 @@ class Trainer:
       axes = "*".join(sharding.batch_axes(mesh, self.rules)) or "(none)"
       raise TrainerError(f"optim.micro_batch={mb} must be a positive multiple of the batch "
                          f"shards {axes}={shards}")
-    compute_dtype = dtypes.to_dtype(cfg.model.dtype, "model.dtype")
-    param_dtype = dtypes.to_dtype(cfg.model.param_dtype, "model.param_dtype")
+    compute_dtype, param_dtype = cfg.model.compute_dtype, cfg.model.weight_dtype
     self.graphdef, params, self._rest = nnx.split(model, nnx.Param, ...)
     for leaf in jax.tree.leaves(params):
       if leaf.dtype != param_dtype:
