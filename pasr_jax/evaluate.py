@@ -2,7 +2,7 @@
 
   python -m pasr_jax.evaluate --config=configs/eval.py --config.model=DIR \
       --config.data_dir=PATH --config.datasets=gsm8k,arc --config.mode=pasr --config.limit=50
-  python -m pasr_jax.evaluate compare RUN_DIR1 RUN_DIR2 ... [--png=FILE]
+  python -m pasr_jax.evaluate compare RUN_DIR1 RUN_DIR2 ... [--png=FILE] [--labels=a,b,...]
 
 The judge must be running at `config.judge.base_url` (e.g. `python -m pasr_jax.judge --backend
 verify --port 8001`). Writes results.json, summary.md, summary.csv, summary.png and an answer
@@ -71,12 +71,16 @@ def evaluate(cfg, make_sampler: Callable[[], Any] | None = None,
 
 def _compare_main(argv: list[str]) -> int:
   ap = argparse.ArgumentParser(prog="python -m pasr_jax.evaluate compare",
-                               description="Delta table of result dirs against the first one.")
-  ap.add_argument("dirs", nargs="+", help="evaluation output dirs; the first is the baseline")
-  ap.add_argument("--png", default="", help="also write a side-by-side plot here")
+                               description="Paired comparison of result dirs on the same items "
+                               "(accuracy CIs, McNemar p, refinement analysis).")
+  ap.add_argument("dirs", nargs="+", help="evaluation output dirs; the first is the reference")
+  ap.add_argument("--png", default="", help="also write accuracy (95 %% CI) and tokens here")
+  ap.add_argument("--labels", default="",
+                  help="comma-separated run names, one per dir (default: from the dir names)")
   args = ap.parse_args(argv)
+  labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
   try:
-    print(compare(args.dirs, args.png or None), end="")
+    print(compare(args.dirs, args.png or None, labels), end="")
   except EvalError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

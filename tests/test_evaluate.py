@@ -12,7 +12,7 @@ import pytest
 
 from configs.eval import get_config
 from pasr_jax.eval.benchmarks import BENCHMARKS, PAPER_DATASETS, EvalError, load_items
-from pasr_jax.eval.report import compare, transitions, write_outputs
+from pasr_jax.eval.report import compare, write_outputs
 from pasr_jax.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,28 +101,82 @@ def test_error_unknown_mode_and_cli_exit_code(tmp_path, smollm2_dir):
   assert r.returncode == 2 and "unknown dataset" in r.stderr and "Traceback" not in r.stderr
 
 
-def _item(ds, i, correct, tokens, refines=0):
-  return dict(id=f"{ds}/{i}", dataset=ds, score=float(correct), correct=correct, tokens=tokens,
-              refine_count=refines, format_ok=refines > 0)
+def _record(i, correct, tokens, mode, refines=0, finish="stop", ds="arith"):
+  """A per-item record with every field the runner writes (see Runner.run)."""
+  return dict(id=f"{ds}/{i}", dataset=ds, task_type="general", mode=mode, ground_truth="7",
+              answer="...", extracted="7" if correct else "3", tokens=tokens,
+              tokens_per_turn=[tokens], score=float(correct), correct=correct,
+              refine_count=refines, format_ok=mode == "pasr", finish_reason=finish,
+              prompt_truncated=False)
 
 
-def test_transitions_and_delta_table_by_hand(tmp_path):
-  van = [_item("gsm8k", 0, True, 100), _item("gsm8k", 1, False, 100),
-         _item("gsm8k", 2, True, 200), _item("gsm8k", 3, False, 200)]
-  pas = [_item("gsm8k", 0, True, 50, 1), _item("gsm8k", 1, True, 50, 2),
-         _item("gsm8k", 2, False, 100), _item("gsm8k", 3, False, 100),
-         _item("gsm8k", 9, True, 10)]      # not in the vanilla run: left out of transitions
-  t = transitions(van, pas)
-  assert t == dict(n=4, right_right=25.0, wrong_right=25.0, right_wrong=25.0,
-                   wrong_wrong=25.0, refine_rate=50.0)
-  write_outputs(str(tmp_path / "a"), van, dict(mode="vanilla"))
-  write_outputs(str(tmp_path / "b"), pas, dict(mode="pasr"))
-  text = compare([str(tmp_path / "a"), str(tmp_path / "b")])
-  # vanilla: 50.0 % and 150 tokens; pasr: 3/5 = 60.0 % and 62 tokens -> +10.0 points, -58.7 %.
-  assert "| gsm8k | 50.0 | 60.0 | +10.0 | 150.0 | 62.0 | -58.7% |" in text
-  assert "| 4 | 25.0 | 25.0 | 25.0 | 25.0 | 50.0 |" in text
+def _three_runs(root):
+  """vanilla right on items 0-3 (item 9 cut at max_tokens); cold the same items, pasr right
+  on 0-2 and 4-7 and refining on 3, 4, 5, 8. By hand, pasr vs vanilla: 3 right->right,
+  4 wrong->right (4-7), 1 right->wrong (3), 2 wrong->wrong."""
+  van = [_record(i, i < 4, 100, "vanilla", finish="length" if i == 9 else "stop")
+         for i in range(10)]
+  cold = [_record(i, i < 4, 200, "pasr") for i in range(10)]
+  pasr = [_record(i, i in (0, 1, 2, 4, 5, 6, 7), 150, "pasr", int(i in (3, 4, 5, 8)))
+          for i in range(10)]
+  dirs = [str(root / f"eval_{n}") for n in ("vanilla", "cold", "pasr")]
+  for d, recs in zip(dirs, (van, cold, pasr)):
+    write_outputs(d, recs, dict(mode=recs[0]["mode"], max_tokens=100))
+  return dirs
+
+
+def test_compare_tables_by_hand(tmp_path):
+  dirs = _three_runs(tmp_path)
+  png = tmp_path / "cmp.png"
+  r = subprocess.run([sys.executable, "-m", "pasr_jax.evaluate", "compare", *dirs,
+                      f"--png={png}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr
+  text = r.stdout
+  # Per run: 4/10 right, Wald 0.4 +- 1.96 * sqrt(0.24/10) = [9.6, 70.4]; 1 of 10 cut.
+  assert "| vanilla | vanilla | 10 | 40.0 | [9.6, 70.4] | 100.0 | 10.0 | 0.0 | 0.0 |" in text
+  assert "| pasr | pasr | 10 | 70.0 | [41.6, 98.4] | 150.0 | 0.0 | 100.0 | 40.0 |" in text
+  # pasr - vanilla: +30 points, half width 1.96 * sqrt(5 - 0.9)/10 = 39.7; b=1, c=4 ->
+  # p = 2 * 6/32. Tokens 150 vs 100.
+  assert "| pasr − vanilla | 10 | +30.0 | [-9.7, +69.7] | 4 | 1 | 0.3750 | +50.0% |" in text
+  assert "| cold − vanilla | 10 | +0.0 | [+0.0, +0.0] | 0 | 0 | 1.0000 | +100.0% |" in text
+  assert "| pasr − cold | 10 | +30.0 |" in text                  # all 3 pairs for 3 runs
+  # Refining answers only (items 3, 4, 5, 8): 3 right->wrong, 4 and 5 wrong->right, 8
+  # wrong->wrong; b=1, c=2 -> p = 2 * 4/8 = 1. cold never refines: no row.
+  assert "answers that refine" in text
+  assert ("| vanilla → pasr | 4 (40.0%) | 0 (0.0%) | 2 (50.0%) | 1 (25.0%) | 1 (25.0%) "
+          "| 1.0000 |") in text
+  assert "vanilla → cold" not in text
+  assert "by dataset" not in text                               # one dataset only
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  named = compare(dirs, labels=["A", "B", "C"])
+  assert "| C − A | 10 | +30.0 |" in named and "| A → C | 4 (40.0%) |" in named
+
+
+def test_compare_refuses_different_items_and_bad_args(tmp_path):
+  dirs = _three_runs(tmp_path)
+  other = [_record(i, True, 10, "pasr") for i in (0, 1, 2, 3, 4, 5, 6, 7, 8, 11)]
+  write_outputs(str(tmp_path / "eval_other"), other, dict(mode="pasr"))
+  r = subprocess.run([sys.executable, "-m", "pasr_jax.evaluate", "compare", dirs[0],
+                      str(tmp_path / "eval_other")], cwd=ROOT, capture_output=True, text=True,
+                     timeout=120)
+  assert r.returncode == 2 and "Traceback" not in r.stderr
+  err = r.stderr.strip()
+  assert "\n" not in err and dirs[0] in err and str(tmp_path / "eval_other") in err
+  assert "1 only in the first, 1 only in the second, e.g. 'arith/9'" in err
+  with pytest.raises(EvalError, match="--labels has 2 names for 3 result dirs"):
+    compare(dirs, labels=["a", "b"])
   with pytest.raises(EvalError, match="no results.json"):
-    compare([str(tmp_path / "a"), str(tmp_path)])
+    compare([dirs[0], str(tmp_path)])
+  with pytest.raises(EvalError, match="at least two"):
+    compare(dirs[:1])
+
+
+def test_compare_labels_from_parent_dirs(tmp_path):
+  recs = [_record(i, i % 2 == 0, 50, "vanilla") for i in range(4)]
+  for arm in ("vanilla", "grpo"):
+    write_outputs(str(tmp_path / arm / "eval"), recs, dict(mode="vanilla"))
+  text = compare([str(tmp_path / "vanilla" / "eval"), str(tmp_path / "grpo" / "eval")])
+  assert "| grpo − vanilla | 4 | +0.0 |" in text
 
 
 # ------------------------------------------------------------------ real engine + judge
@@ -187,10 +241,13 @@ def test_compare_cli_on_two_runs(vanilla_run, pasr_run, tmp_path):
                       str(vanilla_run[0]), str(pasr_run[0]), "--png", str(png)],
                      cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert r.returncode == 0, r.stderr
-  assert "Δacc (points)" in r.stdout and "Δtokens" in r.stdout
+  van, pas = (vanilla_run[0].name, pasr_run[0].name)      # labels: the dir names
+  assert "Accuracy % by dataset" in r.stdout
   for ds in ("gsm8k", "arc", "xsum", "average"):
     assert f"| {ds} |" in r.stdout
-  assert "right→right" in r.stdout and "| 9 |" in r.stdout   # all 9 items in both runs
+  assert f"| {pas} − {van} | 9 |" in r.stdout               # all 9 items paired
+  refining = sum(i["refine_count"] > 0 for i in pasr_run[1]["items"])
+  assert (f"| {van} → {pas} | {refining} (" in r.stdout) == (refining > 0)
   assert png.read_bytes()[:4] == b"\x89PNG"
 
 

@@ -1,20 +1,24 @@
 """Evaluation reports: results.json, summary tables (md/csv), plots, run comparison.
 
 `summarize` turns per-item records into per-dataset rows (accuracy in %, average generated
-tokens, refine rate, format rate). `compare` lines several result dirs up against the first
-(paper-style Δaccuracy points and Δtokens %) and, for a vanilla run and a PASR run, tabulates
-how answers move between right and wrong (paper Figure 4).
+tokens, refine rate, format rate). `compare` pairs several result dirs item by item against the
+first: per-run accuracy with CI, tokens, truncation, format and refine rates; paired accuracy
+differences with CI and McNemar p (`eval.stats`); and how answers that refine move between
+right and wrong relative to the reference (paper Figure 4).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
 
 from pasr_jax.eval.benchmarks import EvalError
+from pasr_jax.eval.stats import mcnemar_exact, mean_ci
 
 AVG = "average"
 
@@ -109,60 +113,194 @@ def load_run(run_dir: str) -> dict[str, Any]:
       raise EvalError(f"{path}: invalid JSON: {e}") from None
 
 
-def transitions(base: Sequence[dict[str, Any]], other: Sequence[dict[str, Any]],
-                ) -> dict[str, Any]:
-  """How answers move from `base` (vanilla) to `other` (PASR) on the items both answered.
+# --- comparing runs ---------------------------------------------------------------------------
+Key = tuple[str, str]          # (dataset, item id): how items are paired across runs
+ALL_PAIRS_UP_TO = 5            # arms; beyond this only each-vs-first and consecutive pairs
 
-  Returns counts n, shares (%) right_right, wrong_right, right_wrong, wrong_wrong, and
-  refine_rate: % of `other`'s answers on those items with at least one refine block.
-  """
-  b = {i["id"]: i for i in base}
-  pairs = [(b[o["id"]], o) for o in other if o["id"] in b]
-  n = len(pairs)
-  out: dict[str, Any] = dict(n=n)
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+  """One evaluation output dir: its label, mode and per-item records keyed by (dataset, id)."""
+  label: str
+  run_dir: str
+  mode: str
+  items: dict[Key, dict[str, Any]]
+
+
+def _labels(run_dirs: Sequence[str]) -> list[str]:
+  """Dir names without an `eval_` prefix; the parent dirs' names where those collide
+  (runs/experiment/<arm>/eval), else the paths as given."""
+  paths = [os.path.normpath(d) for d in run_dirs]
+  for names in ([os.path.basename(p).removeprefix("eval_") for p in paths],
+                [os.path.basename(os.path.dirname(p)) for p in paths]):
+    if all(names) and len(set(names)) == len(names):
+      return names
+  return list(run_dirs)
+
+
+def load_arms(run_dirs: Sequence[str], labels: Sequence[str] | None = None) -> list[Arm]:
+  """The runs in `run_dirs`, each holding the same items as the first (EvalError if not)."""
+  if len(run_dirs) < 2:
+    raise EvalError("compare needs at least two result dirs")
+  if labels is not None and len(labels) != len(run_dirs):
+    raise EvalError(f"--labels has {len(labels)} names for {len(run_dirs)} result dirs")
+  arms = []
+  for label, d in zip(labels or _labels(run_dirs), run_dirs):
+    run = load_run(d)
+    items: dict[Key, dict[str, Any]] = {}
+    for it in run["items"]:
+      key = (it["dataset"], str(it["id"]))
+      if key in items:
+        raise EvalError(f"{d}: item {key[1]!r} of {key[0]!r} appears twice in results.json")
+      items[key] = it
+    arms.append(Arm(label, d, run["meta"].get("mode", "?"), items))
+  ref = arms[0]
+  for arm in arms[1:]:
+    if arm.items.keys() != ref.items.keys():
+      only_ref = sorted(ref.items.keys() - arm.items.keys())
+      only_arm = sorted(arm.items.keys() - ref.items.keys())
+      example = (only_ref or only_arm)[0][1]
+      raise EvalError(f"{ref.run_dir} and {arm.run_dir} hold different items ({len(only_ref)} "
+                      f"only in the first, {len(only_arm)} only in the second, e.g. "
+                      f"{example!r}); paired comparison needs the same items in every dir")
+  return arms
+
+
+def _truncated(it: dict[str, Any]) -> bool:
+  return it.get("finish_reason") == "length"
+
+
+def arm_row(arm: Arm) -> dict[str, Any]:
+  """Pooled over all items of one arm: n, accuracy % (mean judge score) with its 95 % Wald
+  interval, mean generated tokens, and the % of answers cut at max_tokens (finish reason
+  `length`), in the answer format, and holding at least one refine block."""
+  its = list(arm.items.values())
+  n = len(its)
+  acc, lo, hi = mean_ci([float(i["score"]) for i in its])
+  return dict(label=arm.label, mode=arm.mode, n=n, accuracy=100 * acc, acc_lo=100 * lo,
+              acc_hi=100 * hi, tokens=sum(i["tokens"] for i in its) / n,
+              truncated=100.0 * sum(map(_truncated, its)) / n,
+              format_rate=100.0 * sum(bool(i["format_ok"]) for i in its) / n,
+              refine_rate=100.0 * sum(i["refine_count"] > 0 for i in its) / n)
+
+
+def paired(a: Arm, b: Arm, keys: Sequence[Key] | None = None) -> dict[str, Any]:
+  """`b` against `a` on `keys` (default: all items): diff = mean per-item score difference
+  b − a in points with its 95 % Wald interval (`mean_ci`: for 0/1 scores the interval of a
+  difference of paired proportions); b_wrong / a_wrong = items only `a` / only `b` gets right
+  (the discordant pairs, by the records' `correct`) and McNemar's exact two-sided p on them;
+  the four transitions a → b (right_right, wrong_right, right_wrong, wrong_wrong) as counts."""
+  keys = list(a.items) if keys is None else list(keys)
+  d, lo, hi = mean_ci([float(b.items[k]["score"]) - float(a.items[k]["score"]) for k in keys])
+  out: dict[str, Any] = dict(n=len(keys), diff=100 * d, lo=100 * lo, hi=100 * hi)
   for name, (x, y) in dict(right_right=(True, True), wrong_right=(False, True),
                            right_wrong=(True, False), wrong_wrong=(False, False)).items():
-    out[name] = 100.0 * sum(bool(p["correct"]) == x and bool(o["correct"]) == y
-                            for p, o in pairs) / max(n, 1)
-  out["refine_rate"] = 100.0 * sum(o["refine_count"] > 0 for _, o in pairs) / max(n, 1)
+    out[name] = sum(bool(a.items[k]["correct"]) == x and bool(b.items[k]["correct"]) == y
+                    for k in keys)
+  out["p"] = mcnemar_exact(out["right_wrong"], out["wrong_right"])
   return out
 
 
-def compare(run_dirs: Sequence[str], out_png: str | None = None) -> str:
-  """Markdown: each run vs the first (Δaccuracy points, Δtokens %) and the refinement analysis."""
-  if len(run_dirs) < 2:
-    raise EvalError("compare needs at least two result dirs")
-  runs = [load_run(d) for d in run_dirs]
-  names = [f"{r['meta'].get('mode', '?')}@{os.path.basename(os.path.normpath(d))}"
-           for r, d in zip(runs, run_dirs)]
-  base = {r["dataset"]: r for r in runs[0]["summary"]}
-  parts = []
-  for name, run in zip(names[1:], runs[1:]):
-    rows = []
-    for r in run["summary"]:
-      b = base.get(r["dataset"])
-      if b is None:
-        continue
-      dtok = 100.0 * (r["tokens"] - b["tokens"]) / b["tokens"] if b["tokens"] else float("nan")
-      rows.append([r["dataset"], f"{b['accuracy']:.1f}", f"{r['accuracy']:.1f}",
-                   f"{r['accuracy'] - b['accuracy']:+.1f}", f"{b['tokens']:.1f}",
-                   f"{r['tokens']:.1f}", f"{dtok:+.1f}%"])
-    parts.append(f"## {name} vs {names[0]}\n\n" + _md_table(
-        ["dataset", "acc base", "acc", "Δacc (points)", "tokens base", "tokens", "Δtokens"], rows))
-  # Refinement analysis: every (vanilla, pasr) pair of runs among the dirs.
-  modes = [r["meta"].get("mode") for r in runs]
-  rows = []
-  for i, mi in enumerate(modes):
-    for j, mj in enumerate(modes):
-      if mi == "vanilla" and mj == "pasr":
-        t = transitions(runs[i]["items"], runs[j]["items"])
-        rows.append([f"{names[i]} → {names[j]}", t["n"], f"{t['right_right']:.1f}",
-                     f"{t['wrong_right']:.1f}", f"{t['right_wrong']:.1f}",
-                     f"{t['wrong_wrong']:.1f}", f"{t['refine_rate']:.1f}"])
-  if rows:
-    parts.append("## Refinement analysis (items answered by both runs, % of them)\n\n" + _md_table(
-        ["runs", "n", "right→right", "wrong→right", "right→wrong", "wrong→wrong",
-         "PASR refine rate"], rows))
+def arm_pairs(n: int) -> list[tuple[int, int]]:
+  """Index pairs (i, j), i < j, to compare: all of them for up to ALL_PAIRS_UP_TO arms, else
+  each arm against the first and each against the one before it."""
+  if n <= ALL_PAIRS_UP_TO:
+    return [(i, j) for i in range(n) for j in range(i + 1, n)]
+  return sorted({(0, j) for j in range(1, n)} | {(j - 1, j) for j in range(1, n)})
+
+
+def refine_analysis(ref: Arm, arm: Arm) -> dict[str, Any] | None:
+  """The paper's Figure 4, on answers that refine: the items where `arm`'s answer holds at
+  least one refine block, each classed by the reference's answer to the same item (right or
+  wrong) → `arm`'s answer. `paired` on those items, plus share = % of `arm`'s answers that
+  refine; None when none do."""
+  keys = [k for k, it in arm.items.items() if it["refine_count"] > 0]
+  if not keys:
+    return None
+  return dict(paired(ref, arm, keys), share=100.0 * len(keys) / len(arm.items))
+
+
+def _p(p: float) -> str:
+  return f"{p:.4f}" if p >= 1e-3 else f"{p:.1e}"
+
+
+def _count(k: int, n: int) -> str:
+  return f"{k} ({100.0 * k / n:.1f}%)" if n else "0"
+
+
+def compare(run_dirs: Sequence[str], out_png: str | None = None,
+            labels: Sequence[str] | None = None) -> str:
+  """Markdown comparing result dirs on the same items, the first being the reference: per-arm
+  table, accuracy by dataset (when several), paired differences with 95 % CI and McNemar p,
+  and the refinement analysis of answers that refine. `out_png`: accuracy ± CI and tokens."""
+  arms = load_arms(run_dirs, labels)
+  rows = [arm_row(a) for a in arms]
+  ref = arms[0]
+  parts = [f"# {len(arms)} runs on the same {rows[0]['n']} items (reference: {ref.label})",
+           "## Per run (accuracy: mean judge score, 95 % Wald CI; truncated: cut at max_tokens)"
+           "\n\n" + _md_table(
+               ["run", "mode", "n", "accuracy %", "95 % CI", "avg tokens", "truncated %",
+                "format ok %", "refine %"],
+               [[r["label"], r["mode"], r["n"], f"{r['accuracy']:.1f}",
+                 f"[{r['acc_lo']:.1f}, {r['acc_hi']:.1f}]", f"{r['tokens']:.1f}",
+                 f"{r['truncated']:.1f}", f"{r['format_rate']:.1f}", f"{r['refine_rate']:.1f}"]
+                for r in rows])]
+  by_ds = [summarize(list(a.items.values())) for a in arms]
+  if len(by_ds[0]) > 2:    # several datasets (+ the average row)
+    parts.append("## Accuracy % by dataset\n\n" + _md_table(
+        ["dataset"] + [a.label for a in arms],
+        [[r["dataset"]] + [f"{s[i]['accuracy']:.1f}" for s in by_ds]
+         for i, r in enumerate(by_ds[0])]))
+  prow = []
+  for i, j in arm_pairs(len(arms)):
+    s = paired(arms[i], arms[j])
+    dtok = (100.0 * (rows[j]["tokens"] - rows[i]["tokens"]) / rows[i]["tokens"]
+            if rows[i]["tokens"] else math.nan)
+    prow.append([f"{arms[j].label} − {arms[i].label}", s["n"], f"{s['diff']:+.1f}",
+                 f"[{s['lo']:+.1f}, {s['hi']:+.1f}]", s["wrong_right"], s["right_wrong"],
+                 _p(s["p"]), f"{dtok:+.1f}%"])
+  parts.append(
+      "## Paired differences (B − A on the same items; 95 % CI: Wald, paired proportions; "
+      "p: exact two-sided McNemar on the discordant items)\n\n" + _md_table(
+          ["B − A", "n", "Δacc (points)", "95 % CI", "only B right", "only A right",
+           "McNemar p", "Δtokens"], prow))
+  rrow = []
+  for arm in arms[1:]:
+    t = refine_analysis(ref, arm)
+    if t is not None:
+      n = t["n"]
+      rrow.append([f"{ref.label} → {arm.label}", f"{n} ({t['share']:.1f}%)",
+                   _count(t["right_right"], n), _count(t["wrong_right"], n),
+                   _count(t["right_wrong"], n), _count(t["wrong_wrong"], n), _p(t["p"])])
+  if rrow:
+    parts.append(
+        f"## Refinement analysis of answers that refine (items where the run's answer holds a "
+        f"refine block; {ref.label}'s answer to the same item → the run's answer)\n\n"
+        + _md_table(["reference → run", "refining answers (% of run)", "right→right",
+                     "wrong→right", "right→wrong", "wrong→wrong", "McNemar p"], rrow))
   if out_png:
-    plot(list(zip(names, [r["summary"] for r in runs])), out_png)
+    plot_arms(rows, out_png)
   return "\n\n".join(parts) + "\n"
+
+
+def plot_arms(rows: Sequence[dict[str, Any]], path: str) -> None:
+  """Per run: accuracy with its 95 % CI, and mean tokens with the truncated share on top."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  labels = [r["label"] for r in rows]
+  x = range(len(rows))
+  fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(max(8, 1.8 * len(rows)), 4))
+  acc = [r["accuracy"] for r in rows]
+  err = [[r["accuracy"] - max(r["acc_lo"], 0.0) for r in rows],
+         [min(r["acc_hi"], 100.0) - r["accuracy"] for r in rows]]
+  ax0.bar(x, acc, yerr=err, capsize=4, color="tab:blue")
+  ax0.set_ylabel("accuracy (%), 95 % CI")
+  bars = ax1.bar(x, [r["tokens"] for r in rows], color="tab:orange")
+  ax1.bar_label(bars, [f"{r['truncated']:.0f}% cut" for r in rows], fontsize=8)
+  ax1.set_ylabel("avg generated tokens")
+  for ax in (ax0, ax1):
+    ax.set_xticks(list(x), labels, rotation=30, ha="right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
