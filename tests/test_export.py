@@ -94,6 +94,7 @@ def test_export_latest_is_bit_exact_and_loads_in_transformers(run, exported):
   np.testing.assert_allclose(mine, ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_export_generates_the_same_greedy_text_in_vllm(run, exported):
   from pasr_jax.rollout.vllm_sampler import VllmSampler
   from transformers import AutoTokenizer
