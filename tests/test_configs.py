@@ -27,6 +27,7 @@ def test_paper_presets_have_paper_hyperparameters_and_need_a_model_dir(name):
     RunConfig.from_tree(cfg).need_files()  # the snapshot path is the user's to give
 
 
+@pytest.mark.slow
 def test_plan_one_layer_of_qwen3_8b_on_8_devices():
   """Arguments = fp32 params + bf16 reference + two AdamW moments, FSDP-split over 8 devices."""
   import jax

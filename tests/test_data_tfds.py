@@ -40,6 +40,7 @@ def test_bad_file_fails_before_tfds(tmp_path):
     data_tfds.prepare("bad", [str(bad)], str(tmp_path / "d"))
 
 
+@pytest.mark.slow
 def test_train_two_steps_from_tfds_then_resume_from_its_cursor(tmp_path, tfds_dir, judge_url):
   """The real command with ScriptedSampler: what is read and resumed is the data's business."""
   w = tmp_path / "run"

@@ -25,6 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 B, L, PROMPT = 4, 16, 6
 
 
+pytestmark = pytest.mark.slow  # a 2-step training run, then exports of it
+
+
 def _batch(vocab, seed):
   rng = np.random.default_rng(seed)
   ids = rng.integers(10, vocab, (B, L)).astype(np.int32)
@@ -94,7 +97,6 @@ def test_export_latest_is_bit_exact_and_loads_in_transformers(run, exported):
   np.testing.assert_allclose(mine, ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.slow
 def test_export_generates_the_same_greedy_text_in_vllm(run, exported):
   from pasr_jax.rollout.vllm_sampler import VllmSampler
   from transformers import AutoTokenizer

@@ -220,6 +220,7 @@ _JUDGE_FAULTS = [
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("behaviour,overrides,needles", _JUDGE_FAULTS,
                          ids=[f[0] for f in _JUDGE_FAULTS])
+@pytest.mark.slow
 def test_a_bad_judge_ends_the_run_in_one_line_exit_3(tmp_path, behaviour, overrides, needles):
   """A judge that answers in prose, with 500s, with an empty body or too slowly: the run
   stops in its first step with exit 3 and one line saying what the judge did; no step is
@@ -241,6 +242,7 @@ def test_a_bad_judge_ends_the_run_in_one_line_exit_3(tmp_path, behaviour, overri
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.slow
 def test_disk_full_ends_in_one_line_and_the_run_resumes(tmp_path):
   """The workdir's filesystem (a 64 MB tmpfs made here) fills up after step 1: exit 5 with one
   line; once there is room again the same command resumes from step 1's checkpoint."""
@@ -293,9 +295,12 @@ def test_disk_full_ends_in_one_line_and_the_run_resumes(tmp_path):
 
 
 @pytest.mark.parametrize("override,needle", [
-    ("--config.mesh.shape=(3,-1,1)", "MeshError: mesh.shape=(3, -1, 1) does not divide 8 devices"),
-    ("--config.optim.micro_batch=3", "optim.micro_batch=3 must be a positive multiple of the "
-     "batch shards data*fsdp=8"),
+    # These two start JAX's 8 devices before they fail: tens of seconds.
+    pytest.param("--config.mesh.shape=(3,-1,1)",
+                 "MeshError: mesh.shape=(3, -1, 1) does not divide 8 devices",
+                 marks=pytest.mark.slow),
+    pytest.param("--config.optim.micro_batch=3", "optim.micro_batch=3 must be a positive "
+                 "multiple of the batch shards data*fsdp=8", marks=pytest.mark.slow),
     ("--config.model.tiny_random=False", "model.path='': no HF model dir (config.json) there"),
     ("--config.optim.lr=-0.001", "optim.lr=-0.001: must be > 0"),
 ])
@@ -309,6 +314,7 @@ def test_config_faults_end_in_one_line_exit_2(tmp_path, override, needle):
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.slow
 def test_diverging_run_stops_with_exit_6_and_keeps_finite_checkpoints(tmp_path, judge_url):
   """optim.lr=1e30: the first update blows the weights up, every later loss is NaN and its
   update skipped; after train.max_nonfinite_steps such steps the run ends (it trained on

@@ -172,6 +172,7 @@ def test_load_with_mesh_places_each_param_and_keeps_logits(tmp_path, scan):
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_smollm2_matches_transformers_on_padded_batch(smollm2_dir, tmp_path):
   model, cfg = load_hf(smollm2_dir)
   assert (cfg.model_type, cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,

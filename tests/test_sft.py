@@ -144,6 +144,7 @@ def harvested_run(tmp_path_factory):
   return wd / "sft"
 
 
+@pytest.mark.slow
 def test_sft_on_harvested_paths_lowers_the_loss(harvested_run):
   rows = metrics.read_jsonl(str(harvested_run / "metrics.jsonl"))
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # 16 paths / 8 per update x 3 epochs

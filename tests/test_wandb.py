@@ -12,6 +12,7 @@ from pasr_jax import metrics
 from pasr_jax.config import ConfigError, RunConfig
 
 
+@pytest.mark.slow
 def test_offline_run_logs_the_config_every_step_and_the_reward_curve(tmp_path, judge_url):
   w = tmp_path / "w"
   run_train(w, judge_url, "--config.train.steps=2", "--config.logging.wandb_project=pasr-test",
