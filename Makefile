@@ -13,7 +13,7 @@ XLA_GPU_STAMP := $(XLA_GPU_VENV)/.installed
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup xla-gpu test demo experiment bench clean
+.PHONY: setup xla-gpu test test-fast demo experiment bench clean
 
 setup: $(STAMP) $(MODEL_STAMP)
 
@@ -43,6 +43,10 @@ xla-gpu: $(XLA_GPU_STAMP)
 
 test: setup xla-gpu
 	$(VPY) -m pytest -q tests
+
+# The fast tier: no vLLM engine (tests/conftest.py fails a test that starts one unmarked).
+test-fast: setup xla-gpu
+	$(VPY) -m pytest -q -m "not slow" tests
 
 demo: setup
 	$(VPY) -m pasr_jax.train --config=configs/smollm2_135m.py --config.workdir=runs/demo

@@ -182,4 +182,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.logging = ml_collections.ConfigDict()
   c.logging.tensorboard = True
   c.logging.every = 1                 # the step line on stdout every k steps (metrics.jsonl: every step)
+  # Weights & Biases (process 0 only): the resolved config, every step's scalars, the curve.
+  c.logging.wandb_project = ""        # "" = off
+  c.logging.wandb_mode = "online"     # online | offline (into <workdir>/wandb; `wandb sync` it)
+  c.logging.wandb_run_name = ""       # "" = the workdir's name; every start is its own W&B run
   return c

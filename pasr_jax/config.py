@@ -22,6 +22,7 @@ from pasr_jax.dtypes import NAMES as DTYPE_NAMES
 
 # The choices of config values; the modules that act on them import them from here.
 AGGS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
+WANDB_MODES = ("online", "offline")
 TASK_TYPES = ("general", "multiple_choice", "summary")
 PROMPT_SETS = ("ours", "paper")
 JUDGE_STYLES = ("binary", "graded")
@@ -400,9 +401,14 @@ class LoggingCfg(Section):
   _key: ClassVar[str] = "logging"
   tensorboard: bool
   every: int
+  wandb_project: str
+  wandb_mode: str
+  wandb_run_name: str
 
   def check(self):
     self.need(self.every >= 1, "every", "must be >= 1")
+    self.need(self.wandb_mode in WANDB_MODES, "wandb_mode",
+              "must be one of " + " | ".join(WANDB_MODES))
 
 
 @dataclasses.dataclass(frozen=True)

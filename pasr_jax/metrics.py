@@ -1,4 +1,5 @@
-"""Writers for what a run reports: TensorBoard scalars, JSONL logs (metrics, rollouts), a PNG.
+"""Writers for what a run reports: JSONL logs (metrics, rollouts), TensorBoard and Weights &
+Biases scalars, a PNG.
 
 JSONL logs are append-only. A checkpoint stores each log's byte size (`JsonlLog.tell()`); on
 resume the log is cut back to that size, so records of steps that ran after the last checkpoint
@@ -12,6 +13,8 @@ import math
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+from pasr_jax.config import ConfigError, LoggingCfg
 
 
 class JsonlLog:
@@ -53,16 +56,35 @@ def format_scalars(step: int, scalars: Mapping[str, float], keys: Iterable[str])
   return " | ".join(parts)
 
 
+def start_wandb(logging_cfg: LoggingCfg, config: Mapping[str, Any], root: str | os.PathLike):
+  """A Weights & Biases run holding `config` (the resolved config), its files under
+  `root`/wandb; None when `logging.wandb_project` is "" (off). Named after the workdir unless
+  `logging.wandb_run_name` is set; each start of a run (a resume too) is a W&B run of its own."""
+  if not logging_cfg.wandb_project:
+    return None
+  import wandb  # pylint: disable=import-outside-toplevel
+  try:
+    return wandb.init(project=logging_cfg.wandb_project, mode=logging_cfg.wandb_mode,
+                      name=logging_cfg.wandb_run_name or os.path.basename(os.path.abspath(root)),
+                      dir=str(root), config=dict(config))
+  except wandb.Error as e:  # online without a key, an unknown project/entity, ...
+    raise ConfigError(f"config logging.wandb_project={logging_cfg.wandb_project!r} "
+                      f"(logging.wandb_mode={logging_cfg.wandb_mode!r}): W&B did not start: "
+                      f"{e}. Set WANDB_API_KEY, or logging.wandb_mode=offline") from None
+
+
 class MetricsWriter:
-  """Scalars to a JSONL log (`metrics_path`) and, with `tb_dir`, TensorBoard (tensorboardX)."""
+  """Scalars to a JSONL log (`metrics_path`), with `tb_dir` to TensorBoard (tensorboardX),
+  with `wandb_run` (`start_wandb`) to Weights & Biases, whose run it finishes on `close`."""
 
   def __init__(self, metrics_path: str | os.PathLike, tb_dir: str | os.PathLike | None = None,
-               truncate_to: int | None = None):
+               truncate_to: int | None = None, wandb_run=None):
     self.log = JsonlLog(str(metrics_path), truncate_to)
     self._tb = None
     if tb_dir is not None:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
       self._tb = SummaryWriter(str(tb_dir))
+    self._wandb = wandb_run
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     clean = {k: float(v) for k, v in scalars.items()}
@@ -71,11 +93,21 @@ class MetricsWriter:
       for k, v in clean.items():
         self._tb.add_scalar(k, v, step)
       self._tb.flush()
+    if self._wandb is not None:
+      self._wandb.log(clean, step=step)
+
+  def write_image(self, name: str, png: str | os.PathLike) -> None:
+    """A figure (the reward curve) to Weights & Biases; the PNG itself stays where it is."""
+    if self._wandb is not None:
+      import wandb  # pylint: disable=import-outside-toplevel
+      self._wandb.log({name: wandb.Image(str(png))})
 
   def close(self) -> None:
     self.log.close()
     if self._tb is not None:
       self._tb.close()
+    if self._wandb is not None:
+      self._wandb.finish()
 
 
 # What a run shows of learning (issue 18): per step, on one figure and in the end-of-run line.

@@ -215,7 +215,8 @@ class Run:
                                        cfg.data.shuffle_seed, self.state.cursor)
     if self.writer_process:
       self.writer = metrics_lib.MetricsWriter(
-          wd.metrics, wd.tb if cfg.logging.tensorboard else None, self.state.log_bytes["metrics"])
+          wd.metrics, wd.tb if cfg.logging.tensorboard else None, self.state.log_bytes["metrics"],
+          metrics_lib.start_wandb(cfg.logging, json.loads(cfg.to_json()), wd.root))
       self.rollouts = metrics_lib.JsonlLog(str(wd.rollouts), self.state.log_bytes["rollouts"])
 
     self.sampler = self.make_sampler()
@@ -385,6 +386,7 @@ class Run:
     if self.writer_process and wd.metrics.stat().st_size:
       print(f"[train] learning: {metrics_lib.learning_summary(str(wd.metrics))}", flush=True)
       summary["reward_curve"] = metrics_lib.plot_reward_curve(wd.metrics, wd.reward_curve)
+      self.writer.write_image("reward_curve", summary["reward_curve"])
     if self.cfg.train.export and not self.stopping:
       summary["hf"] = str(save_hf(self.trainer.model, self.model_cfg, wd.hf,
                                   tokenizer_from=self.model_dir))

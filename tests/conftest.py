@@ -1,9 +1,15 @@
-"""Shared test set-up: 8 forced CPU devices, pinned thread pools, the prepared SmolLM2 dir.
+"""Shared test set-up: 8 forced CPU devices, pinned thread pools, the prepared SmolLM2 dir,
+and the fast tier's guard.
 
 Environment must be set before JAX, torch or vLLM are imported anywhere in the session.
+
+Tiers: `pytest -m "not slow"` is the fast tier (no vLLM engine, minutes); `make test` runs
+everything. A test that starts a vLLM engine, in this process or in any process it starts,
+must be marked `slow`: otherwise it fails here, naming itself.
 """
 
 import os
+import threading
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -12,7 +18,69 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import psutil  # noqa: E402
 import pytest  # noqa: E402
+
+from helpers import is_engine_core  # noqa: E402
+
+# Fixtures that are a running engine.
+ENGINE_FIXTURES = frozenset({"vllm_sampler"})
+
+
+def _unmarked(item) -> bool:
+  return item.get_closest_marker("slow") is None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+  """Before any fixture starts: an engine fixture asked for by a test not marked slow."""
+  wanted = ENGINE_FIXTURES & set(getattr(item, "fixturenames", ()))
+  if _unmarked(item) and wanted:
+    pytest.fail(f"{item.nodeid} uses {', '.join(sorted(wanted))} (a vLLM engine) but is not "
+                "marked @pytest.mark.slow", pytrace=False)
+
+
+class _EngineWatch(threading.Thread):
+  """Polls this process's descendants for vLLM engine cores that were not there at start."""
+
+  def __init__(self):
+    super().__init__(daemon=True)
+    self.me = psutil.Process()
+    self.before = {p.pid for p in self.me.children(recursive=True)}
+    self.seen: list[str] = []
+    self.done = threading.Event()
+
+  def run(self):
+    while not self.done.wait(0.5):
+      for p in self.me.children(recursive=True):
+        if p.pid not in self.before and is_engine_core(p):
+          self.seen.append(f"pid {p.pid} ({p.name()})")
+          return
+
+
+@pytest.fixture(autouse=True)
+def _no_engine_unless_slow(request, monkeypatch):
+  """A test not marked slow may not start a vLLM engine: `VllmSampler` refuses to start one
+  in this process, and an engine core appearing in a child process fails the test."""
+  if not _unmarked(request.node):
+    yield
+    return
+  from pasr_jax.rollout import vllm_sampler
+  nodeid = request.node.nodeid
+
+  def refuse(self):
+    pytest.fail(f"{nodeid} starts a vLLM engine but is not marked @pytest.mark.slow",
+                pytrace=False)
+
+  monkeypatch.setattr(vllm_sampler.VllmSampler, "_start_engine", refuse)
+  watch = _EngineWatch()
+  watch.start()
+  yield
+  watch.done.set()
+  watch.join()
+  if watch.seen:
+    pytest.fail(f"{nodeid} started a vLLM engine core in a child process "
+                f"({', '.join(watch.seen)}) but is not marked @pytest.mark.slow", pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -30,8 +98,6 @@ def vllm_sampler(smollm2_dir):
   that `sync` other weights into it must sync SmolLM2's own weights back before they end.
   Teardown closes it and fails if any engine process outlives `close()` (issue #4).
   """
-  import psutil
-
   from pasr_jax.rollout.vllm_sampler import VllmSampler
   me = psutil.Process()
   before = {p.pid for p in me.children(recursive=True)}

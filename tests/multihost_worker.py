@@ -24,7 +24,7 @@ def main(workdir: str, out: str, overrides: list[str]) -> None:
 
   from pasr_jax import sharding
   from pasr_jax.run import Run
-  from scripted import ScriptedSampler
+  from helpers import ScriptedSampler
 
   argv = [sys.argv[0], f"--config={ROOT / 'configs' / 'tiny_cpu.py'}",
           f"--config.workdir={workdir}", *overrides]
@@ -34,7 +34,7 @@ def main(workdir: str, out: str, overrides: list[str]) -> None:
 
   class ScriptedRun(Run):
     def make_sampler(self):
-      return ScriptedSampler(self.model_dir)
+      return ScriptedSampler.for_model_dir(self.model_dir)
 
   r = ScriptedRun(cfg)
   try:
@@ -49,7 +49,7 @@ def main(workdir: str, out: str, overrides: list[str]) -> None:
       np.save(out, flat)
     # The weights each sync gathered on this host (one checksum per sync).
     Path(f"{out}.sync{jax.process_index()}.json").write_text(json.dumps(r.sampler.weight_sums))
-    print(f"[worker {jax.process_index()}] prompts {len(r.sampler.prompts_seen)} "
+    print(f"[worker {jax.process_index()}] prompts {sum(map(len, r.sampler.calls))} "
           f"syncs {len(r.sampler.weight_sums)}", flush=True)
   finally:
     r.close()

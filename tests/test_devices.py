@@ -8,21 +8,19 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from configs.base import get_base_config
+from helpers import ROOT, env
 from pasr_jax import devices
 from procs import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _env(**extra):
-  env = dict(os.environ, PYTHONPATH=str(ROOT), **extra)
-  env.pop(devices.FRACTION_ENV, None)
-  return env
+  e = env(**extra)
+  e.pop(devices.FRACTION_ENV, None)
+  return e
 
 
 def _last_json(text: str) -> dict:

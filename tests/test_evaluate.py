@@ -180,6 +180,7 @@ def test_compare_labels_from_parent_dirs(tmp_path):
 
 
 # ------------------------------------------------------------------ real engine + judge
+@pytest.mark.slow
 def test_vanilla_outputs_and_token_counts(vanilla_run):
   out, res, rec = vanilla_run
   for f in ("results.json", "summary.md", "summary.csv", "summary.png"):
@@ -205,6 +206,7 @@ def test_vanilla_outputs_and_token_counts(vanilla_run):
   assert res["stats"]["generated"] == 9 and res["stats"]["judged"] == 9
 
 
+@pytest.mark.slow
 def test_rerun_reuses_cache_without_engine(vanilla_run, smollm2_dir, judge_url):
   out, _, _ = vanilla_run
   before = json.loads((out / "results.json").read_text())["items"]
@@ -223,6 +225,7 @@ def test_rerun_reuses_cache_without_engine(vanilla_run, smollm2_dir, judge_url):
   assert "| gsm8k | 3 |" in r.stdout
 
 
+@pytest.mark.slow
 def test_pasr_mode_uses_the_system_prompt(pasr_run, smollm2_dir):
   from transformers import AutoTokenizer
   from pasr_jax.prompts import PASR_SYSTEM_PROMPT
@@ -235,6 +238,7 @@ def test_pasr_mode_uses_the_system_prompt(pasr_run, smollm2_dir):
   assert all(i["refine_count"] >= 0 and isinstance(i["format_ok"], bool) for i in items)
 
 
+@pytest.mark.slow
 def test_compare_cli_on_two_runs(vanilla_run, pasr_run, tmp_path):
   png = tmp_path / "cmp.png"
   r = subprocess.run([sys.executable, "-m", "pasr_jax.evaluate", "compare",
@@ -251,6 +255,7 @@ def test_compare_cli_on_two_runs(vanilla_run, pasr_run, tmp_path):
   assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_self_refine_oracle_second_turn_only_for_wrong(tmp_path, smollm2_dir, vllm_sampler,
                                                       judge_url):
   rec = Recorder(vllm_sampler)
@@ -286,6 +291,7 @@ def test_long_question_is_cut_to_fit_the_prompt_budget(smollm2_dir):
   assert enc.fit_question(item, None, budget=full) == (item.question, False)
 
 
+@pytest.mark.slow
 def test_shared_cache_dir_serves_another_out_dir(vanilla_run, smollm2_dir, judge_url, tmp_path):
   out, _, _ = vanilla_run
   c = _cfg(smollm2_dir, judge_url, tmp_path / "again", datasets="arc", limit=2)
@@ -299,6 +305,7 @@ def test_shared_cache_dir_serves_another_out_dir(vanilla_run, smollm2_dir, judge
   assert [i["answer"] for i in res["items"]] == [i["answer"] for i in first]
 
 
+@pytest.mark.slow
 def test_paper_eval_self_refine_plus(tmp_path, smollm2_dir, vllm_sampler, judge_url):
   """configs/paper_eval.py: App. B.3 instructions, greedy first answers, the review turn
   sampled at 0.6, and the oracle revising only the answers scored 0 (not XSum's partial

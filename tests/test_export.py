@@ -23,6 +23,7 @@ from pasr_jax.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 B, L, PROMPT = 4, 16, 6
+pytestmark = pytest.mark.slow  # a 2-step training run, then exports of it
 
 
 def _batch(vocab, seed):

@@ -1,18 +1,27 @@
 """Faults survived (issue #16): real processes, real engines, real servers on 127.0.0.1.
 
 Each case causes the fault for real (SIGKILL of a real process, a server that really answers
-500 or prose, real damaged files) and asserts what the run did and that nothing was lost.
+500 or prose, a really full filesystem) and asserts what the run did and that nothing was
+lost. Faults of the engine run on a real vLLM engine (`slow`); the run-level faults that do
+not involve it (judge, NaN, disk) run the real command with `ScriptedSampler`
+(`tests/scripted_train.py`): the same code paths, minutes faster.
 """
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import psutil
 import pytest
 
+from helpers import (DATA, ROOT, assert_group_gone, env, is_engine_core, read_state,
+                     start_train, train_cmd, train_error_lines, wait_for_step)
+from pasr_jax import metrics
 from pasr_jax.rollout import EngineError, VllmSampler
+from procs import free_port, start_judge, stop
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +47,7 @@ def _prompts(sampler, k=4):
   return [tok.encode(f"question {i}: what is {i}+{i}?") for i in range(k)]
 
 
+@pytest.mark.slow
 def test_engine_core_killed_mid_generation_raises_and_restarts(tiny_sampler):
   """SIGKILL of the engine core during a rollout: an EngineError within seconds (vLLM alone
   waits forever), the engine closed, and the next call runs on a fresh engine."""
@@ -66,6 +76,7 @@ def test_engine_core_killed_mid_generation_raises_and_restarts(tiny_sampler):
   assert len(groups) == len(prompts) and all(len(g.completions) == 2 for g in groups)
 
 
+@pytest.mark.slow
 def test_generate_past_its_time_limit_raises(tiny_sampler):
   prompts = _prompts(tiny_sampler)
   tiny_sampler.llm  # engine start is not part of the limit
@@ -80,6 +91,7 @@ def test_generate_past_its_time_limit_raises(tiny_sampler):
     tiny_sampler.timeout_s = 0.0
 
 
+@pytest.mark.slow
 def test_stop_request_ends_the_wait(tiny_sampler):
   prompts = _prompts(tiny_sampler)
   tiny_sampler.llm
@@ -94,44 +106,24 @@ def test_stop_request_ends_the_wait(tiny_sampler):
 
 
 # ----------------------------------------------------------------------------- whole runs
-# `python -m pasr_jax.train` (tiny_cpu preset) in its own process group, as in test_train.
-from test_train import DATA, ROOT, _assert_group_gone, _cmd, _env  # noqa: E402
+# `python -m pasr_jax.train` (tiny_cpu preset) in its own process group, or the same command
+# with ScriptedSampler (`scripted=True`).
 
 
 def _serve_verify(port: int):
-  import subprocess
-  import sys
-
   from procs import wait_healthy
   proc = subprocess.Popen([sys.executable, "-m", "pasr_jax.judge", "--backend", "verify",
-                           "--host", "127.0.0.1", "--port", str(port)], env=_env())
+                           "--host", "127.0.0.1", "--port", str(port)], env=env())
   assert wait_healthy(f"http://127.0.0.1:{port}", proc, 60), "verify judge did not start"
   return proc
 
 
-def _wait_for_step(workdir, proc, step: int, timeout_s: float = 420.0) -> None:
-  from pasr_jax import metrics
-  path = workdir / "metrics.jsonl"
-  deadline = time.time() + timeout_s
-  while not (path.exists() and len(metrics.read_jsonl(str(path))) >= step):
-    assert proc.poll() is None, f"run ended (rc {proc.returncode}) before step {step}"
-    assert time.time() < deadline, f"no step {step} within {timeout_s} s"
-    time.sleep(0.2)
-
-
-def _popen(workdir, judge_url, *overrides, log):
-  import subprocess
-  return subprocess.Popen(_cmd(workdir, judge_url, *overrides), cwd=ROOT, env=_env(),
-                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_run_survives_engine_death_and_a_judge_restart(tmp_path):
   """The engine core SIGKILLed between steps 1 and 2 and the judge down for ~10 s in step 3:
   the engine is restarted and re-synced, the judge retried, and the run ends like an
   unfaulted one: every step logged once, every sampled answer recorded once."""
-  from pasr_jax import metrics
-  from procs import free_port, stop
   port = free_port()
   url = f"http://127.0.0.1:{port}"
   judge = _serve_verify(port)
@@ -139,22 +131,21 @@ def test_run_survives_engine_death_and_a_judge_restart(tmp_path):
   log_path = tmp_path / "w.log"
   try:
     with open(log_path, "w") as log:
-      p = _popen(w, url, "--config.train.steps=4", "--config.judge.retries=6",
-                 f"--config.data.files=('{DATA / 'say_seven.jsonl'}',)", log=log)
-      _wait_for_step(w, p, 1)
-      cores = [c for c in psutil.Process(p.pid).children(recursive=True)
-               if "EngineCore" in " ".join(c.cmdline()) + c.name()]
+      p = start_train(w, url, "--config.train.steps=4", "--config.judge.retries=6",
+                      f"--config.data.files=('{DATA / 'say_seven.jsonl'}',)", log=log)
+      wait_for_step(w, p, 1)
+      cores = [c for c in psutil.Process(p.pid).children(recursive=True) if is_engine_core(c)]
       assert cores, [c.name() for c in psutil.Process(p.pid).children(recursive=True)]
       for c in cores:
         c.kill()
-      _wait_for_step(w, p, 2)
+      wait_for_step(w, p, 2)
       stop(judge)                       # judge gone while step 3 samples and judges
       time.sleep(8.0)
       judge = _serve_verify(port)       # ... and back on the same port
       rc = p.wait(420)
     out = log_path.read_text(errors="replace")
     assert rc == 0, out[-4000:]
-    _assert_group_gone(p.pid)
+    assert_group_gone(p.pid)
   finally:
     stop(judge)
   assert "restarting the engine and retrying the step" in out, out[-3000:]
@@ -178,7 +169,6 @@ class _BadJudge:
     import fastapi
     import uvicorn
 
-    from procs import free_port
     app = fastapi.FastAPI()
     self.chat_calls = 0
 
@@ -215,9 +205,10 @@ class _BadJudge:
     self.thread.join(10)
 
 
-# behaviour, config overrides, what the one error line must say
+# behaviour, config overrides, what the one error line must say. The scripted step's 16
+# answers are 4 distinct (question, answer) pairs, and the client asks once per pair.
 _JUDGE_FAULTS = [
-    ("prose", (), ["16 of 16 replies hold no score", "What a thoughtful answer, well done!"]),
+    ("prose", (), ["4 of 4 replies hold no score", "What a thoughtful answer, well done!"]),
     ("http500", ("--config.judge.retries=1", "--config.judge.backoff_s=0.05"),
      ["HTTP 500", "failed after 2"]),
     ("empty", ("--config.judge.retries=0",), ["reply is not a chat completion"]),
@@ -229,17 +220,18 @@ _JUDGE_FAULTS = [
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("behaviour,overrides,needles", _JUDGE_FAULTS,
                          ids=[f[0] for f in _JUDGE_FAULTS])
+@pytest.mark.slow
 def test_a_bad_judge_ends_the_run_in_one_line_exit_3(tmp_path, behaviour, overrides, needles):
   """A judge that answers in prose, with 500s, with an empty body or too slowly: the run
   stops in its first step with exit 3 and one line saying what the judge did; no step is
   logged as done and nothing is checkpointed."""
-  import subprocess
   with _BadJudge(behaviour) as judge:
-    p = subprocess.run(_cmd(tmp_path / "w", judge.url, "--config.train.steps=2", *overrides),
-                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=500)
+    p = subprocess.run(train_cmd(tmp_path / "w", judge.url, "--config.train.steps=2",
+                                 *overrides, scripted=True),
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=500)
     assert judge.chat_calls > 0
   assert p.returncode == 3, p.stderr[-3000:]
-  ours = [line for line in p.stderr.splitlines() if line.startswith("pasr_jax.train: ")]
+  ours = train_error_lines(p.stderr)
   assert len(ours) == 1 and ours[0].startswith("pasr_jax.train: judge: "), p.stderr[-3000:]
   for needle in needles:
     assert needle in ours[0], ours[0]
@@ -250,12 +242,10 @@ def test_a_bad_judge_ends_the_run_in_one_line_exit_3(tmp_path, behaviour, overri
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.slow
 def test_disk_full_ends_in_one_line_and_the_run_resumes(tmp_path):
   """The workdir's filesystem (a 64 MB tmpfs made here) fills up after step 1: exit 5 with one
   line; once there is room again the same command resumes from step 1's checkpoint."""
-  import subprocess
-
-  from pasr_jax import metrics
   mnt = tmp_path / "small"
   mnt.mkdir()
   r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)],
@@ -267,12 +257,12 @@ def test_disk_full_ends_in_one_line_and_the_run_resumes(tmp_path):
     filler = mnt / "filler"
     args = ("--config.train.steps=3", "--config.checkpoint.every=1",
             "--config.checkpoint.async_save=False")
-    from procs import start_judge, stop
-    judge, url = start_judge("--backend", "verify")
+    # Every judge call takes 1 s: the disk is full long before step 2 could end.
+    judge, url = start_judge("--backend", "verify", "--latency-ms", "1000")
     try:
       with open(tmp_path / "a.log", "w") as log:
-        p = _popen(w, url, *args, log=log)
-        _wait_for_step(w, p, 1)
+        p = start_train(w, url, *args, log=log, scripted=True)
+        wait_for_step(w, p, 1)
         deadline = time.time() + 120
         while not (w / "checkpoints" / "1").is_dir():  # renamed into place when complete
           assert p.poll() is None and time.time() < deadline, "no checkpoint of step 1"
@@ -287,12 +277,12 @@ def test_disk_full_ends_in_one_line_and_the_run_resumes(tmp_path):
         rc = p.wait(420)
       out = (tmp_path / "a.log").read_text(errors="replace")
       assert rc == 5, out[-3000:]
-      ours = [line for line in out.splitlines() if line.startswith("pasr_jax.train: ")]
+      ours = train_error_lines(out)
       assert len(ours) == 1 and "No space left on device" in ours[0], out[-3000:]
-      _assert_group_gone(p.pid)
+      assert_group_gone(p.pid)
       filler.unlink()
-      p = subprocess.run(_cmd(w, url, *args), cwd=ROOT, env=_env(), capture_output=True,
-                         text=True, timeout=500)
+      p = subprocess.run(train_cmd(w, url, *args, scripted=True), cwd=ROOT, env=env(),
+                         capture_output=True, text=True, timeout=500)
       assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
       assert "resumed from step 1" in p.stdout, p.stdout[-3000:]
     finally:
@@ -305,41 +295,44 @@ def test_disk_full_ends_in_one_line_and_the_run_resumes(tmp_path):
 
 
 @pytest.mark.parametrize("override,needle", [
-    ("--config.mesh.shape=(3,-1,1)", "MeshError: mesh.shape=(3, -1, 1) does not divide 8 devices"),
-    ("--config.optim.micro_batch=3", "optim.micro_batch=3 must be a positive multiple of the "
-     "batch shards data*fsdp=8"),
+    # These two start JAX's 8 devices before they fail: tens of seconds.
+    pytest.param("--config.mesh.shape=(3,-1,1)",
+                 "MeshError: mesh.shape=(3, -1, 1) does not divide 8 devices",
+                 marks=pytest.mark.slow),
+    pytest.param("--config.optim.micro_batch=3", "optim.micro_batch=3 must be a positive "
+                 "multiple of the batch shards data*fsdp=8", marks=pytest.mark.slow),
     ("--config.model.tiny_random=False", "model.path='': no HF model dir (config.json) there"),
     ("--config.optim.lr=-0.001", "optim.lr=-0.001: must be > 0"),
 ])
 def test_config_faults_end_in_one_line_exit_2(tmp_path, override, needle):
-  import subprocess
-  p = subprocess.run(_cmd(tmp_path / "w", "http://127.0.0.1:9", override,
-                          "--config.rewards.accuracy_rule=contains"),
-                     cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-  ours = [line for line in p.stderr.splitlines() if line.startswith("pasr_jax.train: ")]
+  p = subprocess.run(train_cmd(tmp_path / "w", "http://127.0.0.1:9", override,
+                               "--config.rewards.accuracy_rule=contains"),
+                     cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+  ours = train_error_lines(p.stderr)
   assert p.returncode == 2 and len(ours) == 1 and needle in ours[0], p.stderr[-3000:]
   assert "Traceback" not in p.stderr
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.slow
 def test_diverging_run_stops_with_exit_6_and_keeps_finite_checkpoints(tmp_path, judge_url):
   """optim.lr=1e30: the first update blows the weights up, every later loss is NaN and its
   update skipped; after train.max_nonfinite_steps such steps the run ends (it trained on
   forever before), and no checkpoint holds a NaN."""
-  import subprocess
+  from pasr_jax.checkpoint import checksums
   w = tmp_path / "w"
-  p = subprocess.run(_cmd(w, judge_url, "--config.optim.lr=1e30", "--config.train.steps=8",
-                          "--config.train.max_nonfinite_steps=2",
-                          f"--config.data.files=('{DATA / 'say_seven.jsonl'}',)"),
-                     cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=500)
-  ours = [line for line in p.stderr.splitlines() if line.startswith("pasr_jax.train: ")]
+  p = subprocess.run(train_cmd(w, judge_url, "--config.optim.lr=1e30", "--config.train.steps=8",
+                               "--config.train.max_nonfinite_steps=2",
+                               f"--config.data.files=('{DATA / 'say_seven.jsonl'}',)",
+                               scripted=True),
+                     cwd=ROOT, env=env(), capture_output=True, text=True, timeout=500)
+  ours = train_error_lines(p.stderr)
   assert p.returncode == 6 and len(ours) == 1, p.stdout[-2000:] + p.stderr[-3000:]
   assert "training diverged: " in ours[0] and "train.max_nonfinite_steps=2" in ours[0]
-  from pasr_jax import metrics
   m = metrics.read_jsonl(str(w / "metrics.jsonl"))
   assert len(m) < 8 and m[-1]["train/skipped_steps"] >= 1
-  from pasr_jax.checkpoint import checksums
-  from test_train import _state
-  for step_dir in (w / "checkpoints").iterdir():
-    _, bad = checksums(_state(step_dir))
+  steps = list((w / "checkpoints").iterdir())
+  assert steps  # the finite ones before the blow-up
+  for step_dir in steps:
+    _, bad = checksums(read_state(step_dir))
     assert not bad, (step_dir.name, bad)

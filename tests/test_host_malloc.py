@@ -34,6 +34,7 @@ def _faults(mode: str | None) -> tuple[int, bool]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+@pytest.mark.slow
 def test_steps_reuse_freed_memory_and_opt_out_restores_glibc_default():
   tuned, applied = _faults(None)
   default, applied_default = _faults("system")

@@ -23,6 +23,7 @@ from pasr_jax import prompts
 from pasr_jax.judge import wire
 from pasr_jax.judge import JudgeClient, JudgeError, JudgeItem, parse_score
 from pasr_jax.judge import verify
+from helpers import load_preset
 from procs import free_port, start_judge, stop
 
 KEY_ENV = "PASR_TEST_JUDGE_KEY"
@@ -457,7 +458,6 @@ def test_vllm_backend_with_smollm2(smollm2_dir):
 
 def test_paper_training_judge_is_graded_at_temperature_0_2(scripted):
   """The paper preset's judge: the graded instruction (0..1) at temperature 0.2."""
-  from test_configs import load_preset
   cfg = load_preset("qwen2_5_7b")
   cfg.judge.base_url = scripted.url + "/temperature"
   client = JudgeClient.from_config(cfg.judge, prompts.load_prompts(cfg.prompts))

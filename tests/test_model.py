@@ -125,6 +125,7 @@ def test_scan_and_remat_match_unrolled(hf_pair):
                              np.asarray(plain(jnp.asarray(ids), attention_mask=mask)), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_scan_and_remat_gradients_match_unrolled(tmp_path):
   hf_model, cfg = make_hf_model("qwen3", tied=False)  # the config with every optional param
   hf_model.save_pretrained(tmp_path)

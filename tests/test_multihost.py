@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from procs import free_port
 
@@ -76,6 +77,7 @@ def _worker(pid: int, port: int, out: str) -> None:
   jax.distributed.shutdown()
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path):
   import jax
   assert jax.device_count() >= 8

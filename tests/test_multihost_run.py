@@ -1,6 +1,6 @@
 """The training run split over OS processes (jax.distributed on 127.0.0.1, gloo collectives).
 
-1. Scripted rollouts (tests/scripted.py), 2 processes x 4 CPU devices vs 1 process x 8: the
+1. Scripted rollouts (tests/helpers.py ScriptedSampler), 2 processes x 4 CPU devices vs 1 process x 8: the
    same params after the run (<= 1e-5), the same metrics and rollout records; at step 1 one
    process has only a zero-variance group (no rows) while the other trains, at step 3 both
    have none and skip together; every process ends in time (no collective hangs). SIGTERM
@@ -21,19 +21,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import DATA, ROOT, env, read_wandb_run
 from pasr_jax import metrics
 from pasr_jax.multihost import share
 from procs import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "tests" / "data"
 WORKER = ROOT / "tests" / "multihost_worker.py"
+pytestmark = pytest.mark.slow  # several training processes at once
 
 
 def _env(devices: int) -> dict:
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-              JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1",
-              PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  return env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+             OMP_NUM_THREADS="1")
 
 
 def _dist(port: int, pid: int) -> list[str]:
@@ -91,9 +90,14 @@ def test_scripted_two_processes_equal_one_process(tmp_path):
   port = free_port()
   procs = [_start([sys.executable, str(WORKER), str(one), str(one) + ".npy", *common],
                   _env(8), tmp_path / "one.log")]
-  procs += [_start([sys.executable, str(WORKER), str(two), str(two) + ".npy", *common,
+  wandb = ["--config.logging.wandb_project=pasr-test", "--config.logging.wandb_mode=offline"]
+  procs += [_start([sys.executable, str(WORKER), str(two), str(two) + ".npy", *common, *wandb,
                     *_dist(port, i)], _env(4), tmp_path / f"two{i}.log") for i in range(2)]
   _wait_all(procs, [tmp_path / f for f in ("one.log", "two0.log", "two1.log")], 480)
+  # One W&B run for the two processes (process 0 writes), with every step.
+  (wandb_run,) = (two / "wandb").glob("offline-run-*")
+  assert [h["_step"] for h in read_wandb_run(wandb_run)["history"] if "reward/mean" in h] == \
+      [1, 2, 3]
 
   np.testing.assert_allclose(np.load(str(two) + ".npy"), np.load(str(one) + ".npy"),
                              rtol=0, atol=1e-5)

@@ -25,6 +25,7 @@ from pasr_jax.rollout import Completion, Group, Sampler, SamplerError, SyncError
 QUESTIONS = ["What is 2+3? Answer briefly.", "Name a primary colour.",
              "Write one sentence about the sea."]
 EOS = 2  # <|im_end|>, SmolLM2's EOS
+pytestmark = pytest.mark.slow  # every test here runs on a vLLM engine
 
 
 @pytest.fixture(scope="module")

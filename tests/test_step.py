@@ -4,8 +4,8 @@ the judge requests, and which answers reach the batch."""
 import pytest
 
 from configs.base import get_base_config
+from helpers import ScriptedSampler
 from pasr_jax.data import Row
-from pasr_jax.rollout.base import Completion, Group
 from pasr_jax.step import Halves, RolloutStep
 
 GOOD = "<think>a<refine>b</refine>c</think><answer>7</answer>"
@@ -27,18 +27,8 @@ class CharTokenizer:
   def decode(self, ids):
     return "".join(chr(i) for i in ids)
 
-
-class ScriptedSampler:
-  """Answers prompt p with texts[p] (cycled to n); remembers the prompts it was given."""
-
-  def __init__(self, texts):
-    self.texts, self.calls = texts, []
-
-  def generate(self, prompts, n, **kw):
-    self.calls.append(list(prompts))
-    return [Group(list(p), [Completion([5 + k], [-0.5], self.texts[i][k % len(self.texts[i])],
-                                       "stop", 1) for k in range(n)])
-            for i, p in enumerate(prompts)]
+  def convert_tokens_to_ids(self, token):
+    return self.eos_token_id
 
 
 class ScriptedJudge:
@@ -72,7 +62,9 @@ def _step(texts, **cfg_over):
   for k, v in cfg_over.items():
     section, key = k.split("__")
     cfg[section][key] = v
-  sampler, judge = ScriptedSampler(texts), ScriptedJudge()
+  # Prompt i's k-th answer is texts[i][k] (cycled).
+  sampler = ScriptedSampler(CharTokenizer(), lambda i, _, k: texts[i][k % len(texts[i])], 1)
+  judge = ScriptedJudge()
   return RolloutStep(cfg, CharTokenizer(), sampler, judge), sampler, judge
 
 

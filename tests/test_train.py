@@ -6,71 +6,17 @@ preset; the 8 forced CPU devices of conftest are inherited through the environme
 
 import json
 import os
-import pathlib
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
+from helpers import (DATA, ROOT, assert_group_gone, env, read_meta, read_state, run_train,
+                     start_train, train_cmd)
 from pasr_jax import metrics
 from procs import free_port
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-DATA = ROOT / "tests" / "data"
-
-
-def _env():
-  env = dict(os.environ)
-  env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-  return env
-
-
-def _cmd(workdir, judge, *overrides):
-  return [sys.executable, "-m", "pasr_jax.train", "--config=configs/tiny_cpu.py",
-          f"--config.workdir={workdir}", f"--config.judge.base_url={judge}", *overrides]
-
-
-def _start(workdir, judge, *overrides, log=None):
-  return subprocess.Popen(_cmd(workdir, judge, *overrides), cwd=ROOT, env=_env(),
-                          stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT,
-                          start_new_session=True)
-
-
-def _run(workdir, judge, *overrides, timeout=420):
-  log_path = pathlib.Path(str(workdir) + ".log")
-  with open(log_path, "w") as log:
-    p = _start(workdir, judge, *overrides, log=log)
-    rc = p.wait(timeout)
-  out = log_path.read_text(errors="replace")
-  assert rc == 0, out[-4000:]
-  _assert_group_gone(p.pid)
-  return out
-
-
-def _assert_group_gone(pgid, wait_s=30.0):
-  """No process of the run's group (trainer, vLLM engine core, judge child) is left."""
-  deadline = time.time() + wait_s
-  while time.time() < deadline:
-    try:
-      os.killpg(pgid, 0)
-    except ProcessLookupError:
-      return
-    time.sleep(0.5)
-  os.killpg(pgid, signal.SIGKILL)
-  pytest.fail(f"processes of run group {pgid} still alive {wait_s}s after it ended")
-
-
-def _state(step_dir):
-  import orbax.checkpoint as ocp
-  with ocp.PyTreeCheckpointer() as ck:
-    return ck.restore(pathlib.Path(step_dir) / "state")
-
-
-def _meta(step_dir):
-  return json.loads((pathlib.Path(step_dir) / "meta" / "metadata").read_text())
 
 
 # ----------------------------------------------------------------------------- no engine
@@ -112,8 +58,8 @@ def test_pack_batch_alignment_and_padding_rows():
     ("--config.grpo.agg=mean", "grpo.agg='mean': must be one of"),
 ])
 def test_bad_config_fails_fast(tmp_path, override, needle):
-  p = subprocess.run(_cmd(tmp_path / "w", "http://127.0.0.1:9", override), cwd=ROOT, env=_env(),
-                     capture_output=True, text=True, timeout=120)
+  p = subprocess.run(train_cmd(tmp_path / "w", "http://127.0.0.1:9", override), cwd=ROOT,
+                     env=env(), capture_output=True, text=True, timeout=120)
   assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
   assert needle in p.stderr, p.stderr[-2000:]
 
@@ -121,13 +67,14 @@ def test_bad_config_fails_fast(tmp_path, override, needle):
 def test_unreachable_judge_fails_fast(tmp_path):
   dead = f"http://127.0.0.1:{free_port()}"
   t = time.time()
-  p = subprocess.run(_cmd(tmp_path / "w", dead), cwd=ROOT, env=_env(), capture_output=True,
+  p = subprocess.run(train_cmd(tmp_path / "w", dead), cwd=ROOT, env=env(), capture_output=True,
                      text=True, timeout=120)
   assert p.returncode == 2 and f"judge.base_url='{dead}': no judge answers" in p.stderr, p.stderr
   assert time.time() - t < 60 and not (tmp_path / "w" / "checkpoints").exists()
 
 
 # ----------------------------------------------------------------------------- real runs
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_end_to_end_then_kill_and_resume_matches(tmp_path, judge_url):
   """4 uninterrupted steps vs 2 steps + SIGKILL + resume to 4: same rollouts, cursor, params."""
@@ -137,7 +84,7 @@ def test_end_to_end_then_kill_and_resume_matches(tmp_path, judge_url):
   # and every gradient was 0.
   run_args = ("--config.train.steps=4", f"--config.data.files=('{DATA / 'say_seven.jsonl'}',)")
   a = tmp_path / "a"
-  out = _run(a, judge_url, *run_args)
+  out = run_train(a, judge_url, *run_args)
   assert "vLLM engine up" in out and "done at step 4" in out
   cfg = json.loads((a / "config.json").read_text())
   assert cfg["train"]["steps"] == 4 and cfg["judge"]["base_url"] == judge_url
@@ -157,23 +104,23 @@ def test_end_to_end_then_kill_and_resume_matches(tmp_path, judge_url):
 
   b = tmp_path / "b"
   with open(str(b) + ".log", "w") as log:
-    p = _start(b, judge_url, *run_args, log=log)
+    p = start_train(b, judge_url, *run_args, log=log)
     deadline = time.time() + 420
     while not (b / "checkpoints" / "2").is_dir():
       assert p.poll() is None and time.time() < deadline, "run b ended before its 2nd checkpoint"
       time.sleep(0.05)
     os.killpg(p.pid, signal.SIGKILL)  # the whole group: trainer and vLLM engine, like a crash
     assert p.wait(30) == -signal.SIGKILL
-  out = _run(b, judge_url, *run_args)
+  out = run_train(b, judge_url, *run_args)
   assert "resumed from step " in out and "done at step 4" in out
 
   rec_b = metrics.read_jsonl(str(b / "rollouts.jsonl"))
   assert rec_b == rec_a                     # no lost or repeated step; same seeded samples
   assert [r["step"] for r in metrics.read_jsonl(str(b / "metrics.jsonl"))] == [1, 2, 3, 4]
-  meta_a, meta_b = _meta(a / "checkpoints" / "4"), _meta(b / "checkpoints" / "4")
+  meta_a, meta_b = read_meta(a / "checkpoints" / "4"), read_meta(b / "checkpoints" / "4")
   assert meta_a["cursor"] == meta_b["cursor"] == {"epoch": 0, "index": 8}
   assert meta_a["rng"] == meta_b["rng"] and meta_a["policy_version"] == meta_b["policy_version"]
-  sa, sb = _state(a / "checkpoints" / "4"), _state(b / "checkpoints" / "4")
+  sa, sb = read_state(a / "checkpoints" / "4"), read_state(b / "checkpoints" / "4")
   import jax
   la, lb = jax.tree.leaves_with_path(sa["params"]), jax.tree.leaves_with_path(sb["params"])
   assert [k for k, _ in la] == [k for k, _ in lb]
@@ -183,13 +130,14 @@ def test_end_to_end_then_kill_and_resume_matches(tmp_path, judge_url):
   for (k, x), (_, y) in zip(la, lb):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-5, err_msg=str(k))
   # The params moved: a run that never trained would pass the comparison above too.
-  first = _state(b / "checkpoints" / "3") if (b / "checkpoints" / "3").is_dir() else None
+  first = read_state(b / "checkpoints" / "3") if (b / "checkpoints" / "3").is_dir() else None
   assert any(r["train/grad_norm"] > 0 for r in m)
   if first is not None:
     assert any(np.abs(np.asarray(x) - np.asarray(y)).max() > 0
                for (_, x), (_, y) in zip(jax.tree.leaves_with_path(first["params"]), lb))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_learns_simple_reward_and_stops_cleanly_on_sigterm(tmp_path, judge_url):
   """Reward = 1 if the answer contains "7" (rule reward, 1/106 tokens at random init).
@@ -210,7 +158,7 @@ def test_learns_simple_reward_and_stops_cleanly_on_sigterm(tmp_path, judge_url):
       "--config.train.steps=1000", "--config.checkpoint.every=1000",
       "--config.train.seq_multiple=64", "--config.logging.tensorboard=False"]
   with open(str(w) + ".log", "w") as log:
-    p = _start(w, judge_url, *overrides, log=log)
+    p = start_train(w, judge_url, *overrides, log=log)
     deadline = time.time() + 480
     while True:
       done = metrics.read_jsonl(str(w / "metrics.jsonl")) if (w / "metrics.jsonl").exists() else []
@@ -223,12 +171,12 @@ def test_learns_simple_reward_and_stops_cleanly_on_sigterm(tmp_path, judge_url):
   out = (w.parent / "learn.log").read_text(errors="replace")
   assert rc == 130, out[-3000:]
   assert "got SIGTERM" in out and "pasr_jax.train: interrupted: " in out
-  _assert_group_gone(p.pid)
+  assert_group_gone(p.pid)
   m = metrics.read_jsonl(str(w / "metrics.jsonl"))
   last = m[-1]["step"]
   assert [r["step"] for r in m] == list(range(1, last + 1))
   assert sorted(int(d.name) for d in (w / "checkpoints").iterdir()) == [last]
-  assert _meta(w / "checkpoints" / str(last))["cursor"]["index"] > 0
+  assert read_meta(w / "checkpoints" / str(last))["cursor"]["index"] > 0
   rewards = [r["reward/mean"] for r in m]
   first, final = np.mean(rewards[:3]), np.mean(rewards[-3:])
   assert final >= first + 0.3, rewards

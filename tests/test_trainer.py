@@ -90,6 +90,7 @@ def test_ref_equals_policy_gives_zero_kl():
 
 
 @pytest.mark.parametrize("agg", ["seq_mean_token_mean"])  # token_mean: see test_grpo.py
+@pytest.mark.slow
 def test_ratio_one_gradient_is_policy_gradient(agg):
   """At ratio 1 and beta 0 the GRPO gradient is grad of -sum(A * logp * mask) / denominator."""
   tr = make_trainer(make_cfg(**{"grpo.agg": agg}))
@@ -111,6 +112,7 @@ def test_ratio_one_gradient_is_policy_gradient(agg):
 
 
 @pytest.mark.parametrize("agg", ["seq_mean_token_mean"])  # its denominator is the tricky one
+@pytest.mark.slow
 def test_four_micro_batches_equal_one_big_batch(agg):
   batch = make_batch(2)
   out = {}
@@ -128,6 +130,7 @@ def test_four_micro_batches_equal_one_big_batch(agg):
   assert m2["kl"] == pytest.approx(m8["kl"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_mesh_2x2x2_equals_one_device():
   assert jax.device_count() >= 8
   batch = make_batch(3)
@@ -191,6 +194,7 @@ def test_tis_and_recompute_use_trainer_old_logps():
   assert m["tis_weight_mean"] < 2.0
 
 
+@pytest.mark.slow
 def test_compilations_counted_per_batch_length():
   """train_batch reports the XLA compilations it paid for: one per new batch length."""
   tr = make_trainer(make_cfg())
@@ -202,6 +206,7 @@ def test_compilations_counted_per_batch_length():
   assert tr.compilations == 2
 
 
+@pytest.mark.slow
 def test_logit_window_equals_full_logits():
   """Only rollout.max_tokens logit positions per row go through the LM head in the loss; the
   gradient and metrics equal computing all L positions (max_tokens >= L - 1 disables it)."""
@@ -256,6 +261,7 @@ def test_bad_config_and_batch_raise():
 
 
 @pytest.mark.parametrize("agg", ["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"])
+@pytest.mark.slow
 def test_rows_padded_by_pack_batch_leave_the_loss_unchanged(agg):
   """pack_batch fills the last micro-batch with mask-0 rows; 3 real rows padded to 4 give the
   loss and gradient of the 3 rows alone (Dr.GRPO once counted the padding as sequences)."""
@@ -281,6 +287,7 @@ def test_rows_padded_by_pack_batch_leave_the_loss_unchanged(agg):
     ({"grpo.num_iterations": 2, "grpo.tis_cap": 2.0}, (1, 1, 1)),
     ({"optim.micro_batch": 4}, (2, 2, 2)),
 ])
+@pytest.mark.slow
 def test_sequences_per_update_splits_the_rollout_batch(over, mesh):
   """A rollout batch of 64 with optim.sequences_per_update=8 takes 8 optimizer updates per
   pass (x num_iterations), equal to 8 single updates on consecutive 8-row slices; the old
@@ -353,6 +360,7 @@ def test_reference_is_held_in_compute_dtype_and_not_checkpointed():
   assert set(tr.state_for_checkpoint()) == {"params", "opt_state", "skipped_steps", "step"}
 
 
+@pytest.mark.slow
 def test_batch_rule_decides_the_batch_sharding_of_the_train_step():
   """mesh.rules' ('batch', ...) entry, like the weights' rules, decides over which mesh axes
   the step's inputs (and the activations pinned to them) are split; the math is the same."""
