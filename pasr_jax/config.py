@@ -104,6 +104,7 @@ class MeshCfg(Section):
   local_device_ids: str
   cuda_visible_devices: str
   memory_fraction: float
+  platform: str
   heartbeat_timeout_s: float
   rules: tuple
 
@@ -113,6 +114,7 @@ class MeshCfg(Section):
               "(data, fsdp, tensor): sizes >= 1, at most one -1")
     self.need(0 <= self.memory_fraction < 1, "memory_fraction", "must be in [0, 1) (0 = auto)")
     self.need(self.heartbeat_timeout_s > 0, "heartbeat_timeout_s", "must be > 0")
+    self.need(self.platform in ("", "cuda", "cpu"), "platform", "'' (JAX's choice) | cuda | cpu")
     self.need(all(len(r) == 2 and isinstance(r[0], str) for r in self.rules), "rules",
               "(logical axis, mesh axis | tuple of mesh axes | None) pairs")
 
@@ -204,6 +206,7 @@ class JudgeCfg(Section):
   max_tokens: int
   max_unparseable_frac: float
   temperature: float
+  thinking: bool
   autostart: bool
 
   def check(self):
