@@ -8,6 +8,8 @@ from configs.base import get_base_config
 
 # The original's optimizer update: micro-batch 2 x accumulation 4 = 8 sequences.
 PAPER_SEQUENCES_PER_UPDATE = 8
+# all_steps x train_batch_size x trainer processes / (Q_batch_size x num_pre_Q), rounded up.
+ORIGINAL_STEPS = -(-3000 * 2 * 2 // (8 * 8))  # 188
 
 
 def cluster_devices(cluster: str) -> int:
@@ -92,12 +94,18 @@ def paper_gpu_config(hf_config: dict, workdir: str, cluster: str = "") -> ml_col
   c.prompts.judge_style = "graded"
   c.judge.temperature = 0.2
   c.judge.input = "full"
+  # The original set no reply cap: the graded judge may write before its number (the last
+  # number is taken); 16 tokens would cut it off.
+  c.judge.max_tokens = 512
   c.judge.thinking = False            # a Qwen3 judge scores at once (Qwen2.5's template ignores it)
   # alpaca_evol_instruct: a JSON array of {"instruction", "output"}.
   c.data.question_field = "instruction"
   c.data.answer_field = "output"
   c.data.task_type = "general"
-  c.train.steps = 1000
+  # The original's length: all_steps = 3000 (its README; 10000 in its config) trainer
+  # micro-steps of train_batch_size 2 sequences on each of its README's 2 trainer processes =
+  # 12000 trained sequences = 12000 / (8 x 8) = 187.5 rollout batches (README "fidelity").
+  c.train.steps = ORIGINAL_STEPS
   # Batch lengths (prompt + completion, up to 2048) round up to 512: at most 4 update programs
   # to compile per run, instead of one per 64-token length.
   c.train.seq_multiple = 512

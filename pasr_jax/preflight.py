@@ -33,6 +33,8 @@ MIN_DRIVER = 580
 # Above this share of a GPU for JAX + a colocated vLLM, the CUDA contexts, cuBLAS/cuDNN
 # workspaces and NCCL buffers outside both pools no longer fit.
 MAX_COLOCATED = 0.95
+# The graded judge may reason before its number (the original took the last one, uncapped).
+MIN_GRADED_TOKENS = 64
 CONFLICT_ENV = "XLA_CLIENT_MEM_FRACTION"  # jaxlib refuses it beside XLA_PYTHON_CLIENT_MEM_FRACTION
 
 
@@ -243,6 +245,7 @@ def run_checks(cfg: Any, hosts: int, gpus_per_host: int, env: Env) -> list[Check
     out.append(Check("questions", "ok", f"{r.prompts_per_step} per step over {procs} "
                      f"process(es): {math.ceil(r.prompts_per_step / procs)} each at most"))
 
+  out.extend(_model_checks(cfg))
   out.extend(_judge_checks(cfg, hosts, procs, env))
   out.extend(_gpu_checks(cfg, gpu, gpus_per_host, per_host, env))
   out.append(_sync_check(cfg, env, gpu))
@@ -251,6 +254,18 @@ def run_checks(cfg: Any, hosts: int, gpus_per_host: int, env: Env) -> list[Check
                      "sets XLA_PYTHON_CLIENT_MEM_FRACTION and jaxlib refuses both",
                      f"unset {CONFLICT_ENV} (JAX's share comes from mesh.memory_fraction)"))
   return out
+
+
+def _model_checks(cfg: RunConfig) -> list[Check]:
+  """A model dir that is here must have a chat template (a base model's may lack one)."""
+  tok = Path(cfg.model.path) / "tokenizer_config.json" if cfg.model.path else None
+  if tok is None or not tok.is_file():
+    return []
+  if json.loads(tok.read_text()).get("chat_template") or (tok.parent / "chat_template.jinja").is_file():
+    return [Check("chat template", "ok", f"{cfg.model.path}")]
+  return [Check("chat template", "fail", f"model.path={cfg.model.path!r}: its tokenizer has no "
+                "chat template (prompts are [system, user] chats)",
+                f"add a chat_template to {tok} (e.g. the Instruct model's ChatML template)")]
 
 
 def _judge_checks(cfg: RunConfig, hosts: int, procs: int, env: Env) -> list[Check]:
@@ -262,6 +277,10 @@ def _judge_checks(cfg: RunConfig, hosts: int, procs: int, env: Env) -> list[Chec
     out.append(Check("judge thinking", "fail", f"judge.model={j.model!r} thinks before it "
                      f"scores, and judge.max_tokens={j.max_tokens} cuts it off",
                      "--config.judge.thinking=False (asks with enable_thinking=False)"))
+  if cfg.prompts.judge_style == "graded" and j.max_tokens < MIN_GRADED_TOKENS:
+    out.append(Check("judge reply", "fail", f"prompts.judge_style='graded' writes before its "
+                     f"score, judge.max_tokens={j.max_tokens} cuts it off",
+                     "--config.judge.max_tokens=512 (the original set no cap)"))
   local = _local(j.base_url)
   if local and procs > hosts and j.autostart:
     out.append(Check("judge", "fail", f"judge.autostart with {procs // hosts} processes per host "

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from configs import paper, qwen2_5_7b, qwen3_8b, smollm2_135m, tiny_cpu
+from configs import paper, qwen2_5_7b, qwen2_5_7b_base, qwen3_8b, smollm2_135m, tiny_cpu
 from pasr_jax import preflight
 from pasr_jax.preflight import Env, run_checks
 
 ROOT = Path(__file__).resolve().parents[1]
-PAPER = {"qwen2_5_7b": qwen2_5_7b, "qwen3_8b": qwen3_8b}
+PAPER = {"qwen2_5_7b": qwen2_5_7b, "qwen2_5_7b_base": qwen2_5_7b_base, "qwen3_8b": qwen3_8b}
 
 
 def _sim(**env) -> Env:
@@ -79,6 +79,7 @@ def test_paper_batch_sizes_keep_8_sequences_per_update_where_the_mesh_allows():
      "--config.judge.thinking=False"),
     ({"mesh__local_device_ids": "0,1,2,3", "judge__autostart": True}, 1, 8, "judge",
      "one judge per host"),
+    ({"judge__max_tokens": 16}, 1, 8, "judge reply", "--config.judge.max_tokens=512"),
 ])
 def test_each_config_mistake_fails_naming_its_fix(overrides, hosts, gpus, check, fix):
   cfg = smollm2_135m.get_config() if check == "micro-batch" else qwen3_8b.get_config()
@@ -148,3 +149,25 @@ def test_tiny_preset_passes_on_this_machine():
   checks = run_checks(cfg, *preflight._this_cluster(preflight.RunConfig.from_tree(cfg)),
                       preflight.probe(cfg))
   assert not _failed(checks), preflight.table(checks)
+
+
+def test_a_model_dir_without_a_chat_template_fails(tmp_path, smollm2_dir):
+  """A base model's snapshot without a template (prompts are chats); the SmolLM2 dir has one."""
+  import shutil as sh
+  bare = tmp_path / "base"
+  sh.copytree(smollm2_dir, bare)
+  tok = bare / "tokenizer_config.json"
+  d = __import__("json").loads(tok.read_text())
+  d.pop("chat_template", None)
+  tok.write_text(__import__("json").dumps(d))
+  (bare / "chat_template.jinja").unlink(missing_ok=True)
+  fixes = _failed(run_checks(_with(qwen2_5_7b_base.get_config(), model__path=str(bare)), 1, 8,
+                             _sim()))
+  assert "add a chat_template to" in fixes["chat template"], fixes
+  ok = run_checks(_with(qwen2_5_7b_base.get_config(), model__path=str(smollm2_dir)), 1, 8, _sim())
+  assert next(c for c in ok if c.name == "chat template").status == "ok"
+
+
+def test_paper_training_length_is_the_originals_trained_sequences():
+  # 3000 micro-steps x 2 sequences x 2 trainer processes / 64 answers per rollout batch.
+  assert qwen3_8b.get_config().train.steps == 188
