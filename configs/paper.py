@@ -92,6 +92,7 @@ def paper_gpu_config(hf_config: dict, workdir: str, cluster: str = "") -> ml_col
   # The training judge grades 0..1 at temperature 0.2 and sees the whole answer.
   c.prompts.builtin = "paper"
   c.prompts.judge_style = "graded"
+  c.prompts.judge_layout = "original"  # system instruction + ### Question / Ground Truth / Answer
   c.judge.temperature = 0.2
   c.judge.input = "full"
   # The original set no reply cap: the graded judge may write before its number (the last

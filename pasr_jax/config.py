@@ -25,6 +25,7 @@ AGGS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
 TASK_TYPES = ("general", "multiple_choice", "summary")
 PROMPT_SETS = ("ours", "paper")
 JUDGE_STYLES = ("binary", "graded")
+JUDGE_LAYOUTS = ("sections", "original")
 JUDGE_INPUTS = ("full", "answer")
 REFINE_COMPARE = ("mean", "single", "none")
 
@@ -232,10 +233,13 @@ class PromptsCfg(Section):
   judge_dir: str
   builtin: str
   judge_style: str
+  judge_layout: str
 
   def check(self):
     self.need(self.builtin in PROMPT_SETS, "builtin", "must be one of " + " | ".join(PROMPT_SETS))
     self.need(self.judge_style in JUDGE_STYLES, "judge_style", "must be one of " + " | ".join(JUDGE_STYLES))
+    self.need(self.judge_layout in JUDGE_LAYOUTS, "judge_layout",
+              "must be one of " + " | ".join(JUDGE_LAYOUTS))
     for f in ("pasr_system_file", "plain_system_file"):
       self.need(not getattr(self, f) or os.path.isfile(getattr(self, f)), f, "no such file")
     self.need(not self.judge_dir or os.path.isdir(self.judge_dir), "judge_dir", "no such dir")

@@ -208,7 +208,7 @@ class JudgeClient:
     for k, v in fields.items():
       if not isinstance(v, str):
         raise ValueError(f"judge item {index}: field {k!r} must be a string, got {v!r:.80}")
-    return judge_messages(**fields, templates=self.prompts.judge)
+    return judge_messages(**fields, templates=self.prompts.judge, layout=self.prompts.judge_layout)
 
   def _accumulate(self, stats: _BatchStats, n_items: int) -> None:
     for k, v in stats.as_dict(n_items).items():
