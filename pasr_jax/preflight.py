@@ -405,11 +405,13 @@ def _this_cluster(cfg: RunConfig) -> tuple[int, int]:
 def require(cfg: Any) -> list[Check]:
   """The checks against this machine (what `train` runs first); PreflightError on a failure."""
   cfg = RunConfig.from_tree(cfg)
+  cfg.need_files()  # a missing model dir or data file is named as it always was
   checks = run_checks(cfg, *_this_cluster(cfg), probe(cfg))
   bad = failures(checks)
   if bad:
-    raise PreflightError("; ".join(f"{c.name}: {c.fix}" if c.fix != c.detail else c.fix
-                                   for c in bad))
+    raise PreflightError("; ".join(
+        f"{c.name}: {c.detail}" + ("" if c.fix in ("", c.detail) else f" (fix: {c.fix})")
+        for c in bad))
   return checks
 
 
