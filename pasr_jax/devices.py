@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import sys
 from typing import Any
 
@@ -96,20 +98,36 @@ def setup(cfg) -> dict[str, Any]:
   return done
 
 
+def local_gpu_count() -> int:
+  """GPUs this host shows (`nvidia-smi -L`, limited by CUDA_VISIBLE_DEVICES); 0 without any."""
+  if not shutil.which("nvidia-smi"):
+    return 0
+  try:
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+  except (OSError, subprocess.SubprocessError):
+    return 0
+  n = sum(1 for line in out.splitlines() if line.startswith("GPU "))
+  visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+  return min(n, len([x for x in visible.split(",") if x.strip()])) if visible is not None else n
+
+
+def _own_ids(m) -> list[int]:
+  """The process's GPUs the config names: mesh.local_device_ids, else mesh.cuda_visible_devices."""
+  return _ids("mesh.local_device_ids", m.local_device_ids) or _ids(
+      "mesh.cuda_visible_devices", m.cuda_visible_devices)
+
+
 def local_device_ids(mesh_cfg) -> list[int] | None:
   """This process's GPUs for `jax.distributed.initialize(local_device_ids=...)`: the config's
   mesh.local_device_ids, else mesh.cuda_visible_devices, else every GPU the process sees
   (CUDA_VISIBLE_DEVICES' count); None when it sees none. Never left to JAX: under SLURM or
   Open MPI its cluster detection would set them to [local process id], one GPU a process."""
-  m = mesh_cfg
-  ids = _ids("mesh.local_device_ids", m.local_device_ids) or _ids(
-      "mesh.cuda_visible_devices", m.cuda_visible_devices)
+  ids = _own_ids(mesh_cfg)
   if ids:
     return ids
   visible = os.environ.get("CUDA_VISIBLE_DEVICES")
   if visible is not None:
     return list(range(len([x for x in visible.split(",") if x.strip()]))) or None
-  from pasr_jax.preflight import local_gpu_count  # pylint: disable=import-outside-toplevel
   return list(range(local_gpu_count())) or None
 
 
@@ -119,9 +137,8 @@ def engine_gpus(cfg) -> str | None:
   mesh.cuda_visible_devices, through the process's CUDA_VISIBLE_DEVICES), so several
   processes on one host do not all put their engines on GPU 0. None: the engine sees what the
   process sees (one process per host, or vLLM on GPUs of its own: rollout.vllm.colocate=False)."""
-  m, v = cfg.mesh, cfg.rollout.vllm
-  ids = _ids("mesh.local_device_ids", m.local_device_ids) or _ids(
-      "mesh.cuda_visible_devices", m.cuda_visible_devices)
+  v = cfg.rollout.vllm
+  ids = _own_ids(cfg.mesh)
   if not v.colocate or not ids:
     return None
   visible = [x.strip() for x in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if x.strip()]

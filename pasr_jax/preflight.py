@@ -25,6 +25,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Mapping
 
+from pasr_jax import devices
 from pasr_jax.config import ConfigError, RunConfig
 
 GIB = 1 << 30
@@ -78,19 +79,6 @@ def driver_version() -> str | None:
     except (OSError, subprocess.SubprocessError):
       return None
   return None
-
-
-def local_gpu_count() -> int:
-  """GPUs this host shows (`nvidia-smi -L`, limited by CUDA_VISIBLE_DEVICES); 0 without any."""
-  if not shutil.which("nvidia-smi"):
-    return 0
-  try:
-    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
-  except (OSError, subprocess.SubprocessError):
-    return 0
-  n = sum(1 for line in out.splitlines() if line.startswith("GPU "))
-  visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-  return min(n, len([x for x in visible.split(",") if x.strip()])) if visible is not None else n
 
 
 def sync_roots(cfg: RunConfig) -> list[str]:
@@ -304,7 +292,6 @@ def _judge_checks(cfg: RunConfig, hosts: int, procs: int, env: Env) -> list[Chec
 
 def _gpu_checks(cfg: RunConfig, gpu: bool, gpus_per_host: int, per_host: int, env: Env
                 ) -> list[Check]:
-  from pasr_jax import devices  # pylint: disable=import-outside-toplevel
   m, v = cfg.mesh, cfg.rollout.vllm
   out = []
   if gpu and m.platform != "cuda":
@@ -396,7 +383,7 @@ def table(checks: list[Check]) -> str:
 
 def _this_cluster(cfg: RunConfig) -> tuple[int, int]:
   """(hosts, GPUs per host) of a run started here with `cfg`."""
-  gpus = local_gpu_count()
+  gpus = devices.local_gpu_count()
   m = cfg.mesh
   procs = m.num_processes if m.distributed and m.num_processes > 0 else 1
   return max(1, procs // processes_per_host(cfg, gpus)), gpus

@@ -28,12 +28,8 @@ def _failed(checks) -> dict[str, str]:
 
 
 def _with(cfg, **overrides):
-  for key, value in overrides.items():
-    node = cfg
-    *parts, last = key.split("__")
-    for p in parts:
-      node = node[p]
-    node[last] = value
+  """`cfg` with `a__b=v` overrides (`--config.a.b=v`)."""
+  cfg.update_from_flattened_dict({k.replace("__", "."): v for k, v in overrides.items()})
   return cfg
 
 
@@ -171,3 +167,22 @@ def test_a_model_dir_without_a_chat_template_fails(tmp_path, smollm2_dir):
 def test_paper_training_length_is_the_originals_trained_sequences():
   # 3000 micro-steps x 2 sequences x 2 trainer processes / 64 answers per rollout batch.
   assert qwen3_8b.get_config().train.steps == 188
+
+
+def test_each_process_on_a_host_gets_its_own_engine_gpu(monkeypatch):
+  """Two processes of 4 GPUs on an 8-GPU host: each colocated engine on its first own GPU,
+  through the process's CUDA_VISIBLE_DEVICES; the local GPUs passed to JAX explicitly."""
+  from pasr_jax import devices
+  from pasr_jax.config import RunConfig
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7,6,5,4,3,2,1,0")
+  cfg = RunConfig.from_tree(_with(qwen3_8b.get_config(), mesh__local_device_ids="4,5,6,7"))
+  assert devices.engine_gpus(cfg) == "3"
+  assert devices.local_device_ids(cfg.mesh) == [4, 5, 6, 7]
+  two = RunConfig.from_tree(_with(qwen3_8b.get_config(), mesh__local_device_ids="0,1,2,3",
+                                  rollout__vllm__tensor_parallel_size=2))
+  assert devices.engine_gpus(two) == "7,6"
+  assert devices.local_device_ids(RunConfig.from_tree(qwen3_8b.get_config()).mesh) == list(range(8))
+  alone = RunConfig.from_tree(_with(qwen3_8b.get_config(), rollout__vllm__colocate=False))
+  assert devices.engine_gpus(alone) is None  # vLLM on GPUs of its own: the first visible ones
+  checks = run_checks(cfg, 2, 8, _sim())
+  assert "vLLM on GPU(s) 3" in next(c for c in checks if c.name == "engine GPUs").detail
