@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import urllib.parse
 from pathlib import Path
 from typing import Any, Mapping
@@ -85,8 +86,8 @@ def sync_roots(cfg: RunConfig) -> list[str]:
   """The weight sync's directory and its fallback, as `WeightSync` chooses them."""
   from pasr_jax.rollout.weight_sync import default_sync_root  # pylint: disable=import-outside-toplevel
   v = cfg.rollout.vllm
-  import tempfile  # pylint: disable=import-outside-toplevel
-  return [v.sync_dir or str(default_sync_root()), v.sync_fallback_dir or tempfile.gettempdir()]
+  return [v.sync_dir or str(default_sync_root()),
+          v.sync_fallback_dir or str(Path(tempfile.gettempdir()) / "pasr_jax_sync")]
 
 
 def probe(cfg: Any) -> Env:
