@@ -106,7 +106,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.prompts.judge_dir = ""            # optional dir with general.txt / multiple_choice.txt / summary.txt
   c.prompts.builtin = "ours"          # built-in system prompts: ours | paper (the original's meaning)
   c.prompts.judge_style = "binary"    # built-in judge: binary (1/0) | graded (0..1, the original's training judge)
-  c.prompts.judge_layout = "sections"  # judge's user message: sections (ours) | original (### Question / ### Ground Truth / ### Answer)
+  c.prompts.judge_layout = "sections"  # judge request: sections (ours) | original (### Question/Ground Truth/Answer)
 
   c.rewards = ml_collections.ConfigDict()
   c.rewards.format_weight = 1.0

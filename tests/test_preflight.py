@@ -186,3 +186,27 @@ def test_each_process_on_a_host_gets_its_own_engine_gpu(monkeypatch):
   assert devices.engine_gpus(alone) is None  # vLLM on GPUs of its own: the first visible ones
   checks = run_checks(cfg, 2, 8, _sim())
   assert "vLLM on GPU(s) 3" in next(c for c in checks if c.name == "engine GPUs").detail
+
+
+def test_cuda_pinned_jax_never_falls_back_to_the_cpu():
+  """mesh.platform=cuda on a host without a usable CUDA backend: JAX raises instead of running
+  on the CPU (what a failed CUDA plugin otherwise does, with one log line); cpu pins the CPU."""
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  env.pop("JAX_PLATFORMS", None)
+  args = [sys.executable, "-m", "pasr_jax.devices", "--config=configs/tiny_cpu.py"]
+  p = subprocess.run(args + ["--config.mesh.platform=cuda"], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=300)
+  assert p.returncode != 0 and '"backend": "cpu"' not in p.stdout, p.stdout + p.stderr[-2000:]
+  p = subprocess.run(args + ["--config.mesh.platform=cpu"], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0 and '"backend": "cpu"' in p.stdout and '"platform": "cpu"' in p.stdout, (
+      p.stdout + p.stderr[-2000:])
+
+
+def test_train_refuses_both_memory_fraction_variables(tmp_path):
+  p = subprocess.run(
+      [sys.executable, "-m", "pasr_jax.train", "--config=configs/tiny_cpu.py",
+       f"--config.workdir={tmp_path / 'w'}", "--config.judge.autostart=True"],
+      cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), XLA_CLIENT_MEM_FRACTION="0.5"),
+      capture_output=True, text=True, timeout=300)
+  assert p.returncode == 2 and "unset XLA_CLIENT_MEM_FRACTION" in p.stderr, p.stderr[-2000:]
