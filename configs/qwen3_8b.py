@@ -3,7 +3,8 @@
 `python -m pasr_jax.train --config=configs/qwen3_8b.py --config.model.path=DIR` with DIR the HF
 snapshot of Qwen3-8B; `python -m pasr_jax.plan --config=configs/qwen3_8b.py
 --mesh=1,8,1` prints the per-device memory of this train step without any weights.
-On two nodes of 8 GPUs: `--config=configs/qwen3_8b.py:2x8` (16 sequences per update; see configs/paper.py).
+On two nodes of 8 GPUs: `--config=configs/qwen3_8b.py:2x8`
+(16 sequences per update; see configs/paper.py).
 """
 
 from configs.paper import paper_gpu_config
