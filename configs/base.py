@@ -30,6 +30,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.mesh.local_device_ids = ""        # this process's GPUs, e.g. "0,1,2,3" ("" = all it sees)
   c.mesh.cuda_visible_devices = ""    # JAX's GPUs (indices in CUDA_VISIBLE_DEVICES), "" = all
   c.mesh.memory_fraction = 0.0        # JAX's share of each GPU; 0 = 0.9 - vLLM's share if colocated
+  c.mesh.platform = ""                # "" = JAX's choice; "cuda": pinned, no silent CPU fallback
   c.mesh.heartbeat_timeout_s = 100    # a process silent this long counts as dead (raise on overloaded hosts)
   # logical axis -> mesh axis (or None = replicated), for weights and activations alike: "batch"
   # shards the batch, activations and logits (pasr_jax/sharding.py)
@@ -96,6 +97,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.judge.max_tokens = 16
   c.judge.max_unparseable_frac = 0.5  # more replies without a score in a batch stop the run
   c.judge.temperature = 0.0           # sampling temperature of the judge (original: 0.2)
+  c.judge.thinking = True             # False: chat_template_kwargs enable_thinking=False (Qwen3 judges)
   c.judge.autostart = False           # local base_url silent: start `python -m pasr_jax.judge --backend verify`
 
   c.prompts = ml_collections.ConfigDict()
@@ -104,6 +106,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.prompts.judge_dir = ""            # optional dir with general.txt / multiple_choice.txt / summary.txt
   c.prompts.builtin = "ours"          # built-in system prompts: ours | paper (the original's meaning)
   c.prompts.judge_style = "binary"    # built-in judge: binary (1/0) | graded (0..1, the original's training judge)
+  c.prompts.judge_layout = "sections"  # judge request: sections (ours) | original (### Question/Ground Truth/Answer)
 
   c.rewards = ml_collections.ConfigDict()
   c.rewards.format_weight = 1.0

@@ -27,6 +27,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.instructions = "ours"             # task instruction before the question: ours | paper (App. B.3)
   c.second_turn_temperature = 0.0     # self_refine*: sampling temperature of the review turn (paper: 0.6)
   c.oracle_revises = "wrong"          # self_refine_oracle revises: wrong (score < threshold) | zero (paper)
+  c.reference = "final"               # judge's reference: final (GSM8K: the number after ####) | solution (whole, the original's)
+  c.temperature = 0.0                 # first answers: 0 = greedy (the original's README); infer_pasr.py sampled at 0.5
   c.rollout = base.rollout            # only rollout.vllm.* is used (engine settings)
   c.rollout.vllm.max_model_len = 4096     # long articles (XSum, DROP) + 1500 new tokens
   c.judge = base.judge

@@ -1,8 +1,10 @@
 """qwen2_5_7b: the PASR paper's main setting on GPUs (Qwen2.5-7B-Instruct, 8 devices, FSDP).
 
-`python -m pasr_jax.train --config=configs/qwen2_5_7b.py --config.model.path=DIR` with DIR the
-HF snapshot of Qwen2.5-7B-Instruct; `python -m pasr_jax.plan --config=configs/qwen2_5_7b.py
+`python -m pasr_jax.train --config=configs/qwen2_5_7b.py --config.model.path=DIR` with DIR the HF
+snapshot of Qwen2.5-7B-Instruct; `python -m pasr_jax.plan --config=configs/qwen2_5_7b.py
 --mesh=1,8,1` prints the per-device memory of this train step without any weights.
+On two nodes of 8 GPUs: `--config=configs/qwen2_5_7b.py:2x8`
+(16 sequences per update; see configs/paper.py).
 """
 
 from configs.paper import paper_gpu_config
@@ -32,5 +34,6 @@ HF_CONFIG = {
 }
 
 
-def get_config():
-  return paper_gpu_config(HF_CONFIG, workdir="runs/qwen2_5_7b")  # model.path: HF dir of Qwen2.5-7B-Instruct
+def get_config(cluster: str = ""):
+  """`--config=configs/qwen2_5_7b.py[:HOSTSxGPUS]` (default 1x8; 2x8 for two nodes)."""
+  return paper_gpu_config(HF_CONFIG, workdir="runs/qwen2_5_7b", cluster=cluster)

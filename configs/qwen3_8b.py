@@ -1,8 +1,10 @@
 """qwen3_8b: the PASR paper's second model on GPUs (Qwen3-8B, 8 devices, FSDP).
 
-`python -m pasr_jax.train --config=configs/qwen3_8b.py --config.model.path=DIR` with DIR the
-HF snapshot of Qwen3-8B; `python -m pasr_jax.plan --config=configs/qwen3_8b.py
+`python -m pasr_jax.train --config=configs/qwen3_8b.py --config.model.path=DIR` with DIR the HF
+snapshot of Qwen3-8B; `python -m pasr_jax.plan --config=configs/qwen3_8b.py
 --mesh=1,8,1` prints the per-device memory of this train step without any weights.
+On two nodes of 8 GPUs: `--config=configs/qwen3_8b.py:2x8`
+(16 sequences per update; see configs/paper.py).
 """
 
 from configs.paper import paper_gpu_config
@@ -36,5 +38,6 @@ HF_CONFIG = {
 }
 
 
-def get_config():
-  return paper_gpu_config(HF_CONFIG, workdir="runs/qwen3_8b")  # model.path: HF dir of Qwen3-8B
+def get_config(cluster: str = ""):
+  """`--config=configs/qwen3_8b.py[:HOSTSxGPUS]` (default 1x8; 2x8 for two nodes)."""
+  return paper_gpu_config(HF_CONFIG, workdir="runs/qwen3_8b", cluster=cluster)

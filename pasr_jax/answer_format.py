@@ -35,8 +35,11 @@ def format_ok(text: str) -> bool:
 
 def count_refines(text: str) -> int:
   """Number of complete <refine>...</refine> pairs (an open tag whose next refine tag is
-  its close), anywhere in the text."""
+  its close), anywhere in the text; 0 unless the text has as many <refine> as </refine>
+  tags (the original's rule for "has a refinement", `PASR/pasr_main.py` reward_refine)."""
   seq = [t for t, _, _ in _tags(text) if t in ("refine", "/refine")]
+  if seq.count("refine") != seq.count("/refine"):
+    return 0
   return sum(1 for a, b in zip(seq, seq[1:]) if a == "refine" and b == "/refine")
 
 

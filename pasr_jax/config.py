@@ -26,6 +26,7 @@ WANDB_MODES = ("online", "offline")
 TASK_TYPES = ("general", "multiple_choice", "summary")
 PROMPT_SETS = ("ours", "paper")
 JUDGE_STYLES = ("binary", "graded")
+JUDGE_LAYOUTS = ("sections", "original")
 JUDGE_INPUTS = ("full", "answer")
 REFINE_COMPARE = ("mean", "single", "none")
 
@@ -105,6 +106,7 @@ class MeshCfg(Section):
   local_device_ids: str
   cuda_visible_devices: str
   memory_fraction: float
+  platform: str
   heartbeat_timeout_s: float
   rules: tuple
 
@@ -114,6 +116,7 @@ class MeshCfg(Section):
               "(data, fsdp, tensor): sizes >= 1, at most one -1")
     self.need(0 <= self.memory_fraction < 1, "memory_fraction", "must be in [0, 1) (0 = auto)")
     self.need(self.heartbeat_timeout_s > 0, "heartbeat_timeout_s", "must be > 0")
+    self.need(self.platform in ("", "cuda", "cpu"), "platform", "'' (JAX's choice) | cuda | cpu")
     self.need(all(len(r) == 2 and isinstance(r[0], str) for r in self.rules), "rules",
               "(logical axis, mesh axis | tuple of mesh axes | None) pairs")
 
@@ -205,6 +208,7 @@ class JudgeCfg(Section):
   max_tokens: int
   max_unparseable_frac: float
   temperature: float
+  thinking: bool
   autostart: bool
 
   def check(self):
@@ -230,10 +234,13 @@ class PromptsCfg(Section):
   judge_dir: str
   builtin: str
   judge_style: str
+  judge_layout: str
 
   def check(self):
     self.need(self.builtin in PROMPT_SETS, "builtin", "must be one of " + " | ".join(PROMPT_SETS))
     self.need(self.judge_style in JUDGE_STYLES, "judge_style", "must be one of " + " | ".join(JUDGE_STYLES))
+    self.need(self.judge_layout in JUDGE_LAYOUTS, "judge_layout",
+              "must be one of " + " | ".join(JUDGE_LAYOUTS))
     for f in ("pasr_system_file", "plain_system_file"):
       self.need(not getattr(self, f) or os.path.isfile(getattr(self, f)), f, "no such file")
     self.need(not self.judge_dir or os.path.isdir(self.judge_dir), "judge_dir", "no such dir")

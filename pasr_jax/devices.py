@@ -6,6 +6,8 @@
   then refuses to start (it wants `gpu_memory_utilization` x total free).
 - JAX's GPUs: `jax_cuda_visible_devices` from `mesh.cuda_visible_devices` through
   `jax.config.update` (JAX 0.10.2 does not read JAX_CUDA_VISIBLE_DEVICES from the environment).
+- JAX's platform: `mesh.platform="cuda"` pins `jax_platforms`, so a CUDA plugin that fails to
+  start raises instead of leaving JAX on the CPU with one log line.
 Multi-host init (`jax.distributed.initialize` with explicit arguments) is
 `pasr_jax.multihost.initialize`, which a run calls after this.
 
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import sys
 from typing import Any
 
@@ -24,6 +28,7 @@ from typing import Any
 # NCCL buffers outside JAX's pool.
 DEFAULT_FRACTION = 0.9
 FRACTION_ENV = "XLA_PYTHON_CLIENT_MEM_FRACTION"
+CONFLICT_ENV = "XLA_CLIENT_MEM_FRACTION"  # its successor: jaxlib refuses the two together
 
 
 class DeviceSetupError(ValueError):
@@ -78,13 +83,67 @@ def setup(cfg) -> dict[str, Any]:
   if os.environ.get(FRACTION_ENV) not in (None, f"{frac:g}"):
     print(f"[devices] {FRACTION_ENV}={os.environ[FRACTION_ENV]} from the environment replaced by "
           f"{frac:g} ({fraction_reason(cfg)})", file=sys.stderr, flush=True)
+  if os.environ.get(CONFLICT_ENV):  # jaxlib raises on both, and the plugin then falls back
+    raise DeviceSetupError(f"{CONFLICT_ENV}={os.environ[CONFLICT_ENV]} in the environment: unset "
+                           f"it (JAX's share comes from mesh.memory_fraction, set as {FRACTION_ENV})")
   os.environ[FRACTION_ENV] = f"{frac:g}"
   done: dict[str, Any] = {"memory_fraction": frac}
+  if m.platform:
+    jax.config.update("jax_platforms", m.platform)
+    done["platform"] = m.platform
   if m.cuda_visible_devices:
     visible = ",".join(map(str, _ids("mesh.cuda_visible_devices", m.cuda_visible_devices)))
     jax.config.update("jax_cuda_visible_devices", visible)
     done["cuda_visible_devices"] = visible
   return done
+
+
+def local_gpu_count() -> int:
+  """GPUs this host shows (`nvidia-smi -L`, limited by CUDA_VISIBLE_DEVICES); 0 without any."""
+  if not shutil.which("nvidia-smi"):
+    return 0
+  try:
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+  except (OSError, subprocess.SubprocessError):
+    return 0
+  n = sum(1 for line in out.splitlines() if line.startswith("GPU "))
+  visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+  return min(n, len([x for x in visible.split(",") if x.strip()])) if visible is not None else n
+
+
+def _own_ids(m) -> list[int]:
+  """The process's GPUs the config names: mesh.local_device_ids, else mesh.cuda_visible_devices."""
+  return _ids("mesh.local_device_ids", m.local_device_ids) or _ids(
+      "mesh.cuda_visible_devices", m.cuda_visible_devices)
+
+
+def local_device_ids(mesh_cfg) -> list[int] | None:
+  """This process's GPUs for `jax.distributed.initialize(local_device_ids=...)`: the config's
+  mesh.local_device_ids, else mesh.cuda_visible_devices, else every GPU the process sees
+  (CUDA_VISIBLE_DEVICES' count); None when it sees none. Never left to JAX: under SLURM or
+  Open MPI its cluster detection would set them to [local process id], one GPU a process."""
+  ids = _own_ids(mesh_cfg)
+  if ids:
+    return ids
+  visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+  if visible is not None:
+    return list(range(len([x for x in visible.split(",") if x.strip()]))) or None
+  return list(range(local_gpu_count())) or None
+
+
+def engine_gpus(cfg) -> str | None:
+  """CUDA_VISIBLE_DEVICES for this process's colocated vLLM engine: the first
+  `rollout.vllm.tensor_parallel_size` of its own GPUs (mesh.local_device_ids or
+  mesh.cuda_visible_devices, through the process's CUDA_VISIBLE_DEVICES), so several
+  processes on one host do not all put their engines on GPU 0. None: the engine sees what the
+  process sees (one process per host, or vLLM on GPUs of its own: rollout.vllm.colocate=False)."""
+  v = cfg.rollout.vllm
+  ids = _own_ids(cfg.mesh)
+  if not v.colocate or not ids:
+    return None
+  visible = [x.strip() for x in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if x.strip()]
+  ids = ids[:v.tensor_parallel_size]
+  return ",".join(visible[i] if i < len(visible) else str(i) for i in ids)
 
 
 def describe() -> dict[str, Any]:

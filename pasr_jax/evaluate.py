@@ -52,7 +52,8 @@ def evaluate(cfg, make_sampler: Callable[[], Any] | None = None,
   check_mode(cfg.mode)
   benches = parse_datasets(cfg.datasets)
   items = [it for b in benches
-           for it in load_items(b, cfg.data_dir, int(cfg.limit), cfg.instructions)]
+           for it in load_items(b, cfg.data_dir, int(cfg.limit), cfg.instructions,
+                                 cfg.reference)]
   encoder = ChatEncoder(cfg.model)
   runner = Runner(cfg, encoder, make_sampler or _default_sampler(cfg),
                   make_judge or _default_judge(cfg))

@@ -33,7 +33,7 @@ class MultihostError(ValueError):
 def initialize(mesh_cfg) -> None:
   """`jax.distributed.initialize` from cfg.mesh (coordinator_address, num_processes,
   process_id; empty / 0 / -1 let JAX detect them, e.g. under SLURM or Open MPI;
-  heartbeat_timeout_s). On CPU the
+  heartbeat_timeout_s; the local GPUs always explicit, see `devices.local_device_ids`). On CPU the
   collectives between processes go through gloo."""
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   kw: dict[str, Any] = {}
@@ -43,8 +43,14 @@ def initialize(mesh_cfg) -> None:
     kw["num_processes"] = int(mesh_cfg.num_processes)
   if mesh_cfg.process_id >= 0:
     kw["process_id"] = int(mesh_cfg.process_id)
-  if mesh_cfg.local_device_ids:  # this process's GPUs, e.g. "0,1,2,3"
-    kw["local_device_ids"] = [int(x) for x in str(mesh_cfg.local_device_ids).split(",") if x]
+  # Explicit GPUs: JAX's SLURM / Open MPI detection runs whenever they are None and would
+  # give each process one GPU ([local process id]); with nothing left to detect, it is off.
+  from pasr_jax.devices import local_device_ids  # pylint: disable=import-outside-toplevel
+  ids = local_device_ids(mesh_cfg)
+  if ids:
+    kw["local_device_ids"] = ids
+  if {"coordinator_address", "num_processes", "process_id"} <= kw.keys():
+    kw["cluster_detection_method"] = "deactivate"
   jax.distributed.initialize(**kw, heartbeat_timeout_seconds=int(
       mesh_cfg.heartbeat_timeout_s))
 

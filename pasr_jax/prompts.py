@@ -93,6 +93,7 @@ class Prompts:
   pasr_system: str = PASR_SYSTEM_PROMPT
   plain_system: str = PLAIN_SYSTEM_PROMPT
   judge: dict[str, str] = dataclasses.field(default_factory=lambda: dict(JUDGE_INSTRUCTIONS))
+  judge_layout: str = "sections"   # the judge's user message: sections | original
 
 
 def _read_prompt(path: str, field: str) -> str:
@@ -137,5 +138,5 @@ def load_prompts(cfg: Any = None) -> Prompts:
                         f"{[t + '.txt' for t in TASK_TYPES]} found")
     for t in found:
       judge[t] = _read_prompt(str(d / f"{t}.txt"), f"judge_dir ({t}.txt)")
-  return Prompts(pasr_system=pasr, plain_system=plain, judge=judge)
+  return Prompts(pasr_system=pasr, plain_system=plain, judge=judge, judge_layout=cfg.judge_layout)
 

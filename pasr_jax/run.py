@@ -233,7 +233,9 @@ class Run:
   def make_sampler(self):
     """The rollout engine on the run's model dir (not started yet)."""
     from pasr_jax.rollout.vllm_sampler import VllmSampler  # pylint: disable=import-outside-toplevel
-    return VllmSampler.from_config(self.cfg.rollout, self.model_dir, seed=self.cfg.seed)
+    from pasr_jax.devices import engine_gpus  # pylint: disable=import-outside-toplevel
+    return VllmSampler.from_config(self.cfg.rollout, self.model_dir, seed=self.cfg.seed,
+                                   cuda_visible_devices=engine_gpus(self.cfg))
 
   # ---------------------------------------------------------------------------- step
   @property

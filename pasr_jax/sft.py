@@ -77,8 +77,9 @@ def harvest_refinement_paths(records: list[dict[str, Any]], questions: dict[str,
                              system: str) -> tuple[list[list[dict[str, str]]], dict[str, int]]:
   """PASR+IFT training transcripts from rollout records (rollouts.jsonl of `pasr_jax.train`).
 
-  A PASR answer is kept when it is well-formed, holds at least one complete refine pair and
-  its accuracy is not below the mean accuracy of the baseline answers sampled for the same
+  A PASR answer is kept when it is well-formed, holds at least one complete refine pair, is
+  not wrong (accuracy > 0: a wrong answer tying a zero baseline mean is no good path) and its
+  accuracy is not below the mean accuracy of the baseline answers sampled for the same
   question at the same step. Identical texts for the same question are kept once. Returns
   ([system, user, assistant] transcripts, counts of why answers were dropped).
   """
@@ -87,7 +88,7 @@ def harvest_refinement_paths(records: list[dict[str, Any]], questions: dict[str,
   for r in records:
     if r.get("kind") == "baseline":
       base[(r["step"], r["id"])].append(float(r["accuracy"]))
-  stats = {"pasr": 0, "kept": 0, "malformed": 0, "no_refine": 0, "below_baseline": 0,
+  stats = {"pasr": 0, "kept": 0, "malformed": 0, "no_refine": 0, "wrong": 0, "below_baseline": 0,
            "no_baseline": 0, "unknown_question": 0, "duplicate": 0}
   seen, out = set(), []
   for r in records:
@@ -100,6 +101,8 @@ def harvest_refinement_paths(records: list[dict[str, Any]], questions: dict[str,
       stats["malformed"] += 1
     elif answer_format.count_refines(text) == 0:
       stats["no_refine"] += 1
+    elif float(r["accuracy"]) <= 0:
+      stats["wrong"] += 1
     elif not accs:
       stats["no_baseline"] += 1
     elif float(r["accuracy"]) < math.fsum(accs) / len(accs):

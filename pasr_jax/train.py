@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import logging
 import sys
+from typing import Any
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -113,9 +114,17 @@ def config_main(prog: str, fn) -> int:
   return 0
 
 
+def checked_run(cfg) -> Any:
+  """`pasr_jax.preflight`'s checks of this machine (PreflightError: exit 2, one fix per failed
+  check), then the run: a config the cluster cannot run fails before any weight loads."""
+  from pasr_jax import preflight  # pylint: disable=import-outside-toplevel
+  preflight.require(cfg)
+  return run(cfg)
+
+
 def main(argv: list[str]) -> int:
   del argv
-  return config_main("pasr_jax.train", run)
+  return config_main("pasr_jax.train", checked_run)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,57 @@
 #!/usr/bin/env bash
 # First hour on a GPU host: real checks, in order, on whatever GPUs this machine has.
-#   scripts/gpu_check.sh            (PY=path/to/python of the venv made from requirements-gpu.txt)
+#   scripts/gpu_check.sh            (PY=path/to/python; default the venv of `make setup-gpu`)
+# 0 preflight the SmolLM2 run below against this host (driver >= 580, backend, sizes, space)
 # 1 devices   JAX sees GPUs (backend gpu)
 # 2 fraction  JAX's pool is the configured share of a GPU (XLA_PYTHON_CLIENT_MEM_FRACTION)
 # 3 train     2 GRPO steps of SmolLM2-135M with vLLM on the same GPU (bf16, verify judge)
 # 4 sync      both steps pushed the trainer's weights into vLLM
 # 5 export    the run wrote an HF dir that loads back
-# Prints PASS / FAIL / SKIP per check; exits 1 if any failed. Needs `make setup`'s SmolLM2 dir.
+# The run spans every GPU JAX sees (FSDP), so its micro-batch is sized to their number (GPUS,
+# default `nvidia-smi -L`'s count): one multiple of it, at least the preset's 2.
+# Prints PASS / FAIL / SKIP per check; exits 1 if any failed. Needs `make setup-gpu`.
+# PRINT_CMD=1 prints the preflight, fraction and train commands (one a line) and exits.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-PY="${PY:-.venv/bin/python}"
+cd "$(dirname "$0")/.." || exit 1
+PY="${PY:-.venv-gpu/bin/python}"
 export PYTHONPATH="${PYTHONPATH:-$PWD}"
 WORK="${WORK:-$(mktemp -d -t pasr_gpu_check.XXXXXX)}"
 failed=0
 result() { printf '%-5s %-9s %s\n' "$1" "$2" "$3"; [[ "$1" == FAIL ]] && failed=1; return 0; }
 skip_rest() { for c in "$@"; do result SKIP "$c" "(an earlier check failed)"; done; exit 1; }
+
+if [[ -z "${GPUS:-}" ]]; then
+  GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
+fi
+GPUS=$(( GPUS > 0 ? GPUS : 1 ))
+micro=$(( GPUS * ((2 + GPUS - 1) / GPUS) ))
+run="$WORK/run"
+common=(--config=configs/smollm2_135m.py --config.mesh.platform=cuda
+        --config.optim.micro_batch="$micro" --config.rollout.vllm.gpu_memory_utilization=0.3)
+train=(--config.workdir="$run" --config.train.steps=2 --config.checkpoint.every=2
+       --config.train.export=True --config.model.dtype=bfloat16
+       --config.rollout.vllm.dtype=bfloat16 --config.rollout.vllm.enforce_eager=False
+       --config.judge.base_url="http://127.0.0.1:${JUDGE_PORT:-8011}")
+if [[ "${PRINT_CMD:-}" == 1 ]]; then
+  for m in pasr_jax.preflight pasr_jax.devices pasr_jax.train; do
+    printf '%q ' "$PY" -m "$m" "${common[@]}"
+    if [[ "$m" != pasr_jax.devices ]]; then printf '%q ' "${train[@]}"; fi
+    printf '\n'
+  done
+  exit 0
+fi
+if [[ ! -x "$PY" ]]; then
+  result FAIL devices "no $PY: run \`make setup-gpu\` (or set PY=)"; exit 1
+fi
+
+# 0 preflight (the preset autostarts the verify judge, so it may be silent now)
+if "$PY" -m pasr_jax.preflight "${common[@]}" "${train[@]}" \
+    > "$WORK/preflight.log" 2>&1; then
+  result PASS preflight "$(grep -c '^OK' "$WORK/preflight.log") checks ok ($WORK/preflight.log)"
+else
+  result FAIL preflight "$(grep '^fix' "$WORK/preflight.log" | tr '\n' ' ')"
+  skip_rest devices fraction train sync export
+fi
 
 # 1 devices
 if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
@@ -30,8 +67,7 @@ else
 fi
 
 # 2 fraction: vLLM colocated at 0.3 -> JAX 0.6 of each GPU
-json=$("$PY" -m pasr_jax.devices --config=configs/smollm2_135m.py \
-  --config.rollout.vllm.gpu_memory_utilization=0.3 2>"$WORK/fraction.err" | tail -1)
+json=$("$PY" -m pasr_jax.devices "${common[@]}" 2>"$WORK/fraction.err" | tail -1)
 if "$PY" - "$json" <<'PYEOF'
 import json, subprocess, sys
 d = json.loads(sys.argv[1])["jax"]
@@ -47,12 +83,7 @@ else result FAIL fraction "JAX's pool is not 0.6 of the GPU (see above, $WORK/fr
 fi
 
 # 3 train: 2 steps, vLLM on the same GPU, sync every step, export at the end
-run="$WORK/run"
-"$PY" -m pasr_jax.train --config=configs/smollm2_135m.py --config.workdir="$run" \
-  --config.train.steps=2 --config.checkpoint.every=2 --config.train.export=True \
-  --config.model.dtype=bfloat16 --config.rollout.vllm.dtype=bfloat16 \
-  --config.rollout.vllm.enforce_eager=False --config.rollout.vllm.gpu_memory_utilization=0.3 \
-  --config.judge.base_url="http://127.0.0.1:${JUDGE_PORT:-8011}" > "$WORK/train.log" 2>&1
+"$PY" -m pasr_jax.train "${common[@]}" "${train[@]}" > "$WORK/train.log" 2>&1
 if grep -q "done at step 2" "$WORK/train.log"; then
   result PASS train "$(grep -o 'vLLM engine up in [0-9.]*s' "$WORK/train.log" | head -1); log $WORK/train.log"
 else

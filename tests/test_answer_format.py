@@ -94,6 +94,9 @@ def test_format_reward(name, text, expected):
     ("<think><refine>a</think><answer>4</answer>", 0),          # unclosed
     ("<think></refine>a<refine></think><answer>4</answer>", 0),   # reversed
     ("<refine>a<refine>b</refine></refine>", 1),                  # only the inner pair
+    # Unequal counts: no refinement (the original's rule), whatever pairs there are.
+    ("<think><refine>a</refine><refine>b</think><answer>4</answer>", 0),
+    ("<think><refine>a</refine></refine></think><answer>4</answer>", 0),
 ])
 def test_count_refines(text, n):
   assert answer_format.count_refines(text) == n

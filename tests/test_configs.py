@@ -7,7 +7,7 @@ import pytest
 
 from helpers import ROOT, load_preset
 
-TRAIN_PRESETS = ("tiny_cpu", "smollm2_135m", "qwen2_5_7b", "qwen3_8b")
+TRAIN_PRESETS = ("tiny_cpu", "smollm2_135m", "qwen2_5_7b", "qwen2_5_7b_base", "qwen3_8b")
 
 
 @pytest.mark.parametrize("name", TRAIN_PRESETS + ("eval", "paper_eval"))
@@ -16,7 +16,7 @@ def test_preset_loads(name):
   assert cfg.workdir if "eval" not in name else cfg.model is not None
 
 
-@pytest.mark.parametrize("name", ("qwen2_5_7b", "qwen3_8b"))
+@pytest.mark.parametrize("name", ("qwen2_5_7b", "qwen2_5_7b_base", "qwen3_8b"))
 def test_paper_presets_have_paper_hyperparameters_and_need_a_model_dir(name):
   from pasr_jax.config import ConfigError, RunConfig
   cfg = load_preset(name)
@@ -67,7 +67,7 @@ def test_senseless_values_fail_before_anything_starts(key, value, needle):
 
 # The original run's values (PASR/config.py, PASR/pasr_main.py; README "Fidelity" table),
 # read from each paper preset: one fact per test.
-PAPER_PRESETS = ("qwen2_5_7b", "qwen3_8b")
+PAPER_PRESETS = ("qwen2_5_7b", "qwen2_5_7b_base", "qwen3_8b")
 
 
 @pytest.fixture(params=PAPER_PRESETS)

@@ -116,7 +116,9 @@ def test_launch_gpu_waits_for_judge_and_limits_jax_devices():
   answers /v1/models, with JAX limited to the TRAIN_GPUS (indices after the ROLLOUT_GPUS)."""
   env = _env(JUDGE_BACKEND="verify", JUDGE_PORT=str(free_port()), MODULE="pasr_jax.devices",
              PY=sys.executable, ROLLOUT_GPUS="4,5", TRAIN_GPUS="0,1,2,3")
-  p = subprocess.run(["scripts/launch_gpu.sh", "/nowhere/policy", "/nowhere/judge"], cwd=ROOT,
+  # mesh.platform=cpu: the GPU preset pins CUDA, which this CPU machine has not.
+  p = subprocess.run(["scripts/launch_gpu.sh", "/nowhere/policy", "/nowhere/judge",
+                      "--config.mesh.platform=cpu"], cwd=ROOT,
                      env=env, capture_output=True, text=True, timeout=300)
   assert p.returncode == 0, p.stderr[-3000:]
   assert "judge up at" in p.stderr

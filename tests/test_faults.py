@@ -295,12 +295,12 @@ def test_disk_full_ends_in_one_line_and_the_run_resumes(tmp_path):
 
 
 @pytest.mark.parametrize("override,needle", [
-    # These two start JAX's 8 devices before they fail: tens of seconds.
+    # Found by the preflight (pasr_jax.preflight) before any weight loads, with the fix; both
+    # start JAX's 8 devices first: tens of seconds.
     pytest.param("--config.mesh.shape=(3,-1,1)",
-                 "MeshError: mesh.shape=(3, -1, 1) does not divide 8 devices",
-                 marks=pytest.mark.slow),
-    pytest.param("--config.optim.micro_batch=3", "optim.micro_batch=3 must be a positive "
-                 "multiple of the batch shards data*fsdp=8", marks=pytest.mark.slow),
+                 "mesh: mesh.shape=(3, -1, 1) does not divide 8 devices", marks=pytest.mark.slow),
+    pytest.param("--config.optim.micro_batch=3", "optim.micro_batch=3 is not a multiple of the 8 "
+                 "batch shards (fix: --config.optim.micro_batch=8)", marks=pytest.mark.slow),
     ("--config.model.tiny_random=False", "model.path='': no HF model dir (config.json) there"),
     ("--config.optim.lr=-0.001", "optim.lr=-0.001: must be > 0"),
 ])

@@ -456,14 +456,47 @@ def test_vllm_backend_with_smollm2(smollm2_dir):
   assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
 
 
+def _paper_request(scripted, preset: str, mode: str, item: JudgeItem) -> tuple[float, dict]:
+  """A paper preset's judge client scores `item` at the scripted server's `mode`: (score,
+  the request body the server got)."""
+  cfg = load_preset(preset)
+  cfg.judge.base_url = f"{scripted.url}/{mode}"
+  client = JudgeClient.from_config(cfg.judge, prompts.load_prompts(cfg.prompts))
+  scores, _ = client.score_batch([item])
+  body = [b for b in scripted.bodies if item.question in b["messages"][-1]["content"]][0]
+  return scores[0], body
+
+
 def test_paper_training_judge_is_graded_at_temperature_0_2(scripted):
   """The paper preset's judge: the graded instruction (0..1) at temperature 0.2."""
-  cfg = load_preset("qwen2_5_7b")
-  cfg.judge.base_url = scripted.url + "/temperature"
-  client = JudgeClient.from_config(cfg.judge, prompts.load_prompts(cfg.prompts))
-  scores, _ = client.score_batch([JudgeItem("paper-judge", "4", "2 + 2 = 4")])
-  assert scores == [0.2]
-  body = [b for b in scripted.bodies if "paper-judge" in b["messages"][-1]["content"]][0]
+  score, body = _paper_request(scripted, "qwen2_5_7b", "temperature",
+                               JudgeItem("paper-judge", "4", "2 + 2 = 4"))
+  assert score == 0.2
   assert body["temperature"] == 0.2
   assert body["messages"][0] == {"role": "system", "content": prompts.GRADED_JUDGE_INSTRUCTION}
   assert "scale from 0" in prompts.GRADED_JUDGE_INSTRUCTION
+
+
+def test_paper_judge_request_is_the_originals_layout_uncapped_without_thinking(scripted):
+  """The paper preset asks as the original did: its system instruction, then `### Question`,
+  `### Ground Truth`, `### Answer` blocks; no 16-token reply cap (graded judges write before
+  the number); and a Qwen3 judge is told not to think (chat_template_kwargs)."""
+  score, body = _paper_request(scripted, "qwen3_8b", "count", JudgeItem("layout-q", "4", "it is 4"))
+  assert score == 1.0
+  assert body["messages"][1]["content"] == (
+      "### Question:\nlayout-q\n\n### Ground Truth:\n4\n\n### Answer:\nit is 4")
+  assert body["max_tokens"] == 512
+  assert body["chat_template_kwargs"] == {"enable_thinking": False}
+  base = JudgeClient.from_config(load_preset("tiny_cpu").judge)  # base defaults: no extra field
+  assert base.extra_body == {} and base.max_tokens == 16
+
+
+def test_verify_server_grades_the_original_layout(verify_url):
+  msgs = wire.judge_messages("What is 6 x 7?", "42", "<answer> 42 </answer>", layout="original")
+  wrong = wire.judge_messages("What is 6 x 7?", "42", "<answer> 41 </answer>", layout="original")
+  for m, want in ((msgs, "1"), (wrong, "0")):
+    r = httpx.post(verify_url + "/v1/chat/completions", json={
+        "model": "verify", "messages": m, "max_tokens": 512,
+        "chat_template_kwargs": {"enable_thinking": False}}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"].strip() == want

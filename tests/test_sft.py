@@ -50,7 +50,9 @@ def test_harvest_keeps_only_good_refinement_paths():
       {"step": 1, "id": "f:1", "kind": "baseline", "accuracy": 0.0},
       {"step": 1, "id": "f:1", "kind": "pasr", "text": good, "accuracy": 1.0},
       {"step": 1, "id": "f:1", "kind": "pasr", "text": good, "accuracy": 1.0},   # duplicate
-      {"step": 1, "id": "f:1", "kind": "pasr", "text": good, "accuracy": 0.0},   # below 0.5
+      {"step": 1, "id": "f:1", "kind": "pasr", "text": good, "accuracy": 0.25},  # below 0.5
+      {"step": 3, "id": "f:1", "kind": "baseline", "accuracy": 0.0},
+      {"step": 3, "id": "f:1", "kind": "pasr", "text": good, "accuracy": 0.0},   # ties 0: wrong
       {"step": 1, "id": "f:1", "kind": "pasr", "text": "<think> x </think> <answer> 4 </answer>",
        "accuracy": 1.0},                                                          # no refine
       {"step": 1, "id": "f:1", "kind": "pasr", "text": "4", "accuracy": 1.0},     # malformed
@@ -58,8 +60,8 @@ def test_harvest_keeps_only_good_refinement_paths():
       {"step": 1, "id": "f:1", "kind": "pasr", "text": good + " ", "accuracy": 0.5},  # = mean: kept
   ]
   out, stats = sft.harvest_refinement_paths(recs, {"f:1": "What is 2+2?"}, "SYS")
-  assert stats == {"pasr": 7, "kept": 2, "malformed": 1, "no_refine": 1, "below_baseline": 1,
-                   "no_baseline": 1, "unknown_question": 0, "duplicate": 1}
+  assert stats == {"pasr": 8, "kept": 2, "malformed": 1, "no_refine": 1, "wrong": 1,
+                   "below_baseline": 1, "no_baseline": 1, "unknown_question": 0, "duplicate": 1}
   assert out[0] == [{"role": "system", "content": "SYS"},
                     {"role": "user", "content": "What is 2+2?"},
                     {"role": "assistant", "content": good}]

@@ -125,10 +125,17 @@ def parse_datasets(spec: str | Sequence[str]) -> list[Benchmark]:
   return [BENCHMARKS[n] for n in dict.fromkeys(names)]
 
 
+REFERENCES = ("final", "solution")
+
+
 def load_items(bench: Benchmark, data_dir: str, limit: int = 0,
-               instructions: str = "ours") -> list[Item]:
+               instructions: str = "ours", reference: str = "final") -> list[Item]:
   """The first `limit` (0 = all) rows of `bench` under `data_dir`, as Items, with the task
-  instruction of `instructions` (config.instructions: ours | paper)."""
+  instruction of `instructions` (config.instructions: ours | paper). `reference`
+  (config.reference): the judge's reference is the final answer ("final"; GSM8K's number
+  after '####') or the row's whole worked solution ("solution", what the original gave)."""
+  if reference not in REFERENCES:
+    raise EvalError(f"config.reference={reference!r} is not one of {' | '.join(REFERENCES)}")
   if instructions not in INSTRUCTION_SETS:
     raise EvalError(f"config.instructions={instructions!r} is not one of {INSTRUCTION_SETS}")
   instruction = PAPER_INSTRUCTIONS[bench.name] if instructions == "paper" else bench.instruction
@@ -143,5 +150,6 @@ def load_items(bench: Benchmark, data_dir: str, limit: int = 0,
   if limit > 0:
     rows = rows[:limit]
   return [Item(id=f"{bench.name}/{r.id.split(':', 1)[-1]}", dataset=bench.name,
-               question=r.question, ground_truth=bench.truth(r.answer),
+               question=r.question,
+               ground_truth=r.answer.strip() if reference == "solution" else bench.truth(r.answer),
                task_type=bench.task_type, instruction=instruction) for r in rows]

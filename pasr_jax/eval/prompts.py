@@ -15,11 +15,14 @@ from pasr_jax.eval.benchmarks import EvalError, Item
 
 MODES = ("vanilla", "pasr", "self_refine", "self_refine_oracle")
 
-# Second turn of the post-hoc refinement baselines (our own words, after Self-Refine).
+# Second turn of the post-hoc refinement baselines: the original's meaning
+# (inference/config.py `second_revise_without_oracle`), in our words: revise if something is
+# wrong, else say the solution stands, in which case the first answer is the final one.
+KEEP_REPLY = "I believe the above solution is correct."
 SELF_REFINE_TURN = (
-    "Review your previous answer step by step. Check each step for mistakes in reasoning, "
-    "calculation or reading of the question. Then give your corrected final answer (repeat it "
-    "if it was already right), in the same format as before.")
+    "Review your previous solution step by step for mistakes in reasoning, calculation or "
+    "reading of the question. If you find any, give a revised, corrected solution in the same "
+    f"format as before. If there are none, reply only: {KEEP_REPLY}")
 ORACLE_TURN = (
     "Your previous answer contains an error. Review it step by step, find the mistake, and give "
     "the corrected final answer in the same format as before.")
@@ -47,6 +50,14 @@ def first_turn(item: Item, question: str, system: str | None) -> list[dict[str, 
   """[system?, user(instruction + question)] for the first answer."""
   user = f"{item.instruction}\n\n{question}" if item.instruction else question
   return chat.user_chat(system, user)
+
+
+def keeps_first(reply: str) -> bool:
+  """Whether a review reply lets the first answer stand (it says KEEP_REPLY and gives no new
+  <answer> or boxed answer)."""
+  flat = " ".join(reply.lower().split())
+  return (KEEP_REPLY.lower().rstrip(".") in flat and "<answer>" not in flat
+          and "\\boxed" not in flat)
 
 
 def second_turn(first: list[dict[str, str]], answer: str, oracle: bool) -> list[dict[str, str]]:

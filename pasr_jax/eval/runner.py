@@ -176,10 +176,11 @@ class Runner:
       chats.append(P.first_turn(it, q, system))
       truncated.append(cut)
     self.stats["prompts_truncated"] += sum(truncated)
-    first = self.generate([enc.encode(c) for c in chats])
+    first = self.generate([enc.encode(c) for c in chats], float(cfg.temperature))
     first_scores = self.score(items, [g.text for g in first])
     final, final_scores = list(first), list(first_scores)
     second_asked = [False] * len(items)
+    second_tokens = [0] * len(items)
     if two_turn:
       oracle = self.mode == "self_refine_oracle"
       idx = [i for i, s in enumerate(first_scores) if not oracle or needs_revision(s, cfg)]
@@ -187,11 +188,13 @@ class Runner:
                               for i in idx], float(cfg.second_turn_temperature))
       second_scores = self.score([items[i] for i in idx], [g.text for g in second])
       for i, g, s in zip(idx, second, second_scores):
-        final[i], final_scores[i], second_asked[i] = g, s, True
+        second_asked[i], second_tokens[i] = True, len(g.token_ids)
+        if oracle or not P.keeps_first(g.text):  # "the above solution is correct": it stands
+          final[i], final_scores[i] = g, s
     out = []
     for i, it in enumerate(items):
       g = final[i]
-      turns = [len(first[i].token_ids)] + ([len(g.token_ids)] if second_asked[i] else [])
+      turns = [len(first[i].token_ids)] + ([second_tokens[i]] if second_asked[i] else [])
       rec = dict(id=it.id, dataset=it.dataset, task_type=it.task_type, mode=self.mode,
                  ground_truth=it.ground_truth, answer=g.text, extracted=extract_answer(g.text),
                  tokens=sum(turns), tokens_per_turn=turns, score=final_scores[i],

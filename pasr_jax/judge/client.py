@@ -94,7 +94,8 @@ class JudgeClient:
                concurrency: int = 32, timeout_s: float = 60.0, retries: int = 3,
                max_tokens: int = 16, backoff_s: float = 0.5, backoff_max_s: float = 8.0,
                prompts: Prompts | None = None, cache_size: int = 200_000,
-               max_unparseable_frac: float = 0.5, temperature: float = 0.0):
+               max_unparseable_frac: float = 0.5, temperature: float = 0.0,
+               thinking: bool = True):
     if concurrency < 1:
       raise ValueError(f"judge.concurrency={concurrency}: must be >= 1")
     if timeout_s <= 0:
@@ -110,6 +111,8 @@ class JudgeClient:
     self.retries = retries
     self.max_tokens = max_tokens
     self.temperature = float(temperature)
+    # Off: a Qwen3 judge answers at once instead of spending judge.max_tokens on thinking.
+    self.extra_body = {} if thinking else {"chat_template_kwargs": {"enable_thinking": False}}
     self.backoff_s = backoff_s
     self.backoff_max_s = backoff_max_s
     self.prompts = prompts or Prompts()
@@ -130,7 +133,7 @@ class JudgeClient:
                concurrency=cfg.concurrency, timeout_s=cfg.timeout_s, retries=cfg.retries,
                max_tokens=cfg.max_tokens, backoff_s=cfg.backoff_s, cache_size=cfg.cache_size,
                prompts=prompts, max_unparseable_frac=cfg.max_unparseable_frac,
-               temperature=cfg.temperature)
+               temperature=cfg.temperature, thinking=cfg.thinking)
 
   # ------------------------------------------------------------------ public API
   def score_batch(self, items: Sequence[JudgeItem | Mapping[str, str]]
@@ -205,7 +208,7 @@ class JudgeClient:
     for k, v in fields.items():
       if not isinstance(v, str):
         raise ValueError(f"judge item {index}: field {k!r} must be a string, got {v!r:.80}")
-    return judge_messages(**fields, templates=self.prompts.judge)
+    return judge_messages(**fields, templates=self.prompts.judge, layout=self.prompts.judge_layout)
 
   def _accumulate(self, stats: _BatchStats, n_items: int) -> None:
     for k, v in stats.as_dict(n_items).items():
@@ -253,7 +256,7 @@ class JudgeClient:
   async def _score_one(self, http: httpx.AsyncClient, sem: asyncio.Semaphore,
                        messages: list[dict[str, str]], stats: _BatchStats) -> float:
     body = {"model": self.model, "messages": messages, "max_tokens": self.max_tokens,
-            "temperature": self.temperature}
+            "temperature": self.temperature, **self.extra_body}
 
     async def send() -> str:
       t0 = time.perf_counter()

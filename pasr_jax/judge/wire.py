@@ -26,6 +26,12 @@ MARKER_RE = re.compile(
     r"^=== (" + "|".join(re.escape(s) for s in SECTIONS) + r") ===$", re.MULTILINE)
 
 
+# The original's judge request (PASR/pasr_main.py llm_eval): three headed blocks, answer last.
+ORIGINAL_LAYOUT = "### Question:\n{question}\n\n### Ground Truth:\n{ground_truth}\n\n### Answer:\n{answer}"
+_ORIGINAL_RE = re.compile(r"\A### Question:\n(.*?)\n\n### Ground Truth:\n(.*?)\n\n### Answer:\n(.*)\Z",
+                          re.DOTALL)
+
+
 def _marker(name: str) -> str:
   return f"=== {name} ==="
 
@@ -67,12 +73,16 @@ def judge_request(question: str, ground_truth: str, text: str, task_type: str,
 
 
 def judge_messages(question: str, ground_truth: str, answer: str, task_type: str = "general",
-                   templates: dict[str, str] | None = None) -> list[dict[str, str]]:
+                   templates: dict[str, str] | None = None, layout: str = "sections"
+                   ) -> list[dict[str, str]]:
   """OpenAI chat messages asking a judge to score `answer` against `ground_truth`.
 
   The instruction for `task_type` is the system message; the user message carries the
   task type, question, reference and candidate in delimited sections (`=== NAME ===` on
   their own lines, closed by `=== END ===`), which the `verify` backend parses back.
+  `layout="original"` (prompts.judge_layout) sends the original run's user message instead:
+  `### Question:` / `### Ground Truth:` / `### Answer:` blocks, no task type (the `verify`
+  backend reads it as a general task).
   A template (from `templates`, e.g. a user's file) that contains the placeholders
   `{question}`, `{ground_truth}` and `{answer}` is used verbatim as a single user message
   instead; the `verify` backend cannot grade that form.
@@ -85,6 +95,10 @@ def judge_messages(question: str, ground_truth: str, answer: str, task_type: str
     text = (instruction.replace("{question}", question)
             .replace("{ground_truth}", ground_truth).replace("{answer}", answer))
     return [{"role": "user", "content": text}]
+  if layout == "original":  # prompts.judge_layout: the original run's user message
+    return [{"role": "system", "content": instruction},
+            {"role": "user", "content": ORIGINAL_LAYOUT.format(
+                question=question, ground_truth=ground_truth, answer=answer)}]
   user = "\n".join([
       _marker(SECTION_TASK), task_type,
       _marker(SECTION_QUESTION), _escape(question),
@@ -96,12 +110,14 @@ def judge_messages(question: str, ground_truth: str, answer: str, task_type: str
 
 
 def parse_judge_sections(text: str) -> dict[str, str] | None:
-  """Inverse of the user message of `judge_messages`: {task_type, question, ground_truth,
-  answer}, or None when the text does not hold all sections in order."""
+  """Inverse of the user message of `judge_messages` (either layout): {task_type, question,
+  ground_truth, answer}, or None when the text does not hold all sections in order."""
   marks = list(MARKER_RE.finditer(text))
   names = [m.group(1) for m in marks]
   if names != list(SECTIONS):
-    return None
+    m = _ORIGINAL_RE.match(text)
+    return None if m is None else {"task_type": "general", "question": m.group(1),
+                                   "ground_truth": m.group(2), "answer": m.group(3)}
   body = []
   for m, nxt in zip(marks, marks[1:]):
     chunk = text[m.end():nxt.start()]

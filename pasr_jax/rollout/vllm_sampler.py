@@ -73,7 +73,8 @@ class VllmSampler:
                tensor_parallel_size: int = 1, enforce_eager: bool = True,
                kv_cache_space_gib: float = 2.0, sync_dir: str = "", seed: int = 0,
                initial_version: int = 0, timeout_s: float = 0.0, cpu_reserved_cores: int = -1,
-               sync_fallback_dir: str = "", sync_headroom_gib: float = 0.25):
+               sync_fallback_dir: str = "", sync_headroom_gib: float = 0.25,
+               cuda_visible_devices: str | None = None):
     self.model_dir = Path(model_dir)
     if not (self.model_dir / "config.json").is_file():
       raise SamplerError(f"model dir {self.model_dir}: no config.json (cfg.model.path)")
@@ -86,6 +87,8 @@ class VllmSampler:
     self.seed = int(seed)
     self.timeout_s = float(timeout_s)          # one generate call; 0 = no limit
     self.cpu_reserved_cores = int(cpu_reserved_cores)  # -1 = vLLM's default
+    # The engine core's GPUs (a child process reads them at its start); None = this process's.
+    self.cuda_visible_devices = cuda_visible_devices
     self.cpu_unchunked_prefill = True  # see _cpu_scheduler; False only to benchmark vLLM's way
     # Polled while a call waits on the engine; True ends the wait with EngineError (the
     # trainer points it at its SIGTERM/SIGINT flag).
@@ -99,15 +102,18 @@ class VllmSampler:
     atexit.register(self.close)
 
   @classmethod
-  def from_config(cls, rollout_cfg, model_dir: str | os.PathLike, seed: int = 0) -> VllmSampler:
-    """Builds a sampler from `cfg.rollout` (its `vllm` sub-dict) for the HF dir `model_dir`."""
+  def from_config(cls, rollout_cfg, model_dir: str | os.PathLike, seed: int = 0,
+                  cuda_visible_devices: str | None = None) -> VllmSampler:
+    """Builds a sampler from `cfg.rollout` (its `vllm` sub-dict) for the HF dir `model_dir`
+    (engine GPUs: `devices.engine_gpus`)."""
     v = rollout_cfg.vllm
     return cls(model_dir, dtype=v.dtype, max_model_len=v.max_model_len,
                gpu_memory_utilization=v.gpu_memory_utilization,
                tensor_parallel_size=v.tensor_parallel_size, enforce_eager=v.enforce_eager,
                kv_cache_space_gib=v.kv_cache_space_gib, sync_dir=v.sync_dir, seed=seed,
                timeout_s=rollout_cfg.timeout_s, cpu_reserved_cores=v.cpu_reserved_cores,
-               sync_fallback_dir=v.sync_fallback_dir, sync_headroom_gib=v.sync_headroom_gib)
+               sync_fallback_dir=v.sync_fallback_dir, sync_headroom_gib=v.sync_headroom_gib,
+               cuda_visible_devices=cuda_visible_devices)
 
   # --- engine ------------------------------------------------------------------------------
 
@@ -148,7 +154,10 @@ class VllmSampler:
       # VLLM_CPU_KVCACHE_SPACE, if set, still takes precedence inside vLLM.
       kwargs["kv_cache_memory_bytes"] = int(self.kv_cache_space_gib * (1 << 30))
       kwargs.update(_cpu_scheduler(self.max_model_len) if self.cpu_unchunked_prefill else {})
-    with _scoped_env(_cpu_env(self.cpu_reserved_cores) if current_platform.is_cpu() else {}):
+    env = _cpu_env(self.cpu_reserved_cores) if current_platform.is_cpu() else {}
+    if self.cuda_visible_devices:
+      env["CUDA_VISIBLE_DEVICES"] = self.cuda_visible_devices
+    with _scoped_env(env):
       llm = LLM(**kwargs)  # the engine's processes are spawned here and read this env
     # The engine core outlives a SIGKILLed trainer otherwise (see vllm_worker).
     llm.collective_rpc("pasr_watch_trainer", args=(os.getpid(),))

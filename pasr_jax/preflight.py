@@ -1,0 +1,434 @@
+"""Preflight: config x mesh x processes x GPUs x environment, checked before any weight loads.
+
+  python -m pasr_jax.preflight --config=configs/qwen3_8b.py [--hosts=2 --gpus-per-host=8]
+
+With `--hosts` / `--gpus-per-host` the cluster is simulated (checks that need the real hosts,
+such as the driver or the sync dir's free space, are skipped and say what they will need);
+without them the checks run against this machine, as `python -m pasr_jax.train` does first.
+Prints one row per check and exits 0, or 2 with one line per failing check naming the fix.
+
+`run_checks(cfg, hosts, gpus_per_host, env)` is pure: `env` (`Env`) carries what was probed
+(`probe`), so tests build the environment they need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.parse
+from pathlib import Path
+from typing import Any, Mapping
+
+from pasr_jax import devices
+from pasr_jax.config import ConfigError, RunConfig
+
+GIB = 1 << 30
+# torch 2.13 and jax[cuda13] (requirements-gpu.txt) are CUDA 13 builds: they need this driver.
+MIN_DRIVER = 580
+# Above this share of a GPU for JAX + a colocated vLLM, the CUDA contexts, cuBLAS/cuDNN
+# workspaces and NCCL buffers outside both pools no longer fit.
+MAX_COLOCATED = 0.95
+# The graded judge may reason before its number (the original took the last one, uncapped).
+MIN_GRADED_TOKENS = 64
+CONFLICT_ENV = "XLA_CLIENT_MEM_FRACTION"  # jaxlib refuses it beside XLA_PYTHON_CLIENT_MEM_FRACTION
+
+
+class PreflightError(ValueError):
+  """One or more checks failed; the message lists each fix (exit code 2 in `train`)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+  """One row of the table: status "ok" | "fail" | "skip", what was found, how to fix it."""
+  name: str
+  status: str
+  detail: str
+  fix: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Env:
+  """What the checks know of the hosts. `simulated`: hosts and GPUs come from the command
+  line, not this machine, so host probes (driver, free space, judge) are not meaningful."""
+  vars: Mapping[str, str]
+  simulated: bool = True
+  driver: str | None = None            # NVIDIA driver version on this host (None: no driver)
+  judge_answers: bool | None = None    # GET <judge.base_url>/v1/models answered 200
+  sync_free: Mapping[str, int] = dataclasses.field(default_factory=dict)  # dir -> free bytes
+
+
+# ----------------------------------------------------------------------------- probes
+def driver_version() -> str | None:
+  """The NVIDIA driver version of this host, from /proc or nvidia-smi; None without one."""
+  proc = Path("/proc/driver/nvidia/version")
+  if proc.is_file():
+    m = re.search(r"Kernel Module\s+(?:for \S+\s+)?(\d+\.\d+(?:\.\d+)?)", proc.read_text())
+    if m:
+      return m.group(1)
+  if shutil.which("nvidia-smi"):
+    try:
+      out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=30, check=True).stdout
+      return out.split()[0] if out.split() else None
+    except (OSError, subprocess.SubprocessError):
+      return None
+  return None
+
+
+def sync_roots(cfg: RunConfig) -> list[str]:
+  """The weight sync's directory and its fallback, as `WeightSync` chooses them."""
+  from pasr_jax.rollout.weight_sync import default_sync_root  # pylint: disable=import-outside-toplevel
+  v = cfg.rollout.vllm
+  return [v.sync_dir or str(default_sync_root()),
+          v.sync_fallback_dir or str(Path(tempfile.gettempdir()) / "pasr_jax_sync")]
+
+
+def probe(cfg: Any) -> Env:
+  """This machine as it is: environment, driver, judge, free space of the sync dirs."""
+  cfg = RunConfig.from_tree(cfg)
+  free = {}
+  for d in sync_roots(cfg):
+    p = Path(d)
+    while not p.exists() and p != p.parent:
+      p = p.parent  # the dir is made at the first sync: its nearest existing parent
+    free[d] = shutil.disk_usage(p).free
+  answers = None
+  if cfg.rewards.accuracy_rule == "":
+    from pasr_jax.judge.local import judge_answers  # pylint: disable=import-outside-toplevel
+    answers = judge_answers(cfg.judge.base_url)
+  return Env(vars=dict(os.environ), simulated=False, driver=driver_version(),
+             judge_answers=answers, sync_free=free)
+
+
+# ----------------------------------------------------------------------------- model size
+def hf_config(cfg: RunConfig) -> dict | None:
+  """The architecture: model.hf_config, model.path's config.json, or the tiny model's."""
+  m = cfg.model
+  if m.hf_config:
+    return dict(m.hf_config)
+  if m.path and (Path(m.path) / "config.json").is_file():
+    return json.loads((Path(m.path) / "config.json").read_text())
+  if m.tiny_random:
+    from pasr_jax.tiny import char_vocab, tiny_model_config  # pylint: disable=import-outside-toplevel
+    return tiny_model_config(len(char_vocab()), tie_word_embeddings=False).to_hf_dict()
+  return None
+
+
+def param_count(hf: Mapping[str, Any]) -> int:
+  """Parameters of a Qwen2/Qwen3/Llama-style decoder from its HF config.json."""
+  h, v, inter = hf["hidden_size"], hf["vocab_size"], hf["intermediate_size"]
+  heads = hf["num_attention_heads"]
+  kv = hf.get("num_key_value_heads", heads)
+  hd = hf.get("head_dim") or h // heads
+  layer = 2 * h * heads * hd + 2 * h * kv * hd + 3 * h * inter + 2 * h
+  if hf.get("attention_bias", hf.get("model_type") == "qwen2"):
+    layer += heads * hd + 2 * kv * hd
+  if hf.get("model_type") == "qwen3":
+    layer += 2 * hd  # q/k norms
+  return v * h * (1 if hf.get("tie_word_embeddings") else 2) + hf["num_hidden_layers"] * layer + h
+
+
+# ----------------------------------------------------------------------------- checks
+def _ids(text: str) -> list[int]:
+  return [int(x) for x in str(text).split(",") if x.strip()]
+
+
+def processes_per_host(cfg: RunConfig, gpus_per_host: int) -> int:
+  """Training processes per host: 1, or as many as mesh.local_device_ids' share fits."""
+  ids = _ids(cfg.mesh.local_device_ids) if cfg.mesh.local_device_ids else []
+  return max(1, gpus_per_host // len(ids)) if gpus_per_host and ids else 1
+
+
+def _local(url: str) -> bool:
+  return urllib.parse.urlparse(url).hostname in ("127.0.0.1", "localhost", "::1")
+
+
+def run_checks(cfg: Any, hosts: int, gpus_per_host: int, env: Env) -> list[Check]:
+  """Every check of `cfg` on `hosts` hosts of `gpus_per_host` GPUs each (0: CPU hosts) in
+  `env`; a config that does not type-check is the one failing check."""
+  try:
+    cfg = RunConfig.from_tree(cfg)
+  except ConfigError as e:
+    return [Check("config", "fail", str(e), str(e))]
+  out = [Check("config", "ok", f"{cfg.workdir}: types and values")]
+  m, v, o, r = cfg.mesh, cfg.rollout.vllm, cfg.optim, cfg.rollout
+  gpu = gpus_per_host > 0
+
+  # Processes and devices. Several processes per host only when local_device_ids splits it.
+  local_ids = _ids(m.local_device_ids) if m.local_device_ids else []
+  cvd = _ids(m.cuda_visible_devices) if m.cuda_visible_devices else []
+  per_host = processes_per_host(cfg, gpus_per_host)
+  procs = hosts * per_host
+  if gpu:
+    dev_per_proc = len(local_ids or cvd) or gpus_per_host
+  else:
+    forced = re.search(r"xla_force_host_platform_device_count=(\d+)", env.vars.get("XLA_FLAGS", ""))
+    dev_per_proc = int(forced.group(1)) if forced else 1
+  total = procs * dev_per_proc
+  out.append(Check("processes", "ok" if procs == 1 or hosts == 1 or m.distributed or env.simulated
+                   else "fail",
+                   f"{procs} process(es) x {dev_per_proc} {'GPU' if gpu else 'CPU device'}(s)",
+                   "start one process per host with scripts/launch_multihost.sh "
+                   "(mesh.distributed=True)"))
+  if local_ids and cvd and local_ids != cvd:
+    out.append(Check("local devices", "fail", f"mesh.local_device_ids={m.local_device_ids!r} and "
+                     f"mesh.cuda_visible_devices={m.cuda_visible_devices!r} differ",
+                     "set only mesh.local_device_ids (JAX's distributed init overrides "
+                     "jax_cuda_visible_devices with it)"))
+  elif gpu and procs > 1:
+    out.append(Check("local devices", "ok", "explicit per process: " + (
+        m.local_device_ids or m.cuda_visible_devices or f"all {gpus_per_host} of each host") +
+        " (JAX's SLURM/MPI detection would give each process one GPU)"))
+
+  from pasr_jax.sharding import MeshError, resolve_shape  # pylint: disable=import-outside-toplevel
+  try:
+    shape = resolve_shape(m.shape, total)
+  except MeshError as e:
+    out.append(Check("mesh", "fail", str(e), f"set mesh.shape so data*fsdp*tensor = {total} "
+                     "devices, e.g. --config.mesh.shape='(1,-1,1)'"))
+    return out
+  sizes = dict(zip(("data", "fsdp", "tensor"), shape))
+  batch_axes = next((tuple([a] if isinstance(a, str) else a or ()) for n, a in m.rules
+                     if n == "batch"), ())
+  shards = math.prod(sizes[a] for a in batch_axes)
+  rest = total // shards
+  out.append(Check("mesh", "ok", f"{shape} over {total} devices; batch split {shards} ways "
+                   f"({'*'.join(batch_axes) or 'none'})"))
+  if procs > 1 and (shards % procs or dev_per_proc % rest):
+    out.append(Check("batch vs processes", "fail",
+                     f"the batch is split {shards} ways over {procs} processes of "
+                     f"{dev_per_proc} devices; each process must hold its own {shards}/{procs}",
+                     "let the batch axes (data, fsdp) span the hosts, e.g. "
+                     "--config.mesh.shape='(1,-1,1)'"))
+
+  # Micro-batches and updates.
+  rows = r.prompts_per_step * r.n
+  spu = o.sequences_per_update or rows
+  if o.micro_batch % shards:
+    want = shards * max(1, -(-o.micro_batch // shards))
+    out.append(Check("micro-batch", "fail",
+                     f"optim.micro_batch={o.micro_batch} is not a multiple of the {shards} "
+                     "batch shards",
+                     f"--config.optim.micro_batch={want}" + (
+                         f" --config.optim.sequences_per_update={max(want, spu // want * want)}"
+                         if o.sequences_per_update else "") + (
+                         " (or the paper preset for this cluster: --config=configs/<preset>.py:"
+                         f"{hosts}x{gpus_per_host})" if cfg.model.hf_config and gpu else "")))
+  else:
+    updates = -(-rows // spu) * cfg.grpo.num_iterations
+    out.append(Check("micro-batch", "ok",
+                     f"{o.micro_batch} sequences ({o.micro_batch // shards}/device), "
+                     f"{spu} per update, {updates} update(s) per step of {rows} answers"))
+  if r.prompts_per_step < procs:
+    out.append(Check("questions", "fail", f"rollout.prompts_per_step={r.prompts_per_step} < "
+                     f"{procs} processes (each samples a share)",
+                     f"--config.rollout.prompts_per_step={procs} (or more)"))
+  else:
+    out.append(Check("questions", "ok", f"{r.prompts_per_step} per step over {procs} "
+                     f"process(es): {math.ceil(r.prompts_per_step / procs)} each at most"))
+
+  out.extend(_model_checks(cfg))
+  out.extend(_judge_checks(cfg, hosts, procs, env))
+  out.extend(_gpu_checks(cfg, gpu, gpus_per_host, per_host, env))
+  out.append(_sync_check(cfg, env, gpu))
+  if env.vars.get(CONFLICT_ENV):
+    out.append(Check("env", "fail", f"{CONFLICT_ENV}={env.vars[CONFLICT_ENV]} is set; the trainer "
+                     "sets XLA_PYTHON_CLIENT_MEM_FRACTION and jaxlib refuses both",
+                     f"unset {CONFLICT_ENV} (JAX's share comes from mesh.memory_fraction)"))
+  return out
+
+
+def _model_checks(cfg: RunConfig) -> list[Check]:
+  """A model dir that is here must have a chat template (a base model's may lack one)."""
+  tok = Path(cfg.model.path) / "tokenizer_config.json" if cfg.model.path else None
+  if tok is None or not tok.is_file():
+    return []
+  if json.loads(tok.read_text()).get("chat_template") or (tok.parent / "chat_template.jinja").is_file():
+    return [Check("chat template", "ok", f"{cfg.model.path}")]
+  return [Check("chat template", "fail", f"model.path={cfg.model.path!r}: its tokenizer has no "
+                "chat template (prompts are [system, user] chats)",
+                f"add a chat_template to {tok} (e.g. the Instruct model's ChatML template)")]
+
+
+def _judge_checks(cfg: RunConfig, hosts: int, procs: int, env: Env) -> list[Check]:
+  j = cfg.judge
+  out = []
+  if cfg.rewards.accuracy_rule:
+    return [Check("judge", "skip", f"rewards.accuracy_rule={cfg.rewards.accuracy_rule!r}: no judge")]
+  if "qwen3" in j.model.lower() and j.thinking:
+    out.append(Check("judge thinking", "fail", f"judge.model={j.model!r} thinks before it "
+                     f"scores, and judge.max_tokens={j.max_tokens} cuts it off",
+                     "--config.judge.thinking=False (asks with enable_thinking=False)"))
+  if cfg.prompts.judge_style == "graded" and j.max_tokens < MIN_GRADED_TOKENS:
+    out.append(Check("judge reply", "fail", f"prompts.judge_style='graded' writes before its "
+                     f"score, judge.max_tokens={j.max_tokens} cuts it off",
+                     "--config.judge.max_tokens=512 (the original set no cap)"))
+  local = _local(j.base_url)
+  if local and procs > hosts and j.autostart:
+    out.append(Check("judge", "fail", f"judge.autostart with {procs // hosts} processes per host "
+                     "would start one judge per process on the same port",
+                     "start one judge per host (scripts/serve_judge.sh) and set "
+                     "--config.judge.autostart=False"))
+  elif env.simulated:
+    out.append(Check("judge", "skip", f"needs a judge at {j.base_url}" + (
+        " on every host (launch_multihost.sh JUDGE=verify|MODEL_DIR starts one per host), or "
+        "one shared judge URL" if local and hosts > 1 else "") + "; checked when the run starts"))
+  elif env.judge_answers:
+    out.append(Check("judge", "ok", f"answers at {j.base_url}"))
+  elif local and j.autostart:
+    out.append(Check("judge", "ok", f"nothing at {j.base_url}: the verify judge is started there"))
+  else:
+    why = (f"config judge.base_url={j.base_url!r}: no judge answers at /v1/models; start one "
+           "(python -m pasr_jax.judge --backend verify --port N) or set judge.autostart=True")
+    out.append(Check("judge", "fail", why, why))
+  return out
+
+
+def _gpu_checks(cfg: RunConfig, gpu: bool, gpus_per_host: int, per_host: int, env: Env
+                ) -> list[Check]:
+  m, v = cfg.mesh, cfg.rollout.vllm
+  out = []
+  if gpu and m.platform != "cuda":
+    out.append(Check("platform", "fail", f"mesh.platform={m.platform!r} on GPU hosts: a CUDA "
+                     "plugin that fails to start leaves JAX on the CPU with one log line",
+                     "--config.mesh.platform=cuda"))
+  elif not gpu and m.platform == "cuda":
+    out.append(Check("platform", "fail", "mesh.platform='cuda' but no GPU " + (
+        "in the simulated cluster" if env.simulated else "on this host"),
+        "--gpus-per-host=N" if env.simulated else "run on a GPU host or --config.mesh.platform=''"))
+  else:
+    out.append(Check("platform", "ok", m.platform or "JAX's choice (CPU here)"))
+  try:  # applied on every platform (devices.setup), so checked on every one
+    frac = devices.memory_fraction(cfg)
+  except devices.DeviceSetupError as e:
+    return out + [Check("memory", "fail", str(e), "lower rollout.vllm.gpu_memory_utilization "
+                        "or set mesh.memory_fraction in [0.05, 1)")]
+  if not gpu:
+    return out
+  if env.simulated:
+    out.append(Check("driver", "skip", f"each host needs an NVIDIA driver >= {MIN_DRIVER} "
+                     "(torch 2.13 and jax[cuda13] are CUDA 13 builds)"))
+  elif env.driver is None:
+    out.append(Check("driver", "fail", "no NVIDIA driver found (/proc/driver/nvidia/version, "
+                     "nvidia-smi)", "install the NVIDIA driver (>= 580)"))
+  else:
+    major = int(env.driver.split(".")[0])
+    out.append(Check("driver", "ok" if major >= MIN_DRIVER else "fail", f"NVIDIA {env.driver}",
+                     f"upgrade the NVIDIA driver to >= {MIN_DRIVER} (CUDA 13 wheels)"))
+  if v.colocate and frac + v.gpu_memory_utilization > MAX_COLOCATED:
+    out.append(Check("memory", "fail", f"JAX {frac:g} + vLLM {v.gpu_memory_utilization:g} of "
+                     f"each GPU > {MAX_COLOCATED}",
+                     f"--config.mesh.memory_fraction={MAX_COLOCATED - 0.05 - v.gpu_memory_utilization:.2f}"
+                     " (or 0: 0.9 minus vLLM's share)"))
+  else:
+    out.append(Check("memory", "ok", f"JAX {frac:g} of each GPU ({devices.fraction_reason(cfg)})"))
+  if not v.colocate:
+    jax_ids = _ids(m.cuda_visible_devices)
+    clash = sorted(set(jax_ids) & set(range(v.tensor_parallel_size)))
+    if not jax_ids or clash:
+      out.append(Check("engine GPUs", "fail", f"rollout.vllm.colocate=False: vLLM takes visible "
+                       f"GPUs 0..{v.tensor_parallel_size - 1}, and JAX takes "
+                       f"{m.cuda_visible_devices or 'every GPU'}",
+                       "--config.mesh.cuda_visible_devices= the GPUs after vLLM's "
+                       "(scripts/launch_gpu.sh sets it)"))
+      return out
+  engine = devices.engine_gpus(cfg)
+  out.append(Check("engine GPUs", "ok", f"vLLM on GPU(s) {engine} of this process's host"
+                   if engine else "vLLM on the first visible GPU(s)" + (
+                       "" if per_host <= 1 else " (set mesh.local_device_ids per process)")))
+  return out
+
+
+def _sync_check(cfg: RunConfig, env: Env, gpu: bool) -> Check:
+  hf = hf_config(cfg)
+  v = cfg.rollout.vllm
+  if hf is None:
+    return Check("sync dir", "skip", "model size unknown (no model.hf_config or config.json)")
+  size = param_count(hf) * (2 if v.dtype in ("bfloat16", "float16") else 4)
+  need = size + v.sync_headroom_gib * GIB
+  what = f"{size / GIB:.2f} GiB per sync + {v.sync_headroom_gib:g} GiB headroom"
+  if env.simulated:
+    return Check("sync dir", "skip", f"each host needs {what} on {v.sync_dir or '/dev/shm'}" + (
+        " (give containers --shm-size)" if gpu else ""))
+  free = list(env.sync_free.items())
+  if free and free[0][1] >= need:
+    return Check("sync dir", "ok", f"{what}; {free[0][0]} has {free[0][1] / GIB:.1f} GiB")
+  if len(free) > 1 and free[1][1] >= need:
+    return Check("sync dir", "ok", f"{what}: {free[0][0]} too small, syncs go to {free[1][0]} "
+                 "(disk, slower)")
+  where = ", ".join(f"{d} {b / GIB:.1f} GiB free" for d, b in free)
+  return Check("sync dir", "fail", f"{what}, but {where}",
+               "free space there, or point rollout.vllm.sync_dir / sync_fallback_dir at a "
+               "larger dir (or lower rollout.vllm.sync_headroom_gib)")
+
+
+# ----------------------------------------------------------------------------- report
+def failures(checks: list[Check]) -> list[Check]:
+  return [c for c in checks if c.status == "fail"]
+
+
+def table(checks: list[Check]) -> str:
+  """The checks as aligned rows, then one `fix:` line per failure."""
+  w = max(len(c.name) for c in checks)
+  rows = [f"{c.status.upper():<5} {c.name:<{w}}  {c.detail}" for c in checks]
+  rows += [f"fix {c.name}: {c.fix}" for c in failures(checks)]
+  return "\n".join(rows)
+
+
+def _this_cluster(cfg: RunConfig) -> tuple[int, int]:
+  """(hosts, GPUs per host) of a run started here with `cfg`."""
+  gpus = devices.local_gpu_count()
+  m = cfg.mesh
+  procs = m.num_processes if m.distributed and m.num_processes > 0 else 1
+  return max(1, procs // processes_per_host(cfg, gpus)), gpus
+
+
+def require(cfg: Any) -> list[Check]:
+  """The checks against this machine (what `train` runs first); PreflightError on a failure."""
+  cfg = RunConfig.from_tree(cfg)
+  cfg.need_files()  # a missing model dir or data file is named as it always was
+  checks = run_checks(cfg, *_this_cluster(cfg), probe(cfg))
+  bad = failures(checks)
+  if bad:
+    raise PreflightError("; ".join(
+        f"{c.name}: {c.detail}" + ("" if c.fix in ("", c.detail) else f" (fix: {c.fix})")
+        for c in bad))
+  return checks
+
+
+def main(argv) -> int:
+  del argv
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from pasr_jax.train import _CONFIG  # pylint: disable=import-outside-toplevel
+  cfg = _CONFIG.value
+  if cfg is None:
+    print("pasr_jax.preflight: --config=configs/<preset>.py is required", file=sys.stderr)
+    return 2
+  f = flags.FLAGS
+  if f["hosts"].present or f["gpus-per-host"].present:
+    checks = run_checks(cfg, f["hosts"].value, f["gpus-per-host"].value,
+                        Env(vars=dict(os.environ)))
+  else:
+    try:
+      tree = RunConfig.from_tree(cfg)
+    except ConfigError as e:
+      print(f"pasr_jax.preflight: {e}", file=sys.stderr)
+      return 2
+    checks = run_checks(tree, *_this_cluster(tree), probe(tree))
+  print(table(checks), flush=True)
+  return 2 if failures(checks) else 0
+
+
+if __name__ == "__main__":
+  from absl import app, flags as _flags  # pylint: disable=import-outside-toplevel
+  from pasr_jax import train  # pylint: disable=import-outside-toplevel
+  _flags.DEFINE_integer("hosts", 1, "Simulated cluster: hosts (one process each).")
+  _flags.DEFINE_integer("gpus-per-host", 0, "Simulated cluster: GPUs per host (0 = CPU).")
+  app.run(main, flags_parser=train._parse_flags)  # pylint: disable=protected-access

@@ -1,0 +1,182 @@
+"""The GPU scripts on a simulated cluster: the command lines that scripts/gpu_check.sh,
+launch_gpu.sh and launch_multihost.sh build (PRINT_CMD=1) run on forced CPU devices standing
+in for GPUs (8 devices; 2 processes x 8 devices): through preflight, and through a training
+step of the tiny model with the scripts' own batch sizes. Plus shellcheck over scripts/*.sh.
+"""
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from procs import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+# Forced CPU devices for JAX, in place of the GPU settings the scripts pass.
+CPU = ["--config.mesh.platform=cpu", "--config.model.dtype=float32",
+       "--config.rollout.vllm.dtype=float32", "--config.rollout.vllm.enforce_eager=True"]
+
+
+def _env(devices: int = 8, **extra) -> dict:
+  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+              JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
+
+
+def _printed(script: str, *args: str, **env) -> list[list[str]]:
+  """The commands `script` would run (PRINT_CMD=1), one token list per line."""
+  p = subprocess.run([f"scripts/{script}", *args], cwd=ROOT, capture_output=True, text=True,
+                     timeout=60, env=dict(os.environ, PRINT_CMD="1", **env))
+  assert p.returncode == 0, p.stderr
+  return [shlex.split(line) for line in p.stdout.splitlines() if line.strip()]
+
+
+def _python_args(cmd: list[str], module: str = "") -> list[str]:
+  """`python -m MODULE ARGS` of a printed line as a command for this interpreter (env
+  assignments in front dropped; the module replaced when given)."""
+  i = cmd.index("-m")
+  return [sys.executable, "-m", module or cmd[i + 1], *cmd[i + 2:]]
+
+
+def _swap(args: list[str], old: str, new: str) -> list[str]:
+  assert old in args, args
+  return [new if a == old else a for a in args]
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None,
+                    reason="shellcheck is not installed (`make lint-tools` installs it)")
+def test_shell_scripts_pass_shellcheck():
+  scripts = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "scripts").glob("*.sh"))
+  # SC2054: commas inside one flag's value (--config.datasets=gsm8k,arc) are meant.
+  p = subprocess.run(["shellcheck", "-x", "--exclude=SC2054", *scripts], cwd=ROOT,
+                     capture_output=True, text=True, timeout=120)
+  assert p.returncode == 0, p.stdout
+
+
+@pytest.mark.parametrize("gpus", ["1", "2", "4", "8"])
+def test_gpu_check_sizes_its_run_to_the_hosts_gpus(gpus, tmp_path):
+  """The preflight line gpu_check.sh would run passes for a host of that many GPUs (issue
+  #24 item 1: micro-batch 2 on 8 GPUs failed the trainer's batch-shard check)."""
+  pre, dev, train = _printed("gpu_check.sh", GPUS=gpus, WORK=str(tmp_path))
+  assert dev[2] == "pasr_jax.devices" and train[2] == "pasr_jax.train"
+  assert "--config.mesh.platform=cuda" in train
+  p = subprocess.run(_python_args(pre) + [f"--gpus-per-host={gpus}"], cwd=ROOT, env=_env(),
+                     capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0, p.stdout + p.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_gpu_check_train_command_takes_a_step_on_8_cpu_devices(tmp_path, judge_url):
+  """gpu_check.sh's train line for an 8-GPU host, with the tiny model on 8 forced CPU
+  devices: preflight (run by train) passes, a step trains, the HF dir is exported."""
+  *_, train = _printed("gpu_check.sh", GPUS="8", WORK=str(tmp_path))
+  args = _swap(_python_args(train), "--config=configs/smollm2_135m.py", "--config=configs/tiny_cpu.py")
+  args += CPU + ["--config.train.steps=1", "--config.checkpoint.every=1",
+                 f"--config.judge.base_url={judge_url}", "--config.cold_start.enabled=False"]
+  p = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+  assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+  assert "done at step 1" in p.stdout + p.stderr
+  assert (tmp_path / "run" / "hf" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("preset", ["configs/qwen2_5_7b.py", "configs/qwen3_8b.py"])
+def test_launch_gpu_takes_the_preset_and_its_trainer_passes_preflight(preset):
+  """launch_gpu.sh with --config=PRESET: one --config flag reaches the trainer (issue #24
+  item 4); its trainer line passes preflight on the 6 GPUs that process sees (2 vLLM, 4 JAX)."""
+  judge, trainer = _printed("launch_gpu.sh", "/models/policy", "/models/judge",
+                            f"--config={preset}", "--config.train.steps=2")
+  assert judge[0] == "CUDA_VISIBLE_DEVICES=6,7" and "scripts/serve_judge.sh" in judge
+  assert trainer[0] == "CUDA_VISIBLE_DEVICES=4,5,0,1,2,3"
+  assert [a for a in trainer if a.startswith("--config=")] == [f"--config={preset}"]
+  assert "--config.optim.micro_batch=8" in trainer and "--config.train.steps=2" in trainer
+  p = subprocess.run(_python_args(trainer, "pasr_jax.preflight") + ["--gpus-per-host=6"],
+                     cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0, p.stdout + p.stderr[-2000:]
+  assert "(1, 4, 1) over 4 devices" in p.stdout and "8 per update" in p.stdout, p.stdout
+
+
+def _multihost(pid: int, port: int, *args: str) -> list[str]:
+  (cmd,) = _printed("launch_multihost.sh", *args, COORDINATOR=f"127.0.0.1:{port}",
+                    NUM_PROCESSES="2", PROCESS_ID=str(pid))
+  return _python_args(cmd)
+
+
+@pytest.mark.slow
+def test_launch_multihost_2x8_preflight_and_a_step(tmp_path, judge_url):
+  """launch_multihost.sh's lines for 2 processes x 8 (CPU) devices: the paper preset's 2x8
+  sizes pass preflight, and the tiny model trains a step with the same batch rule (16
+  sequences per micro-batch over 16 devices), each process with its own engine."""
+  for pid in (0, 1):
+    pre = _multihost(pid, free_port(), "--config=configs/qwen3_8b.py:2x8")
+    pre[2] = "pasr_jax.preflight"
+    p = subprocess.run(pre + ["--hosts=2", "--gpus-per-host=8"], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr[-2000:]
+  port, wd = free_port(), tmp_path / "run"
+  procs, logs = [], []
+  for pid in (0, 1):
+    cmd = _multihost(pid, port, "--config=configs/tiny_cpu.py", f"--config.workdir={wd}",
+                     f"--config.judge.base_url={judge_url}", "--config.train.steps=1",
+                     "--config.optim.micro_batch=16", "--config.checkpoint.every=1", *CPU)
+    logs.append(tmp_path / f"p{pid}.log")
+    with open(logs[-1], "w") as f:
+      procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=f,
+                                    stderr=subprocess.STDOUT))
+  try:
+    for p in procs:
+      p.wait(900)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  tails = "\n----\n".join(l.read_text()[-3000:] for l in logs)
+  assert all(p.returncode == 0 for p in procs), tails
+  assert "done at step 1" in logs[0].read_text(), tails
+
+
+def test_slurm_detection_cannot_shrink_a_process_to_one_device():
+  """Under SLURM (its variables set, as srun sets them) JAX's cluster detection would give
+  each process [SLURM_LOCALID] as its only GPU; launch_multihost.sh's explicit arguments
+  turn it off, so every process keeps all its devices."""
+  port = free_port()
+  procs = []
+  for i in range(2):
+    env = _env(2, COORDINATOR=f"127.0.0.1:{port}", NUM_PROCESSES="2", PROCESS_ID=str(i),
+               MODULE="pasr_jax.devices", PYTHON=sys.executable, SLURM_JOB_ID="77",
+               SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2", SLURM_PROCID=str(i),
+               SLURM_LOCALID=str(i))
+    procs.append(subprocess.Popen(["scripts/launch_multihost.sh", "--config=configs/tiny_cpu.py"],
+                                  cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True))
+  import json
+  for i, p in enumerate(procs):
+    out, err = p.communicate(timeout=180)
+    assert p.returncode == 0, err[-2000:]
+    jax = json.loads([l for l in out.splitlines() if l.startswith("{")][-1])["jax"]
+    assert (jax["process_index"], jax["device_count"]) == (i, 4), jax
+    assert jax["jax_cuda_visible_devices"] == "all", jax
+
+
+@pytest.mark.slow
+def test_engine_core_runs_on_the_gpus_given_for_its_process(tmp_path):
+  """The sampler's engine core (a child process) starts with the CUDA_VISIBLE_DEVICES that
+  `devices.engine_gpus` picked for this process; the trainer's own environment is unchanged."""
+  import psutil
+
+  from pasr_jax.rollout.vllm_sampler import VllmSampler
+  from pasr_jax.tiny import make_tiny_model_dir
+  model = tmp_path / "tiny"
+  make_tiny_model_dir(str(model), seed=0)
+  before = os.environ.get("CUDA_VISIBLE_DEVICES")
+  sampler = VllmSampler(model, max_model_len=1152, kv_cache_space_gib=1, cuda_visible_devices="3")
+  try:
+    sampler.llm
+    envs = [p.environ().get("CUDA_VISIBLE_DEVICES")
+            for p in psutil.Process().children(recursive=True) if "python" in p.name()]
+    assert "3" in envs, envs
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == before
+  finally:
+    sampler.close()
