@@ -119,7 +119,7 @@ def ensure(cfg, model_dir: str) -> str:
     raise ColdStartError(f"config cold_start.enabled=True but no row of data.files="
                          f"{tuple(cfg.data.files)} has a final answer (GSM8K '#### X' or "
                          f"\\boxed{{X}}): {stats}")
-  print(f"[cold start] NOT part of the PASR paper: SFT on {stats['kept']} reference solutions "
+  print(f"[cold start] NOT part of the PASR paper: SFT on {stats['kept']} {c.traces} traces "
         f"in the PASR layout ({stats}) into {workdir}", flush=True)
   summary: dict[str, Any] = run_sft(cfg, transcripts, workdir, model_dir, lr=float(c.lr),
                                     epochs=int(c.epochs), max_steps=int(c.max_steps),
