@@ -5,7 +5,7 @@ The experiment's preset (`make experiment`, issue 22) and the demo's (`make demo
 compares an answer's accuracy with the baseline's mean, so it can only pay +1 where that mean
 lies strictly between 0 and 1. The data below are committed (nothing is generated at run time):
 
-  python -m pasr_jax.tasks.arith --out=configs/data/arith --n_train=2000 --n_test=500 --seed=0 \\
+  python -m pasr_jax.tasks.arith --out=configs/data/arith --n_train=1000 --n_test=500 --seed=0 \\
       --max_value=20 --max_factor=4 --ops=+-*/ --min_ops=1 --max_ops=2
 
 (configs/data/arith/meta.json records the settings). Each value below says why it was chosen.
