@@ -7,7 +7,11 @@ half of the held-out items.
 
 A problem is a start sentence, 1-3 operation sentences and a question, each drawn from a list
 of sentence frames. The last two frames of every list are held out: test problems use only
-those, training problems never do, and the two sets use different seeds. Rows are JSONL with
+those, training problems never do, and the two sets use different seeds. A held-out frame is a
+new sentence around a verb the training frames use ("After that, she sells 4 of them." vs
+"She sells 4 stickers."): what is held out is the wording, not the arithmetic's vocabulary.
+(Held-out frames with new verbs, "hands 5 to a neighbour" for -, left the cold-started 135M
+model at 3 % in the pilot: it cannot map an unseen verb to an operation.) Rows are JSONL with
 `question` and a GSM8K-style `answer` (one `a op b = c` line per step, then `#### c`), which
 the data loader and the `verify` judge read unchanged; `template` names the frames used.
 
@@ -48,38 +52,38 @@ FRAMES: dict[str, tuple[str, ...]] = {
               "{name} starts the day with {n} {item}.",
               "There are {n} {item} in {name}'s box.",
               "{name} collected {n} {item}.",
-              "{name} owns {n} {item}.",
-              "At first, {name} keeps {n} {item} on a shelf."),
+              "In {name}'s bag there are {n} {item}.",
+              "{name} has a pile of {n} {item}."),
     "+": ("{Pron} buys {n} more.",
           "{Pron} finds {n} more {item}.",
           "A friend gives {obj} {n} more {item}.",
           "{Pron} gets {n} more {item} as a gift.",
-          "{Pron} picks up another {n} {item}.",
-          "Later {pron} adds {n} {item} to them."),
+          "After that, {pron} buys {n} more {item}.",
+          "Later, {name} finds {n} more of them."),
     "-": ("{Pron} gives away {n} of them.",
           "{Pron} loses {n} {item}.",
           "{Pron} sells {n} {item}.",
           "{Pron} uses {n} of the {item}.",
-          "Then {n} of the {item} break and {pron} throws them out.",
-          "{Pron} hands {n} {item} to a neighbour."),
+          "After that, {pron} sells {n} of them.",
+          "Later, {name} loses {n} of the {item}."),
     "*": ("Then {pron} has {n} times as many {item} as before.",
           "The number of {item} grows {n} times.",
           "Each of {poss} {item} is traded for {n} new ones.",
           "{Pron} buys enough to have {n} times as many.",
-          "{Poss} collection of {item} becomes {n} times as large.",
-          "Now {pron} owns {n} times the {item} {pron} had."),
+          "After that, the number of {item} grows {n} times.",
+          "Later, {name} has {n} times as many as before."),
     "/": ("{Pron} splits the {item} equally into {n} bags and keeps one bag.",
           "{Pron} divides the {item} into {n} equal groups and keeps one group.",
           "{Pron} packs them equally into {n} boxes and keeps one box.",
           "{Pron} splits them into {n} equal piles and keeps one pile.",
-          "{Pron} puts the {item} in {n} equal rows and keeps just one row.",
-          "Only one of {n} equal parts of the {item} stays with {obj}."),
+          "After that, {pron} splits them equally into {n} boxes and keeps one box.",
+          "Later, {name} packs the {item} equally into {n} bags and keeps one bag."),
     "ask": ("How many {item} does {name} have now?",
             "How many {item} does {pron} have at the end?",
             "How many {item} are left?",
             "How many {item} does {name} end up with?",
-            "What is the number of {item} {name} has now?",
-            "Count the {item} {name} has in the end."),
+            "How many {item} does {name} have after all this?",
+            "How many {item} are there at the end?"),
 }
 _MAX_VALUE = 999    # intermediate values stay below this (a `*` that would pass it is not drawn)
 
