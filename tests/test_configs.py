@@ -7,7 +7,7 @@ import os
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN_PRESETS = ("tiny_cpu", "smollm2_135m", "qwen2_5_7b", "qwen3_8b")
+TRAIN_PRESETS = ("tiny_cpu", "smollm2_135m", "arith_135m", "qwen2_5_7b", "qwen3_8b")
 
 
 def load_preset(name: str):
