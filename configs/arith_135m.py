@@ -40,8 +40,9 @@ def get_config(variant: str = ""):
   c.rollout.prompts_per_step = 4
   c.rollout.n = 8
   # The traces are 35-90 tokens (<= 87 with 3 steps and a correcting refine); 128 leaves room
-  # for a T=1 answer that wanders (rate/truncated measures it) and keeps a training row (prompt
-  # ~220 + answer) within 384 positions: step time grows with the padded length.
+  # for a T=1 answer that wanders and keeps a training row (prompt ~220 + answer) within 384
+  # positions: step time grows with the padded length. Measured (experiment, 4 steps): 0.8 % of
+  # PASR answers cut, but 21 % of the baseline's plain-prompt prose answers.
   c.rollout.max_tokens = 128
   c.rollout.max_prompt_tokens = 256   # PASR system prompt 160 tokens + chat markup + question: 210-235
   c.rollout.vllm.max_model_len = 384  # 256 + 128
@@ -49,8 +50,8 @@ def get_config(variant: str = ""):
   c.judge.base_url = "http://127.0.0.1:8001"
   c.judge.autostart = True
   c.judge.concurrency = 16
-  # No KL term: the reference forward costs about a third of an update on 2 cores, and over
-  # this few updates the clipped ratio (eps 0.2) and the small lr bound the drift anyway.
+  # No KL term: it would add a reference forward to every update on 2 cores, and over this
+  # few updates the clipped ratio (eps 0.2) and the small lr bound the drift anyway.
   c.grpo.beta = 0.0
   # Groups whose 8 rewards are equal carry no advantage: dropped (the trainer skips them).
   c.grpo.skip_zero_variance = True
