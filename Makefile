@@ -75,10 +75,10 @@ test-fast: setup xla-gpu
 	$(VPY) -m pytest -q -m "not slow" tests
 
 demo: setup
-	$(VPY) -m pasr_jax.train --config=configs/smollm2_135m.py --config.workdir=runs/demo
+	$(VPY) -m pasr_jax.train --config=configs/arith_135m.py:demo
 
-# 53.5 min measured on a shared 2-core host (cold start + 15 PASR steps + 3x2 evaluations); see README.
-# EVAL_DATA=<root of the PASR test sets> (default configs/data/eval_100), EXP_STEPS=15.
+# The arith task (configs/arith_135m.py): one cold start, RL arms, greedy evaluation; see README.
+# EXP_ARMS="pasr grpo pasr_nocompare" (RL arms), EXP_STEPS (RL steps per arm), EXP_LIMIT.
 experiment: setup
 	PY=$(VPY) scripts/experiment.sh
 

@@ -177,7 +177,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.cold_start = ml_collections.ConfigDict()
   c.cold_start.enabled = False
   c.cold_start.max_examples = 0       # 0 = every usable training row
-  c.cold_start.refine_fraction = 0.5  # share of examples whose think ends with a <refine> re-check
+  c.cold_start.refine_fraction = 0.5  # share of examples with a <refine> re-check that confirms a step
+  c.cold_start.traces = "reference"   # reference (the data's solutions) | arith (pasr_jax/tasks/arith.py)
+  c.cold_start.correct_fraction = 0.0  # arith: share whose step is wrong and fixed in <refine>
   c.cold_start.lr = 1e-4
   c.cold_start.epochs = 1
   c.cold_start.max_steps = 0          # >0: cap on SFT updates ("a few minutes")

@@ -12,6 +12,9 @@ starts PASR from that checkpoint. Solutions need a recognisable final answer: GS
 `#### X` or a `\\boxed{X}`; other rows are skipped and counted. The re-check (for a share
 `cold_start.refine_fraction` of examples with a GSM8K `<<a*b=c>>` annotation) restates the
 last calculation: it teaches where the refine tag goes, not when refining pays off.
+With `cold_start.traces="arith"` the traces come from the arithmetic task instead
+(`pasr_jax/tasks/arith.py`): a share `cold_start.correct_fraction` get one step wrong and fix it
+inside `<refine>`, a share `refine_fraction` re-check a step and confirm it, the rest do not refine.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 
 from pasr_jax import answer_format, prompts
 from pasr_jax.data import Row
+from pasr_jax.tasks import arith
 
 _CALC = re.compile(r"<<([^<>]*?)=([^<>]*?)>>")
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
@@ -59,17 +63,27 @@ def reference_to_pasr(solution: str, refine: bool = False) -> str | None:
 
 
 def build_set(rows: Sequence[Row], system: str, refine_fraction: float = 0.5,
-              max_examples: int = 0, seed: int = 0
+              max_examples: int = 0, seed: int = 0, traces: str = "reference",
+              correct_fraction: float = 0.0
               ) -> tuple[list[list[dict[str, str]]], dict[str, int]]:
   """([system, user, assistant] transcripts, counts) from training rows; the first
-  `max_examples` usable rows (0 = all) of a seeded order."""
+  `max_examples` usable rows (0 = all) of a seeded order. `traces`: "reference" rewrites the
+  rows' solutions, "arith" writes the arithmetic task's traces (see the module doc)."""
   order = np.random.default_rng(seed).permutation(len(rows))
   refine_draw = np.random.default_rng([seed, 1]).random(len(rows))
+  kinds = arith.trace_kinds(len(rows), correct_fraction, refine_fraction, seed)
   out, stats = [], {"rows": len(rows), "kept": 0, "with_refine": 0, "no_final_answer": 0}
   for i in order:
     if max_examples and len(out) >= max_examples:
       break
-    text = reference_to_pasr(rows[i].answer, refine=bool(refine_draw[i] < refine_fraction))
+    if traces == "arith":
+      try:
+        text = arith.trace(rows[i].answer, kinds[i], np.random.default_rng([seed, 3, int(i)]))
+      except arith.ArithError as e:
+        raise ColdStartError(f"config cold_start.traces='arith': row {rows[i].id}: {e}") from None
+      stats[kinds[i]] = stats.get(kinds[i], 0) + 1
+    else:
+      text = reference_to_pasr(rows[i].answer, refine=bool(refine_draw[i] < refine_fraction))
     if text is None:
       stats["no_final_answer"] += 1
       continue
@@ -99,12 +113,13 @@ def ensure(cfg, model_dir: str) -> str:
   from pasr_jax.sft import run_sft  # pylint: disable=import-outside-toplevel
   system = prompts.load_prompts(cfg.prompts).pasr_system
   transcripts, stats = build_set(data_lib.load_dataset(cfg.data), system,
-                                 float(c.refine_fraction), int(c.max_examples), int(cfg.seed))
+                                 float(c.refine_fraction), int(c.max_examples), int(cfg.seed),
+                                 c.traces, float(c.correct_fraction))
   if not transcripts:
     raise ColdStartError(f"config cold_start.enabled=True but no row of data.files="
                          f"{tuple(cfg.data.files)} has a final answer (GSM8K '#### X' or "
                          f"\\boxed{{X}}): {stats}")
-  print(f"[cold start] NOT part of the PASR paper: SFT on {stats['kept']} reference solutions "
+  print(f"[cold start] NOT part of the PASR paper: SFT on {stats['kept']} {c.traces} traces "
         f"in the PASR layout ({stats}) into {workdir}", flush=True)
   summary: dict[str, Any] = run_sft(cfg, transcripts, workdir, model_dir, lr=float(c.lr),
                                     epochs=int(c.epochs), max_steps=int(c.max_steps),

@@ -29,6 +29,7 @@ JUDGE_STYLES = ("binary", "graded")
 JUDGE_LAYOUTS = ("sections", "original")
 JUDGE_INPUTS = ("full", "answer")
 REFINE_COMPARE = ("mean", "single", "none")
+COLD_START_TRACES = ("reference", "arith")
 
 
 class ConfigError(ValueError):
@@ -391,6 +392,8 @@ class ColdStartCfg(Section):
   enabled: bool
   max_examples: int
   refine_fraction: float
+  traces: str
+  correct_fraction: float
   lr: float
   epochs: int
   max_steps: int
@@ -398,6 +401,12 @@ class ColdStartCfg(Section):
   def check(self):
     self.need(self.max_examples >= 0, "max_examples", "must be >= 0 (0 = all)")
     self.need(0 <= self.refine_fraction <= 1, "refine_fraction", "must be in [0, 1]")
+    self.need(self.traces in COLD_START_TRACES, "traces",
+              "must be one of " + " | ".join(COLD_START_TRACES))
+    self.need(0 <= self.correct_fraction <= 1 - self.refine_fraction, "correct_fraction",
+              f"must be in [0, 1 - refine_fraction={self.refine_fraction}]")
+    self.need(self.traces == "arith" or self.correct_fraction == 0, "correct_fraction",
+              "needs cold_start.traces='arith' (reference solutions have no step to get wrong)")
     self.need(self.lr > 0, "lr", "must be > 0")
     self.need(self.epochs >= 1, "epochs", "must be >= 1")
     self.need(self.max_steps >= 0, "max_steps", "must be >= 0 (0 = no cap)")

@@ -116,17 +116,23 @@ LEARNING_KEYS = (("rate/format_ok", "format rate"), ("rate/refine", "refine rate
 
 
 def learning_summary(metrics_path: str | os.PathLike) -> str:
-  """'format rate a -> b | refine rate ... | accuracy ... | answer length ...': the first and
-  the last step's value of each of LEARNING_KEYS, plus the steps with a nonzero gradient."""
+  """'format rate a -> b | refine rate ... | accuracy ... | answer length ...': for each of
+  LEARNING_KEYS the mean of the first two steps -> the mean of the last two (first -> last step
+  with fewer than four; one step's rates move by 1/32 per answer, two halve that noise), plus
+  the steps with a nonzero gradient."""
   rows = read_jsonl(metrics_path)
   parts = []
   for key, name in LEARNING_KEYS:
     vals = [r[key] for r in rows if r.get(key) is not None]
     if vals:
-      parts.append(f"{name} {vals[0]:.3g} -> {vals[-1]:.3g}")
+      k = 2 if len(vals) >= 4 else 1
+      a, b = sum(vals[:k]) / k, sum(vals[-k:]) / k
+      parts.append(f"{name} {a:.3g} -> {b:.3g}")
   moved = sum(1 for r in rows if (r.get("train/grad_norm") or 0) > 0)
   parts.append(f"steps with train/grad_norm > 0: {moved} of {len(rows)}")
-  return f"steps {rows[0]['step']}..{rows[-1]['step']}: " + " | ".join(parts) if rows else ""
+  span = "mean of the first two -> last two steps" if len(rows) >= 4 else "first -> last step"
+  return (f"steps {rows[0]['step']}..{rows[-1]['step']} ({span}): " + " | ".join(parts)
+          if rows else "")
 
 
 def plot_reward_curve(metrics_path: str | os.PathLike, out_png: str | os.PathLike) -> str:

@@ -1,25 +1,38 @@
 #!/usr/bin/env bash
-# `make experiment`: the CPU-scale PASR experiment of issue 18 (53.5 min measured on a shared 2-core
-# host, 2026-12-01). Format cold start (SFT; NOT part of the PASR paper) +
-# PASR on the GSM8K training slice of the SmolLM2 preset, export, then greedy evaluation of
-# vanilla SmolLM2, the cold-started model alone and the trained model (both in pasr mode) on
-# the first 100 items of GSM8K test and ARC-C with the verify judge, and `evaluate compare`
-# (table + refinement analysis). The cold-start-only row separates what SFT on the format did
-# from what PASR's RL did.
-#   EVAL_DATA  root of the PASR test sets (default configs/data/eval_100: their first 100 rows)
-#   EXP_STEPS  PASR steps (default 15)   EXP_DIR  output root (default runs/experiment)
+# `make experiment`: the CPU-scale PASR experiment of issue 22 (SmolLM2-135M, the generated
+# arithmetic task of configs/arith_135m.py). One format cold start (SFT on the task's traces;
+# NOT part of the PASR paper) shared by every RL arm, then per arm the same steps, data and
+# seeds from it, an export to $EXP_DIR/<arm>/hf, a greedy evaluation of every arm on the
+# held-out items (configs/data/arith/test.jsonl: held-out sentence templates) with per-item
+# answers, and `evaluate compare` (table with paired differences, McNemar p, refinement
+# analysis) into $EXP_DIR/compare.md and compare.png.
+# Arms: vanilla (the dequantized Q4_1 SmolLM2, plain prompt), cold_start (the SFT alone),
+# pasr (cold start + PASR), grpo (cold start + GRPO with format + accuracy rewards only:
+# rewards.refine_weight=0), pasr_nocompare (cold start + PASR "w/o comparison": every
+# refinement earns rewards.refine_fixed, paper Table 2).
+#   EXP_ARMS   RL arms (default "pasr grpo"; add pasr_nocompare when there is time: an arm of
+#              4 steps took 5.5-6 min of training + 3 min of evaluation on a quiet 2-core host,
+#              2026-12-02; the cold start ~10 min of CPU per core, 41.6 min under heavy load)
+#   EXP_STEPS  RL steps per arm (default 6)
+#   EXP_LIMIT  held-out items evaluated (default 400 of 500)   EXP_DIR  (default runs/experiment)
+# Every stage is skipped when its output exists, so a rerun resumes where one stopped.
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
-EVAL_DATA=${EVAL_DATA:-configs/data/eval_100}
-EXP_STEPS=${EXP_STEPS:-15}
+PRESET=configs/arith_135m.py   # the cold start below imports it too
+EXP_ARMS=${EXP_ARMS:-pasr grpo}
 EXP_DIR=${EXP_DIR:-runs/experiment}
+EXP_LIMIT=${EXP_LIMIT:-400}
 PORT=${JUDGE_PORT:-8011}
-for d in gsm8k arc; do
-  [ -d "$EVAL_DATA/$d" ] || { echo "experiment: EVAL_DATA=$EVAL_DATA has no $d/ (PASR test sets)" >&2; exit 2; }
+STEPS=(--config.train.steps="${EXP_STEPS:-6}")
+for arm in $EXP_ARMS; do
+  case $arm in pasr|grpo|pasr_nocompare) ;;
+    *) echo "experiment: EXP_ARMS: unknown arm '$arm' (pasr | grpo | pasr_nocompare)" >&2; exit 2;;
+  esac
 done
 mkdir -p "$EXP_DIR"
 SMOL=$($PY -c "from pasr_jax.smollm2 import smollm2_dir; print(smollm2_dir())")
 start=$(date +%s)
+stamp() { echo "[experiment] $1 after $(( $(date +%s) - start )) s"; }
 
 $PY -m pasr_jax.judge --backend verify --host 127.0.0.1 --port "$PORT" > "$EXP_DIR/judge.log" 2>&1 &
 JUDGE=$!
@@ -32,22 +45,52 @@ for _ in range(240):
   time.sleep(0.5)
 sys.exit('experiment: the verify judge did not come up; see $EXP_DIR/judge.log')"
 
-$PY -m pasr_jax.train --config=configs/smollm2_135m.py --config.workdir="$EXP_DIR/train" \
-  --config.judge.base_url="$URL" --config.train.steps="$EXP_STEPS" --config.train.export=True \
-  --config.checkpoint.every=5
-echo "[experiment] training done after $(( $(date +%s) - start )) s"
+# The cold start, once: <EXP_DIR>/cold_start/hf (cold_start.ensure skips it when it exists).
+$PY - "$EXP_DIR" <<'EOF'
+import sys
+from configs.arith_135m import get_config
+from pasr_jax import cold_start
+from pasr_jax.config import RunConfig
+c = get_config()
+c.workdir = sys.argv[1]
+cold_start.ensure(RunConfig.from_tree(c), c.model.path)
+EOF
+stamp "cold start done"
 
-EVAL=(--config=configs/eval.py --config.data_dir="$EVAL_DATA" --config.datasets=gsm8k,arc
-      --config.limit=100 --config.max_tokens=256 --config.judge.base_url="$URL"
-      --config.rollout.vllm.max_model_len=2048)
-$PY -m pasr_jax.evaluate "${EVAL[@]}" --config.model="$SMOL" --config.mode=vanilla \
-  --config.out_dir="$EXP_DIR/eval_vanilla"
-$PY -m pasr_jax.evaluate "${EVAL[@]}" --config.model="$EXP_DIR/train/cold_start/hf" \
-  --config.mode=pasr --config.out_dir="$EXP_DIR/eval_cold_start"
-$PY -m pasr_jax.evaluate "${EVAL[@]}" --config.model="$EXP_DIR/train/hf" --config.mode=pasr \
-  --config.out_dir="$EXP_DIR/eval_pasr"
-$PY -m pasr_jax.evaluate compare "$EXP_DIR/eval_vanilla" "$EXP_DIR/eval_cold_start" "$EXP_DIR/eval_pasr" \
+COLD="$EXP_DIR/cold_start/hf"
+EVAL=(--config=configs/eval.py --config.data_dir=configs/data --config.datasets=arith
+      --config.limit="$EXP_LIMIT" --config.judge.base_url="$URL"
+      --config.rollout.vllm.max_model_len=512 --config.rollout.vllm.kv_cache_space_gib=1
+      --config.max_tokens=256)  # training's 128 + room: the vanilla model's prose runs longer
+evaluate() {  # arm model mode; skipped when its results exist (a rerun resumes)
+  [ -f "$EXP_DIR/eval_$1/results.json" ] || $PY -m pasr_jax.evaluate "${EVAL[@]}" \
+    --config.model="$2" --config.mode="$3" --config.out_dir="$EXP_DIR/eval_$1"
+  stamp "arm $1 evaluated"
+}
+evaluate cold_start "$COLD" pasr
+for arm in $EXP_ARMS; do
+  case $arm in
+    pasr) ARM=();;
+    # No refine reward; the baseline answers would be sampled for nothing.
+    grpo) ARM=(--config.rewards.refine_weight=0 --config.rollout.baseline=False);;
+    # No comparison with the baseline: every refinement earns rewards.refine_fixed.
+    pasr_nocompare) ARM=(--config.rewards.refine_compare=none --config.rollout.baseline=False);;
+  esac
+  [ -f "$EXP_DIR/$arm/hf/config.json" ] || $PY -m pasr_jax.train --config="$PRESET" \
+    --config.workdir="$EXP_DIR/$arm" --config.model.path="$COLD" --config.cold_start.enabled=False \
+    --config.judge.base_url="$URL" --config.train.export=True "${STEPS[@]}" "${ARM[@]}"
+  stamp "arm $arm trained"
+  evaluate "$arm" "$EXP_DIR/$arm/hf" pasr
+done
+evaluate vanilla "$SMOL" vanilla
+DIRS=()
+for arm in $EXP_ARMS; do DIRS+=("$EXP_DIR/eval_$arm"); done
+# The cold-started model is the reference every RL arm is compared with.
+$PY -m pasr_jax.evaluate compare "$EXP_DIR/eval_cold_start" "$EXP_DIR/eval_vanilla" "${DIRS[@]}" \
   --png="$EXP_DIR/compare.png" | tee "$EXP_DIR/compare.md"
-cp "$EXP_DIR/train/reward_curve.png" "$EXP_DIR/reward_curve.png"
+for arm in $EXP_ARMS; do
+  cp "$EXP_DIR/$arm/reward_curve.png" "$EXP_DIR/reward_curve_$arm.png"
+done
 echo "[experiment] $(date -u +%F) commit $(git rev-parse --short HEAD 2>/dev/null || echo ?):" \
-  "done in $(( $(date +%s) - start )) s; table $EXP_DIR/compare.md, curves $EXP_DIR/reward_curve.png"
+  "arms vanilla cold_start $EXP_ARMS; done in $(( $(date +%s) - start )) s;" \
+  "table $EXP_DIR/compare.md, curves $EXP_DIR/reward_curve_<arm>.png"

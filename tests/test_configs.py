@@ -7,7 +7,8 @@ import pytest
 
 from helpers import ROOT, load_preset
 
-TRAIN_PRESETS = ("tiny_cpu", "smollm2_135m", "qwen2_5_7b", "qwen2_5_7b_base", "qwen3_8b")
+TRAIN_PRESETS = ("tiny_cpu", "smollm2_135m", "arith_135m", "qwen2_5_7b", "qwen2_5_7b_base",
+                 "qwen3_8b")
 
 
 @pytest.mark.parametrize("name", TRAIN_PRESETS + ("eval", "paper_eval"))

@@ -72,6 +72,8 @@ def test_registry_covers_the_paper_and_slices_load():
   gsm = load_items(BENCHMARKS["gsm8k"], DATA, 1)[0]
   assert gsm.ground_truth == "18"          # the number after '####', not the reasoning
   assert load_items(BENCHMARKS["mmlu"], DATA, 1)[0].ground_truth == "A"   # 'Ground_truth'
+  arith = load_items(BENCHMARKS["arith"], DATA, 1)[0]    # pasr_jax.tasks.arith's held-out set
+  assert (arith.ground_truth, arith.instruction) == ("10", "")  # as trained: the question alone
 
 
 def test_error_unknown_dataset(tmp_path, smollm2_dir):

@@ -95,9 +95,9 @@ def test_encode_scores_assistant_tokens_only(tmp_path):
   assert mask.index(1) == len(gen) and ids[:len(gen)] == list(gen)
 
 
-@pytest.mark.parametrize("name,on", [("smollm2_135m", True), ("qwen2_5_7b", False),
+@pytest.mark.parametrize("name,on", [("smollm2_135m", True), ("arith_135m", True), ("qwen2_5_7b", False),
                                      ("qwen3_8b", False), ("tiny_cpu", False)])
-def test_cold_start_only_in_the_smollm2_preset_and_sft_defaults_are_the_papers(name, on):
+def test_cold_start_only_in_the_smollm2_presets_and_sft_defaults_are_the_papers(name, on):
   cfg = load_preset(name)
   assert cfg.cold_start.enabled is on   # not part of the paper: never on in a paper preset
   if name.startswith("qwen"):           # PASR+IFT, paper App. A.1

@@ -1,0 +1,1 @@
+"""Generated tasks: data sets the project writes itself (and their cold-start traces)."""
