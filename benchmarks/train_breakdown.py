@@ -24,6 +24,8 @@ PHASES = ("time/rollout", "time/judge", "time/pack", "time/update", "time/sync",
 def _rows(workdir: str) -> list[dict]:
   from pasr_jax.metrics import read_jsonl  # pylint: disable=import-outside-toplevel
   from pasr_jax.workdir import Workdir  # pylint: disable=import-outside-toplevel
+  from pasr_jax import policy  # pylint: disable=import-outside-toplevel
+  from pasr_jax.config import RunConfig  # pylint: disable=import-outside-toplevel
   return read_jsonl(str(Workdir(workdir).metrics))
 
 
@@ -53,10 +55,12 @@ def two_calls(workdir: str, steps: int = 2) -> None:
   from pasr_jax.rollout.vllm_sampler import VllmSampler  # pylint: disable=import-outside-toplevel
   from pasr_jax import chat  # pylint: disable=import-outside-toplevel
   from pasr_jax.workdir import Workdir  # pylint: disable=import-outside-toplevel
+  from pasr_jax import policy  # pylint: disable=import-outside-toplevel
+  from pasr_jax.config import RunConfig  # pylint: disable=import-outside-toplevel
 
   wd = Workdir(workdir)
   cfg = ml_collections.ConfigDict(json.loads(wd.config.read_text(encoding="utf-8")))
-  model_dir = str(wd.model_dir(cfg.model))
+  model_dir = policy.start_dir(RunConfig.from_tree(cfg))
   tok = AutoTokenizer.from_pretrained(model_dir)
   prompts = prompts_lib.load_prompts(cfg.prompts)
   stream = data.BatchStream(data.load_dataset(cfg.data), cfg.rollout.prompts_per_step, 123)

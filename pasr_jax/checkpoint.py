@@ -31,13 +31,14 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from pasr_jax import errors
 from pasr_jax.data import Cursor
 from pasr_jax.layout import path_key, shape_mismatches
 
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(errors.StorageFailure):
   """No usable checkpoint although some exist, or a save failed."""
 
 
@@ -149,6 +150,9 @@ class RunState:
   step: steps done. cursor: the data stream's next row. rng: the run's JAX PRNG key (typed).
   policy_version: weights version the sampler holds. log_bytes: byte size of each JSONL log
   (metrics, rollouts) when the step was saved; a resume cuts the logs back to it.
+  model_dir, model_digest: the HF dir the policy started from (`policy.start_dir`; export
+  reuses its config and tokenizer) and its `hf.model_digest` (a resume rebuilds the
+  reference from that dir and checks it is the same model).
   """
   step: int
   cursor: Cursor
@@ -156,7 +160,8 @@ class RunState:
   policy_version: int = 0
   log_bytes: dict[str, int] = dataclasses.field(
       default_factory=lambda: {"metrics": 0, "rollouts": 0})
-  model_digest: str = ""  # hf.model_digest of model.path: the reference is rebuilt from it
+  model_dir: str = ""
+  model_digest: str = ""
 
   @classmethod
   def fresh(cls, seed: int) -> "RunState":
@@ -168,7 +173,7 @@ class RunState:
     meta = {"step": self.step, "cursor": self.cursor.to_dict(),
             "rng": np.asarray(jax.random.key_data(self.rng)).tolist(),
             "policy_version": self.policy_version, "log_bytes": dict(self.log_bytes),
-            "model_digest": self.model_digest}
+            "model_dir": self.model_dir, "model_digest": self.model_digest}
     if config is not None:
       meta["config"] = config
     return meta
@@ -179,7 +184,7 @@ class RunState:
                rng=jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32)),
                policy_version=int(meta["policy_version"]),
                log_bytes={k: int(v) for k, v in meta["log_bytes"].items()},
-               model_digest=str(meta.get("model_digest", "")))  # older steps have none
+               model_dir=str(meta["model_dir"]), model_digest=str(meta["model_digest"]))
 
 
 class Checkpointer:

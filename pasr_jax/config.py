@@ -17,7 +17,7 @@ import os
 import typing
 from typing import Any, ClassVar
 
-from pasr_jax import dtypes
+from pasr_jax import dtypes, errors
 from pasr_jax.dtypes import NAMES as DTYPE_NAMES
 
 # The choices of config values; the modules that act on them import them from here.
@@ -29,7 +29,7 @@ JUDGE_INPUTS = ("full", "answer")
 REFINE_COMPARE = ("mean", "single", "none")
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError):
   """A config value is unusable; the message names the key and the value."""
 
 

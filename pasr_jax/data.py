@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from pasr_jax import errors
 from pasr_jax.config import DataCfg
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ ANSWER_FIELDS = ("answer", "output", "a", "solution", "ground_truth", "output1",
                  "canonical_solution")
 
 
-class DataError(ValueError):
+class DataError(errors.UserError):
   """A data file, row or data config value is unusable; the message names file, row and field."""
 
 

@@ -13,13 +13,15 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from pasr_jax import errors
+
 NAMES = ("float32", "bfloat16", "float16")
 _DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
            "float16": np.dtype(np.float16)}
 _ST_CODES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
-class DtypeError(ValueError):
+class DtypeError(errors.UserError):
   """A dtype name that is not one of NAMES; the message names the key it came from."""
 
 

@@ -23,10 +23,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from pasr_jax import sharding
+from pasr_jax import errors, sharding
 
 
-class MultihostError(ValueError):
+class MultihostError(errors.UserError):
   """A mesh or config that cannot split the run across processes."""
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import pathlib
 from typing import Any
 
+from pasr_jax import errors
 from pasr_jax.config import TASK_TYPES, PromptsCfg
 
 PASR_SYSTEM_PROMPT = """\
@@ -83,7 +84,7 @@ number, between 0 and 1."""
 
 
 
-class PromptError(ValueError):
+class PromptError(errors.UserError):
   """A prompt file or a judge task type given by the user is unusable."""
 
 

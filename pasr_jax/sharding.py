@@ -23,12 +23,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from pasr_jax import errors
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 Rules = Sequence[tuple[str, Any]]
 
 
-class MeshError(ValueError):
+class MeshError(errors.UserError):
   """A mesh shape or rule table from the config that cannot be used."""
 
 

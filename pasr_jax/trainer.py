@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from pasr_jax import grpo, sharding
-from pasr_jax.config import OptimCfg, RunConfig, TrainerCfg
+from pasr_jax.config import ConfigError, OptimCfg, RunConfig, TrainerCfg
 from pasr_jax.models.qwen import Decoder, ModelConfig
 
 BATCH_KEYS = ("input_ids", "attention_mask", "positions", "loss_mask", "old_logps",
@@ -36,7 +36,8 @@ INT_KEYS = ("input_ids", "attention_mask", "positions")
 
 
 class TrainerError(ValueError):
-  """A config value or batch that the trainer cannot use (field and value in the message)."""
+  """A batch or model the trainer cannot use: an internal invariant (run and sft build both),
+  so a bug with its traceback, not a user error."""
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -317,8 +318,8 @@ class Trainer:
     shards = sharding.batch_shards(mesh, self.rules)
     if mb < 1 or mb % shards:
       axes = "*".join(sharding.batch_axes(mesh, self.rules)) or "(none)"
-      raise TrainerError(f"optim.micro_batch={mb} must be a positive multiple of the batch "
-                         f"shards {axes}={shards}")
+      raise ConfigError(f"config optim.micro_batch={mb} must be a positive multiple of the "
+                        f"batch shards {axes}={shards}")
     compute_dtype, param_dtype = cfg.model.compute_dtype, cfg.model.weight_dtype
     self.graphdef, params, self._rest = nnx.split(model, nnx.Param, ...)
     for leaf in jax.tree.leaves(params):

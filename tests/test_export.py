@@ -53,7 +53,8 @@ def run(tmp_path_factory):
   tensors = {}
   for step in (1, 2):
     trainer.update(_batch(mcfg.vocab_size, step))
-    ck.save(step, trainer.state_for_checkpoint(), {"step": step, "config": cfg.to_dict()})
+    ck.save(step, trainer.state_for_checkpoint(),
+            {"step": step, "config": cfg.to_dict(), "model_dir": src})  # as run and sft record it
     tensors[step] = {k: np.array(v) for k, v in hf_tensors(trainer.model, mcfg)}
   ck.close()
   init = dict(load_file(str(Path(src) / "model.safetensors")))

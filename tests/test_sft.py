@@ -12,9 +12,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from configs.tiny_cpu import get_config as tiny_config
-from pasr_jax import answer_format, cold_start, data, metrics, rewards, sft
+from pasr_jax import answer_format, cold_start, data, metrics, policy, rewards, sft
+from pasr_jax.config import RunConfig
 from pasr_jax.prompts import PASR_SYSTEM_PROMPT
-from pasr_jax.tiny import make_tiny_model_dir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GSM8K = ROOT / "configs" / "data" / "gsm8k_train_64.jsonl"
@@ -230,8 +230,9 @@ def test_cold_start_sft_raises_the_well_formed_rate(tmp_path, engine):
   # Short answers (no re-check text) so a 2-layer char-level model learns the layout quickly.
   cfg.cold_start.refine_fraction = 0.0
   cfg.cold_start.lr, cfg.cold_start.epochs = 1e-2, 12  # 96 updates of 8
-  base = make_tiny_model_dir(str(tmp_path / "tiny_model"), seed=0, tie_word_embeddings=False)
-  hf = cold_start.ensure(cfg, base)
+  cfg = RunConfig.from_tree(cfg)
+  base = policy.base_dir(cfg)  # the tiny model, made in the workdir
+  hf = cold_start.ensure(cfg)
   assert hf == str(tmp_path / "cold_start" / "hf")
   tok = AutoTokenizer.from_pretrained(hf)
   questions = [f"What is {a}+{b}?" for a, b in ((2, 5), (7, 1), (4, 4), (9, 3))]
@@ -241,4 +242,4 @@ def test_cold_start_sft_raises_the_well_formed_rate(tmp_path, engine):
   after = _well_formed_rate(engine, tok, questions)
   print("well-formed before, after:", before, after)
   assert before <= 0.1 and after >= 0.5, (before, after)
-  assert cold_start.ensure(cfg, base) == hf  # made once: a restarted run reuses it
+  assert cold_start.ensure(cfg) == hf  # made once: a restarted run reuses it

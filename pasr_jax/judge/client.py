@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from pasr_jax import errors
 from pasr_jax.config import JudgeCfg
 from pasr_jax.judge.wire import JudgeItem, judge_messages
 from pasr_jax.prompts import Prompts
@@ -33,7 +34,7 @@ _NUMBER_RE = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 _RETRY_STATUS = (408, 429)
 
 
-class JudgeError(RuntimeError):
+class JudgeError(errors.JudgeFailure):
   """The judge could not be reached or answered wrongly beyond the retry budget.
 
   `stats` holds the counters of the batch up to the failure."""

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pasr_jax import errors
 from pasr_jax.sharding import constrain_batch
 
 MODEL_TYPES = ("qwen2", "qwen3", "llama")
@@ -32,7 +33,7 @@ _MASK_VALUE = -1e30
 ATTENTIONS = ("auto", "xla", "cudnn")
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(errors.UserError):
   """An HF config dict that this decoder cannot represent (field named in the message)."""
 
 
