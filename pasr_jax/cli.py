@@ -30,7 +30,7 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
-from pasr_jax import errors
+from pasr_jax import errors, host_malloc
 from pasr_jax.config import RunConfig
 
 EXIT_USER, EXIT_INTERRUPTED = 2, 130
@@ -45,13 +45,19 @@ KINDS: tuple[tuple[type[BaseException], int, str], ...] = (
 )
 
 
-@functools.cache
-def _flags() -> tuple[flags.FlagHolder, flags.FlagHolder]:
+_HOLDERS: list[flags.FlagHolder] = []  # --config, --debug once defined
+
+
+def _flags(argv: list[str] | None = None) -> list[flags.FlagHolder]:
   """`--config` and `--debug`, defined at the first call: importing this module (as `run`
-  does through `devices`) defines no flag, so a process that parses its own is free to."""
-  return (config_flags.DEFINE_config_file("config", None, "Config preset file (configs/*.py).",
-                                          lock_config=True),
-          flags.DEFINE_bool("debug", False, "Re-raise errors with their traceback."))
+  does through `devices`) defines no flag. The `--config.a.b` overrides are registered from
+  the preset named in `argv` (default sys.argv), so the first call must see the real one."""
+  if not _HOLDERS:
+    _HOLDERS.extend((
+        config_flags.DEFINE_config_file("config", None, "Config preset file (configs/*.py).",
+                                        lock_config=True, sys_argv=list(argv or sys.argv)),
+        flags.DEFINE_bool("debug", False, "Re-raise errors with their traceback.")))
+  return _HOLDERS
 
 
 def classify(e: BaseException) -> tuple[int, str] | None:
@@ -93,7 +99,7 @@ def _override_error(argv: list[str], err: Exception, typed: bool) -> str:
 def parse_flags(argv: list[str], prog: str = "pasr_jax", typed: bool = True) -> list[str]:
   """absl's flag parsing of `argv` with `--config`; a bad flag or override exits 2 with one
   line. Returns the arguments left over."""
-  _flags()
+  _flags(argv)
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # absl/ml_collections raise several types for bad overrides
@@ -125,12 +131,15 @@ def call(prog: str, fn: Callable[[Any], Any], cfg: Any) -> int:
 
 
 def main(prog: str, fn: Callable[[Any], Any], typed: bool = True,
-         default_config: str = "") -> None:
+         default_config: str = "", tune_malloc: bool = True) -> None:
   """The `__main__` of a command: flags, logging, `fn(cfg)`, exit code (module doc).
 
   `cfg` is the preset typed as a RunConfig, or with `typed=False` the ConfigDict itself
   (`evaluate`, whose preset has its own keys). `default_config` is the preset when no
-  `--config` is given; without one, `--config` is required."""
+  `--config` is given; without one, `--config` is required. `tune_malloc`: the command runs
+  the decoder in this process, so host_malloc's settings go in before JAX starts."""
+  if tune_malloc:
+    host_malloc.keep_freed_memory()
   argv = list(sys.argv)
   if default_config and not any(a.startswith("--config=") or a == "--config" for a in argv):
     argv.insert(1, f"--config={default_config}")

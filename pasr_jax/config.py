@@ -559,14 +559,3 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
 
 def _freeze(v: Any) -> Any:
   return tuple(_freeze(x) for x in v) if isinstance(v, (list, tuple)) else v
-
-
-def leaf_keys(tree: Any, prefix: str = "") -> list[str]:
-  """Every dotted key of a config tree (sections expanded)."""
-  out = []
-  for k, v in _as_dict(tree).items():
-    if isinstance(v, dict) and k != "hf_config":
-      out.extend(leaf_keys(v, f"{prefix}{k}."))
-    else:
-      out.append(prefix + k)
-  return out

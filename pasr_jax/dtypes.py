@@ -2,8 +2,8 @@
 
 A name (`model.dtype`, `model.param_dtype`, `rollout.vllm.dtype`, `export --dtype`) maps to a
 numpy dtype, bfloat16 included (ml_dtypes'); that same object is what `jnp.dtype` returns, so
-it serves JAX too. safetensors headers spell dtypes as codes ("BF16"); `from_safetensors` /
-`to_safetensors` convert. numpy and ml_dtypes only: the vLLM worker imports this without JAX.
+it serves JAX too. safetensors headers spell dtypes as codes ("BF16"); `from_safetensors`
+reads them. numpy and ml_dtypes only: the vLLM worker imports this without JAX.
 """
 
 from __future__ import annotations
@@ -44,7 +44,3 @@ def from_safetensors(code: str) -> str:
   return _ST_CODES.get(code, "float32")
 
 
-def to_safetensors(name: str) -> str:
-  """The safetensors code of a dtype name."""
-  to_dtype(name)
-  return {v: k for k, v in _ST_CODES.items()}[name]

@@ -8,16 +8,13 @@ whole batch first and divides every micro-batch's sum by it.
 from __future__ import annotations
 
 import functools
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pasr_jax.config import AGGS
-
-Agg = Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"]
-
 
 class GRPOError(ValueError):
   """A GRPO setting (config value) or input that cannot be used."""

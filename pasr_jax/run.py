@@ -145,7 +145,8 @@ class Run:
     self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
     pol = policy.build_policy(cfg.model, cfg.mesh, self.model_dir)
     self.model_cfg = pol.config
-    self.trainer = Trainer(cfg.trainer_cfg(), pol.model, pol.config, pol.mesh)  # its reference: model_dir's
+    # The trainer's reference policy: model_dir's weights.
+    self.trainer = Trainer(cfg.trainer_cfg(), pol.model, pol.config, pol.mesh)
     del pol
     self.model_digest = model_digest(self.model_dir)
     # Multi-host: saves block. Orbax's async save finishes in a thread whose barriers are

@@ -158,14 +158,6 @@ def put_tree(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(put_global, tree, shardings)
 
 
-def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules) -> nnx.Module:
-  """Moves every variable of `model` to its rule-derived sharding on `mesh` (in place)."""
-  state = nnx.state(model)
-  shardings = state_shardings(state, mesh, rules)
-  nnx.update(model, put_tree(state, shardings))
-  return model
-
-
 def batch_axes(mesh: Any, rules: Rules) -> tuple[str, ...]:
   """The mesh axes the batch dimension is split over, of batch arrays and activations alike:
   the 'batch' logical rule of `rules` (cfg.mesh.rules; default ('data', 'fsdp')); no rule:

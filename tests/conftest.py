@@ -14,6 +14,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
+from pasr_jax import host_malloc  # noqa: E402
+
+host_malloc.keep_freed_memory()  # as the commands do (pasr_jax.cli.main), before JAX starts
+
 
 @pytest.fixture(scope="session")
 def smollm2_dir():

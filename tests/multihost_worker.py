@@ -19,8 +19,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 def main(workdir: str, out: str, overrides: list[str]) -> None:
   import jax
   import numpy as np
-  from pasr_jax import cli, sharding
+  from pasr_jax import cli, host_malloc, sharding
   from pasr_jax.config import RunConfig
+  host_malloc.keep_freed_memory()  # as pasr_jax.cli.main does
   from pasr_jax.run import Run
   from scripted import ScriptedSampler
 

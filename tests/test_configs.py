@@ -91,9 +91,9 @@ def test_paper_optimizer_adamw_1e_6_without_clipping(paper):
   assert (o.lr, o.schedule, o.warmup_steps, o.weight_decay) == (1e-6, "constant", 0, 0.0)
   assert o.clip_norm == 0.0
   import jax.numpy as jnp
-  import ml_collections
   import numpy as np
   import optax
+  from pasr_jax.config import OptimCfg
   from pasr_jax.trainer import make_optimizer
 
   def two_steps(tx):  # a huge gradient, then a small one: clipping changes the second step
@@ -105,15 +105,15 @@ def test_paper_optimizer_adamw_1e_6_without_clipping(paper):
   plain = two_steps(optax.adamw(1e-6, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0))
   np.testing.assert_allclose(two_steps(make_optimizer(o, 10)), plain, rtol=1e-6)
   clipped = dict(o.to_dict(), clip_norm=1.0)
-  assert not np.allclose(two_steps(make_optimizer(ml_collections.ConfigDict(clipped), 10)),
+  assert not np.allclose(two_steps(make_optimizer(OptimCfg.of(clipped), 10)),
                          plain, rtol=1e-3)
 
 
 def test_paper_8_sequences_per_update(paper):
-  from pasr_jax.trainer import updates_per_step
+  from pasr_jax.config import RunConfig
   assert paper.optim.sequences_per_update == 8
   assert paper.optim.sequences_per_update % paper.optim.micro_batch == 0
-  assert updates_per_step(paper) == 8  # a rollout batch of 64 answers: 8 optimizer updates
+  assert RunConfig.from_tree(paper).trainer_cfg().updates_per_step == 8  # a rollout batch of 64 answers: 8 optimizer updates
 
 
 def test_paper_loss_clip_0_2_beta_0_04_sequence_mean(paper):
@@ -192,6 +192,17 @@ def _base():
   return get_base_config()
 
 
+def leaf_keys(tree, prefix=""):
+  """Every dotted key of a config tree (sections expanded; model.hf_config is one key)."""
+  out = []
+  for k, v in (tree.to_dict() if hasattr(tree, "to_dict") else dict(tree)).items():
+    if isinstance(v, dict) and k != "hf_config":
+      out.extend(leaf_keys(v, f"{prefix}{k}."))
+    else:
+      out.append(prefix + k)
+  return out
+
+
 def _set(cfg, dotted, value):
   *parents, leaf = dotted.split(".")
   node = cfg
@@ -203,7 +214,7 @@ def _set(cfg, dotted, value):
 
 def test_the_typed_config_has_exactly_the_base_trees_keys():
   import dataclasses
-  from pasr_jax.config import RunConfig, leaf_keys
+  from pasr_jax.config import RunConfig
   cfg = _base()
   typed = RunConfig.from_tree(cfg)
   assert sorted(leaf_keys(typed.to_dict())) == sorted(leaf_keys(cfg) + ["model.hf_config"])
@@ -224,7 +235,6 @@ def test_no_dead_keys_every_config_key_is_read_by_the_code():
   section (names `.<section>` or the section's class, e.g. `RewardsCfg`). In config.py the
   `check` methods do not count: a key that is only validated is still dead."""
   from pasr_jax import config
-  from pasr_jax.config import leaf_keys
   sources = []
   for root, _, files in os.walk(os.path.join(ROOT, "pasr_jax")):
     for f in files:
@@ -260,7 +270,7 @@ def _wrong_type(value):
 
 
 def test_every_key_with_a_wrong_type_is_named():
-  from pasr_jax.config import ConfigError, RunConfig, leaf_keys
+  from pasr_jax.config import ConfigError, RunConfig
   for key in leaf_keys(_base()):
     cfg = _base()
     node = cfg

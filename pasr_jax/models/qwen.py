@@ -187,7 +187,7 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str | None, ...]
     value = jnp.ones(shape, param_dtype)
   else:
     value = jnp.zeros(shape, param_dtype)
-  # Logical names only; placement is done by load_hf / sharding.shard_model under a mesh.
+  # Logical names only; placement is done by load_hf under a mesh.
   return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 

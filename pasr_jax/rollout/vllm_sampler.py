@@ -298,11 +298,6 @@ class VllmSampler:
     """Loads `model`'s params into the engine as policy `version` (see `WeightSync.sync`)."""
     return self.weight_sync.sync(model, version, self)
 
-  def sync_tensors(self, tensors: Iterable[tuple[str, np.ndarray]], version: int,
-                   ) -> dict[str, float]:
-    """Loads HF-named host tensors into the engine (see `WeightSync.sync_tensors`)."""
-    return self.weight_sync.sync_tensors(tensors, version, self)
-
   @property
   def weights_broken(self) -> str | None:
     """Why the engine's weights are not those of `policy_version` (None when they are)."""
