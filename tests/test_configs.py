@@ -217,7 +217,7 @@ def test_the_typed_config_has_exactly_the_base_trees_keys():
   from pasr_jax.config import RunConfig
   cfg = _base()
   typed = RunConfig.from_tree(cfg)
-  assert sorted(leaf_keys(typed.to_dict())) == sorted(leaf_keys(cfg) + ["model.hf_config"])
+  assert sorted(leaf_keys(typed.to_dict())) == sorted(leaf_keys(cfg))
   with pytest.raises(dataclasses.FrozenInstanceError):
     typed.optim.lr = 1.0  # type: ignore[misc]
   assert RunConfig.from_tree(typed) is typed  # typed once; passing it on does not re-check
@@ -324,3 +324,30 @@ def test_missing_inputs_are_named_before_a_run_starts(tmp_path):
   cfg.model.path = str(tmp_path)
   with pytest.raises(ConfigError, match=r"config model\.path=.*no HF model dir"):
     RunConfig.from_tree(cfg).need_files()
+
+
+def test_every_key_has_help_and_base_py_is_the_schema():
+  """Keys, defaults and help live in pasr_jax.config; configs/base.py is that tree, and
+  `python -m pasr_jax.config` lists every key with its default and help."""
+  import dataclasses
+  import subprocess
+  import sys
+  from pasr_jax import config
+
+  def fields(cls, prefix=""):
+    for f in dataclasses.fields(cls):
+      if f.default_factory is not dataclasses.MISSING:
+        yield f"{prefix}{f.name}", f
+        yield from fields(f.default_factory, f"{prefix}{f.name}.")
+      else:
+        yield f"{prefix}{f.name}", f
+  every = dict(fields(config.RunConfig))
+  no_help = [k for k, f in every.items() if len(f.metadata.get("help", "")) < 8]
+  assert not no_help, f"config keys without help: {no_help}"
+  assert _base().to_dict() == config.base_tree().to_dict()
+  assert sorted(leaf_keys(_base())) == sorted(
+      k for k, f in every.items() if f.default_factory is dataclasses.MISSING)
+  out = subprocess.run([sys.executable, "-m", "pasr_jax.config"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, check=True).stdout
+  assert "optim.lr = 1e-06  # AdamW learning rate (paper: 1e-6)" in out.splitlines()
+  assert len([l for l in out.splitlines() if " = " in l]) == len(leaf_keys(_base()))
