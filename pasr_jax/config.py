@@ -33,6 +33,9 @@ PROMPT_SETS = ("ours", "paper")
 JUDGE_STYLES = ("binary", "graded")
 JUDGE_INPUTS = ("full", "answer")
 REFINE_COMPARE = ("mean", "single", "none")
+ATTENTIONS = ("auto", "xla", "cudnn")
+ADV_SCALES = ("group", "batch", "none")
+SCHEDULES = ("constant", "cosine")
 
 
 class ConfigError(errors.UserError):
@@ -98,7 +101,7 @@ class ModelCfg(Section):
   def check(self):
     for f in ("dtype", "param_dtype"):
       self.need(getattr(self, f) in DTYPE_NAMES, f, "must be one of " + " | ".join(DTYPE_NAMES))
-    self.need(self.attention in ("auto", "xla", "cudnn"), "attention", "auto | xla | cudnn")
+    self.need(self.attention in ATTENTIONS, "attention", "must be one of " + " | ".join(ATTENTIONS))
 
   @property
   def compute_dtype(self) -> Any:
@@ -323,7 +326,7 @@ class GrpoCfg(Section):
     self.need(self.adv_std_ddof in (0, 1), "adv_std_ddof", "0 (population) | 1 (sample)")
     self.need(self.adv_eps >= 0, "adv_eps", "must be >= 0")
     self.need(self.skip_range >= 0, "skip_range", "must be >= 0")
-    self.need(self.adv_scale in ("group", "batch", "none"), "adv_scale", "group | batch | none")
+    self.need(self.adv_scale in ADV_SCALES, "adv_scale", "must be one of " + " | ".join(ADV_SCALES))
     self.need(self.tis_cap >= 0, "tis_cap", "must be >= 0 (0 = off)")
     self.need(self.loss_temperature >= 0, "loss_temperature",
               "must be >= 0 (0 = rollout.temperature)")
@@ -348,7 +351,7 @@ class OptimCfg(Section):
 
   def check(self):
     self.need(self.lr > 0, "lr", "must be > 0 (a negative rate trains backwards)")
-    self.need(self.schedule in ("constant", "cosine"), "schedule", "constant | cosine")
+    self.need(self.schedule in SCHEDULES, "schedule", "must be one of " + " | ".join(SCHEDULES))
     self.need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
     self.need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
     self.need(0 <= self.b1 < 1, "b1", "must be in [0, 1)")

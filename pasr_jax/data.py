@@ -166,9 +166,8 @@ def load_tfds(name: str, data_dir: str, question_field: str = "",
   return rows_from_records(records, f"tfds:{name}", question_field, answer_field)
 
 
-def load_dataset(data_cfg) -> list[Row]:
+def load_dataset(data_cfg: DataCfg) -> list[Row]:
   """Rows of every file in `data_cfg.files` (in order), then the TFDS source if configured."""
-  data_cfg = DataCfg.of(data_cfg)
   rows: list[Row] = []
   for path in data_cfg.files:
     rows.extend(load_rows(path, data_cfg.question_field, data_cfg.answer_field,

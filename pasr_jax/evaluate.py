@@ -18,25 +18,23 @@ from collections.abc import Callable
 from typing import Any
 
 from pasr_jax import cli
+from pasr_jax.config import JudgeCfg, PromptsCfg
 from pasr_jax.eval.benchmarks import EvalError, load_items, parse_datasets
 from pasr_jax.eval.prompts import ChatEncoder, check_mode
 from pasr_jax.eval.report import compare, summarize, write_outputs
 from pasr_jax.eval.runner import Runner
+from pasr_jax.judge.client import JudgeClient
+from pasr_jax.prompts import load_prompts
+from pasr_jax.rollout.vllm_sampler import VllmSampler
 
 
 def _default_sampler(cfg) -> Callable[[], Any]:
-  def make():
-    from pasr_jax.rollout.vllm_sampler import VllmSampler
-    return VllmSampler.from_config(cfg.rollout, cfg.model, int(cfg.seed))
-  return make
+  return lambda: VllmSampler.from_config(cfg.rollout, cfg.model, int(cfg.seed))
 
 
 def _default_judge(cfg) -> Callable[[], Any]:
-  def make():
-    from pasr_jax.judge.client import JudgeClient
-    from pasr_jax.prompts import load_prompts
-    return JudgeClient.from_config(cfg.judge, load_prompts(cfg.prompts))
-  return make
+  return lambda: JudgeClient.from_config(JudgeCfg.of(cfg.judge),
+                                         load_prompts(PromptsCfg.of(cfg.prompts)))
 
 
 def evaluate(cfg, make_sampler: Callable[[], Any] | None = None,

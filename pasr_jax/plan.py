@@ -62,8 +62,7 @@ from flax import nnx  # noqa: E402
 
 from pasr_jax import cli, devices, errors, sharding, xla_gpu  # noqa: E402
 from pasr_jax.config import RunConfig  # noqa: E402
-from pasr_jax.models.qwen import (Decoder, ModelConfig, ModelConfigError,  # noqa: E402
-                                  resolve_attention)
+from pasr_jax.models.qwen import Decoder, ModelConfig, resolve_attention  # noqa: E402
 from pasr_jax.trainer import (BATCH_KEYS, INT_KEYS, batch_shardings, jit_update,  # noqa: E402
                               make_optimizer, make_step_fns, opt_state_shardings, ref_copy)
 

@@ -34,7 +34,7 @@ from pasr_jax import answer_format, cli, errors, policy, prompts
 from pasr_jax import data as data_lib
 from pasr_jax import metrics as metrics_lib
 from pasr_jax.checkpoint import Checkpointer
-from pasr_jax.config import RunConfig, SftCfg, TrainerCfg
+from pasr_jax.config import DataCfg, RunConfig, SftCfg, TrainerCfg
 from pasr_jax.models.hf import save_hf
 from pasr_jax.step import pack_batch
 from pasr_jax.trainer import Trainer
@@ -138,7 +138,7 @@ def _harvest_from_run(cfg) -> tuple[list[list[dict[str, str]]], dict[str, int]]:
   if os.path.isfile(run_cfg):
     with open(run_cfg, encoding="utf-8") as f:
       data_cfg = json.load(f)["data"]
-  questions = {r.id: r.question for r in data_lib.load_dataset(data_cfg)}
+  questions = {r.id: r.question for r in data_lib.load_dataset(DataCfg.of(data_cfg))}
   system = prompts.load_prompts(cfg.prompts).pasr_system
   out, stats = harvest_refinement_paths(records, questions, system)
   if not out:

@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from pasr_jax.config import DataCfg, PromptsCfg
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_PRESETS = ("tiny_cpu", "smollm2_135m", "qwen2_5_7b", "qwen3_8b")
 
@@ -146,7 +148,7 @@ def test_paper_training_judge_graded_at_0_2(paper):
   from pasr_jax import prompts
   assert paper.judge.temperature == 0.2 and paper.judge.input == "full"
   assert paper.prompts.judge_style == "graded"
-  p = prompts.load_prompts(paper.prompts)
+  p = prompts.load_prompts(PromptsCfg.of(paper.prompts))
   for task in prompts.TASK_TYPES:
     assert p.judge[task] == prompts.GRADED_JUDGE_INSTRUCTION
   assert "from 0" in prompts.GRADED_JUDGE_INSTRUCTION and "just the" in prompts.GRADED_JUDGE_INSTRUCTION
@@ -154,7 +156,7 @@ def test_paper_training_judge_graded_at_0_2(paper):
 
 def test_paper_prompts_refine_as_often_as_needed_and_plain_baseline(paper):
   from pasr_jax import prompts
-  p = prompts.load_prompts(paper.prompts)
+  p = prompts.load_prompts(PromptsCfg.of(paper.prompts))
   assert p.pasr_system == prompts.PAPER_PASR_SYSTEM_PROMPT
   assert "as often as needed" in p.pasr_system and "nothing left to improve" in p.pasr_system
   assert "only when it helps" not in p.pasr_system
@@ -170,7 +172,7 @@ def test_paper_data_is_alpaca_instruction_output(paper, tmp_path):
   # Both fields present and a decoy "question": the preset names its fields, no guessing.
   f.write_text(json.dumps([{"question": "x", "instruction": "2+2?", "output": "4"}]))
   paper.data.files = (str(f),)
-  rows = data.load_dataset(paper.data)
+  rows = data.load_dataset(DataCfg.of(paper.data))
   assert (rows[0].question, rows[0].answer) == ("2+2?", "4")
 
 
@@ -180,10 +182,10 @@ def test_prompt_choices_are_checked():
   cfg = load_preset("tiny_cpu").prompts
   cfg.builtin = "theirs"
   with pytest.raises(ConfigError, match="prompts.builtin='theirs': must be one of ours | paper"):
-    prompts.load_prompts(cfg)
+    prompts.load_prompts(PromptsCfg.of(cfg))
   cfg.builtin, cfg.judge_style = "ours", "strict"
   with pytest.raises(ConfigError, match="prompts.judge_style='strict'"):
-    prompts.load_prompts(cfg)
+    prompts.load_prompts(PromptsCfg.of(cfg))
 
 
 # ---------------------------------------------------------------- the typed config itself

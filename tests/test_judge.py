@@ -20,6 +20,7 @@ import pytest
 import uvicorn
 
 from pasr_jax import prompts
+from pasr_jax.config import JudgeCfg, PromptsCfg
 from pasr_jax.judge import wire
 from pasr_jax.judge import JudgeClient, JudgeError, JudgeItem, parse_score
 from pasr_jax.judge import verify
@@ -348,7 +349,7 @@ def test_api_key_enforced(keyed_verify_url, monkeypatch):
   cfg = get_base_config().judge
   cfg.update(dict(base_url=keyed_verify_url, concurrency=4, timeout_s=10.0, retries=0,
                   api_key_env="MY_JUDGE_KEY", max_tokens=4))
-  scores, _ = JudgeClient.from_config(cfg).score_batch(items(2))
+  scores, _ = JudgeClient.from_config(JudgeCfg.of(cfg)).score_batch(items(2))
   assert scores == [1.0, 1.0]
 
 
@@ -460,7 +461,8 @@ def test_paper_training_judge_is_graded_at_temperature_0_2(scripted):
   from test_configs import load_preset
   cfg = load_preset("qwen2_5_7b")
   cfg.judge.base_url = scripted.url + "/temperature"
-  client = JudgeClient.from_config(cfg.judge, prompts.load_prompts(cfg.prompts))
+  client = JudgeClient.from_config(JudgeCfg.of(cfg.judge),
+                                    prompts.load_prompts(PromptsCfg.of(cfg.prompts)))
   scores, _ = client.score_batch([JudgeItem("paper-judge", "4", "2 + 2 = 4")])
   assert scores == [0.2]
   body = [b for b in scripted.bodies if "paper-judge" in b["messages"][-1]["content"]][0]

@@ -4,6 +4,7 @@ the judge requests, and which answers reach the batch."""
 import pytest
 
 from configs.base import get_base_config
+from pasr_jax.config import RunConfig
 from pasr_jax.data import Row
 from pasr_jax.rollout.base import Completion, Group
 from pasr_jax.step import Halves, RolloutStep
@@ -73,7 +74,7 @@ def _step(texts, **cfg_over):
     section, key = k.split("__")
     cfg[section][key] = v
   sampler, judge = ScriptedSampler(texts), ScriptedJudge()
-  return RolloutStep(cfg, CharTokenizer(), sampler, judge), sampler, judge
+  return RolloutStep(RunConfig.from_tree(cfg).step_cfg(), CharTokenizer(), sampler, judge), sampler, judge
 
 
 ROWS = [Row("q0?", "7", "a"), Row("q1?", "7", "b")]

@@ -11,6 +11,8 @@ import os
 from typing import Any
 
 from pasr_jax import chat
+from pasr_jax.config import PromptsCfg
+from pasr_jax.prompts import PromptError, load_prompts
 from pasr_jax.eval.benchmarks import EvalError, Item
 
 MODES = ("vanilla", "pasr", "self_refine", "self_refine_oracle")
@@ -36,9 +38,8 @@ def system_prompt(mode: str, prompts_cfg: Any = None) -> str | None:
   (the chat template's default system prompt, if any)."""
   if check_mode(mode) != "pasr":
     return None
-  from pasr_jax.prompts import PromptError, load_prompts
   try:
-    return load_prompts(prompts_cfg).pasr_system
+    return load_prompts(PromptsCfg.of(prompts_cfg) if prompts_cfg else None).pasr_system
   except PromptError as e:
     raise EvalError(str(e)) from None
 

@@ -20,7 +20,6 @@ import os
 import re
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import httpx
 import numpy as np
@@ -122,9 +121,8 @@ class JudgeClient:
     self.totals: dict[str, float] = {}
 
   @classmethod
-  def from_config(cls, cfg: JudgeCfg | Any, prompts: Prompts | None = None) -> JudgeClient:
+  def from_config(cls, cfg: JudgeCfg, prompts: Prompts | None = None) -> JudgeClient:
     """From the `judge` section; the key comes from the env var named by cfg.api_key_env."""
-    cfg = JudgeCfg.of(cfg)
     env = cfg.api_key_env
     return cls(base_url=cfg.base_url, model=cfg.model,
                api_key=(os.environ.get(env) or None) if env else None,

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pasr_jax import errors
+from pasr_jax.config import ATTENTIONS
 from pasr_jax.sharding import constrain_batch
 
 MODEL_TYPES = ("qwen2", "qwen3", "llama")
@@ -30,7 +31,6 @@ ARCHITECTURES = {
 }
 # Large negative instead of -inf: a fully masked row (a left-pad query) stays finite.
 _MASK_VALUE = -1e30
-ATTENTIONS = ("auto", "xla", "cudnn")
 
 
 class ModelConfigError(errors.UserError):

@@ -45,9 +45,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
-
-import numpy as np
+from typing import Any, Callable, Sequence
 
 from pasr_jax.rollout.base import Completion, EngineError, Group, SamplerError, SyncError
 from pasr_jax.rollout.weight_sync import WeightSync
