@@ -150,6 +150,7 @@ def load_tfds(name: str, data_dir: str, question_field: str = "",
   Optional: needs `tensorflow_datasets` (works without TensorFlow for array_record datasets).
   """
   try:
+    # Lazily: an optional package, needed only with data.tfds_name.
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   except ImportError:
     raise DataError(f"data.tfds_name={name!r} needs the optional package tensorflow-datasets, "

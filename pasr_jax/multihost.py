@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from pasr_jax import errors, sharding
@@ -69,14 +70,12 @@ def agree(values: Sequence[int]) -> np.ndarray:
   local = np.asarray(values, np.int32).reshape(1, -1)
   if jax.process_count() == 1:
     return local
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   return np.asarray(multihost_utils.process_allgather(local[0])).reshape(jax.process_count(), -1)
 
 
 def barrier(name: str) -> None:
   """Waits until every process got here (processes must pass the same `name`)."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     multihost_utils.sync_global_devices(name)
 
 
@@ -84,7 +83,6 @@ def allgather_json(obj: Any) -> list[Any]:
   """Every process's JSON-able `obj`, in process order, on every process."""
   if jax.process_count() == 1:
     return [obj]
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
   sizes = agree([data.size])[:, 0]
   buf = np.zeros(int(sizes.max()), np.uint8)

@@ -63,6 +63,7 @@ from flax import nnx  # noqa: E402
 from pasr_jax import cli, devices, errors, sharding, xla_gpu  # noqa: E402
 from pasr_jax.config import RunConfig  # noqa: E402
 from pasr_jax.models.qwen import Decoder, ModelConfig, resolve_attention  # noqa: E402
+from pasr_jax.tiny import char_vocab, tiny_model_config  # noqa: E402
 from pasr_jax.trainer import (BATCH_KEYS, INT_KEYS, batch_shardings, jit_update,  # noqa: E402
                               make_optimizer, make_step_fns, opt_state_shardings, ref_copy)
 
@@ -79,7 +80,6 @@ def model_config(cfg: RunConfig | ml_collections.ConfigDict, layers: int = 0) ->
   if cfg.model.hf_config:
     d = dict(cfg.model.hf_config)
   elif cfg.model.tiny_random:  # what train writes to <workdir>/tiny_model (untied)
-    from pasr_jax.tiny import char_vocab, tiny_model_config
     d = tiny_model_config(len(char_vocab()), tie_word_embeddings=False).to_hf_dict()
   elif cfg.model.path and (Path(cfg.model.path) / "config.json").exists():
     d = json.loads((Path(cfg.model.path) / "config.json").read_text())

@@ -66,6 +66,7 @@ class GpuTarget:
 
 def topology_devices(target: GpuTarget, num_devices: int) -> list:
   """`num_devices` devices of one host of `target` GPUs, for `sharding.make_mesh(devices=)`."""
+  # Lazily: `plan` sets JAX_PLATFORMS before jax is first imported (see pasr_jax.plan).
   import jax
   from jax.experimental import topologies
   if jax.config.jax_platforms != "cpu":

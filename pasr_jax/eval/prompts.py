@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from transformers import AutoTokenizer
+
 from pasr_jax import chat
 from pasr_jax.config import PromptsCfg
 from pasr_jax.prompts import PromptError, load_prompts
@@ -62,7 +64,6 @@ class ChatEncoder:
   def __init__(self, model_dir: str):
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
       raise EvalError(f"config.model={model_dir!r}: not an HF model dir (no config.json)")
-    from transformers import AutoTokenizer
     try:
       self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as e:

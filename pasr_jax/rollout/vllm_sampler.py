@@ -132,6 +132,8 @@ class VllmSampler:
   def _start_engine(self):
     # vLLM reads its multiprocessing start method only from the environment; see docstring.
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    # vLLM is imported here, not at the top: after the environment above is set, and only by
+    # processes that start an engine (importing vLLM initialises torch and its platform).
     from vllm import LLM
     from vllm.platforms import current_platform
 
