@@ -381,7 +381,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
       bar.update(1)
       bar.set_postfix(reward=f"{scalars['reward/mean']:.3f}", t=f"{scalars['time/step']:.1f}s")
       if r.state.step % cfg.logging.every == 0 or r.finished:
-        tqdm.write(format_scalars(r.state.step, scalars, LINE_KEYS), file=sys.stdout)
+        tqdm.write(metrics_lib.format_scalars(r.state.step, scalars, LINE_KEYS), file=sys.stdout)
     bar.close()
     summary = r.finish()
     if r.state.step < cfg.train.steps:
