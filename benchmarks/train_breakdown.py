@@ -67,7 +67,7 @@ def two_calls(workdir: str, steps: int = 2) -> None:
   r = cfg.rollout
   kw = dict(n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens,
             stop_token_ids=[tok.eos_token_id], seed=7)
-  sampler = VllmSampler.from_config(r, model_dir, seed=cfg.seed)
+  sampler = VllmSampler.from_config(RunConfig.from_tree(cfg).rollout, model_dir, seed=cfg.seed)
   try:
     _ = sampler.llm
     one = two = 0.0

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pasr_jax import cli
-from pasr_jax.config import JudgeCfg, PromptsCfg
+from pasr_jax.config import JudgeCfg, PromptsCfg, RolloutCfg
 from pasr_jax.eval.benchmarks import EvalError, load_items, parse_datasets
 from pasr_jax.eval.prompts import ChatEncoder, check_mode
 from pasr_jax.eval.report import compare, summarize, write_outputs
@@ -29,7 +29,7 @@ from pasr_jax.rollout.vllm_sampler import VllmSampler
 
 
 def _default_sampler(cfg) -> Callable[[], Any]:
-  return lambda: VllmSampler.from_config(cfg.rollout, cfg.model, int(cfg.seed))
+  return lambda: VllmSampler.from_config(RolloutCfg.of(cfg.rollout), cfg.model, int(cfg.seed))
 
 
 def _default_judge(cfg) -> Callable[[], Any]:

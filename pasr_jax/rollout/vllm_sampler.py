@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from pasr_jax.config import RolloutCfg, VllmCfg
 from pasr_jax.rollout.base import Completion, EngineError, Group, SamplerError, SyncError
 from pasr_jax.rollout.weight_sync import WeightSync
 
@@ -66,24 +67,24 @@ def _cpu_scheduler(max_model_len: int) -> dict[str, Any]:
 class VllmSampler:
   """`Sampler` backed by one in-process `vllm.LLM` (see the module docstring)."""
 
-  def __init__(self, model_dir: str | os.PathLike, *, dtype: str = "float32",
-               max_model_len: int = 2048, gpu_memory_utilization: float = 0.3,
-               tensor_parallel_size: int = 1, enforce_eager: bool = True,
-               kv_cache_space_gib: float = 2.0, sync_dir: str = "", seed: int = 0,
-               initial_version: int = 0, timeout_s: float = 0.0, cpu_reserved_cores: int = -1,
-               sync_fallback_dir: str = "", sync_headroom_gib: float = 0.25):
+  def __init__(self, model_dir: str | os.PathLike, vllm: VllmCfg | None = None, *,
+               seed: int = 0, initial_version: int = 0, timeout_s: float = 0.0, **overrides):
+    """`vllm`: the engine's settings (the `rollout.vllm` section; default: its defaults), with
+    `overrides` of single keys (`max_model_len=1024`, ...). `timeout_s`: one generate call's
+    limit (0 = none; a run passes rollout.timeout_s)."""
     self.model_dir = Path(model_dir)
     if not (self.model_dir / "config.json").is_file():
       raise SamplerError(f"model dir {self.model_dir}: no config.json (cfg.model.path)")
-    self.dtype = dtype
-    self.max_model_len = int(max_model_len)
-    self.gpu_memory_utilization = float(gpu_memory_utilization)
-    self.tensor_parallel_size = int(tensor_parallel_size)
-    self.enforce_eager = bool(enforce_eager)
-    self.kv_cache_space_gib = float(kv_cache_space_gib)
+    v = (vllm or VllmCfg()).replace(**overrides)
+    self.dtype = v.dtype
+    self.max_model_len = v.max_model_len
+    self.gpu_memory_utilization = v.gpu_memory_utilization
+    self.tensor_parallel_size = v.tensor_parallel_size
+    self.enforce_eager = v.enforce_eager
+    self.kv_cache_space_gib = float(v.kv_cache_space_gib)
     self.seed = int(seed)
-    self.timeout_s = float(timeout_s)          # one generate call; 0 = no limit
-    self.cpu_reserved_cores = int(cpu_reserved_cores)  # -1 = vLLM's default
+    self.timeout_s = float(timeout_s)
+    self.cpu_reserved_cores = v.cpu_reserved_cores  # -1 = vLLM's default
     self.cpu_unchunked_prefill = True  # see _cpu_scheduler; False only to benchmark vLLM's way
     # Polled while a call waits on the engine; True ends the wait with EngineError (the
     # trainer points it at its SIGTERM/SIGINT flag).
@@ -92,20 +93,15 @@ class VllmSampler:
     self._llm = None
     self._broken: str | None = None   # why generate is refused (weights not of _version)
     self._synced = False              # the engine holds synced weights, not model_dir's
-    self.weight_sync = WeightSync(self.model_dir, dtype, sync_dir, sync_fallback_dir,
-                                  int(sync_headroom_gib * (1 << 30)))
+    self.weight_sync = WeightSync(self.model_dir, v.dtype, v.sync_dir, v.sync_fallback_dir,
+                                  int(v.sync_headroom_gib * (1 << 30)))
     atexit.register(self.close)
 
   @classmethod
-  def from_config(cls, rollout_cfg, model_dir: str | os.PathLike, seed: int = 0) -> VllmSampler:
-    """Builds a sampler from `cfg.rollout` (its `vllm` sub-dict) for the HF dir `model_dir`."""
-    v = rollout_cfg.vllm
-    return cls(model_dir, dtype=v.dtype, max_model_len=v.max_model_len,
-               gpu_memory_utilization=v.gpu_memory_utilization,
-               tensor_parallel_size=v.tensor_parallel_size, enforce_eager=v.enforce_eager,
-               kv_cache_space_gib=v.kv_cache_space_gib, sync_dir=v.sync_dir, seed=seed,
-               timeout_s=rollout_cfg.timeout_s, cpu_reserved_cores=v.cpu_reserved_cores,
-               sync_fallback_dir=v.sync_fallback_dir, sync_headroom_gib=v.sync_headroom_gib)
+  def from_config(cls, rollout_cfg: RolloutCfg, model_dir: str | os.PathLike,
+                  seed: int = 0) -> VllmSampler:
+    """Builds a sampler from the `rollout` section for the HF dir `model_dir`."""
+    return cls(model_dir, rollout_cfg.vllm, seed=seed, timeout_s=rollout_cfg.timeout_s)
 
   # --- engine ------------------------------------------------------------------------------
 
