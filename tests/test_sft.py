@@ -117,6 +117,26 @@ def test_encode_scores_assistant_tokens_only(tmp_path):
   assert mask.index(1) == len(gen) and ids[:len(gen)] == list(gen)
 
 
+def test_prepare_drops_over_long_transcripts_never_cuts_them(tmp_path):
+  """A transcript over sft.max_len tokens is left out and counted: cut, it would train on an
+  answer without its closing tags and end-of-turn token."""
+  from pasr_jax.tiny import write_char_tokenizer
+  d = str(tmp_path / "tok")
+  write_char_tokenizer(d)
+  cfg = RunConfig.from_tree(tiny_config())
+  s = cfg.sft.replace(max_len=40, batch_size=1)
+  short = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+  long = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "x" * 100}]
+  prep = sft.prepare(cfg, s, [short, long, short], str(tmp_path / "w"), d)
+  assert prep.dropped == 1 and len(prep.encoded) == 2 and prep.total == 2 * s.epochs
+  tok = AutoTokenizer.from_pretrained(d)
+  for ids, mask in prep.encoded:
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "A<|im_end|>\n"  # whole turn
+  assert len(metrics.read_jsonl(str(tmp_path / "w" / "data.jsonl"))) == 3
+  with pytest.raises(sft.SFTError, match=r"sft.max_len=40: every transcript .* longer"):
+    sft.prepare(cfg, s, [long], str(tmp_path / "w2"), d)
+
+
 @pytest.mark.parametrize("name,on", [("smollm2_135m", True), ("qwen2_5_7b", False),
                                      ("qwen3_8b", False), ("tiny_cpu", False)])
 def test_cold_start_only_in_the_smollm2_preset_and_sft_defaults_are_the_papers(name, on):
