@@ -114,7 +114,8 @@ class Runner:
                ) -> list[Generation]:
     """Answers for token-id prompts (greedy by default; else sampled with config.seed), from
     the cache where possible."""
-    # Greedy keys stay as they were, so caches written before sampling existed still serve.
+    # A greedy answer depends on model, prompt and max_tokens only: no seed in its key, so one
+    # cached greedy answer serves every seed.
     extra = (float(temperature), int(self.cfg.seed)) if temperature > 0 else ()
     keys = [_key(self.model_id, p, self.cfg.max_tokens, *extra) for p in prompts]
     todo = sorted({k: i for i, k in enumerate(keys) if k not in self.gen_cache}.values())
