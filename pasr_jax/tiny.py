@@ -15,7 +15,6 @@ import string
 
 import jax.numpy as jnp
 from flax import nnx
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from pasr_jax.models.hf import save_hf
 from pasr_jax.models.qwen import Decoder, ModelConfig, tiny_config
@@ -40,6 +39,10 @@ def write_char_tokenizer(out_dir: str) -> int:
 
   Returns the vocabulary size. eos = `<|im_end|>`, pad = `<|endoftext|>`.
   """
+  # Lazily: `plan` imports this module for the tiny architecture in the deviceless XLA:GPU
+  # venv (requirements-xla-gpu.txt), which has no tokenizers.
+  from tokenizers import (  # pylint: disable=import-outside-toplevel
+      AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers)
   vocab = {t: i for i, t in enumerate(char_vocab())}
   tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
   tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
