@@ -33,13 +33,13 @@ from ml_collections import config_flags
 from pasr_jax import errors, host_malloc
 from pasr_jax.config import RunConfig
 
-EXIT_USER, EXIT_INTERRUPTED = 2, 130
+EXIT_USER, EXIT_STORAGE, EXIT_INTERRUPTED = 2, 5, 130
 # (kind, exit code, what failed); a UserError is named by its own class (ConfigError, ...).
 KINDS: tuple[tuple[type[BaseException], int, str], ...] = (
     (errors.UserError, EXIT_USER, ""),
     (errors.JudgeFailure, 3, "judge"),
     (errors.EngineFailure, 4, "rollout engine"),
-    (errors.StorageFailure, 5, "checkpoint"),
+    (errors.StorageFailure, EXIT_STORAGE, "checkpoint"),
     (errors.Diverged, 6, "training diverged"),
     (errors.Interrupted, EXIT_INTERRUPTED, "interrupted"),
 )
@@ -66,7 +66,7 @@ def classify(e: BaseException) -> tuple[int, str] | None:
     if isinstance(e, kind):
       return code, what or type(e).__name__
   if isinstance(e, OSError) and e.errno is not None:  # disk full, permissions, ...
-    return 5, "disk" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "file system"
+    return EXIT_STORAGE, "disk" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "file system"
   return None
 
 
@@ -122,7 +122,7 @@ def call(prog: str, fn: Callable[[Any], Any], cfg: Any) -> int:
     return EXIT_INTERRUPTED
   except Exception as e:  # pylint: disable=broad-except
     known = classify(e)
-    if known is None or (flags.FLAGS.is_parsed() and _flags()[1].value):
+    if known is None or (_HOLDERS and flags.FLAGS.is_parsed() and _HOLDERS[1].value):
       raise
     code, what = known
     print(f"{prog}: {what}: {' '.join(str(e).split())}", file=sys.stderr)
