@@ -24,6 +24,8 @@ PHASES = ("time/rollout", "time/judge", "time/pack", "time/update", "time/sync",
 def _rows(workdir: str) -> list[dict]:
   from pasr_jax.metrics import read_jsonl  # pylint: disable=import-outside-toplevel
   from pasr_jax.workdir import Workdir  # pylint: disable=import-outside-toplevel
+  from pasr_jax import policy  # pylint: disable=import-outside-toplevel
+  from pasr_jax.config import RunConfig  # pylint: disable=import-outside-toplevel
   return read_jsonl(str(Workdir(workdir).metrics))
 
 
@@ -46,24 +48,25 @@ def print_breakdown(title: str, b: dict[str, float]) -> None:
 
 def two_calls(workdir: str, steps: int = 2) -> None:
   """Times one generate over PASR+baseline prompts vs two generates, same prompts and seeds."""
-  import ml_collections  # pylint: disable=import-outside-toplevel
   from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
 
   from pasr_jax import data, prompts as prompts_lib  # pylint: disable=import-outside-toplevel
   from pasr_jax.rollout.vllm_sampler import VllmSampler  # pylint: disable=import-outside-toplevel
   from pasr_jax import chat  # pylint: disable=import-outside-toplevel
   from pasr_jax.workdir import Workdir  # pylint: disable=import-outside-toplevel
+  from pasr_jax import policy  # pylint: disable=import-outside-toplevel
+  from pasr_jax.config import RunConfig  # pylint: disable=import-outside-toplevel
 
   wd = Workdir(workdir)
-  cfg = ml_collections.ConfigDict(json.loads(wd.config.read_text(encoding="utf-8")))
-  model_dir = str(wd.model_dir(cfg.model))
+  cfg = RunConfig.from_tree(json.loads(wd.config.read_text(encoding="utf-8")))
+  model_dir = policy.start_dir(cfg)
   tok = AutoTokenizer.from_pretrained(model_dir)
   prompts = prompts_lib.load_prompts(cfg.prompts)
   stream = data.BatchStream(data.load_dataset(cfg.data), cfg.rollout.prompts_per_step, 123)
   r = cfg.rollout
   kw = dict(n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens,
             stop_token_ids=[tok.eos_token_id], seed=7)
-  sampler = VllmSampler.from_config(r, model_dir, seed=cfg.seed)
+  sampler = VllmSampler.from_config(cfg.rollout, model_dir, seed=cfg.seed)
   try:
     _ = sampler.llm
     one = two = 0.0

@@ -64,6 +64,7 @@ def setup_jax(model_dir: Path, batch: dict, window: bool = True) -> Callable[[],
 
   from configs.base import get_base_config
   from pasr_jax import sharding
+  from pasr_jax.config import RunConfig
   from pasr_jax.models.hf import load_hf
   from pasr_jax.trainer import Trainer
 
@@ -74,7 +75,7 @@ def setup_jax(model_dir: Path, batch: dict, window: bool = True) -> Callable[[],
   # LM head runs on that window only (the torch side, the original's way, runs it on all).
   c.rollout.max_tokens = completion_tokens(batch) if window else batch["input_ids"].shape[1]
   model, mcfg = load_hf(model_dir)
-  tr = Trainer(c, model, mcfg, sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
+  tr = Trainer(RunConfig.from_tree(c).trainer_cfg(), model, mcfg, sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
   old = tr.logprobs(batch)  # also warms the logprob function
   batch = dict(batch, old_logps=old * batch["loss_mask"])
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from pasr_jax import errors
+
 Messages = list[dict[str, str]]
 
 # Tokens given back per retry: merges at the cut can change the count by a few tokens.
@@ -17,7 +19,7 @@ _STEP = 16
 CUT_MARK = " ..."
 
 
-class ChatError(ValueError):
+class ChatError(errors.UserError):
   """A prompt that cannot fit its budget even with the question cut away."""
 
 

@@ -31,13 +31,14 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from pasr_jax import errors
 from pasr_jax.data import Cursor
 from pasr_jax.layout import path_key, shape_mismatches
 
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(errors.StorageFailure):
   """No usable checkpoint although some exist, or a save failed."""
 
 
@@ -127,9 +128,8 @@ def abstract_like(tree: Any) -> Any:
 
 def _verify(state: Any, stored: dict[str, list[int]] | None) -> None:
   """Raises CheckpointError if `state`'s checksums differ from those saved with it."""
-  if stored is None:  # written before checksums existed
-    log.warning("checkpoint has no checksums (an older pasr_jax wrote it); not verified")
-    return
+  if stored is None:
+    raise CheckpointError("its meta holds no checksums (every save writes them)")
   try:
     got, bad = checksums(state)
   except Exception as e:  # pylint: disable=broad-except
@@ -149,6 +149,9 @@ class RunState:
   step: steps done. cursor: the data stream's next row. rng: the run's JAX PRNG key (typed).
   policy_version: weights version the sampler holds. log_bytes: byte size of each JSONL log
   (metrics, rollouts) when the step was saved; a resume cuts the logs back to it.
+  model_dir, model_digest: the HF dir the policy started from (`policy.start_dir`; export
+  reuses its config and tokenizer) and its `hf.model_digest` (a resume rebuilds the
+  reference from that dir and checks it is the same model).
   """
   step: int
   cursor: Cursor
@@ -156,7 +159,8 @@ class RunState:
   policy_version: int = 0
   log_bytes: dict[str, int] = dataclasses.field(
       default_factory=lambda: {"metrics": 0, "rollouts": 0})
-  model_digest: str = ""  # hf.model_digest of model.path: the reference is rebuilt from it
+  model_dir: str = ""
+  model_digest: str = ""
 
   @classmethod
   def fresh(cls, seed: int) -> "RunState":
@@ -168,7 +172,7 @@ class RunState:
     meta = {"step": self.step, "cursor": self.cursor.to_dict(),
             "rng": np.asarray(jax.random.key_data(self.rng)).tolist(),
             "policy_version": self.policy_version, "log_bytes": dict(self.log_bytes),
-            "model_digest": self.model_digest}
+            "model_dir": self.model_dir, "model_digest": self.model_digest}
     if config is not None:
       meta["config"] = config
     return meta
@@ -179,7 +183,7 @@ class RunState:
                rng=jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32)),
                policy_version=int(meta["policy_version"]),
                log_bytes={k: int(v) for k, v in meta["log_bytes"].items()},
-               model_digest=str(meta.get("model_digest", "")))  # older steps have none
+               model_dir=str(meta["model_dir"]), model_digest=str(meta["model_digest"]))
 
 
 class Checkpointer:
@@ -202,9 +206,6 @@ class Checkpointer:
 
   def all_steps(self) -> list[int]:
     return sorted(self._mgr.all_steps())
-
-  def latest_step(self) -> int | None:
-    return self._mgr.latest_step()
 
   def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
     """Start saving `state` and `meta` as `step` (returns before the write ends when async).
@@ -248,14 +249,12 @@ class Checkpointer:
       self._check_shapes(step, abstract)
       try:
         out = self._mgr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(self._with_legacy_ref(step, abstract)),
+            state=ocp.args.StandardRestore(abstract),
             meta=ocp.args.JsonRestore()))
         meta = out["meta"]
         if not isinstance(meta, dict) or meta.get("step") != step:
           raise CheckpointError(f"metadata missing or for another step: {meta!r:.200}")
         _verify(out["state"], meta.pop("checksums", None))
-        if "ref_params" not in abstract:  # verified with the rest, then dropped
-          out["state"].pop("ref_params", None)
         return step, out["state"], meta
       except ChecksumComputeError:
         raise  # our own failure, not the step's: move nothing aside
@@ -303,20 +302,6 @@ class Checkpointer:
     params = {path_key(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(out)}
     return step, params, meta
 
-  def _with_legacy_ref(self, step: int, abstract: Any) -> Any:
-    """Checkpoints before 2026-12-01 also stored the reference params (now rebuilt from
-    model.path); Orbax restores only whole trees, so such a step is read with a reference
-    shaped and sharded like the params, which the caller then drops."""
-    if not isinstance(abstract, dict) or "ref_params" in abstract or "params" not in abstract:
-      return abstract
-    try:
-      stored = self._mgr.item_metadata(step)["state"]
-    except Exception:  # pylint: disable=broad-except
-      return abstract
-    if hasattr(stored, "keys") and "ref_params" in stored.keys():
-      return dict(abstract, ref_params=abstract["params"])
-    return abstract
-
   def _check_shapes(self, step: int, abstract: Any) -> None:
     """Raises CheckpointMismatchError if `step`'s stored arrays have other shapes than
     `abstract`'s; a step whose metadata cannot be read is left to the restore (damaged)."""
@@ -328,9 +313,8 @@ class Checkpointer:
     if bad:
       raise CheckpointMismatchError(
           f"{self.directory}/{step}: {len(bad)} stored arrays do not fit this run's model, "
-          f"e.g. {bad[0]}. It was written for another model or config, or by a pasr_jax "
-          f"before 2026-11-25 (kernels then were [in, out]; now HF's [out, in]). Nothing was "
-          f"moved or deleted; train in another workdir.")
+          f"e.g. {bad[0]}. It was written for another model, config or param layout. "
+          f"Nothing was moved or deleted; train in another workdir.")
 
   def _move_aside(self, step: int) -> str:
     """Move a damaged step out of the manager's view so a later save of that step succeeds;

@@ -23,11 +23,13 @@ import gc
 import os
 import re
 from collections.abc import Sequence
-from typing import Any
 
+import jax
 import numpy as np
 
-from pasr_jax import answer_format, prompts
+from pasr_jax import answer_format, errors, policy, prompts, sft
+from pasr_jax import data as data_lib
+from pasr_jax.config import RunConfig
 from pasr_jax.data import Row
 from pasr_jax.tasks import arith
 
@@ -35,7 +37,7 @@ _CALC = re.compile(r"<<([^<>]*?)=([^<>]*?)>>")
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 
 
-class ColdStartError(ValueError):
+class ColdStartError(errors.UserError):
   """No training row can be written in the PASR layout (the message says why)."""
 
 
@@ -95,35 +97,28 @@ def build_set(rows: Sequence[Row], system: str, refine_fraction: float = 0.5,
   return out, stats
 
 
-def ensure(cfg, model_dir: str) -> str:
-  """The HF dir PASR starts from: `model_dir` itself when cold_start.enabled is off, else
-  <workdir>/cold_start/hf, made by SFT on the cold-start set unless it exists already."""
-  c = cfg.cold_start
-  if not c.enabled:
-    return model_dir
-  import jax  # pylint: disable=import-outside-toplevel
+def ensure(cfg: RunConfig) -> str:
+  """The HF dir PASR starts from (`policy.start_dir`): with cold_start.enabled, made here by
+  SFT of `policy.base_dir` on the cold-start set unless it exists already."""
+  c, hf = cfg.cold_start, policy.start_dir(cfg)
+  if not c.enabled or os.path.isfile(os.path.join(hf, "config.json")):
+    return hf
   if jax.process_count() > 1:
     raise ColdStartError("config cold_start.enabled=True runs on one host only: run the cold "
                          "start once (python -m pasr_jax.sft) and point model.path at its hf/")
-  workdir = os.path.join(os.path.abspath(cfg.workdir), "cold_start")
-  hf = os.path.join(workdir, "hf")
-  if os.path.isfile(os.path.join(hf, "config.json")):
-    return hf
-  from pasr_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-  from pasr_jax.sft import run_sft  # pylint: disable=import-outside-toplevel
+  workdir = os.path.dirname(hf)
   system = prompts.load_prompts(cfg.prompts).pasr_system
   transcripts, stats = build_set(data_lib.load_dataset(cfg.data), system,
-                                 float(c.refine_fraction), int(c.max_examples), int(cfg.seed),
-                                 c.traces, float(c.correct_fraction))
+                                 c.refine_fraction, c.max_examples, cfg.seed, c.traces,
+                                 c.correct_fraction)
   if not transcripts:
     raise ColdStartError(f"config cold_start.enabled=True but no row of data.files="
                          f"{tuple(cfg.data.files)} has a final answer (GSM8K '#### X' or "
                          f"\\boxed{{X}}): {stats}")
   print(f"[cold start] NOT part of the PASR paper: SFT on {stats['kept']} {c.traces} traces "
         f"in the PASR layout ({stats}) into {workdir}", flush=True)
-  summary: dict[str, Any] = run_sft(cfg, transcripts, workdir, model_dir, lr=float(c.lr),
-                                    epochs=int(c.epochs), max_steps=int(c.max_steps),
-                                    export=True)
+  section = cfg.sft.replace(lr=c.lr, epochs=c.epochs, max_steps=c.max_steps, export=True)
+  summary = sft.run_sft(cfg, section, transcripts, workdir, policy.base_dir(cfg))
   a, b = summary["first_nll"], summary["last_epoch_nll"]
   nll = f"nll {a:.3f} -> {b:.3f}" if a is not None else "resumed after its last update"
   print(f"[cold start] done ({nll}, {summary['steps']} updates); PASR starts from {hf}",

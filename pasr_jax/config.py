@@ -1,12 +1,16 @@
-"""The run's config, typed: frozen dataclasses per component, built and checked once.
+"""The run's config: every key with its type, default, help and checks, in one place.
 
-`configs/base.py` stays the one tree of keys and defaults (ml_collections, so presets and
-`--config.a.b=v` overrides work as in every JAX project). At the command-line boundary
-`RunConfig.from_tree` turns it into the dataclasses below: every key of the tree must be a
-field here and every field must be in the tree, each value is coerced to the field's type,
-and each section checks its own values. Errors name the `--config.` key and the value.
-`Trainer`, `RolloutStep` and the judge client then get only their own sections.
-`ConfigError` is what the `train` command turns into exit code 2.
+Each section is a frozen dataclass whose fields are `key(default, help)`; `check` rejects values
+that cannot work, naming the `--config.` key and the value. `base_tree()` is the ml_collections
+tree of every key at its default (`configs/base.py` returns it; presets override from there,
+and `--config.a.b=v` works as in every JAX project). At the command-line boundary
+(`pasr_jax.cli`) `RunConfig.from_tree` turns a preset's tree back into the dataclasses: every
+key must be a field, each value is coerced to the field's type and checked. `Trainer`,
+`RolloutStep` and the judge client then get only their own sections. `python -m
+pasr_jax.config` lists every key with its default and help.
+
+Adding a key: one line `name: type = key(default, "help")` in its section, a check if some
+values cannot work, and the code that reads it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ import os
 import typing
 from typing import Any, ClassVar
 
-from pasr_jax import dtypes
+import ml_collections
+
+from pasr_jax import dtypes, errors
 from pasr_jax.dtypes import NAMES as DTYPE_NAMES
 
 # The choices of config values; the modules that act on them import them from here.
@@ -30,10 +36,23 @@ JUDGE_LAYOUTS = ("sections", "original")
 JUDGE_INPUTS = ("full", "answer")
 REFINE_COMPARE = ("mean", "single", "none")
 COLD_START_TRACES = ("reference", "arith")
+ATTENTIONS = ("auto", "xla", "cudnn")
+ADV_SCALES = ("group", "batch", "none")
+SCHEDULES = ("constant", "cosine")
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError):
   """A config value is unusable; the message names the key and the value."""
+
+
+def key(default: Any, help: str) -> Any:  # pylint: disable=redefined-builtin
+  """A config key: its default and its one-line help (`python -m pasr_jax.config` lists them)."""
+  return dataclasses.field(default=default, metadata={"help": help})
+
+
+def section(cls: type, help: str) -> Any:  # pylint: disable=redefined-builtin
+  """A config section: its keys at their defaults, and a one-line help."""
+  return dataclasses.field(default_factory=cls, metadata={"help": help})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,19 +90,21 @@ class Section:
 @dataclasses.dataclass(frozen=True)
 class ModelCfg(Section):
   _key: ClassVar[str] = "model"
-  path: str
-  tiny_random: bool
-  dtype: str
-  param_dtype: str
-  scan_layers: bool
-  remat: bool
-  attention: str
-  hf_config: dict | None = None   # paper presets: the architecture, for the memory plan
+  path: str = key("", "HF dir (config.json + safetensors + tokenizer)")
+  tiny_random: bool = key(False, "tiny_cpu: build and save a random tiny Qwen at start")
+  dtype: str = key("float32", "compute dtype: float32 on CPU, bfloat16 on GPU")
+  param_dtype: str = key("float32", "master weights and optimizer state")
+  scan_layers: bool = key(False, "lax.scan over layers: compile time independent of depth")
+  remat: bool = key(False, "recompute activations in the backward pass (memory for compute)")
+  attention: str = key(
+      "auto", "auto (cuDNN flash attention on GPU in bf16, else xla) | xla | cudnn")
+  hf_config: dict | None = key(
+      None, "the HF config.json as a dict (paper presets): the memory plan's architecture")
 
   def check(self):
     for f in ("dtype", "param_dtype"):
       self.need(getattr(self, f) in DTYPE_NAMES, f, "must be one of " + " | ".join(DTYPE_NAMES))
-    self.need(self.attention in ("auto", "xla", "cudnn"), "attention", "auto | xla | cudnn")
+    self.need(self.attention in ATTENTIONS, "attention", "must be one of " + " | ".join(ATTENTIONS))
 
   @property
   def compute_dtype(self) -> Any:
@@ -99,17 +120,23 @@ class ModelCfg(Section):
 @dataclasses.dataclass(frozen=True)
 class MeshCfg(Section):
   _key: ClassVar[str] = "mesh"
-  shape: tuple[int, ...]
-  distributed: bool
-  coordinator_address: str
-  num_processes: int
-  process_id: int
-  local_device_ids: str
-  cuda_visible_devices: str
-  memory_fraction: float
-  platform: str
-  heartbeat_timeout_s: float
-  rules: tuple
+  shape: tuple[int, ...] = key((1, -1, 1), "(data, fsdp, tensor); one entry may be -1 = the rest")
+  distributed: bool = key(False, "multi-host: one process per host (scripts/launch_multihost.sh)")
+  coordinator_address: str = key("", 'host:port of process 0; "" = JAX detects it (SLURM, MPI)')
+  num_processes: int = key(0, "0 = JAX detects it")
+  process_id: int = key(-1, "-1 = JAX detects it")
+  local_device_ids: str = key("", 'this process\'s GPUs, e.g. "0,1,2,3" ("" = all it sees)')
+  cuda_visible_devices: str = key("", 'JAX\'s GPUs (indices in CUDA_VISIBLE_DEVICES), "" = all')
+  memory_fraction: float = key(0.0, "JAX's share of each GPU; 0 = 0.9 - vLLM's share if colocated")
+  platform: str = key("", '"" = JAX\'s choice; "cuda": pinned, no silent CPU fallback')
+  heartbeat_timeout_s: float = key(
+      100.0, "a process silent this long counts as dead (raise on overloaded hosts)")
+  rules: tuple = key(
+      (("batch", ("data", "fsdp")), ("vocab", "tensor"), ("embed", "fsdp"), ("heads", "tensor"),
+       ("kv_heads", "tensor"), ("head_dim", None), ("mlp", "tensor"), ("layers", None),
+       ("norm", None)),
+      "logical axis -> mesh axis (or None = replicated), for weights and activations alike; "
+      "'batch' shards the batch, activations and logits (pasr_jax/sharding.py)")
 
   def check(self):
     self.need(len(self.shape) == 3 and list(self.shape).count(-1) <= 1
@@ -125,14 +152,14 @@ class MeshCfg(Section):
 @dataclasses.dataclass(frozen=True)
 class DataCfg(Section):
   _key: ClassVar[str] = "data"
-  files: tuple[str, ...]
-  question_field: str
-  answer_field: str
-  task_type: str
-  shuffle_seed: int
-  max_row_chars: int
-  tfds_name: str
-  tfds_data_dir: str
+  files: tuple[str, ...] = key((), "JSON arrays or JSONL, detected by content")
+  question_field: str = key("", '"" = auto: question | instruction | Q | problem')
+  answer_field: str = key("", '"" = auto: answer | output | A | solution')
+  task_type: str = key("general", "judge prompt: general | multiple_choice | summary")
+  shuffle_seed: int = key(0, "permutation per epoch; -1 = file order (the original's)")
+  max_row_chars: int = key(200_000, "longer rows (question + answer) are skipped and logged")
+  tfds_name: str = key("", "optional TFDS builder name (with data.tfds_data_dir)")
+  tfds_data_dir: str = key("", "TFDS data dir of data.tfds_name")
 
   def check(self):
     self.need(self.task_type in TASK_TYPES, "task_type", "must be one of " + " | ".join(TASK_TYPES))
@@ -142,17 +169,21 @@ class DataCfg(Section):
 @dataclasses.dataclass(frozen=True)
 class VllmCfg(Section):
   _key: ClassVar[str] = "rollout.vllm"
-  max_model_len: int
-  gpu_memory_utilization: float
-  colocate: bool
-  tensor_parallel_size: int
-  enforce_eager: bool
-  dtype: str
-  kv_cache_space_gib: float
-  cpu_reserved_cores: int
-  sync_dir: str
-  sync_fallback_dir: str
-  sync_headroom_gib: float
+  max_model_len: int = key(2048, "tokens per sequence the engine holds (prompt + answer)")
+  gpu_memory_utilization: float = key(0.3, "vLLM's share of each GPU it runs on")
+  colocate: bool = key(True, "the engine shares JAX's GPUs (its share comes out of JAX's)")
+  tensor_parallel_size: int = key(1, "GPUs per vLLM engine")
+  enforce_eager: bool = key(True, "no CUDA graphs (faster start; GPU decoding is slower)")
+  dtype: str = key("float32", "the engine's weights and activations dtype")
+  kv_cache_space_gib: float = key(2.0, "CPU only (VLLM_CPU_KVCACHE_SPACE)")
+  cpu_reserved_cores: int = key(
+      0,
+      "CPU only: cores kept free of the model's threads for vLLM's engine loop (-1 = vLLM's "
+      "default, 1); 0 made a paper-sized step's generation 1.65x faster on an idle 2-core "
+      "host (benchmarks/rollout.py --engines), 1 is faster on a loaded one")
+  sync_dir: str = key("", '"" = /dev/shm if present, else a temp dir')
+  sync_fallback_dir: str = key("", 'used when sync_dir lacks room ("" = the temp dir)')
+  sync_headroom_gib: float = key(0.25, "free space a sync leaves on sync_dir")
 
   def check(self):
     self.need(self.max_model_len >= 2, "max_model_len", "must be >= 2")
@@ -167,17 +198,17 @@ class VllmCfg(Section):
 @dataclasses.dataclass(frozen=True)
 class RolloutCfg(Section):
   _key: ClassVar[str] = "rollout"
-  prompts_per_step: int
-  n: int
-  temperature: float
-  top_p: float
-  max_tokens: int
-  max_prompt_tokens: int
-  sync_every: int
-  baseline: bool
-  timeout_s: float
-  engine_retries: int
-  vllm: VllmCfg
+  prompts_per_step: int = key(8, "B questions per step")
+  n: int = key(8, "answers per question (and baseline answers per question)")
+  temperature: float = key(1.0, "sampling temperature of the rollouts")
+  top_p: float = key(1.0, "nucleus sampling of the rollouts (1 = off)")
+  max_tokens: int = key(1500, "new tokens per answer")
+  max_prompt_tokens: int = key(512, "longer prompts are truncated from the left and counted")
+  sync_every: int = key(1, "push trainer weights to vLLM every k steps")
+  baseline: bool = key(True, "also sample n answers without the refine prompt")
+  timeout_s: float = key(1800.0, "one sampler call; past it (or engine death) the step fails")
+  engine_retries: int = key(1, "after an engine failure: restart, re-sync, retry the step")
+  vllm: VllmCfg = section(VllmCfg, "the vLLM engine")
 
   def check(self):
     self.need(self.n >= 2, "n", "GRPO needs n >= 2 answers per question")
@@ -197,20 +228,23 @@ class RolloutCfg(Section):
 @dataclasses.dataclass(frozen=True)
 class JudgeCfg(Section):
   _key: ClassVar[str] = "judge"
-  base_url: str
-  model: str
-  api_key_env: str
-  concurrency: int
-  timeout_s: float
-  retries: int
-  backoff_s: float
-  cache_size: int
-  input: str
-  max_tokens: int
-  max_unparseable_frac: float
-  temperature: float
-  thinking: bool
-  autostart: bool
+  base_url: str = key(
+      "http://127.0.0.1:8001", "OpenAI-compatible judge server (/v1/chat/completions)")
+  model: str = key("", '"" = ask /v1/models once')
+  api_key_env: str = key("PASR_JUDGE_API_KEY", "name of the env var holding the key, if any")
+  concurrency: int = key(32, "judge requests in flight")
+  timeout_s: float = key(60.0, "per request")
+  retries: int = key(3, "per request, on connection errors, 408, 429 and 5xx")
+  backoff_s: float = key(0.5, "first retry wait in s, doubled per retry (capped at 8 s)")
+  cache_size: int = key(200_000, "judged prompts remembered (LRU), keyed by a prompt digest")
+  input: str = key("full", "what the judge sees: full (the original) | answer")
+  max_tokens: int = key(16, "tokens of a judge reply (a score)")
+  max_unparseable_frac: float = key(0.5, "more replies without a score in a batch stop the run")
+  temperature: float = key(0.0, "sampling temperature of the judge (original: 0.2)")
+  thinking: bool = key(
+      True, "False: requests carry chat_template_kwargs enable_thinking=False (Qwen3 judges)")
+  autostart: bool = key(
+      False, "local base_url silent: start `python -m pasr_jax.judge --backend verify`")
 
   def check(self):
     self.need(self.base_url.startswith(("http://", "https://")), "base_url",
@@ -230,12 +264,15 @@ class JudgeCfg(Section):
 @dataclasses.dataclass(frozen=True)
 class PromptsCfg(Section):
   _key: ClassVar[str] = "prompts"
-  pasr_system_file: str
-  plain_system_file: str
-  judge_dir: str
-  builtin: str
-  judge_style: str
-  judge_layout: str
+  pasr_system_file: str = key("", '"" = built-in; else a text file with the system prompt')
+  plain_system_file: str = key(
+      "", '"" = built-in; else a text file with the baseline\'s system prompt')
+  judge_dir: str = key("", "optional dir with general.txt / multiple_choice.txt / summary.txt")
+  builtin: str = key("ours", "built-in system prompts: ours | paper (the original's meaning)")
+  judge_style: str = key(
+      "binary", "built-in judge: binary (1/0) | graded (0..1, the original's training judge)")
+  judge_layout: str = key(
+      "sections", "judge request: sections (ours) | original (### Question/Ground Truth/Answer)")
 
   def check(self):
     self.need(self.builtin in PROMPT_SETS, "builtin", "must be one of " + " | ".join(PROMPT_SETS))
@@ -250,13 +287,14 @@ class PromptsCfg(Section):
 @dataclasses.dataclass(frozen=True)
 class RewardsCfg(Section):
   _key: ClassVar[str] = "rewards"
-  format_weight: float
-  accuracy_weight: float
-  refine_weight: float
-  zeta: float
-  accuracy_rule: str
-  refine_compare: str
-  refine_fixed: float
+  format_weight: float = key(1.0, "weight of the format reward (+1 well-formed, -1 not)")
+  accuracy_weight: float = key(1.0, "weight of the judge's accuracy in [0, 1]")
+  refine_weight: float = key(1.0, "weight of the refine reward (vs the baseline's accuracy)")
+  zeta: float = key(0.0, "tolerance around the baseline mean (original: strict)")
+  accuracy_rule: str = key("", '"" = judge; "contains": 1 if the answer holds the row\'s answer')
+  refine_compare: str = key(
+      "mean", 'mean (PASR) | single ("w/o multi-answer") | none ("w/o comparison"), paper Table 2')
+  refine_fixed: float = key(1.0, "refine_compare=none: the reward of any answer with a refinement")
 
   def check(self):
     for f in ("format_weight", "accuracy_weight", "refine_weight"):
@@ -271,20 +309,24 @@ class RewardsCfg(Section):
 @dataclasses.dataclass(frozen=True)
 class GrpoCfg(Section):
   _key: ClassVar[str] = "grpo"
-  beta: float
-  eps_low: float
-  eps_high: float
-  agg: str
-  num_iterations: int
-  adv_std_ddof: int
-  adv_eps: float
-  skip_range: float
-  adv_scale: str
-  skip_zero_variance: bool
-  recompute_old_logps: bool
-  tis_cap: float
-  mask_truncated: bool
-  loss_temperature: float
+  beta: float = key(0.04, "KL weight (k3); 0 skips the reference forward")
+  eps_low: float = key(0.2, "PPO clip below: ratio >= 1 - eps_low")
+  eps_high: float = key(0.2, "PPO clip above: ratio <= 1 + eps_high")
+  agg: str = key(
+      "seq_mean_token_mean",
+      "loss aggregation: seq_mean_token_mean (PASR) | token_mean (DAPO) | "
+      "seq_mean_token_sum_norm (Dr.GRPO)")
+  num_iterations: int = key(1, "mu: updates per rollout batch")
+  adv_std_ddof: int = key(0, "0 population std | 1 sample std (torch.std, the original)")
+  adv_eps: float = key(1e-4, "advantage = (r - mean) / (std + adv_eps)")
+  skip_range: float = key(0.0, '"zero variance": group reward max - min <= this (original: < 1e-4)')
+  adv_scale: str = key("group", "group | batch | none")
+  skip_zero_variance: bool = key(True, "drop groups within grpo.skip_range from the batch")
+  recompute_old_logps: bool = key(False, "use trainer logprobs instead of the sampler's")
+  tis_cap: float = key(0.0, ">0: truncated importance-sampling weight cap")
+  mask_truncated: bool = key(False, "drop loss on completions cut at max_tokens")
+  loss_temperature: float = key(
+      0.0, "logprob temperature of the loss; 0 = rollout.temperature (original: 1.0)")
 
   def check(self):
     self.need(self.beta >= 0, "beta", "must be >= 0 (0 = no KL term)")
@@ -295,7 +337,7 @@ class GrpoCfg(Section):
     self.need(self.adv_std_ddof in (0, 1), "adv_std_ddof", "0 (population) | 1 (sample)")
     self.need(self.adv_eps >= 0, "adv_eps", "must be >= 0")
     self.need(self.skip_range >= 0, "skip_range", "must be >= 0")
-    self.need(self.adv_scale in ("group", "batch", "none"), "adv_scale", "group | batch | none")
+    self.need(self.adv_scale in ADV_SCALES, "adv_scale", "must be one of " + " | ".join(ADV_SCALES))
     self.need(self.tis_cap >= 0, "tis_cap", "must be >= 0 (0 = off)")
     self.need(self.loss_temperature >= 0, "loss_temperature",
               "must be >= 0 (0 = rollout.temperature)")
@@ -308,19 +350,19 @@ class GrpoCfg(Section):
 @dataclasses.dataclass(frozen=True)
 class OptimCfg(Section):
   _key: ClassVar[str] = "optim"
-  lr: float
-  schedule: str
-  warmup_steps: int
-  weight_decay: float
-  b1: float
-  b2: float
-  clip_norm: float
-  micro_batch: int
-  sequences_per_update: int
+  lr: float = key(1e-6, "AdamW learning rate (paper: 1e-6)")
+  schedule: str = key("constant", "constant | cosine")
+  warmup_steps: int = key(0, "linear warm-up updates")
+  weight_decay: float = key(0.0, "AdamW decoupled weight decay (matrices only)")
+  b1: float = key(0.9, "AdamW beta1")
+  b2: float = key(0.999, "AdamW beta2")
+  clip_norm: float = key(1.0, "global-norm gradient clipping; 0 = none")
+  micro_batch: int = key(2, "sequences per micro-batch (gradient accumulation)")
+  sequences_per_update: int = key(0, "sequences per optimizer update; 0 = the whole rollout batch")
 
   def check(self):
     self.need(self.lr > 0, "lr", "must be > 0 (a negative rate trains backwards)")
-    self.need(self.schedule in ("constant", "cosine"), "schedule", "constant | cosine")
+    self.need(self.schedule in SCHEDULES, "schedule", "must be one of " + " | ".join(SCHEDULES))
     self.need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
     self.need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
     self.need(0 <= self.b1 < 1, "b1", "must be in [0, 1)")
@@ -335,10 +377,10 @@ class OptimCfg(Section):
 @dataclasses.dataclass(frozen=True)
 class TrainCfg(Section):
   _key: ClassVar[str] = "train"
-  steps: int
-  seq_multiple: int
-  max_nonfinite_steps: int
-  export: bool
+  steps: int = key(100, "training steps (rollout batch + updates each)")
+  seq_multiple: int = key(64, "batch length rounded up to this (fewer jit shapes)")
+  max_nonfinite_steps: int = key(3, "steps in a row with only NaN/inf (skipped) updates: stop")
+  export: bool = key(False, "at the end write the policy as an HF dir to <workdir>/hf")
 
   def check(self):
     self.need(self.steps >= 1, "steps", "must be >= 1")
@@ -349,9 +391,9 @@ class TrainCfg(Section):
 @dataclasses.dataclass(frozen=True)
 class CheckpointCfg(Section):
   _key: ClassVar[str] = "checkpoint"
-  every: int
-  keep: int
-  async_save: bool
+  every: int = key(10, "save every k steps (and at the last or a stopping step)")
+  keep: int = key(3, "newest checkpoints kept")
+  async_save: bool = key(True, "write checkpoints in the background (single host)")
 
   def check(self):
     self.need(self.every >= 1, "every", "must be >= 1")
@@ -361,19 +403,19 @@ class CheckpointCfg(Section):
 @dataclasses.dataclass(frozen=True)
 class SftCfg(Section):
   _key: ClassVar[str] = "sft"
-  data: str
-  rollouts: str
-  workdir: str
-  model_path: str
-  lr: float
-  warmup_frac: float
-  epochs: int
-  batch_size: int
-  max_steps: int
-  max_len: int
-  clip_norm: float
-  checkpoint_every: int
-  export: bool
+  data: str = key("", 'JSONL of {"messages": [{role, content}, ...]} transcripts')
+  rollouts: str = key("", "or a run's rollouts.jsonl: harvest good refinement paths")
+  workdir: str = key("", '"" = <workdir>/sft (checkpoints/, metrics.jsonl, hf/)')
+  model_path: str = key("", '"" = model.path (e.g. a PASR run\'s exported hf/)')
+  lr: float = key(1e-5, "peak learning rate (paper App. A.1: 1e-5)")
+  warmup_frac: float = key(0.1, "linear warm-up over this share of the steps, then cosine")
+  epochs: int = key(2, "passes over the transcripts")
+  batch_size: int = key(2, "sequences per update (paper: 1 x accumulation 2)")
+  max_steps: int = key(0, ">0: stop after this many updates (schedule spans them)")
+  max_len: int = key(1024, "tokens per transcript; longer ones are dropped and counted")
+  clip_norm: float = key(1.0, "global-norm gradient clipping; 0 = none")
+  checkpoint_every: int = key(50, "save every k updates (and at the last)")
+  export: bool = key(True, "write <sft workdir>/hf at the end")
 
   def check(self):
     self.need(self.lr > 0, "lr", "must be > 0")
@@ -389,14 +431,18 @@ class SftCfg(Section):
 @dataclasses.dataclass(frozen=True)
 class ColdStartCfg(Section):
   _key: ClassVar[str] = "cold_start"
-  enabled: bool
-  max_examples: int
-  refine_fraction: float
-  traces: str
-  correct_fraction: float
-  lr: float
-  epochs: int
-  max_steps: int
+  enabled: bool = key(
+      False,
+      "NOT part of the paper: SFT on the training file's solutions in the PASR "
+      "layout first (pasr_jax/cold_start.py)")
+  max_examples: int = key(0, "0 = every usable training row")
+  refine_fraction: float = key(
+      0.5, "share of examples with a <refine> re-check that confirms a step")
+  traces: str = key("reference", "reference (the data's solutions) | arith (pasr_jax/tasks/arith.py)")
+  correct_fraction: float = key(0.0, "arith: share whose step is wrong and fixed in <refine>")
+  lr: float = key(1e-4, "the cold start's SFT peak learning rate")
+  epochs: int = key(1, "passes over the cold-start set")
+  max_steps: int = key(0, '>0: cap on SFT updates ("a few minutes")')
 
   def check(self):
     self.need(self.max_examples >= 0, "max_examples", "must be >= 0 (0 = all)")
@@ -415,11 +461,11 @@ class ColdStartCfg(Section):
 @dataclasses.dataclass(frozen=True)
 class LoggingCfg(Section):
   _key: ClassVar[str] = "logging"
-  tensorboard: bool
-  every: int
-  wandb_project: str
-  wandb_mode: str
-  wandb_run_name: str
+  tensorboard: bool = key(True, "also write TensorBoard event files to <workdir>/tb")
+  every: int = key(1, "the step line on stdout every k steps (metrics.jsonl: every step)")
+  wandb_project: str = key("", '"" = off; else the W&B project (process 0 logs)')
+  wandb_mode: str = key("online", "online | offline (into <workdir>/wandb; `wandb sync` it)")
+  wandb_run_name: str = key("", '"" = the workdir\'s name; every start is its own W&B run')
 
   def check(self):
     self.need(self.every >= 1, "every", "must be >= 1")
@@ -430,23 +476,26 @@ class LoggingCfg(Section):
 @dataclasses.dataclass(frozen=True)
 class RunConfig(Section):
   """The whole run; `RunConfig.from_tree(get_config())` is the one place config is read."""
-  workdir: str
-  seed: int
-  resume: bool
-  model: ModelCfg
-  mesh: MeshCfg
-  data: DataCfg
-  rollout: RolloutCfg
-  judge: JudgeCfg
-  prompts: PromptsCfg
-  rewards: RewardsCfg
-  grpo: GrpoCfg
-  optim: OptimCfg
-  train: TrainCfg
-  checkpoint: CheckpointCfg
-  sft: SftCfg
-  cold_start: ColdStartCfg
-  logging: LoggingCfg
+  workdir: str = key("runs/default", "checkpoints, metrics, rollouts.jsonl, config.json")
+  seed: int = key(0, "seeds the run's RNG (sampling seeds, the tiny model, SFT order)")
+  resume: bool = key(True, "continue from the latest checkpoint in workdir if any")
+  model: ModelCfg = section(ModelCfg, "the policy model")
+  mesh: MeshCfg = section(MeshCfg, "devices, mesh and processes")
+  data: DataCfg = section(DataCfg, "training questions")
+  rollout: RolloutCfg = section(RolloutCfg, "sampling the answers")
+  judge: JudgeCfg = section(JudgeCfg, "the accuracy judge")
+  prompts: PromptsCfg = section(PromptsCfg, "system and judge prompts")
+  rewards: RewardsCfg = section(RewardsCfg, "the reward of an answer")
+  grpo: GrpoCfg = section(GrpoCfg, "the GRPO loss and advantages")
+  optim: OptimCfg = section(OptimCfg, "the optimizer")
+  train: TrainCfg = section(TrainCfg, "the training loop")
+  checkpoint: CheckpointCfg = section(CheckpointCfg, "Orbax checkpoints")
+  sft: SftCfg = section(
+      SftCfg, "PASR+IFT (paper App. A.1): `python -m pasr_jax.sft`; also runs the cold start")
+  cold_start: ColdStartCfg = section(
+      ColdStartCfg, "NOT part of the PASR paper: a format cold start for models that cannot "
+      "write the layout (SmolLM2-135M: 0/64 well-formed)")
+  logging: LoggingCfg = section(LoggingCfg, "metrics output")
 
   def check(self):
     self.need(bool(self.workdir), "workdir", "must be set")
@@ -535,10 +584,8 @@ def _build(cls: type, d: dict, prefix: str) -> Any:
   kwargs = {}
   for name, f in fields.items():
     key = prefix + name
-    if name not in d:
-      if f.default is not dataclasses.MISSING:
-        continue
-      raise ConfigError(f"config {key}: missing (configs/base.py defines every key)")
+    if name not in d:  # a tree made from base_tree() has every key
+      raise ConfigError(f"config {key}: missing (base_tree() has every key)")
     kwargs[name] = _coerce(hints[name], d[name], key)
   return cls(**kwargs)
 
@@ -583,12 +630,22 @@ def _freeze(v: Any) -> Any:
   return tuple(_freeze(x) for x in v) if isinstance(v, (list, tuple)) else v
 
 
-def leaf_keys(tree: Any, prefix: str = "") -> list[str]:
-  """Every dotted key of a config tree (sections expanded)."""
+def base_tree() -> ml_collections.ConfigDict:
+  """Every key at its default, as the ml_collections tree presets start from."""
+  return ml_collections.ConfigDict(RunConfig().to_dict())
+
+
+def describe(cls: type = RunConfig, prefix: str = "") -> list[str]:
+  """One line per key, `dotted.key = default  # help`, after a `# section: help` line."""
   out = []
-  for k, v in _as_dict(tree).items():
-    if isinstance(v, dict) and k != "hf_config":
-      out.extend(leaf_keys(v, f"{prefix}{k}."))
+  for f in dataclasses.fields(cls):
+    if f.default_factory is not dataclasses.MISSING:  # a section
+      out.append(f"# {prefix}{f.name}: {f.metadata['help']}")
+      out.extend(describe(f.default_factory, f"{prefix}{f.name}."))
     else:
-      out.append(prefix + k)
+      out.append(f"{prefix}{f.name} = {f.default!r}  # {f.metadata['help']}")
   return out
+
+
+if __name__ == "__main__":
+  print("\n".join(describe()))

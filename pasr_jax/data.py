@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from pasr_jax import errors
 from pasr_jax.config import DataCfg
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ ANSWER_FIELDS = ("answer", "output", "a", "solution", "ground_truth", "output1",
                  "canonical_solution")
 
 
-class DataError(ValueError):
+class DataError(errors.UserError):
   """A data file, row or data config value is unusable; the message names file, row and field."""
 
 
@@ -149,6 +150,7 @@ def load_tfds(name: str, data_dir: str, question_field: str = "",
   Optional: needs `tensorflow_datasets` (works without TensorFlow for array_record datasets).
   """
   try:
+    # Lazily: an optional package, needed only with data.tfds_name.
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   except ImportError:
     raise DataError(f"data.tfds_name={name!r} needs the optional package tensorflow-datasets, "
@@ -165,9 +167,8 @@ def load_tfds(name: str, data_dir: str, question_field: str = "",
   return rows_from_records(records, f"tfds:{name}", question_field, answer_field)
 
 
-def load_dataset(data_cfg) -> list[Row]:
+def load_dataset(data_cfg: DataCfg) -> list[Row]:
   """Rows of every file in `data_cfg.files` (in order), then the TFDS source if configured."""
-  data_cfg = DataCfg.of(data_cfg)
   rows: list[Row] = []
   for path in data_cfg.files:
     rows.extend(load_rows(path, data_cfg.question_field, data_cfg.answer_field,

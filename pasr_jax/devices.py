@@ -24,6 +24,12 @@ import subprocess
 import sys
 from typing import Any
 
+import jax
+from jax._src import xla_bridge
+
+from pasr_jax import cli, errors, multihost
+from pasr_jax.config import RunConfig
+
 # JAX's share of a GPU it has to itself; the rest is CUDA context, cuDNN/cuBLAS workspaces and
 # NCCL buffers outside JAX's pool.
 DEFAULT_FRACTION = 0.9
@@ -31,11 +37,11 @@ FRACTION_ENV = "XLA_PYTHON_CLIENT_MEM_FRACTION"
 CONFLICT_ENV = "XLA_CLIENT_MEM_FRACTION"  # its successor: jaxlib refuses the two together
 
 
-class DeviceSetupError(ValueError):
+class DeviceSetupError(errors.UserError):
   """A device setting in the config that cannot be applied (the key is named)."""
 
 
-def memory_fraction(cfg) -> float:
+def memory_fraction(cfg: RunConfig) -> float:
   """JAX's share of each device: `mesh.memory_fraction` if > 0, else 0.9 minus vLLM's
   `rollout.vllm.gpu_memory_utilization` when the engine shares JAX's GPUs
   (`rollout.vllm.colocate`), else 0.9."""
@@ -51,7 +57,7 @@ def memory_fraction(cfg) -> float:
   return round(frac, 4)
 
 
-def fraction_reason(cfg) -> str:
+def fraction_reason(cfg: RunConfig) -> str:
   """Where `memory_fraction(cfg)` comes from, for logs and the plan."""
   if float(cfg.mesh.memory_fraction) > 0:
     return "mesh.memory_fraction"
@@ -68,16 +74,14 @@ def _ids(key: str, text: str) -> list[int]:
     raise DeviceSetupError(f"config {key}={text!r}: comma-separated device indices") from None
 
 
-def setup(cfg) -> dict[str, Any]:
+def setup(cfg: RunConfig) -> dict[str, Any]:
   """Applies the config's device settings; must run before JAX first touches a device.
 
   Returns what was set. Raises DeviceSetupError for unusable values, and if JAX's backends
   are already up (then the fraction and visible devices would be silently ignored)."""
-  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
   if xla_bridge.backends_are_initialized():
     raise DeviceSetupError("devices.setup must run before JAX first touches a device "
                            "(its backends are already initialised)")
-  import jax  # pylint: disable=import-outside-toplevel
   m = cfg.mesh
   frac = memory_fraction(cfg)
   if os.environ.get(FRACTION_ENV) not in (None, f"{frac:g}"):
@@ -148,8 +152,6 @@ def engine_gpus(cfg) -> str | None:
 
 def describe() -> dict[str, Any]:
   """What JAX sees now (initialises its backends)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
   stats = jax.local_devices()[0].memory_stats() or {}  # None on CPU
   return {
       "bytes_limit": stats.get("bytes_limit"),  # JAX's pool on a GPU: fraction x total
@@ -162,18 +164,14 @@ def describe() -> dict[str, Any]:
   }
 
 
-def main(argv) -> None:
-  del argv
-  from pasr_jax.train import _CONFIG  # pylint: disable=import-outside-toplevel
-  cfg = _CONFIG.value
+def report(cfg: RunConfig) -> None:
+  """`python -m pasr_jax.devices`: the run's device setup (and multi-host init), then what JAX
+  sees, as one JSON line."""
   set_ = setup(cfg)
   if cfg.mesh.distributed:  # as a run does (pasr_jax.run)
-    from pasr_jax import multihost  # pylint: disable=import-outside-toplevel
-    multihost.initialize(cfg.mesh)
+    multihost.initialize(cfg.mesh, local_device_ids(cfg.mesh))
   print(json.dumps({"set": set_, "jax": describe()}), flush=True)
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=import-outside-toplevel
-  from pasr_jax import train  # pylint: disable=import-outside-toplevel
-  app.run(main, flags_parser=train._parse_flags)  # pylint: disable=protected-access
+  cli.main("pasr_jax.devices", report)

@@ -2,8 +2,8 @@
 
 A name (`model.dtype`, `model.param_dtype`, `rollout.vllm.dtype`, `export --dtype`) maps to a
 numpy dtype, bfloat16 included (ml_dtypes'); that same object is what `jnp.dtype` returns, so
-it serves JAX too. safetensors headers spell dtypes as codes ("BF16"); `from_safetensors` /
-`to_safetensors` convert. numpy and ml_dtypes only: the vLLM worker imports this without JAX.
+it serves JAX too. safetensors headers spell dtypes as codes ("BF16"); `from_safetensors`
+reads them. numpy and ml_dtypes only: the vLLM worker imports this without JAX.
 """
 
 from __future__ import annotations
@@ -13,13 +13,15 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from pasr_jax import errors
+
 NAMES = ("float32", "bfloat16", "float16")
 _DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
            "float16": np.dtype(np.float16)}
 _ST_CODES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
-class DtypeError(ValueError):
+class DtypeError(errors.UserError):
   """A dtype name that is not one of NAMES; the message names the key it came from."""
 
 
@@ -42,7 +44,3 @@ def from_safetensors(code: str) -> str:
   return _ST_CODES.get(code, "float32")
 
 
-def to_safetensors(name: str) -> str:
-  """The safetensors code of a dtype name."""
-  to_dtype(name)
-  return {v: k for k, v in _ST_CODES.items()}[name]

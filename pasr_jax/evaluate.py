@@ -17,25 +17,24 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pasr_jax import cli
+from pasr_jax.config import JudgeCfg, PromptsCfg, RolloutCfg
 from pasr_jax.eval.benchmarks import EvalError, load_items, parse_datasets
 from pasr_jax.eval.prompts import ChatEncoder, check_mode
 from pasr_jax.eval.report import compare, summarize, write_outputs
 from pasr_jax.eval.runner import Runner
+from pasr_jax.judge.client import JudgeClient
+from pasr_jax.prompts import load_prompts
+from pasr_jax.rollout.vllm_sampler import VllmSampler
 
 
 def _default_sampler(cfg) -> Callable[[], Any]:
-  def make():
-    from pasr_jax.rollout.vllm_sampler import VllmSampler
-    return VllmSampler.from_config(cfg.rollout, cfg.model, int(cfg.seed))
-  return make
+  return lambda: VllmSampler.from_config(RolloutCfg.of(cfg.rollout), cfg.model, int(cfg.seed))
 
 
 def _default_judge(cfg) -> Callable[[], Any]:
-  def make():
-    from pasr_jax.judge.client import JudgeClient
-    from pasr_jax.prompts import load_prompts
-    return JudgeClient.from_config(cfg.judge, load_prompts(cfg.prompts))
-  return make
+  return lambda: JudgeClient.from_config(JudgeCfg.of(cfg.judge),
+                                         load_prompts(PromptsCfg.of(cfg.prompts)))
 
 
 def evaluate(cfg, make_sampler: Callable[[], Any] | None = None,
@@ -88,30 +87,17 @@ def _compare_main(argv: list[str]) -> int:
   return 0
 
 
-def _main() -> None:
-  from absl import app, flags
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file("config", "configs/eval.py", "evaluation config file")
-
-  def main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    from pasr_jax.judge.client import JudgeError
-    cfg = flags.FLAGS.config
-    try:
-      out = evaluate(cfg)
-    except (EvalError, JudgeError) as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
-    with open(f"{cfg.out_dir}/summary.md", encoding="utf-8") as f:
-      print(f.read())
-    print("stats:", {k: (round(v, 2) if isinstance(v, float) else v)
-                     for k, v in out["stats"].items()})
-
-  app.run(main)
+def report(cfg) -> None:
+  """`python -m pasr_jax.evaluate`: `evaluate(cfg)`, then the summary table and the stats."""
+  out = evaluate(cfg)
+  with open(f"{cfg.out_dir}/summary.md", encoding="utf-8") as f:
+    print(f.read())
+  print("stats:", {k: (round(v, 2) if isinstance(v, float) else v)
+                   for k, v in out["stats"].items()})
 
 
 if __name__ == "__main__":
   if len(sys.argv) > 1 and sys.argv[1] == "compare":
     sys.exit(_compare_main(sys.argv[2:]))
-  _main()
+  cli.main("pasr_jax.evaluate", report, typed=False, default_config="configs/eval.py",
+           tune_malloc=False)

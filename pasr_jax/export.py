@@ -11,19 +11,26 @@ safetensors shards + index, tokenizer, chat template, generation config) plus `p
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from pasr_jax import dtypes
+from pasr_jax import cli, dtypes, errors
+from pasr_jax.checkpoint import CheckpointError, Checkpointer
+from pasr_jax.layout import is_scanned, path_key, shape_mismatches
+from pasr_jax.models.hf import read_config, save_hf
+from pasr_jax.models.qwen import Decoder
 from pasr_jax.workdir import Workdir
 
 
-class ExportError(ValueError):
+class ExportError(errors.UserError):
   """The workdir, step, source model or output dir is unusable; the message says which."""
 
 
@@ -32,7 +39,6 @@ def read_step(workdir: str, step: int | None = None
   """(step, {param path: host array}, meta) of a training workdir's checkpoint `step`
   (None = latest), read through `checkpoint.Checkpointer` (read-only: a running training
   keeps writing beside it)."""
-  from pasr_jax.checkpoint import CheckpointError, Checkpointer
   wd = Workdir(workdir)
   if not wd.root.is_dir():
     raise ExportError(f"--workdir={workdir!r}: no such directory")
@@ -53,36 +59,20 @@ def read_step(workdir: str, step: int | None = None
       ck.close()
 
 
-def source_model_dir(workdir: str, meta: dict[str, Any], override: str = "") -> str:
-  """The HF dir the run started from (its config.json and tokenizer are reused)."""
-  wd = Workdir(workdir)
-  cands = [override] if override else []
-  cfgs = [meta.get("config")]
-  run_cfg = wd.config
-  if run_cfg.is_file():
-    try:
-      cfgs.append(json.loads(run_cfg.read_text()))
-    except json.JSONDecodeError:
-      pass
-  for c in cfgs:
-    if isinstance(c, dict) and isinstance(c.get("model"), dict) and c["model"].get("path"):
-      cands.append(c["model"]["path"])
-  cands.append(str(wd.tiny_model))   # where tiny_cpu writes its random model
-  for c in cands:
-    for d in (c, os.path.join(workdir, c)):
-      if os.path.isfile(os.path.join(d, "config.json")):
-        return d
-  raise ExportError(f"cannot find the run's source model dir (tried {cands}); "
-                    "pass --model_dir=HF_DIR")
+def source_model_dir(meta: dict[str, Any], override: str = "") -> str:
+  """The HF dir the run's policy started from, as its checkpoint records it (`model_dir` in
+  the step's meta; `override` replaces it): its config.json and tokenizer are reused."""
+  d = override or str(meta.get("model_dir", ""))
+  where = "--model_dir" if override else f"the checkpoint's model_dir={d!r}"
+  if not d:
+    raise ExportError("the checkpoint records no model dir; pass --model_dir=HF_DIR")
+  if not os.path.isfile(os.path.join(d, "config.json")):
+    raise ExportError(f"{where}: no HF model dir (config.json) there; pass --model_dir=HF_DIR")
+  return d
 
 
 def build_state(params: dict[str, np.ndarray], model_dir: str):
   """(nnx.State of a Decoder's params filled with `params`, ModelConfig)."""
-  import jax.numpy as jnp
-  from flax import nnx
-  from pasr_jax.layout import is_scanned, path_key, shape_mismatches
-  from pasr_jax.models.hf import read_config
-  from pasr_jax.models.qwen import Decoder
   cfg = read_config(model_dir)
   abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0),
                                             scan_layers=is_scanned(params)))
@@ -107,7 +97,6 @@ def build_state(params: dict[str, np.ndarray], model_dir: str):
 def export(workdir: str, out: str, step: int | None = None, dtype: str = "",
            force: bool = False, model_dir: str = "") -> Path:
   """Writes the HF dir for `step` (None = latest) of `workdir` to `out`; returns its path."""
-  from pasr_jax.models.hf import save_hf
   try:
     out_dtype = dtypes.to_dtype(dtype, "--dtype") if dtype else None
   except dtypes.DtypeError as e:
@@ -116,7 +105,7 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str = "",
   if out_p.exists() and (not out_p.is_dir() or any(out_p.iterdir())) and not force:
     raise ExportError(f"--out={out!r} exists and is not empty; pass --force to replace it")
   step, params, meta = read_step(workdir, step)
-  src = source_model_dir(workdir, meta, model_dir)
+  src = source_model_dir(meta, model_dir)
   state, cfg = build_state(params, src)
   # Write beside the target, then swap, so a failed export never leaves a half-written dir.
   tmp = out_p.with_name(out_p.name + ".export-tmp")
@@ -132,23 +121,16 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str = "",
 
 
 def main(argv=None) -> int:
-  import argparse
-  import sys
   ap = argparse.ArgumentParser(prog="python -m pasr_jax.export", description=__doc__.split("\n")[0])
   ap.add_argument("--workdir", required=True, help="training workdir (holds the checkpoints)")
   ap.add_argument("--out", required=True, help="HF dir to write")
   ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   ap.add_argument("--dtype", default="", help=f"{' | '.join(dtypes.NAMES)} (default: as trained)")
   ap.add_argument("--force", action="store_true", help="replace a non-empty --out")
-  ap.add_argument("--model_dir", default="", help="source HF dir (default: from the run config)")
+  ap.add_argument("--model_dir", default="", help="source HF dir (default: the one the checkpoint records)")
   a = ap.parse_args(argv)
-  try:
-    path = export(a.workdir, a.out, a.step, a.dtype, a.force, a.model_dir)
-  except ExportError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(f"wrote {path}")
-  return 0
+  return cli.call("pasr_jax.export", lambda _: print(
+      f"wrote {export(a.workdir, a.out, a.step, a.dtype, a.force, a.model_dir)}"), None)
 
 
 if __name__ == "__main__":

@@ -8,16 +8,13 @@ whole batch first and divides every micro-batch's sum by it.
 from __future__ import annotations
 
 import functools
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pasr_jax.config import AGGS
-
-Agg = Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"]
-
+from pasr_jax.config import ADV_SCALES, AGGS
 
 class GRPOError(ValueError):
   """A GRPO setting (config value) or input that cannot be used."""
@@ -149,8 +146,6 @@ def group_advantages(rewards, n: int, ddof: int = 0, scale: str = "group",
     raise GRPOError(f"{r.size} rewards do not split into groups of n={n}")
   if ddof not in (0, 1) or (ddof == 1 and n < 2):
     raise GRPOError(f"adv_std_ddof={ddof} is not usable with n={n} (0, or 1 when n >= 2)")
-  if eps < 0 or tol < 0:
-    raise GRPOError(f"grpo.adv_eps={eps} and grpo.skip_range={tol} must be >= 0")
   g = r.reshape(-1, n)
   centred = g - g.mean(axis=1, keepdims=True)
   flat = flat_groups(r, n, tol)
@@ -161,7 +156,7 @@ def group_advantages(rewards, n: int, ddof: int = 0, scale: str = "group",
   elif scale == "none":
     adv = centred
   else:
-    raise GRPOError(f"grpo.adv_scale={scale!r} must be one of group, batch, none")
+    raise GRPOError(f"grpo.adv_scale={scale!r} must be one of {ADV_SCALES}")
   return GroupAdvantages(adv.reshape(-1).astype(np.float32), flat)
 
 

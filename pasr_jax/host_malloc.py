@@ -7,8 +7,10 @@ unmaps its activations again: page faults and kernel time that this module remov
 in docs/performance.md, "Host malloc").
 
 The settings must be in place before JAX starts its thread pools (the first computation), so
-`pasr_jax/models/__init__.py` applies them on import. `PASR_JAX_HOST_MALLOC=system` leaves glibc's
-defaults alone. Memory that is freed stays reserved for the next step: the process's resident
+the commands that run the decoder in their own process (`pasr_jax.cli.main`: train, sft, plan,
+devices) apply them first. Processes that do not (vLLM's engine loading rollout.vllm_worker,
+the judge server, evaluate's client) keep glibc's defaults: vLLM's reloads were measured slower
+and uneven under these settings. `PASR_JAX_HOST_MALLOC=system` leaves glibc's defaults alone. Memory that is freed stays reserved for the next step: the process's resident
 size stays at its peak instead of breathing in and out every step.
 """
 

@@ -21,20 +21,21 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from pasr_jax import sharding
+from pasr_jax import errors, sharding
 
 
-class MultihostError(ValueError):
+class MultihostError(errors.UserError):
   """A mesh or config that cannot split the run across processes."""
 
 
-def initialize(mesh_cfg) -> None:
+def initialize(mesh_cfg, local_device_ids: list[int] | None) -> None:
   """`jax.distributed.initialize` from cfg.mesh (coordinator_address, num_processes,
   process_id; empty / 0 / -1 let JAX detect them, e.g. under SLURM or Open MPI;
-  heartbeat_timeout_s; the local GPUs always explicit, see `devices.local_device_ids`). On CPU the
-  collectives between processes go through gloo."""
+  heartbeat_timeout_s) and this process's GPUs (`devices.local_device_ids`: always explicit
+  on GPUs). On CPU the collectives between processes go through gloo."""
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   kw: dict[str, Any] = {}
   if mesh_cfg.coordinator_address:
@@ -45,10 +46,8 @@ def initialize(mesh_cfg) -> None:
     kw["process_id"] = int(mesh_cfg.process_id)
   # Explicit GPUs: JAX's SLURM / Open MPI detection runs whenever they are None and would
   # give each process one GPU ([local process id]); with nothing left to detect, it is off.
-  from pasr_jax.devices import local_device_ids  # pylint: disable=import-outside-toplevel
-  ids = local_device_ids(mesh_cfg)
-  if ids:
-    kw["local_device_ids"] = ids
+  if local_device_ids:
+    kw["local_device_ids"] = local_device_ids
   if {"coordinator_address", "num_processes", "process_id"} <= kw.keys():
     kw["cluster_detection_method"] = "deactivate"
   jax.distributed.initialize(**kw, heartbeat_timeout_seconds=int(
@@ -75,14 +74,12 @@ def agree(values: Sequence[int]) -> np.ndarray:
   local = np.asarray(values, np.int32).reshape(1, -1)
   if jax.process_count() == 1:
     return local
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   return np.asarray(multihost_utils.process_allgather(local[0])).reshape(jax.process_count(), -1)
 
 
 def barrier(name: str) -> None:
   """Waits until every process got here (processes must pass the same `name`)."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     multihost_utils.sync_global_devices(name)
 
 
@@ -90,7 +87,6 @@ def allgather_json(obj: Any) -> list[Any]:
   """Every process's JSON-able `obj`, in process order, on every process."""
   if jax.process_count() == 1:
     return [obj]
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
   sizes = agree([data.size])[:, 0]
   buf = np.zeros(int(sizes.max()), np.uint8)

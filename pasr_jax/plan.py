@@ -54,22 +54,23 @@ import json  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from absl import flags  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from pasr_jax import devices, sharding, xla_gpu  # noqa: E402
+from pasr_jax import cli, devices, errors, sharding, xla_gpu  # noqa: E402
 from pasr_jax.config import RunConfig  # noqa: E402
-from pasr_jax.models.qwen import (Decoder, ModelConfig, ModelConfigError,  # noqa: E402
-                                  resolve_attention)
+from pasr_jax.models.qwen import Decoder, ModelConfig, resolve_attention  # noqa: E402
+from pasr_jax.tiny import char_vocab, tiny_model_config  # noqa: E402
 from pasr_jax.trainer import (BATCH_KEYS, INT_KEYS, batch_shardings, jit_update,  # noqa: E402
                               make_optimizer, make_step_fns, opt_state_shardings, ref_copy)
 
 GIB = 1024 ** 3
 
 
-class PlanError(ValueError):
+class PlanError(errors.UserError):
   """A preset or flag the plan cannot use."""
 
 
@@ -79,7 +80,6 @@ def model_config(cfg: RunConfig | ml_collections.ConfigDict, layers: int = 0) ->
   if cfg.model.hf_config:
     d = dict(cfg.model.hf_config)
   elif cfg.model.tiny_random:  # what train writes to <workdir>/tiny_model (untied)
-    from pasr_jax.tiny import char_vocab, tiny_model_config
     d = tiny_model_config(len(char_vocab()), tie_word_embeddings=False).to_hf_dict()
   elif cfg.model.path and (Path(cfg.model.path) / "config.json").exists():
     d = json.loads((Path(cfg.model.path) / "config.json").read_text())
@@ -168,20 +168,9 @@ def plan(cfg: RunConfig | ml_collections.ConfigDict, mesh_shape, seq_len: int, l
   return result
 
 
-def main(argv) -> int:
-  del argv
-  try:
-    _main()
-  except (PlanError, xla_gpu.XlaGpuError, ModelConfigError, devices.DeviceSetupError) as e:
-    print(f"pasr_jax.plan: {e}", file=sys.stderr)
-    return 2
-  return 0
-
-
-def _main() -> None:
-  from absl import flags
+def report(cfg: RunConfig) -> None:
+  """`python -m pasr_jax.plan`: the plan of `cfg` for the flags' mesh and platform, printed."""
   f = flags.FLAGS
-  cfg = f.config
   shape = tuple(int(x) for x in f.mesh.split(","))
   if f.platform not in ("cpu", "cuda", "gpu"):
     raise PlanError(f"--platform={f.platform!r}: cpu | cuda")
@@ -220,9 +209,6 @@ def _main() -> None:
 
 
 if __name__ == "__main__":
-  from absl import app, flags
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file("config", None, "preset file (configs/*.py)", lock_config=False)
   flags.DEFINE_string("mesh", "1,8,1", "data,fsdp,tensor (devices of one host)")
   flags.DEFINE_string("platform", "cpu", "cpu: forced CPU devices | cuda: XLA:GPU, deviceless")
   flags.DEFINE_string("gpu", "h100", f"--platform=cuda target: {' | '.join(xla_gpu.GPUS)}")
@@ -230,9 +216,8 @@ if __name__ == "__main__":
   flags.DEFINE_integer("seq_len", 2048, "tokens per sequence (prompt + completion)")
   flags.DEFINE_integer("layers", 0, "compile with this many layers instead (0 = all)")
   flags.DEFINE_integer("batch", 0, "sequences per step (0 = prompts_per_step * n)")
-  flags.mark_flags_as_required(["config"])
   # Accept --device-memory-gib / --seq-len spellings too.
-  argv = [a if not a.startswith("--") or a.startswith("--config")
-          else "--" + a[2:].split("=", 1)[0].replace("-", "_") + a[2 + len(a[2:].split("=", 1)[0]):]
-          for a in sys.argv]
-  app.run(main, argv=argv)
+  sys.argv = [a if not a.startswith("--") or a.startswith("--config")
+              else "--" + a[2:].split("=", 1)[0].replace("-", "_") + a[2 + len(a[2:].split("=", 1)[0]):]
+              for a in sys.argv]
+  cli.main("pasr_jax.plan", report)

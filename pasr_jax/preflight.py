@@ -26,8 +26,13 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Mapping
 
-from pasr_jax import devices
+from absl import flags
+
+from pasr_jax import cli, devices, errors
 from pasr_jax.config import ConfigError, RunConfig
+from pasr_jax.judge.local import judge_answers
+from pasr_jax.rollout.weight_sync import default_sync_root
+from pasr_jax.sharding import MeshError, resolve_shape
 
 GIB = 1 << 30
 # torch 2.13 and jax[cuda13] (requirements-gpu.txt) are CUDA 13 builds: they need this driver.
@@ -40,7 +45,7 @@ MIN_GRADED_TOKENS = 64
 CONFLICT_ENV = "XLA_CLIENT_MEM_FRACTION"  # jaxlib refuses it beside XLA_PYTHON_CLIENT_MEM_FRACTION
 
 
-class PreflightError(ValueError):
+class PreflightError(errors.UserError):
   """One or more checks failed; the message lists each fix (exit code 2 in `train`)."""
 
 
@@ -84,7 +89,6 @@ def driver_version() -> str | None:
 
 def sync_roots(cfg: RunConfig) -> list[str]:
   """The weight sync's directory and its fallback, as `WeightSync` chooses them."""
-  from pasr_jax.rollout.weight_sync import default_sync_root  # pylint: disable=import-outside-toplevel
   v = cfg.rollout.vllm
   return [v.sync_dir or str(default_sync_root()),
           v.sync_fallback_dir or str(Path(tempfile.gettempdir()) / "pasr_jax_sync")]
@@ -101,7 +105,6 @@ def probe(cfg: Any) -> Env:
     free[d] = shutil.disk_usage(p).free
   answers = None
   if cfg.rewards.accuracy_rule == "":
-    from pasr_jax.judge.local import judge_answers  # pylint: disable=import-outside-toplevel
     answers = judge_answers(cfg.judge.base_url)
   return Env(vars=dict(os.environ), simulated=False, driver=driver_version(),
              judge_answers=answers, sync_free=free)
@@ -158,7 +161,7 @@ def run_checks(cfg: Any, hosts: int, gpus_per_host: int, env: Env) -> list[Check
   except ConfigError as e:
     return [Check("config", "fail", str(e), str(e))]
   out = [Check("config", "ok", f"{cfg.workdir}: types and values")]
-  m, v, o, r = cfg.mesh, cfg.rollout.vllm, cfg.optim, cfg.rollout
+  m = cfg.mesh
   gpu = gpus_per_host > 0
 
   # Processes and devices. Several processes per host only when local_device_ids splits it.
@@ -187,7 +190,6 @@ def run_checks(cfg: Any, hosts: int, gpus_per_host: int, env: Env) -> list[Check
         m.local_device_ids or m.cuda_visible_devices or f"all {gpus_per_host} of each host") +
         " (JAX's SLURM/MPI detection would give each process one GPU)"))
 
-  from pasr_jax.sharding import MeshError, resolve_shape  # pylint: disable=import-outside-toplevel
   try:
     shape = resolve_shape(m.shape, total)
   except MeshError as e:
@@ -208,7 +210,22 @@ def run_checks(cfg: Any, hosts: int, gpus_per_host: int, env: Env) -> list[Check
                      "let the batch axes (data, fsdp) span the hosts, e.g. "
                      "--config.mesh.shape='(1,-1,1)'"))
 
-  # Micro-batches and updates.
+  out.extend(_batch_checks(cfg, shards, procs, hosts, gpus_per_host))
+  out.extend(_model_checks(cfg))
+  out.extend(_judge_checks(cfg, hosts, procs, env))
+  out.extend(_gpu_checks(cfg, gpu, gpus_per_host, per_host, env))
+  out.append(_sync_check(cfg, env, gpu))
+  if env.vars.get(CONFLICT_ENV):
+    out.append(Check("env", "fail", f"{CONFLICT_ENV}={env.vars[CONFLICT_ENV]} is set; the trainer "
+                     "sets XLA_PYTHON_CLIENT_MEM_FRACTION and jaxlib refuses both",
+                     f"unset {CONFLICT_ENV} (JAX's share comes from mesh.memory_fraction)"))
+  return out
+
+
+def _batch_checks(cfg: RunConfig, shards: int, procs: int, hosts: int,
+                  gpus_per_host: int) -> list[Check]:
+  """Micro-batches against the batch shards, updates per step, questions per process."""
+  r, o, out = cfg.rollout, cfg.optim, []
   rows = r.prompts_per_step * r.n
   spu = o.sequences_per_update or rows
   if o.micro_batch % shards:
@@ -220,7 +237,7 @@ def run_checks(cfg: Any, hosts: int, gpus_per_host: int, env: Env) -> list[Check
                          f" --config.optim.sequences_per_update={max(want, spu // want * want)}"
                          if o.sequences_per_update else "") + (
                          " (or the paper preset for this cluster: --config=configs/<preset>.py:"
-                         f"{hosts}x{gpus_per_host})" if cfg.model.hf_config and gpu else "")))
+                         f"{hosts}x{gpus_per_host})" if cfg.model.hf_config and gpus_per_host else "")))
   else:
     updates = -(-rows // spu) * cfg.grpo.num_iterations
     out.append(Check("micro-batch", "ok",
@@ -234,14 +251,6 @@ def run_checks(cfg: Any, hosts: int, gpus_per_host: int, env: Env) -> list[Check
     out.append(Check("questions", "ok", f"{r.prompts_per_step} per step over {procs} "
                      f"process(es): {math.ceil(r.prompts_per_step / procs)} each at most"))
 
-  out.extend(_model_checks(cfg))
-  out.extend(_judge_checks(cfg, hosts, procs, env))
-  out.extend(_gpu_checks(cfg, gpu, gpus_per_host, per_host, env))
-  out.append(_sync_check(cfg, env, gpu))
-  if env.vars.get(CONFLICT_ENV):
-    out.append(Check("env", "fail", f"{CONFLICT_ENV}={env.vars[CONFLICT_ENV]} is set; the trainer "
-                     "sets XLA_PYTHON_CLIENT_MEM_FRACTION and jaxlib refuses both",
-                     f"unset {CONFLICT_ENV} (JAX's share comes from mesh.memory_fraction)"))
   return out
 
 
@@ -403,32 +412,22 @@ def require(cfg: Any) -> list[Check]:
   return checks
 
 
-def main(argv) -> int:
-  del argv
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from pasr_jax.train import _CONFIG  # pylint: disable=import-outside-toplevel
-  cfg = _CONFIG.value
-  if cfg is None:
-    print("pasr_jax.preflight: --config=configs/<preset>.py is required", file=sys.stderr)
-    return 2
+def report(cfg: RunConfig) -> None:
+  """`python -m pasr_jax.preflight`: the table of checks for the simulated cluster
+  (`--hosts`/`--gpus-per-host`) or this machine; PreflightError (exit 2) if one fails."""
   f = flags.FLAGS
   if f["hosts"].present or f["gpus-per-host"].present:
     checks = run_checks(cfg, f["hosts"].value, f["gpus-per-host"].value,
                         Env(vars=dict(os.environ)))
   else:
-    try:
-      tree = RunConfig.from_tree(cfg)
-    except ConfigError as e:
-      print(f"pasr_jax.preflight: {e}", file=sys.stderr)
-      return 2
-    checks = run_checks(tree, *_this_cluster(tree), probe(tree))
+    checks = run_checks(cfg, *_this_cluster(cfg), probe(cfg))
   print(table(checks), flush=True)
-  return 2 if failures(checks) else 0
+  bad = failures(checks)
+  if bad:
+    raise PreflightError(f"{len(bad)} of {len(checks)} checks failed; the fixes are above")
 
 
 if __name__ == "__main__":
-  from absl import app, flags as _flags  # pylint: disable=import-outside-toplevel
-  from pasr_jax import train  # pylint: disable=import-outside-toplevel
-  _flags.DEFINE_integer("hosts", 1, "Simulated cluster: hosts (one process each).")
-  _flags.DEFINE_integer("gpus-per-host", 0, "Simulated cluster: GPUs per host (0 = CPU).")
-  app.run(main, flags_parser=train._parse_flags)  # pylint: disable=protected-access
+  flags.DEFINE_integer("hosts", 1, "Simulated cluster: hosts (one process each).")
+  flags.DEFINE_integer("gpus-per-host", 0, "Simulated cluster: GPUs per host (0 = CPU).")
+  cli.main("pasr_jax.preflight", report, tune_malloc=False)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Any
 
+from pasr_jax import errors
 from pasr_jax.config import TASK_TYPES, PromptsCfg
 
 PASR_SYSTEM_PROMPT = """\
@@ -83,7 +83,7 @@ number, between 0 and 1."""
 
 
 
-class PromptError(ValueError):
+class PromptError(errors.UserError):
   """A prompt file or a judge task type given by the user is unusable."""
 
 
@@ -107,7 +107,7 @@ def _read_prompt(path: str, field: str) -> str:
   return text
 
 
-def load_prompts(cfg: Any = None) -> Prompts:
+def load_prompts(cfg: PromptsCfg | None = None) -> Prompts:
   """Built-in prompts, each replaced by a file when `cfg` (the `prompts` config) names one.
 
   `cfg.builtin` picks the built-in system prompts: "ours" (default) or "paper" (the
@@ -119,7 +119,6 @@ def load_prompts(cfg: Any = None) -> Prompts:
   """
   if cfg is None:
     return Prompts()
-  cfg = PromptsCfg.of(cfg)  # choices and paths checked there
   builtin, style = cfg.builtin, cfg.judge_style
   pasr = PAPER_PASR_SYSTEM_PROMPT if builtin == "paper" else PASR_SYSTEM_PROMPT
   plain = PAPER_PLAIN_SYSTEM_PROMPT if builtin == "paper" else PLAIN_SYSTEM_PROMPT

@@ -15,11 +15,6 @@ from collections.abc import Sequence
 from pasr_jax.answer_format import count_refines, extract_answer, format_ok
 from pasr_jax.config import RewardsCfg
 
-# The paper's reward: 1*format + 1*accuracy + 1*refine, refine against the baseline mean,
-# no tolerance. What `None` means below (configs/base.py has the same values).
-PAPER_REWARDS = RewardsCfg(format_weight=1.0, accuracy_weight=1.0, refine_weight=1.0, zeta=0.0,
-                           accuracy_rule="", refine_compare="mean", refine_fixed=1.0)
-
 
 class RewardError(ValueError):
   """Rewards were asked for with inputs that have no meaning (e.g. an empty baseline)."""
@@ -77,12 +72,11 @@ def reward_terms(text: str, acc: float, baseline_accs: Sequence[float] | None,
 
 
 def group_reward_terms(texts: Sequence[str], accs: Sequence[float],
-                       baseline_accs: Sequence[float] | None, cfg: RewardsCfg | None = None
+                       baseline_accs: Sequence[float] | None, cfg: RewardsCfg
                        ) -> list[dict[str, float]]:
   """`reward_terms` of one question's answers under the `rewards` config `cfg` (zeta,
-  refine_compare, refine_fixed; None: the paper's defaults). `baseline_accs`: the accuracies
-  of the question's baseline answers, None without a baseline."""
-  cfg = PAPER_REWARDS if cfg is None else RewardsCfg.of(cfg)
+  refine_compare, refine_fixed). `baseline_accs`: the accuracies of the question's baseline
+  answers, None without a baseline."""
   zeta, compare = cfg.zeta, cfg.refine_compare
   if compare == "single" and baseline_accs is not None and len(baseline_accs) != len(texts):
     raise RewardError(f"rewards.refine_compare='single' pairs answer k with baseline answer k: "
@@ -101,16 +95,8 @@ def group_reward_terms(texts: Sequence[str], accs: Sequence[float],
   return out
 
 
-def total_reward(text: str, acc: float, baseline_accs: Sequence[float] | None,
-                 weights: RewardsCfg | None = None) -> float:
-  """format_weight*format + accuracy_weight*acc + refine_weight*refine, with the `rewards`
-  config's weights and zeta (None: the paper's, PAPER_REWARDS)."""
-  weights = PAPER_REWARDS if weights is None else RewardsCfg.of(weights)
-  return weighted_reward(reward_terms(text, acc, baseline_accs, weights.zeta), weights)
-
-
-def weighted_reward(terms: dict[str, float], weights: RewardsCfg | None = None) -> float:
-  """The weighted sum of `reward_terms` output; `weights` as in `total_reward`."""
-  w = PAPER_REWARDS if weights is None else RewardsCfg.of(weights)
+def weighted_reward(terms: dict[str, float], w: RewardsCfg) -> float:
+  """format_weight*format + accuracy_weight*accuracy + refine_weight*refine of `reward_terms`
+  output, with the `rewards` config's weights."""
   return (w.format_weight * terms["format"] + w.accuracy_weight * terms["accuracy"]
           + w.refine_weight * terms["refine"])

@@ -37,7 +37,22 @@ import sys
 import time
 from typing import Any
 
+import jax
+from tqdm import tqdm
+from transformers import AutoTokenizer
+
+from pasr_jax import cold_start, devices, errors, multihost, policy, prompts
+from pasr_jax import data as data_lib
+from pasr_jax import metrics as metrics_lib
+from pasr_jax.checkpoint import Checkpointer, CheckpointMismatchError, RunState
 from pasr_jax.config import ConfigError, RunConfig
+from pasr_jax.judge.client import JudgeClient
+from pasr_jax.judge.local import ensure_judge
+from pasr_jax.models.hf import model_digest, save_hf
+from pasr_jax.rollout import EngineError
+from pasr_jax.rollout.vllm_sampler import VllmSampler
+from pasr_jax.step import RolloutStep, merge_scalars, pad_batch
+from pasr_jax.trainer import Trainer
 from pasr_jax.workdir import Workdir
 
 log = logging.getLogger("pasr_jax.run")
@@ -48,11 +63,11 @@ LINE_KEYS = ("reward/mean", "reward/accuracy", "rate/format_ok", "rate/refine", 
              "time/sync", "time/checkpoint")
 
 
-class RunInterrupted(RuntimeError):
+class RunInterrupted(errors.Interrupted):
   """SIGTERM / Ctrl-C ended the run before train.steps; the steps done are saved."""
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(errors.Diverged):
   """Too many steps in a row had only non-finite (skipped) updates."""
 
 
@@ -77,27 +92,6 @@ class StopFlag:
       signal.signal(sig, h)
 
 
-def setup_devices(cfg) -> None:
-  """JAX's memory fraction and visible GPUs (pasr_jax.devices), before JAX touches a device."""
-  from pasr_jax import devices  # pylint: disable=import-outside-toplevel
-  try:
-    done = devices.setup(cfg)
-  except devices.DeviceSetupError as e:
-    raise ConfigError(str(e)) from None
-  print(f"[train] devices: {done} ({devices.fraction_reason(cfg)})", flush=True)
-
-
-def model_dir(cfg, wd: Workdir) -> str:
-  """The run's HF model dir; for model.tiny_random, made in the workdir at the first start."""
-  d = wd.model_dir(cfg.model)
-  if cfg.model.tiny_random and not (d / "config.json").is_file():
-    from pasr_jax.tiny import make_tiny_model_dir  # pylint: disable=import-outside-toplevel
-    # Untied, so tiny runs cover the untied path; SmolLM2 (the demo) covers tied heads, whose
-    # vLLM-side refresh after a sync is in rollout/vllm_worker.py.
-    make_tiny_model_dir(str(d), seed=cfg.seed, tie_word_embeddings=False)
-  return str(d)
-
-
 class Run:
   """One training run of `cfg` (see the module docstring for the phases).
 
@@ -105,9 +99,8 @@ class Run:
   `sampler`, `scalars` (the last step's), `last_saved` (newest checkpointed step).
   """
 
-  def __init__(self, cfg):
-    # Typed and checked before the heavy imports: a bad value fails in seconds.
-    self.cfg = cfg = RunConfig.from_tree(cfg)
+  def __init__(self, cfg: RunConfig):
+    self.cfg = cfg
     cfg.need_files()
     self.wd = Workdir(cfg.workdir)
     self.judge_proc = self.sampler = self.ckpt = self.writer = self.rollouts = None
@@ -123,31 +116,17 @@ class Run:
   # ---------------------------------------------------------------------------- setup
   def setup(self) -> None:
     """Config written; data, prompts, judge; JAX, model, trainer and checkpointer."""
-    from pasr_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-    from pasr_jax import prompts  # pylint: disable=import-outside-toplevel
     cfg, wd = self.cfg, self.wd
-    setup_devices(cfg)  # JAX's memory fraction and GPUs, before it touches a device
+    done = devices.setup(cfg)  # JAX's memory fraction and GPUs, before it touches a device
+    print(f"[train] devices: {done} ({devices.fraction_reason(cfg)})", flush=True)
     self.rows = data_lib.load_dataset(cfg.data)
     self.prompts = prompts.load_prompts(cfg.prompts)
     self.judge = None
     if cfg.rewards.accuracy_rule == "":
-      from pasr_jax.judge.local import ensure_judge  # pylint: disable=import-outside-toplevel
       self.judge_proc = ensure_judge(cfg.judge, wd.judge_log)
-      from pasr_jax.judge.client import JudgeClient  # pylint: disable=import-outside-toplevel
       self.judge = JudgeClient.from_config(cfg.judge, self.prompts)
-
-    import jax  # pylint: disable=import-outside-toplevel
-    from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
-
-    from pasr_jax import multihost  # pylint: disable=import-outside-toplevel
-    from pasr_jax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
-    from pasr_jax.models.hf import (  # pylint: disable=import-outside-toplevel
-        load_hf, model_digest)
-    from pasr_jax.sharding import make_mesh  # pylint: disable=import-outside-toplevel
-    from pasr_jax.trainer import Trainer  # pylint: disable=import-outside-toplevel
-
     if cfg.mesh.distributed:
-      multihost.initialize(cfg.mesh)
+      multihost.initialize(cfg.mesh, devices.local_device_ids(cfg.mesh))
     # After the distributed init: it installs JAX's own SIGTERM handler (its preemption
     # notifier), which would otherwise swallow the signal.
     self.stop = StopFlag()
@@ -159,20 +138,16 @@ class Run:
       wd.root.mkdir(parents=True, exist_ok=True)
       print("[train] resolved config:\n" + cfg.to_json(indent=2), flush=True)
       wd.config.write_text(cfg.to_json(indent=2), encoding="utf-8")
-      model_dir(cfg, wd)  # tiny_random: the writer makes it, the others wait
+      policy.base_dir(cfg)  # tiny_random: the writer makes it, the others wait
     multihost.barrier("setup: workdir and model dir written")
-    from pasr_jax import cold_start  # pylint: disable=import-outside-toplevel
     # cold_start.enabled (not part of the paper): PASR starts from the format SFT's HF dir.
-    self.model_dir = cold_start.ensure(cfg, str(wd.model_dir(cfg.model)))
+    self.model_dir = cold_start.ensure(cfg)
     self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-    mesh = make_mesh(tuple(cfg.mesh.shape))
-    multihost.check_mesh(mesh, tuple(cfg.mesh.rules))
-    model, self.model_cfg = load_hf(self.model_dir, dtype=cfg.model.compute_dtype,
-                                    param_dtype=cfg.model.weight_dtype,
-                                    mesh=mesh, rules=tuple(cfg.mesh.rules),
-                                    scan_layers=cfg.model.scan_layers, remat=cfg.model.remat,
-                                    attention=cfg.model.attention)
-    self.trainer = Trainer(cfg, model, self.model_cfg, mesh)  # its reference: model_dir's
+    pol = policy.build_policy(cfg.model, cfg.mesh, self.model_dir)
+    self.model_cfg = pol.config
+    # The trainer's reference policy: model_dir's weights.
+    self.trainer = Trainer(cfg.trainer_cfg(), pol.model, pol.config, pol.mesh)
+    del pol
     self.model_digest = model_digest(self.model_dir)
     # Multi-host: saves block. Orbax's async save finishes in a thread whose barriers are
     # device collectives; racing the step's own collectives, they can pair up differently on
@@ -183,11 +158,6 @@ class Run:
   # ---------------------------------------------------------------------------- resume
   def resume(self) -> None:
     """RunState and arrays from the newest checkpoint (or fresh); logs; sampler; stepper."""
-    from pasr_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-    from pasr_jax import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
-    from pasr_jax.checkpoint import (  # pylint: disable=import-outside-toplevel
-        CheckpointMismatchError, RunState)
-    from pasr_jax.step import RolloutStep  # pylint: disable=import-outside-toplevel
     cfg, wd = self.cfg, self.wd
     restored = None
     if self.ckpt.all_steps():
@@ -200,7 +170,7 @@ class Run:
         raise ConfigError(f"config workdir={cfg.workdir!r}: {e}") from None
     if restored is not None:
       arrays, self.state = restored
-      if self.state.model_digest not in ("", self.model_digest):
+      if self.state.model_digest != self.model_digest:
         raise ConfigError(f"config model.path={self.model_dir!r}: not the model that "
                           f"{wd.checkpoints}/{self.state.step} was trained from (the reference "
                           "policy is rebuilt from model.path on resume; give the same model)")
@@ -209,7 +179,7 @@ class Run:
             f"version {self.state.policy_version})", flush=True)
     else:
       self.state = RunState.fresh(cfg.seed)
-    self.state.model_digest = self.model_digest
+    self.state.model_digest, self.state.model_dir = self.model_digest, self.model_dir
     self.last_saved = self.state.step
     self.stream = data_lib.BatchStream(self.rows, cfg.rollout.prompts_per_step,
                                        cfg.data.shuffle_seed, self.state.cursor)
@@ -232,10 +202,8 @@ class Run:
 
   def make_sampler(self):
     """The rollout engine on the run's model dir (not started yet)."""
-    from pasr_jax.rollout.vllm_sampler import VllmSampler  # pylint: disable=import-outside-toplevel
-    from pasr_jax.devices import engine_gpus  # pylint: disable=import-outside-toplevel
     return VllmSampler.from_config(self.cfg.rollout, self.model_dir, seed=self.cfg.seed,
-                                   cuda_visible_devices=engine_gpus(self.cfg))
+                                   cuda_visible_devices=devices.engine_gpus(self.cfg))
 
   # ---------------------------------------------------------------------------- step
   @property
@@ -245,10 +213,7 @@ class Run:
 
   def step(self) -> dict[str, float]:
     """One training step (rollout, update, sync, logs, checkpoint if due); its scalars."""
-    import jax  # pylint: disable=import-outside-toplevel
 
-    from pasr_jax import multihost  # pylint: disable=import-outside-toplevel
-    from pasr_jax.step import merge_scalars  # pylint: disable=import-outside-toplevel
     cfg, st = self.cfg, self.state
     t_step = time.perf_counter()
     batch_rows = self.stream.next_batch()  # the step's questions: the same on every process
@@ -309,8 +274,6 @@ class Run:
     gather is a collective; a healthy engine just reloads the same weights) and the failed
     processes retry their share, up to `rollout.engine_retries` times.
     """
-    from pasr_jax import multihost  # pylint: disable=import-outside-toplevel
-    from pasr_jax.rollout import EngineError  # pylint: disable=import-outside-toplevel
     st, retries = self.state, int(self.cfg.rollout.engine_retries)
     out = None
     for attempt in range(retries + 1):
@@ -354,8 +317,6 @@ class Run:
   def _global_batch(self, local: dict | None) -> dict | None:
     """The step's trainer batch from every process's rows (`local`, None if it kept none),
     padded to the agreed rows per process and length; None when no process has rows."""
-    from pasr_jax import multihost  # pylint: disable=import-outside-toplevel
-    from pasr_jax.step import pad_batch  # pylint: disable=import-outside-toplevel
     shape = (0, 0) if local is None else local["input_ids"].shape
     rows, length = (int(v) for v in multihost.agree(shape).max(axis=0))
     if rows == 0:
@@ -366,7 +327,6 @@ class Run:
 
   def save(self) -> float:
     """Starts the checkpoint of the steps done; returns the seconds it blocked."""
-    from pasr_jax import multihost  # pylint: disable=import-outside-toplevel
     t = time.perf_counter()
     sizes = ({"rollouts": self.rollouts.tell(), "metrics": self.writer.log.tell()}
              if self.writer_process else None)
@@ -379,8 +339,6 @@ class Run:
   # ---------------------------------------------------------------------------- finish
   def finish(self) -> dict[str, Any]:
     """Waits for the last save; reward curve and (train.export) HF dir; the summary."""
-    from pasr_jax import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
-    from pasr_jax.models.hf import save_hf  # pylint: disable=import-outside-toplevel
     wd = self.wd
     self.ckpt.wait()
     summary = {"last_step": self.last_saved, "workdir": str(wd.root), "scalars": self.scalars,
@@ -412,15 +370,13 @@ class Run:
       self.judge_proc.stop()
 
 
-def run(cfg) -> dict[str, Any]:
+def run(cfg: RunConfig) -> dict[str, Any]:
   """Train per `cfg`; returns a summary (last step, workdir paths, last scalars)."""
-  from pasr_jax.metrics import format_scalars  # pylint: disable=import-outside-toplevel
   r = Run(cfg)
   cfg = r.cfg
   try:
     r.setup()
     r.resume()
-    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
     bar = tqdm(total=cfg.train.steps, initial=r.state.step, desc="train", dynamic_ncols=True,
                file=sys.stdout)
     while not r.finished:
@@ -428,7 +384,7 @@ def run(cfg) -> dict[str, Any]:
       bar.update(1)
       bar.set_postfix(reward=f"{scalars['reward/mean']:.3f}", t=f"{scalars['time/step']:.1f}s")
       if r.state.step % cfg.logging.every == 0 or r.finished:
-        tqdm.write(format_scalars(r.state.step, scalars, LINE_KEYS), file=sys.stdout)
+        tqdm.write(metrics_lib.format_scalars(r.state.step, scalars, LINE_KEYS), file=sys.stdout)
     bar.close()
     summary = r.finish()
     if r.state.step < cfg.train.steps:

@@ -20,23 +20,30 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import os
 import time
 from collections import defaultdict
 from typing import Any
 
+import jax
 import numpy as np
+from transformers import AutoTokenizer
 
-from pasr_jax.config import RunConfig, TrainerCfg
+from pasr_jax import answer_format, cli, errors, policy, prompts
+from pasr_jax import data as data_lib
+from pasr_jax import metrics as metrics_lib
+from pasr_jax.checkpoint import Checkpointer
+from pasr_jax.config import DataCfg, RunConfig, SftCfg, TrainerCfg
+from pasr_jax.models.hf import save_hf
+from pasr_jax.step import pack_batch
+from pasr_jax.trainer import Trainer
 
-log = logging.getLogger("pasr_jax.sft")
 
 ROLES = ("system", "user", "assistant")
 
 
-class SFTError(ValueError):
+class SFTError(errors.UserError):
   """An SFT input (file, line, field) or `sft.*` config value is unusable."""
 
 
@@ -83,7 +90,6 @@ def harvest_refinement_paths(records: list[dict[str, Any]], questions: dict[str,
   question at the same step. Identical texts for the same question are kept once. Returns
   ([system, user, assistant] transcripts, counts of why answers were dropped).
   """
-  from pasr_jax import answer_format  # pylint: disable=import-outside-toplevel
   base = defaultdict(list)
   for r in records:
     if r.get("kind") == "baseline":
@@ -123,13 +129,11 @@ def harvest_refinement_paths(records: list[dict[str, Any]], questions: dict[str,
 def _harvest_from_run(cfg) -> tuple[list[list[dict[str, str]]], dict[str, int]]:
   """`harvest_refinement_paths` on `sft.rollouts`; questions come from the data section of the
   run's config.json beside it (else this config's `data`), the system prompt from `prompts`."""
-  from pasr_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-  from pasr_jax import metrics, prompts  # pylint: disable=import-outside-toplevel
   path = cfg.sft.rollouts
   if not os.path.isfile(path):
     raise SFTError(f"sft.rollouts={path!r}: no such file")
   try:
-    records = metrics.read_jsonl(path)
+    records = metrics_lib.read_jsonl(path)
   except (OSError, json.JSONDecodeError) as e:
     raise SFTError(f"sft.rollouts={path!r}: unreadable ({e})") from None
   data_cfg = cfg.data
@@ -137,7 +141,7 @@ def _harvest_from_run(cfg) -> tuple[list[list[dict[str, str]]], dict[str, int]]:
   if os.path.isfile(run_cfg):
     with open(run_cfg, encoding="utf-8") as f:
       data_cfg = json.load(f)["data"]
-  questions = {r.id: r.question for r in data_lib.load_dataset(data_cfg)}
+  questions = {r.id: r.question for r in data_lib.load_dataset(DataCfg.of(data_cfg))}
   system = prompts.load_prompts(cfg.prompts).pasr_system
   out, stats = harvest_refinement_paths(records, questions, system)
   if not out:
@@ -177,7 +181,6 @@ def pack(encoded: list[tuple[list[int], list[int]]], pad_id: int, multiple: int,
          rows_multiple: int) -> dict[str, np.ndarray]:
   """A trainer batch (step.pack_batch layout) whose loss_mask is each row's assistant mask;
   advantages 1 (old_logps are filled in by `sft_step`)."""
-  from pasr_jax.step import pack_batch  # pylint: disable=import-outside-toplevel
   n = len(encoded)
   batch = pack_batch([[]] * n, [ids for ids, _ in encoded], [[0.0] * len(ids) for ids, _ in encoded],
                      [1.0] * n, [True] * n, pad_id, multiple, rows_multiple)
@@ -197,16 +200,16 @@ def sft_step(trainer, batch: dict[str, np.ndarray]) -> dict[str, float]:
   return {"nll": nll, "grad_norm": m["grad_norm"], "tokens": tokens, "skipped": m["skipped"]}
 
 
-def trainer_config(cfg: RunConfig, total_steps: int, lr: float, scored_span: int) -> TrainerCfg:
-  """The trainer's slice for SFT: the SFT optimiser (cosine, warm-up) and a loss that is the NLL."""
-  s = cfg.sft
+def trainer_config(cfg: RunConfig, s: SftCfg, total_steps: int, scored_span: int) -> TrainerCfg:
+  """The trainer's slice for SFT section `s`: its optimiser (cosine, warm-up) and a loss that
+  is the NLL."""
   return dataclasses.replace(
       cfg.trainer_cfg(),
       # One optimizer update per SFT batch: the schedule spans exactly total_steps updates.
-      optim=cfg.optim.replace(lr=float(lr), schedule="cosine", clip_norm=float(s.clip_norm),
+      optim=cfg.optim.replace(lr=s.lr, schedule="cosine", clip_norm=float(s.clip_norm),
                               warmup_steps=int(round(float(s.warmup_frac) * total_steps)),
                               sequences_per_update=0),
-      rows_per_step=int(s.batch_size), steps=int(total_steps),
+      rows_per_step=s.batch_size, steps=total_steps,
       # No reference model (no KL); the mean over all assistant tokens of the batch.
       grpo=cfg.grpo.replace(loss_temperature=0.0, beta=0.0, agg="token_mean", num_iterations=1,
                             recompute_old_logps=False, tis_cap=0.0),
@@ -218,72 +221,59 @@ def trainer_config(cfg: RunConfig, total_steps: int, lr: float, scored_span: int
 
 
 # ----------------------------------------------------------------------------- the run
-def run_sft(cfg, transcripts: list[list[dict[str, str]]], workdir: str, model_dir: str,
-            lr: float | None = None, epochs: int | None = None, max_steps: int | None = None,
-            export: bool | None = None) -> dict[str, Any]:
-  """Fine-tune the HF model in `model_dir` on `transcripts`; resumes from `workdir`'s checkpoints.
+@dataclasses.dataclass
+class Prepared:
+  """The encoded SFT set and the numbers its loop needs (`prepare`)."""
+  encoded: list[tuple[list[int], list[int]]]  # (token ids, assistant mask) per transcript
+  dropped: int         # transcripts longer than sft.max_len, left out
+  pad_id: int
+  length: int          # every batch is padded to it: one XLA compile for the run
+  per_epoch: int       # updates per pass over `encoded`
+  total: int           # updates of the run
+  trainer_cfg: TrainerCfg
+  run_cfg: dict[str, Any]  # the config as saved beside the checkpoints
 
-  `lr`, `epochs`, `max_steps`, `export` default to `cfg.sft`'s. Returns a summary: steps,
-  first/last NLL (first batch before any update, mean of the last epoch's batches), the
-  HF dir when exported, how many transcripts were cut at sft.max_len.
-  """
-  cfg = RunConfig.from_tree(cfg)
-  s = cfg.sft
-  lr = float(s.lr if lr is None else lr)
-  epochs = int(s.epochs if epochs is None else epochs)
-  max_steps = int(s.max_steps if max_steps is None else max_steps)
-  export = bool(s.export if export is None else export)
+
+def prepare(cfg: RunConfig, s: SftCfg, transcripts: list[list[dict[str, str]]], workdir: str,
+            model_dir: str) -> Prepared:
+  """Encodes `transcripts` with `model_dir`'s tokenizer, dropping (and counting) those over
+  sft.max_len tokens (cut, one would train on an answer without its closing tags and EOS);
+  sizes the batches and the schedule; writes config.json and data.jsonl to `workdir`."""
   if not transcripts:
     raise SFTError("no SFT transcripts")
-  import jax  # pylint: disable=import-outside-toplevel
-  from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
-
-  from pasr_jax import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
-  from pasr_jax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
-  from pasr_jax.models.hf import load_hf, save_hf  # pylint: disable=import-outside-toplevel
-  from pasr_jax.sharding import make_mesh  # pylint: disable=import-outside-toplevel
-  from pasr_jax.trainer import Trainer  # pylint: disable=import-outside-toplevel
-
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
   tok = AutoTokenizer.from_pretrained(model_dir)
   pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-  encoded, cut = [], 0
-  for msgs in transcripts:
-    ids, mask = encode_transcript(tok, msgs)
-    if len(ids) > s.max_len:
-      ids, mask, cut = ids[:s.max_len], mask[:s.max_len], cut + 1
-    if sum(mask):
-      encoded.append((ids, mask))
-  if not encoded:
-    raise SFTError(f"no transcript has an assistant token within sft.max_len={s.max_len}")
+  encoded = [e for e in (encode_transcript(tok, m) for m in transcripts) if sum(e[1])]
+  kept = [e for e in encoded if len(e[0]) <= s.max_len]
+  if not kept:
+    raise SFTError(f"config sft.max_len={s.max_len}: every transcript with an assistant "
+                   f"token is longer (shortest: {min(len(i) for i, _ in encoded)} tokens)"
+                   if encoded else "no transcript has an assistant token")
   # Every batch padded to one length: one XLA compile for the run (a new length costs a
   # compile, minutes for SmolLM2 on CPU, more than the padding).
   mult = int(cfg.train.seq_multiple)
-  length = -(-max(len(ids) for ids, _ in encoded) // mult) * mult
-  span = max(len(m) - m.index(1) - m[::-1].index(1) for _, m in encoded)
+  length = -(-max(len(ids) for ids, _ in kept) // mult) * mult
+  span = max(len(m) - m.index(1) - m[::-1].index(1) for _, m in kept)
   span = min(-(-span // mult) * mult, length)
-  per_epoch = -(-len(encoded) // int(s.batch_size))
-  total = epochs * per_epoch if max_steps <= 0 else min(max_steps, epochs * per_epoch)
-  tcfg = trainer_config(cfg, total, lr, span)
+  per_epoch = -(-len(kept) // s.batch_size)
+  total = s.epochs * per_epoch if s.max_steps <= 0 else min(s.max_steps, s.epochs * per_epoch)
+  tcfg = trainer_config(cfg, s, total, span)
+  run_cfg = cfg.replace(model=cfg.model.replace(path=os.path.abspath(model_dir)), sft=s,
+                        optim=tcfg.optim, grpo=tcfg.grpo).to_dict()
+  os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    # model.path is what `python -m pasr_jax.export --workdir=<sft workdir>` reads back.
-    run_cfg = cfg.replace(model=cfg.model.replace(path=os.path.abspath(model_dir)),
-                          optim=tcfg.optim, grpo=tcfg.grpo).to_dict()
     json.dump(run_cfg, f, indent=2)
   with open(os.path.join(workdir, "data.jsonl"), "w", encoding="utf-8") as f:
     f.writelines(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in transcripts)
+  return Prepared(kept, len(encoded) - len(kept), pad_id, length, per_epoch, total, tcfg,
+                  run_cfg)
 
-  mesh = make_mesh(tuple(cfg.mesh.shape))
-  # Not pasr_jax.train's helpers: under `python -m pasr_jax.train` that module is __main__
-  # and a second import would define its flags twice.
-  model, model_cfg = load_hf(model_dir, dtype=cfg.model.compute_dtype,
-                             param_dtype=cfg.model.weight_dtype,
-                             mesh=mesh, rules=tuple(cfg.mesh.rules),
-                             scan_layers=cfg.model.scan_layers,
-                             remat=cfg.model.remat)
-  trainer = Trainer(tcfg, model, model_cfg, mesh)
-  del model
+
+def train_loop(trainer: Trainer, prep: Prepared, s: SftCfg, seed: int, workdir: str,
+               model_dir: str) -> tuple[float | None, float | None]:
+  """The SFT updates from the newest checkpoint in `workdir` (or the start) to `prep.total`;
+  returns the first batch's NLL and the mean NLL of the last epoch's batches (None when the
+  run had no update left)."""
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=2, async_save=False)
   writer = None
   try:
@@ -295,45 +285,62 @@ def run_sft(cfg, transcripts: list[list[dict[str, str]]], workdir: str, model_di
       log_bytes = int(meta["log_bytes"])
       print(f"[sft] resumed from step {start}", flush=True)
     writer = metrics_lib.MetricsWriter(os.path.join(workdir, "metrics.jsonl"), None, log_bytes)
-    print(f"[sft] {len(encoded)} transcripts ({cut} cut at sft.max_len={s.max_len}; batch "
-          f"length {length}), "
-          f"{total} updates of {s.batch_size}, lr {lr:g} cosine, warm-up "
-          f"{tcfg.optim.warmup_steps}", flush=True)
     first = last_epoch = None
     epoch_nll: list[float] = []
     t0 = time.perf_counter()
-    for step in range(start, total):
-      epoch, k = divmod(step, per_epoch)
-      order = np.random.default_rng([int(cfg.seed), epoch]).permutation(len(encoded))
-      rows = [encoded[i] for i in order[k * s.batch_size:(k + 1) * s.batch_size]]
-      m = sft_step(trainer, pack(rows, pad_id, length, cfg.optim.micro_batch))
+    for step in range(start, prep.total):
+      epoch, k = divmod(step, prep.per_epoch)
+      order = np.random.default_rng([seed, epoch]).permutation(len(prep.encoded))
+      rows = [prep.encoded[i] for i in order[k * s.batch_size:(k + 1) * s.batch_size]]
+      m = sft_step(trainer, pack(rows, prep.pad_id, prep.length,
+                                 prep.trainer_cfg.optim.micro_batch))
       first = m["nll"] if first is None else first
       epoch_nll = (epoch_nll if k else []) + [m["nll"]]
       last_epoch = float(np.mean(epoch_nll))
       writer.write(step + 1, {"sft/nll": m["nll"], "sft/grad_norm": m["grad_norm"],
                               "sft/tokens": m["tokens"], "sft/epoch": float(epoch),
                               "time/elapsed": time.perf_counter() - t0})
-      print(f"[sft] step {step + 1}/{total} epoch {epoch} nll {m['nll']:.4f} grad_norm "
+      print(f"[sft] step {step + 1}/{prep.total} epoch {epoch} nll {m['nll']:.4f} grad_norm "
             f"{m['grad_norm']:.3g}", flush=True)
-      if (step + 1) % s.checkpoint_every == 0 or step + 1 == total:
+      if (step + 1) % s.checkpoint_every == 0 or step + 1 == prep.total:
         ckpt.save(step + 1, trainer.state_for_checkpoint(),
-                  {"step": step + 1, "log_bytes": writer.log.tell(), "config": run_cfg})
-    summary: dict[str, Any] = {"steps": total, "workdir": workdir, "transcripts": len(encoded),
-                               "cut": cut, "first_nll": first, "last_epoch_nll": last_epoch}
-    if export:
-      summary["hf"] = str(save_hf(trainer.model, model_cfg, os.path.join(workdir, "hf"),
-                                  tokenizer_from=model_dir))
-    jax.block_until_ready(trainer.params)
-    return summary
+                  {"step": step + 1, "log_bytes": writer.log.tell(), "config": prep.run_cfg,
+                   "model_dir": os.path.abspath(model_dir)})
+    return first, last_epoch
   finally:
     ckpt.close()
     if writer is not None:
       writer.close()
 
 
-def run(cfg) -> dict[str, Any]:
-  """`python -m pasr_jax.sft`: transcripts from sft.data or sft.rollouts, then `run_sft`."""
-  cfg = RunConfig.from_tree(cfg)
+def run_sft(cfg: RunConfig, s: SftCfg, transcripts: list[list[dict[str, str]]], workdir: str,
+            model_dir: str) -> dict[str, Any]:
+  """Fine-tunes the HF model in `model_dir` on `transcripts` per the SFT section `s`; resumes
+  from `workdir`'s checkpoints. Returns a summary: steps, first/last NLL (first batch before
+  any update, mean of the last epoch's batches), the HF dir when exported (s.export), how
+  many transcripts were dropped for being longer than s.max_len."""
+  workdir = os.path.abspath(workdir)
+  prep = prepare(cfg, s, transcripts, workdir, model_dir)
+  pol = policy.build_policy(cfg.model, cfg.mesh, model_dir)
+  trainer = Trainer(prep.trainer_cfg, pol.model, pol.config, pol.mesh)
+  del pol
+  print(f"[sft] {len(prep.encoded)} transcripts ({prep.dropped} over sft.max_len={s.max_len} "
+        f"dropped; batch length {prep.length}), {prep.total} updates of {s.batch_size}, lr "
+        f"{s.lr:g} cosine, warm-up {prep.trainer_cfg.optim.warmup_steps}", flush=True)
+  first, last_epoch = train_loop(trainer, prep, s, int(cfg.seed), workdir, model_dir)
+  summary: dict[str, Any] = {"steps": prep.total, "workdir": workdir,
+                             "transcripts": len(prep.encoded), "dropped": prep.dropped,
+                             "first_nll": first, "last_epoch_nll": last_epoch}
+  if s.export:
+    summary["hf"] = str(save_hf(trainer.model, trainer.model_cfg, os.path.join(workdir, "hf"),
+                                tokenizer_from=model_dir))
+  jax.block_until_ready(trainer.params)
+  return summary
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+  """`python -m pasr_jax.sft`: transcripts from sft.data or sft.rollouts, then `run_sft` on
+  sft.model_path (default: the run's `policy.base_dir`)."""
   s = cfg.sft
   if bool(s.data) == bool(s.rollouts):
     raise SFTError(f"config sft.data={s.data!r}, sft.rollouts={s.rollouts!r}: set exactly one")
@@ -344,27 +351,14 @@ def run(cfg) -> dict[str, Any]:
     transcripts, stats = _harvest_from_run(cfg)
     print(f"[sft] harvested {stats['kept']} good refinement paths from {s.rollouts}: {stats}",
           flush=True)
-  from pasr_jax.run import model_dir as run_model_dir  # pylint: disable=import-outside-toplevel
-  from pasr_jax.workdir import Workdir  # pylint: disable=import-outside-toplevel
-  model_dir = s.model_path or run_model_dir(cfg, Workdir(cfg.workdir))
+  model_dir = s.model_path or policy.base_dir(cfg)
   if not os.path.isfile(os.path.join(model_dir, "config.json")):
     raise SFTError(f"config sft.model_path / model.path={model_dir!r}: no HF model dir there")
-  workdir = s.workdir or os.path.join(cfg.workdir, "sft")
-  summary = run_sft(cfg, transcripts, workdir, model_dir)
+  summary = run_sft(cfg, s, transcripts, s.workdir or os.path.join(cfg.workdir, "sft"),
+                    model_dir)
   print(f"[sft] done: {summary}", flush=True)
   return summary
 
 
-def main(argv: list[str]) -> int:
-  del argv
-  from pasr_jax.train import config_main  # pylint: disable=import-outside-toplevel
-  return config_main("pasr_jax.sft", run)
-
-
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=import-outside-toplevel
-
-  from pasr_jax import sft  # pylint: disable=import-outside-toplevel,import-self
-  from pasr_jax.train import _parse_flags  # pylint: disable=import-outside-toplevel
-  # The imported module's main, so errors are pasr_jax.sft.SFTError, not __main__.SFTError.
-  app.run(sft.main, flags_parser=_parse_flags)
+  cli.main("pasr_jax.sft", run)

@@ -23,12 +23,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from pasr_jax import errors
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 Rules = Sequence[tuple[str, Any]]
 
 
-class MeshError(ValueError):
+class MeshError(errors.UserError):
   """A mesh shape or rule table from the config that cannot be used."""
 
 
@@ -154,14 +156,6 @@ def put_global(x: Any, sharding: NamedSharding) -> jax.Array:
 def put_tree(tree: Any, shardings: Any) -> Any:
   """`put_global` over matching trees of values and shardings."""
   return jax.tree.map(put_global, tree, shardings)
-
-
-def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules) -> nnx.Module:
-  """Moves every variable of `model` to its rule-derived sharding on `mesh` (in place)."""
-  state = nnx.state(model)
-  shardings = state_shardings(state, mesh, rules)
-  nnx.update(model, put_tree(state, shardings))
-  return model
 
 
 def batch_axes(mesh: Any, rules: Rules) -> tuple[str, ...]:

@@ -60,6 +60,7 @@ def prepare_smollm2(out_dir: Path | None = None, force: bool = False) -> Path:
   if not force and marker.exists() and json.loads(marker.read_text()) == stamp:
     return out
 
+  # Lazily: torch is needed only for the one-off GGUF conversion (`make setup`).
   import torch
   from safetensors.torch import save_file
   from transformers import AutoModelForCausalLM, AutoTokenizer

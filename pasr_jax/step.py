@@ -22,10 +22,10 @@ import numpy as np
 
 from pasr_jax import chat, grpo, rewards as rewards_lib
 from pasr_jax.answer_format import count_refines
-from pasr_jax.config import RunConfig, StepCfg
+from pasr_jax.config import StepCfg
 from pasr_jax.data import Row
 from pasr_jax.judge.wire import judge_request
-from pasr_jax.prompts import Prompts, load_prompts
+from pasr_jax.prompts import Prompts
 from pasr_jax.rollout.base import Completion
 
 
@@ -248,13 +248,8 @@ class RolloutStep:
   stage but sampling and judging is a pure function of the ones before it.
   """
 
-  def __init__(self, cfg: StepCfg | RunConfig | Any, tokenizer, sampler, judge,
-               prompts: Prompts | None = None):
-    """`cfg`: the step's slice (a whole run config or tree is sliced here, and its prompts
-    section loaded when `prompts` is not given)."""
-    if not isinstance(cfg, StepCfg):
-      run_cfg = RunConfig.from_tree(cfg)
-      cfg, prompts = run_cfg.step_cfg(), prompts or load_prompts(run_cfg.prompts)
+  def __init__(self, cfg: StepCfg, tokenizer, sampler, judge, prompts: Prompts | None = None):
+    """`cfg`: the step's slice (`RunConfig.step_cfg()`); `prompts`: the built-in ones if None."""
     self.cfg = cfg
     self.tok = tokenizer
     self.sampler = sampler

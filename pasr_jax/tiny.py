@@ -16,6 +16,9 @@ import string
 import jax.numpy as jnp
 from flax import nnx
 
+from pasr_jax.models.hf import save_hf
+from pasr_jax.models.qwen import Decoder, ModelConfig, tiny_config
+
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # Whole tokens so the format reward is reachable in a few sampled tokens.
 TAG_TOKENS = ("<think>", "</think>", "<refine>", "</refine>", "<answer>", "</answer>")
@@ -36,8 +39,10 @@ def write_char_tokenizer(out_dir: str) -> int:
 
   Returns the vocabulary size. eos = `<|im_end|>`, pad = `<|endoftext|>`.
   """
-  from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers  # pylint: disable=import-outside-toplevel
-  from tokenizers import AddedToken  # pylint: disable=import-outside-toplevel
+  # Lazily: `plan` imports this module for the tiny architecture in the deviceless XLA:GPU
+  # venv (requirements-xla-gpu.txt), which has no tokenizers.
+  from tokenizers import (  # pylint: disable=import-outside-toplevel
+      AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers)
   vocab = {t: i for i, t in enumerate(char_vocab())}
   tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
   tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
@@ -58,7 +63,6 @@ def write_char_tokenizer(out_dir: str) -> int:
 
 def tiny_model_config(vocab_size: int, num_layers: int = 2, tie_word_embeddings: bool = True):
   """A Qwen2 ModelConfig: hidden 64, 2 heads of 32, 1 KV head."""
-  from pasr_jax.models.qwen import ModelConfig, tiny_config  # pylint: disable=import-outside-toplevel
   ids = {t: i for i, t in enumerate(char_vocab())}
   base = tiny_config("qwen2", tie_word_embeddings=tie_word_embeddings)
   # Exactly the tokenizer's size: extra rows would be sampled (random init) yet decode to nothing.
@@ -76,8 +80,6 @@ def make_tiny_model_dir(out_dir: str, seed: int = 0, num_layers: int = 2,
 
   Deterministic in `seed`; returns `out_dir`. Used when `model.tiny_random` is set.
   """
-  from pasr_jax.models.hf import save_hf  # pylint: disable=import-outside-toplevel
-  from pasr_jax.models.qwen import Decoder  # pylint: disable=import-outside-toplevel
   vocab = write_char_tokenizer(out_dir)
   cfg = tiny_model_config(vocab, num_layers, tie_word_embeddings)
   model = Decoder(cfg, rngs=nnx.Rngs(seed), dtype=jnp.float32, param_dtype=jnp.float32)

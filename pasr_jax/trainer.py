@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from pasr_jax import grpo, sharding
-from pasr_jax.config import OptimCfg, RunConfig, TrainerCfg
+from pasr_jax.config import ConfigError, OptimCfg, TrainerCfg
 from pasr_jax.models.qwen import Decoder, ModelConfig
 
 BATCH_KEYS = ("input_ids", "attention_mask", "positions", "loss_mask", "old_logps",
@@ -36,26 +36,24 @@ INT_KEYS = ("input_ids", "attention_mask", "positions")
 
 
 class TrainerError(ValueError):
-  """A config value or batch that the trainer cannot use (field and value in the message)."""
+  """A batch or model the trainer cannot use: an internal invariant (run and sft build both),
+  so a bug with its traceback, not a user error."""
 
 
 # ----------------------------------------------------------------------------- optimizer
 
 
-def make_optimizer(optim: OptimCfg | Any, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(optim: OptimCfg, total_steps: int) -> optax.GradientTransformation:
   """AdamW with linear warm-up then constant or cosine decay, after global-norm clipping.
 
   Weight decay touches matrices only (ndim >= 2), not norms or biases.
   """
-  optim = OptimCfg.of(optim)
-  lr, warm = float(optim.lr), int(optim.warmup_steps)
+  lr, warm = optim.lr, optim.warmup_steps
   if optim.schedule == "constant":
     sched = optax.warmup_constant_schedule(0.0, lr, warm) if warm > 0 else optax.constant_schedule(lr)
-  elif optim.schedule == "cosine":
+  else:  # cosine (the config allows no other)
     decay = max(int(total_steps), warm + 1)
     sched = optax.warmup_cosine_decay_schedule(0.0, lr, warm, decay, end_value=0.0)
-  else:
-    raise TrainerError(f"optim.schedule={optim.schedule!r} must be constant or cosine")
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   adamw = optax.adamw(sched, b1=optim.b1, b2=optim.b2, eps=1e-8,
                       weight_decay=optim.weight_decay, mask=decay_mask)
@@ -161,6 +159,7 @@ def make_step_fns(graphdef, rest, tx: optax.GradientTransformation,
   logprobs(params, batch) -> [B,L] float32 (batch: INT_KEYS, optionally loss_mask: then
     only the scored window, see _logprobs_fn)
   gradients(params, ref_params, batch) -> (grads, metrics): the full-batch loss gradient
+    that `update` applies (returned too, so a test can check it against a reference)
   """
   g = cfg.grpo
   temperature = cfg.temperature
@@ -257,18 +256,6 @@ def _local_rows(x: Any) -> np.ndarray:
   return np.concatenate([np.asarray(s.data) for s in x.addressable_shards if s.replica_id == 0])
 
 
-def trainer_cfg(cfg: TrainerCfg | RunConfig | Any) -> TrainerCfg:
-  """The trainer's slice of a run config (or of a config tree, typed and checked here)."""
-  return cfg if isinstance(cfg, TrainerCfg) else RunConfig.from_tree(cfg).trainer_cfg()
-
-
-def updates_per_step(cfg: TrainerCfg | RunConfig | Any) -> int:
-  """Optimizer updates one rollout step takes at most (a full batch of prompts_per_step x n
-  answers): ceil(batch / optim.sequences_per_update) x grpo.num_iterations. The learning-rate
-  schedule counts updates, so its length is train.steps times this."""
-  return trainer_cfg(cfg).updates_per_step
-
-
 def _combine(steps: list[dict[str, float]]) -> dict[str, float]:
   """One rollout batch's metrics from its updates' metrics: token-weighted means of the
   per-token metrics, mean loss and grad norm, sums of tokens and skipped updates, extreme
@@ -301,24 +288,22 @@ def ref_copy(params: Any, dtype: Any) -> Any:
 class Trainer:
   """Holds the mesh, the live policy, the frozen reference and the optimizer state.
 
-  `Trainer(cfg, model, model_cfg, mesh)`: `cfg` its slice (`RunConfig.trainer_cfg()`; a run
-  config or tree is sliced here); `model` is a Decoder built with compute dtype
+  `Trainer(cfg, model, model_cfg, mesh)`: `cfg` its slice (`RunConfig.trainer_cfg()`);
+  `model` is a Decoder built with compute dtype
   cfg.model.dtype and fp32 params; it is placed on `mesh` by mesh.rules (params already
   sharded stay put). The reference is a copy of the initial params in the compute dtype, kept
   only when beta > 0; it is not checkpointed (a resumed run rebuilds it from model.path).
   """
 
-  def __init__(self, cfg: TrainerCfg | RunConfig | Any, model: Decoder, model_cfg: ModelConfig,
-               mesh: Mesh):
-    cfg = trainer_cfg(cfg)
+  def __init__(self, cfg: TrainerCfg, model: Decoder, model_cfg: ModelConfig, mesh: Mesh):
     self.cfg, self.model_cfg, self.mesh = cfg, model_cfg, mesh
     mb = cfg.optim.micro_batch
     self.rules = tuple(cfg.rules)  # params and batch/activations alike
     shards = sharding.batch_shards(mesh, self.rules)
     if mb < 1 or mb % shards:
       axes = "*".join(sharding.batch_axes(mesh, self.rules)) or "(none)"
-      raise TrainerError(f"optim.micro_batch={mb} must be a positive multiple of the batch "
-                         f"shards {axes}={shards}")
+      raise ConfigError(f"config optim.micro_batch={mb} must be a positive multiple of the "
+                        f"batch shards {axes}={shards}")
     compute_dtype, param_dtype = cfg.model.compute_dtype, cfg.model.weight_dtype
     self.graphdef, params, self._rest = nnx.split(model, nnx.Param, ...)
     for leaf in jax.tree.leaves(params):
@@ -351,17 +336,12 @@ class Trainer:
     self._shapes.add((kind, num_micro, keys, length))
     key = (kind, num_micro, keys)
     if key not in self._fns:
-      update, logprobs, gradients = make_step_fns(self.graphdef, self._rest, self.tx, self.cfg,
-                                                  num_micro, self.mesh)
+      update, logprobs, _ = make_step_fns(self.graphdef, self._rest, self.tx, self.cfg,
+                                          num_micro, self.mesh)
       bs = batch_shardings(self.mesh, self.rules, keys)
-      rep = sharding.replicated(self.mesh)
       if kind == "update":
         self._fns[key] = jit_update(update, self.mesh, self.rules, self.param_shardings,
                                     self.opt_shardings, keys, self.ref_params is not None)
-      elif kind == "gradients":
-        ref_sh = self.param_shardings if self.ref_params is not None else None
-        self._fns[key] = jax.jit(gradients, in_shardings=(self.param_shardings, ref_sh, bs),
-                                 out_shardings=(self.param_shardings, rep))
       else:
         self._fns[key] = jax.jit(logprobs, in_shardings=(self.param_shardings, bs),
                                  out_shardings=sharding.batch_sharding(self.mesh, self.rules))
@@ -412,27 +392,16 @@ class Trainer:
     metrics["skipped_steps"] = float(self.skipped_steps)
     return metrics
 
-  def gradients(self, batch: dict) -> tuple[Any, dict[str, float]]:
-    """Gradient of the full-batch loss w.r.t. the policy params (no step taken), and metrics."""
-    keys = BATCH_KEYS + (("is_weights",) if "is_weights" in batch else ())
-    dev, k, length = self._put_batch(batch, keys)
-    grads, m = self._compiled("gradients", k, keys, length)(self.params, self.ref_params, dev)
-    return grads, {name: float(v) for name, v in m.items()}
-
-  def logprobs(self, batch: dict, model: str = "policy", scored_only: bool = False
-               ) -> np.ndarray:
-    """Per-token logprobs `[B,L]` (aligned like loss_mask; column 0 is 0) under `model`.
+  def logprobs(self, batch: dict, scored_only: bool = False) -> np.ndarray:
+    """Per-token logprobs `[B,L]` of the policy (aligned like loss_mask; column 0 is 0).
 
     With `scored_only`, the LM head runs only on the window of rollout.max_tokens positions
     per row that the loss uses (the row's scored tokens, from batch['loss_mask']); positions
     outside it are 0. Cheaper, and all the loss ever reads.
     """
-    if model not in ("policy", "ref"):
-      raise TrainerError(f"model={model!r} must be 'policy' or 'ref'")
-    params = self.params if model == "policy" or self.ref_params is None else self.ref_params
     keys = INT_KEYS + (("loss_mask",) if scored_only else ())
     dev, k, length = self._put_batch(batch, keys)
-    return sharding.to_host(self._compiled("logprobs", k, keys, length)(params, dev))
+    return sharding.to_host(self._compiled("logprobs", k, keys, length)(self.params, dev))
 
   def train_batch(self, batch: dict) -> dict[str, float]:
     """The per-rollout-batch routine: optional trainer-side old logprobs, then the updates.

@@ -64,6 +64,12 @@ class Workdir:
     """Output of the autostarted local judge (judge.autostart)."""
     return self.root / "judge.log"
 
-  def model_dir(self, model_cfg) -> Path:
-    """The HF dir the run's policy starts from: model.path, or the tiny model."""
-    return self.tiny_model if model_cfg.tiny_random else Path(model_cfg.path)
+  @property
+  def cold_start(self) -> Path:
+    """The format cold start's SFT workdir (cold_start.enabled)."""
+    return self.root / "cold_start"
+
+  @property
+  def cold_start_hf(self) -> Path:
+    """The cold start's HF dir: where PASR starts from when cold_start.enabled."""
+    return self.cold_start / "hf"

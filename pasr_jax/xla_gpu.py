@@ -21,13 +21,15 @@ import re
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from pasr_jax import errors
+
 TARGETS_DIR = Path(__file__).parent / "gpu_targets"
 GPUS = tuple(sorted(p.stem for p in TARGETS_DIR.glob("*.txtpb")))
 NO_AUTOTUNE_NOTE = ("no device: XLA did not autotune GEMMs or size cuDNN workspaces, so temp "
                     "(and peak) bytes are a lower bound")
 
 
-class XlaGpuError(RuntimeError):
+class XlaGpuError(errors.UserError):
   """The CUDA plugin or a GPU target is not usable here (the message says what to do)."""
 
 
@@ -64,6 +66,7 @@ class GpuTarget:
 
 def topology_devices(target: GpuTarget, num_devices: int) -> list:
   """`num_devices` devices of one host of `target` GPUs, for `sharding.make_mesh(devices=)`."""
+  # Lazily: `plan` sets JAX_PLATFORMS before jax is first imported (see pasr_jax.plan).
   import jax
   from jax.experimental import topologies
   if jax.config.jax_platforms != "cpu":

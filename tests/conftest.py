@@ -21,6 +21,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import psutil  # noqa: E402
 import pytest  # noqa: E402
 
+from pasr_jax import host_malloc  # noqa: E402
+
+host_malloc.keep_freed_memory()  # as the commands do (pasr_jax.cli.main), before JAX starts
+
 from helpers import is_engine_core  # noqa: E402
 
 # Fixtures that are a running engine.

@@ -19,18 +19,16 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 def main(workdir: str, out: str, overrides: list[str]) -> None:
   import jax
   import numpy as np
-  from absl import flags
-  from ml_collections import config_flags
-
-  from pasr_jax import sharding
+  from pasr_jax import cli, host_malloc, sharding
+  from pasr_jax.config import RunConfig
+  host_malloc.keep_freed_memory()  # as pasr_jax.cli.main does
   from pasr_jax.run import Run
   from helpers import ScriptedSampler
 
   argv = [sys.argv[0], f"--config={ROOT / 'configs' / 'tiny_cpu.py'}",
           f"--config.workdir={workdir}", *overrides]
-  cfg_flag = config_flags.DEFINE_config_file("config", sys_argv=argv)
-  flags.FLAGS(argv)
-  cfg = cfg_flag.value
+  cli.parse_flags(argv)
+  cfg = RunConfig.from_tree(cli.config())
 
   class ScriptedRun(Run):
     def make_sampler(self):

@@ -6,6 +6,7 @@ from transformers import AutoTokenizer
 
 from configs.base import get_base_config
 from pasr_jax import chat, prompts
+from pasr_jax.config import RunConfig
 from pasr_jax.eval.benchmarks import Item
 from pasr_jax.eval.prompts import ChatEncoder, first_turn
 from pasr_jax.step import RolloutStep
@@ -23,7 +24,7 @@ def rollout_step(tok, cap):
   cfg = get_base_config()
   cfg.rollout.max_prompt_tokens = cap
   cfg.rollout.vllm.max_model_len = max(cap + cfg.rollout.max_tokens, 2048)
-  return RolloutStep(cfg, tok, sampler=None, judge=None)
+  return RolloutStep(RunConfig.from_tree(cfg).step_cfg(), tok, sampler=None, judge=None)
 
 
 @pytest.mark.parametrize("system", [prompts.PASR_SYSTEM_PROMPT, prompts.PAPER_PASR_SYSTEM_PROMPT])

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from helpers import ROOT, load_preset
+from pasr_jax.config import DataCfg, PromptsCfg
 
 TRAIN_PRESETS = ("tiny_cpu", "smollm2_135m", "arith_135m", "qwen2_5_7b", "qwen2_5_7b_base",
                  "qwen3_8b")
@@ -86,9 +87,9 @@ def test_paper_optimizer_adamw_1e_6_without_clipping(paper):
   assert (o.lr, o.schedule, o.warmup_steps, o.weight_decay) == (1e-6, "constant", 0, 0.0)
   assert o.clip_norm == 0.0
   import jax.numpy as jnp
-  import ml_collections
   import numpy as np
   import optax
+  from pasr_jax.config import OptimCfg
   from pasr_jax.trainer import make_optimizer
 
   def two_steps(tx):  # a huge gradient, then a small one: clipping changes the second step
@@ -100,15 +101,15 @@ def test_paper_optimizer_adamw_1e_6_without_clipping(paper):
   plain = two_steps(optax.adamw(1e-6, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0))
   np.testing.assert_allclose(two_steps(make_optimizer(o, 10)), plain, rtol=1e-6)
   clipped = dict(o.to_dict(), clip_norm=1.0)
-  assert not np.allclose(two_steps(make_optimizer(ml_collections.ConfigDict(clipped), 10)),
+  assert not np.allclose(two_steps(make_optimizer(OptimCfg.of(clipped), 10)),
                          plain, rtol=1e-3)
 
 
 def test_paper_8_sequences_per_update(paper):
-  from pasr_jax.trainer import updates_per_step
+  from pasr_jax.config import RunConfig
   assert paper.optim.sequences_per_update == 8
   assert paper.optim.sequences_per_update % paper.optim.micro_batch == 0
-  assert updates_per_step(paper) == 8  # a rollout batch of 64 answers: 8 optimizer updates
+  assert RunConfig.from_tree(paper).trainer_cfg().updates_per_step == 8  # a rollout batch of 64 answers: 8 optimizer updates
 
 
 def test_paper_loss_clip_0_2_beta_0_04_sequence_mean(paper):
@@ -141,7 +142,7 @@ def test_paper_training_judge_graded_at_0_2(paper):
   from pasr_jax import prompts
   assert paper.judge.temperature == 0.2 and paper.judge.input == "full"
   assert paper.prompts.judge_style == "graded"
-  p = prompts.load_prompts(paper.prompts)
+  p = prompts.load_prompts(PromptsCfg.of(paper.prompts))
   for task in prompts.TASK_TYPES:
     assert p.judge[task] == prompts.GRADED_JUDGE_INSTRUCTION
   assert "from 0" in prompts.GRADED_JUDGE_INSTRUCTION and "just the" in prompts.GRADED_JUDGE_INSTRUCTION
@@ -149,7 +150,7 @@ def test_paper_training_judge_graded_at_0_2(paper):
 
 def test_paper_prompts_refine_as_often_as_needed_and_plain_baseline(paper):
   from pasr_jax import prompts
-  p = prompts.load_prompts(paper.prompts)
+  p = prompts.load_prompts(PromptsCfg.of(paper.prompts))
   assert p.pasr_system == prompts.PAPER_PASR_SYSTEM_PROMPT
   assert "as often as needed" in p.pasr_system and "nothing left to improve" in p.pasr_system
   assert "only when it helps" not in p.pasr_system
@@ -165,7 +166,7 @@ def test_paper_data_is_alpaca_instruction_output(paper, tmp_path):
   # Both fields present and a decoy "question": the preset names its fields, no guessing.
   f.write_text(json.dumps([{"question": "x", "instruction": "2+2?", "output": "4"}]))
   paper.data.files = (str(f),)
-  rows = data.load_dataset(paper.data)
+  rows = data.load_dataset(DataCfg.of(paper.data))
   assert (rows[0].question, rows[0].answer) == ("2+2?", "4")
 
 
@@ -175,16 +176,27 @@ def test_prompt_choices_are_checked():
   cfg = load_preset("tiny_cpu").prompts
   cfg.builtin = "theirs"
   with pytest.raises(ConfigError, match="prompts.builtin='theirs': must be one of ours | paper"):
-    prompts.load_prompts(cfg)
+    prompts.load_prompts(PromptsCfg.of(cfg))
   cfg.builtin, cfg.judge_style = "ours", "strict"
   with pytest.raises(ConfigError, match="prompts.judge_style='strict'"):
-    prompts.load_prompts(cfg)
+    prompts.load_prompts(PromptsCfg.of(cfg))
 
 
 # ---------------------------------------------------------------- the typed config itself
 def _base():
   from configs.base import get_base_config
   return get_base_config()
+
+
+def leaf_keys(tree, prefix=""):
+  """Every dotted key of a config tree (sections expanded; model.hf_config is one key)."""
+  out = []
+  for k, v in (tree.to_dict() if hasattr(tree, "to_dict") else dict(tree)).items():
+    if isinstance(v, dict) and k != "hf_config":
+      out.extend(leaf_keys(v, f"{prefix}{k}."))
+    else:
+      out.append(prefix + k)
+  return out
 
 
 def _set(cfg, dotted, value):
@@ -198,10 +210,10 @@ def _set(cfg, dotted, value):
 
 def test_the_typed_config_has_exactly_the_base_trees_keys():
   import dataclasses
-  from pasr_jax.config import RunConfig, leaf_keys
+  from pasr_jax.config import RunConfig
   cfg = _base()
   typed = RunConfig.from_tree(cfg)
-  assert sorted(leaf_keys(typed.to_dict())) == sorted(leaf_keys(cfg) + ["model.hf_config"])
+  assert sorted(leaf_keys(typed.to_dict())) == sorted(leaf_keys(cfg))
   with pytest.raises(dataclasses.FrozenInstanceError):
     typed.optim.lr = 1.0  # type: ignore[misc]
   assert RunConfig.from_tree(typed) is typed  # typed once; passing it on does not re-check
@@ -219,7 +231,6 @@ def test_no_dead_keys_every_config_key_is_read_by_the_code():
   section (names `.<section>` or the section's class, e.g. `RewardsCfg`). In config.py the
   `check` methods do not count: a key that is only validated is still dead."""
   from pasr_jax import config
-  from pasr_jax.config import leaf_keys
   sources = []
   for root, _, files in os.walk(os.path.join(ROOT, "pasr_jax")):
     for f in files:
@@ -255,7 +266,7 @@ def _wrong_type(value):
 
 
 def test_every_key_with_a_wrong_type_is_named():
-  from pasr_jax.config import ConfigError, RunConfig, leaf_keys
+  from pasr_jax.config import ConfigError, RunConfig
   for key in leaf_keys(_base()):
     cfg = _base()
     node = cfg
@@ -309,3 +320,30 @@ def test_missing_inputs_are_named_before_a_run_starts(tmp_path):
   cfg.model.path = str(tmp_path)
   with pytest.raises(ConfigError, match=r"config model\.path=.*no HF model dir"):
     RunConfig.from_tree(cfg).need_files()
+
+
+def test_every_key_has_help_and_base_py_is_the_schema():
+  """Keys, defaults and help live in pasr_jax.config; configs/base.py is that tree, and
+  `python -m pasr_jax.config` lists every key with its default and help."""
+  import dataclasses
+  import subprocess
+  import sys
+  from pasr_jax import config
+
+  def fields(cls, prefix=""):
+    for f in dataclasses.fields(cls):
+      if f.default_factory is not dataclasses.MISSING:
+        yield f"{prefix}{f.name}", f
+        yield from fields(f.default_factory, f"{prefix}{f.name}.")
+      else:
+        yield f"{prefix}{f.name}", f
+  every = dict(fields(config.RunConfig))
+  no_help = [k for k, f in every.items() if len(f.metadata.get("help", "")) < 8]
+  assert not no_help, f"config keys without help: {no_help}"
+  assert _base().to_dict() == config.base_tree().to_dict()
+  assert sorted(leaf_keys(_base())) == sorted(
+      k for k, f in every.items() if f.default_factory is dataclasses.MISSING)
+  out = subprocess.run([sys.executable, "-m", "pasr_jax.config"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, check=True).stdout
+  assert "optim.lr = 1e-06  # AdamW learning rate (paper: 1e-6)" in out.splitlines()
+  assert len([l for l in out.splitlines() if " = " in l]) == len(leaf_keys(_base()))

@@ -7,6 +7,7 @@ import ml_collections
 import pytest
 
 from pasr_jax import data
+from pasr_jax.config import DataCfg
 
 DATA = pathlib.Path(__file__).parent / "data"
 
@@ -72,16 +73,16 @@ def _data_cfg(**overrides):
 
 def test_load_dataset_concatenates_and_tfds_is_optional():
   cfg = _data_cfg(files=(str(DATA / "gsm8k_train_16.jsonl"), str(DATA / "mmlu_4.json")))
-  assert len(data.load_dataset(cfg)) == 20
+  assert len(data.load_dataset(DataCfg.of(cfg))) == 20
   cfg.files = ()
   with pytest.raises(data.DataError, match="no training questions"):
-    data.load_dataset(cfg)
+    data.load_dataset(DataCfg.of(cfg))
   try:
     import tensorflow_datasets  # noqa: F401
   except ImportError:
     cfg.tfds_name = "gsm8k"
     with pytest.raises(data.DataError, match="tensorflow-datasets"):
-      data.load_dataset(cfg)
+      data.load_dataset(DataCfg.of(cfg))
 
 
 def test_stream_is_seeded_covers_epochs_and_resumes():
@@ -115,7 +116,7 @@ def test_huge_row_is_skipped_counted_and_named(tmp_path, caplog):
     f.write(json.dumps({"question": "3+3?", "answer": "6"}) + "\n")
   cfg = _data_cfg(files=(str(path),), max_row_chars=200_000)
   with caplog.at_level(logging.WARNING, logger="pasr_jax.data"):
-    rows = data.load_dataset(cfg)
+    rows = data.load_dataset(DataCfg.of(cfg))
   assert [r.answer for r in rows] == ["4", "6"]
   assert f"{path}: skipped 1 rows longer than data.max_row_chars=200000 characters (rows 2)" \
       in caplog.text

@@ -16,6 +16,7 @@ from safetensors.numpy import load_file
 from configs.base import get_base_config
 from pasr_jax import sharding
 from pasr_jax.checkpoint import Checkpointer
+from pasr_jax.config import RunConfig
 from pasr_jax.export import ExportError, export
 from pasr_jax.models.hf import hf_tensors, load_hf
 from pasr_jax.tiny import make_tiny_model_dir
@@ -49,12 +50,13 @@ def run(tmp_path_factory):
   cfg.mesh.shape = (1, 2, 1)
   cfg.optim.lr, cfg.optim.micro_batch, cfg.grpo.beta = 1e-2, B, 0.0
   cfg.rollout.max_tokens = L - PROMPT
-  trainer = Trainer(cfg, model, mcfg, sharding.make_mesh((1, 2, 1), devices=jax.devices()[:2]))
+  trainer = Trainer(RunConfig.from_tree(cfg).trainer_cfg(), model, mcfg, sharding.make_mesh((1, 2, 1), devices=jax.devices()[:2]))
   ck = Checkpointer(str(wd / "checkpoints"), async_save=False)
   tensors = {}
   for step in (1, 2):
     trainer.update(_batch(mcfg.vocab_size, step))
-    ck.save(step, trainer.state_for_checkpoint(), {"step": step, "config": cfg.to_dict()})
+    ck.save(step, trainer.state_for_checkpoint(),
+            {"step": step, "config": cfg.to_dict(), "model_dir": src})  # as run and sft record it
     tensors[step] = {k: np.array(v) for k, v in hf_tensors(trainer.model, mcfg)}
   ck.close()
   init = dict(load_file(str(Path(src) / "model.safetensors")))

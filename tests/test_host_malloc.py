@@ -10,8 +10,8 @@ import pytest
 # faults of those 3 runs. Each run in its own process: the settings are process-wide.
 _SCRIPT = """
 import resource
-import pasr_jax.models  # applies host_malloc.keep_freed_memory() before JAX starts its threads
 from pasr_jax import host_malloc
+host_malloc.keep_freed_memory()  # as pasr_jax.cli.main does, before JAX starts its threads
 import jax, jax.numpy as jnp
 y = jnp.ones((4096, 4096), jnp.float32) * 1e-3
 step = jax.jit(lambda y: (jnp.exp(y) @ y).sum())

@@ -20,6 +20,7 @@ import pytest
 import uvicorn
 
 from pasr_jax import prompts
+from pasr_jax.config import JudgeCfg, PromptsCfg
 from pasr_jax.judge import wire
 from pasr_jax.judge import JudgeClient, JudgeError, JudgeItem, parse_score
 from pasr_jax.judge import verify
@@ -349,7 +350,7 @@ def test_api_key_enforced(keyed_verify_url, monkeypatch):
   cfg = get_base_config().judge
   cfg.update(dict(base_url=keyed_verify_url, concurrency=4, timeout_s=10.0, retries=0,
                   api_key_env="MY_JUDGE_KEY", max_tokens=4))
-  scores, _ = JudgeClient.from_config(cfg).score_batch(items(2))
+  scores, _ = JudgeClient.from_config(JudgeCfg.of(cfg)).score_batch(items(2))
   assert scores == [1.0, 1.0]
 
 
@@ -461,7 +462,8 @@ def _paper_request(scripted, preset: str, mode: str, item: JudgeItem) -> tuple[f
   the request body the server got)."""
   cfg = load_preset(preset)
   cfg.judge.base_url = f"{scripted.url}/{mode}"
-  client = JudgeClient.from_config(cfg.judge, prompts.load_prompts(cfg.prompts))
+  client = JudgeClient.from_config(JudgeCfg.of(cfg.judge),
+                                    prompts.load_prompts(PromptsCfg.of(cfg.prompts)))
   scores, _ = client.score_batch([item])
   body = [b for b in scripted.bodies if item.question in b["messages"][-1]["content"]][0]
   return scores[0], body

@@ -26,6 +26,7 @@ def _setup(mesh_devices):
 
   from configs.base import get_base_config
   from pasr_jax import sharding
+  from pasr_jax.config import RunConfig
   from pasr_jax.models.qwen import Decoder, tiny_config
   from pasr_jax.trainer import Trainer
 
@@ -47,7 +48,7 @@ def _setup(mesh_devices):
       "advantages": rng.normal(0, 1, B).astype(np.float32),
   }
   mesh = sharding.make_mesh((2, 2, 2), devices=mesh_devices)
-  tr = Trainer(c, Decoder(tiny_config("qwen2"), rngs=nnx.Rngs(0)), tiny_config("qwen2"), mesh)
+  tr = Trainer(RunConfig.from_tree(c).trainer_cfg(), Decoder(tiny_config("qwen2"), rngs=nnx.Rngs(0)), tiny_config("qwen2"), mesh)
   return tr, batch
 
 

@@ -5,7 +5,7 @@ import pytest
 from configs.base import get_base_config
 
 from pasr_jax import prompts
-from pasr_jax.config import ConfigError
+from pasr_jax.config import ConfigError, PromptsCfg
 from pasr_jax.judge import wire
 
 
@@ -33,7 +33,7 @@ def test_load_prompts_from_files(tmp_path):
   jd.mkdir()
   (jd / "general.txt").write_text("Q: {question}\nRef: {ground_truth}\nAns: {answer}\nScore:")
   cfg = _prompts_cfg(pasr_system_file=str(tmp_path / "prompts.txt"), judge_dir=str(jd))
-  p = prompts.load_prompts(cfg)
+  p = prompts.load_prompts(PromptsCfg.of(cfg))
   assert p.pasr_system == "Refine a lot."
   assert p.plain_system == prompts.PLAIN_SYSTEM_PROMPT
   assert p.judge["summary"] == prompts.JUDGE_INSTRUCTIONS["summary"]
@@ -51,14 +51,14 @@ def _prompts_cfg(**overrides):
 def test_load_prompts_errors_name_the_field(tmp_path):
   missing = _prompts_cfg(pasr_system_file=str(tmp_path / "nope.txt"))
   with pytest.raises(ConfigError, match="prompts.pasr_system_file=.*nope.txt'?: no such file"):
-    prompts.load_prompts(missing)
+    prompts.load_prompts(PromptsCfg.of(missing))
   (tmp_path / "empty.txt").write_text("  \n")
   empty = _prompts_cfg(plain_system_file=str(tmp_path / "empty.txt"))
   with pytest.raises(prompts.PromptError, match="plain_system_file=.*empty"):
-    prompts.load_prompts(empty)
+    prompts.load_prompts(PromptsCfg.of(empty))
   nodir = _prompts_cfg(judge_dir=str(tmp_path))
   with pytest.raises(prompts.PromptError, match="judge_dir=.*none of"):
-    prompts.load_prompts(nodir)
+    prompts.load_prompts(PromptsCfg.of(nodir))
 
 
 def test_judge_input_modes():

@@ -3,8 +3,11 @@
 
 import pytest
 
+from configs.base import get_base_config
 from pasr_jax import rewards
-from pasr_jax.config import ConfigError
+from pasr_jax.config import ConfigError, RewardsCfg
+
+PAPER = RewardsCfg.of(get_base_config().rewards)  # the defaults are the paper's reward
 
 REFINED = "<think>a<refine>b</refine></think><answer>4</answer>"
 UNREFINED = "<think>a</think><answer>4</answer>"
@@ -34,15 +37,21 @@ def test_refine_reward_zero_without_refine_or_baseline():
     rewards.refine_reward(REFINED, 1.0, [0.0], -0.1)
 
 
+def _total(text, acc, base, w=None):
+  w = w or PAPER
+  return rewards.weighted_reward(rewards.reward_terms(text, acc, base, w.zeta), w)
+
+
 def test_total_reward_weights():
-  # Paper defaults: 1*format + 1*acc + 1*refine.
-  assert rewards.total_reward(REFINED, 1.0, [0.0]) == 1 + 1 + 1
-  assert rewards.total_reward(REFINED, 0.0, [1.0]) == 1 + 0 - 1
-  assert rewards.total_reward("4", 1.0, [0.0]) == -1 + 1 + 0
-  w = rewards.PAPER_REWARDS.replace(format_weight=0.5, accuracy_weight=2.0, refine_weight=0.25,
-                                    zeta=0.3)
+  # Paper defaults (the base config): 1*format + 1*acc + 1*refine.
+  assert (PAPER.format_weight, PAPER.accuracy_weight, PAPER.refine_weight, PAPER.zeta) == (
+      1.0, 1.0, 1.0, 0.0)
+  assert _total(REFINED, 1.0, [0.0]) == 1 + 1 + 1
+  assert _total(REFINED, 0.0, [1.0]) == 1 + 0 - 1
+  assert _total("4", 1.0, [0.0]) == -1 + 1 + 0
+  w = PAPER.replace(format_weight=0.5, accuracy_weight=2.0, refine_weight=0.25, zeta=0.3)
   # acc 0.7 vs mean 0.5 is within zeta 0.3 -> refine -0.5.
-  assert rewards.total_reward(REFINED, 0.7, [0.5], w) == pytest.approx(0.5 + 1.4 - 0.125)
+  assert _total(REFINED, 0.7, [0.5], w) == pytest.approx(0.5 + 1.4 - 0.125)
   assert rewards.reward_terms(REFINED, 0.9, [0.5], 0.3) == {
       "format": 1.0, "accuracy": 0.9, "refine": 1.0}
 
@@ -53,7 +62,7 @@ NOREF = "<think> a </think> <answer> 4 </answer>"
 
 
 def _refine_terms(compare, texts, accs, base, **extra):
-  cfg = rewards.PAPER_REWARDS.replace(zeta=0.0, refine_compare=compare, refine_fixed=1.0,
+  cfg = PAPER.replace(zeta=0.0, refine_compare=compare, refine_fixed=1.0,
                                       **extra)
   return [t["refine"] for t in rewards.group_reward_terms(texts, accs, base, cfg)]
 
@@ -78,7 +87,7 @@ def test_refine_without_comparison_is_a_fixed_reward_for_refining():
   # whatever the accuracies, a refinement earns the fixed reward and its absence 0
   assert _refine_terms("none", [REF, REF, NOREF], [0, 1, 1], [1, 1, 1]) == [1.0, 1.0, 0.0]
   assert _refine_terms("none", [REF, NOREF], [0, 0], None) == [1.0, 0.0]  # no baseline needed
-  cfg = rewards.PAPER_REWARDS.replace(refine_compare="none", refine_fixed=0.5)
+  cfg = PAPER.replace(refine_compare="none", refine_fixed=0.5)
   assert [t["refine"] for t in rewards.group_reward_terms([REF], [0.0], None, cfg)] == [0.5]
   with pytest.raises(ConfigError, match="rewards.refine_compare='best'"):
     _refine_terms("best", [REF], [0], [0])

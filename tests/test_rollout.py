@@ -219,7 +219,7 @@ def test_exported_dir_gives_same_greedy(vllm_sampler, prompts, jax_model, greedy
     with safe_open(str(f), framework="numpy") as fh:
       tensors += [(k, fh.get_tensor(k)) for k in fh.keys()]
   v = vllm_sampler.policy_version
-  vllm_sampler.sync_tensors(tensors, v + 1)
+  vllm_sampler.weight_sync.sync_tensors(tensors, v + 1, vllm_sampler)
   assert _greedy(vllm_sampler, prompts) == greedy_ref
   exported = json.loads((Path(out) / "config.json").read_text())
   source = json.loads((Path(smollm2_dir) / "config.json").read_text())
@@ -252,7 +252,7 @@ def test_mismatched_sync_raises_and_keeps_version(vllm_sampler, prompts, smollm2
   orphan.mkdir(parents=True)
   v = vllm_sampler.policy_version
   with pytest.raises(SyncError, match=name if break_it != "unknown" else "layers.99"):
-    vllm_sampler.sync_tensors(tensors, v + 1)
+    vllm_sampler.weight_sync.sync_tensors(tensors, v + 1, vllm_sampler)
   assert vllm_sampler.policy_version == v
   assert not list(ws.sync_root.glob(ws.prefix + "*"))
   assert not orphan.exists()
@@ -273,7 +273,7 @@ def test_sync_falls_back_to_disk_when_the_sync_dir_is_too_small(
   v = vllm_sampler.policy_version
   try:
     with caplog.at_level(logging.WARNING, logger="pasr_jax.rollout.weight_sync"):
-      vllm_sampler.sync_tensors(_checkpoint(smollm2_dir), v + 1)
+      vllm_sampler.weight_sync.sync_tensors(_checkpoint(smollm2_dir), v + 1, vllm_sampler)
     assert ws.last_root == tmp_path / "disk" and vllm_sampler.policy_version == v + 1
     assert f"{small / 'sync'} has " in caplog.text, caplog.text
     assert f"writing to {tmp_path / 'disk'} instead" in caplog.text, caplog.text
@@ -281,7 +281,7 @@ def test_sync_falls_back_to_disk_when_the_sync_dir_is_too_small(
     assert _greedy(vllm_sampler, prompts) == greedy_ref
     ws.headroom_bytes = 1 << 60
     with pytest.raises(SyncError, match="MiB free"):
-      vllm_sampler.sync_tensors(_checkpoint(smollm2_dir), v + 2)
+      vllm_sampler.weight_sync.sync_tensors(_checkpoint(smollm2_dir), v + 2, vllm_sampler)
     assert vllm_sampler.policy_version == v + 1
   finally:
     ws.sync_root, ws.fallback_root, ws.headroom_bytes = saved
@@ -320,7 +320,7 @@ _ATEXIT_SCRIPT = textwrap.dedent("""
     bad = [(k, v[:-1] if "mlp.down_proj" in k else v) for k, v in good]
     out = {"kids": kids}
     try:
-      s.sync_tensors(bad, 1)
+      s.weight_sync.sync_tensors(bad, 1, s)
       out["vllm_error"] = None
     except SyncError as e:
       out["vllm_error"] = str(e)[:200]
@@ -331,7 +331,7 @@ _ATEXIT_SCRIPT = textwrap.dedent("""
     except SyncError:
       out["refused"] = True
     s.weight_sync.expected = expected
-    s.sync_tensors(good, 2)
+    s.weight_sync.sync_tensors(good, 2, s)
     out["restored"] = greedy(s) == ref
     out["version"] = s.policy_version
     print("RESULT" + json.dumps(out))

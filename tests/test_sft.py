@@ -12,9 +12,9 @@ from transformers import AutoTokenizer
 
 from configs.tiny_cpu import get_config as tiny_config
 from helpers import ROOT, SHORT_SYSTEM as SYSTEM, env, load_preset, sum_rows, write_jsonl
-from pasr_jax import answer_format, cold_start, data, metrics, rewards, sft
+from pasr_jax import answer_format, cold_start, data, metrics, policy, rewards, sft
+from pasr_jax.config import RunConfig
 from pasr_jax.prompts import PASR_SYSTEM_PROMPT
-from pasr_jax.tiny import make_tiny_model_dir
 
 GSM8K = ROOT / "configs" / "data" / "gsm8k_train_64.jsonl"
 
@@ -93,6 +93,26 @@ def test_encode_scores_assistant_tokens_only(tmp_path):
   gen = tok.apply_chat_template(msgs[:2], add_generation_prompt=True, tokenize=True,
                                 return_dict=False)
   assert mask.index(1) == len(gen) and ids[:len(gen)] == list(gen)
+
+
+def test_prepare_drops_over_long_transcripts_never_cuts_them(tmp_path):
+  """A transcript over sft.max_len tokens is left out and counted: cut, it would train on an
+  answer without its closing tags and end-of-turn token."""
+  from pasr_jax.tiny import write_char_tokenizer
+  d = str(tmp_path / "tok")
+  write_char_tokenizer(d)
+  cfg = RunConfig.from_tree(tiny_config())
+  s = cfg.sft.replace(max_len=40, batch_size=1)
+  short = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+  long = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "x" * 100}]
+  prep = sft.prepare(cfg, s, [short, long, short], str(tmp_path / "w"), d)
+  assert prep.dropped == 1 and len(prep.encoded) == 2 and prep.total == 2 * s.epochs
+  tok = AutoTokenizer.from_pretrained(d)
+  for ids, mask in prep.encoded:
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "A<|im_end|>\n"  # whole turn
+  assert len(metrics.read_jsonl(str(tmp_path / "w" / "data.jsonl"))) == 3
+  with pytest.raises(sft.SFTError, match=r"sft.max_len=40: every transcript .* longer"):
+    sft.prepare(cfg, s, [long], str(tmp_path / "w2"), d)
 
 
 @pytest.mark.parametrize("name,on", [("smollm2_135m", True), ("arith_135m", True), ("qwen2_5_7b", False),
@@ -210,8 +230,9 @@ def test_cold_start_sft_raises_the_well_formed_rate(tmp_path, engine):
   # Short answers (no re-check text) so a 2-layer char-level model learns the layout quickly.
   cfg.cold_start.refine_fraction = 0.0
   cfg.cold_start.lr, cfg.cold_start.epochs = 1e-2, 12  # 96 updates of 8
-  base = make_tiny_model_dir(str(tmp_path / "tiny_model"), seed=0, tie_word_embeddings=False)
-  hf = cold_start.ensure(cfg, base)
+  cfg = RunConfig.from_tree(cfg)
+  base = policy.base_dir(cfg)  # the tiny model, made in the workdir
+  hf = cold_start.ensure(cfg)
   assert hf == str(tmp_path / "cold_start" / "hf")
   tok = AutoTokenizer.from_pretrained(hf)
   questions = [f"What is {a}+{b}?" for a, b in ((2, 5), (7, 1), (4, 4), (9, 3))]
@@ -221,4 +242,4 @@ def test_cold_start_sft_raises_the_well_formed_rate(tmp_path, engine):
   after = _well_formed_rate(engine, tok, questions)
   print("well-formed before, after:", before, after)
   assert before <= 0.1 and after >= 0.5, (before, after)
-  assert cold_start.ensure(cfg, base) == hf  # made once: a restarted run reuses it
+  assert cold_start.ensure(cfg) == hf  # made once: a restarted run reuses it

@@ -5,6 +5,7 @@ import pytest
 
 from configs.base import get_base_config
 from helpers import ScriptedSampler
+from pasr_jax.config import RunConfig
 from pasr_jax.data import Row
 from pasr_jax.step import Halves, RolloutStep
 
@@ -65,7 +66,7 @@ def _step(texts, **cfg_over):
   # Prompt i's k-th answer is texts[i][k] (cycled).
   sampler = ScriptedSampler(CharTokenizer(), lambda i, _, k: texts[i][k % len(texts[i])], 1)
   judge = ScriptedJudge()
-  return RolloutStep(cfg, CharTokenizer(), sampler, judge), sampler, judge
+  return RolloutStep(RunConfig.from_tree(cfg).step_cfg(), CharTokenizer(), sampler, judge), sampler, judge
 
 
 ROWS = [Row("q0?", "7", "a"), Row("q1?", "7", "b")]

@@ -12,10 +12,11 @@ import os
 import re
 from collections.abc import Callable, Sequence
 
+from pasr_jax import errors
 from pasr_jax.data import DataError, load_rows
 
 
-class EvalError(ValueError):
+class EvalError(errors.UserError):
   """A user-facing evaluation problem: unknown dataset, missing file, bad model dir or config."""
 
 

@@ -10,7 +10,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from transformers import AutoTokenizer
+
 from pasr_jax import chat
+from pasr_jax.config import PromptsCfg
+from pasr_jax.prompts import PromptError, load_prompts
 from pasr_jax.eval.benchmarks import EvalError, Item
 
 MODES = ("vanilla", "pasr", "self_refine", "self_refine_oracle")
@@ -39,9 +43,8 @@ def system_prompt(mode: str, prompts_cfg: Any = None) -> str | None:
   (the chat template's default system prompt, if any)."""
   if check_mode(mode) != "pasr":
     return None
-  from pasr_jax.prompts import PromptError, load_prompts
   try:
-    return load_prompts(prompts_cfg).pasr_system
+    return load_prompts(PromptsCfg.of(prompts_cfg) if prompts_cfg else None).pasr_system
   except PromptError as e:
     raise EvalError(str(e)) from None
 
@@ -72,7 +75,6 @@ class ChatEncoder:
   def __init__(self, model_dir: str):
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
       raise EvalError(f"config.model={model_dir!r}: not an HF model dir (no config.json)")
-    from transformers import AutoTokenizer
     try:
       self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as e:

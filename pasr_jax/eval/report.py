@@ -79,6 +79,8 @@ def write_outputs(out_dir: str, items: list[dict[str, Any]], meta: dict[str, Any
 
 def plot(runs: Sequence[tuple[str, list[dict[str, Any]]]], path: str) -> None:
   """Accuracy and average tokens per dataset, one bar per run, side by side."""
+  # Lazily: the headless backend must be chosen before pyplot is imported (and only plotting
+  # pays for matplotlib).
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt

@@ -17,8 +17,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pasr_jax.answer_format import count_refines, extract_answer, format_ok
 from pasr_jax.eval import prompts as P
 from pasr_jax.eval.benchmarks import EvalError, Item
+from pasr_jax.judge.wire import judge_request
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +114,8 @@ class Runner:
                ) -> list[Generation]:
     """Answers for token-id prompts (greedy by default; else sampled with config.seed), from
     the cache where possible."""
-    # Greedy keys stay as they were, so caches written before sampling existed still serve.
+    # A greedy answer depends on model, prompt and max_tokens only: no seed in its key, so one
+    # cached greedy answer serves every seed.
     extra = (float(temperature), int(self.cfg.seed)) if temperature > 0 else ()
     keys = [_key(self.model_id, p, self.cfg.max_tokens, *extra) for p in prompts]
     todo = sorted({k: i for i, k in enumerate(keys) if k not in self.gen_cache}.values())
@@ -140,7 +143,6 @@ class Runner:
   # --- judging ----------------------------------------------------------------------------
   def score(self, items: Sequence[Item], answers: Sequence[str]) -> list[float]:
     """Judge scores in [0, 1] for (item, answer) pairs, from the cache where possible."""
-    from pasr_jax.judge.wire import judge_request  # pylint: disable=import-outside-toplevel
     reqs = [judge_request(it.question, it.ground_truth, a, it.task_type, self.cfg.judge.input)
             for it, a in zip(items, answers)]
     keys = [_key(self.judge_id, r) for r in reqs]
@@ -159,8 +161,6 @@ class Runner:
   # --- the modes --------------------------------------------------------------------------
   def run(self, items: Sequence[Item]) -> list[dict[str, Any]]:
     """One result record per item (see `evaluate.results.json` in the README)."""
-    from pasr_jax.answer_format import (  # pylint: disable=import-outside-toplevel
-        count_refines, extract_answer, format_ok)
     cfg, enc = self.cfg, self.encoder
     system = P.system_prompt(self.mode, cfg.prompts)
     two_turn = self.mode in ("self_refine", "self_refine_oracle")

@@ -20,11 +20,11 @@ import os
 import re
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import httpx
 import numpy as np
 
+from pasr_jax import errors
 from pasr_jax.config import JudgeCfg
 from pasr_jax.judge.wire import JudgeItem, judge_messages
 from pasr_jax.prompts import Prompts
@@ -33,7 +33,7 @@ _NUMBER_RE = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 _RETRY_STATUS = (408, 429)
 
 
-class JudgeError(RuntimeError):
+class JudgeError(errors.JudgeFailure):
   """The judge could not be reached or answered wrongly beyond the retry budget.
 
   `stats` holds the counters of the batch up to the failure."""
@@ -124,9 +124,8 @@ class JudgeClient:
     self.totals: dict[str, float] = {}
 
   @classmethod
-  def from_config(cls, cfg: JudgeCfg | Any, prompts: Prompts | None = None) -> JudgeClient:
+  def from_config(cls, cfg: JudgeCfg, prompts: Prompts | None = None) -> JudgeClient:
     """From the `judge` section; the key comes from the env var named by cfg.api_key_env."""
-    cfg = JudgeCfg.of(cfg)
     env = cfg.api_key_env
     return cls(base_url=cfg.base_url, model=cfg.model,
                api_key=(os.environ.get(env) or None) if env else None,

@@ -12,12 +12,14 @@ import subprocess
 import sys
 import urllib.parse
 
+import httpx
+
 from pasr_jax.config import ConfigError
+from pasr_jax.judge.server import die_with_parent, stop_process, wait_healthy
 
 
 def judge_answers(base_url: str, timeout_s: float = 3.0) -> bool:
   """True when GET <base_url>/v1/models answers 200."""
-  import httpx  # pylint: disable=import-outside-toplevel
   try:
     return httpx.get(base_url.rstrip("/") + "/v1/models", timeout=timeout_s).status_code == 200
   except httpx.HTTPError:
@@ -32,8 +34,6 @@ class LocalJudge:
     if u.hostname not in ("127.0.0.1", "localhost") or not u.port:
       raise ConfigError(f"config judge.base_url={base_url!r}: judge.autostart needs a local "
                         "URL with a port (http://127.0.0.1:PORT)")
-    # pylint: disable-next=import-outside-toplevel
-    from pasr_jax.judge.server import die_with_parent, wait_healthy
     self.log_path = str(log_path)
     os.makedirs(os.path.dirname(self.log_path) or ".", exist_ok=True)  # a fresh workdir
     with open(self.log_path, "ab") as logf:  # the child keeps its own descriptor
@@ -47,7 +47,6 @@ class LocalJudge:
                         f"not come up (see {self.log_path})")
 
   def stop(self) -> None:
-    from pasr_jax.judge.server import stop_process  # pylint: disable=import-outside-toplevel
     stop_process(self.proc, 10.0)
 
 

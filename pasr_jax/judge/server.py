@@ -64,6 +64,20 @@ def _message_text(content: Any) -> str | None:
   return None
 
 
+def _user_texts(messages: Any) -> tuple[list[str] | None, str]:
+  """(the texts of the user messages, "") or (None, why the messages are unusable)."""
+  if not isinstance(messages, list) or not messages:
+    return None, "'messages' must be a non-empty list"
+  texts = []
+  for i, m in enumerate(messages):
+    text = _message_text(m.get("content")) if isinstance(m, dict) else None
+    if text is None:
+      return None, f"messages[{i}] has no text content"
+    if m.get("role") == "user":
+      texts.append(text)
+  return texts, ""
+
+
 def create_verify_app(api_key: str | None = None, latency_ms: float = 0.0,
                       model_name: str = VERIFY_MODEL_NAME,
                       grade_timeout_s: int | None = 5,
@@ -116,16 +130,9 @@ def create_verify_app(api_key: str | None = None, latency_ms: float = 0.0,
       return _error(400, "request body is not JSON")
     if not isinstance(body, dict):
       return _error(400, "request body must be a JSON object")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-      return _error(400, "'messages' must be a non-empty list")
-    texts = []
-    for i, m in enumerate(messages):
-      text = _message_text(m.get("content")) if isinstance(m, dict) else None
-      if text is None:
-        return _error(400, f"messages[{i}] has no text content")
-      if m.get("role") == "user":
-        texts.append(text)
+    texts, why = _user_texts(body.get("messages"))
+    if texts is None:
+      return _error(400, why)
     fields = wire.parse_judge_sections("\n".join(texts))
     if fields is None:
       return _error(400, "no judge sections found in the user message (build it with "

@@ -16,11 +16,13 @@ leading axis; the map splits/stacks them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -34,6 +36,7 @@ from safetensors.numpy import save_file
 from pasr_jax import dtypes
 from pasr_jax.layout import is_scanned, path_key, shape_mismatches
 from pasr_jax.models.qwen import Decoder, ModelConfig, ModelConfigError
+from pasr_jax.sharding import param_sharding, put_global, to_host
 
 # (flax path, HF name, layout)
 NAME_MAP: tuple[tuple[str, str, Any], ...] = (
@@ -130,7 +133,6 @@ def hf_tensors(model_or_state: Decoder | nnx.State, cfg: ModelConfig,
   (`sharding.to_host`); `dtype` (e.g. jnp.bfloat16) casts on the devices before the gather.
   Used by `save_hf` and by the vLLM weight sync.
   """
-  from pasr_jax.sharding import to_host
   if isinstance(model_or_state, nnx.Module):
     params = _params_by_path(nnx.state(model_or_state, nnx.Param))
     scan_layers = bool(getattr(model_or_state, "scan_layers", False))
@@ -158,7 +160,6 @@ def write_shards(tensors: Iterable[tuple[str, np.ndarray]], out_dir: Path,
   about two shards. With `write=False` (multi-process, not process 0) the tensors are still
   consumed (their gathers are collective) but nothing is written. The one writer of
   `save_hf` and the vLLM weight sync."""
-  from concurrent.futures import ThreadPoolExecutor  # pylint: disable=import-outside-toplevel
   written: list[tuple[Path, list[str]]] = []
   shard: dict[str, np.ndarray] = {}
   size = nbytes = 0
@@ -290,7 +291,6 @@ def model_digest(path: str | os.PathLike, sample_bytes: int = 1 << 20) -> str:
   """A sha256 that tells HF checkpoints apart without reading all of a 15 GB model: every
   tensor's name, shape and dtype, and per safetensors file its size and its first and last
   `sample_bytes` (a fine-tuned copy of the same architecture differs there)."""
-  import hashlib  # pylint: disable=import-outside-toplevel
   h = hashlib.sha256()
   for name, (shape, dtype) in sorted(tensor_specs(path).items()):
     h.update(f"{name}:{shape}:{dtype};".encode())
@@ -399,5 +399,4 @@ def load_hf(path: str | os.PathLike, dtype: Any = jnp.float32, param_dtype: Any 
 def _place(host: np.ndarray, var: nnx.Variable, mesh, rules) -> jax.Array:
   if mesh is None:
     return jnp.asarray(host)
-  from pasr_jax.sharding import param_sharding, put_global
   return put_global(host, param_sharding(var, mesh, rules or (), host.shape))

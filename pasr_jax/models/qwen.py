@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pasr_jax import errors
+from pasr_jax.config import ATTENTIONS
 from pasr_jax.sharding import constrain_batch
 
 MODEL_TYPES = ("qwen2", "qwen3", "llama")
@@ -29,10 +31,9 @@ ARCHITECTURES = {
 }
 # Large negative instead of -inf: a fully masked row (a left-pad query) stays finite.
 _MASK_VALUE = -1e30
-ATTENTIONS = ("auto", "xla", "cudnn")
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(errors.UserError):
   """An HF config dict that this decoder cannot represent (field named in the message)."""
 
 
@@ -186,7 +187,7 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str | None, ...]
     value = jnp.ones(shape, param_dtype)
   else:
     value = jnp.zeros(shape, param_dtype)
-  # Logical names only; placement is done by load_hf / sharding.shard_model under a mesh.
+  # Logical names only; placement is done by load_hf under a mesh.
   return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 

@@ -10,16 +10,19 @@ from __future__ import annotations
 import dataclasses
 from typing import Protocol, Sequence, runtime_checkable
 
+from pasr_jax import errors
+
 
 class SamplerError(ValueError):
-  """Bad arguments to a sampler (empty prompt, n < 1, ...)."""
+  """Bad arguments to a sampler (empty prompt, n < 1, ...) or a malformed engine answer: the
+  caller's or the engine's bug, not a user error (exit 1 with the traceback)."""
 
 
-class SyncError(RuntimeError):
+class SyncError(errors.EngineFailure):
   """A weight sync failed; the sampler's policy version did not advance."""
 
 
-class EngineError(RuntimeError):
+class EngineError(errors.EngineFailure):
   """The engine died, or did not answer within its time limit, or the wait was interrupted.
 
   The engine is closed when this is raised: the next call starts a fresh one, which holds

@@ -45,10 +45,9 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
-import numpy as np
-
+from pasr_jax.config import RolloutCfg, VllmCfg
 from pasr_jax.rollout.base import Completion, EngineError, Group, SamplerError, SyncError
 from pasr_jax.rollout.weight_sync import WeightSync
 
@@ -68,26 +67,27 @@ def _cpu_scheduler(max_model_len: int) -> dict[str, Any]:
 class VllmSampler:
   """`Sampler` backed by one in-process `vllm.LLM` (see the module docstring)."""
 
-  def __init__(self, model_dir: str | os.PathLike, *, dtype: str = "float32",
-               max_model_len: int = 2048, gpu_memory_utilization: float = 0.3,
-               tensor_parallel_size: int = 1, enforce_eager: bool = True,
-               kv_cache_space_gib: float = 2.0, sync_dir: str = "", seed: int = 0,
-               initial_version: int = 0, timeout_s: float = 0.0, cpu_reserved_cores: int = -1,
-               sync_fallback_dir: str = "", sync_headroom_gib: float = 0.25,
-               cuda_visible_devices: str | None = None):
+  def __init__(self, model_dir: str | os.PathLike, vllm: VllmCfg | None = None, *,
+               seed: int = 0, initial_version: int = 0, timeout_s: float = 0.0,
+               cuda_visible_devices: str | None = None, **overrides):
+    """`vllm`: the engine's settings (the `rollout.vllm` section; default: its defaults), with
+    `overrides` of single keys (`max_model_len=1024`, ...). `timeout_s`: one generate call's
+    limit (0 = none; a run passes rollout.timeout_s). `cuda_visible_devices`: the engine's
+    GPUs (`devices.engine_gpus`; None = this process's)."""
     self.model_dir = Path(model_dir)
     if not (self.model_dir / "config.json").is_file():
       raise SamplerError(f"model dir {self.model_dir}: no config.json (cfg.model.path)")
-    self.dtype = dtype
-    self.max_model_len = int(max_model_len)
-    self.gpu_memory_utilization = float(gpu_memory_utilization)
-    self.tensor_parallel_size = int(tensor_parallel_size)
-    self.enforce_eager = bool(enforce_eager)
-    self.kv_cache_space_gib = float(kv_cache_space_gib)
+    v = (vllm or VllmCfg()).replace(**overrides)
+    self.dtype = v.dtype
+    self.max_model_len = v.max_model_len
+    self.gpu_memory_utilization = v.gpu_memory_utilization
+    self.tensor_parallel_size = v.tensor_parallel_size
+    self.enforce_eager = v.enforce_eager
+    self.kv_cache_space_gib = float(v.kv_cache_space_gib)
     self.seed = int(seed)
-    self.timeout_s = float(timeout_s)          # one generate call; 0 = no limit
-    self.cpu_reserved_cores = int(cpu_reserved_cores)  # -1 = vLLM's default
-    # The engine core's GPUs (a child process reads them at its start); None = this process's.
+    self.timeout_s = float(timeout_s)
+    self.cpu_reserved_cores = v.cpu_reserved_cores  # -1 = vLLM's default
+    # A child process reads them at its start.
     self.cuda_visible_devices = cuda_visible_devices
     self.cpu_unchunked_prefill = True  # see _cpu_scheduler; False only to benchmark vLLM's way
     # Polled while a call waits on the engine; True ends the wait with EngineError (the
@@ -97,22 +97,16 @@ class VllmSampler:
     self._llm = None
     self._broken: str | None = None   # why generate is refused (weights not of _version)
     self._synced = False              # the engine holds synced weights, not model_dir's
-    self.weight_sync = WeightSync(self.model_dir, dtype, sync_dir, sync_fallback_dir,
-                                  int(sync_headroom_gib * (1 << 30)))
+    self.weight_sync = WeightSync(self.model_dir, v.dtype, v.sync_dir, v.sync_fallback_dir,
+                                  int(v.sync_headroom_gib * (1 << 30)))
     atexit.register(self.close)
 
   @classmethod
-  def from_config(cls, rollout_cfg, model_dir: str | os.PathLike, seed: int = 0,
+  def from_config(cls, rollout_cfg: RolloutCfg, model_dir: str | os.PathLike, seed: int = 0,
                   cuda_visible_devices: str | None = None) -> VllmSampler:
-    """Builds a sampler from `cfg.rollout` (its `vllm` sub-dict) for the HF dir `model_dir`
-    (engine GPUs: `devices.engine_gpus`)."""
-    v = rollout_cfg.vllm
-    return cls(model_dir, dtype=v.dtype, max_model_len=v.max_model_len,
-               gpu_memory_utilization=v.gpu_memory_utilization,
-               tensor_parallel_size=v.tensor_parallel_size, enforce_eager=v.enforce_eager,
-               kv_cache_space_gib=v.kv_cache_space_gib, sync_dir=v.sync_dir, seed=seed,
-               timeout_s=rollout_cfg.timeout_s, cpu_reserved_cores=v.cpu_reserved_cores,
-               sync_fallback_dir=v.sync_fallback_dir, sync_headroom_gib=v.sync_headroom_gib,
+    """Builds a sampler from the `rollout` section for the HF dir `model_dir` (engine GPUs:
+    `devices.engine_gpus`)."""
+    return cls(model_dir, rollout_cfg.vllm, seed=seed, timeout_s=rollout_cfg.timeout_s,
                cuda_visible_devices=cuda_visible_devices)
 
   # --- engine ------------------------------------------------------------------------------
@@ -140,6 +134,8 @@ class VllmSampler:
   def _start_engine(self):
     # vLLM reads its multiprocessing start method only from the environment; see docstring.
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    # vLLM is imported here, not at the top: after the environment above is set, and only by
+    # processes that start an engine (importing vLLM initialises torch and its platform).
     from vllm import LLM
     from vllm.platforms import current_platform
 
@@ -306,11 +302,6 @@ class VllmSampler:
   def sync(self, model, version: int) -> dict[str, float]:
     """Loads `model`'s params into the engine as policy `version` (see `WeightSync.sync`)."""
     return self.weight_sync.sync(model, version, self)
-
-  def sync_tensors(self, tensors: Iterable[tuple[str, np.ndarray]], version: int,
-                   ) -> dict[str, float]:
-    """Loads HF-named host tensors into the engine (see `WeightSync.sync_tensors`)."""
-    return self.weight_sync.sync_tensors(tensors, version, self)
 
   @property
   def weights_broken(self) -> str | None:

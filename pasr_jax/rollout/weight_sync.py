@@ -38,9 +38,13 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol
 
+import jax
 import numpy as np
+from flax import nnx
 
 from pasr_jax import dtypes
+from pasr_jax.models.hf import HFFormatError, hf_tensors, tensor_specs, write_shards
+from pasr_jax.models.qwen import ModelConfig
 from pasr_jax.rollout.base import EngineError, SyncError
 
 log = logging.getLogger(__name__)
@@ -90,8 +94,6 @@ class WeightSync:
     layout, so converting is a reshape), reload (vLLM reload + prefix-cache reset) and total,
     plus bytes.
     """
-    from pasr_jax.models.hf import hf_tensors  # pylint: disable=import-outside-toplevel
-    import jax  # pylint: disable=import-outside-toplevel
     t0 = time.perf_counter()
     gather_s = 0.0
     device_dtype = self._uniform_dtype()
@@ -197,7 +199,6 @@ class WeightSync:
 
   def _write(self, tensors: Iterable[tuple[str, np.ndarray]], out_dir: Path) -> int:
     """Checks and writes tensors as safetensors shards; returns bytes written."""
-    from pasr_jax.models.hf import write_shards  # pylint: disable=import-outside-toplevel
     seen: set[str] = set()
 
     def checked():
@@ -246,20 +247,17 @@ class WeightSync:
     if cfg is not None:
       return cfg
     if self._model_cfg is None:
-      from pasr_jax.models.qwen import ModelConfig  # pylint: disable=import-outside-toplevel
       hf = json.loads((self.model_dir / "config.json").read_text())
       self._model_cfg = ModelConfig.from_hf_dict(hf)
     return self._model_cfg
 
 
 def _params(model) -> Any:
-  from flax import nnx  # pylint: disable=import-outside-toplevel
   return nnx.state(model, nnx.Param) if isinstance(model, nnx.Module) else model
 
 
 def _checkpoint_spec(model_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
   """{tensor name: (shape, dtype name)} of `model_dir`'s safetensors ({} if it has none)."""
-  from pasr_jax.models.hf import HFFormatError, tensor_specs  # pylint: disable=import-outside-toplevel
   try:
     return tensor_specs(model_dir)
   except HFFormatError:
