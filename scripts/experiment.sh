@@ -10,9 +10,9 @@
 # pasr (cold start + PASR), grpo (cold start + GRPO with format + accuracy rewards only:
 # rewards.refine_weight=0), pasr_nocompare (cold start + PASR "w/o comparison": every
 # refinement earns rewards.refine_fixed, paper Table 2).
-#   EXP_ARMS   RL arms (default "pasr grpo"; add pasr_nocompare when there is time: an arm of
-#              4 steps took 5.5-6 min of training + 3 min of evaluation on a quiet 2-core host,
-#              2026-12-02; the cold start ~10 min of CPU per core, 41.6 min under heavy load)
+#   EXP_ARMS   RL arms (default "pasr grpo"; add pasr_nocompare when there is time). Measured
+#              2026-12-03 with the defaults on the 2-core host: 52.8 min in all (cold start
+#              8.3 min; an arm of 6 steps 10.6-12.6 min of training + 3-4 min of evaluation)
 #   EXP_STEPS  RL steps per arm (default 6)
 #   EXP_LIMIT  held-out items evaluated (default 400 of 500)   EXP_DIR  (default runs/experiment)
 # Every stage is skipped when its output exists, so a rerun resumes where one stopped.
