@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from pasr_jax.rollout.base import Completion, Group
+from pasr_jax.rollout.base import Completion, EngineError, Group
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
@@ -161,7 +161,8 @@ class ScriptedSampler:
 
   Of the sampler it implements the `Sampler` protocol and nothing more (no `llm`), so a run
   that reaches past the protocol fails here. `delay(call_index)` (seconds, default none) is
-  slept at the start of every `generate`: a slow engine's timing, never its samples."""
+  waited at the start of every `generate`, ended like the vLLM sampler's wait by
+  `should_stop` (EngineError): a slow engine's timing, never its samples."""
 
   def __init__(self, tokenizer, answer: Callable[[int, str, int], str] = seven_or_three,
                version: int = 0, delay: Callable[[int], float] | None = None):
@@ -191,8 +192,12 @@ class ScriptedSampler:
   def generate(self, prompt_token_ids, n, temperature=1.0, top_p=1.0, max_tokens=64,
                stop_token_ids=None, seed=None) -> list[Group]:
     del temperature, top_p, stop_token_ids, seed
-    if self.delay is not None:
-      time.sleep(self.delay(len(self.calls)))
+    if self.delay is not None:  # polls should_stop as the vLLM sampler's wait does
+      end = time.monotonic() + self.delay(len(self.calls))
+      while time.monotonic() < end:
+        if self.should_stop():
+          raise EngineError("scripted generate: interrupted (SIGTERM/SIGINT)")
+        time.sleep(min(0.05, max(0.0, end - time.monotonic())))
     self.calls.append([list(ids) for ids in prompt_token_ids])
     eos = self.tok.convert_tokens_to_ids("<|im_end|>")
     groups = []
