@@ -23,6 +23,7 @@ from helpers import DATA, ScriptedSampler, assert_group_gone, load_preset, run_t
     start_train
 from pasr_jax import cli, devices, metrics, sharding
 from pasr_jax.config import ASYNC_TIS_CAP, ConfigError, RunConfig
+from pasr_jax.judge.client import JudgeError
 from pasr_jax.rollout import EngineError
 from pasr_jax.run import Run
 
@@ -166,10 +167,10 @@ def test_random_generation_delays_change_nothing(tmp_path, k1_run):
 
 
 class _Failing:
-  """Raises EngineError from `generate` on the calls in `bad` (indices from 0)."""
+  """Raises `exc` (EngineError) from `generate` on the calls in `bad` (indices from 0)."""
 
-  def __init__(self, bad):
-    self.bad = set(bad)
+  def __init__(self, bad, exc=EngineError):
+    self.bad, self.exc = set(bad), exc
 
   def __call__(self, s):
     inner, count = s.generate, [0]
@@ -178,7 +179,7 @@ class _Failing:
       i, count[0] = count[0], count[0] + 1
       if i in self.bad:
         time.sleep(0.2)
-        raise EngineError(f"scripted engine failure on call {i}")
+        raise self.exc(f"scripted failure on call {i}")
       return inner(*a, **kw)
 
     s.generate = generate
@@ -196,13 +197,16 @@ def test_background_engine_failure_is_retried_and_nothing_is_lost(tmp_path, k1_r
 
 
 @pytest.mark.parametrize("k", [0, 1])
-def test_an_engine_that_keeps_failing_ends_both_loops_alike(tmp_path, k):
-  """Every generate after the first fails: with K = 0 and K = 1 the run ends in the same
-  EngineError (exit 4) after step 1, whose checkpoint is intact."""
-  res = _run(tmp_path / "w", k, _Failing(range(1, 99)))
-  assert isinstance(res["raised"], EngineError), res["raised"]
-  assert "gave up after 1 restarts" in str(res["raised"])
-  assert cli.classify(res["raised"])[0] == 4
+@pytest.mark.parametrize("exc,code,needle", [(EngineError, 4, "gave up after 1 restarts"),
+                                             (JudgeError, 3, "scripted failure on call 1")],
+                         ids=["engine", "judge"])
+def test_a_failure_that_persists_ends_both_loops_alike(tmp_path, k, exc, code, needle):
+  """Every generate after the first fails (an engine that stays dead, or a judge error in
+  the rollout): with K = 0 and K = 1 (where it fails in the background thread) the run ends
+  with the same error and exit code after step 1, whose checkpoint is intact."""
+  res = _run(tmp_path / "w", k, _Failing(range(1, 99), exc))
+  assert type(res["raised"]) is exc and needle in str(res["raised"]), res["raised"]
+  assert cli.classify(res["raised"])[0] == code
   assert [r["step"] for r in res["metrics"]] == [1]
   assert (tmp_path / "w" / "checkpoints" / "1").is_dir()
 
