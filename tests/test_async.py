@@ -196,6 +196,25 @@ def test_background_engine_failure_is_retried_and_nothing_is_lost(tmp_path, k1_r
   assert np.array_equal(res["params"], k1_run["params"])
 
 
+def test_the_wait_on_the_background_batch_is_bounded(tmp_path, k1_run, caplog):
+  """Batch 3's background generation takes 5 s, past rollout.timeout_s = 1 (batch 2's would
+  hide behind step 1's compilation): the trainer stops waiting after 1 s and takes the
+  engine-failure path (EngineError, the batch retried in the main thread); the run is the
+  same run."""
+  def stuck(s):
+    s.delay = lambda call: 5.0 if call == 2 else 0.0
+    return s
+
+  with caplog.at_level("WARNING", logger="pasr_jax.run"):
+    res = _run(tmp_path / "w", 1, stuck, rollout__timeout_s=1.0)
+  assert res["raised"] is None, res["raised"]
+  assert "the background rollout gave no batch within 1 s" in caplog.text, caplog.text
+  assert "retrying the step (1 of 1)" in caplog.text
+  _assert_every_step_once(res)
+  assert res["rollouts"] == k1_run["rollouts"]
+  assert np.array_equal(res["params"], k1_run["params"])
+
+
 @pytest.mark.parametrize("k", [0, 1])
 @pytest.mark.parametrize("exc,code,needle", [(EngineError, 4, "gave up after 1 restarts"),
                                              (JudgeError, 3, "scripted failure on call 1")],
