@@ -347,11 +347,17 @@ class Run:
   def _wait(self, future: concurrent.futures.Future) -> StepOutput:
     """The background batch, waited for at most rollout.timeout_s (0: no limit); its own
     exception is raised here (EngineError, JudgeError, ...), a missed deadline is an
-    EngineError."""
+    EngineError. Before that EngineError the background call is ended (`should_stop`; at
+    most another rollout.timeout_s), so the retry never shares the engine with it."""
     limit = self.cfg.rollout.timeout_s
     try:
       return future.result(timeout=limit or None)
     except concurrent.futures.TimeoutError:
+      self._abort = True
+      try:
+        concurrent.futures.wait([future], timeout=limit)
+      finally:
+        self._abort = False
       raise EngineError(f"the background rollout gave no batch within {limit:g} s "
                         "(rollout.timeout_s)") from None
 

@@ -201,13 +201,27 @@ def test_the_wait_on_the_background_batch_is_bounded(tmp_path, k1_run, caplog):
   hide behind step 1's compilation): the trainer stops waiting after 1 s and takes the
   engine-failure path (EngineError, the batch retried in the main thread); the run is the
   same run."""
+  active, most = [0], [0]
+
   def stuck(s):
     s.delay = lambda call: 5.0 if call == 2 else 0.0
+    inner = s.generate
+
+    def generate(*a, **kw):  # counts the calls in flight at once
+      active[0] += 1
+      most[0] = max(most[0], active[0])
+      try:
+        return inner(*a, **kw)
+      finally:
+        active[0] -= 1
+
+    s.generate = generate
     return s
 
   with caplog.at_level("WARNING", logger="pasr_jax.run"):
     res = _run(tmp_path / "w", 1, stuck, rollout__timeout_s=1.0)
   assert res["raised"] is None, res["raised"]
+  assert most[0] == 1  # the late background call was ended before the retry began
   assert "the background rollout gave no batch within 1 s" in caplog.text, caplog.text
   assert "retrying the step (1 of 1)" in caplog.text
   _assert_every_step_once(res)
