@@ -3,7 +3,9 @@
 The scripted answers do not depend on the weights, so a K = 1 run trains on exactly the
 batches of a K = 0 run (with the same grpo.tis_cap): the parameters must come out bitwise
 equal, and only the answers' policy versions differ. Runs are in this process (`Run`, as
-`tests/multihost_worker.py` drives it), except the one killed with SIGKILL.
+`tests/multihost_worker.py` drives it), except the ones killed or stopped by a signal.
+None starts a vLLM engine (the fast tier); the module takes about 6 minutes on a loaded
+2-core host.
 """
 
 from __future__ import annotations
