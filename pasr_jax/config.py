@@ -39,6 +39,9 @@ COLD_START_TRACES = ("reference", "arith")
 ATTENTIONS = ("auto", "xla", "cudnn")
 ADV_SCALES = ("group", "batch", "none")
 SCHEDULES = ("constant", "cosine")
+# grpo.tis_cap when rollout.max_staleness >= 1 and the config leaves it at 0: batches sampled
+# one update behind are weighted by min(pi_current / pi_sampler, 2.0) per token.
+ASYNC_TIS_CAP = 2.0
 
 
 class ConfigError(errors.UserError):
@@ -208,6 +211,10 @@ class RolloutCfg(Section):
   baseline: bool = key(True, "also sample n answers without the refine prompt")
   timeout_s: float = key(1800.0, "one sampler call; past it (or engine death) the step fails")
   engine_retries: int = key(1, "after an engine failure: restart, re-sync, retry the step")
+  max_staleness: int = key(
+      0, "K: 0 = sample, then train (synchronous); >= 1 = the next batch is sampled in the "
+      "background while this one trains (one batch ahead, staleness <= 1 <= K; turns on "
+      "grpo.tis_cap=2.0 when left at 0)")
   vllm: VllmCfg = section(VllmCfg, "the vLLM engine")
 
   def check(self):
@@ -220,6 +227,8 @@ class RolloutCfg(Section):
     self.need(self.sync_every >= 1, "sync_every", "must be >= 1")
     self.need(self.timeout_s >= 0, "timeout_s", "must be >= 0 (0 = no limit)")
     self.need(self.engine_retries >= 0, "engine_retries", "must be >= 0")
+    self.need(self.max_staleness >= 0, "max_staleness",
+              "must be >= 0 (0 = synchronous; >= 1 = sample one batch ahead)")
     if self.max_prompt_tokens + self.max_tokens > self.vllm.max_model_len:
       self.vllm.need(False, "max_model_len",
                      "must hold rollout.max_prompt_tokens + rollout.max_tokens")
@@ -323,7 +332,9 @@ class GrpoCfg(Section):
   adv_scale: str = key("group", "group | batch | none")
   skip_zero_variance: bool = key(True, "drop groups within grpo.skip_range from the batch")
   recompute_old_logps: bool = key(False, "use trainer logprobs instead of the sampler's")
-  tis_cap: float = key(0.0, ">0: truncated importance-sampling weight cap")
+  tis_cap: float = key(
+      0.0, ">0: truncated importance-sampling weight cap; 0 = off, or ASYNC_TIS_CAP (2.0) "
+      "with rollout.max_staleness >= 1")
   mask_truncated: bool = key(False, "drop loss on completions cut at max_tokens")
   loss_temperature: float = key(
       0.0, "logprob temperature of the loss; 0 = rollout.temperature (original: 1.0)")
@@ -499,7 +510,7 @@ class RunConfig(Section):
 
   def check(self):
     self.need(bool(self.workdir), "workdir", "must be set")
-    g, r = self.grpo, self.rollout
+    g, r = self.train_grpo(), self.rollout
     if g.temperature(r.temperature) != r.temperature and not (
         g.recompute_old_logps or g.tis_cap > 0):
       g.need(False, "loss_temperature",
@@ -532,10 +543,18 @@ class RunConfig(Section):
                    task_type=self.data.task_type, judge_input=self.judge.input,
                    seq_multiple=self.train.seq_multiple)
 
+  def train_grpo(self) -> GrpoCfg:
+    """The loss's grpo section: grpo.tis_cap=ASYNC_TIS_CAP when rollout.max_staleness >= 1
+    and the config left tis_cap at 0 (off-policy batches need the correction)."""
+    if self.rollout.max_staleness >= 1 and self.grpo.tis_cap == 0:
+      return self.grpo.replace(tis_cap=ASYNC_TIS_CAP)
+    return self.grpo
+
   def trainer_cfg(self) -> TrainerCfg:
     """The trainer's slice."""
     r = self.rollout
-    return TrainerCfg(model=self.model, rules=self.mesh.rules, grpo=self.grpo, optim=self.optim,
+    return TrainerCfg(model=self.model, rules=self.mesh.rules, grpo=self.train_grpo(),
+                      optim=self.optim,
                       max_tokens=r.max_tokens, temperature=self.grpo.temperature(r.temperature),
                       rows_per_step=r.prompts_per_step * r.n, steps=self.train.steps)
 

@@ -174,8 +174,10 @@ def tis_weights(old_trainer: jax.Array, old_sampler: jax.Array, mask: jax.Array,
                 cap: float) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Truncated importance weight min(exp(old_trainer - old_sampler), cap), `[B,T]`.
 
-  Corrects for the sampler (vLLM) and trainer disagreeing on the old policy's logprobs. Also
-  returns the mismatch metrics over masked tokens: mean |diff|, max |diff|, mean weight.
+  Corrects for the sampler (vLLM) and trainer disagreeing on the old policy's logprobs, and
+  for a batch sampled by an older policy (rollout.max_staleness >= 1). Also returns the
+  metrics over masked tokens: mean |diff|, max |diff|, mean weight, and the largest ratio
+  exp(old_trainer - old_sampler) before the cap (0 when no token is masked in).
   """
   mask = mask.astype(jnp.float32)
   diff = (old_trainer - old_sampler) * mask
@@ -186,6 +188,7 @@ def tis_weights(old_trainer: jax.Array, old_sampler: jax.Array, mask: jax.Array,
       "logp_mismatch_mean": jnp.abs(diff).sum() / n,
       "logp_mismatch_max": jnp.abs(diff).max(),
       "tis_weight_mean": w.sum() / n,
+      "tis_ratio_max": jnp.exp(jnp.where(mask > 0, diff, -jnp.inf).max()),
   }
 
 

@@ -13,6 +13,20 @@ engine started (and synced to the restored policy). step: next B questions -> `R
 weight sync -> metrics and rollouts -> every m steps (and at the last or a stopping step) an
 Orbax checkpoint. Every path is named by `Workdir`.
 
+Asynchronous rollouts (rollout.max_staleness = K >= 1): while the trainer updates on batch j,
+ONE background thread (`concurrent.futures`) samples, judges and rewards batch j+1 with the
+weights of update j-1 (AReaL's admission rule: batch j may start once update j-1-K is
+applied; with one engine one batch is ahead, so staleness is <= 1 <= K). Batch j always holds
+the stream's j-th questions and the j-th seed, whatever the timing. The engine gets update j
+in the main thread, after batch j+1 is collected and before batch j+2 is submitted (never
+while a generation is in flight), and so do every multi-host collective and the checkpoint:
+its data cursor and RNG are those of the steps trained on, so a batch sampled ahead of a
+save, a stop or a crash is sampled again by the resumed run (from the restored policy: its
+staleness is 0). A failure of the background batch surfaces in the main thread as the
+synchronous loop's error (an `EngineError` takes the engine-retry path below); the wait for
+it is bounded by rollout.timeout_s. Every trained batch's staleness (the trainer's policy
+version minus the sampling one) is checked to lie in [0, K] and logged (`staleness/*`).
+
 Faults. SIGTERM / the first Ctrl-C set a stop flag: the step in progress finishes and is
 saved, or, while it waits on the rollout engine, the step is abandoned (the data cursor and
 RNG stay at the last finished step) and the steps done are saved; either way the run ends with
@@ -30,6 +44,8 @@ the config and the curve (see `pasr_jax.multihost`).
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 import json
 import logging
 import signal
@@ -38,6 +54,7 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
@@ -46,12 +63,13 @@ from pasr_jax import data as data_lib
 from pasr_jax import metrics as metrics_lib
 from pasr_jax.checkpoint import Checkpointer, CheckpointMismatchError, RunState
 from pasr_jax.config import ConfigError, RunConfig
+from pasr_jax.data import Cursor
 from pasr_jax.judge.client import JudgeClient
 from pasr_jax.judge.local import ensure_judge
 from pasr_jax.models.hf import model_digest, save_hf
 from pasr_jax.rollout import EngineError
 from pasr_jax.rollout.vllm_sampler import VllmSampler
-from pasr_jax.step import RolloutStep, merge_scalars, pad_batch
+from pasr_jax.step import RolloutStep, StepOutput, merge_scalars, pad_batch
 from pasr_jax.trainer import Trainer
 from pasr_jax.workdir import Workdir
 
@@ -69,6 +87,16 @@ class RunInterrupted(errors.Interrupted):
 
 class TrainingDiverged(errors.Diverged):
   """Too many steps in a row had only non-finite (skipped) updates."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Draw:
+  """One step's questions (this process's share) and sampling seed; the data cursor and RNG
+  once the step is done."""
+  rows: list
+  seed: int
+  cursor: Cursor
+  rng: Any
 
 
 class StopFlag:
@@ -112,6 +140,10 @@ class Run:
     self.last_saved = 0
     self._nonfinite_run = 0  # steps in a row whose every update was non-finite (skipped)
     self._ckpt_time = 0.0  # blocking part of the previous step's save, reported with this step
+    # rollout.max_staleness >= 1: the rollout thread, and the next step's batch in it.
+    self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+    self._ahead: tuple[Draw, concurrent.futures.Future] | None = None
+    self._abort = False  # ends a background generation the run no longer wants
 
   # ---------------------------------------------------------------------------- setup
   def setup(self) -> None:
@@ -192,13 +224,17 @@ class Run:
     self.sampler = self.make_sampler()
     # A signal ends a rollout wait at once; with several processes the step is then abandoned
     # by all of them together (`_rollout` agrees on it).
-    self.sampler.should_stop = lambda: self.stop.stop
+    self.sampler.should_stop = lambda: self.stop.stop or self._abort
     t = time.perf_counter()
-    _ = self.sampler.llm  # start the engine now so step 1's rollout time is the rollout's
+    self.sampler.start()  # the engine starts now, so step 1's rollout time is the rollout's
     print(f"[train] vLLM engine up in {time.perf_counter() - t:.1f}s", flush=True)
     if restored is not None:
       self.sampler.sync(self.trainer.model, self.state.policy_version)  # it starts from the base
     self.stepper = RolloutStep(cfg.step_cfg(), self.tokenizer, self.sampler, self.judge, self.prompts)
+    if cfg.rollout.max_staleness >= 1:
+      self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pasr-rollout")
+      print(f"[train] asynchronous rollouts: one batch sampled ahead (rollout.max_staleness="
+            f"{cfg.rollout.max_staleness}, grpo.tis_cap={cfg.train_grpo().tis_cap:g})", flush=True)
 
   def make_sampler(self):
     """The rollout engine on the run's model dir (not started yet)."""
@@ -216,14 +252,14 @@ class Run:
 
     cfg, st = self.cfg, self.state
     t_step = time.perf_counter()
-    batch_rows = self.stream.next_batch()  # the step's questions: the same on every process
-    rng, sub = jax.random.split(st.rng)  # st.rng advances only when the step is done
-    seed = int(jax.random.randint(sub, (), 0, 2**31 - 1))
-    mine = multihost.share(len(batch_rows))
-    # Per-prompt seeds of the processes' shares do not overlap (vLLM: seed + i * n).
-    seed = (seed + mine.start * 2 * cfg.rollout.n) % 2**31
-    out = self._rollout(batch_rows[mine], seed)
-    scalars = dict(out.scalars)
+    if cfg.rollout.max_staleness == 0:
+      draw = self._draw(st.rng)  # st.rng advances only when the step is done
+      out = self._rollout(draw.rows, draw.seed)
+      scalars = dict(out.scalars)
+    else:
+      draw, out, waits = self._rollout_ahead()
+      scalars = dict(out.scalars, **waits)
+    scalars.update(self._staleness(out))
     t = time.perf_counter()
     batch = self._global_batch(out.batch)
     if batch is not None:  # None: on every process, every group had zero variance
@@ -241,13 +277,15 @@ class Run:
     scalars["time/update"] = time.perf_counter() - t
     t = time.perf_counter()
     if (st.step + 1) % cfg.rollout.sync_every == 0:
-      for k, v in self.sampler.sync(self.trainer.model, st.policy_version + 1).items():
-        scalars[f"sync/{k}"] = float(v)
-      st.policy_version += 1
-    scalars["time/sync"] = time.perf_counter() - t
+      if cfg.rollout.max_staleness == 0:
+        for k, v in self.sampler.sync(self.trainer.model, st.policy_version + 1).items():
+          scalars[f"sync/{k}"] = float(v)
+      st.policy_version += 1  # K >= 1: the next step pushes it (`_push_weights`)
+    if cfg.rollout.max_staleness == 0:
+      scalars["time/sync"] = time.perf_counter() - t
     scalars["policy_version"] = float(st.policy_version)
     st.step += 1
-    st.cursor, st.rng = self.stream.cursor, rng
+    st.cursor, st.rng = draw.cursor, draw.rng
     scalars["time/checkpoint"] = self._ckpt_time
     scalars["time/step"] = time.perf_counter() - t_step + self._ckpt_time
     for rec in out.records:
@@ -265,8 +303,93 @@ class Run:
     self.scalars = scalars
     return scalars
 
-  def _rollout(self, rows, seed: int):
-    """`RolloutStep` with engine failures handled (see the module docstring).
+  def _draw(self, rng) -> Draw:
+    """The next batch of the stream and its seed, from the RNG `rng` of the step before."""
+    batch_rows = self.stream.next_batch()  # the step's questions: the same on every process
+    rng, sub = jax.random.split(rng)
+    seed = int(jax.random.randint(sub, (), 0, 2**31 - 1))
+    mine = multihost.share(len(batch_rows))
+    # Per-prompt seeds of the processes' shares do not overlap (vLLM: seed + i * n).
+    seed = (seed + mine.start * 2 * self.cfg.rollout.n) % 2**31
+    return Draw(batch_rows[mine], seed, self.stream.cursor, rng)
+
+  def _rollout_ahead(self) -> tuple[Draw, StepOutput, dict[str, float]]:
+    """rollout.max_staleness >= 1: this step's batch, sampled in the background during the
+    last step (or now, at the first step and after a resume); then, with no generation in
+    flight, the engine gets the newest weights and the next step's batch is submitted. Every
+    process takes the same branches (the sync is a collective)."""
+    st = self.state
+    t = time.perf_counter()
+    ahead, self._ahead = self._ahead, None
+    if ahead is None:
+      draw = self._draw(st.rng)
+      out = self._rollout(draw.rows, draw.seed)
+    else:
+      draw, future = ahead
+      out = self._rollout(draw.rows, draw.seed, first=lambda: self._wait(future))
+    times = {"time/wait": time.perf_counter() - t, "time/sync": 0.0}
+    if st.step + 1 < self.cfg.train.steps:  # the last step samples nothing ahead
+      t = time.perf_counter()
+      times.update(self._push_weights())
+      times["time/sync"] = time.perf_counter() - t
+      nxt = self._draw(draw.rng)
+      self._ahead = (nxt, self._pool.submit(self.stepper, nxt.rows, st.step + 2, nxt.seed))
+    return draw, out, times
+
+  def _push_weights(self) -> dict[str, float]:
+    """The trainer's weights to the engine when it holds an older version (K >= 1 defers
+    the sync after an update to here); the sync's timings."""
+    if self.sampler.policy_version == self.state.policy_version:
+      return {}
+    timings = self.sampler.sync(self.trainer.model, self.state.policy_version)
+    return {f"sync/{k}": float(v) for k, v in timings.items()}
+
+  def _wait(self, future: concurrent.futures.Future) -> StepOutput:
+    """The background batch, waited for at most rollout.timeout_s (0: no limit); its own
+    exception is raised here (EngineError, JudgeError, ...), a missed deadline is an
+    EngineError. Before that EngineError the background call is ended (`should_stop`; at
+    most another rollout.timeout_s), so the retry never shares the engine with it."""
+    limit = self.cfg.rollout.timeout_s
+    try:
+      return future.result(timeout=limit or None)
+    except concurrent.futures.TimeoutError:
+      self._abort = True
+      try:
+        concurrent.futures.wait([future], timeout=limit)
+      finally:
+        self._abort = False
+      raise EngineError(f"the background rollout gave no batch within {limit:g} s "
+                        "(rollout.timeout_s)") from None
+
+  def _staleness(self, out: StepOutput) -> dict[str, float]:
+    """staleness/mean and /max of the batch's answers (trainer version - sampling version);
+    outside [0, rollout.max_staleness] is a bug of the run loop."""
+    lag = [self.state.policy_version - int(r["policy_version"]) for r in out.records]
+    k = self.cfg.rollout.max_staleness
+    if lag and not 0 <= min(lag) <= max(lag) <= k:
+      raise AssertionError(f"step {self.state.step + 1}: staleness {min(lag)}..{max(lag)} "
+                           f"outside [0, rollout.max_staleness={k}]")
+    return {"staleness/mean": float(np.mean(lag)) if lag else 0.0,
+            "staleness/max": float(max(lag, default=0))}
+
+  def _drop_ahead(self) -> None:
+    """Ends and discards the batch sampled ahead (not trained on: the checkpoint's cursor
+    and RNG are before it, so a resumed run samples it again); bounded by rollout.timeout_s."""
+    ahead, self._ahead = self._ahead, None
+    if ahead is not None:
+      self._abort = True
+      try:
+        ahead[1].result(timeout=self.cfg.rollout.timeout_s or None)
+      except Exception as e:  # pylint: disable=broad-except
+        log.info("discarded the batch sampled ahead: %s", e)
+      finally:
+        self._abort = False
+    self.stream.cursor = self.state.cursor
+
+  def _rollout(self, rows, seed: int, first=None):
+    """`RolloutStep` with engine failures handled (see the module docstring). `first`: the
+    first attempt's result instead of running the step (the batch sampled in the background);
+    it may raise as the step would.
 
     Every process takes the same branch after each attempt, agreed in one small collective:
     a rollout interrupted by a signal on any process abandons the step on all of them; an
@@ -280,12 +403,13 @@ class Run:
       error = None
       if out is None:
         try:
-          out = self.stepper(rows, st.step + 1, seed)
+          out = (first() if attempt == 0 and first is not None else
+                 self.stepper(rows, st.step + 1, seed))
         except EngineError as e:
           error = e
       interrupted = error is not None and self.stop.stop
       flags = multihost.agree([error is not None, interrupted,
-                               bool(getattr(self.sampler, "needs_sync", False))])
+                               bool(self.sampler.needs_sync)])
       failed = [i for i, f in enumerate(flags[:, 0]) if f]
       if flags[:, 1].any():
         self._abandon_step()
@@ -340,6 +464,7 @@ class Run:
   def finish(self) -> dict[str, Any]:
     """Waits for the last save; reward curve and (train.export) HF dir; the summary."""
     wd = self.wd
+    self._drop_ahead()
     self.ckpt.wait()
     summary = {"last_step": self.last_saved, "workdir": str(wd.root), "scalars": self.scalars,
                "stopped": self.stopping}
@@ -358,6 +483,9 @@ class Run:
 
   def close(self) -> None:
     """Restores signal handlers, closes checkpointer, logs and engine, stops a local judge."""
+    if self._pool is not None:
+      self._drop_ahead()  # no generation in flight while the engine closes
+      self._pool.shutdown(wait=False, cancel_futures=True)
     if self.stop is not None:
       self.stop.restore()
     for closer in (self.ckpt, self.writer, self.rollouts, self.sampler):

@@ -55,8 +55,9 @@ _SUMMED = ("groups/zero_variance", "groups/trained", "tokens/generated", "judge/
 _MEAN_OVER = {"reward/mean": "pasr", "reward/format": "pasr", "reward/accuracy": "pasr",
               "reward/refine": "pasr", "rate/format_ok": "pasr", "rate/refine": "pasr",
               "len/pasr_mean": "pasr", "rate/truncated": "answers", "len/all_mean": "answers",
-              "rate/prompt_truncated": "prompts", "reward/baseline_accuracy": "baseline"}
-_SLOWEST = ("time/", "judge/latency", "sync/")
+              "rate/prompt_truncated": "prompts", "reward/baseline_accuracy": "baseline",
+              "staleness/mean": "answers"}
+_SLOWEST = ("time/", "judge/latency", "sync/", "staleness/max")
 
 
 def merge_scalars(parts: Sequence[tuple[dict[str, float], dict[str, float]]]

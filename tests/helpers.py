@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from pasr_jax.rollout.base import Completion, Group
+from pasr_jax.rollout.base import Completion, EngineError, Group
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
@@ -157,12 +157,18 @@ class ScriptedSampler:
   """A `Sampler` whose k-th completion of prompt i is `answer(i, question, k)`, the same on
   any host. Token ids come from `tokenizer` and end with `<|im_end|>`; the "sampler
   logprobs" are fixed numbers. `sync` gathers the weights exactly as the vLLM sampler does
-  (`hf_tensors`, one copy per host) and keeps their sum per sync in `weight_sums`."""
+  (`hf_tensors`, one copy per host) and keeps their sum per sync in `weight_sums`.
+
+  Of the sampler it implements the `Sampler` protocol and nothing more (no `llm`), so a run
+  that reaches past the protocol fails here. `delay(call_index)` (seconds, default none) is
+  waited at the start of every `generate`, ended like the vLLM sampler's wait by
+  `should_stop` (EngineError): a slow engine's timing, never its samples."""
 
   def __init__(self, tokenizer, answer: Callable[[int, str, int], str] = seven_or_three,
-               version: int = 0):
-    self.tok, self.answer = tokenizer, answer
-    self.llm = None  # the run starts an engine by touching `llm`; there is none
+               version: int = 0, delay: Callable[[int], float] | None = None):
+    self.tok, self.answer, self.delay = tokenizer, answer, delay
+    self.should_stop: Callable[[], bool] = lambda: False
+    self.started = 0   # start() calls
     self._version = version
     self.calls: list[list[list[int]]] = []   # the prompts of each generate call
     self.weight_sums: list[float] = []
@@ -176,9 +182,22 @@ class ScriptedSampler:
   def policy_version(self) -> int:
     return self._version
 
+  @property
+  def needs_sync(self) -> bool:
+    return False
+
+  def start(self) -> None:
+    self.started += 1
+
   def generate(self, prompt_token_ids, n, temperature=1.0, top_p=1.0, max_tokens=64,
                stop_token_ids=None, seed=None) -> list[Group]:
     del temperature, top_p, stop_token_ids, seed
+    if self.delay is not None:  # polls should_stop as the vLLM sampler's wait does
+      end = time.monotonic() + self.delay(len(self.calls))
+      while time.monotonic() < end:
+        if self.should_stop():
+          raise EngineError("scripted generate: interrupted (SIGTERM/SIGINT)")
+        time.sleep(min(0.05, max(0.0, end - time.monotonic())))
     self.calls.append([list(ids) for ids in prompt_token_ids])
     eos = self.tok.convert_tokens_to_ids("<|im_end|>")
     groups = []

@@ -83,6 +83,9 @@ def test_tis_weights_and_loss():
   assert np.asarray(w).max() == pytest.approx(2.0)  # the cap is hit
   np.testing.assert_allclose(float(met["logp_mismatch_mean"]),
                              (np.abs(old_trainer - old) * mask).sum() / mask.sum(), rtol=1e-5)
+  np.testing.assert_allclose(float(met["tis_ratio_max"]),
+                             np.exp((old_trainer - old)[mask > 0].max()), rtol=1e-5)
+  assert float(met["tis_ratio_max"]) > 2.0  # before the cap
   s, d, _ = grpo.grpo_loss(f(logps), f(old_trainer), f(ref), f(adv), f(mask), beta=0.04,
                            eps_low=0.2, eps_high=0.2, agg="token_mean", is_weights=w)
   want = np_grpo(logps, old_trainer, ref, adv, mask, 0.04, 0.2, 0.2, "token_mean", w=want_w)

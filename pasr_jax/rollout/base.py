@@ -8,7 +8,7 @@ stop token, when generation stopped on one, is part of `Completion.token_ids`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 from pasr_jax import errors
 
@@ -60,11 +60,31 @@ class Group:
 
 @runtime_checkable
 class Sampler(Protocol):
-  """Generates rollouts and receives new policy weights."""
+  """Generates rollouts and receives new policy weights: everything a training run
+  (`pasr_jax.run.Run`) uses of a sampler, and all a test double has to implement.
+
+  A run calls `generate` from one background thread (rollout.max_staleness >= 1) or from its
+  main thread, never both at once, and `sync`, `start` and `close` from the main thread only
+  while no `generate` is in flight.
+  """
+
+  # Polled while a call waits on the engine; returning True ends the wait with EngineError
+  # (the run points it at its SIGTERM/SIGINT flag).
+  should_stop: Callable[[], bool]
 
   @property
   def policy_version(self) -> int:
     """Version of the weights the next `generate` samples with."""
+    ...
+
+  @property
+  def needs_sync(self) -> bool:
+    """True when the engine does not hold the weights of `policy_version` (a restarted
+    engine holds the model dir's): `generate` refuses until a `sync` succeeds."""
+    ...
+
+  def start(self) -> None:
+    """Starts the engine now (otherwise the first `generate`/`sync` does); idempotent."""
     ...
 
   def generate(self, prompt_token_ids: Sequence[Sequence[int]], n: int, temperature: float,

@@ -115,6 +115,10 @@ class VllmSampler:
   def policy_version(self) -> int:
     return self._version
 
+  def start(self) -> None:
+    """Starts the engine now (`Sampler.start`)."""
+    _ = self.llm
+
   @property
   def llm(self):
     """The `vllm.LLM`, started on first use."""
