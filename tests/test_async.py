@@ -231,15 +231,16 @@ def test_the_wait_on_the_background_batch_is_bounded(tmp_path, k1_run, caplog):
   assert np.array_equal(res["params"], k1_run["params"])
 
 
-@pytest.mark.parametrize("k", [0, 1])
 @pytest.mark.parametrize("exc,code,needle", [(EngineError, 4, "gave up after 1 restarts"),
                                              (JudgeError, 3, "scripted failure on call 1")],
                          ids=["engine", "judge"])
-def test_a_failure_that_persists_ends_both_loops_alike(tmp_path, k, exc, code, needle):
+def test_a_failure_that_persists_ends_the_async_loop_as_the_sync_one(tmp_path, exc, code,
+                                                                     needle):
   """Every generate after the first fails (an engine that stays dead, or a judge error in
-  the rollout): with K = 0 and K = 1 (where it fails in the background thread) the run ends
-  with the same error and exit code after step 1, whose checkpoint is intact."""
-  res = _run(tmp_path / "w", k, _Failing(range(1, 99), exc))
+  the rollout): with K = 1, where it fails in the background thread, the run ends with the
+  synchronous loop's error and exit code (its cases: tests/test_faults.py) after step 1,
+  whose checkpoint is intact."""
+  res = _run(tmp_path / "w", 1, _Failing(range(1, 99), exc))
   assert type(res["raised"]) is exc and needle in str(res["raised"]), res["raised"]
   assert cli.classify(res["raised"])[0] == code
   assert [r["step"] for r in res["metrics"]] == [1]
@@ -252,8 +253,12 @@ def _flat_params(step_dir) -> np.ndarray:
   return np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(state["params"])])
 
 
+# Slow (a subprocess run killed and resumed, ~50 s). SIGTERM only: it discards a batch in
+# flight and resumes from the checkpointed cursor of the trained steps, the path a SIGKILL
+# after a save takes too (parametrize with "SIGKILL" to run that case).
+@pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize("sig", ["SIGTERM"])
 def test_killed_or_stopped_mid_run_then_resumed_matches_the_uninterrupted_run(tmp_path, k1_run,
                                                                               sig):
   """The scripted train command (K = 1, generation slowed so a batch is in flight) gets
