@@ -144,6 +144,9 @@ class Run:
     self._pool: concurrent.futures.ThreadPoolExecutor | None = None
     self._ahead: tuple[Draw, concurrent.futures.Future] | None = None
     self._abort = False  # ends a background generation the run no longer wants
+    # Versions made by an engine-retry re-sync: the same weights as the version before them
+    # (no update between), so they add no staleness.
+    self._relabeled: set[int] = set()
 
   # ---------------------------------------------------------------------------- setup
   def setup(self) -> None:
@@ -362,9 +365,12 @@ class Run:
                         "(rollout.timeout_s)") from None
 
   def _staleness(self, out: StepOutput) -> dict[str, float]:
-    """staleness/mean and /max of the batch's answers (trainer version - sampling version);
+    """staleness/mean and /max of the batch's answers (updates between the sampling version
+    and the trainer's; an engine-retry re-sync is none);
     outside [0, rollout.max_staleness] is a bug of the run loop."""
-    lag = [self.state.policy_version - int(r["policy_version"]) for r in out.records]
+    now = self.state.policy_version
+    lag = [now - v - sum(v < r <= now for r in self._relabeled)
+           for v in (int(r["policy_version"]) for r in out.records)]
     k = self.cfg.rollout.max_staleness
     if lag and not 0 <= min(lag) <= max(lag) <= k:
       raise AssertionError(f"step {self.state.step + 1}: staleness {min(lag)}..{max(lag)} "
@@ -428,6 +434,7 @@ class Run:
                   attempt + 1, retries)
       if flags[:, 2].any():  # a fresh engine holds the model dir's weights
         st.policy_version += 1
+        self._relabeled.add(st.policy_version)
         self.sampler.sync(self.trainer.model, st.policy_version)
     raise AssertionError("unreachable")
 
