@@ -21,7 +21,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import urllib.parse
 from pathlib import Path
 from typing import Any, Mapping
@@ -31,7 +30,7 @@ from absl import flags
 from pasr_jax import cli, devices, errors
 from pasr_jax.config import ConfigError, RunConfig
 from pasr_jax.judge.local import judge_answers
-from pasr_jax.rollout.weight_sync import default_sync_root
+from pasr_jax.rollout import weight_sync
 from pasr_jax.sharding import MeshError, resolve_shape
 
 GIB = 1 << 30
@@ -90,8 +89,7 @@ def driver_version() -> str | None:
 def sync_roots(cfg: RunConfig) -> list[str]:
   """The weight sync's directory and its fallback, as `WeightSync` chooses them."""
   v = cfg.rollout.vllm
-  return [v.sync_dir or str(default_sync_root()),
-          v.sync_fallback_dir or str(Path(tempfile.gettempdir()) / "pasr_jax_sync")]
+  return [str(d) for d in weight_sync.sync_roots(v.sync_dir, v.sync_fallback_dir)]
 
 
 def probe(cfg: Any) -> Env:

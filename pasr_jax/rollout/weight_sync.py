@@ -74,9 +74,7 @@ class WeightSync:
                fallback_dir: str = "", headroom_bytes: int = 256 << 20):
     self.model_dir = Path(model_dir)
     self.dtype = dtype
-    self.sync_root = Path(sync_dir) if sync_dir else default_sync_root()
-    self.fallback_root = (Path(fallback_dir) if fallback_dir
-                          else Path(tempfile.gettempdir()) / "pasr_jax_sync")
+    self.sync_root, self.fallback_root = sync_roots(sync_dir, fallback_dir)
     self.headroom_bytes = int(headroom_bytes)  # free space to leave on the sync root
     self.expected = _checkpoint_spec(self.model_dir)
     self.shard_bytes = SHARD_BYTES
@@ -291,3 +289,10 @@ def default_sync_root() -> Path:
   if shm.is_dir() and os.access(shm, os.W_OK):
     return shm / "pasr_jax_sync"
   return Path(tempfile.gettempdir()) / "pasr_jax_sync"
+
+
+def sync_roots(sync_dir: str = "", fallback_dir: str = "") -> tuple[Path, Path]:
+  """Where a sync writes, and where it falls back to when that lacks room: the configured
+  dirs, else `default_sync_root()` and a dir under the system temp dir."""
+  return (Path(sync_dir) if sync_dir else default_sync_root(),
+          Path(fallback_dir) if fallback_dir else Path(tempfile.gettempdir()) / "pasr_jax_sync")
