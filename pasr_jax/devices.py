@@ -67,7 +67,8 @@ def fraction_reason(cfg: RunConfig) -> str:
   return f"{DEFAULT_FRACTION}, vLLM on other GPUs"
 
 
-def _ids(key: str, text: str) -> list[int]:
+def parse_ids(key: str, text: str) -> list[int]:
+  """The device indices of config `key` ("0,1,2"; "" = none); DeviceSetupError naming it."""
   try:
     return [int(x) for x in str(text).split(",") if x.strip()]
   except ValueError:
@@ -96,7 +97,7 @@ def setup(cfg: RunConfig) -> dict[str, Any]:
     jax.config.update("jax_platforms", m.platform)
     done["platform"] = m.platform
   if m.cuda_visible_devices:
-    visible = ",".join(map(str, _ids("mesh.cuda_visible_devices", m.cuda_visible_devices)))
+    visible = ",".join(map(str, parse_ids("mesh.cuda_visible_devices", m.cuda_visible_devices)))
     jax.config.update("jax_cuda_visible_devices", visible)
     done["cuda_visible_devices"] = visible
   return done
@@ -117,7 +118,7 @@ def local_gpu_count() -> int:
 
 def _own_ids(m) -> list[int]:
   """The process's GPUs the config names: mesh.local_device_ids, else mesh.cuda_visible_devices."""
-  return _ids("mesh.local_device_ids", m.local_device_ids) or _ids(
+  return parse_ids("mesh.local_device_ids", m.local_device_ids) or parse_ids(
       "mesh.cuda_visible_devices", m.cuda_visible_devices)
 
 

@@ -137,13 +137,9 @@ def param_count(hf: Mapping[str, Any]) -> int:
 
 
 # ----------------------------------------------------------------------------- checks
-def _ids(text: str) -> list[int]:
-  return [int(x) for x in str(text).split(",") if x.strip()]
-
-
 def processes_per_host(cfg: RunConfig, gpus_per_host: int) -> int:
   """Training processes per host: 1, or as many as mesh.local_device_ids' share fits."""
-  ids = _ids(cfg.mesh.local_device_ids) if cfg.mesh.local_device_ids else []
+  ids = devices.parse_ids("mesh.local_device_ids", cfg.mesh.local_device_ids)
   return max(1, gpus_per_host // len(ids)) if gpus_per_host and ids else 1
 
 
@@ -163,8 +159,8 @@ def run_checks(cfg: Any, hosts: int, gpus_per_host: int, env: Env) -> list[Check
   gpu = gpus_per_host > 0
 
   # Processes and devices. Several processes per host only when local_device_ids splits it.
-  local_ids = _ids(m.local_device_ids) if m.local_device_ids else []
-  cvd = _ids(m.cuda_visible_devices) if m.cuda_visible_devices else []
+  local_ids = devices.parse_ids("mesh.local_device_ids", m.local_device_ids)
+  cvd = devices.parse_ids("mesh.cuda_visible_devices", m.cuda_visible_devices)
   per_host = processes_per_host(cfg, gpus_per_host)
   procs = hosts * per_host
   if gpu:
@@ -337,7 +333,7 @@ def _gpu_checks(cfg: RunConfig, gpu: bool, gpus_per_host: int, per_host: int, en
   else:
     out.append(Check("memory", "ok", f"JAX {frac:g} of each GPU ({devices.fraction_reason(cfg)})"))
   if not v.colocate:
-    jax_ids = _ids(m.cuda_visible_devices)
+    jax_ids = devices.parse_ids("mesh.cuda_visible_devices", m.cuda_visible_devices)
     clash = sorted(set(jax_ids) & set(range(v.tensor_parallel_size)))
     if not jax_ids or clash:
       out.append(Check("engine GPUs", "fail", f"rollout.vllm.colocate=False: vLLM takes visible "
