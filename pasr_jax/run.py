@@ -14,13 +14,15 @@ weight sync -> metrics and rollouts -> every m steps (and at the last or a stopp
 Orbax checkpoint. Every path is named by `Workdir`.
 
 Asynchronous rollouts (rollout.max_staleness = K >= 1): while the trainer updates on batch j,
-ONE background thread (`concurrent.futures`) samples, judges and rewards batch j+1 with the
+ONE background thread (`concurrent.futures`, the rollout thread) samples, judges and rewards batch j+1 with the
 weights of update j-1 (AReaL's admission rule: batch j may start once update j-1-K is
 applied; with one engine one batch is ahead, so staleness is <= 1 <= K). Batch j always holds
-the stream's j-th questions and the j-th seed, whatever the timing. The engine gets update j
-in the main thread, after batch j+1 is collected and before batch j+2 is submitted (never
-while a generation is in flight), and so do every multi-host collective and the checkpoint:
-its data cursor and RNG are those of the steps trained on, so a batch sampled ahead of a
+the stream's j-th questions and the j-th seed, whatever the timing. Publishing update j is
+split: after batch j+1 is collected the main thread copies the weights to the host (the only
+part on the trainer's path), and the rollout thread writes and loads them into the engine
+before it samples batch j+2 (never during a generation). Every multi-host collective and
+the checkpoint stay in the main thread: the checkpoint's data cursor and RNG are those of
+the steps trained on, so a batch sampled ahead of a
 save, a stop or a crash is sampled again by the resumed run (from the restored policy: its
 staleness is 0). A failure of the background batch surfaces in the main thread as the
 synchronous loop's error (an `EngineError` takes the engine-retry path below); the wait for
@@ -283,7 +285,7 @@ class Run:
       if cfg.rollout.max_staleness == 0:
         for k, v in self.sampler.sync(self.trainer.model, st.policy_version + 1).items():
           scalars[f"sync/{k}"] = float(v)
-      st.policy_version += 1  # K >= 1: the next step pushes it (`_push_weights`)
+      st.policy_version += 1  # K >= 1: the next step publishes it (`_snapshot`)
     if cfg.rollout.max_staleness == 0:
       scalars["time/sync"] = time.perf_counter() - t
     scalars["policy_version"] = float(st.policy_version)
@@ -319,8 +321,9 @@ class Run:
   def _rollout_ahead(self) -> tuple[Draw, StepOutput, dict[str, float]]:
     """rollout.max_staleness >= 1: this step's batch, sampled in the background during the
     last step (or now, at the first step and after a resume); then, with no generation in
-    flight, the engine gets the newest weights and the next step's batch is submitted. Every
-    process takes the same branches (the sync is a collective)."""
+    flight, the newest weights are copied to the host and the next step's batch is
+    submitted, to sample after the engine loads them. Every process takes the same branches
+    (the host copy is a collective)."""
     st = self.state
     t = time.perf_counter()
     ahead, self._ahead = self._ahead, None
@@ -333,19 +336,30 @@ class Run:
     times = {"time/wait": time.perf_counter() - t, "time/sync": 0.0}
     if st.step + 1 < self.cfg.train.steps:  # the last step samples nothing ahead
       t = time.perf_counter()
-      times.update(self._push_weights())
+      snap = self._snapshot()
       times["time/sync"] = time.perf_counter() - t
       nxt = self._draw(draw.rng)
-      self._ahead = (nxt, self._pool.submit(self.stepper, nxt.rows, st.step + 2, nxt.seed))
+      self._ahead = (nxt, self._pool.submit(self._load_and_sample, snap, nxt, st.step + 2))
     return draw, out, times
 
-  def _push_weights(self) -> dict[str, float]:
-    """The trainer's weights to the engine when it holds an older version (K >= 1 defers
-    the sync after an update to here); the sync's timings."""
+  def _snapshot(self) -> tuple[Any, int] | None:
+    """K >= 1: the trainer's weights copied to the host and their version, when the engine
+    holds an older version (the engine loads them in the rollout thread, `_load_and_sample`;
+    this copy is all of a sync on the trainer's path); None when it holds the newest. Read
+    with no rollout in flight, so the sampler's version is settled."""
     if self.sampler.policy_version == self.state.policy_version:
-      return {}
-    timings = self.sampler.sync(self.trainer.model, self.state.policy_version)
-    return {f"sync/{k}": float(v) for k, v in timings.items()}
+      return None
+    return self.sampler.snapshot(self.trainer.model), self.state.policy_version
+
+  def _load_and_sample(self, snap: tuple[Any, int] | None, draw: Draw, step: int) -> StepOutput:
+    """The rollout thread's job: `snap`'s weights into the engine (between generations,
+    never during one), then batch `step`; the load's timings join the batch's scalars
+    (`sync/*`). A failed load raises here as the step's rollout would (an `EngineError` is
+    retried with a fresh engine and a fresh sync; a `SyncError` ends the run)."""
+    sync = {} if snap is None else self.sampler.load(*snap)
+    out = self.stepper(draw.rows, step, draw.seed)
+    out.scalars.update({f"sync/{k}": float(v) for k, v in sync.items()})
+    return out
 
   def _wait(self, future: concurrent.futures.Future) -> StepOutput:
     """The background batch, waited for at most rollout.timeout_s (0: no limit); its own
@@ -368,15 +382,19 @@ class Run:
     """staleness/mean and /max of the batch's answers (updates between the sampling version
     and the trainer's; an engine-retry re-sync is none);
     outside [0, rollout.max_staleness] is a bug of the run loop."""
-    now = self.state.policy_version
-    lag = [now - v - sum(v < r <= now for r in self._relabeled)
-           for v in (int(r["policy_version"]) for r in out.records)]
+    lag = [self._lag(int(r["policy_version"])) for r in out.records]
     k = self.cfg.rollout.max_staleness
     if lag and not 0 <= min(lag) <= max(lag) <= k:
       raise AssertionError(f"step {self.state.step + 1}: staleness {min(lag)}..{max(lag)} "
                            f"outside [0, rollout.max_staleness={k}]")
     return {"staleness/mean": float(np.mean(lag)) if lag else 0.0,
             "staleness/max": float(max(lag, default=0))}
+
+  def _lag(self, version: int) -> int:
+    """Updates between policy `version` and the trainer's (an engine-retry re-sync's version
+    bump is none: same weights)."""
+    now = self.state.policy_version
+    return now - version - sum(version < r <= now for r in self._relabeled)
 
   def _drop_ahead(self) -> None:
     """Ends and discards the batch sampled ahead (not trained on: the checkpoint's cursor
@@ -414,8 +432,12 @@ class Run:
         except EngineError as e:
           error = e
       interrupted = error is not None and self.stop.stop
-      flags = multihost.agree([error is not None, interrupted,
-                               bool(self.sampler.needs_sync)])
+      # Re-sync before a retry when the engine lacks usable weights: a fresh engine after a
+      # sync (it holds the model dir's), or a K >= 1 engine whose background load failed
+      # (further behind than rollout.max_staleness allows).
+      behind = (self.sampler.needs_sync or
+                self._lag(self.sampler.policy_version) > self.cfg.rollout.max_staleness)
+      flags = multihost.agree([error is not None, interrupted, bool(behind)])
       failed = [i for i, f in enumerate(flags[:, 0]) if f]
       if flags[:, 1].any():
         self._abandon_step()
@@ -432,7 +454,7 @@ class Run:
       log.warning("step %d: %s%s; restarting the engine and retrying the step (%d of %d)",
                   st.step + 1, what, f" [{where}]" if where and error is not None else "",
                   attempt + 1, retries)
-      if flags[:, 2].any():  # a fresh engine holds the model dir's weights
+      if flags[:, 2].any():  # the engine lacks the trainer's weights (above)
         st.policy_version += 1
         self._relabeled.add(st.policy_version)
         self.sampler.sync(self.trainer.model, st.policy_version)

@@ -162,11 +162,13 @@ class ScriptedSampler:
   Of the sampler it implements the `Sampler` protocol and nothing more (no `llm`), so a run
   that reaches past the protocol fails here. `delay(call_index)` (seconds, default none) is
   waited at the start of every `generate`, ended like the vLLM sampler's wait by
-  `should_stop` (EngineError): a slow engine's timing, never its samples."""
+  `should_stop` (EngineError): a slow engine's timing, never its samples; `load_delay(i)`
+  likewise at the start of the i-th weight load."""
 
   def __init__(self, tokenizer, answer: Callable[[int, str, int], str] = seven_or_three,
-               version: int = 0, delay: Callable[[int], float] | None = None):
-    self.tok, self.answer, self.delay = tokenizer, answer, delay
+               version: int = 0, delay: Callable[[int], float] | None = None,
+               load_delay: Callable[[int], float] | None = None):
+    self.tok, self.answer, self.delay, self.load_delay = tokenizer, answer, delay, load_delay
     self.should_stop: Callable[[], bool] = lambda: False
     self.started = 0   # start() calls
     self._version = version
@@ -215,9 +217,16 @@ class ScriptedSampler:
     return groups
 
   def sync(self, model, version: int) -> dict[str, float]:
+    return self.load(self.snapshot(model), version)
+
+  def snapshot(self, model) -> float:
     from pasr_jax.models.hf import hf_tensors
-    total = sum(float(np.asarray(x, np.float64).sum()) for _, x in hf_tensors(model, model.cfg))
-    self.weight_sums.append(total)
+    return sum(float(np.asarray(x, np.float64).sum()) for _, x in hf_tensors(model, model.cfg))
+
+  def load(self, snapshot: float, version: int) -> dict[str, float]:
+    if self.load_delay is not None:  # a slow publish (not ended by should_stop: a reload)
+      time.sleep(self.load_delay(len(self.weight_sums)))
+    self.weight_sums.append(snapshot)
     self._version = version
     return {"total_s": 0.0}
 

@@ -26,7 +26,7 @@ from helpers import DATA, ScriptedSampler, assert_group_gone, load_preset, run_t
 from pasr_jax import cli, devices, metrics, sharding
 from pasr_jax.config import ASYNC_TIS_CAP, ConfigError, RunConfig
 from pasr_jax.judge.client import JudgeError
-from pasr_jax.rollout import EngineError
+from pasr_jax.rollout import EngineError, SyncError
 from pasr_jax.run import Run
 
 STEPS = 4
@@ -150,41 +150,50 @@ def test_k1_trains_on_the_k0_batches_one_version_behind(tmp_path, k1_run):
   assert k1_run["sampler"].weight_sums == k0["sampler"].weight_sums[:STEPS - 2]
 
 
-def test_random_generation_delays_change_nothing(tmp_path, k1_run):
-  """Generation taking 0-0.6 s at random (sometimes longer than the update, sometimes not):
-  staleness stays in [0, 1], no step is lost or repeated, and the run is the same run."""
+def test_random_generation_and_publish_delays_change_nothing(tmp_path, k1_run):
+  """Generation and the engine's weight loads taking 0-0.6 s at random (sometimes longer
+  than the update, sometimes not): staleness stays in [0, 1], no step is lost or repeated,
+  and the run is the same run. The loads happen in the rollout thread: the trainer's path
+  holds only the host copy (`time/sync`), and the load's timings reach the next step."""
   rnd = random.Random(7)
   delays = [rnd.uniform(0.0, 0.6) for _ in range(16)]
+  load_delays = [rnd.uniform(0.3, 0.6) for _ in range(16)]
 
   def slow(s):
     s.delay = lambda call: delays[call]
+    s.load_delay = lambda call: load_delays[call]
     return s
 
   res = _run(tmp_path / "w", 1, slow)
   assert res["raised"] is None, res["raised"]
   _assert_every_step_once(res)
   assert all(0 <= r["staleness/max"] <= 1 for r in res["metrics"])
+  # Versions 1 and 2 are loaded during steps 2 and 3, and reported with steps 3 and 4.
+  assert [("sync/total_s" in r) for r in res["metrics"]] == [False, False, True, True]
+  assert all(r["time/sync"] < 0.3 for r in res["metrics"]), [r["time/sync"] for r in
+                                                              res["metrics"]]
   assert res["rollouts"] == k1_run["rollouts"]  # versions included: admission is not timing
   assert np.array_equal(res["params"], k1_run["params"])
 
 
 class _Failing:
-  """Raises `exc` (EngineError) from `generate` on the calls in `bad` (indices from 0)."""
+  """Raises `exc` (EngineError) from the sampler's `method` (generate or load) on the calls
+  in `bad` (indices from 0)."""
 
-  def __init__(self, bad, exc=EngineError):
-    self.bad, self.exc = set(bad), exc
+  def __init__(self, bad, exc=EngineError, method="generate"):
+    self.bad, self.exc, self.method = set(bad), exc, method
 
   def __call__(self, s):
-    inner, count = s.generate, [0]
+    inner, count = getattr(s, self.method), [0]
 
-    def generate(*a, **kw):
+    def failing(*a, **kw):
       i, count[0] = count[0], count[0] + 1
       if i in self.bad:
         time.sleep(0.2)
         raise self.exc(f"scripted failure on call {i}")
       return inner(*a, **kw)
 
-    s.generate = generate
+    setattr(s, self.method, failing)
     return s
 
 
@@ -196,6 +205,28 @@ def test_background_engine_failure_is_retried_and_nothing_is_lost(tmp_path, k1_r
   _assert_every_step_once(res)
   assert res["rollouts"] == k1_run["rollouts"]
   assert np.array_equal(res["params"], k1_run["params"])
+
+
+def test_a_failed_background_publish_is_retried_and_nothing_is_lost(tmp_path, k1_run):
+  """The rollout thread's load of version 1 dies with the engine (EngineError): the main
+  thread meets it when it waits for batch 3, syncs the trainer's weights to a fresh engine
+  itself and samples batch 3 again; the run is the same run."""
+  res = _run(tmp_path / "w", 1, _Failing({0}, method="load"))
+  assert res["raised"] is None, res["raised"]
+  _assert_every_step_once(res)
+  assert _no_version(res["rollouts"]) == _no_version(k1_run["rollouts"])
+  assert np.array_equal(res["params"], k1_run["params"])
+
+
+def test_a_publish_that_fails_ends_the_run_as_a_failed_sync(tmp_path):
+  """A load that fails without the engine dying (SyncError: bad weights) is an error, not a
+  stale engine: the run ends with the sync's exit code after step 2, whose checkpoint is
+  intact."""
+  res = _run(tmp_path / "w", 1, _Failing({0}, SyncError, method="load"))
+  assert type(res["raised"]) is SyncError, res["raised"]
+  assert cli.classify(res["raised"])[0] == 4
+  assert [r["step"] for r in res["metrics"]] == [1, 2]
+  assert (tmp_path / "w" / "checkpoints" / "2").is_dir()
 
 
 def test_the_wait_on_the_background_batch_is_bounded(tmp_path, k1_run, caplog):

@@ -8,7 +8,7 @@ stop token, when generation stopped on one, is part of `Completion.token_ids`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 from pasr_jax import errors
 
@@ -63,9 +63,9 @@ class Sampler(Protocol):
   """Generates rollouts and receives new policy weights: everything a training run
   (`pasr_jax.run.Run`) uses of a sampler, and all a test double has to implement.
 
-  A run calls `generate` from one background thread (rollout.max_staleness >= 1) or from its
-  main thread, never both at once, and `sync`, `start` and `close` from the main thread only
-  while no `generate` is in flight.
+  A run calls `generate` and `load` from one background thread (rollout.max_staleness >= 1)
+  or from its main thread, never two at once, and `sync`, `snapshot`, `start` and `close`
+  from the main thread only while no `generate` or `load` is in flight.
   """
 
   # Polled while a call waits on the engine; returning True ends the wait with EngineError
@@ -103,6 +103,16 @@ class Sampler(Protocol):
     Returns phase timings in seconds. Raises `SyncError` on failure, leaving the version
     unchanged.
     """
+    ...
+
+  def snapshot(self, model) -> Any:
+    """The weights of `model` copied to the host, for a later `load`: the part of a sync that
+    reads the trainer's arrays (multi-host: a collective), so the main thread's."""
+    ...
+
+  def load(self, snapshot: Any, version: int) -> dict[str, float]:
+    """Loads a `snapshot` and tags later rollouts with `version`, as `sync` does (whose
+    timings and errors it has); safe off the main thread."""
     ...
 
   def close(self) -> None:

