@@ -4,6 +4,7 @@ All tests share the session engine from conftest (`vllm_sampler`); tests that sy
 weights restore SmolLM2's own before they end.
 """
 
+import concurrent.futures
 import json
 import logging
 import os
@@ -154,6 +155,11 @@ def test_logprobs_match_jax_model(vllm_sampler, prompts, jax_model, temperature)
 
 
 def test_sync_is_real_and_restores(vllm_sampler, prompts, jax_model, greedy_ref):
+  """A perturbed model published the way a run with rollout.max_staleness >= 1 does (a host
+  snapshot, then `load` in another thread, with a stop asked for meanwhile: a reload is not
+  interrupted), then the original weights by the streaming `sync`: after each, the engine's
+  workers report the version, and its logprobs are the JAX model's at that version, not
+  the one before."""
   model, _ = jax_model
   original = jax.device_get(nnx.state(model, nnx.Param))
   v0 = vllm_sampler.policy_version
@@ -161,8 +167,12 @@ def test_sync_is_real_and_restores(vllm_sampler, prompts, jax_model, greedy_ref)
                                  seed=11)
   try:
     model.norm.weight.set_value(model.norm.weight.get_value() * 1.3)
-    timings = vllm_sampler.sync(model, v0 + 1)
-    assert vllm_sampler.policy_version == v0 + 1
+    snap = vllm_sampler.snapshot(model)
+    vllm_sampler.should_stop = lambda: True
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      timings = pool.submit(vllm_sampler.load, snap, v0 + 1).result()
+    vllm_sampler.should_stop = lambda: False
+    assert vllm_sampler.policy_version == v0 + 1 == vllm_sampler.engine_version()
     assert {"gather_s", "convert_write_s", "reload_s", "total_s"} <= set(timings)
     ws = vllm_sampler.weight_sync
     assert not list(ws.sync_root.glob(ws.prefix + "*"))   # sync dir cleaned up
@@ -177,8 +187,10 @@ def test_sync_is_real_and_restores(vllm_sampler, prompts, jax_model, greedy_ref)
     assert [c.token_ids for g in after for c in g.completions] != \
         [c.token_ids for g in before for c in g.completions]
   finally:
+    vllm_sampler.should_stop = lambda: False
     nnx.update(model, jax.tree.map(jnp.asarray, original))
     vllm_sampler.sync(model, v0 + 2)
+  assert vllm_sampler.engine_version() == v0 + 2
   assert _greedy(vllm_sampler, prompts) == greedy_ref
 
 
