@@ -333,8 +333,15 @@ class GrpoCfg(Section):
   skip_zero_variance: bool = key(True, "drop groups within grpo.skip_range from the batch")
   recompute_old_logps: bool = key(False, "use trainer logprobs instead of the sampler's")
   tis_cap: float = key(
-      0.0, ">0: truncated importance-sampling weight cap; 0 = off, or ASYNC_TIS_CAP (2.0) "
-      "with rollout.max_staleness >= 1")
+      0.0, ">0: the loss weights each token by min(pi_trainer / pi_sampler, tis_cap), the "
+      "trainer's logprobs recomputed as old_logps (decoupled PPO with a truncated weight); "
+      "0 = off, or ASYNC_TIS_CAP (2.0) with rollout.max_staleness >= 1")
+  is_mask_low: float = key(
+      0.0, ">0: drop from the loss tokens whose pi_trainer / pi_sampler < this (recomputes "
+      "the trainer's logprobs); 0 = off")
+  is_mask_high: float = key(
+      0.0, ">0: drop from the loss tokens whose pi_trainer / pi_sampler > this (recomputes "
+      "the trainer's logprobs); 0 = off")
   mask_truncated: bool = key(False, "drop loss on completions cut at max_tokens")
   loss_temperature: float = key(
       0.0, "logprob temperature of the loss; 0 = rollout.temperature (original: 1.0)")
@@ -350,8 +357,18 @@ class GrpoCfg(Section):
     self.need(self.skip_range >= 0, "skip_range", "must be >= 0")
     self.need(self.adv_scale in ADV_SCALES, "adv_scale", "must be one of " + " | ".join(ADV_SCALES))
     self.need(self.tis_cap >= 0, "tis_cap", "must be >= 0 (0 = off)")
+    self.need(0 <= self.is_mask_low < 1, "is_mask_low", "must be in [0, 1) (0 = off)")
+    self.need(self.is_mask_high == 0 or self.is_mask_high > 1, "is_mask_high",
+              "must be 0 (off) or > 1")
     self.need(self.loss_temperature >= 0, "loss_temperature",
               "must be >= 0 (0 = rollout.temperature)")
+
+  @property
+  def trainer_old_logps(self) -> bool:
+    """Whether the trainer recomputes old_logps itself (once per rollout batch): asked for,
+    or needed by the behaviour weight (tis_cap) or the ratio band (is_mask_low/high)."""
+    return bool(self.recompute_old_logps or self.tis_cap > 0 or self.is_mask_low > 0
+                or self.is_mask_high > 0)
 
   def temperature(self, rollout_temperature: float) -> float:
     """The logprob temperature of the loss: loss_temperature, or the sampler's if 0."""
@@ -511,8 +528,7 @@ class RunConfig(Section):
   def check(self):
     self.need(bool(self.workdir), "workdir", "must be set")
     g, r = self.train_grpo(), self.rollout
-    if g.temperature(r.temperature) != r.temperature and not (
-        g.recompute_old_logps or g.tis_cap > 0):
+    if g.temperature(r.temperature) != r.temperature and not g.trainer_old_logps:
       g.need(False, "loss_temperature",
              f"differs from rollout.temperature={r.temperature}, whose logprobs the sampler "
              "returns: set grpo.recompute_old_logps=True (or grpo.tis_cap > 0) so the old "

@@ -170,25 +170,46 @@ def flat_groups(rewards, n: int, tol: float = 0.0) -> np.ndarray:
 # ----------------------------------------------------------------------------- loss
 
 
-def tis_weights(old_trainer: jax.Array, old_sampler: jax.Array, mask: jax.Array,
-                cap: float) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Truncated importance weight min(exp(old_trainer - old_sampler), cap), `[B,T]`.
+def behaviour_weights(prox: jax.Array, behaviour: jax.Array, mask: jax.Array, cap: float,
+                      mask_low: float = 0.0, mask_high: float = 0.0
+                      ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+  """Per-token behaviour weights, the band-masked loss mask and their metrics, `[B,T]`.
 
-  Corrects for the sampler (vLLM) and trainer disagreeing on the old policy's logprobs, and
-  for a batch sampled by an older policy (rollout.max_staleness >= 1). Also returns the
-  metrics over masked tokens: mean |diff|, max |diff|, mean weight, and the largest ratio
-  exp(old_trainer - old_sampler) before the cap (0 when no token is masked in).
+  prox: the trainer's logprobs of the policy about to be updated (the "proximal" policy of
+  decoupled PPO, AReaL); behaviour: the sampler's (vLLM's, possibly `rollout.max_staleness`
+  updates old). With ratio r = exp(prox - behaviour), the weight is min(r, cap) (cap 0: 1),
+  and the returned mask drops scored tokens with r < mask_low or (mask_high > 0) r >
+  mask_high (grpo.is_mask_low / is_mask_high; icepop-style masked importance sampling).
+  Multiplying the PPO term clipped around prox by this weight is the decoupled-PPO
+  objective with a truncated behaviour weight; `grpo_loss` takes it as `is_weights`.
+
+  Metrics over the scored tokens (mask > 0; 0 when there are none): logp_mismatch_mean/max
+  (|prox - behaviour|), tis_weight_mean (min(r, cap)), tis_ratio_mean / tis_ratio_max (raw
+  r), tis_ess (effective sample size of r, (sum r)^2 / (N sum r^2), in (0, 1]),
+  behaviour_kl (k3 estimate of KL(behaviour || prox) from the behaviour samples: mean of
+  r - 1 - log r), tis_clip_frac (r > cap) and is_masked_frac (outside the band).
   """
-  mask = mask.astype(jnp.float32)
-  diff = (old_trainer - old_sampler) * mask
-  w = jnp.minimum(jnp.exp(diff), cap) if cap > 0 else jnp.ones_like(diff)
-  w = jnp.where(mask > 0, w, 0.0)
-  n = jnp.maximum(mask.sum(), 1.0)
-  return w, {
-      "logp_mismatch_mean": jnp.abs(diff).sum() / n,
+  scored = mask > 0
+  diff = jnp.where(scored, prox - behaviour, 0.0).astype(jnp.float32)
+  r = jnp.exp(diff)
+  w = jnp.where(scored, jnp.minimum(r, cap) if cap > 0 else 1.0, 0.0)
+  out_band = (r < mask_low) | ((r > mask_high) if mask_high > 0 else False)
+  keep = jnp.where(out_band, 0.0, mask.astype(jnp.float32))
+  n = jnp.maximum(scored.sum(), 1).astype(jnp.float32)
+  mean = lambda x: jnp.where(scored, x, 0.0).sum() / n
+  # ESS is scale-free: ratios over their max keep sum r^2 finite for any logprob gap.
+  top = jnp.where(scored, diff, -jnp.inf).max()
+  u = jnp.where(scored, jnp.exp(diff - jnp.where(scored.any(), top, 0.0)), 0.0)
+  return w, keep, {
+      "logp_mismatch_mean": mean(jnp.abs(diff)),
       "logp_mismatch_max": jnp.abs(diff).max(),
-      "tis_weight_mean": w.sum() / n,
-      "tis_ratio_max": jnp.exp(jnp.where(mask > 0, diff, -jnp.inf).max()),
+      "tis_weight_mean": mean(w),
+      "tis_ratio_mean": mean(r),
+      "tis_ratio_max": jnp.exp(top),
+      "tis_ess": u.sum() ** 2 / (n * jnp.maximum((u * u).sum(), 1e-30)),
+      "behaviour_kl": mean(r - 1.0 - diff),
+      "tis_clip_frac": mean(r > cap) if cap > 0 else jnp.zeros(()),
+      "is_masked_frac": mean(out_band),
   }
 
 
@@ -199,8 +220,9 @@ def loss_denominator(mask: jax.Array, agg: str) -> jax.Array:
   number of sequences with at least one scored token.
 
   A row with no scored token is not a sequence of the loss, whatever the aggregation: the
-  rows `step.pack_batch` adds to fill the last micro-batch, and answers masked out by
-  grpo.mask_truncated. (TRL divides by all rows, `completion_mask.size(0)`, for "grpo" and
+  rows `step.pack_batch` adds to fill the last micro-batch, answers masked out by
+  grpo.mask_truncated, and answers whose every token the ratio band (grpo.is_mask_low/high)
+  dropped. (TRL divides by all rows, `completion_mask.size(0)`, for "grpo" and
   "dr_grpo", so there an all-masked row scales the batch's loss down; here it changes
   nothing, and a batch padded with such rows has exactly the loss of the unpadded one.)
   """
@@ -220,7 +242,10 @@ def grpo_loss(logps: jax.Array, old_logps: jax.Array, ref_logps: jax.Array | Non
 
   logps, old_logps, ref_logps, mask, is_weights: `[B,T]`; advantages `[B]`. Per token:
   `-min(r·A, clip(r, 1-eps_low, 1+eps_high)·A) · w + beta·k3`, r = exp(logp - old),
-  k3 = exp(ref - logp) - (ref - logp) - 1, w the optional truncated IS weight. `agg`:
+  k3 = exp(ref - logp) - (ref - logp) - 1, w the optional truncated IS weight. With old_logps
+  the trainer's recompute (the proximal policy) and w = `behaviour_weights` (min(pi_prox /
+  pi_behaviour, cap)) this is the decoupled-PPO objective (AReaL) with a truncated behaviour
+  weight: the one loss for on- and off-policy batches. `agg`:
   seq_mean_token_mean (per-sequence token mean, then mean over sequences: PASR/TRL),
   token_mean (DAPO), seq_mean_token_sum_norm (Dr.GRPO: token sum / max_tokens, mean over
   sequences); rows with no scored token do not count as sequences (see loss_denominator). Metrics are means over this batch's masked tokens plus "tokens" (their count)

@@ -406,9 +406,11 @@ class Trainer:
   def train_batch(self, batch: dict) -> dict[str, float]:
     """The per-rollout-batch routine: optional trainer-side old logprobs, then the updates.
 
-    With grpo.recompute_old_logps or grpo.tis_cap > 0 the trainer's own logprobs of the
-    current policy become old_logps (and the capped IS weights against the sampler's are
-    applied), once, before any update; the sampler/trainer mismatch is reported in that case.
+    With grpo.recompute_old_logps, grpo.tis_cap > 0 or a ratio band (grpo.is_mask_low/high)
+    the trainer's own logprobs of the current policy become old_logps, once, before any
+    update; against the sampler's (the behaviour policy) they give the capped weights
+    (tis_cap) and the band's loss mask (`grpo.behaviour_weights`), whose metrics are
+    reported in that case.
     Then grpo.num_iterations passes over the batch, each one optimizer update per
     optim.sequences_per_update consecutive rows (0: the whole batch); a slice without scored
     tokens is passed over (Adam's moments would still move the params). Returns the updates'
@@ -418,16 +420,18 @@ class Trainer:
     g = self.cfg.grpo
     compiled_before = self.compilations
     extra: dict[str, float] = {}
-    if g.recompute_old_logps or g.tis_cap > 0:
+    if g.trainer_old_logps:
       old_tr = self.logprobs(batch, scored_only=True)
-      w, mm = grpo.tis_weights(jnp.asarray(old_tr),
-                               jnp.asarray(sharding.to_host(batch["old_logps"])),
-                               jnp.asarray(sharding.to_host(batch["loss_mask"])),
-                               float(g.tis_cap))
+      w, keep, mm = grpo.behaviour_weights(
+          jnp.asarray(old_tr), jnp.asarray(sharding.to_host(batch["old_logps"])),
+          jnp.asarray(sharding.to_host(batch["loss_mask"])), float(g.tis_cap),
+          float(g.is_mask_low), float(g.is_mask_high))
       extra = {k: float(v) for k, v in mm.items()}
       batch = dict(batch, old_logps=old_tr)
       if g.tis_cap > 0:
         batch["is_weights"] = np.asarray(w)
+      if g.is_mask_low > 0 or g.is_mask_high > 0:
+        batch["loss_mask"] = np.asarray(keep)
     b = np.shape(batch["input_ids"])[0]
     per = int(self.cfg.optim.sequences_per_update) or b
     mask = sharding.to_host(batch["loss_mask"])  # multi-host: a global array (a collective)

@@ -143,6 +143,8 @@ def test_k1_trains_on_the_k0_batches_one_version_behind(tmp_path, k1_run):
   # TIS is on (the K = 1 default): its metrics are logged; the run really trained.
   for r in k1_run["metrics"]:
     assert r["train/tis_ratio_max"] > 0 and 0 < r["train/tis_weight_mean"] <= ASYNC_TIS_CAP
+    assert 0 < r["train/tis_ess"] <= 1 and r["train/behaviour_kl"] >= 0
+    assert r["train/is_masked_frac"] == 0 and 0 <= r["train/tis_clip_frac"] <= 1
     assert r["train/grad_norm"] > 0
   # The engine got versions 1 .. STEPS-2 (batch j+1 samples version j-1; the last batch is
   # sampled at step STEPS-1), each once and in order, the same weights K = 0 synced.

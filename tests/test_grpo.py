@@ -77,9 +77,10 @@ def test_tis_weights_and_loss():
   logps, old, ref, adv, mask = _inputs(2, spread=0.3)
   old_trainer = old + np.random.default_rng(3).normal(0, 0.5, old.shape)
   f = lambda x: jnp.asarray(x, jnp.float32)
-  w, met = grpo.tis_weights(f(old_trainer), f(old), f(mask), cap=2.0)
+  w, keep, met = grpo.behaviour_weights(f(old_trainer), f(old), f(mask), cap=2.0)
   want_w = np.minimum(np.exp(old_trainer - old), 2.0) * mask
   np.testing.assert_allclose(np.asarray(w), want_w, rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(keep), mask)  # no band: every scored token kept
   assert np.asarray(w).max() == pytest.approx(2.0)  # the cap is hit
   np.testing.assert_allclose(float(met["logp_mismatch_mean"]),
                              (np.abs(old_trainer - old) * mask).sum() / mask.sum(), rtol=1e-5)
@@ -90,6 +91,97 @@ def test_tis_weights_and_loss():
                            eps_low=0.2, eps_high=0.2, agg="token_mean", is_weights=w)
   want = np_grpo(logps, old_trainer, ref, adv, mask, 0.04, 0.2, 0.2, "token_mean", w=want_w)
   np.testing.assert_allclose(float(s / d), want, rtol=2e-5)
+
+
+def np_behaviour_metrics(prox, behaviour, mask, cap, low, high):
+  """The off-policy metrics over the scored tokens, from their definitions."""
+  r = np.exp((prox - behaviour)[mask > 0].astype(np.float64))
+  out = (r < low) | ((r > high) if high else False)
+  return {"tis_ratio_mean": r.mean(), "tis_ratio_max": r.max(),
+          "tis_ess": r.sum() ** 2 / (r.size * (r ** 2).sum()),
+          "behaviour_kl": np.mean(r - 1 - np.log(r)),
+          "tis_weight_mean": np.minimum(r, cap).mean() if cap else 1.0,
+          "tis_clip_frac": np.mean(r > cap) if cap else 0.0, "is_masked_frac": out.mean()}
+
+
+# Ratios pi_prox / pi_behaviour of 8 scored tokens in two rows; row 1 ends in 2 padding slots.
+RATIOS = np.array([[1.0, 0.5, 3.0, 1.2, 0.05], [2.5, 0.9, 1.1, 7.0, 7.0]])
+RMASK = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], np.float32)
+
+
+@pytest.mark.parametrize("cap, low, high", [(2.0, 0.0, 0.0), (2.0, 0.4, 2.8), (0.0, 0.1, 0.0),
+                                            (0.0, 0.0, 1.15)])
+def test_behaviour_metrics_match_numpy(cap, low, high):
+  behaviour = np.random.default_rng(0).normal(-2, 1, RATIOS.shape)
+  prox = behaviour + np.log(RATIOS)
+  behaviour[1, 3:] = 40.0  # padding: garbage the metrics must not see (ratio e^-40 or so)
+  f = lambda x: jnp.asarray(x, jnp.float32)
+  w, keep, m = grpo.behaviour_weights(f(prox), f(behaviour), f(RMASK), cap, low, high)
+  want = np_behaviour_metrics(prox, behaviour, RMASK, cap, low, high)
+  for k, v in want.items():
+    np.testing.assert_allclose(float(m[k]), v, rtol=1e-5, err_msg=k)
+  # Crafted counts, exactly: of the 8 scored ratios, 3 and 2.5 exceed cap 2; the band
+  # [0.4, 2.8] drops 0.05 and 3; [0.1, off] drops 0.05; [0, 1.15] drops 3, 1.2 and 2.5.
+  assert float(m["tis_clip_frac"]) == (2 / 8 if cap else 0.0)
+  dropped = {(0.4, 2.8): [(0, 2), (0, 4)], (0.1, 0.0): [(0, 4)],
+             (0.0, 1.15): [(0, 2), (0, 3), (1, 0)]}.get((low, high), [])
+  want_keep = RMASK.copy()
+  for i in dropped:
+    want_keep[i] = 0
+  np.testing.assert_array_equal(np.asarray(keep), want_keep)
+  assert float(m["is_masked_frac"]) == len(dropped) / 8
+  assert 0 < float(m["tis_ess"]) < 1 and float(m["behaviour_kl"]) > 0
+  assert float(np.asarray(w)[1, 3:].sum()) == 0  # no weight on padding
+
+
+def test_behaviour_metrics_ignore_padding_and_are_trivial_on_policy():
+  """Equal ratios: ESS 1; prox == behaviour: k3 KL 0, ratios 1. Padding changes nothing."""
+  f = lambda x: jnp.asarray(x, jnp.float32)
+  behaviour = np.random.default_rng(1).normal(-2, 1, RATIOS.shape).astype(np.float32)
+  for shift in (0.0, 0.3):  # on policy / every ratio e^0.3
+    prox = behaviour + np.float32(shift)
+    prox[1, 3:] = -80.0  # padding that would dominate every metric
+    _, _, m = grpo.behaviour_weights(f(prox), f(behaviour), f(RMASK), 2.0)
+    assert float(m["tis_ess"]) == pytest.approx(1.0, abs=1e-6)
+    assert float(m["tis_ratio_mean"]) == pytest.approx(np.exp(shift), rel=1e-6)
+    kl = float(m["behaviour_kl"])
+    assert kl == 0.0 if shift == 0 else kl == pytest.approx(np.exp(shift) - 1 - shift, rel=1e-4)
+  # Only the scored tokens count: the same metrics as the 8 scored tokens alone.
+  prox = behaviour + np.log(RATIOS)
+  prox[1, 3:] = 60.0
+  _, _, m = grpo.behaviour_weights(f(prox), f(behaviour), f(RMASK), 2.0, 0.4, 2.8)
+  sel = RMASK > 0
+  _, _, alone = grpo.behaviour_weights(f(prox[sel][None]), f(behaviour[sel][None]),
+                                       jnp.ones((1, 8)), 2.0, 0.4, 2.8)
+  for k in alone:
+    np.testing.assert_allclose(float(m[k]), float(alone[k]), rtol=1e-6, err_msg=k)
+  # A ratio of e^100 overflows float32 squared, not the scale-free ESS; no token: zeros.
+  prox[0, 0] = behaviour[0, 0] + 100.0
+  _, _, m = grpo.behaviour_weights(f(prox), f(behaviour), f(RMASK), 2.0)
+  assert float(m["tis_ess"]) == pytest.approx(1 / 8, rel=1e-5)
+  _, _, m = grpo.behaviour_weights(f(prox), f(behaviour), jnp.zeros(RMASK.shape), 2.0)
+  assert all(float(v) == 0 for v in m.values()), m
+
+
+def test_band_mask_is_the_loss_of_a_hand_masked_batch():
+  """The band's mask in grpo_loss is the loss of a batch whose loss_mask drops exactly the
+  out-of-band tokens by hand, under every aggregation (denominators included)."""
+  logps, old, ref, adv, mask = _inputs(4, spread=0.3)
+  behaviour = old + np.random.default_rng(5).normal(0, 0.5, old.shape)
+  f = lambda x: jnp.asarray(x, jnp.float32)
+  _, keep, m = grpo.behaviour_weights(f(old), f(behaviour), f(mask), 0.0, 0.7, 1.4)
+  r = np.exp(np.float32(old) - np.float32(behaviour))
+  hand = mask * ((r >= 0.7) & (r <= 1.4))
+  assert 0 < hand.sum() < mask.sum()  # the band drops some tokens, not all
+  np.testing.assert_array_equal(np.asarray(keep), hand)
+  assert float(m["is_masked_frac"]) == pytest.approx(1 - hand.sum() / mask.sum(), rel=1e-6)
+  for agg in grpo.AGGS:
+    kw = dict(beta=0.04, eps_low=0.2, eps_high=0.28, agg=agg, max_tokens=9)
+    s, d, _ = grpo.grpo_loss(f(logps), f(old), f(ref), f(adv), keep, **kw)
+    s2, d2, _ = grpo.grpo_loss(f(logps), f(old), f(ref), f(adv), f(hand), **kw)
+    assert float(s) == float(s2) and float(d) == float(d2)
+    np.testing.assert_allclose(float(s / d), np_grpo(logps, old, ref, adv, hand, 0.04, 0.2,
+                                                     0.28, agg, max_tokens=9), rtol=2e-5)
 
 
 def test_bad_agg_raises():

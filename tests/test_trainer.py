@@ -195,13 +195,57 @@ def test_non_finite_step_is_skipped():
 
 
 def test_tis_and_recompute_use_trainer_old_logps():
-  tr = make_trainer(make_cfg(**{"grpo.tis_cap": 2.0}))
-  batch = make_batch(6)
-  sampler = with_old(tr, batch, noise=0.5)  # a sampler that disagrees with the trainer
-  m = tr.train_batch(sampler)
+  """tis_cap: old_logps become the trainer's, weighted by min(r, cap) against the sampler's;
+  with the band off the update is bit-identical to the one before the band existed."""
+  tr, ref = make_trainer(make_cfg(**{"grpo.tis_cap": 2.0})), make_trainer(make_cfg())
+  batch = with_old(tr, make_batch(6), noise=0.5)  # a sampler that disagrees with the trainer
+  m = tr.train_batch(batch)
   assert m["ratio_mean"] == pytest.approx(1.0, abs=1e-5)  # ratio against the trainer's logps
   assert 0.2 < m["logp_mismatch_mean"] < 0.6
   assert m["tis_weight_mean"] < 2.0
+  assert 0 < m["tis_ess"] < 1 and m["behaviour_kl"] > 0 and 0 < m["tis_clip_frac"] < 1
+  assert m["is_masked_frac"] == 0 and m["tokens"] == batch["loss_mask"].sum()
+  # The weights as the trainer computed them before grpo.is_mask_low/high, written out.
+  prox = ref.logprobs(batch, scored_only=True)
+  mask = jnp.asarray(batch["loss_mask"])
+  diff = (jnp.asarray(prox) - jnp.asarray(batch["old_logps"])) * mask
+  w = jnp.where(mask > 0, jnp.minimum(jnp.exp(diff), 2.0), 0.0)
+  ref.update(dict(batch, old_logps=prox, is_weights=np.asarray(w)))
+  np.testing.assert_array_equal(flat(tr.params), flat(ref.params))
+
+
+def test_ratio_band_drops_exactly_the_out_of_band_tokens():
+  """grpo.is_mask_low/high alone (no tis_cap) recompute old_logps, and the update is the one
+  on a batch whose loss_mask zeroes the out-of-band tokens by hand."""
+  band = {"grpo.is_mask_low": 0.7, "grpo.is_mask_high": 1.4, "grpo.beta": 0.04}
+  tr, ref = make_trainer(make_cfg(**band)), make_trainer(make_cfg(**{"grpo.beta": 0.04}))
+  batch = with_old(tr, make_batch(6), noise=0.5)
+  prox = ref.logprobs(batch, scored_only=True)
+  r = np.exp(prox - batch["old_logps"])
+  hand = (batch["loss_mask"] * ((r >= 0.7) & (r <= 1.4))).astype(np.float32)
+  assert 0 < hand.sum() < batch["loss_mask"].sum()  # some tokens out of the band, not all
+  m = tr.train_batch(batch)
+  want = ref.update(dict(batch, old_logps=prox, loss_mask=hand))
+  np.testing.assert_array_equal(flat(tr.params), flat(ref.params))
+  assert m["loss"] == want["loss"] and m["tokens"] == want["tokens"] == hand.sum()
+  assert m["ratio_mean"] == pytest.approx(1.0, abs=1e-5)  # against the trainer's logps
+  assert m["is_masked_frac"] == pytest.approx(1 - hand.sum() / batch["loss_mask"].sum())
+  assert m["tis_weight_mean"] == 1.0 and m["tis_clip_frac"] == 0  # no cap: weight 1
+
+
+@pytest.mark.parametrize("key, value, why", [
+    ("grpo.is_mask_low", 1.0, "must be in [0, 1) (0 = off)"),
+    ("grpo.is_mask_low", -0.1, "must be in [0, 1) (0 = off)"),
+    ("grpo.is_mask_high", 1.0, "must be 0 (off) or > 1"),
+    ("grpo.is_mask_high", 0.5, "must be 0 (off) or > 1"),
+])
+def test_ratio_band_bounds_are_checked(key, value, why):
+  with pytest.raises(ConfigError) as err:
+    RunConfig.from_tree(make_cfg(**{key: value}))
+  assert str(err.value) == f"config {key}={value!r}: {why}"  # one line naming the key
+  assert RunConfig.from_tree(make_cfg(**{key: 0.0})).grpo.trainer_old_logps is False
+  on = {"grpo.is_mask_low": 0.5} if "low" in key else {"grpo.is_mask_high": 2.0}
+  assert RunConfig.from_tree(make_cfg(**on)).trainer_cfg().grpo.trainer_old_logps
 
 
 @pytest.mark.slow
@@ -318,8 +362,8 @@ def test_sequences_per_update_splits_the_rollout_batch(over, mesh):
   b = dict(big)
   if "grpo.tis_cap" in base:
     old = ref.logprobs(big, scored_only=True)
-    w, _ = grpo.tis_weights(jnp.asarray(old), jnp.asarray(big["old_logps"]),
-                            jnp.asarray(big["loss_mask"]), 2.0)
+    w, _, _ = grpo.behaviour_weights(jnp.asarray(old), jnp.asarray(big["old_logps"]),
+                                     jnp.asarray(big["loss_mask"]), 2.0)
     b.update(old_logps=old, is_weights=np.asarray(w))
   for _ in range(iters):
     for i in range(0, 64, 8):
