@@ -9,7 +9,8 @@
 # Arms: vanilla (the dequantized Q4_1 SmolLM2, plain prompt), cold_start (the SFT alone),
 # pasr (cold start + PASR), grpo (cold start + GRPO with format + accuracy rewards only:
 # rewards.refine_weight=0), pasr_nocompare (cold start + PASR "w/o comparison": every
-# refinement earns rewards.refine_fixed, paper Table 2).
+# refinement earns rewards.refine_fixed, paper Table 2), pasr_async (pasr with one batch
+# sampled ahead: rollout.max_staleness=1, issue 25).
 #   EXP_ARMS   RL arms (default "pasr grpo"; add pasr_nocompare when there is time). Measured
 #              2026-12-03 with the defaults on the 2-core host: 52.8 min in all (cold start
 #              8.3 min; an arm of 6 steps 10.6-12.6 min of training + 3-4 min of evaluation)
@@ -25,8 +26,9 @@ EXP_LIMIT=${EXP_LIMIT:-400}
 PORT=${JUDGE_PORT:-8011}
 STEPS=(--config.train.steps="${EXP_STEPS:-6}")
 for arm in $EXP_ARMS; do
-  case $arm in pasr|grpo|pasr_nocompare) ;;
-    *) echo "experiment: EXP_ARMS: unknown arm '$arm' (pasr | grpo | pasr_nocompare)" >&2; exit 2;;
+  case $arm in pasr|grpo|pasr_nocompare|pasr_async) ;;
+    *) echo "experiment: EXP_ARMS: unknown arm '$arm' (pasr | grpo | pasr_nocompare |" \
+            "pasr_async)" >&2; exit 2;;
   esac
 done
 mkdir -p "$EXP_DIR"
@@ -75,6 +77,8 @@ for arm in $EXP_ARMS; do
     grpo) ARM=(--config.rewards.refine_weight=0 --config.rollout.baseline=False);;
     # No comparison with the baseline: every refinement earns rewards.refine_fixed.
     pasr_nocompare) ARM=(--config.rewards.refine_compare=none --config.rollout.baseline=False);;
+    # Batch j+1 sampled (one update behind) while batch j trains.
+    pasr_async) ARM=(--config.rollout.max_staleness=1);;
   esac
   [ -f "$EXP_DIR/$arm/hf/config.json" ] || $PY -m pasr_jax.train --config="$PRESET" \
     --config.workdir="$EXP_DIR/$arm" --config.model.path="$COLD" --config.cold_start.enabled=False \
