@@ -55,7 +55,7 @@ from pasr_jax import cold_start
 from pasr_jax.config import RunConfig
 c = get_config()
 c.workdir = sys.argv[1]
-cold_start.ensure(RunConfig.from_tree(c), c.model.path)
+cold_start.ensure(RunConfig.from_tree(c))
 EOF
 stamp "cold start done"
 
