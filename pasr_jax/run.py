@@ -238,8 +238,15 @@ class Run:
     self.stepper = RolloutStep(cfg.step_cfg(), self.tokenizer, self.sampler, self.judge, self.prompts)
     if cfg.rollout.max_staleness >= 1:
       self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pasr-rollout")
+      g = cfg.train_grpo()
       print(f"[train] asynchronous rollouts: one batch sampled ahead (rollout.max_staleness="
-            f"{cfg.rollout.max_staleness}, grpo.tis_cap={cfg.train_grpo().tis_cap:g})", flush=True)
+            f"{cfg.rollout.max_staleness}, grpo.tis_cap={g.tis_cap:g}, grpo.is_mask_low="
+            f"{g.is_mask_low:g}, grpo.is_mask_high={g.is_mask_high:g})", flush=True)
+      if cfg.rollout.vllm.colocate:
+        log.warning("rollout.max_staleness=%d with rollout.vllm.colocate=True: the engine and "
+                    "the trainer share devices, so sampling ahead overlaps little and costs "
+                    "one step of staleness (scripts/launch_gpu.sh gives them GPUs of their own)",
+                    cfg.rollout.max_staleness)
 
   def make_sampler(self):
     """The rollout engine on the run's model dir (not started yet)."""
@@ -379,16 +386,18 @@ class Run:
                         "(rollout.timeout_s)") from None
 
   def _staleness(self, out: StepOutput) -> dict[str, float]:
-    """staleness/mean and /max of the batch's answers (updates between the sampling version
-    and the trainer's; an engine-retry re-sync is none);
+    """staleness/mean, /max and the histogram /frac_<d> (share of answers d updates behind,
+    d = 0..K) of the batch's answers (an engine-retry re-sync is no update);
     outside [0, rollout.max_staleness] is a bug of the run loop."""
     lag = [self._lag(int(r["policy_version"])) for r in out.records]
     k = self.cfg.rollout.max_staleness
     if lag and not 0 <= min(lag) <= max(lag) <= k:
       raise AssertionError(f"step {self.state.step + 1}: staleness {min(lag)}..{max(lag)} "
                            f"outside [0, rollout.max_staleness={k}]")
+    hist = {f"staleness/frac_{d}": (lag.count(d) / len(lag) if lag else 0.0)
+            for d in range(k + 1)}
     return {"staleness/mean": float(np.mean(lag)) if lag else 0.0,
-            "staleness/max": float(max(lag, default=0))}
+            "staleness/max": float(max(lag, default=0)), **hist}
 
   def _lag(self, version: int) -> int:
     """Updates between policy `version` and the trainer's (an engine-retry re-sync's version

@@ -56,7 +56,7 @@ _MEAN_OVER = {"reward/mean": "pasr", "reward/format": "pasr", "reward/accuracy":
               "reward/refine": "pasr", "rate/format_ok": "pasr", "rate/refine": "pasr",
               "len/pasr_mean": "pasr", "rate/truncated": "answers", "len/all_mean": "answers",
               "rate/prompt_truncated": "prompts", "reward/baseline_accuracy": "baseline",
-              "staleness/mean": "answers"}
+              "staleness/mean": "answers"}  # and staleness/frac_<d>
 _SLOWEST = ("time/", "judge/latency", "sync/", "staleness/max")
 
 
@@ -70,8 +70,8 @@ def merge_scalars(parts: Sequence[tuple[dict[str, float], dict[str, float]]]
     vals = [float(s[k]) for s, _ in parts]
     if k in _SUMMED:
       out[k] = sum(vals)
-    elif k in _MEAN_OVER:
-      w = [float(ws.get(_MEAN_OVER[k], 0.0)) for _, ws in parts]
+    elif k in _MEAN_OVER or k.startswith("staleness/frac_"):
+      w = [float(ws.get(_MEAN_OVER.get(k, "answers"), 0.0)) for _, ws in parts]
       out[k] = sum(v * x for v, x in zip(vals, w)) / max(sum(w), 1e-12)
     elif k.startswith(_SLOWEST) and not k.endswith("bytes"):
       out[k] = max(vals)

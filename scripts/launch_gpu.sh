@@ -16,6 +16,9 @@
 # takes the first ones. vLLM has GPUs of its own here (rollout.vllm.colocate=False), so JAX may
 # take 0.9 of its GPUs. The micro-batch is sized to the TRAIN_GPUS (one sequence per GPU, at
 # least the preset's). The trainer starts once the judge answers GET /v1/models.
+# The engine and JAX have GPUs of their own, so one batch is sampled ahead while the trainer
+# updates (rollout.max_staleness=1; MAX_STALENESS=0, or --config.rollout.max_staleness=0 among
+# the arguments, keeps the strictly synchronous loop).
 # A hosted judge works the same: drop the judge part and pass --config.judge.base_url=URL
 # (key in the env var named by judge.api_key_env).
 # JUDGE_BACKEND=verify serves the rule-based grader instead of a judge model (no GPU);
@@ -28,6 +31,7 @@ cd "$(dirname "$0")/.."
 source scripts/judge_lib.sh
 usage="usage: launch_gpu.sh POLICY_HF_DIR JUDGE_HF_DIR [--config=PRESET] [--config.x=y ...]"
 POLICY="${1:?$usage}"
+MAX_STALENESS=${MAX_STALENESS:-1}
 JUDGE_MODEL="${2:?$usage}"
 shift 2
 PRESET="configs/qwen2_5_7b.py"
@@ -70,4 +74,5 @@ run_or_print CUDA_VISIBLE_DEVICES="$ROLLOUT_GPUS,$TRAIN_GPUS" -- \
     --config.rollout.vllm.gpu_memory_utilization=0.85 \
     --config.optim.micro_batch="$micro" \
     --config.optim.sequences_per_update="$micro" \
+    --config.rollout.max_staleness="$MAX_STALENESS" \
     "${extra[@]}"

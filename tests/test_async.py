@@ -138,6 +138,8 @@ def test_k1_trains_on_the_k0_batches_one_version_behind(tmp_path, k1_run):
   assert [r["staleness/max"] for r in k0["metrics"]] == [0.0] * STEPS
   assert [r["staleness/mean"] for r in k1_run["metrics"]] == [0.0, 1.0, 1.0, 1.0]
   assert [r["staleness/max"] for r in k1_run["metrics"]] == [0.0, 1.0, 1.0, 1.0]
+  assert [(r["staleness/frac_0"], r["staleness/frac_1"]) for r in k1_run["metrics"]] == \
+      [(1.0, 0.0)] + [(0.0, 1.0)] * (STEPS - 1)
   assert [r["policy_version"] for r in k1_run["rollouts"][::RECORDS]] == [0, 0, 1, 2]
   assert [r["policy_version"] for r in k1_run["metrics"]] == [1.0, 2.0, 3.0, 4.0]
   # TIS is on (the K = 1 default): its metrics are logged; the run really trained.

@@ -92,6 +92,8 @@ def test_launch_gpu_takes_the_preset_and_its_trainer_passes_preflight(preset):
   assert trainer[0] == "CUDA_VISIBLE_DEVICES=4,5,0,1,2,3"
   assert [a for a in trainer if a.startswith("--config=")] == [f"--config={preset}"]
   assert "--config.optim.micro_batch=8" in trainer and "--config.train.steps=2" in trainer
+  # Disjoint GPUs: one batch sampled ahead (issue #25), before the user's overrides.
+  assert trainer.index("--config.rollout.max_staleness=1") < trainer.index("--config.train.steps=2")
   p = subprocess.run(_python_args(trainer, "pasr_jax.preflight") + ["--gpus-per-host=6"],
                      cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
   assert p.returncode == 0, p.stdout + p.stderr[-2000:]
