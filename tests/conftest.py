@@ -117,9 +117,11 @@ def vllm_sampler(smollm2_dir):
 
 
 def _is_mp_helper(proc) -> bool:
-  """multiprocessing's resource tracker: one per interpreter, lives until it exits."""
+  """multiprocessing's resource tracker and pasr_jax's engine reaper: one per interpreter,
+  each lives until it exits."""
   try:
-    return any("resource_tracker" in part for part in proc.cmdline())
+    return any("resource_tracker" in part or part == "pasr_jax.rollout.reaper"
+               for part in proc.cmdline())
   except Exception:  # the process ended meanwhile
     return True
 

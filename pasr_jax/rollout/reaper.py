@@ -1,0 +1,77 @@
+"""Ends a trainer's vLLM processes when the trainer dies, even while its engine starts.
+
+vLLM 0.32's engine core has no parent-death check: a SIGKILLed trainer leaves its engine core
+and workers running, holding their memory (a GPU's, on GPU hosts). A started engine is
+watched from the inside (`vllm_worker.SyncExtension.pasr_watch_trainer`), but an engine that
+is still starting (loading weights, compiling: minutes for a 7B model) cannot be reached yet.
+So the first engine a process starts also starts this reaper, a small process of its own:
+
+  python -m pasr_jax.rollout.reaper TRAINER_PID
+
+It notes the trainer's multiprocessing descendants (vLLM's engine core and workers are
+spawned ones) every `POLL_S` seconds and, once the trainer has exited, SIGKILLs those still
+running, then exits itself. A process spawned less than `POLL_S` before the trainer died is not
+yet noted; the in-engine watch covers it once the engine is up.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import sys
+
+import psutil
+
+POLL_S = 0.25
+_started: dict[int, subprocess.Popen] = {}  # trainer pid -> its reaper
+
+
+def ensure_reaper() -> None:
+  """Starts this process's reaper once (a no-op where pidfds are unavailable)."""
+  me = os.getpid()
+  if me in _started or not hasattr(os, "pidfd_open"):
+    return
+  _started[me] = subprocess.Popen(
+      [sys.executable, "-m", "pasr_jax.rollout.reaper", str(me)],
+      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+      env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+
+
+def _spawned(proc: psutil.Process) -> bool:
+  """A process of multiprocessing's spawn start method (vLLM's engine core and workers)."""
+  try:
+    return "multiprocessing" in " ".join(proc.cmdline()) or "VLLM" in proc.name()
+  except psutil.Error:
+    return False
+
+
+def reap(trainer_pid: int) -> int:
+  """Watches `trainer_pid` until it exits, then kills its noted descendants; how many."""
+  me = os.getpid()
+  try:
+    fd = os.pidfd_open(trainer_pid)
+    trainer = psutil.Process(trainer_pid)
+  except (OSError, psutil.Error):
+    return 0
+  noted: dict[int, psutil.Process] = {}
+  while not select.select([fd], [], [], POLL_S)[0]:
+    try:
+      for p in trainer.children(recursive=True):
+        if p.pid != me and p.pid not in noted and _spawned(p):
+          noted[p.pid] = p
+    except psutil.Error:
+      break
+  killed = 0
+  for p in noted.values():
+    try:
+      if p.is_running():  # the same process (psutil checks its start time), still there
+        p.kill()
+        killed += 1
+    except psutil.Error:
+      pass
+  return killed
+
+
+if __name__ == "__main__":
+  reap(int(sys.argv[1]))
