@@ -120,7 +120,7 @@ def _is_mp_helper(proc) -> bool:
   """multiprocessing's resource tracker and pasr_jax's engine reaper: one per interpreter,
   each lives until it exits."""
   try:
-    return any("resource_tracker" in part or part == "pasr_jax.rollout.reaper"
+    return any("resource_tracker" in part or part.endswith("rollout/reaper.py")
                for part in proc.cmdline())
   except Exception:  # the process ended meanwhile
     return True

@@ -115,7 +115,7 @@ def test_a_trainer_killed_while_its_engine_starts_leaves_no_engine(tmp_path, jud
       out = (tmp_path / "w.log").read_text(errors="replace")
       assert "vLLM engine up" not in out, "the engine started before the kill: too late"
       kids = _kids(trainer)
-      assert any("pasr_jax.rollout.reaper" in " ".join(c.cmdline()) for c in kids), kids
+      assert any("rollout/reaper.py" in " ".join(c.cmdline()) for c in kids), kids
       trainer.kill()
       p.wait(30)
       gone, alive = psutil.wait_procs(kids, timeout=30)

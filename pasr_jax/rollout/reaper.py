@@ -4,9 +4,10 @@ vLLM 0.32's engine core has no parent-death check: a SIGKILLed trainer leaves it
 and workers running, holding their memory (a GPU's, on GPU hosts). A started engine is
 watched from the inside (`vllm_worker.SyncExtension.pasr_watch_trainer`), but an engine that
 is still starting (loading weights, compiling: minutes for a 7B model) cannot be reached yet.
-So the first engine a process starts also starts this reaper, a small process of its own:
+So the first engine a process starts also starts this reaper, a small process of its own
+(run as a script: importing the package would take seconds, a window with no watch):
 
-  python -m pasr_jax.rollout.reaper TRAINER_PID
+  python pasr_jax/rollout/reaper.py TRAINER_PID
 
 It notes the trainer's multiprocessing descendants (vLLM's engine core and workers are
 spawned ones) every `POLL_S` seconds and, once the trainer has exited, SIGKILLs those still
@@ -28,14 +29,17 @@ _started: dict[int, subprocess.Popen] = {}  # trainer pid -> its reaper
 
 
 def ensure_reaper() -> None:
-  """Starts this process's reaper once (a no-op where pidfds are unavailable)."""
+  """Starts this process's reaper once and waits until it watches (a no-op where pidfds are
+  unavailable)."""
   me = os.getpid()
   if me in _started or not hasattr(os, "pidfd_open"):
     return
-  _started[me] = subprocess.Popen(
-      [sys.executable, "-m", "pasr_jax.rollout.reaper", str(me)],
-      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-      env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+  proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(me)],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True)
+  proc.stdout.readline()  # "watching" (or "" if it could not: then there is no reaper)
+  proc.stdout.close()
+  _started[me] = proc
 
 
 def _spawned(proc: psutil.Process) -> bool:
@@ -46,14 +50,16 @@ def _spawned(proc: psutil.Process) -> bool:
     return False
 
 
-def reap(trainer_pid: int) -> int:
-  """Watches `trainer_pid` until it exits, then kills its noted descendants; how many."""
+def reap(trainer_pid: int, ready=lambda: None) -> int:
+  """Watches `trainer_pid` until it exits, then kills its noted descendants; how many.
+  `ready()` is called once the watch is on."""
   me = os.getpid()
   try:
     fd = os.pidfd_open(trainer_pid)
     trainer = psutil.Process(trainer_pid)
   except (OSError, psutil.Error):
     return 0
+  ready()
   noted: dict[int, psutil.Process] = {}
   while not select.select([fd], [], [], POLL_S)[0]:
     try:
@@ -74,4 +80,4 @@ def reap(trainer_pid: int) -> int:
 
 
 if __name__ == "__main__":
-  reap(int(sys.argv[1]))
+  reap(int(sys.argv[1]), ready=lambda: print("watching", flush=True))
