@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pasr_jax import cli
-from pasr_jax.config import JudgeCfg, PromptsCfg, RolloutCfg
+from pasr_jax.config import JudgeCfg, PromptsCfg, VllmCfg
 from pasr_jax.eval.benchmarks import EvalError, load_items, parse_datasets
 from pasr_jax.eval.prompts import ChatEncoder, check_mode
 from pasr_jax.eval.report import compare, summarize, write_outputs
@@ -29,7 +29,10 @@ from pasr_jax.rollout.vllm_sampler import VllmSampler
 
 
 def _default_sampler(cfg) -> Callable[[], Any]:
-  return lambda: VllmSampler.from_config(RolloutCfg.of(cfg.rollout), cfg.model, int(cfg.seed))
+  # Only the engine's settings and time limit: the rest of the rollout section is training's,
+  # and its length check (max_prompt_tokens + max_tokens) does not apply to eval's max_tokens.
+  return lambda: VllmSampler(cfg.model, VllmCfg.of(cfg.rollout.vllm), seed=int(cfg.seed),
+                             timeout_s=float(cfg.rollout.timeout_s))
 
 
 def _default_judge(cfg) -> Callable[[], Any]:

@@ -94,6 +94,18 @@ def test_error_model_dir_without_config(tmp_path):
     evaluate(_cfg(tmp_path / "m", "http://127.0.0.1:9", tmp_path / "out"))
 
 
+def test_the_engine_takes_eval_lengths_not_the_training_ones(tmp_path, smollm2_dir):
+  """`make experiment`'s evaluation settings (max_model_len 512, 256 new tokens) with the
+  training lengths of the rollout section left at their defaults (512 + 1500 tokens): the
+  engine is built from rollout.vllm alone (it refused with a ConfigError before)."""
+  from pasr_jax.evaluate import _default_sampler
+  c = _cfg(smollm2_dir, "http://127.0.0.1:9", tmp_path, max_tokens=256)
+  c.rollout.vllm.max_model_len = 512
+  sampler = _default_sampler(c)()
+  assert sampler.max_model_len == 512 and sampler.policy_version == 0
+  sampler.close()  # never started: nothing to shut down
+
+
 def test_error_unknown_mode_and_cli_exit_code(tmp_path, smollm2_dir):
   with pytest.raises(EvalError, match=r"mode='refine'"):
     evaluate(_cfg(smollm2_dir, "http://127.0.0.1:9", tmp_path, mode="refine"))
