@@ -145,6 +145,35 @@ def is_engine_core(proc) -> bool:
     return False
 
 
+def kill_engine(trainer) -> list[int]:
+  """SIGKILLs the engine cores among `trainer`'s (a psutil.Process) descendants; their pids."""
+  cores = [c for c in trainer.children(recursive=True) if is_engine_core(c)]
+  for c in cores:
+    c.kill()
+  return [c.pid for c in cores]
+
+
+def kill_engine_at_a_publish(sync_dir: pathlib.Path, trainer, at: str,
+                             timeout_s: float = 300.0) -> str:
+  """Polls a run's sync dir until a version is being written (`at`="start": the reload
+  follows) or until one has been written, loaded and removed (`at`="end": a run sampling
+  ahead generates at once); then the trainer (a psutil.Process) is stopped (SIGSTOP), its
+  engine core killed, and the trainer continued. Returns the name of the dir it saw."""
+  deadline, seen = time.monotonic() + timeout_s, None
+  while time.monotonic() < deadline:
+    names = os.listdir(sync_dir) if sync_dir.is_dir() else []
+    seen = seen or (names[0] if names else None)
+    if (at == "start" and names) or (at == "end" and seen and not names):
+      trainer.suspend()
+      try:
+        assert kill_engine(trainer), "no engine core to kill"
+      finally:
+        trainer.resume()
+      return seen
+    time.sleep(0.0005)
+  raise AssertionError(f"no publish into {sync_dir} within {timeout_s} s")
+
+
 # ----------------------------------------------------------------------------- scripted sampler
 def seven_or_three(prompt_index: int, question: str, k: int) -> str:
   """A question holding "SAME" gets n identical answers (a zero-variance group); any other

@@ -292,3 +292,44 @@ def test_diverging_run_stops_with_exit_6_and_keeps_finite_checkpoints(tmp_path, 
   for step_dir in steps:
     _, bad = checksums(read_state(step_dir))
     assert not bad, (step_dir.name, bad)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_trainer_killed_while_its_engine_starts_leaves_no_engine(tmp_path, judge_url):
+  """SIGKILL of the trainer alone (not its group) while its vLLM engine core is still
+  starting, where the engine cannot watch the trainer yet: the reaper
+  (`pasr_jax.rollout.reaper`) kills the engine's processes, and none of the run is left."""
+  w = tmp_path / "w"
+  with open(tmp_path / "w.log", "w") as log:
+    p = start_train(w, judge_url, "--config.train.steps=1", log=log)
+    try:
+      trainer = psutil.Process(p.pid)
+      deadline = time.monotonic() + 240
+      while not any("multiprocessing" in " ".join(c.cmdline()) for c in _kids(trainer)):
+        assert p.poll() is None and time.monotonic() < deadline, "no engine process started"
+        time.sleep(0.1)
+      time.sleep(1.0)  # the reaper notes it (it polls every 0.25 s)
+      out = (tmp_path / "w.log").read_text(errors="replace")
+      assert "vLLM engine up" not in out, "the engine started before the kill: too late"
+      kids = _kids(trainer)
+      assert any("rollout/reaper.py" in " ".join(c.cmdline()) for c in kids), kids
+      trainer.kill()
+      p.wait(30)
+      gone, alive = psutil.wait_procs(kids, timeout=30)
+      assert not alive, [(c.pid, c.name()) for c in alive]
+    finally:
+      if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+  assert_group_gone(p.pid)
+
+
+def _kids(proc: psutil.Process) -> list[psutil.Process]:
+  out = []
+  for c in proc.children(recursive=True):
+    try:
+      c.cmdline()
+      out.append(c)
+    except psutil.Error:
+      pass
+  return out

@@ -6,6 +6,7 @@ preset; the 8 forced CPU devices of conftest are inherited through the environme
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -14,8 +15,8 @@ import numpy as np
 import psutil
 import pytest
 
-from helpers import (DATA, ROOT, assert_group_gone, env, is_engine_core, read_meta, read_state,
-                     run_train, start_train, train_cmd, wait_for_step)
+from helpers import (DATA, ROOT, assert_group_gone, env, kill_engine_at_a_publish, read_meta,
+                     read_state, run_train, start_train, train_cmd, wait_for_step)
 from pasr_jax import metrics
 from procs import free_port, start_judge, stop
 
@@ -159,21 +160,27 @@ def test_end_to_end_then_kill_and_resume_matches(tmp_path, judge_url):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_learns_simple_reward_through_an_engine_death_and_stops_cleanly_on_sigterm(tmp_path,
-                                                                                  judge_url):
-  """Reward = 1 if the answer contains "7" (rule reward, 1/106 tokens at random init).
+def test_learns_simple_reward_sampling_ahead_through_engine_deaths_and_stops_on_sigterm(
+    tmp_path, judge_url):
+  """Reward = 1 if the answer contains "7" (rule reward, 1/106 tokens at random init), with
+  one batch sampled ahead (rollout.max_staleness=1, issue #25).
 
   Mean reward over the last 3 steps must beat the first 3 by +0.3: only true if sampling,
-  weight sync, logprob alignment and the sign of the loss all work. The run is open-ended and
-  is ended by SIGTERM, which must save a checkpoint at the last finished step and exit 130
-  (interrupted; a SIGTERM during a rollout abandons that step's rollout).
+  weight publishing, logprob alignment, the off-policy correction and the sign of the loss
+  all work. The run is open-ended and is ended by SIGTERM, which must save a checkpoint at
+  the last finished step and exit 130 (interrupted; the batch sampled ahead is discarded).
 
-  A fault survived on the way (issue #16; in this run, as each run starts an engine): the
-  engine core SIGKILLed between steps 1 and 2. The engine is restarted and re-synced, the
-  step retried, and the run goes on like an unfaulted one: every step logged once, every
-  sampled answer recorded once.
+  Faults survived on the way (issues #16, #25; in this run, as each run starts an engine):
+  the engine core SIGKILLed while the rollout thread publishes version 1 to it (its reload
+  meets a dead engine), and again after step 3 right as the rollout thread starts the
+  generation that follows a publish. The moments are made certain by watching the run's
+  sync dir and stopping the trainer (SIGSTOP) around the kill. Each time the main thread
+  meets the failure when it waits for the batch, restarts the engine, gives it the trainer's
+  weights and samples the batch again; the run goes on like an unfaulted one: every step
+  logged once, every sampled answer recorded once, every batch within the staleness bound.
+  (The synchronous loop's engine death: tests/test_multihost_run.py.)
   """
-  w = tmp_path / "learn"
+  w, sync = tmp_path / "learn", tmp_path / "sync"
   overrides = [
       "--config.rewards.accuracy_rule=contains", "--config.rewards.format_weight=0",
       "--config.rewards.refine_weight=0", "--config.rollout.baseline=False",
@@ -182,31 +189,43 @@ def test_learns_simple_reward_through_an_engine_death_and_stops_cleanly_on_sigte
       "--config.rollout.n=8", "--config.rollout.prompts_per_step=4",
       "--config.rollout.max_tokens=16", "--config.grpo.beta=0", "--config.optim.lr=1e-2",
       "--config.train.steps=1000", "--config.checkpoint.every=1000",
-      "--config.train.seq_multiple=64", "--config.logging.tensorboard=False"]
+      "--config.train.seq_multiple=64", "--config.logging.tensorboard=False",
+      "--config.rollout.max_staleness=1", f"--config.rollout.vllm.sync_dir={sync}"]
   with open(str(w) + ".log", "w") as log:
     p = start_train(w, judge_url, *overrides, log=log)
-    wait_for_step(w, p, 1, timeout_s=480)
-    cores = [c for c in psutil.Process(p.pid).children(recursive=True) if is_engine_core(c)]
-    assert cores, [c.name() for c in psutil.Process(p.pid).children(recursive=True)]
-    for c in cores:
-      c.kill()
-    wait_for_step(w, p, 15, timeout_s=480)
-    os.kill(p.pid, signal.SIGTERM)
-    rc = p.wait(120)
+    try:
+      trainer = psutil.Process(p.pid)
+      wait_for_step(w, p, 1, timeout_s=480)  # version 1 is published during step 2
+      seen = kill_engine_at_a_publish(sync, trainer, "start")
+      wait_for_step(w, p, 3, timeout_s=480)
+      kill_engine_at_a_publish(sync, trainer, "end")
+      wait_for_step(w, p, 15, timeout_s=480)
+      os.kill(p.pid, signal.SIGTERM)
+      rc = p.wait(120)
+    finally:
+      if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
   out = (w.parent / "learn.log").read_text(errors="replace")
   assert rc == 130, out[-3000:]
   assert "got SIGTERM" in out and "pasr_jax.train: interrupted: " in out
-  assert "restarting the engine and retrying the step" in out, out[-3000:]
   assert_group_gone(p.pid)
+  assert seen.startswith(f"pasr_sync_{p.pid}_"), seen
+  retries = re.findall(r"step \d+: (.*); restarting the engine and retrying the step", out)
+  assert len(retries) == 2, retries
+  # The reload, or the prefix-cache reset or version check right after it, met a dead engine.
+  assert "for version 1" in retries[0] and "died" in retries[0], retries[0]
+  assert "generate" in retries[1] and "died" in retries[1], retries[1]
   m = metrics.read_jsonl(str(w / "metrics.jsonl"))
   last = m[-1]["step"]
   assert [r["step"] for r in m] == list(range(1, last + 1))
+  assert all(0 <= r["staleness/max"] <= 1 for r in m) and m[-1]["staleness/mean"] == 1
   rec = metrics.read_jsonl(str(w / "rollouts.jsonl"))
   assert [r["step"] for r in rec] == [s for s in range(1, last + 1) for _ in range(32)]
-  # Step 2 ran on the restarted engine, given the trainer's weights as a new version.
-  assert m[-1]["policy_version"] == last + 1
+  # One version per update, and one per engine restart (the trainer's weights, relabeled).
+  assert m[-1]["policy_version"] == last + 2
   assert sorted(int(d.name) for d in (w / "checkpoints").iterdir()) == [last]
   assert read_meta(w / "checkpoints" / str(last))["cursor"]["index"] > 0
+  assert not list(sync.iterdir())  # nothing of a publish is left
   rewards = [r["reward/mean"] for r in m]
   first, final = np.mean(rewards[:3]), np.mean(rewards[-3:])
   assert final >= first + 0.3, rewards

@@ -201,7 +201,8 @@ class WeightSync:
       engine.mark_weights(None, broken=f"reload for version {version} failed: {e!r}")
       raise SyncError(f"sync to version {version}: vLLM reload_weights from {path} "
                       f"failed: {e!r}") from e
-    if not llm.reset_prefix_cache():
+    # Guarded too: an engine core that dies here leaves the call waiting forever (vllm 0.32).
+    if not engine.guarded(llm.reset_prefix_cache, f"prefix-cache reset for version {version}"):
       engine.mark_weights(None, broken=f"prefix cache not reset after reload for version "
                                        f"{version}")
       raise SyncError(f"sync to version {version}: vLLM could not reset its prefix cache")
