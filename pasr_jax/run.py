@@ -14,16 +14,16 @@ weight sync -> metrics and rollouts -> every m steps (and at the last or a stopp
 Orbax checkpoint. Every path is named by `Workdir`.
 
 Asynchronous rollouts (rollout.max_staleness = K >= 1): while the trainer updates on batch j,
-ONE background thread (`concurrent.futures`, the rollout thread) samples, judges and rewards batch j+1 with the
-weights of update j-1 (AReaL's admission rule: batch j may start once update j-1-K is
-applied; with one engine one batch is ahead, so staleness is <= 1 <= K). Batch j always holds
-the stream's j-th questions and the j-th seed, whatever the timing. Publishing update j is
-split: after batch j+1 is collected the main thread copies the weights to the host (the only
-part on the trainer's path), and the rollout thread writes and loads them into the engine
-before it samples batch j+2 (never during a generation). Every multi-host collective and
-the checkpoint stay in the main thread: the checkpoint's data cursor and RNG are those of
-the steps trained on, so a batch sampled ahead of a
-save, a stop or a crash is sampled again by the resumed run (from the restored policy: its
+ONE background thread (`concurrent.futures`, the rollout thread) samples, judges and rewards
+batch j+1 with the weights of update j-1 (AReaL's admission rule: batch j may start once
+update j-1-K is applied; with one engine one batch is ahead, so staleness is <= 1 <= K).
+Batch j always holds the stream's j-th questions and the j-th seed, whatever the timing.
+Publishing update j is split: after batch j+1 is collected the main thread copies the
+weights to the host (the only part on the trainer's path), and the rollout thread writes
+and loads them into the engine before it samples batch j+2 (never during a generation).
+Every multi-host collective and the checkpoint stay in the main thread: the checkpoint's
+data cursor and RNG are those of the steps trained on, so a batch sampled ahead of a save,
+a stop or a crash is sampled again by the resumed run (from the restored policy: its
 staleness is 0). A failure of the background batch surfaces in the main thread as the
 synchronous loop's error (an `EngineError` takes the engine-retry path below); the wait for
 it is bounded by rollout.timeout_s. Every trained batch's staleness (the trainer's policy
