@@ -367,8 +367,12 @@ class GrpoCfg(Section):
   def trainer_old_logps(self) -> bool:
     """Whether the trainer recomputes old_logps itself (once per rollout batch): asked for,
     or needed by the behaviour weight (tis_cap) or the ratio band (is_mask_low/high)."""
-    return bool(self.recompute_old_logps or self.tis_cap > 0 or self.is_mask_low > 0
-                or self.is_mask_high > 0)
+    return bool(self.recompute_old_logps or self.tis_cap > 0 or self.ratio_band)
+
+  @property
+  def ratio_band(self) -> bool:
+    """Whether the ratio band (is_mask_low / is_mask_high) drops tokens from the loss."""
+    return self.is_mask_low > 0 or self.is_mask_high > 0
 
   def temperature(self, rollout_temperature: float) -> float:
     """The logprob temperature of the loss: loss_temperature, or the sampler's if 0."""

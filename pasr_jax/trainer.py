@@ -430,7 +430,7 @@ class Trainer:
       batch = dict(batch, old_logps=old_tr)
       if g.tis_cap > 0:
         batch["is_weights"] = np.asarray(w)
-      if g.is_mask_low > 0 or g.is_mask_high > 0:
+      if g.ratio_band:
         batch["loss_mask"] = np.asarray(keep)
     b = np.shape(batch["input_ids"])[0]
     per = int(self.cfg.optim.sequences_per_update) or b
