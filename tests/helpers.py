@@ -154,17 +154,25 @@ def kill_engine(trainer) -> list[int]:
 
 
 def kill_engine_at_a_publish(sync_dir: pathlib.Path, trainer, at: str,
-                             timeout_s: float = 300.0) -> str:
+                             timeout_s: float = 300.0, whole_run: bool = False) -> str:
   """Polls a run's sync dir until a version is being written (`at`="start": the reload
   follows) or until one has been written, loaded and removed (`at`="end": a run sampling
   ahead generates at once); then the trainer (a psutil.Process) is stopped (SIGSTOP), its
-  engine core killed, and the trainer continued. Returns the name of the dir it saw."""
+  engine core killed, and the trainer continued. `whole_run`: instead, the trainer's process
+  group (trainer and engine) is SIGKILLed while stopped, a crash in the middle of the publish.
+  Returns the name of the dir it saw."""
   deadline, seen = time.monotonic() + timeout_s, None
   while time.monotonic() < deadline:
     names = os.listdir(sync_dir) if sync_dir.is_dir() else []
     seen = seen or (names[0] if names else None)
     if (at == "start" and names) or (at == "end" and seen and not names):
       trainer.suspend()
+      if whole_run:
+        if not os.listdir(sync_dir):  # the publish ended before the stop: wait for the next
+          trainer.resume()
+          continue
+        os.killpg(trainer.pid, signal.SIGKILL)
+        return seen
       try:
         assert kill_engine(trainer), "no engine core to kill"
       finally:

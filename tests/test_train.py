@@ -7,6 +7,7 @@ preset; the 8 forced CPU devices of conftest are inherited through the environme
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -78,18 +79,21 @@ def test_unreachable_judge_fails_fast(tmp_path):
 # ----------------------------------------------------------------------------- real runs
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_end_to_end_then_kill_and_resume_matches(tmp_path, judge_url):
-  """4 steps vs 2 steps + SIGKILL + resume to 4: same rollouts, cursor, params.
+def test_end_to_end_then_resumed_from_step_2_matches(tmp_path, judge_url):
+  """4 steps vs resumed at step 2: same rollouts, cursor, params.
 
   Run a's own judge is down for ~8 s after its step 2 (issue #16; in this run, as each run
-  starts an engine): the judge is retried and the run ends as if nothing happened (run b, on
-  the session's judge, samples, scores and trains the same)."""
+  starts an engine): the judge is retried and the run ends as if nothing happened. Run b is
+  run a's workdir as a crash after step 4 would leave it, but with step 2 the newest
+  checkpoint (its logs hold steps 3 and 4, which the resume must cut): on the session's judge
+  it samples, scores and trains steps 3 and 4 the same. (A crash itself, SIGKILL mid-run,
+  then resume: test_learns_sampling_ahead_... below and tests/test_multihost_run.py.)"""
   # Questions whose answer is "7": the judge finds it in some of the random tiny model's
   # answers, so rewards differ within a group and the run really trains (the last
   # assertions). Under the GSM8K sample every answer scored the same (format -1, accuracy 0)
   # and every gradient was 0.
   run_args = ("--config.train.steps=4", f"--config.data.files=('{DATA / 'say_seven.jsonl'}',)",
-              "--config.judge.retries=6")
+              "--config.judge.retries=6", "--config.checkpoint.keep=4")
   a = tmp_path / "a"
   judge, url_a = start_judge("--backend", "verify")
   try:
@@ -108,7 +112,7 @@ def test_end_to_end_then_kill_and_resume_matches(tmp_path, judge_url):
   assert "vLLM engine up" in out and "done at step 4" in out
   cfg = json.loads((a / "config.json").read_text())
   assert cfg["train"]["steps"] == 4 and cfg["judge"]["base_url"] == url_a
-  assert sorted(int(p.name) for p in (a / "checkpoints").iterdir()) == [3, 4]   # keep=2
+  assert sorted(int(p.name) for p in (a / "checkpoints").iterdir()) == [1, 2, 3, 4]
   m = metrics.read_jsonl(str(a / "metrics.jsonl"))
   assert [r["step"] for r in m] == [1, 2, 3, 4]
   assert all(r["judge/failures"] == 0 and r["judge/items"] == 16 for r in m)
@@ -124,16 +128,9 @@ def test_end_to_end_then_kill_and_resume_matches(tmp_path, judge_url):
   assert (a / "reward_curve.png").stat().st_size > 1000
 
   b = tmp_path / "b"
-  with open(str(b) + ".log", "w") as log:
-    p = start_train(b, judge_url, *run_args, log=log)
-    deadline = time.time() + 420
-    while not (b / "checkpoints" / "2").is_dir():
-      assert p.poll() is None and time.time() < deadline, "run b ended before its 2nd checkpoint"
-      time.sleep(0.05)
-    os.killpg(p.pid, signal.SIGKILL)  # the whole group: trainer and vLLM engine, like a crash
-    assert p.wait(30) == -signal.SIGKILL
+  shutil.copytree(a, b, ignore=lambda d, names: ["3", "4"] if d.endswith("checkpoints") else [])
   out = run_train(b, judge_url, *run_args)
-  assert "resumed from step " in out and "done at step 4" in out
+  assert "resumed from step 2 " in out and "done at step 4" in out
 
   rec_b = metrics.read_jsonl(str(b / "rollouts.jsonl"))
   assert rec_b == rec_a                     # no lost or repeated step; same seeded samples
@@ -160,23 +157,29 @@ def test_end_to_end_then_kill_and_resume_matches(tmp_path, judge_url):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_learns_simple_reward_sampling_ahead_through_engine_deaths_and_stops_on_sigterm(
+def test_learns_sampling_ahead_through_engine_deaths_and_a_crash_mid_publish_then_sigterm(
     tmp_path, judge_url):
   """Reward = 1 if the answer contains "7" (rule reward, 1/106 tokens at random init), with
   one batch sampled ahead (rollout.max_staleness=1, issue #25).
 
   Mean reward over the last 3 steps must beat the first 3 by +0.3: only true if sampling,
   weight publishing, logprob alignment, the off-policy correction and the sign of the loss
-  all work. The run is open-ended and is ended by SIGTERM, which must save a checkpoint at
-  the last finished step and exit 130 (interrupted; the batch sampled ahead is discarded).
+  all work.
 
   Faults survived on the way (issues #16, #25; in this run, as each run starts an engine):
-  the engine core SIGKILLed while the rollout thread publishes a version to it (its reload
-  meets a dead engine), and again, once that step's retry is over, right as the rollout
-  thread starts the generation that follows a publish. The moments are made certain by watching the run's
-  sync dir and stopping the trainer (SIGSTOP) around the kill. Each time the main thread
-  meets the failure when it waits for the batch, restarts the engine, gives it the trainer's
-  weights and samples the batch again; the run goes on like an unfaulted one: every step
+  - the engine core SIGKILLed while the rollout thread publishes a version to it (its reload
+    meets a dead engine), and again, once that step's retry is over, right as the rollout
+    thread starts the generation that follows a publish. Each time the main thread meets the
+    failure when it waits for the batch, restarts the engine, gives it the trainer's weights
+    and samples the batch again;
+  - after step 15, the whole run (trainer and engine) SIGKILLed in the middle of a publish,
+    its half-written version left in the sync dir. The same command resumes from the newest
+    checkpoint (checkpoint.every=5), samples the step in flight again from the restored
+    policy (staleness 0), and removes the dead run's sync dir;
+  - SIGTERM two steps later: a checkpoint at the last finished step and exit 130
+    (interrupted; the batch sampled ahead is discarded).
+  The moments are made certain by watching the run's sync dir and stopping the trainer
+  (SIGSTOP) around the kill. Across all of it the run is like an unfaulted one: every step
   logged once, every sampled answer recorded once, every batch within the staleness bound.
   (The synchronous loop's engine death: tests/test_multihost_run.py.)
   """
@@ -188,7 +191,7 @@ def test_learns_simple_reward_sampling_ahead_through_engine_deaths_and_stops_on_
       f"--config.prompts.pasr_system_file={DATA / 'short_system.txt'}",
       "--config.rollout.n=8", "--config.rollout.prompts_per_step=4",
       "--config.rollout.max_tokens=16", "--config.grpo.beta=0", "--config.optim.lr=1e-2",
-      "--config.train.steps=1000", "--config.checkpoint.every=1000",
+      "--config.train.steps=1000", "--config.checkpoint.every=5",
       "--config.train.seq_multiple=64", "--config.logging.tensorboard=False",
       "--config.rollout.max_staleness=1", f"--config.rollout.vllm.sync_dir={sync}"]
   with open(str(w) + ".log", "w") as log:
@@ -203,32 +206,50 @@ def test_learns_simple_reward_sampling_ahead_through_engine_deaths_and_stops_on_
       wait_for_step(w, p, logged + 2, timeout_s=480)
       kill_engine_at_a_publish(sync, trainer, "end")
       wait_for_step(w, p, 15, timeout_s=480)
-      os.kill(p.pid, signal.SIGTERM)
-      rc = p.wait(120)
+      kill_engine_at_a_publish(sync, trainer, "start", whole_run=True)
+      assert p.wait(30) == -signal.SIGKILL
     finally:
       if p.poll() is None:
         os.killpg(p.pid, signal.SIGKILL)
   out = (w.parent / "learn.log").read_text(errors="replace")
-  assert rc == 130, out[-3000:]
-  assert "got SIGTERM" in out and "pasr_jax.train: interrupted: " in out
   assert_group_gone(p.pid)
   assert seen.startswith(f"pasr_sync_{p.pid}_"), seen
+  crashed = os.listdir(sync)
+  assert crashed and all(n.startswith(f"pasr_sync_{p.pid}_") for n in crashed), crashed
+  killed_at = len(metrics.read_jsonl(str(w / "metrics.jsonl")))
   retries = re.findall(r"step \d+: (.*); restarting the engine and retrying the step", out)
   assert len(retries) == 2, retries
   # The reload, or the prefix-cache reset or version check right after it, met a dead engine.
   assert re.search(r"for version \d+: the vLLM engine died", retries[0]), retries[0]
   assert "generate" in retries[1] and "died" in retries[1], retries[1]
+
+  with open(str(w) + "2.log", "w") as log:
+    p = start_train(w, judge_url, *overrides, log=log)
+    try:
+      wait_for_step(w, p, killed_at + 2, timeout_s=480)
+      os.kill(p.pid, signal.SIGTERM)
+      rc = p.wait(120)
+    finally:
+      if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+  out = (w.parent / "learn2.log").read_text(errors="replace")
+  assert rc == 130, out[-3000:]
+  assert "got SIGTERM" in out and "pasr_jax.train: interrupted: " in out
+  assert_group_gone(p.pid)
+  resumed = int(re.search(r"resumed from step (\d+)", out).group(1))
+  assert resumed % 5 == 0 and 10 <= resumed <= killed_at, (resumed, killed_at)
   m = metrics.read_jsonl(str(w / "metrics.jsonl"))
   last = m[-1]["step"]
   assert [r["step"] for r in m] == list(range(1, last + 1))
   assert all(0 <= r["staleness/max"] <= 1 for r in m) and m[-1]["staleness/mean"] == 1
+  assert m[resumed]["staleness/max"] == 0  # the resumed step samples from the restored policy
   rec = metrics.read_jsonl(str(w / "rollouts.jsonl"))
   assert [r["step"] for r in rec] == [s for s in range(1, last + 1) for _ in range(32)]
   # One version per update, and one per engine restart (the trainer's weights, relabeled).
   assert m[-1]["policy_version"] == last + 2
-  assert sorted(int(d.name) for d in (w / "checkpoints").iterdir()) == [last]
+  assert last in [int(d.name) for d in (w / "checkpoints").iterdir()]
   assert read_meta(w / "checkpoints" / str(last))["cursor"]["index"] > 0
-  assert not list(sync.iterdir())  # nothing of a publish is left
+  assert not list(sync.iterdir())  # nothing of a publish is left, the crashed run's included
   rewards = [r["reward/mean"] for r in m]
   first, final = np.mean(rewards[:3]), np.mean(rewards[-3:])
   assert final >= first + 0.3, rewards
