@@ -33,7 +33,7 @@ its time limit during the reload raises `EngineError` (it is closed; the next ca
 
 The engine is handed in: anything with `llm` (a started `vllm.LLM`), `close()`,
 `guarded(call, what)` (a blocking engine call that a dead engine ends with EngineError),
-`weights_broken` and `mark_weights(version, broken)` (the `VllmSampler`).
+`weights_broken`, `mark_weights(version, broken)` and `engine_version()` (the `VllmSampler`).
 """
 
 from __future__ import annotations
@@ -75,6 +75,8 @@ class Engine(Protocol):
   def guarded(self, call: Any, what: str) -> Any: ...
 
   def mark_weights(self, version: int | None, broken: str | None = None) -> None: ...
+
+  def engine_version(self) -> int | None: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,12 +208,14 @@ class WeightSync:
       engine.mark_weights(None, broken=f"prefix cache not reset after reload for version "
                                        f"{version}")
       raise SyncError(f"sync to version {version}: vLLM could not reset its prefix cache")
-    held = engine.guarded(lambda: llm.collective_rpc("pasr_loaded_version"),
-                          f"version check after the reload for version {version}")
-    if any(v != version for v in held):
-      engine.mark_weights(None, broken=f"workers report versions {held} after reload")
-      raise SyncError(f"sync to version {version}: after the reload the engine's workers "
-                      f"report versions {held}")
+    try:
+      held = engine.engine_version()  # SyncError when the workers disagree
+      if held != version:
+        raise SyncError(f"sync to version {version}: after the reload the engine's workers "
+                        f"report version {held}")
+    except SyncError as e:
+      engine.mark_weights(None, broken=str(e))
+      raise
     return refreshed
 
   # --- where -------------------------------------------------------------------------------
