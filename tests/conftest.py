@@ -9,9 +9,17 @@ must be marked `slow`: otherwise it fails here, naming itself.
 """
 
 import os
+import shutil
+import tempfile
 import threading
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# One JAX compilation cache for the session and every process it starts (they inherit the
+# environment): most training runs here compile the same tiny-model programs, each paying
+# ~5 s for it. A fresh dir per session: nothing compiled by other code versions is reused.
+_JAX_CACHE = tempfile.mkdtemp(prefix="pasr-test-jax-cache-")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _JAX_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -29,6 +37,10 @@ from helpers import is_engine_core  # noqa: E402
 
 # Fixtures that are a running engine.
 ENGINE_FIXTURES = frozenset({"vllm_sampler"})
+
+
+def pytest_sessionfinish(session, exitstatus):
+  shutil.rmtree(_JAX_CACHE, ignore_errors=True)
 
 
 def _unmarked(item) -> bool:
