@@ -14,7 +14,7 @@ weight sync -> metrics and rollouts -> every m steps (and at the last or a stopp
 Orbax checkpoint. Every path is named by `Workdir`.
 
 Asynchronous rollouts (rollout.max_staleness = K >= 1): while the trainer updates on batch j,
-ONE background thread (`concurrent.futures`, the rollout thread) samples, judges and rewards
+ONE background thread (the rollout thread, `pasr_jax.rollout.ahead`) samples, judges and rewards
 batch j+1 with the weights of update j-1 (AReaL's admission rule: batch j may start once
 update j-1-K is applied; with one engine one batch is ahead, so staleness is <= 1 <= K).
 Batch j always holds the stream's j-th questions and the j-th seed, whatever the timing.
@@ -46,7 +46,6 @@ the config and the curve (see `pasr_jax.multihost`).
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -70,6 +69,7 @@ from pasr_jax.judge.client import JudgeClient
 from pasr_jax.judge.local import ensure_judge
 from pasr_jax.models.hf import model_digest, save_hf
 from pasr_jax.rollout import EngineError
+from pasr_jax.rollout.ahead import RolloutAhead
 from pasr_jax.rollout.vllm_sampler import VllmSampler
 from pasr_jax.step import RolloutStep, StepOutput, merge_scalars, pad_batch
 from pasr_jax.trainer import Trainer
@@ -126,7 +126,8 @@ class Run:
   """One training run of `cfg` (see the module docstring for the phases).
 
   Attributes after `resume`: `state` (the RunState; `state.step` steps are done), `trainer`,
-  `sampler`, `scalars` (the last step's), `last_saved` (newest checkpointed step).
+  `sampler`, `scalars` (the last step's), `last_saved` (newest checkpointed step), `ahead`
+  (rollout.max_staleness >= 1: the rollout thread and the batch in it; else None).
   """
 
   def __init__(self, cfg: RunConfig):
@@ -143,9 +144,7 @@ class Run:
     self._nonfinite_run = 0  # steps in a row whose every update was non-finite (skipped)
     self._ckpt_time = 0.0  # blocking part of the previous step's save, reported with this step
     # rollout.max_staleness >= 1: the rollout thread, and the next step's batch in it.
-    self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-    self._ahead: tuple[Draw, concurrent.futures.Future] | None = None
-    self._abort = False  # ends a background generation the run no longer wants
+    self.ahead: RolloutAhead | None = None
     # Versions made by an engine-retry re-sync: the same weights as the version before them
     # (no update between), so they add no staleness.
     self._relabeled: set[int] = set()
@@ -229,7 +228,7 @@ class Run:
     self.sampler = self.make_sampler()
     # A signal ends a rollout wait at once; with several processes the step is then abandoned
     # by all of them together (`_rollout` agrees on it).
-    self.sampler.should_stop = lambda: self.stop.stop or self._abort
+    self.sampler.should_stop = lambda: self.stop.stop or bool(self.ahead and self.ahead.aborting)
     t = time.perf_counter()
     self.sampler.start()  # the engine starts now, so step 1's rollout time is the rollout's
     print(f"[train] vLLM engine up in {time.perf_counter() - t:.1f}s", flush=True)
@@ -237,7 +236,7 @@ class Run:
       self.sampler.sync(self.trainer.model, self.state.policy_version)  # it starts from the base
     self.stepper = RolloutStep(cfg.step_cfg(), self.tokenizer, self.sampler, self.judge, self.prompts)
     if cfg.rollout.max_staleness >= 1:
-      self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pasr-rollout")
+      self.ahead = RolloutAhead(cfg.rollout.timeout_s)
       g = cfg.train_grpo()
       print(f"[train] asynchronous rollouts: one batch sampled ahead (rollout.max_staleness="
             f"{cfg.rollout.max_staleness}, grpo.tis_cap={g.tis_cap:g}, grpo.is_mask_low="
@@ -333,20 +332,20 @@ class Run:
     (the host copy is a collective)."""
     st = self.state
     t = time.perf_counter()
-    ahead, self._ahead = self._ahead, None
-    if ahead is None:
+    job = self.ahead.take()
+    if job is None:
       draw = self._draw(st.rng)
       out = self._rollout(draw.rows, draw.seed)
     else:
-      draw, future = ahead
-      out = self._rollout(draw.rows, draw.seed, first=lambda: self._wait(future))
+      draw, future = job
+      out = self._rollout(draw.rows, draw.seed, first=lambda: self.ahead.wait(future))
     times = {"time/wait": time.perf_counter() - t, "time/sync": 0.0}
     if st.step + 1 < self.cfg.train.steps:  # the last step samples nothing ahead
       t = time.perf_counter()
       snap = self._snapshot()
       times["time/sync"] = time.perf_counter() - t
       nxt = self._draw(draw.rng)
-      self._ahead = (nxt, self._pool.submit(self._load_and_sample, snap, nxt, st.step + 2))
+      self.ahead.submit(nxt, self._load_and_sample, snap, nxt, st.step + 2)
     return draw, out, times
 
   def _snapshot(self) -> tuple[Any, int] | None:
@@ -367,23 +366,6 @@ class Run:
     out = self.stepper(draw.rows, step, draw.seed)
     out.scalars.update({f"sync/{k}": float(v) for k, v in sync.items()})
     return out
-
-  def _wait(self, future: concurrent.futures.Future) -> StepOutput:
-    """The background batch, waited for at most rollout.timeout_s (0: no limit); its own
-    exception is raised here (EngineError, JudgeError, ...), a missed deadline is an
-    EngineError. Before that EngineError the background call is ended (`should_stop`; at
-    most another rollout.timeout_s), so the retry never shares the engine with it."""
-    limit = self.cfg.rollout.timeout_s
-    try:
-      return future.result(timeout=limit or None)
-    except concurrent.futures.TimeoutError:
-      self._abort = True
-      try:
-        concurrent.futures.wait([future], timeout=limit)
-      finally:
-        self._abort = False
-      raise EngineError(f"the background rollout gave no batch within {limit:g} s "
-                        "(rollout.timeout_s)") from None
 
   def _staleness(self, out: StepOutput) -> dict[str, float]:
     """staleness/mean, /max and the histogram /frac_<d> (share of answers d updates behind,
@@ -408,15 +390,8 @@ class Run:
   def _drop_ahead(self) -> None:
     """Ends and discards the batch sampled ahead (not trained on: the checkpoint's cursor
     and RNG are before it, so a resumed run samples it again); bounded by rollout.timeout_s."""
-    ahead, self._ahead = self._ahead, None
-    if ahead is not None:
-      self._abort = True
-      try:
-        ahead[1].result(timeout=self.cfg.rollout.timeout_s or None)
-      except Exception as e:  # pylint: disable=broad-except
-        log.info("discarded the batch sampled ahead: %s", e)
-      finally:
-        self._abort = False
+    if self.ahead is not None:
+      self.ahead.drop()
     self.stream.cursor = self.state.cursor
 
   def _rollout(self, rows, seed: int, first=None):
@@ -521,9 +496,9 @@ class Run:
 
   def close(self) -> None:
     """Restores signal handlers, closes checkpointer, logs and engine, stops a local judge."""
-    if self._pool is not None:
+    if self.ahead is not None:
       self._drop_ahead()  # no generation in flight while the engine closes
-      self._pool.shutdown(wait=False, cancel_futures=True)
+      self.ahead.close()
     if self.stop is not None:
       self.stop.restore()
     for closer in (self.ckpt, self.writer, self.rollouts, self.sampler):

@@ -346,3 +346,36 @@ def test_killed_or_stopped_mid_run_then_resumed_matches_the_uninterrupted_run(tm
   meta = json.loads((w / "checkpoints" / str(STEPS) / "meta" / "metadata").read_text())
   assert meta["cursor"] == {"epoch": 0, "index": 2 * STEPS}
   assert_group_gone(p.pid)
+
+
+def test_rollout_ahead_bounds_the_wait_ends_the_job_and_drops_it():
+  """`RolloutAhead.wait` gives up after timeout_s with an EngineError, having first ended the
+  job (`aborting` is what the sampler's should_stop reads); `drop` ends a job and swallows its
+  error; one job at a time."""
+  from pasr_jax.rollout.ahead import RolloutAhead
+  ahead = RolloutAhead(timeout_s=0.3)
+  ended = []
+
+  def generation():  # ends only when asked to, as the vLLM sampler's wait does
+    while not ahead.aborting:
+      time.sleep(0.01)
+    ended.append(time.monotonic())
+    raise EngineError("stopped")
+
+  try:
+    ahead.submit("batch 3", generation)
+    with pytest.raises(AssertionError, match="already sampled ahead"):
+      ahead.submit("batch 4", generation)
+    key, future = ahead.take()
+    assert key == "batch 3" and ahead.take() is None
+    t = time.monotonic()
+    with pytest.raises(EngineError, match=r"no batch within 0.3 s"):
+      ahead.wait(future)
+    assert len(ended) == 1 and 0.3 <= ended[0] - t < 5 and not ahead.aborting
+    ahead.submit("batch 4", generation)
+    ahead.drop()
+    assert len(ended) == 2 and ahead.take() is None and not ahead.aborting
+    ahead.submit("batch 5", lambda: "sampled")
+    assert ahead.wait(ahead.take()[1]) == "sampled"
+  finally:
+    ahead.close()
