@@ -52,11 +52,10 @@ print(time.perf_counter() - t)
 def contention(trainer_cpus: str, engine_cpus: str) -> float:
   """How much slower one single-threaded matmul loop on each half of the cores runs when the
   other half computes too (1.0: independent cores)."""
-  first = lambda cpus: sorted(int(c) for c in cpus.split("-"))[0]
   env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
   cmd = lambda cpu: subprocess.Popen([sys.executable, "-c", BURN, str(cpu)], env=env,
                                      stdout=subprocess.PIPE, text=True)
-  cores = (first(trainer_cpus), first(engine_cpus))
+  cores = (span(trainer_cpus)[0], span(engine_cpus)[0])
   ratios = []
   for _ in range(3):  # the median of 3: on a shared host it varies from one second to the next
     alone = [float(cmd(c).communicate()[0]) for c in cores]
@@ -64,6 +63,12 @@ def contention(trainer_cpus: str, engine_cpus: str) -> float:
     together = [float(p.communicate()[0]) for p in procs]
     ratios.append(sum(together) / sum(alone))
   return statistics.median(ratios)
+
+
+def span(cpus: str) -> range:
+  """The cores of a taskset list "lo-hi"."""
+  lo, hi = cpus.split("-")
+  return range(int(lo), int(hi) + 1)
 
 
 def cores_halves() -> tuple[str, str]:
@@ -75,8 +80,6 @@ def cores_halves() -> tuple[str, str]:
 
 def run(workdir: Path, k: int, cores: str, args) -> list[dict]:
   """One training run; its metrics lines."""
-  ncpu = os.cpu_count() or 2
-  half = max(1, ncpu // 2)
   trainer_cpus, engine_cpus = cores_halves()
   env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
              XLA_FLAGS="--xla_force_host_platform_device_count=8")
@@ -90,7 +93,7 @@ def run(workdir: Path, k: int, cores: str, args) -> list[dict]:
          f"--config.rollout.max_staleness={k}", "--config.judge.base_url=http://127.0.0.1:9"]
   if cores == "disjoint":
     env["VLLM_CPU_OMP_THREADS_BIND"] = engine_cpus
-    env["OMP_NUM_THREADS"] = str(ncpu - half)
+    env["OMP_NUM_THREADS"] = str(len(span(engine_cpus)))
     cmd = ["taskset", "-c", trainer_cpus] + cmd
   p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
   if p.returncode != 0:
@@ -110,6 +113,7 @@ def main() -> None:
   args = ap.parse_args()
   if shutil.which("taskset") is None:
     raise SystemExit("taskset (util-linux) is needed to pin the trainer's cores")
+
   def measure(when: str) -> float:
     x = contention(*cores_halves())
     print(f"contention ({when}): a matmul loop on each half of the cores runs {x:.2f}x slower "
