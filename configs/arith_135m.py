@@ -85,4 +85,9 @@ def get_config(variant: str = ""):
     c.cold_start.max_steps = 12
     c.rollout.prompts_per_step = 2
     c.train.steps = 6
+    # Greedy answers to 100 held-out items (the test split's unseen frames) before the first
+    # update and after the last, through the run's own engine: the demo's last line.
+    c.eval.every = c.train.steps
+    c.eval.files = (os.path.join(_HERE, "data", "arith", "test.jsonl"),)
+    c.eval.limit = 100
   return c

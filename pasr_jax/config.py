@@ -212,9 +212,9 @@ class RolloutCfg(Section):
   timeout_s: float = key(1800.0, "one sampler call; past it (or engine death) the step fails")
   engine_retries: int = key(1, "after an engine failure: restart, re-sync, retry the step")
   max_staleness: int = key(
-      0, "K: 0 = sample, then train (synchronous); >= 1 = the next batch is sampled in the "
-      "background while this one trains (one batch ahead, staleness <= 1 <= K; turns on "
-      "grpo.tis_cap=2.0 when left at 0)")
+      0, "K: 0 = sample, then train (synchronous); 1 = the next batch is sampled in the "
+      "background while this one trains (staleness <= 1; turns on grpo.tis_cap=2.0 when "
+      "left at 0)")
   vllm: VllmCfg = section(VllmCfg, "the vLLM engine")
 
   def check(self):
@@ -227,8 +227,10 @@ class RolloutCfg(Section):
     self.need(self.sync_every >= 1, "sync_every", "must be >= 1")
     self.need(self.timeout_s >= 0, "timeout_s", "must be >= 0 (0 = no limit)")
     self.need(self.engine_retries >= 0, "engine_retries", "must be >= 0")
-    self.need(self.max_staleness >= 0, "max_staleness",
-              "must be >= 0 (0 = synchronous; >= 1 = sample one batch ahead)")
+    self.need(self.max_staleness in (0, 1), "max_staleness",
+              "must be 0 (synchronous) or 1 (one batch sampled ahead): the run has one engine, "
+              "which samples at most one batch ahead, so no batch is ever more than one update "
+              "behind and K >= 2 would promise an overlap that never happens")
     if self.max_prompt_tokens + self.max_tokens > self.vllm.max_model_len:
       self.vllm.need(False, "max_model_len",
                      "must hold rollout.max_prompt_tokens + rollout.max_tokens")
@@ -335,7 +337,7 @@ class GrpoCfg(Section):
   tis_cap: float = key(
       0.0, ">0: the loss weights each token by min(pi_trainer / pi_sampler, tis_cap), the "
       "trainer's logprobs recomputed as old_logps (decoupled PPO with a truncated weight); "
-      "0 = off, or ASYNC_TIS_CAP (2.0) with rollout.max_staleness >= 1")
+      "0 = off, or ASYNC_TIS_CAP (2.0) with rollout.max_staleness = 1, set when the config is built")
   is_mask_low: float = key(
       0.0, ">0: drop from the loss tokens whose pi_trainer / pi_sampler < this (recomputes "
       "the trainer's logprobs); 0 = off")
@@ -491,6 +493,24 @@ class ColdStartCfg(Section):
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalCfg(Section):
+  _key: ClassVar[str] = "eval"
+  every: int = key(0, "greedy answers to held-out items every k steps, at step 0 and at the "
+                   "last step (0 = off); through the run's own engine, between steps")
+  files: tuple[str, ...] = key((), "held-out items: JSON arrays or JSONL, the rows of `data` "
+                               "(data.question_field/answer_field); a `difficulty` or `bucket` "
+                               "field makes per-bucket metrics")
+  limit: int = key(100, "the first k items of eval.files (0 = all)")
+  max_tokens: int = key(0, "new tokens per greedy answer (0 = rollout.max_tokens)")
+
+  def check(self):
+    self.need(self.every >= 0, "every", "must be >= 0 (0 = off)")
+    self.need(self.limit >= 0, "limit", "must be >= 0 (0 = all)")
+    self.need(self.max_tokens >= 0, "max_tokens", "must be >= 0 (0 = rollout.max_tokens)")
+    self.need(self.every == 0 or bool(self.files), "files", "eval.every > 0 needs held-out files")
+
+
+@dataclasses.dataclass(frozen=True)
 class LoggingCfg(Section):
   _key: ClassVar[str] = "logging"
   tensorboard: bool = key(True, "also write TensorBoard event files to <workdir>/tb")
@@ -527,11 +547,23 @@ class RunConfig(Section):
   cold_start: ColdStartCfg = section(
       ColdStartCfg, "NOT part of the PASR paper: a format cold start for models that cannot "
       "write the layout (SmolLM2-135M: 0/64 well-formed)")
+  eval: EvalCfg = section(EvalCfg, "greedy evaluation on held-out items during training")
   logging: LoggingCfg = section(LoggingCfg, "metrics output")
+
+  def __post_init__(self):
+    # Derived defaults are resolved here, when the config is built, so config.json and the
+    # checkpoint record the values that ran: off-policy batches (K >= 1) need the truncated
+    # importance weight, so a tis_cap left at 0 becomes ASYNC_TIS_CAP.
+    if self.rollout.max_staleness >= 1 and self.grpo.tis_cap == 0:
+      object.__setattr__(self, "grpo", self.grpo.replace(tis_cap=ASYNC_TIS_CAP))
+    super().__post_init__()
 
   def check(self):
     self.need(bool(self.workdir), "workdir", "must be set")
-    g, r = self.train_grpo(), self.rollout
+    g, r = self.grpo, self.rollout
+    if r.max_prompt_tokens + self.eval_max_tokens > r.vllm.max_model_len:
+      self.eval.need(False, "max_tokens", "rollout.max_prompt_tokens + eval.max_tokens must fit "
+                     f"rollout.vllm.max_model_len={r.vllm.max_model_len}")
     if g.temperature(r.temperature) != r.temperature and not g.trainer_old_logps:
       g.need(False, "loss_temperature",
              f"differs from rollout.temperature={r.temperature}, whose logprobs the sampler "
@@ -548,6 +580,13 @@ class RunConfig(Section):
              "no HF model dir (config.json) there; run `make setup` for SmolLM2")
     for f in self.data.files:
       self.data.need(os.path.isfile(f), "files", f"file {f!r} does not exist")
+    for f in self.eval.files:
+      self.eval.need(os.path.isfile(f), "files", f"file {f!r} does not exist")
+
+  @property
+  def eval_max_tokens(self) -> int:
+    """New tokens per greedy eval answer: eval.max_tokens, or rollout.max_tokens if 0."""
+    return int(self.eval.max_tokens or self.rollout.max_tokens)
 
   @classmethod
   def from_tree(cls, tree: Any) -> RunConfig:
@@ -563,17 +602,10 @@ class RunConfig(Section):
                    task_type=self.data.task_type, judge_input=self.judge.input,
                    seq_multiple=self.train.seq_multiple)
 
-  def train_grpo(self) -> GrpoCfg:
-    """The loss's grpo section: grpo.tis_cap=ASYNC_TIS_CAP when rollout.max_staleness >= 1
-    and the config left tis_cap at 0 (off-policy batches need the correction)."""
-    if self.rollout.max_staleness >= 1 and self.grpo.tis_cap == 0:
-      return self.grpo.replace(tis_cap=ASYNC_TIS_CAP)
-    return self.grpo
-
   def trainer_cfg(self) -> TrainerCfg:
     """The trainer's slice."""
     r = self.rollout
-    return TrainerCfg(model=self.model, rules=self.mesh.rules, grpo=self.train_grpo(),
+    return TrainerCfg(model=self.model, rules=self.mesh.rules, grpo=self.grpo,
                       optim=self.optim,
                       max_tokens=r.max_tokens, temperature=self.grpo.temperature(r.temperature),
                       rows_per_step=r.prompts_per_step * r.n, steps=self.train.steps)

@@ -41,6 +41,11 @@ class Workdir:
     return self.root / "rollouts.jsonl"
 
   @property
+  def eval(self) -> Path:
+    """One JSON line per greedy answer of the evaluation during training (eval.every)."""
+    return self.root / "eval.jsonl"
+
+  @property
   def tb(self) -> Path:
     """TensorBoard event files."""
     return self.root / "tb"

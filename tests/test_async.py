@@ -103,16 +103,22 @@ def k1_run(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- config
-def test_max_staleness_check_and_tis_default():
-  base = load_preset("tiny_cpu")
-  base.rollout.max_staleness = -1
-  with pytest.raises(ConfigError, match=r"rollout\.max_staleness=-1: must be >= 0"):
-    RunConfig.from_tree(base)
+def test_max_staleness_check_and_tis_default(tmp_path):
+  """K is 0 or 1 (the one engine samples at most one batch ahead); the tis_cap that K = 1
+  turns on is resolved when the config is built, so the run records the value that ran."""
+  for bad in (-1, 2):
+    base = load_preset("tiny_cpu")
+    base.rollout.max_staleness = bad
+    with pytest.raises(ConfigError, match=rf"rollout\.max_staleness={bad}: must be 0 .* or 1 "
+                       r".*one engine"):
+      RunConfig.from_tree(base)
   sync = _cfg("/tmp/unused", 0)
-  assert sync.train_grpo() is sync.grpo and sync.trainer_cfg().grpo.tis_cap == 0
+  assert sync.grpo.tis_cap == 0 and sync.trainer_cfg().grpo.tis_cap == 0
   on = _cfg("/tmp/unused", 1)
-  assert on.grpo.tis_cap == 0 and on.trainer_cfg().grpo.tis_cap == ASYNC_TIS_CAP == 2.0
-  own = _cfg("/tmp/unused", 3, grpo__tis_cap=5.0)  # a cap the config sets is kept
+  assert on.grpo.tis_cap == ASYNC_TIS_CAP == 2.0 and on.trainer_cfg().grpo.tis_cap == 2.0
+  assert json.loads(on.to_json())["grpo"]["tis_cap"] == 2.0
+  assert RunConfig.from_tree(json.loads(on.to_json())) == on  # config.json builds the same run
+  own = _cfg("/tmp/unused", 1, grpo__tis_cap=5.0)  # a cap the config sets is kept
   assert own.trainer_cfg().grpo.tis_cap == 5.0
 
 
@@ -349,11 +355,11 @@ def test_killed_or_stopped_mid_run_then_resumed_matches_the_uninterrupted_run(tm
 
 
 def test_rollout_ahead_bounds_the_wait_ends_the_job_and_drops_it():
-  """`RolloutAhead.wait` gives up after timeout_s with an EngineError, having first ended the
+  """`Ahead.wait` gives up after timeout_s with an EngineError, having first ended the
   job (`aborting` is what the sampler's should_stop reads); `drop` ends a job and swallows its
   error; one job at a time."""
-  from pasr_jax.rollout.ahead import RolloutAhead
-  ahead = RolloutAhead(timeout_s=0.3)
+  from pasr_jax.rollout.source import Ahead
+  ahead = Ahead(timeout_s=0.3)
   ended = []
 
   def generation():  # ends only when asked to, as the vLLM sampler's wait does

@@ -16,10 +16,11 @@ from unittest import mock
 
 import jax
 import numpy as np
+import pytest
 
 from helpers import DATA, ScriptedSampler, load_preset
 from pasr_jax import devices, metrics, sharding
-from pasr_jax.config import RunConfig
+from pasr_jax.config import ConfigError, RunConfig
 from pasr_jax.run import Run
 
 FIXTURE = DATA / "loop_k0.json"
@@ -82,3 +83,95 @@ def test_k0_loop_is_bitwise_the_recorded_one(tmp_path):
   assert got["params"] == want["params"]
   assert got["opt_state"] == want["opt_state"]
 
+
+
+# ----------------------------------------------------------------------------- hooks
+def test_eval_metrics_per_bucket():
+  """`eval_metrics`: means over the answers, and per difficulty bucket."""
+  from pasr_jax.eval.during import eval_metrics
+  think = "<think> 3+4 <refine> 3+4 is 7 </refine> </think> <answer> 7 </answer>"
+  answers = [{"question": "q1", "reference": "7", "text": think, "score": 1.0, "bucket": "easy",
+              "tokens": 10},
+             {"question": "q2", "reference": "7", "text": "<answer>3</answer>", "score": 0.0,
+              "bucket": "hard", "tokens": 4},
+             {"question": "q3", "reference": "7", "text": "7", "score": 1.0, "bucket": "hard",
+              "tokens": 1}]
+  m = eval_metrics(answers)
+  assert m["eval/accuracy"] == 2 / 3 and m["eval/tokens_mean"] == 5.0
+  assert m["eval/format_ok"] == 1 / 3 and m["eval/refine_rate"] == 1 / 3
+  assert (m["eval/easy/accuracy"], m["eval/easy/refine_rate"]) == (1.0, 1.0)
+  assert (m["eval/hard/accuracy"], m["eval/hard/refine_rate"]) == (0.5, 0.0)
+  assert eval_metrics([]) == {}
+
+
+def _eval_items(path) -> str:
+  """Four held-out items: the scripted sampler answers "7" to two (right) and "3" to the
+  two holding "SAME" (wrong)."""
+  rows = [{"question": "Say 7.", "answer": "7", "difficulty": "easy"},
+          {"question": "SAME: say 7.", "answer": "7", "difficulty": "hard"},
+          {"question": "Write seven.", "answer": "7", "difficulty": "hard"},
+          {"question": "SAME again.", "answer": "7", "difficulty": "hard"}]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return str(path)
+
+
+def _scripted_run(workdir, **over):
+  class ScriptedRun(Run):
+    def make_sampler(self):
+      return ScriptedSampler.for_model_dir(self.model_dir)
+
+  tree = _cfg(workdir).to_dict()
+  for key, value in over.items():
+    *parents, leaf = key.split("__")
+    node = tree
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  r = ScriptedRun(RunConfig.from_tree(tree))
+  try:
+    with mock.patch.object(devices, "setup", lambda cfg: {}):
+      r.setup()
+    r.resume()
+    while not r.finished:
+      r.step()
+    return r, r.finish()
+  finally:
+    r.close()
+
+
+def test_eval_during_training_k1_logs_everywhere_and_quiet_console(tmp_path, capsys):
+  """eval.every=3 over 4 steps of K = 1: held-out answers at step 0 (before any update), 3
+  and 4 (the last), through the run's own sampler; eval/* in metrics.jsonl (step 0 a line of
+  its own) and in the step line; the answers in eval.jsonl; the console is a start block, one
+  line per step and the held-out line last; config.json records the tis_cap that ran; the
+  staleness bound holds."""
+  w = tmp_path / "w"
+  r, summary = _scripted_run(w, rollout__max_staleness=1, eval__every=3,
+                             eval__files=(_eval_items(tmp_path / "held.jsonl"),),
+                             eval__limit=0)
+  out = capsys.readouterr().out.strip().splitlines()
+  m = metrics.read_jsonl(str(w / "metrics.jsonl"))
+  assert [x["step"] for x in m] == [0, 1, 2, 3, 4]
+  evals = [x for x in m if "eval/accuracy" in x]
+  assert [x["step"] for x in evals] == [0, 3, 4]
+  for x in evals:
+    assert x["eval/accuracy"] == 0.5 and x["eval/tokens_mean"] == 4.0
+    assert x["eval/format_ok"] == 0.0 and x["eval/refine_rate"] == 0.0
+    assert x["eval/easy/accuracy"] == 1.0 and x["eval/hard/accuracy"] == 1 / 3
+  answers = metrics.read_jsonl(str(w / "eval.jsonl"))
+  assert [a["step"] for a in answers] == [0] * 4 + [3] * 4 + [4] * 4
+  assert {"question", "reference", "text", "score", "bucket", "tokens"} <= set(answers[0])
+  assert all(0 <= x["staleness/max"] <= 1 for x in m[1:])
+  assert json.loads((w / "config.json").read_text())["grpo"]["tis_cap"] == 2.0
+  # The console: no config dump, one line per step (and step 0's eval), the held-out line last.
+  assert not any(line.startswith(("{", "  \"")) for line in out), out
+  assert sum(line.startswith("step ") for line in out) == 5
+  assert out[-1] == "held-out accuracy: 50.0% -> 50.0% (4 items)", out[-5:]
+  assert summary["held_out"] == out[-1]
+
+
+def test_max_staleness_2_is_refused_with_the_reason():
+  tree = load_preset("tiny_cpu")
+  tree.rollout.max_staleness = 2
+  with pytest.raises(ConfigError, match="one engine"):
+    RunConfig.from_tree(tree)
