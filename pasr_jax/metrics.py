@@ -120,7 +120,7 @@ def learning_summary(metrics_path: str | os.PathLike) -> str:
   LEARNING_KEYS the mean of the first two steps -> the mean of the last two (first -> last step
   with fewer than four; one step's rates move by 1/32 per answer, two halve that noise), plus
   the steps with a nonzero gradient."""
-  rows = [r for r in read_jsonl(metrics_path) if "reward/mean" in r]  # not step 0's eval
+  rows = [r for r in read_jsonl(metrics_path) if r["step"] >= 1]  # not the eval before step 1
   parts = []
   for key, name in LEARNING_KEYS:
     vals = [r[key] for r in rows if r.get(key) is not None]
