@@ -98,7 +98,8 @@ def build(cfg: RunConfig, wd: Workdir, on_judge_proc=lambda proc: None) -> Parts
     model_dir = cold_start.ensure(cfg)
     pol = policy.build_policy(cfg.model, cfg.mesh, model_dir)
     if multihost.is_writer():
-      print(hooks.start_block(cfg, f"{done} ({devices.fraction_reason(cfg)})", model_dir,
+      done = ", ".join(f"{k} {v}" for k, v in done.items()) or "as they are"
+      print(hooks.start_block(cfg, f"{done}: {devices.fraction_reason(cfg)}", model_dir,
                               pol.mesh, "rule " + cfg.rewards.accuracy_rule if judge is None
                               else cfg.judge.base_url), flush=True)
     # The trainer's reference policy: model_dir's weights.

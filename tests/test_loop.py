@@ -175,3 +175,20 @@ def test_max_staleness_2_is_refused_with_the_reason():
   tree.rollout.max_staleness = 2
   with pytest.raises(ConfigError, match="one engine"):
     RunConfig.from_tree(tree)
+
+
+def test_eval_config_and_items(tmp_path):
+  """eval.every > 0 needs files; eval.max_tokens must fit the engine beside the prompt;
+  `load_items` reads the data's row schema, the bucket field and the limit."""
+  from pasr_jax.eval.during import load_items
+  tree = load_preset("tiny_cpu")
+  tree.eval.every = 2
+  with pytest.raises(ConfigError, match=r"eval\.files=\(\): eval\.every > 0 needs"):
+    RunConfig.from_tree(tree)
+  tree.eval.files = (_eval_items(tmp_path / "held.jsonl"),)
+  tree.eval.max_tokens = 10_000
+  with pytest.raises(ConfigError, match=r"eval\.max_tokens=10000: .* must fit"):
+    RunConfig.from_tree(tree)
+  items = load_items(tree.eval.files, limit=3)
+  assert [(it.row.question, it.row.answer, it.bucket) for it in items] == [
+      ("Say 7.", "7", "easy"), ("SAME: say 7.", "7", "hard"), ("Write seven.", "7", "hard")]
