@@ -158,14 +158,12 @@ class Run:
 
   def finish(self) -> dict[str, Any]:
     """Drops a batch sampled ahead, waits for the last save, runs the hooks' ends; the
-    summary (last step, workdir, last scalars, curve, HF dir, held-out line)."""
+    summary (last step, workdir, last scalars, curve, HF dir, held-out line to print)."""
     self.source.drop()
     summary = {"workdir": str(self.wd.root), "scalars": self.scalars, "stopped": self.stopping}
     self.hooks.finish(summary, self.stopping)
     print(f"[train] done at step {summary['last_step']}: workdir {self.wd.root}"
           + (f", HF dir {summary['hf']}" if "hf" in summary else ""), flush=True)
-    if "held_out" in summary:
-      print(summary["held_out"], flush=True)
     return summary
 
   def close(self) -> None:
@@ -194,6 +192,8 @@ def run(cfg) -> dict[str, Any]:
     if r.state.step < cfg.train.steps:
       raise RunInterrupted(f"stopped by a signal after step {r.state.step} of "
                            f"{cfg.train.steps}; it is saved: run the same command to resume")
-    return summary
   finally:
     r.close()
+  if "held_out" in summary:  # last, after the engine's own shutdown lines
+    print(summary["held_out"], flush=True)
+  return summary
