@@ -226,11 +226,9 @@ def start_block(cfg, devices_done: str, model_dir: str, mesh, judge: str) -> str
   """The few lines a run prints at its start (the whole config is in config.json)."""
   preset = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "?")
   shape = " x ".join(f"{k}={v}" for k, v in mesh.shape.items())
-  k = cfg.rollout.max_staleness
   return "\n".join([
       f"[train] preset {preset}: {cfg.train.steps} steps of {cfg.rollout.prompts_per_step} x "
-      f"{cfg.rollout.n} answers, rollout.max_staleness={k}"
-      + (f" (grpo.tis_cap={cfg.grpo.tis_cap:g})" if k else ""),
+      f"{cfg.rollout.n} answers",
       f"[train] model {model_dir}",
       f"[train] mesh {shape} on {mesh.devices.size} devices ({devices_done})",
       f"[train] judge {judge}",

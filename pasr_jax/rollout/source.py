@@ -298,6 +298,9 @@ def make(cfg, stream: BatchStream, rng: Any, version: int, stepper: RolloutStep,
   args = (cfg, stream, rng, version, stepper, sampler, model, stopping)
   if cfg.rollout.max_staleness == 0:
     return Synchronous(*args)
+  if multihost.is_writer():
+    print(f"[train] rollouts: one batch sampled ahead (rollout.max_staleness=1, grpo.tis_cap="
+          f"{cfg.grpo.tis_cap:g})", flush=True)
   if cfg.rollout.vllm.colocate:
     log.warning("rollout.max_staleness=1 with rollout.vllm.colocate=True: the engine and the "
                 "trainer share devices, so sampling ahead overlaps little and costs one step "
