@@ -454,7 +454,7 @@ class Run:
   def _global_batch(self, local: dict | None) -> dict | None:
     """The step's trainer batch from every process's rows (`local`, None if it kept none),
     padded to the agreed rows per process and length; None when no process has rows."""
-    shape = (0, 0) if local is None else local["input_ids"].shape
+    shape = (0, 0) if local is None else local.shape
     rows, length = (int(v) for v in multihost.agree(shape).max(axis=0))
     if rows == 0:
       return None

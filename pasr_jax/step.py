@@ -7,7 +7,7 @@ halves in ONE sampler call) -> judge requests (`judge.wire.judge_request`) -> ac
 refine vs that question's baseline accuracies) -> advantages (grpo, over the PASR answers,
 with the zero-variance groups) -> batch (those groups dropped or kept per config; completions
 cut at `max_tokens` masked out of the loss if configured) -> records and scalars. `Halves`
-holds the [PASR | baseline] layout. The batch layout is the `Trainer`'s (see trainer.py).
+holds the [PASR | baseline] layout. The batch is a `batch.Batch`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from pasr_jax import chat, grpo, rewards as rewards_lib
+from pasr_jax import batch as batch_lib, chat, grpo, rewards as rewards_lib
 from pasr_jax.answer_format import count_refines
+from pasr_jax.batch import Batch
 from pasr_jax.config import StepCfg
 from pasr_jax.data import Row
 from pasr_jax.judge.wire import judge_request
@@ -34,13 +35,13 @@ class StepOutput:
   """What one rollout step produced.
 
   batch: trainer batch (numpy, `[B', L]` / `[B']`) of the kept PASR answers, None if none
-    kept; B' is not rounded to the micro-batch (`pad_batch` does that).
+    kept; B' is not rounded to the micro-batch (`batch.pad` does that).
   records: one JSON-able dict per sampled answer (PASR and baseline) for rollouts.jsonl.
   scalars: metrics of the step (rewards, rates, lengths, judge stats, phase times in s).
   weights: how many items the means in `scalars` average over (pasr answers, all answers,
     prompts, baseline answers), for `merge_scalars`.
   """
-  batch: dict[str, np.ndarray] | None
+  batch: Batch | None
   records: list[dict[str, Any]]
   scalars: dict[str, float]
   weights: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -84,79 +85,16 @@ def pack_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[
                logprobs: Sequence[Sequence[float]], advantages: Sequence[float],
                scored: Sequence[bool], pad_id: int, multiple: int,
                rows_multiple: int = 1) -> dict[str, np.ndarray]:
-  """Right-padded trainer batch of prompt+completion rows.
-
-  Row i is `prompts[i] + completions[i]`; `loss_mask` is 1 on completion tokens when
-  `scored[i]`, and `old_logps` holds the sampler logprob of that token at the same index
-  (the trainer reads its logprob from logits at t-1). Length L = longest row rounded up
-  to `multiple`. The row count is rounded up to `rows_multiple` (the micro-batch) by
-  `pad_batch`, with copies of row 0 whose loss_mask is 0: real tokens keep attention finite,
-  and a row without scored tokens is no sequence of the loss (grpo.loss_denominator, all
-  three aggregations).
-  """
-  lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
-  L = max(1, -(-max(lengths) // multiple) * multiple)
-  B = len(prompts)
-  input_ids = np.full((B, L), pad_id, np.int32)
-  attention = np.zeros((B, L), np.int32)
-  loss_mask = np.zeros((B, L), np.float32)
-  old = np.zeros((B, L), np.float32)
-  for i, (p, c, lp) in enumerate(zip(prompts, completions, logprobs)):
-    n_p, n = len(p), len(p) + len(c)
-    input_ids[i, :n] = list(p) + list(c)
-    attention[i, :n] = 1
-    if scored[i] and len(c):
-      loss_mask[i, n_p:n] = 1.0
-      old[i, n_p:n] = lp
-  batch = {"input_ids": input_ids, "attention_mask": attention, "positions": _positions(B, L),
-           "loss_mask": loss_mask, "old_logps": old,
-           "advantages": np.asarray(advantages, np.float32).reshape(B)}
-  return pad_batch(batch, -(-B // rows_multiple) * rows_multiple, L, pad_id)
+  """`batch.pack_completions` as a dict of arrays (for callers not yet on `Batch`)."""
+  return batch_lib.pack_completions(prompts, completions, logprobs, advantages, scored, pad_id,
+                                    multiple, rows_multiple).to_dict()
 
 
-def _positions(rows: int, length: int) -> np.ndarray:
-  return np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy()
-
-
-# Batch arrays copied from row 0 into padding rows; the others (loss_mask, old_logps,
-# advantages, ...) are 0 there.
-_ROW_KEYS = ("input_ids", "attention_mask", "positions")
-
-
-def pad_batch(batch: dict[str, np.ndarray] | None, rows: int, length: int,
+def pad_batch(batch: Batch | dict[str, np.ndarray] | None, rows: int, length: int,
               pad_id: int) -> dict[str, np.ndarray]:
-  """`batch` (`[B, L]` / `[B]`, B <= rows, L <= length) padded to `rows` x `length`.
-
-  New columns are padding (pad_id, attention 0, no loss). New rows are copies of row 0 with
-  loss_mask 0 and advantage 0: real tokens keep attention finite, and a row without scored
-  tokens adds nothing to the loss (token_mean / seq_mean_token_mean). With `batch` None (a
-  process that has no rows of its own this step), every row is one attended pad token.
-  """
-  if batch is None:
-    ids = np.full((1, length), pad_id, np.int32)
-    att = np.zeros((1, length), np.int32)
-    att[:, 0] = 1
-    batch = {"input_ids": ids, "attention_mask": att, "positions": _positions(1, length),
-             "loss_mask": np.zeros((1, length), np.float32),
-             "old_logps": np.zeros((1, length), np.float32),
-             "advantages": np.zeros((1,), np.float32)}
-  B, L = batch["input_ids"].shape
-  assert B <= rows and L <= length, (B, L, rows, length)
-  out = {}
-  for k, x in batch.items():
-    if x.ndim == 1:
-      out[k] = np.concatenate([x, np.zeros(rows - B, x.dtype)])
-      continue
-    y = np.zeros((rows, length), x.dtype)
-    y[:B, :L] = x
-    if k in _ROW_KEYS:
-      y[B:, :L] = x[0]
-    if k == "input_ids":
-      y[:, L:] = pad_id
-    elif k == "positions":
-      y[:, L:] = np.arange(L, length, dtype=y.dtype)
-    out[k] = y
-  return out
+  """`batch.pad` as a dict of arrays (for callers not yet on `Batch`)."""
+  return batch_lib.pad(None if batch is None else Batch.of(batch), rows, length,
+                       pad_id).to_dict()
 
 
 T = TypeVar("T")
@@ -227,7 +165,7 @@ class Rewards:
 @dataclasses.dataclass(frozen=True)
 class Packed:
   """The trainer batch (None when no answer is trained) and the groups / answers in it."""
-  batch: dict[str, np.ndarray] | None
+  batch: Batch | None
   kept: np.ndarray       # [B] bool: groups in the batch
   trained: np.ndarray    # [B, n] bool: answers whose tokens the loss scores
 
@@ -355,9 +293,10 @@ class RolloutStep:
             for i, a in enumerate(answers) if kept[i] for k, c in enumerate(a.completions)]
     batch = None
     if trained.any():
-      batch = pack_batch([ids for ids, _, _, _ in rows], [c.token_ids for _, c, _, _ in rows],
-                         [c.logprobs for _, c, _, _ in rows], [a for _, _, a, _ in rows],
-                         [t for _, _, _, t in rows], self.pad_id, self.cfg.seq_multiple)
+      batch = batch_lib.pack_completions(
+          [ids for ids, _, _, _ in rows], [c.token_ids for _, c, _, _ in rows],
+          [c.logprobs for _, c, _, _ in rows], [a for _, _, a, _ in rows],
+          [t for _, _, _, t in rows], self.pad_id, self.cfg.seq_multiple)
     return Packed(batch=batch, kept=kept, trained=trained)
 
   def records(self, step: int, answers: Halves[Answers], accuracies: Halves[list[float]],

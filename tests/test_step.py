@@ -89,7 +89,7 @@ def test_pipeline_layout_requests_and_batch():
   assert [r["refine"] for r in pasr] == [-0.5, -0.5, 1.0, 0.0]   # vs baseline means 1 and 0
   assert [r["trained"] for r in pasr] == [False, False, True, True]
   assert out.scalars["groups/zero_variance"] == 1 and out.scalars["groups/trained"] == 1
-  assert out.batch["advantages"][:2].tolist() == [pasr[2]["advantage"], pasr[3]["advantage"]]
+  assert out.batch.advantages[:2].tolist() == [pasr[2]["advantage"], pasr[3]["advantage"]]
   assert "reward" not in out.records[4]      # baseline answers carry no reward
 
 

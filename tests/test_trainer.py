@@ -10,9 +10,11 @@ from flax import nnx
 
 from configs.base import get_base_config
 from pasr_jax import grpo, sharding
+from pasr_jax.batch import Batch
 from pasr_jax.config import ConfigError, RunConfig
 from pasr_jax.models.qwen import Decoder, tiny_config
-from pasr_jax.trainer import BATCH_KEYS, Trainer, TrainerError, make_step_fns
+from pasr_jax.trainer import (BATCH_KEYS, TOKEN_FIELDS, Trainer, TrainerError, make_step_fns,
+                              nll_loss)
 
 B, L, PROMPT = 8, 20, 6
 
@@ -53,18 +55,20 @@ def make_batch(seed=0, vocab=256):
   }
 
 
-def make_trainer(cfg, mesh=None, seed=0):
+def make_trainer(cfg, mesh=None, seed=0, loss=None):
   model = Decoder(tiny_config("qwen2"), rngs=nnx.Rngs(seed))
   if mesh is None:
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-  return Trainer(RunConfig.from_tree(cfg).trainer_cfg(), model, tiny_config("qwen2"), mesh)
+  return Trainer(RunConfig.from_tree(cfg).trainer_cfg(), model, tiny_config("qwen2"), mesh,
+                 loss=loss)
 
 
 def gradients(tr, batch):
   """The full-batch loss gradient (no step taken) and metrics: the pure function whose result
   `Trainer.update` applies, jitted here on the trainer's params and batch placement."""
-  dev, num_micro, _ = tr._put_batch(batch, BATCH_KEYS)
-  _, _, grad_fn = make_step_fns(tr.graphdef, tr._rest, tr.tx, tr.cfg, num_micro, tr.mesh)
+  dev, num_micro, _ = tr._put_batch(Batch.of(batch), TOKEN_FIELDS + tr.loss.fields)
+  _, _, grad_fn = make_step_fns(tr.graphdef, tr._rest, tr.tx, tr.cfg, num_micro, tr.mesh,
+                                loss=tr.loss)
   with sharding.use_mesh(tr.mesh, tr.rules):
     grads, m = jax.jit(grad_fn)(tr.params, tr.ref_params, dev)
   return grads, {k: float(v) for k, v in m.items()}
@@ -88,6 +92,30 @@ def np_logprobs(model, batch):
   ls = jax.nn.log_softmax(logits[:, :-1], axis=-1)
   lp = jnp.take_along_axis(ls, jnp.asarray(batch["input_ids"])[:, 1:, None], -1)[..., 0]
   return jnp.pad(lp, ((0, 0), (1, 0)))
+
+
+def test_nll_loss_is_the_gradient_of_grpo_at_ratio_one_in_one_pass():
+  """nll_loss (SFT) reads only the tokens and loss_mask, reports the NLL before the update as
+  its loss and compiles nothing but the update (no logprob pass first); its gradient is the
+  one GRPO had with advantages 1, beta 0, token_mean and old_logps = the policy's."""
+  cfg = make_cfg(**{"grpo.agg": "token_mean"})
+  nll, ref = make_trainer(cfg, loss=nll_loss()), make_trainer(cfg)
+  full = make_batch(9)
+  tokens = Batch(**{k: full[k] for k in TOKEN_FIELDS})
+  mask = full["loss_mask"]
+  lp = ref.logprobs(full, scored_only=True)
+  as_grpo = dict(full, old_logps=lp, advantages=np.ones(B, np.float32))
+  g_nll, m_nll = gradients(nll, tokens)
+  g_grpo, _ = gradients(ref, as_grpo)
+  np.testing.assert_allclose(flat(g_nll), flat(g_grpo), rtol=1e-5,
+                             atol=1e-6 * np.abs(flat(g_grpo)).max())
+  before = flat(nll.params)
+  m = nll.update(tokens)
+  assert nll.compilations == 1 and set(nll._fns) == {("update", 1, TOKEN_FIELDS)}
+  assert m["loss"] == pytest.approx(-(lp * mask).sum() / mask.sum(), rel=1e-6)
+  assert m["loss"] == m_nll["loss"] and m["tokens"] == mask.sum() and m["skipped"] == 0
+  assert not np.array_equal(flat(nll.params), before)
+  assert nll.ref_params is None
 
 
 def test_ref_equals_policy_gives_zero_kl():
@@ -296,7 +324,7 @@ def test_logit_window_equals_full_logits():
 def test_loss_mask_wider_than_max_tokens_raises():
   batch = make_batch()
   tr = make_trainer(make_cfg(**{"rollout.max_tokens": 5}))
-  with pytest.raises(TrainerError, match=r"batch\['loss_mask'\] row 0 .*rollout.max_tokens=5"):
+  with pytest.raises(TrainerError, match=r"batch loss_mask row 0 .*rollout.max_tokens=5"):
     tr.update(batch)
 
 
@@ -428,13 +456,13 @@ def test_batch_rule_decides_the_batch_sharding_of_the_train_step():
     rules = tuple(r for r in get_base_config().mesh.rules if r[0] != "batch") + (
         ("batch", rule),)
     tr = make_trainer(make_cfg(**{"optim.micro_batch": 4, "mesh.rules": rules}), mesh)
-    dev, k, length = tr._put_batch(batch, BATCH_KEYS)  # what the jitted update gets
+    dev, k, length = tr._put_batch(Batch.of(batch), BATCH_KEYS)  # what the jitted update gets
     for key, x in dev.items():
       assert x.sharding.spec == jax.P(rule, *([None] * (x.ndim - 1))), key
       assert len({s.index[0].start for s in x.addressable_shards}) == shards, key
     b = with_old(tr, batch)
     losses[rule] = tr.update(b)["loss"]
-    dev, k, length = tr._put_batch(b, BATCH_KEYS)
+    dev, k, length = tr._put_batch(Batch.of(b), BATCH_KEYS)
     fn = tr._fns[("update", k, BATCH_KEYS)]
     with sharding.use_mesh(mesh, tr.rules):
       compiled = fn.lower(tr.params, tr.ref_params, tr.opt_state, dev).compile()
