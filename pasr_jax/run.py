@@ -71,7 +71,8 @@ from pasr_jax.models.hf import model_digest, save_hf
 from pasr_jax.rollout import EngineError
 from pasr_jax.rollout.ahead import RolloutAhead
 from pasr_jax.rollout.vllm_sampler import VllmSampler
-from pasr_jax.step import RolloutStep, StepOutput, merge_scalars, pad_batch
+from pasr_jax.step import (FIRST, MAX, RolloutStep, StepOutput, mean_over, merge_scalars,
+                           pad_batch)
 from pasr_jax.trainer import Trainer
 from pasr_jax.workdir import Workdir
 
@@ -81,6 +82,11 @@ log = logging.getLogger("pasr_jax.run")
 LINE_KEYS = ("reward/mean", "reward/accuracy", "rate/format_ok", "rate/refine", "len/pasr_mean",
              "rate/truncated", "train/grad_norm", "time/rollout", "time/judge", "time/update",
              "time/sync", "time/checkpoint")
+# The multi-host reduction of every metric the loop adds to the step's (see step.merge_scalars):
+# the trainer's are the same on every process; times and loads take the slowest process.
+RUN_REDUCTIONS = {"train/": FIRST, "policy_version": FIRST, "time/": MAX, "sync/": MAX,
+                  "staleness/mean": mean_over("answers"), "staleness/frac_": mean_over("answers"),
+                  "staleness/max": MAX}
 
 
 class RunInterrupted(errors.Interrupted):
@@ -303,7 +309,8 @@ class Run:
       rec["process"] = jax.process_index()
     parts = multihost.allgather_json({"scalars": scalars, "weights": out.weights,
                                       "records": out.records, "stop": self.stop.stop})
-    scalars = merge_scalars([(p["scalars"], p["weights"]) for p in parts])
+    scalars = merge_scalars([(p["scalars"], p["weights"]) for p in parts],
+                            {**out.reductions, **RUN_REDUCTIONS})
     self.stopping = any(p["stop"] for p in parts)  # every process stops at the same step
     if self.writer_process:
       self.rollouts.append([rec for p in parts for rec in p["records"]])

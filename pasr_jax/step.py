@@ -40,45 +40,79 @@ class StepOutput:
   scalars: metrics of the step (rewards, rates, lengths, judge stats, phase times in s).
   weights: how many items the means in `scalars` average over (pasr answers, all answers,
     prompts, baseline answers), for `merge_scalars`.
+  reductions: how each of `scalars` combines over processes (`merge_scalars`).
   """
   batch: Batch | None
   records: list[dict[str, Any]]
   scalars: dict[str, float]
   weights: dict[str, float] = dataclasses.field(default_factory=dict)
+  reductions: dict[str, str] = dataclasses.field(default_factory=lambda: dict(STEP_REDUCTIONS))
 
 
-# How several processes' step scalars combine into the run's (multi-host): counts add up,
-# a mean is weighted by the items it averages over, times and latencies take the slowest
-# process; anything else (the trainer's and the sync's, equal on every process) is process 0's.
-_SUMMED = ("groups/zero_variance", "groups/trained", "tokens/generated", "judge/items",
-           "judge/requests", "judge/retries", "judge/failures", "judge/unparseable",
-           "judge/cache_hits")
-_MEAN_OVER = {"reward/mean": "pasr", "reward/format": "pasr", "reward/accuracy": "pasr",
-              "reward/refine": "pasr", "rate/format_ok": "pasr", "rate/refine": "pasr",
-              "len/pasr_mean": "pasr", "rate/truncated": "answers", "len/all_mean": "answers",
-              "rate/prompt_truncated": "prompts", "reward/baseline_accuracy": "baseline",
-              "staleness/mean": "answers"}  # and staleness/frac_<d>
-_SLOWEST = ("time/", "judge/latency", "sync/", "staleness/max")
+# ----------------------------------------------------------------------------- multi-host
+# How several processes' values of a metric combine into the run's: each producer declares it
+# for every metric it makes (a name, or a family: a prefix ending in "/" or "_"), and
+# `merge_scalars` refuses a metric nobody declared.
+SUM, MAX, MIN = "sum", "max", "min"
+FIRST = "first"  # process 0's: for values equal on every process (the trainer's)
 
 
-def merge_scalars(parts: Sequence[tuple[dict[str, float], dict[str, float]]]
-                  ) -> dict[str, float]:
-  """One step's scalars from each process's (scalars, weights), in process order."""
-  if len(parts) == 1:
-    return dict(parts[0][0])
+def mean_over(weight: str) -> str:
+  """The reduction "mean weighted by each process's count `weight`" (a StepOutput.weights
+  key: the items the process's mean is over)."""
+  return f"mean:{weight}"
+
+
+def reduction_of(name: str, reductions: dict[str, str]) -> str:
+  """`name`'s declared reduction: its own, else its longest declared family's."""
+  if name in reductions:
+    return reductions[name]
+  families = [k for k in reductions if k[-1:] in ("/", "_") and name.startswith(k)]
+  assert families, (f"metric {name!r} declares no multi-host reduction (sum, max, min, first "
+                    "or mean_over) where it is produced")
+  return reductions[max(families, key=len)]
+
+
+def merge_scalars(parts: Sequence[tuple[dict[str, float], dict[str, float]]],
+                  reductions: dict[str, str]) -> dict[str, float]:
+  """One step's scalars from each process's (scalars, weights), in process order, each
+  metric combined by its declared reduction (`reduction_of`; an undeclared one raises
+  AssertionError, on one process too)."""
   out = {}
   for k, first in parts[0][0].items():
+    how = reduction_of(k, reductions)
     vals = [float(s[k]) for s, _ in parts]
-    if k in _SUMMED:
+    if how == SUM:
       out[k] = sum(vals)
-    elif k in _MEAN_OVER or k.startswith("staleness/frac_"):
-      w = [float(ws.get(_MEAN_OVER.get(k, "answers"), 0.0)) for _, ws in parts]
-      out[k] = sum(v * x for v, x in zip(vals, w)) / max(sum(w), 1e-12)
-    elif k.startswith(_SLOWEST) and not k.endswith("bytes"):
+    elif how == MAX:
       out[k] = max(vals)
-    else:
+    elif how == MIN:
+      out[k] = min(vals)
+    elif how == FIRST:
       out[k] = first
+    else:
+      assert how.startswith("mean:"), (k, how)
+      w = [float(ws[how[len("mean:"):]]) for _, ws in parts]
+      out[k] = (sum(v * x for v, x in zip(vals, w)) / max(sum(w), 1e-12) if len(parts) > 1
+                else first)
   return out
+
+
+# Every metric a RolloutStep makes (`RolloutStep.scalars`) and its reduction.
+STEP_REDUCTIONS = {
+    **{k: mean_over("pasr") for k in ("reward/mean", "reward/format", "reward/accuracy",
+                                      "reward/refine", "rate/format_ok", "rate/refine",
+                                      "len/pasr_mean")},
+    **{k: mean_over("answers") for k in ("rate/truncated", "len/all_mean")},
+    "rate/prompt_truncated": mean_over("prompts"),
+    "reward/baseline_accuracy": mean_over("baseline"),
+    "groups/zero_variance": SUM, "groups/trained": SUM, "tokens/generated": SUM,
+    "time/rollout": MAX, "time/judge": MAX, "time/pack": MAX,
+    # The judge's batch stats (judge.client): counts add up, latencies take the slowest.
+    **{f"judge/{k}": SUM for k in ("items", "requests", "retries", "failures", "unparseable",
+                                   "cache_hits")},
+    "judge/latency_": MAX,
+}
 
 
 def pack_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
