@@ -27,7 +27,7 @@ from typing import Any, Mapping
 
 from absl import flags
 
-from pasr_jax import cli, devices, errors
+from pasr_jax import checks, cli, devices, errors
 from pasr_jax.config import ConfigError, RunConfig
 from pasr_jax.judge.local import judge_answers
 from pasr_jax.rollout import weight_sync
@@ -222,11 +222,10 @@ def _batch_checks(cfg: RunConfig, shards: int, procs: int, hosts: int,
   r, o, out = cfg.rollout, cfg.optim, []
   rows = r.prompts_per_step * r.n
   spu = o.sequences_per_update or rows
-  if o.micro_batch % shards:
+  problem = checks.micro_batch_vs_shards(o.micro_batch, shards)
+  if problem:
     want = shards * max(1, -(-o.micro_batch // shards))
-    out.append(Check("micro-batch", "fail",
-                     f"optim.micro_batch={o.micro_batch} is not a multiple of the {shards} "
-                     "batch shards",
+    out.append(Check("micro-batch", "fail", problem,
                      f"--config.optim.micro_batch={want}" + (
                          f" --config.optim.sequences_per_update={max(want, spu // want * want)}"
                          if o.sequences_per_update else "") + (
@@ -237,9 +236,9 @@ def _batch_checks(cfg: RunConfig, shards: int, procs: int, hosts: int,
     out.append(Check("micro-batch", "ok",
                      f"{o.micro_batch} sequences ({o.micro_batch // shards}/device), "
                      f"{spu} per update, {updates} update(s) per step of {rows} answers"))
-  if r.prompts_per_step < procs:
-    out.append(Check("questions", "fail", f"rollout.prompts_per_step={r.prompts_per_step} < "
-                     f"{procs} processes (each samples a share)",
+  problem = checks.questions_vs_processes(r.prompts_per_step, procs)
+  if problem:
+    out.append(Check("questions", "fail", problem,
                      f"--config.rollout.prompts_per_step={procs} (or more)"))
   else:
     out.append(Check("questions", "ok", f"{r.prompts_per_step} per step over {procs} "

@@ -59,7 +59,7 @@ import numpy as np
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from pasr_jax import cold_start, devices, errors, multihost, policy, prompts
+from pasr_jax import checks, cold_start, devices, errors, multihost, policy, prompts
 from pasr_jax import data as data_lib
 from pasr_jax import metrics as metrics_lib
 from pasr_jax.checkpoint import Checkpointer, CheckpointMismatchError, RunState
@@ -172,9 +172,8 @@ class Run:
     # After the distributed init: it installs JAX's own SIGTERM handler (its preemption
     # notifier), which would otherwise swallow the signal.
     self.stop = StopFlag()
-    if cfg.rollout.prompts_per_step < jax.process_count():
-      raise ConfigError(f"config rollout.prompts_per_step={cfg.rollout.prompts_per_step}: "
-                        f"must be >= the {jax.process_count()} processes (each samples a share)")
+    checks.require(checks.questions_vs_processes(cfg.rollout.prompts_per_step,
+                                                 jax.process_count()))
     self.writer_process = multihost.is_writer()
     if self.writer_process:
       wd.root.mkdir(parents=True, exist_ok=True)

@@ -29,9 +29,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from pasr_jax import grpo, sharding
+from pasr_jax import checks, grpo, sharding
 from pasr_jax.batch import INT_FIELDS, ROW_SCALARS, Batch, BatchError
-from pasr_jax.config import ConfigError, OptimCfg, TrainerCfg
+from pasr_jax.config import OptimCfg, TrainerCfg
 from pasr_jax.models.qwen import Decoder, ModelConfig
 
 # The tokens every loss reads (with loss_mask), and the GRPO batch (the memory plan's).
@@ -353,13 +353,10 @@ class Trainer:
                loss: Loss | None = None):
     self.cfg, self.model_cfg, self.mesh = cfg, model_cfg, mesh
     self.loss = loss or grpo_loss(cfg)
-    mb = cfg.optim.micro_batch
     self.rules = tuple(cfg.rules)  # params and batch/activations alike
-    shards = sharding.batch_shards(mesh, self.rules)
-    if mb < 1 or mb % shards:
-      axes = "*".join(sharding.batch_axes(mesh, self.rules)) or "(none)"
-      raise ConfigError(f"config optim.micro_batch={mb} must be a positive multiple of the "
-                        f"batch shards {axes}={shards}")
+    checks.require(checks.micro_batch_vs_shards(
+        cfg.optim.micro_batch, sharding.batch_shards(mesh, self.rules),
+        "*".join(sharding.batch_axes(mesh, self.rules)) or "(none)"))
     compute_dtype, param_dtype = cfg.model.compute_dtype, cfg.model.weight_dtype
     self.graphdef, params, self._rest = nnx.split(model, nnx.Param, ...)
     for leaf in jax.tree.leaves(params):

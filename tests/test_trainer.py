@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from configs.base import get_base_config
-from pasr_jax import grpo, sharding
+from pasr_jax import checks, grpo, sharding
 from pasr_jax.batch import Batch
 from pasr_jax.config import ConfigError, RunConfig
 from pasr_jax.models.qwen import Decoder, tiny_config
@@ -329,9 +329,13 @@ def test_loss_mask_wider_than_max_tokens_raises():
 
 
 def test_bad_config_and_batch_raise():
-  with pytest.raises(ConfigError, match="optim.micro_batch=3"):
-    make_trainer(make_cfg(**{"optim.micro_batch": 3}),
-                 sharding.make_mesh((1, 2, 1), devices=jax.devices()[:2]))
+  mesh = sharding.make_mesh((1, 2, 1), devices=jax.devices()[:2])
+  with pytest.raises(ConfigError) as err:
+    make_trainer(make_cfg(**{"optim.micro_batch": 3}), mesh)
+  # The one micro-batch rule (pasr_jax.checks), as preflight states it too.
+  axes = "*".join(sharding.batch_axes(mesh, tuple(get_base_config().mesh.rules)))
+  assert str(err.value) == "config " + checks.micro_batch_vs_shards(3, 2, axes)
+  assert "optim.micro_batch=3" in str(err.value) and checks.micro_batch_vs_shards(4, 2) is None
   tr = make_trainer(make_cfg(**{"optim.micro_batch": 3}))
   with pytest.raises(TrainerError, match="micro_batch=3"):
     tr.update(make_batch())
