@@ -141,7 +141,7 @@ def plan(cfg: RunConfig | ml_collections.ConfigDict, mesh_shape, seq_len: int, l
       sharding=b_sh[k]) for k in BATCH_KEYS})
   beta = cfg.grpo.beta > 0
   abs_ref = _abstract(jax.eval_shape(lambda p: ref_copy(p, dtype), params), p_sh) if beta else None
-  update, _, _ = make_step_fns(graphdef, rest, tx, cfg.trainer_cfg(), batch // mb, mesh)
+  update, _ = make_step_fns(graphdef, rest, tx, cfg.trainer_cfg(), batch // mb, mesh)
   fn = jit_update(update, mesh, rules, p_sh, o_sh, BATCH_KEYS, beta)
   t0 = time.perf_counter()
   # Under use_mesh the model pins activations by the 'batch' rule.

@@ -209,35 +209,26 @@ def _merge_micro(x: jax.Array) -> jax.Array:
   return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
 
 
-def make_step_fns(graphdef, rest, tx: optax.GradientTransformation,
-                  cfg: TrainerCfg, num_micro: int, mesh: Mesh, chunk: int = 256,
-                  loss: Loss | None = None) -> tuple[Callable, Callable, Callable]:
-  """The pure (un-jitted) update, logprob and gradient functions for `loss` (default:
-  `grpo_loss(cfg)`); batches are `Batch`es.
-
-  update(params, ref_params, opt_state, batch) -> (params, opt_state, metrics)
-  logprobs(params, batch) -> [B,L] float32 (batch: INT_FIELDS, optionally loss_mask: then
-    only the scored window, see _logprobs_fn)
-  gradients(params, ref_params, batch) -> (grads, metrics): the full-batch loss gradient
-    that `update` applies
-  """
-  objective = loss or grpo_loss(cfg)
-  temperature = cfg.temperature
-  lp_fn = functools.partial(_logprobs_fn, graphdef, rest, temperature=temperature, chunk=chunk,
-                            mesh=mesh, rules=cfg.rules,
+def _lp_fns(graphdef, rest, cfg: TrainerCfg, mesh: Mesh, chunk: int
+            ) -> tuple[Callable, Callable]:
+  """(logprobs of all positions, logprobs of the loss's rollout.max_tokens window) of a
+  micro-batch: `_logprobs_fn` for this trainer."""
+  lp_fn = functools.partial(_logprobs_fn, graphdef, rest, temperature=cfg.temperature,
+                            chunk=chunk, mesh=mesh, rules=cfg.rules,
                             compute_dtype=cfg.model.compute_dtype)
   # The loss only reads scored (completion) positions: at most rollout.max_tokens per row.
-  loss_lp_fn = functools.partial(lp_fn, keep=cfg.max_tokens)
+  return lp_fn, functools.partial(lp_fn, keep=cfg.max_tokens)
 
-  def logprobs(params, batch):
-    # With a loss_mask in the batch, only its rollout.max_tokens window goes through the LM
-    # head, as in the loss (positions outside it are 0).
-    fn = loss_lp_fn if batch.loss_mask is not None else lp_fn
-    micro = _split_micro(batch, num_micro, mesh, cfg.rules)
-    # Params ride in the carry, not the closure: nnx.scan (scan_layers) refuses Variables whose
-    # values are tracers of an outer trace level.
-    _, out = jax.lax.scan(lambda p, mb: (p, fn(p, mb)), params, micro)
-    return _merge_micro(out)
+
+def make_grad_fn(graphdef, rest, cfg: TrainerCfg, num_micro: int, mesh: Mesh,
+                 chunk: int = 256, loss: Loss | None = None) -> Callable:
+  """The pure gradient function of `loss` (default `grpo_loss(cfg)`) that `update` applies:
+
+  gradients(params, ref_params, batch) -> (grads, metrics): the full-batch loss gradient
+    (accumulated over `num_micro` micro-batches) and the loss, "tokens" and `Loss.metrics`.
+  """
+  objective = loss or grpo_loss(cfg)
+  _, loss_lp_fn = _lp_fns(graphdef, rest, cfg, mesh, chunk)
 
   def gradients(params, ref_params, batch):
     denom = jnp.maximum(objective.denominator(batch), 1.0)
@@ -248,7 +239,7 @@ def make_step_fns(graphdef, rest, tx: optax.GradientTransformation,
       return s / denom, m
 
     def body(carry, mb):
-      acc, p, ref = carry  # params in the carry: see logprobs
+      acc, p, ref = carry  # params in the carry: see make_step_fns' logprobs
       ref_lp = jax.lax.stop_gradient(loss_lp_fn(ref, mb)) if objective.uses_ref else None
       (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, mb, ref_lp)
       return (jax.tree.map(jnp.add, acc, grads), p, ref), (loss, m)
@@ -269,6 +260,34 @@ def make_step_fns(graphdef, rest, tx: optax.GradientTransformation,
                **{k: reduce[how](ms[k]) for k, how in objective.metrics}}
     return grads, metrics
 
+  return gradients
+
+
+def make_step_fns(graphdef, rest, tx: optax.GradientTransformation,
+                  cfg: TrainerCfg, num_micro: int, mesh: Mesh, chunk: int = 256,
+                  loss: Loss | None = None) -> tuple[Callable, Callable]:
+  """The pure (un-jitted) update and logprob functions for `loss` (default:
+  `grpo_loss(cfg)`); batches are `Batch`es.
+
+  update(params, ref_params, opt_state, batch) -> (params, opt_state, metrics): one
+    optimizer step with `make_grad_fn`'s gradient; a non-finite loss or gradient leaves
+    params and optimizer state as they were (metrics["skipped"] 1)
+  logprobs(params, batch) -> [B,L] float32 (batch: INT_FIELDS, optionally loss_mask: then
+    only the scored window, see _logprobs_fn)
+  """
+  lp_fn, loss_lp_fn = _lp_fns(graphdef, rest, cfg, mesh, chunk)
+  gradients = make_grad_fn(graphdef, rest, cfg, num_micro, mesh, chunk, loss)
+
+  def logprobs(params, batch):
+    # With a loss_mask in the batch, only its rollout.max_tokens window goes through the LM
+    # head, as in the loss (positions outside it are 0).
+    fn = loss_lp_fn if batch.loss_mask is not None else lp_fn
+    micro = _split_micro(batch, num_micro, mesh, cfg.rules)
+    # Params ride in the carry, not the closure: nnx.scan (scan_layers) refuses Variables whose
+    # values are tracers of an outer trace level.
+    _, out = jax.lax.scan(lambda p, mb: (p, fn(p, mb)), params, micro)
+    return _merge_micro(out)
+
   def update(params, ref_params, opt_state, batch):
     grads, metrics = gradients(params, ref_params, batch)
     gnorm = optax.tree.norm(grads)
@@ -280,7 +299,7 @@ def make_step_fns(graphdef, rest, tx: optax.GradientTransformation,
     metrics = dict(metrics, grad_norm=gnorm, skipped=(~ok).astype(jnp.float32))
     return params, opt_state, metrics
 
-  return update, logprobs, gradients
+  return update, logprobs
 
 
 def batch_shardings(mesh: Mesh, rules: sharding.Rules, keys: tuple[str, ...]
@@ -389,8 +408,8 @@ class Trainer:
     self._shapes.add((kind, num_micro, keys, length))
     key = (kind, num_micro, keys)
     if key not in self._fns:
-      update, logprobs, _ = make_step_fns(self.graphdef, self._rest, self.tx, self.cfg,
-                                          num_micro, self.mesh, loss=self.loss)
+      update, logprobs = make_step_fns(self.graphdef, self._rest, self.tx, self.cfg,
+                                       num_micro, self.mesh, loss=self.loss)
       bs = Batch(**batch_shardings(self.mesh, self.rules, keys))
       if kind == "update":
         self._fns[key] = jit_update(update, self.mesh, self.rules, self.param_shardings,

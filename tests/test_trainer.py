@@ -13,7 +13,7 @@ from pasr_jax import checks, grpo, sharding
 from pasr_jax.batch import Batch
 from pasr_jax.config import ConfigError, RunConfig
 from pasr_jax.models.qwen import Decoder, tiny_config
-from pasr_jax.trainer import (BATCH_KEYS, TOKEN_FIELDS, Trainer, TrainerError, make_step_fns,
+from pasr_jax.trainer import (BATCH_KEYS, TOKEN_FIELDS, Trainer, TrainerError, make_grad_fn,
                               nll_loss)
 
 B, L, PROMPT = 8, 20, 6
@@ -67,8 +67,7 @@ def gradients(tr, batch):
   """The full-batch loss gradient (no step taken) and metrics: the pure function whose result
   `Trainer.update` applies, jitted here on the trainer's params and batch placement."""
   dev, num_micro, _ = tr._put_batch(Batch.of(batch), TOKEN_FIELDS + tr.loss.fields)
-  _, _, grad_fn = make_step_fns(tr.graphdef, tr._rest, tr.tx, tr.cfg, num_micro, tr.mesh,
-                                loss=tr.loss)
+  grad_fn = make_grad_fn(tr.graphdef, tr._rest, tr.cfg, num_micro, tr.mesh, loss=tr.loss)
   with sharding.use_mesh(tr.mesh, tr.rules):
     grads, m = jax.jit(grad_fn)(tr.params, tr.ref_params, dev)
   return grads, {k: float(v) for k, v in m.items()}
