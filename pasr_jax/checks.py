@@ -15,9 +15,8 @@ def micro_batch_vs_shards(micro_batch: int, shards: int, axes: str = "") -> str 
   micro-batch is split over; `axes` names their mesh axes, e.g. "data*fsdp")."""
   if micro_batch >= 1 and micro_batch % shards == 0:
     return None
-  where = f"{axes}={shards}" if axes else str(shards)
-  return (f"optim.micro_batch={micro_batch} is not a positive multiple of the batch shards "
-          f"{where}")
+  return (f"optim.micro_batch={micro_batch} is not a multiple of the {shards} batch shards"
+          + (f" ({axes})" if axes else ""))
 
 
 def questions_vs_processes(prompts_per_step: int, processes: int) -> str | None:
