@@ -33,10 +33,10 @@ from pasr_jax import answer_format, cli, errors, policy, prompts
 from pasr_jax import batch as batch_lib
 from pasr_jax import data as data_lib
 from pasr_jax import metrics as metrics_lib
+from pasr_jax.batch import Batch
 from pasr_jax.checkpoint import Checkpointer
 from pasr_jax.config import DataCfg, RunConfig, SftCfg, TrainerCfg
 from pasr_jax.models.hf import save_hf
-from pasr_jax.batch import Batch
 from pasr_jax.trainer import Trainer, nll_loss
 
 

@@ -2,8 +2,9 @@
 
 The loss is a `Loss`: `grpo_loss` (the clipped GRPO objective, grpo.grpo_loss; the default)
 or `nll_loss` (token NLL, for SFT). The step is a pure function of (params, ref_params,
-opt_state, batch) compiled with `jax.jit` and explicit in/out shardings. A batch of B sequences is split into B / micro_batch
-micro-batches that a `lax.scan` visits one at a time; each contributes
+opt_state, batch) compiled with `jax.jit` and explicit in/out shardings. A batch of B
+sequences is split into B / micro_batch micro-batches that a `lax.scan` visits one at a
+time; each contributes
 grad(loss_sum_i / D) where D is the denominator of the WHOLE batch, so the summed gradient is
 exactly the gradient of the full-batch loss. A step whose loss or gradient is not finite leaves
 params and optimizer state unchanged and is counted. `train_batch` takes one such step per
