@@ -73,7 +73,7 @@ def evaluate(cfg, make_sampler: Callable[[], Any] | None = None,
 
 
 def _compare_main(argv: list[str]) -> int:
-  ap = argparse.ArgumentParser(prog="python -m pasr_jax.evaluate compare",
+  ap = argparse.ArgumentParser(prog="python -m pasr_jax.evaluate compare", allow_abbrev=False,
                                description="Paired comparison of result dirs on the same items "
                                "(accuracy CIs, McNemar p, refinement analysis).")
   ap.add_argument("dirs", nargs="+", help="evaluation output dirs; the first is the reference")

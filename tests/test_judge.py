@@ -8,6 +8,7 @@ port with nothing listening, and `--backend vllm` with SmolLM2 (slow).
 import asyncio
 import collections
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from pasr_jax import prompts
 from pasr_jax.config import JudgeCfg, PromptsCfg
 from pasr_jax.judge import wire
 from pasr_jax.judge import JudgeClient, JudgeError, JudgeItem, parse_score
-from pasr_jax.judge import verify
+from pasr_jax.judge import server, verify
 from helpers import load_preset
 from procs import free_port, start_judge, stop
 
@@ -352,6 +353,69 @@ def test_api_key_enforced(keyed_verify_url, monkeypatch):
                   api_key_env="MY_JUDGE_KEY", max_tokens=4))
   scores, _ = JudgeClient.from_config(JudgeCfg.of(cfg)).score_batch(items(2))
   assert scores == [1.0, 1.0]
+
+
+def _judge_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+  """`python -m pasr_jax.judge ARGS` run to its end (for the ones that must refuse to start)."""
+  return subprocess.run([sys.executable, "-m", "pasr_jax.judge", *args], capture_output=True,
+                        text=True, timeout=60, env={**os.environ, **(env or {})})
+
+
+def test_official_openai_client_needs_the_key(keyed_verify_url):
+  """The official `openai` client against the keyed verify judge: the right key scores, a
+  wrong or missing one gets 401."""
+  import openai
+  msgs = wire.judge_messages("What is 6 x 7?", "42", "<answer>42</answer>")
+  ask = lambda key: openai.OpenAI(base_url=keyed_verify_url + "/v1", api_key=key, max_retries=0,
+                                  timeout=30).chat.completions.create(
+                                      model=server.VERIFY_MODEL_NAME, messages=msgs, max_tokens=4)
+  assert ask(KEY).choices[0].message.content == "1"
+  with pytest.raises(openai.AuthenticationError) as e:
+    ask("sekret")
+  assert e.value.status_code == 401
+  r = httpx.post(keyed_verify_url + "/v1/chat/completions", json={"model": "x", "messages": msgs})
+  assert r.status_code == 401                       # no Authorization header at all
+
+
+def test_judge_refuses_to_start_without_its_key():
+  """A key asked for but not there refuses to start (exit 2, one line naming the variable);
+  `--api-key` is not an abbreviation of `--api-key-env`; a judge bound beyond the loopback
+  needs a key or an explicit --allow-no-key."""
+  unset = "PASR_TEST_UNSET_KEY_VAR"
+  r = _judge_cli("--backend", "verify", "--port", str(free_port()), "--api-key-env", unset,
+                 env={unset: ""})
+  assert r.returncode == 2 and r.stdout == ""
+  assert r.stderr.count("\n") == 1 and f"variable {unset} is unset" in r.stderr, r.stderr
+  r = _judge_cli("--backend", "verify", "--port", str(free_port()), "--api-key", "sekret")
+  assert r.returncode == 2 and "unrecognized arguments: --api-key sekret" in r.stderr, r.stderr
+  r = _judge_cli("--backend", "verify", "--port", str(free_port()), "--host", "0.0.0.0")
+  assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+  assert "--host=0.0.0.0" in r.stderr and "--allow-no-key" in r.stderr
+  # The decision itself, without binding a public address here.
+  from pasr_jax.judge.__main__ import api_key, build_parser, is_loopback
+  parse = build_parser().parse_args
+  assert api_key(parse(["--backend", "verify", "--host", "0.0.0.0", "--allow-no-key"])) == (None, "")
+  os.environ[unset] = KEY
+  try:
+    assert api_key(parse(["--backend", "verify", "--host", "0.0.0.0", "--api-key-env", unset])) == (KEY, "")
+  finally:
+    del os.environ[unset]
+  assert api_key(parse(["--backend", "verify"])) == (None, "")   # loopback: a key is optional
+  assert [is_loopback(h) for h in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "10.0.0.3",
+                                   "judge-host")] == [True, True, True, False, False, False]
+
+
+def test_no_command_takes_abbreviated_flags():
+  """Every argparse parser of the package refuses prefixes of its flags."""
+  import pathlib
+  root = pathlib.Path(__file__).resolve().parents[1] / "pasr_jax"
+  calls = [(p, line) for p in root.rglob("*.py") for line in p.read_text().splitlines()
+           if re.search(r"\b(argparse\.ArgumentParser|_Parser)\(", line)
+           and not line.lstrip().startswith("class ")]
+  assert len(calls) >= 5, calls
+  assert all("allow_abbrev=False" in line for _, line in calls), calls
+  r = _judge_cli("--backend", "verify", "--max-conc", "2")
+  assert r.returncode == 2 and "unrecognized arguments: --max-conc" in r.stderr
 
 
 def test_malformed_requests_get_4xx(verify_url):
