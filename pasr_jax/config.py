@@ -243,8 +243,14 @@ class JudgeCfg(Section):
   api_key_env: str = key("PASR_JUDGE_API_KEY", "name of the env var holding the key, if any")
   concurrency: int = key(32, "judge requests in flight")
   timeout_s: float = key(60.0, "per request")
-  retries: int = key(3, "per request, on connection errors, 408, 429 and 5xx")
-  backoff_s: float = key(0.5, "first retry wait in s, doubled per retry (capped at 8 s)")
+  retries: int = key(8, "per request, on connection errors, timeouts, 408, 429 and 5xx")
+  backoff_s: float = key(
+      0.5, "first retry wait in s when the server names none (Retry-After), doubled per "
+      "retry, jittered")
+  backoff_max_s: float = key(8.0, "longest retry wait of the backoff")
+  max_wait_s: float = key(
+      300.0, "a request's whole time, its attempts and waits included; past it, the judge "
+      "error (exit 3)")
   cache_size: int = key(200_000, "judged prompts remembered (LRU), keyed by a prompt digest")
   input: str = key("full", "what the judge sees: full (the original) | answer")
   max_tokens: int = key(16, "tokens of a judge reply (a score)")
@@ -262,6 +268,8 @@ class JudgeCfg(Section):
     self.need(self.concurrency >= 1, "concurrency", "must be >= 1")
     self.need(self.retries >= 0, "retries", "must be >= 0")
     self.need(self.backoff_s >= 0, "backoff_s", "must be >= 0")
+    self.need(self.backoff_max_s >= self.backoff_s, "backoff_max_s", "must be >= backoff_s")
+    self.need(self.max_wait_s > 0, "max_wait_s", "must be > 0")
     self.need(self.cache_size >= 0, "cache_size", "must be >= 0")
     self.need(self.input in JUDGE_INPUTS, "input", "must be one of " + " | ".join(JUDGE_INPUTS))
     self.need(self.max_tokens >= 1, "max_tokens", "must be >= 1")

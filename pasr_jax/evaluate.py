@@ -36,8 +36,7 @@ def _default_sampler(cfg) -> Callable[[], Any]:
 
 
 def _default_judge(cfg) -> Callable[[], Any]:
-  return lambda: JudgeClient.from_config(JudgeCfg.of(cfg.judge),
-                                         load_prompts(PromptsCfg.of(cfg.prompts)))
+  return lambda: JudgeClient(JudgeCfg.of(cfg.judge), load_prompts(PromptsCfg.of(cfg.prompts)))
 
 
 def evaluate(cfg, make_sampler: Callable[[], Any] | None = None,

@@ -50,8 +50,8 @@ class StepOutput:
 # a mean is weighted by the items it averages over, times and latencies take the slowest
 # process; anything else (the trainer's and the sync's, equal on every process) is process 0's.
 _SUMMED = ("groups/zero_variance", "groups/trained", "tokens/generated", "judge/items",
-           "judge/requests", "judge/retries", "judge/failures", "judge/unparseable",
-           "judge/cache_hits")
+           "judge/requests", "judge/retries", "judge/rate_limited", "judge/waited_s",
+           "judge/failures", "judge/unparseable", "judge/cache_hits")
 _MEAN_OVER = {"reward/mean": "pasr", "reward/format": "pasr", "reward/accuracy": "pasr",
               "reward/refine": "pasr", "rate/format_ok": "pasr", "rate/refine": "pasr",
               "len/pasr_mean": "pasr", "rate/truncated": "answers", "len/all_mean": "answers",
