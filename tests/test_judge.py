@@ -571,7 +571,8 @@ def test_cli_rejects_bad_vllm_model(tmp_path):
   r = run("--backend", "vllm")
   assert r.returncode == 2 and "needs --model" in r.stderr
   r = run("--backend", "vllm", "--model", str(tmp_path))
-  assert r.returncode == 1 and "no config.json" in r.stderr and str(tmp_path) in r.stderr
+  assert r.returncode == 2 and "no config.json" in r.stderr and str(tmp_path) in r.stderr
+  assert r.stderr.count("\n") == 1
 
 
 @pytest.mark.slow
@@ -645,3 +646,92 @@ def test_verify_server_grades_the_original_layout(verify_url):
         "chat_template_kwargs": {"enable_thinking": False}}, timeout=30)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"].strip() == want
+
+
+# ---------------------------------------------------------------- scripts/serve_judge.sh
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _serve_judge(*args: str, gpu: bool, tmp_path, **env) -> subprocess.CompletedProcess:
+  """scripts/serve_judge.sh ARGS with PRINT_CMD=1 (the command it would exec). `gpu`: an
+  `nvidia-smi` on PATH — a stub, as this machine has no GPU — so the script takes its GPU
+  branch; without it, PATH holds no nvidia-smi."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir(exist_ok=True)
+  stub = bin_dir / "nvidia-smi"
+  if gpu:
+    stub.write_text("#!/bin/sh\nexit 0\n")
+    stub.chmod(0o755)
+  elif stub.exists():
+    stub.unlink()
+  path = os.pathsep.join([str(bin_dir)] + [p for p in os.environ["PATH"].split(os.pathsep)
+                                           if not os.path.exists(os.path.join(p, "nvidia-smi"))])
+  base = {k: v for k, v in os.environ.items() if not k.startswith(("JUDGE_", "CUDA_VISIBLE"))}
+  return subprocess.run(["scripts/serve_judge.sh", *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=60, env={**base, "PATH": path, "PRINT_CMD": "1", **env})
+
+
+def _judge_argv(printed: str) -> list[str]:
+  """The pasr_jax.judge arguments of a printed command line."""
+  import shlex
+  cmd = shlex.split(printed)
+  return cmd[cmd.index("pasr_jax.judge") + 1:]
+
+
+def test_serve_judge_aliases_need_the_local_dir(tmp_path):
+  """`vllm 32b|14b`: the hub id's dir under JUDGE_MODELS, or one line saying where it was
+  looked for and what to do (before any engine starts)."""
+  r = _serve_judge("vllm", "32b", gpu=True, tmp_path=tmp_path, JUDGE_MODELS=str(tmp_path / "m"))
+  assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
+  assert "32b = Qwen/Qwen2.5-32B-Instruct" in r.stderr
+  assert f"{tmp_path}/m/Qwen2.5-32B-Instruct" in r.stderr and "JUDGE_MODELS" in r.stderr
+  r = _serve_judge("vllm", str(tmp_path / "nowhere"), gpu=False, tmp_path=tmp_path)
+  assert r.returncode == 2 and "not an HF model dir" in r.stderr, r.stderr
+  for alias, name in (("32b", "Qwen2.5-32B-Instruct"), ("14b", "Qwen2.5-14B-Instruct")):
+    (tmp_path / "m" / name).mkdir(parents=True)
+    (tmp_path / "m" / name / "config.json").write_text("{}")
+  r = _serve_judge("vllm", "14b", "8002", gpu=False, tmp_path=tmp_path,
+                   JUDGE_MODELS=str(tmp_path / "m"))
+  assert r.returncode == 0, r.stderr
+  argv = _judge_argv(r.stdout)
+  assert argv[argv.index("--model") + 1] == f"{tmp_path}/m/Qwen2.5-14B-Instruct"
+  assert argv[-1] == "--" and "--tensor-parallel-size" not in argv   # CPU: no TP
+
+
+@pytest.mark.parametrize("env,tp", [({}, "2"), ({"CUDA_VISIBLE_DEVICES": "4,5,6,7"}, "4"),
+                                    ({"CUDA_VISIBLE_DEVICES": "4,5", "JUDGE_TP": "1"}, "1")])
+def test_serve_judge_gives_a_gpu_judge_tp_and_a_context_that_fits(tmp_path, env, tp):
+  """On a GPU host the 32B judge gets tensor parallelism (JUDGE_TP, else its visible GPUs,
+  else 2) and an 8192-token context; flags after `--` reach vLLM after ours; the command
+  parses as python -m pasr_jax.judge's."""
+  from pasr_jax.judge.__main__ import build_parser
+  d = tmp_path / "m" / "Qwen2.5-32B-Instruct"
+  d.mkdir(parents=True)
+  (d / "config.json").write_text("{}")
+  r = _serve_judge("vllm", "32b", "8001", "--served-model-name", "judge", "--",
+                   "--max-num-seqs", "64", gpu=True, tmp_path=tmp_path,
+                   JUDGE_MODELS=str(tmp_path / "m"), **env)
+  assert r.returncode == 0, r.stderr
+  argv = _judge_argv(r.stdout)
+  ours, vllm = argv[:argv.index("--")], argv[argv.index("--") + 1:]
+  assert vllm == ["--tensor-parallel-size", tp, "--max-num-seqs", "64"]
+  args = build_parser().parse_args(ours)
+  assert (args.max_model_len, args.dtype, args.no_enforce_eager) == (8192, "auto", True)
+  assert args.served_model_name == "judge" and args.model == str(d)
+
+
+def test_serve_judge_beyond_the_loopback_needs_a_key(tmp_path):
+  """JUDGE_HOST=0.0.0.0: without JUDGE_API_KEY the judge refuses to start (one line naming
+  the fix); JUDGE_ALLOW_NO_KEY=1 or the key lets it."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JUDGE_")}
+  r = subprocess.run(["scripts/serve_judge.sh", "verify", str(free_port())], cwd=ROOT,
+                     capture_output=True, text=True, timeout=60,
+                     env={**env, "JUDGE_HOST": "0.0.0.0", "PY": sys.executable})
+  assert r.returncode == 2 and "--allow-no-key" in r.stderr and "Traceback" not in r.stderr
+  r = _serve_judge("verify", "8001", gpu=False, tmp_path=tmp_path, JUDGE_HOST="0.0.0.0",
+                   JUDGE_ALLOW_NO_KEY="1")
+  assert _judge_argv(r.stdout)[-1] == "--allow-no-key"
+  r = _serve_judge("verify", "8001", gpu=False, tmp_path=tmp_path, JUDGE_HOST="0.0.0.0",
+                   JUDGE_API_KEY="k")
+  assert _judge_argv(r.stdout)[-2:] == ["--api-key-env", "JUDGE_API_KEY"]
+  assert "k" not in _judge_argv(r.stdout)        # the key stays in the env, not in argv

@@ -98,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
   if not args.model:
     print(f"{PROG}: --backend vllm needs --model DIR", file=sys.stderr)
     return EXIT_USAGE
+  if not os.path.isfile(os.path.join(args.model, "config.json")):
+    print(f"{PROG}: --model={args.model!r}: not an HF model dir (no config.json); pass the "
+          "dir of the judge's weights", file=sys.stderr)
+    return EXIT_USAGE
   name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
   return server.serve_vllm(args.model, args.host, args.port, name, key, args.dtype,
                            args.max_model_len, not args.no_enforce_eager, extra,
