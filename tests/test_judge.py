@@ -735,3 +735,24 @@ def test_serve_judge_beyond_the_loopback_needs_a_key(tmp_path):
                    JUDGE_API_KEY="k")
   assert _judge_argv(r.stdout)[-2:] == ["--api-key-env", "JUDGE_API_KEY"]
   assert "k" not in _judge_argv(r.stdout)        # the key stays in the env, not in argv
+
+
+def test_a_run_checks_its_key_against_a_keyed_judge(keyed_verify_url, monkeypatch, tmp_path):
+  """A judge that wants a key is a judge that answers (preflight's probe); the run's start
+  (`ensure_judge`, before any weights load) sends our key and refuses, naming the variable,
+  when the judge does not take it; with the right key nothing is started."""
+  from pasr_jax.config import ConfigError
+  from pasr_jax.judge.local import ensure_judge, judge_answers
+  assert judge_answers(keyed_verify_url)
+  assert not judge_answers(f"http://127.0.0.1:{free_port()}")
+  cfg = JudgeCfg(base_url=keyed_verify_url, api_key_env="PASR_TEST_RUN_KEY", autostart=True)
+  log = tmp_path / "judge.log"
+  monkeypatch.delenv("PASR_TEST_RUN_KEY", raising=False)
+  with pytest.raises(ConfigError, match=r"refuses a request without a key \(HTTP 401\); "
+                     r"export PASR_TEST_RUN_KEY=<the judge's key>"):
+    ensure_judge(cfg, log)
+  monkeypatch.setenv("PASR_TEST_RUN_KEY", "wrong")
+  with pytest.raises(ConfigError, match=r"refuses our key \(HTTP 401\)"):
+    ensure_judge(cfg, log)
+  monkeypatch.setenv("PASR_TEST_RUN_KEY", KEY)
+  assert ensure_judge(cfg, log) is None and not log.exists()
