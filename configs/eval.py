@@ -34,5 +34,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.data = base.data                  # your own sets: data.files (JSON / JSONL) read as training
                                       # reads them (data.question_field, answer_field, task_type)
   c.judge = base.judge
+  c.rewards = base.rewards            # only rewards.accuracy_rule: a Python function in the judge's place
   c.prompts = base.prompts
   return c

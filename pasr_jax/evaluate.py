@@ -23,13 +23,14 @@ from collections.abc import Callable
 from typing import Any
 
 from pasr_jax import cli
-from pasr_jax.config import DataCfg, JudgeCfg, PromptsCfg, VllmCfg
+from pasr_jax.config import DataCfg, JudgeCfg, PromptsCfg, RewardsCfg, VllmCfg
 from pasr_jax.eval.benchmarks import EvalError, load_items, load_user_items, parse_datasets
 from pasr_jax.eval.prompts import ChatEncoder, check_mode
 from pasr_jax.eval.report import compare, summarize, write_outputs
 from pasr_jax.eval.runner import Runner
 from pasr_jax.judge.client import JudgeClient
 from pasr_jax.prompts import load_prompts
+from pasr_jax.rewards import AccuracyRule
 from pasr_jax.rollout.vllm_sampler import VllmSampler
 
 
@@ -40,7 +41,16 @@ def _default_sampler(cfg) -> Callable[[], Any]:
                              timeout_s=float(cfg.rollout.timeout_s))
 
 
+def accuracy_rule(cfg) -> str:
+  """The eval config's rewards.accuracy_rule ("" = the judge), checked as training's is."""
+  return RewardsCfg.of(cfg.rewards).accuracy_rule if "rewards" in cfg else ""
+
+
 def _default_judge(cfg) -> Callable[[], Any]:
+  rule = accuracy_rule(cfg)
+  if rule:
+    scorer = AccuracyRule(rule)  # imported now: a bad module:function fails before any work
+    return lambda: scorer
   return lambda: JudgeClient(JudgeCfg.of(cfg.judge), load_prompts(PromptsCfg.of(cfg.prompts)))
 
 
@@ -50,7 +60,8 @@ def evaluate(cfg, make_sampler: Callable[[], Any] | None = None,
   `cfg.out_dir`.
 
   make_sampler / make_judge build the sampler and judge client on first need (defaults: vLLM
-  from `cfg.rollout` and `JudgeClient` from `cfg.judge`); they are closed at the end.
+  from `cfg.rollout`, and `JudgeClient` from `cfg.judge`, or the function that
+  `cfg.rewards.accuracy_rule` names); they are closed at the end.
   Returns dict(items=[per-item records], summary=[per-dataset rows], stats=...).
   Raises EvalError for unknown datasets or modes, missing files and bad model dirs.
   """
@@ -65,7 +76,7 @@ def evaluate(cfg, make_sampler: Callable[[], Any] | None = None,
   items += load_user_items(data_cfg, int(cfg.limit), [b.name for b in benches])
   encoder = ChatEncoder(cfg.model)
   runner = Runner(cfg, encoder, make_sampler or _default_sampler(cfg),
-                  make_judge or _default_judge(cfg))
+                  make_judge or _default_judge(cfg), accuracy_rule(cfg))
   t0 = time.perf_counter()
   try:
     records = runner.run(items)
@@ -75,7 +86,8 @@ def evaluate(cfg, make_sampler: Callable[[], Any] | None = None,
   datasets = list(dict.fromkeys(it.dataset for it in items))
   meta = dict(model=cfg.model, mode=cfg.mode, datasets=datasets,
               limit=int(cfg.limit), max_tokens=int(cfg.max_tokens), data_dir=cfg.data_dir,
-              judge=cfg.judge.base_url, stats=stats)
+              judge=(f"rewards.accuracy_rule={accuracy_rule(cfg)}" if accuracy_rule(cfg)
+                     else cfg.judge.base_url), stats=stats)
   write_outputs(cfg.out_dir, records, meta)
   return dict(items=records, summary=summarize(records), stats=stats)
 

@@ -14,7 +14,7 @@ import importlib
 import logging
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from pasr_jax import errors
 from pasr_jax.answer_format import count_refines, extract_answer, format_ok
@@ -117,6 +117,12 @@ class AccuracyRule:
                     "judge's scores are", where, v, i)
       out.append(clamped)
     return out
+
+  def score_batch(self, items: Sequence[Mapping[str, str]]) -> tuple[list[float], dict]:
+    """The judge client's interface (`JudgeClient.score_batch`) over judge requests
+    (`judge.wire.judge_request` dicts), so evaluation can use the rule in the judge's place."""
+    return self([it["question"] for it in items], [it["answer"] for it in items],
+                [it["ground_truth"] for it in items]), {}
 
 
 def refine_reward(text: str, acc: float, baseline_accs: Sequence[float] | None,

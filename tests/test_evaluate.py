@@ -408,6 +408,38 @@ def test_user_jsonl_is_evaluated_beside_the_benchmarks(tmp_path, judge_url):
   assert [(r["id"], r["score"]) for r in res["items"]] == [("qa/1", 1.0)]
 
 
+def test_user_jsonl_scored_by_an_accuracy_function(tmp_path, judge_url, monkeypatch):
+  """rewards.accuracy_rule="module:function" in the eval config: the user's function scores
+  in the judge's place (nothing answers at judge.base_url), its scores cached apart from the
+  judge's in a shared cache dir."""
+  from helpers import ScriptedSampler, write_jsonl
+  from transformers import AutoTokenizer
+  (tmp_path / "eval_acc_mod.py").write_text(
+      "def half(prompts, completions, answer, **kwargs):\n"
+      "  return [0.5 + 0.5 * (a in c) for c, a in zip(completions, answer)]\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  model = _char_model_dir(tmp_path)
+  qa = write_jsonl(tmp_path / "qa.jsonl", [{"question": "What is 2+2?", "answer": "4"},
+                                           {"question": "Capital of France?", "answer": "Paris"}])
+  sampler = ScriptedSampler(AutoTokenizer.from_pretrained(model), _scripted_answers)
+  scores = {}
+  for rule, url in (("", judge_url), ("eval_acc_mod:half", "http://127.0.0.1:9")):
+    c = _cfg(model, url, tmp_path / ("out_fn" if rule else "out_judge"), datasets="")
+    c.cache_dir = str(tmp_path / "cache")        # one cache for both
+    c.rollout.vllm.max_model_len = 4096
+    c.data.files = (qa,)
+    c.rewards.accuracy_rule = rule
+    res = evaluate(c, make_sampler=lambda: sampler)
+    scores[rule] = [r["score"] for r in res["items"]]
+  assert scores == {"": [1.0, 0.0], "eval_acc_mod:half": [1.0, 0.5]}
+  meta = json.loads((tmp_path / "out_fn" / "results.json").read_text())["meta"]
+  assert meta["judge"] == "rewards.accuracy_rule=eval_acc_mod:half"
+  c.rewards.accuracy_rule = "eval_acc_mod:nope"
+  from pasr_jax.config import ConfigError
+  with pytest.raises(ConfigError, match="has no function 'nope'"):
+    evaluate(c, make_sampler=lambda: sampler)
+
+
 def test_bad_user_rows_fail_with_file_and_line(tmp_path):
   """A bad row of the user's file stops the evaluation before any model work, naming the
   file and the line, as training does (exit 2 from the command line, one line)."""
