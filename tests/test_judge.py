@@ -341,26 +341,31 @@ def test_retry_after_is_honoured_and_counted(scripted, mode, asked):
     t = scripted.times[(mode, q)]
     assert len(t) == 3
     gaps = [b - a for a, b in zip(t, t[1:])]
-    assert all(asked - 0.05 <= g < (2.0 if mode == "ratedate" else 1.1) + 1.0 for g in gaps), gaps
+    # Never sooner than asked; the slack above it is for a loaded machine.
+    assert all(asked - 0.05 <= g < (2.2 if mode == "ratedate" else 1.1) + 3.0 for g in gaps), gaps
   assert client.totals["rate_limited"] == stats["rate_limited"]
 
 
 def test_rate_limit_past_the_bounded_wait_is_the_judge_error(scripted):
   """A rate limit that never lifts ends, within judge.max_wait_s, in JudgeError (the run's
-  exit 3) naming the limit; a wait asked beyond it ends at once."""
+  exit 3) naming the limit; a wait asked beyond it ends at once, without waiting. (Counts, not
+  wall times, carry the assertions: this machine is shared and a request can take seconds.)"""
   client = client_for(scripted.url + "/ratelimit_always", retries=50, backoff_s=0.01,
-                      max_wait_s=2.5)
+                      max_wait_s=3.0)
   t0 = time.monotonic()
-  with pytest.raises(JudgeError, match=r"gave up after 3 attempts in 2\.\d s.*judge.max_wait_s="
-                     r"2\.5; last error: HTTP 429 \(rate limited\)") as e:
+  with pytest.raises(JudgeError, match=r"gave up after \d+ attempts in \d\.\d s.*the judge "
+                     r"asked for 1 s\), would pass judge.max_wait_s=3; last error: HTTP 429 "
+                     r"\(rate limited\)") as e:
     client.score_batch([JudgeItem("1-forever", "1", "1")])
-  assert 2.0 <= time.monotonic() - t0 < 3.5
-  assert e.value.stats["rate_limited"] == 3 and e.value.stats["retries"] == 2
+  took = time.monotonic() - t0
+  st = e.value.stats
+  assert st["retries"] >= 1 and st["rate_limited"] == st["retries"] + 1
+  assert st["waited_s"] >= st["retries"] * 1.0          # each retry waited what was asked
+  assert st["waited_s"] <= took < 3.0 + 2.0             # and the whole stayed bounded
   assert isinstance(e.value, errors.JudgeFailure)
-  t0 = time.monotonic()
-  with pytest.raises(JudgeError, match=r"judge asked for 3600 s"):
+  with pytest.raises(JudgeError, match=r"gave up after 1 attempts.*judge asked for 3600 s") as e:
     client.score_batch([JudgeItem("3600-hour", "1", "1")])
-  assert time.monotonic() - t0 < 1.0
+  assert e.value.stats["retries"] == 0 and e.value.stats["waited_s"] == 0
 
 
 def test_retry_after_values():
