@@ -166,7 +166,7 @@ class Run:
     self.judge = None
     if cfg.rewards.accuracy_rule == "":
       self.judge_proc = ensure_judge(cfg.judge, wd.judge_log)
-      self.judge = JudgeClient.from_config(cfg.judge, self.prompts)
+      self.judge = JudgeClient(cfg.judge, self.prompts)
     if cfg.mesh.distributed:
       multihost.initialize(cfg.mesh, devices.local_device_ids(cfg.mesh))
     # After the distributed init: it installs JAX's own SIGTERM handler (its preemption

@@ -109,8 +109,8 @@ STEP_REDUCTIONS = {
     "groups/zero_variance": SUM, "groups/trained": SUM, "tokens/generated": SUM,
     "time/rollout": MAX, "time/judge": MAX, "time/pack": MAX,
     # The judge's batch stats (judge.client): counts add up, latencies take the slowest.
-    **{f"judge/{k}": SUM for k in ("items", "requests", "retries", "failures", "unparseable",
-                                   "cache_hits")},
+    **{f"judge/{k}": SUM for k in ("items", "requests", "retries", "rate_limited", "waited_s",
+                                   "failures", "unparseable", "cache_hits")},
     "judge/latency_": MAX,
 }
 
@@ -227,6 +227,8 @@ class RolloutStep:
     self.tok = tokenizer
     self.sampler = sampler
     self.judge = judge
+    rule = cfg.rewards.accuracy_rule
+    self.accuracy_rule = rewards_lib.AccuracyRule(rule) if rule else None
     self.prompts = prompts or Prompts()
     self.eos_ids = sorted({i for i in (tokenizer.eos_token_id,) if i is not None})
     self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
@@ -278,8 +280,8 @@ class RolloutStep:
 
   def judge_requests(self, answers: Halves[Answers]) -> Halves[list[dict[str, str]]] | None:
     """One judge request (`wire.judge_request`) per answer, `[question][sample]` per half;
-    None under rewards.accuracy_rule="contains", which asks no judge."""
-    if self.cfg.rewards.accuracy_rule == "contains":
+    None under rewards.accuracy_rule, which asks no judge."""
+    if self.accuracy_rule is not None:
       return None
     task_type, mode = self.cfg.task_type, self.cfg.judge_input
     return answers.map(lambda a: [judge_request(a.row.question, a.row.answer, c.text,
@@ -288,10 +290,14 @@ class RolloutStep:
   def accuracies(self, answers: Halves[Answers], requests: Halves[list[dict[str, str]]] | None
                  ) -> tuple[Halves[list[float]], dict[str, Any]]:
     """Accuracy in [0, 1] of every answer, `[question][sample]` per half, and the judge's
-    stats: all `requests` in one concurrent judge batch, or the contains rule without them."""
+    stats: all `requests` in one concurrent judge batch, or all answers in one call of the
+    rewards.accuracy_rule function without them."""
     if requests is None:
-      return answers.map(lambda a: [rewards_lib.contains_accuracy(c.text, a.row.answer)
-                                    for c in a.completions]), {}
+      groups = answers.joined()
+      flat = [(a.row, c.text) for a in groups for c in a.completions]
+      scores = self.accuracy_rule([r.question for r, _ in flat], [t for _, t in flat],
+                                  [r.answer for r, _ in flat])
+      return answers.split(_regroup(scores, [len(a.completions) for a in groups])), {}
     per_question = requests.joined()
     scores, stats = self.judge.score_batch([r for rs in per_question for r in rs])
     return requests.split(_regroup([float(s) for s in scores],
