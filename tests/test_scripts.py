@@ -224,3 +224,69 @@ def test_engine_core_runs_on_the_gpus_given_for_its_process(tmp_path, monkeypatc
     assert "OMP_WAIT_POLICY" not in os.environ
   finally:
     sampler.close()
+
+
+def test_make_refuses_a_python_older_than_3_11_in_one_line(tmp_path):
+  """`make setup-gpu` with Ubuntu 22.04's python3 (3.10) stops before making a venv and names
+  the fix. The Makefile runs in a copy of its inputs, so nothing is installed."""
+  for f in ("Makefile", "requirements.txt", "requirements-gpu.txt", "requirements-xla-gpu.txt",
+            "pyproject.toml", "scripts/prepare_model.py"):
+    (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / f, tmp_path / f)
+  old = tmp_path / "python3.10"
+  # Answers as a 3.10 interpreter does: its version, and `sys.version_info < (3, 11)` true.
+  old.write_text('#!/bin/sh\nif [ "$1" = --version ]; then echo "Python 3.10.12"; exit 0; fi\n'
+                 'exit 1\n')
+  old.chmod(0o755)
+  for target in ("setup-gpu", "setup"):
+    p = subprocess.run(["make", target, f"PY={old}"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode != 0
+    lines = [l for l in p.stderr.splitlines() if "pasr_jax needs" in l]
+    assert lines == [f"pasr_jax needs Python >= 3.11; PY={old} is Python 3.10.12: run "
+                     f"PY=python3.11 make {target}"], p.stderr
+    assert not (tmp_path / ".venv-gpu").exists() and not (tmp_path / ".venv").exists()
+
+
+def test_launch_gpu_with_a_running_judge_url_starts_no_judge():
+  """A hosted (or already running) judge: its URL as the second argument; no local judge."""
+  (trainer,) = _printed("launch_gpu.sh", "/models/policy", "https://judge.example:8443")
+  assert "--config.judge.base_url=https://judge.example:8443" in trainer
+  assert "NCCL_NVLS_ENABLE=0" in trainer[:3]  # env assignments before the interpreter
+  (trainer,) = _printed("launch_gpu.sh", "/models/policy", "https://j:1", NCCL_NVLS_ENABLE="1")
+  assert "NCCL_NVLS_ENABLE=1" in trainer[:3]
+
+
+def test_launch_scripts_refuse_a_judge_on_the_trainers_gpus():
+  p = subprocess.run(["scripts/launch_gpu.sh", "/models/policy", "/models/judge"], cwd=ROOT,
+                     capture_output=True, text=True, timeout=60,
+                     env=dict(os.environ, PRINT_CMD="1", JUDGE_GPUS="3,6"))
+  assert p.returncode == 2 and "shares GPU 3" in p.stderr, p.stderr
+  base = dict(os.environ, PRINT_CMD="1", COORDINATOR="127.0.0.1:1", NUM_PROCESSES="1",
+              PROCESS_ID="0", JUDGE="/models/judge")
+  for extra, says in (({}, "JUDGE_GPUS=6,7 LOCAL_DEVICE_IDS=0,1,2,3,4,5"),
+                      ({"JUDGE_GPUS": "6,7"}, "needs JUDGE_GPUS and LOCAL_DEVICE_IDS apart"),
+                      ({"JUDGE_GPUS": "6,7", "LOCAL_DEVICE_IDS": "0,7"}, "shares GPU 7")):
+    p = subprocess.run(["scripts/launch_multihost.sh", "--config=configs/tiny_cpu.py"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60, env=dict(base, **extra))
+    assert p.returncode == 2 and says in p.stderr and len(p.stderr.splitlines()) == 1, p.stderr
+  judge, trainer = _printed("launch_multihost.sh", "--config=configs/tiny_cpu.py",
+                            COORDINATOR="127.0.0.1:1", NUM_PROCESSES="1", PROCESS_ID="0",
+                            JUDGE="/models/judge", JUDGE_GPUS="6,7", LOCAL_DEVICE_IDS="0,1,2,3")
+  assert judge[0] == "CUDA_VISIBLE_DEVICES=6,7" and "--config.mesh.local_device_ids=0,1,2,3" in trainer
+
+
+def test_launch_multihost_takes_its_rank_from_slurm(tmp_path):
+  """Under srun (one task per node) COORDINATOR, NUM_PROCESSES and PROCESS_ID default to the
+  first node of the job (scontrol), SLURM_NTASKS and SLURM_PROCID. `scontrol` here is a
+  stand-in printing what it prints for `show hostnames gpu-[07-08]` (no SLURM on this host)."""
+  scontrol = tmp_path / "scontrol"
+  scontrol.write_text('#!/bin/sh\n[ "$1 $2 $3" = "show hostnames gpu-[07-08]" ] && '
+                      'printf "gpu-07\\ngpu-08\\n"\n')
+  scontrol.chmod(0o755)
+  (cmd,) = _printed("launch_multihost.sh", "--config=configs/tiny_cpu.py",
+                    PATH=f"{tmp_path}:{os.environ['PATH']}", SLURM_JOB_ID="9",
+                    SLURM_JOB_NODELIST="gpu-[07-08]", SLURM_NTASKS="2", SLURM_PROCID="1")
+  assert {"--config.mesh.coordinator_address=gpu-07:12355", "--config.mesh.num_processes=2",
+          "--config.mesh.process_id=1", "--config.mesh.distributed=True"} <= set(cmd), cmd
+  assert cmd[0] == "NCCL_NVLS_ENABLE=0"
