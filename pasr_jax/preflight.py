@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -260,6 +261,7 @@ def run_checks(cfg: Any, hosts: int, gpus_per_host: int, env: Env) -> list[Check
   out.append(model_dir_check(cfg, env))
   if gpu:
     out.extend(_gpu_host_checks(cfg, env))
+  out.extend(optional_packages_checks(cfg))
   out.append(_sync_check(cfg, env, gpu))
   if env.vars.get(CONFLICT_ENV):
     out.append(Check("env", "fail", f"{CONFLICT_ENV}={env.vars[CONFLICT_ENV]} is set; the trainer "
@@ -597,6 +599,32 @@ def _gpu_host_checks(cfg: RunConfig, env: Env) -> list[Check]:
   jax_ids, engine_ids = run_gpus(cfg, env.vars, [g.index for g in gpus])
   out.append(compute_mode_check(cfg, gpus, jax_ids, engine_ids))
   out.append(gpu_memory_check(cfg, gpus, jax_ids, engine_ids))
+  return out
+
+
+def _importable(module: str) -> bool:
+  try:
+    importlib.import_module(module)
+    return True
+  except ImportError:
+    return False
+
+
+def optional_packages_checks(cfg: RunConfig) -> list[Check]:
+  """The optional packages the config asks for are installed: wandb for
+  logging.wandb_project, tensorflow-datasets for data.tfds_name."""
+  out = []
+  for key, value, module, package in (
+      ("logging.wandb_project", cfg.logging.wandb_project, "wandb", "wandb"),
+      ("data.tfds_name", cfg.data.tfds_name, "tensorflow_datasets", "tensorflow-datasets")):
+    if not value:
+      continue
+    if _importable(module):
+      out.append(Check(package, "ok", f"{key}={value!r}: {package} installed"))
+    else:
+      out.append(Check(package, "fail", f"{key}={value!r} needs the optional package {package}, "
+                       "which is not installed",
+                       f"pip install {package} (requirements-gpu.txt pins it), or {key}=''"))
   return out
 
 

@@ -346,3 +346,29 @@ def test_build_tools_for_triton():
   no_h = preflight.build_tools_check("/usr/bin/gcc", False)
   assert no_h.status == "fail" and "Python.h" in no_h.detail and "-dev" in no_h.fix
   assert preflight.build_tools_check(None, None).status == "skip"
+
+
+def test_optional_packages_are_checked_before_the_run(monkeypatch):
+  """wandb and tensorflow-datasets are installed here; their absence is caused for real by
+  blocking the import (sys.modules[name] = None makes `import name` raise ImportError)."""
+  cfg = _with(qwen2_5_7b.get_config(), logging__wandb_project="pasr", data__tfds_name="json_qa/x")
+  checks = {c.name: c for c in run_checks(cfg, 1, 8, _sim())}
+  assert checks["wandb"].status == "ok" and checks["tensorflow-datasets"].status == "ok"
+  monkeypatch.setitem(sys.modules, "wandb", None)
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
+  fixes = _failed(run_checks(cfg, 1, 8, _sim()))
+  assert "pip install wandb" in fixes["wandb"], fixes
+  assert "pip install tensorflow-datasets" in fixes["tensorflow-datasets"], fixes
+  assert not {"wandb", "tensorflow-datasets"} & {c.name for c in run_checks(
+      qwen2_5_7b.get_config(), 1, 8, _sim())}
+
+
+def test_a_missing_wandb_is_one_line_naming_the_package(monkeypatch, tmp_path):
+  """metrics.start_wandb without wandb installed (import blocked as above): a ConfigError
+  (exit 2, one line) naming the package and the key, not an ImportError traceback."""
+  from pasr_jax import metrics
+  monkeypatch.setitem(sys.modules, "wandb", None)
+  cfg = RunConfig.from_tree(_with(qwen2_5_7b.get_config(), logging__wandb_project="pasr"))
+  with pytest.raises(preflight.ConfigError, match="needs the optional package wandb") as e:
+    metrics.start_wandb(cfg.logging, {}, tmp_path)
+  assert "\n" not in str(e.value)
