@@ -26,20 +26,17 @@ import tempfile
 import time
 from typing import Any, Callable
 
-# JAX takes 75 % of a GPU at its first op by default; this check is alone on its GPU.
-os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from configs.paper import paper_gpu_config  # noqa: E402
-from configs.qwen3_8b import HF_CONFIG as QWEN3_8B  # noqa: E402
-from pasr_jax import checkpoint, plan, sharding  # noqa: E402
-from pasr_jax.config import RunConfig  # noqa: E402
-from pasr_jax.models.qwen import Decoder, ModelConfig, resolve_attention  # noqa: E402
-from pasr_jax.trainer import Trainer  # noqa: E402
+from configs.paper import paper_gpu_config
+from configs.qwen3_8b import HF_CONFIG as QWEN3_8B
+from pasr_jax import checkpoint, plan, sharding
+from pasr_jax.config import RunConfig
+from pasr_jax.models.qwen import Decoder, ModelConfig, resolve_attention
+from pasr_jax.trainer import Trainer
 
 GIB = 1024 ** 3
 
@@ -282,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--repeats", type=int, default=3, help="timed updates after the first")
   ap.add_argument("--skip-plan", action="store_true", help="no plan compile (saves time)")
   args = ap.parse_args(argv)
+  # JAX takes 75 % of a GPU at its first op by default; this check is alone on its GPU. Set
+  # before the first device use (JAX starts its backends lazily).
+  os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
   dev = jax.local_devices()[0]
   rows = [Row("device", f"{dev.device_kind} x{jax.device_count()}, {jax.default_backend()}, "
                         f"jax {jax.__version__}")]
