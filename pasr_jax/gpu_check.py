@@ -286,26 +286,31 @@ def main(argv: list[str] | None = None) -> int:
   rows = [Row("device", f"{dev.device_kind} x{jax.device_count()}, {jax.default_backend()}, "
                         f"jax {jax.__version__}")]
   orbax_done = False
+
+  def add(row: Row) -> None:
+    """One more row: printed at once and the file rewritten, so a run cut short by a time
+    limit still leaves the rows it finished."""
+    rows.append(row)
+    print(table([row]).splitlines()[-1], flush=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+      f.write(table(rows))
+
+  add(rows.pop())
+  # Cheapest first: a run cut short still has the attention comparison.
+  add(_guarded("attention cudnn vs xla", lambda: attention_row(args.tiny)))
   for case in cases(args.tiny):
     holder: dict[str, Any] = {}
 
     def one(case=case, holder=holder):
       row, holder["trainer"] = measure_update(case, args.repeats, not args.skip_plan)
       return row
-    rows.append(_guarded(f"grpo update {case.name}", one))
-    print(table(rows[-1:]).splitlines()[-1], flush=True)
+    add(_guarded(f"grpo update {case.name}", one))
     if not orbax_done and "trainer" in holder:  # the smallest model's state is enough
-      rows.append(_guarded("orbax save / restore",
-                           lambda: orbax_row(holder["trainer"], case.name)))
-      print(table(rows[-1:]).splitlines()[-1], flush=True)
+      add(_guarded("orbax save / restore", lambda: orbax_row(holder["trainer"], case.name)))
       orbax_done = True
     holder.clear()
     gc.collect()
-  rows.append(_guarded("attention cudnn vs xla", lambda: attention_row(args.tiny)))
-  text = table(rows)
-  print(text)
-  with open(args.out, "w", encoding="utf-8") as f:
-    f.write(text)
+  print(table(rows))
   print(f"written to {args.out}")
   return 0 if all(r.ok for r in rows) else 1
 
