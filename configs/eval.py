@@ -31,6 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.temperature = 0.0                 # first answers: 0 = greedy (the original's README); infer_pasr.py sampled at 0.5
   c.rollout = base.rollout            # only rollout.vllm.* is used (engine settings)
   c.rollout.vllm.max_model_len = 4096     # long articles (XSum, DROP) + 1500 new tokens
+  c.data = base.data                  # your own sets: data.files (JSON / JSONL) read as training
+                                      # reads them (data.question_field, answer_field, task_type)
   c.judge = base.judge
+  c.rewards = base.rewards            # only rewards.accuracy_rule: a Python function in the judge's place
   c.prompts = base.prompts
   return c

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 from transformers import AutoTokenizer
 
-from pasr_jax import cold_start, devices, hooks, multihost, policy, prompts
+from pasr_jax import checks, cold_start, devices, hooks, multihost, policy, prompts
 from pasr_jax import data as data_lib
 from pasr_jax.checkpoint import Checkpointer, CheckpointMismatchError, RunState
 from pasr_jax.config import ConfigError, RunConfig
@@ -79,16 +79,15 @@ def build(cfg: RunConfig, wd: Workdir, on_judge_proc=lambda proc: None) -> Parts
   if cfg.rewards.accuracy_rule == "":
     judge_proc = ensure_judge(cfg.judge, wd.judge_log)
     on_judge_proc(judge_proc)
-    judge = JudgeClient.from_config(cfg.judge, prompt_set)
+    judge = JudgeClient(cfg.judge, prompt_set)
   if cfg.mesh.distributed:
     multihost.initialize(cfg.mesh, devices.local_device_ids(cfg.mesh))
   # After the distributed init: it installs JAX's own SIGTERM handler (its preemption
   # notifier), which would otherwise swallow the signal.
   stop = StopFlag()
   try:
-    if cfg.rollout.prompts_per_step < jax.process_count():
-      raise ConfigError(f"config rollout.prompts_per_step={cfg.rollout.prompts_per_step}: "
-                        f"must be >= the {jax.process_count()} processes (each samples a share)")
+    checks.require(checks.questions_vs_processes(cfg.rollout.prompts_per_step,
+                                                 jax.process_count()))
     if multihost.is_writer():
       wd.root.mkdir(parents=True, exist_ok=True)
       wd.config.write_text(cfg.to_json(indent=2), encoding="utf-8")

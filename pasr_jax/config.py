@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import typing
 from typing import Any, ClassVar
 
@@ -42,6 +43,8 @@ SCHEDULES = ("constant", "cosine")
 # grpo.tis_cap when rollout.max_staleness >= 1 and the config leaves it at 0: batches sampled
 # one update behind are weighted by min(pi_current / pi_sampler, 2.0) per token.
 ASYNC_TIS_CAP = 2.0
+# rewards.accuracy_rule naming a Python function: `package.module:function`.
+_FUNCTION_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 
 
 class ConfigError(errors.UserError):
@@ -245,8 +248,14 @@ class JudgeCfg(Section):
   api_key_env: str = key("PASR_JUDGE_API_KEY", "name of the env var holding the key, if any")
   concurrency: int = key(32, "judge requests in flight")
   timeout_s: float = key(60.0, "per request")
-  retries: int = key(3, "per request, on connection errors, 408, 429 and 5xx")
-  backoff_s: float = key(0.5, "first retry wait in s, doubled per retry (capped at 8 s)")
+  retries: int = key(8, "per request, on connection errors, timeouts, 408, 429 and 5xx")
+  backoff_s: float = key(
+      0.5, "first retry wait in s when the server names none (Retry-After), doubled per "
+      "retry, jittered")
+  backoff_max_s: float = key(8.0, "longest retry wait of the backoff")
+  max_wait_s: float = key(
+      300.0, "a request's whole time, its attempts and waits included; past it, the judge "
+      "error (exit 3)")
   cache_size: int = key(200_000, "judged prompts remembered (LRU), keyed by a prompt digest")
   input: str = key("full", "what the judge sees: full (the original) | answer")
   max_tokens: int = key(16, "tokens of a judge reply (a score)")
@@ -264,6 +273,8 @@ class JudgeCfg(Section):
     self.need(self.concurrency >= 1, "concurrency", "must be >= 1")
     self.need(self.retries >= 0, "retries", "must be >= 0")
     self.need(self.backoff_s >= 0, "backoff_s", "must be >= 0")
+    self.need(self.backoff_max_s >= self.backoff_s, "backoff_max_s", "must be >= backoff_s")
+    self.need(self.max_wait_s > 0, "max_wait_s", "must be > 0")
     self.need(self.cache_size >= 0, "cache_size", "must be >= 0")
     self.need(self.input in JUDGE_INPUTS, "input", "must be one of " + " | ".join(JUDGE_INPUTS))
     self.need(self.max_tokens >= 1, "max_tokens", "must be >= 1")
@@ -302,7 +313,11 @@ class RewardsCfg(Section):
   accuracy_weight: float = key(1.0, "weight of the judge's accuracy in [0, 1]")
   refine_weight: float = key(1.0, "weight of the refine reward (vs the baseline's accuracy)")
   zeta: float = key(0.0, "tolerance around the baseline mean (original: strict)")
-  accuracy_rule: str = key("", '"" = judge; "contains": 1 if the answer holds the row\'s answer')
+  accuracy_rule: str = key(
+      "", '"" = the judge; "contains" = 1 if the extracted answer holds the row\'s answer; '
+      '"module:function" = your Python function, called in-process the way TRL calls reward '
+      "functions (fn(prompts=, completions=, answer=) -> one number in [0, 1] per completion); "
+      "no judge is asked")
   refine_compare: str = key(
       "mean", 'mean (PASR) | single ("w/o multi-answer") | none ("w/o comparison"), paper Table 2')
   refine_fixed: float = key(1.0, "refine_compare=none: the reward of any answer with a refinement")
@@ -311,8 +326,10 @@ class RewardsCfg(Section):
     for f in ("format_weight", "accuracy_weight", "refine_weight"):
       self.need(getattr(self, f) >= 0, f, "must be >= 0")
     self.need(self.zeta >= 0, "zeta", "must be >= 0")
-    self.need(self.accuracy_rule in ("", "contains"), "accuracy_rule",
-              "must be '' (judge) or 'contains'")
+    rule = self.accuracy_rule
+    self.need(rule in ("", "contains") or bool(_FUNCTION_RE.match(rule)), "accuracy_rule",
+              "must be '' (the judge), 'contains' or 'module:function' "
+              "(e.g. 'my_pkg.rewards:score')")
     self.need(self.refine_compare in REFINE_COMPARE, "refine_compare",
               " | ".join(REFINE_COMPARE))
 
@@ -571,15 +588,21 @@ class RunConfig(Section):
              "logprobs are the trainer's at the loss temperature")
 
   def need_files(self) -> None:
-    """A training run's inputs exist: model.path is an HF dir (unless model.tiny_random) and
-    every data file is there. Not part of `check`: `plan` and `sft` read presets whose files
-    live on another machine or are not used."""
+    """A training run's inputs exist: model.path is an HF dir (unless model.tiny_random),
+    every data file is there and rewards.accuracy_rule's function imports. Not part of
+    `check`: `plan` and `sft` read presets whose files live on another machine or are not
+    used."""
     m = self.model
     if not m.tiny_random:
       m.need(bool(m.path) and os.path.isfile(os.path.join(m.path, "config.json")), "path",
              "no HF model dir (config.json) there; run `make setup` for SmolLM2")
     for f in self.data.files:
       self.data.need(os.path.isfile(f), "files", f"file {f!r} does not exist")
+    if self.rewards.accuracy_rule:
+      # Imported here: rewards imports this module. A function that is not importable is
+      # named before any weights load.
+      from pasr_jax.rewards import load_accuracy_function  # pylint: disable=import-outside-toplevel
+      load_accuracy_function(self.rewards.accuracy_rule)
     for f in self.eval.files:
       self.eval.need(os.path.isfile(f), "files", f"file {f!r} does not exist")
 

@@ -71,7 +71,8 @@ def prepare(name: str, files: Sequence[str], data_dir: str, question_field: str 
 
 
 def main(argv: list[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m pasr_jax.data_tfds", description=__doc__.split("\n")[0])
+  ap = argparse.ArgumentParser(prog="python -m pasr_jax.data_tfds", allow_abbrev=False,
+                               description=__doc__.split("\n")[0])
   ap.add_argument("--name", required=True, help="config name: the dataset is json_qa/NAME")
   ap.add_argument("--files", required=True, help="comma-separated JSON / JSONL files")
   ap.add_argument("--data_dir", required=True, help="TFDS data dir to write")

@@ -121,7 +121,8 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str = "",
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m pasr_jax.export", description=__doc__.split("\n")[0])
+  ap = argparse.ArgumentParser(prog="python -m pasr_jax.export", allow_abbrev=False,
+                               description=__doc__.split("\n")[0])
   ap.add_argument("--workdir", required=True, help="training workdir (holds the checkpoints)")
   ap.add_argument("--out", required=True, help="HF dir to write")
   ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")

@@ -220,7 +220,7 @@ def loss_denominator(mask: jax.Array, agg: str) -> jax.Array:
   number of sequences with at least one scored token.
 
   A row with no scored token is not a sequence of the loss, whatever the aggregation: the
-  rows `step.pack_batch` adds to fill the last micro-batch, answers masked out by
+  rows `batch.pad` adds to fill the last micro-batch, answers masked out by
   grpo.mask_truncated, and answers whose every token the ratio band (grpo.is_mask_low/high)
   dropped. (TRL divides by all rows, `completion_mask.size(0)`, for "grpo" and
   "dr_grpo", so there an all-masked row scales the batch's loss down; here it changes

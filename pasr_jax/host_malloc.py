@@ -10,7 +10,10 @@ The settings must be in place before JAX starts its thread pools (the first comp
 the commands that run the decoder in their own process (`pasr_jax.cli.main`: train, sft, plan,
 devices) apply them first. Processes that do not (vLLM's engine loading rollout.vllm_worker,
 the judge server, evaluate's client) keep glibc's defaults: vLLM's reloads were measured slower
-and uneven under these settings. `PASR_JAX_HOST_MALLOC=system` leaves glibc's defaults alone. Memory that is freed stays reserved for the next step: the process's resident
+and uneven under these settings. `PASR_JAX_HOST_MALLOC=system` leaves glibc's defaults alone.
+On GPU hosts (an NVIDIA driver present, unless JAX_PLATFORMS=cpu) nothing is changed: XLA:GPU
+keeps its buffers on the device, and the host then serves vLLM, NCCL and pinned transfers,
+which glibc's defaults suit. Memory that is freed stays reserved for the next step: the process's resident
 size stays at its peak instead of breathing in and out every step.
 """
 
@@ -27,15 +30,28 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
 ENV = "PASR_JAX_HOST_MALLOC"
+# Present on a host whose NVIDIA kernel driver is loaded.
+NVIDIA_PATHS = ("/proc/driver/nvidia/version", "/dev/nvidiactl")
+
+
+def cpu_run(env: dict[str, str] | os._Environ, nvidia_driver: bool) -> bool:
+  """Whether JAX will compute on the CPU: JAX_PLATFORMS names only cpu, or it is unset and
+  the host has no NVIDIA driver."""
+  platforms = [p.strip() for p in env.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+  if platforms:
+    return platforms == ["cpu"]
+  return not nvidia_driver
 
 
 def keep_freed_memory() -> bool:
   """Tune glibc malloc to reuse freed blocks (no mmap per large block, no trimming, one arena).
 
-  Returns True when the settings were applied; False on non-glibc systems or when
-  `PASR_JAX_HOST_MALLOC=system` opts out. Safe to call more than once.
+  Returns True when the settings were applied; False on non-glibc systems, on GPU hosts
+  (`cpu_run`), or when `PASR_JAX_HOST_MALLOC=system` opts out. Safe to call more than once.
   """
   if os.environ.get(ENV, "").lower() == "system" or not sys.platform.startswith("linux"):
+    return False
+  if not cpu_run(os.environ, any(os.path.exists(p) for p in NVIDIA_PATHS)):
     return False
   name = ctypes.util.find_library("c")
   try:

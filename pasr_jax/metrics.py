@@ -62,7 +62,12 @@ def start_wandb(logging_cfg: LoggingCfg, config: Mapping[str, Any], root: str | 
   `logging.wandb_run_name` is set; each start of a run (a resume too) is a W&B run of its own."""
   if not logging_cfg.wandb_project:
     return None
-  import wandb  # pylint: disable=import-outside-toplevel
+  try:
+    import wandb  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise ConfigError(f"config logging.wandb_project={logging_cfg.wandb_project!r} needs the "
+                      "optional package wandb, which is not installed: `pip install wandb`, or "
+                      "logging.wandb_project=''") from None
   try:
     return wandb.init(project=logging_cfg.wandb_project, mode=logging_cfg.wandb_mode,
                       name=logging_cfg.wandb_run_name or os.path.basename(os.path.abspath(root)),

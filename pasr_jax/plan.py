@@ -61,6 +61,7 @@ import ml_collections  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from pasr_jax import cli, devices, errors, sharding, xla_gpu  # noqa: E402
+from pasr_jax.batch import Batch  # noqa: E402
 from pasr_jax.config import RunConfig  # noqa: E402
 from pasr_jax.models.qwen import Decoder, ModelConfig, resolve_attention  # noqa: E402
 from pasr_jax.tiny import char_vocab, tiny_model_config  # noqa: E402
@@ -134,13 +135,13 @@ def plan(cfg: RunConfig | ml_collections.ConfigDict, mesh_shape, seq_len: int, l
   abs_params = _abstract(params, p_sh)
   abs_opt = _abstract(jax.eval_shape(tx.init, params), o_sh)
   b_sh = batch_shardings(mesh, rules, BATCH_KEYS)
-  abs_batch = {k: jax.ShapeDtypeStruct(
+  abs_batch = Batch(**{k: jax.ShapeDtypeStruct(
       (batch,) if k == "advantages" else (batch, seq_len),
       jnp.int32 if k in INT_KEYS else jnp.float32,
-      sharding=b_sh[k]) for k in BATCH_KEYS}
+      sharding=b_sh[k]) for k in BATCH_KEYS})
   beta = cfg.grpo.beta > 0
   abs_ref = _abstract(jax.eval_shape(lambda p: ref_copy(p, dtype), params), p_sh) if beta else None
-  update, _, _ = make_step_fns(graphdef, rest, tx, cfg.trainer_cfg(), batch // mb, mesh)
+  update, _ = make_step_fns(graphdef, rest, tx, cfg.trainer_cfg(), batch // mb, mesh)
   fn = jit_update(update, mesh, rules, p_sh, o_sh, BATCH_KEYS, beta)
   t0 = time.perf_counter()
   # Under use_mesh the model pins activations by the 'batch' rule.

@@ -13,21 +13,25 @@ Prints one row per check and exits 0, or 2 with one line per failing check namin
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import importlib
 import json
 import math
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import sysconfig
 import urllib.parse
 from pathlib import Path
 from typing import Any, Mapping
 
 from absl import flags
 
-from pasr_jax import cli, devices, errors
+from pasr_jax import checks, cli, devices, errors
 from pasr_jax.config import ConfigError, RunConfig
 from pasr_jax.judge.local import judge_answers
 from pasr_jax.rollout import weight_sync
@@ -42,6 +46,11 @@ MAX_COLOCATED = 0.95
 # The graded judge may reason before its number (the original took the last one, uncapped).
 MIN_GRADED_TOKENS = 64
 CONFLICT_ENV = "XLA_CLIENT_MEM_FRACTION"  # jaxlib refuses it beside XLA_PYTHON_CLIENT_MEM_FRACTION
+# The CUDA version torch 2.13 and jax[cuda13] need from the user-mode driver (cuDriverGetVersion).
+MIN_CUDA = 13000
+GPU_QUERY = "index,compute_mode,memory.used,memory.total"
+# What one GPU must keep free beyond JAX's and vLLM's pools (CUDA contexts, NCCL, cuBLAS).
+GPU_SLACK = 0.03
 
 
 class PreflightError(errors.UserError):
@@ -66,6 +75,10 @@ class Env:
   driver: str | None = None            # NVIDIA driver version on this host (None: no driver)
   judge_answers: bool | None = None    # GET <judge.base_url>/v1/models answered 200
   sync_free: Mapping[str, int] = dataclasses.field(default_factory=dict)  # dir -> free bytes
+  cuda_version: int | None = None      # cuDriverGetVersion of the libcuda loaded (13000 = 13.0)
+  gpu_query: str | None = None         # nvidia-smi --query-gpu=GPU_QUERY, csv, noheader, nounits
+  c_compiler: str | None = None        # CC / gcc / cc on PATH (Triton); "" none; None unprobed
+  python_headers: bool | None = None   # Python.h of this interpreter is installed
 
 
 # ----------------------------------------------------------------------------- probes
@@ -83,6 +96,37 @@ def driver_version() -> str | None:
       return out.split()[0] if out.split() else None
     except (OSError, subprocess.SubprocessError):
       return None
+  return None
+
+
+def cuda_driver_version() -> int | None:
+  """The CUDA version the user-mode driver loaded here supports (`cuDriverGetVersion`:
+  13000 = 13.0): NVIDIA's forward-compatibility package raises it above the kernel driver's.
+  None without a loadable libcuda."""
+  try:
+    lib = ctypes.CDLL("libcuda.so.1")
+    v = ctypes.c_int(0)
+    return v.value if lib.cuDriverGetVersion(ctypes.byref(v)) == 0 and v.value else None
+  except (OSError, AttributeError):
+    return None
+
+
+def query_gpus() -> str | None:
+  """nvidia-smi's `GPU_QUERY` rows of this host (every GPU, by physical index); None without it."""
+  if not shutil.which("nvidia-smi"):
+    return None
+  try:
+    return subprocess.run(["nvidia-smi", f"--query-gpu={GPU_QUERY}", "--format=csv,noheader,nounits"],
+                          capture_output=True, text=True, timeout=30, check=True).stdout
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
+def c_compiler(env: Mapping[str, str]) -> str | None:
+  """The C compiler Triton would use: $CC, else gcc, else cc on PATH."""
+  for name in (env.get("CC", ""), "gcc", "cc"):
+    if name and shutil.which(name.split()[0]):
+      return shutil.which(name.split()[0])
   return None
 
 
@@ -104,8 +148,13 @@ def probe(cfg: Any) -> Env:
   answers = None
   if cfg.rewards.accuracy_rule == "":
     answers = judge_answers(cfg.judge.base_url)
+  gpus = shutil.which("nvidia-smi") is not None
   return Env(vars=dict(os.environ), simulated=False, driver=driver_version(),
-             judge_answers=answers, sync_free=free)
+             judge_answers=answers, sync_free=free,
+             cuda_version=cuda_driver_version() if gpus else None,
+             gpu_query=query_gpus() if gpus else None,
+             c_compiler=c_compiler(os.environ) or "",
+             python_headers=Path(sysconfig.get_paths()["include"], "Python.h").is_file())
 
 
 # ----------------------------------------------------------------------------- model size
@@ -208,6 +257,11 @@ def run_checks(cfg: Any, hosts: int, gpus_per_host: int, env: Env) -> list[Check
   out.extend(_model_checks(cfg))
   out.extend(_judge_checks(cfg, hosts, procs, env))
   out.extend(_gpu_checks(cfg, gpu, gpus_per_host, per_host, env))
+  out.extend(heads_checks(cfg, sizes["tensor"]))
+  out.append(model_dir_check(cfg, env))
+  if gpu:
+    out.extend(_gpu_host_checks(cfg, env))
+  out.extend(optional_packages_checks(cfg))
   out.append(_sync_check(cfg, env, gpu))
   if env.vars.get(CONFLICT_ENV):
     out.append(Check("env", "fail", f"{CONFLICT_ENV}={env.vars[CONFLICT_ENV]} is set; the trainer "
@@ -222,11 +276,10 @@ def _batch_checks(cfg: RunConfig, shards: int, procs: int, hosts: int,
   r, o, out = cfg.rollout, cfg.optim, []
   rows = r.prompts_per_step * r.n
   spu = o.sequences_per_update or rows
-  if o.micro_batch % shards:
+  problem = checks.micro_batch_vs_shards(o.micro_batch, shards)
+  if problem:
     want = shards * max(1, -(-o.micro_batch // shards))
-    out.append(Check("micro-batch", "fail",
-                     f"optim.micro_batch={o.micro_batch} is not a multiple of the {shards} "
-                     "batch shards",
+    out.append(Check("micro-batch", "fail", problem,
                      f"--config.optim.micro_batch={want}" + (
                          f" --config.optim.sequences_per_update={max(want, spu // want * want)}"
                          if o.sequences_per_update else "") + (
@@ -237,9 +290,9 @@ def _batch_checks(cfg: RunConfig, shards: int, procs: int, hosts: int,
     out.append(Check("micro-batch", "ok",
                      f"{o.micro_batch} sequences ({o.micro_batch // shards}/device), "
                      f"{spu} per update, {updates} update(s) per step of {rows} answers"))
-  if r.prompts_per_step < procs:
-    out.append(Check("questions", "fail", f"rollout.prompts_per_step={r.prompts_per_step} < "
-                     f"{procs} processes (each samples a share)",
+  problem = checks.questions_vs_processes(r.prompts_per_step, procs)
+  if problem:
+    out.append(Check("questions", "fail", problem,
                      f"--config.rollout.prompts_per_step={procs} (or more)"))
   else:
     out.append(Check("questions", "ok", f"{r.prompts_per_step} per step over {procs} "
@@ -322,9 +375,7 @@ def _gpu_checks(cfg: RunConfig, gpu: bool, gpus_per_host: int, per_host: int, en
     out.append(Check("driver", "fail", "no NVIDIA driver found (/proc/driver/nvidia/version, "
                      "nvidia-smi)", "install the NVIDIA driver (>= 580)"))
   else:
-    major = int(env.driver.split(".")[0])
-    out.append(Check("driver", "ok" if major >= MIN_DRIVER else "fail", f"NVIDIA {env.driver}",
-                     f"upgrade the NVIDIA driver to >= {MIN_DRIVER} (CUDA 13 wheels)"))
+    out.append(driver_check(env.driver, env.cuda_version))
   if v.colocate and frac + v.gpu_memory_utilization > MAX_COLOCATED:
     out.append(Check("memory", "fail", f"JAX {frac:g} + vLLM {v.gpu_memory_utilization:g} of "
                      f"each GPU > {MAX_COLOCATED}",
@@ -346,6 +397,233 @@ def _gpu_checks(cfg: RunConfig, gpu: bool, gpus_per_host: int, per_host: int, en
   out.append(Check("engine GPUs", "ok", f"vLLM on GPU(s) {engine} of this process's host"
                    if engine else "vLLM on the first visible GPU(s)" + (
                        "" if per_host <= 1 else " (set mesh.local_device_ids per process)")))
+  return out
+
+
+def driver_check(driver: str, cuda_version: int | None) -> Check:
+  """The kernel driver `driver` ("570.86.15"), or below MIN_DRIVER a user-mode driver that
+  reports CUDA >= 13.0 (`cuda_version`, NVIDIA's forward-compatibility package)."""
+  major = int(driver.split(".")[0])
+  if major >= MIN_DRIVER:
+    return Check("driver", "ok", f"NVIDIA {driver}")
+  if cuda_version is not None and cuda_version >= MIN_CUDA:
+    return Check("driver", "ok", f"NVIDIA {driver} with the forward-compatible user-mode driver "
+                 f"of CUDA {cuda_version // 1000}.{cuda_version % 1000 // 10}")
+  found = f", its libcuda reports CUDA {cuda_version // 1000}.{cuda_version % 1000 // 10}" if cuda_version else ""
+  return Check("driver", "fail", f"NVIDIA {driver} (CUDA 13 needs >= {MIN_DRIVER}{found})",
+               f"upgrade the NVIDIA driver to >= {MIN_DRIVER}, or install NVIDIA's CUDA 13 "
+               "forward-compatibility package (cuda-compat-13-0) and put its dir first on "
+               "LD_LIBRARY_PATH (docs/gpu.md)")
+
+
+def heads_checks(cfg: RunConfig, tensor: int) -> list[Check]:
+  """vLLM's tensor parallelism and the mesh's tensor axis against the model's attention
+  heads and KV heads (from model.hf_config or model.path/config.json)."""
+  hf = hf_config(cfg)
+  if hf is None:
+    return [Check("heads", "skip", "model size unknown (no model.hf_config or config.json)")]
+  heads = int(hf["num_attention_heads"])
+  kv = int(hf.get("num_key_value_heads") or heads)
+  out = []
+  tp = cfg.rollout.vllm.tensor_parallel_size
+  # vLLM splits the query heads evenly and splits (or, for tp > kv, replicates) the KV heads.
+  kv_ok = kv % tp == 0 if tp <= kv else tp % kv == 0
+  if heads % tp or not kv_ok:
+    good = [n for n in range(1, heads + 1) if heads % n == 0 and (kv % n == 0 if n <= kv else n % kv == 0)]
+    out.append(Check("vLLM TP", "fail", f"rollout.vllm.tensor_parallel_size={tp} does not split "
+                     f"the model's {heads} attention heads / {kv} KV heads evenly",
+                     f"--config.rollout.vllm.tensor_parallel_size= one of {good}"))
+  else:
+    out.append(Check("vLLM TP", "ok", f"{tp} over {heads} heads / {kv} KV heads"))
+  if tensor > 1 and (heads % tensor or kv % tensor):
+    out.append(Check("mesh tensor", "fail", f"the mesh's tensor axis of {tensor} does not divide "
+                     f"the model's {heads} heads / {kv} KV heads (those weights would be "
+                     "replicated on every device)",
+                     "set mesh.shape's tensor axis to a divisor of "
+                     f"{math.gcd(heads, kv)} (e.g. --config.mesh.shape='(1,-1,1)')"))
+  return out
+
+
+def model_dir_check(cfg: RunConfig, env: Env) -> Check:
+  """model.path is an HF model dir on this host: config.json, safetensors, and the same
+  architecture as the preset's model.hf_config."""
+  m = cfg.model
+  if m.tiny_random:
+    return Check("model dir", "ok", "model.tiny_random: built at start")
+  fix_empty = ("--config.model.path=DIR, a local HF snapshot (config.json, *.safetensors, "
+               "tokenizer); nothing is downloaded at run time")
+  if env.simulated:
+    return Check("model dir", "skip", f"each host needs the HF dir {m.path}" if m.path else
+                 "each host needs the HF dir of --config.model.path")
+  if not m.path:
+    return Check("model dir", "fail", "model.path is empty", fix_empty)
+  where = f"model.path={m.path!r} on host {socket.gethostname()}"
+  d = Path(m.path)
+  if not d.is_dir():
+    return Check("model dir", "fail", f"{where}: not there",
+                 f"copy the HF snapshot to {m.path} on this host (e.g. `hf download ORG/NAME "
+                 f"--local-dir {m.path}`), or point --config.model.path at it")
+  if not (d / "config.json").is_file() or not any(d.glob("*.safetensors")):
+    return Check("model dir", "fail", f"{where}: no config.json or no *.safetensors: not an HF "
+                 "model dir", "point --config.model.path at the dir holding config.json and "
+                 "the *.safetensors files")
+  if m.hf_config:
+    try:
+      local = json.loads((d / "config.json").read_text())
+    except (OSError, ValueError) as e:
+      return Check("model dir", "fail", f"{where}: config.json unreadable ({e})",
+                   "replace config.json with the model's own")
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    diff = [f"{k} {local.get(k)} != {m.hf_config.get(k)}" for k in keys
+            if local.get(k) != m.hf_config.get(k)]
+    if diff:
+      return Check("model dir", "fail", f"{where}: another model than the preset's ({', '.join(diff)})",
+                   "use the preset made for this model (configs/), or the model it names")
+  return Check("model dir", "ok", f"{m.path}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Gpu:
+  """One row of nvidia-smi's GPU_QUERY."""
+  index: int
+  compute_mode: str
+  used_mib: float
+  total_mib: float
+
+
+def parse_gpu_query(text: str) -> list[Gpu]:
+  """Rows of `nvidia-smi --query-gpu=index,compute_mode,memory.used,memory.total
+  --format=csv,noheader,nounits` ("0, Default, 1024, 81559"); unreadable rows are left out."""
+  gpus = []
+  for line in text.splitlines():
+    parts = [p.strip() for p in line.split(",")]
+    try:
+      gpus.append(Gpu(int(parts[0]), parts[1], float(parts[2]), float(parts[3])))
+    except (IndexError, ValueError):
+      continue
+  return gpus
+
+
+def run_gpus(cfg: RunConfig, vars: Mapping[str, str], all_ids: list[int]
+             ) -> tuple[list[int], list[int]]:
+  """(JAX's, vLLM's) physical GPU indices for a run of `cfg` started here: JAX on
+  mesh.local_device_ids / mesh.cuda_visible_devices (indices into CUDA_VISIBLE_DEVICES),
+  vLLM on the first rollout.vllm.tensor_parallel_size of its GPUs."""
+  cvd = vars.get("CUDA_VISIBLE_DEVICES")
+  visible = all_ids
+  if cvd is not None:
+    try:
+      visible = [int(x) for x in cvd.split(",") if x.strip()]
+    except ValueError:  # GPU UUIDs: indices cannot be matched; check every GPU
+      visible = all_ids
+  m, v = cfg.mesh, cfg.rollout.vllm
+  own = devices.parse_ids("mesh.local_device_ids", m.local_device_ids) or devices.parse_ids(
+      "mesh.cuda_visible_devices", m.cuda_visible_devices)
+  jax_ids = [visible[i] for i in own if i < len(visible)] if own else list(visible)
+  if v.colocate:
+    engine = jax_ids[:v.tensor_parallel_size]
+  else:
+    engine = [g for g in visible if g not in jax_ids][:v.tensor_parallel_size] or visible[:v.tensor_parallel_size]
+  return jax_ids, engine
+
+
+def compute_mode_check(cfg: RunConfig, gpus: list[Gpu], jax_ids: list[int],
+                       engine_ids: list[int]) -> Check:
+  """A GPU that the trainer and vLLM's engine core (two processes) share must admit several
+  processes: EXCLUSIVE_PROCESS admits one; PROHIBITED none."""
+  by_id = {g.index: g for g in gpus}
+  bad = []
+  for i in sorted(set(jax_ids) | set(engine_ids)):
+    mode = by_id[i].compute_mode.replace(" ", "_").upper() if i in by_id else "DEFAULT"
+    shared = i in jax_ids and i in engine_ids
+    if mode == "PROHIBITED" or (mode.startswith("EXCLUSIVE") and shared):
+      bad.append(f"GPU {i} {mode}")
+  if bad:
+    return Check("compute mode", "fail", f"{', '.join(bad)}: the trainer and vLLM's engine core "
+                 "are two processes on one GPU (rollout.vllm.colocate=True)",
+                 f"sudo nvidia-smi -i {','.join(b.split()[1] for b in bad)} -c DEFAULT, or give "
+                 "vLLM GPUs of its own (scripts/launch_gpu.sh)")
+  return Check("compute mode", "ok", ", ".join(
+      f"GPU {g.index} {g.compute_mode}" for g in gpus if g.index in set(jax_ids) | set(engine_ids)))
+
+
+def gpu_memory_check(cfg: RunConfig, gpus: list[Gpu], jax_ids: list[int],
+                     engine_ids: list[int]) -> Check:
+  """Memory that other processes (a judge started on the trainer's GPUs) already hold: JAX
+  preallocates its share and vLLM refuses to start below its own."""
+  frac = devices.memory_fraction(cfg)
+  util = cfg.rollout.vllm.gpu_memory_utilization
+  by_id = {g.index: g for g in gpus}
+  short = []
+  for i in sorted(set(jax_ids) | set(engine_ids)):
+    if i not in by_id or by_id[i].total_mib <= 0:
+      continue
+    need = (frac if i in jax_ids else 0.0) + (util if i in engine_ids else 0.0)
+    used = by_id[i].used_mib / by_id[i].total_mib
+    if used + need > 1.0 - GPU_SLACK:
+      short.append(f"GPU {i} has {by_id[i].used_mib / 1024:.1f} of "
+                   f"{by_id[i].total_mib / 1024:.1f} GiB in use, this run needs {need:.2f} of it")
+  if short:
+    return Check("GPU memory", "fail", "; ".join(short) + " (another process: a judge?)",
+                 "start the judge on GPUs the trainer does not use (JUDGE_GPUS / "
+                 "CUDA_VISIBLE_DEVICES of the judge), or stop what holds them (nvidia-smi)")
+  return Check("GPU memory", "ok", f"JAX on GPU(s) {jax_ids}, vLLM on {engine_ids}: free")
+
+
+def build_tools_check(cc: str | None, python_headers: bool | None) -> Check:
+  """Triton (vLLM's kernels) compiles a C launcher at run time: a C compiler and Python.h.
+  `cc` None / `python_headers` None: not probed."""
+  if cc is None and python_headers is None:
+    return Check("build tools", "skip", "not probed")
+  missing = ([] if cc or cc is None else ["a C compiler (gcc)"]) + (
+      [] if python_headers or python_headers is None else ["the Python headers (Python.h)"])
+  if missing:
+    v = f"{sys.version_info.major}.{sys.version_info.minor}"
+    return Check("build tools", "fail", f"no {' and no '.join(missing)}: Triton compiles "
+                 "vLLM's kernels at run time and the engine fails mid-start",
+                 f"apt-get install gcc python{v}-dev (or your distribution's packages), or "
+                 "set CC")
+  return Check("build tools", "ok", f"{cc or 'C compiler not probed'}, Python.h")
+
+
+def _gpu_host_checks(cfg: RunConfig, env: Env) -> list[Check]:
+  """Checks that read this GPU host: build tools, compute mode, memory other processes hold."""
+  if env.simulated:
+    return [Check("GPU host", "skip", "each host needs gcc and the Python headers (Triton), "
+                  "GPUs in compute mode DEFAULT, and its GPUs free of other processes")]
+  out = [build_tools_check(env.c_compiler, env.python_headers)]
+  gpus = parse_gpu_query(env.gpu_query or "")
+  if not gpus:
+    return out + [Check("compute mode", "skip", "nvidia-smi gave no GPU rows")]
+  jax_ids, engine_ids = run_gpus(cfg, env.vars, [g.index for g in gpus])
+  out.append(compute_mode_check(cfg, gpus, jax_ids, engine_ids))
+  out.append(gpu_memory_check(cfg, gpus, jax_ids, engine_ids))
+  return out
+
+
+def _importable(module: str) -> bool:
+  try:
+    importlib.import_module(module)
+    return True
+  except ImportError:
+    return False
+
+
+def optional_packages_checks(cfg: RunConfig) -> list[Check]:
+  """The optional packages the config asks for are installed: wandb for
+  logging.wandb_project, tensorflow-datasets for data.tfds_name."""
+  out = []
+  for key, value, module, package in (
+      ("logging.wandb_project", cfg.logging.wandb_project, "wandb", "wandb"),
+      ("data.tfds_name", cfg.data.tfds_name, "tensorflow_datasets", "tensorflow-datasets")):
+    if not value:
+      continue
+    if _importable(module):
+      out.append(Check(package, "ok", f"{key}={value!r}: {package} installed"))
+    else:
+      out.append(Check(package, "fail", f"{key}={value!r} needs the optional package {package}, "
+                       "which is not installed",
+                       f"pip install {package} (requirements-gpu.txt pins it), or {key}=''"))
   return out
 
 

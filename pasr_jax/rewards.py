@@ -2,22 +2,30 @@
 
 The reward of one sampled answer is
   format_weight * format_reward + accuracy_weight * acc + refine_weight * refine_reward
-where `acc` in [0, 1] comes from the judge (or the `contains` rule) and `refine_reward`
-compares `acc` with the mean accuracy of answers sampled for the same question without the
-refine prompt (the baseline).
+where `acc` in [0, 1] comes from the judge or, with `rewards.accuracy_rule`, from a Python
+function in this process (`AccuracyRule`: the built-in `contains`, or a user's
+`module:function`), and `refine_reward` compares `acc` with the mean accuracy of answers
+sampled for the same question without the refine prompt (the baseline).
 """
 
 from __future__ import annotations
 
+import importlib
+import logging
 import math
-from collections.abc import Sequence
+import numbers
+from collections.abc import Callable, Mapping, Sequence
 
+from pasr_jax import errors
 from pasr_jax.answer_format import count_refines, extract_answer, format_ok
-from pasr_jax.config import RewardsCfg
+from pasr_jax.config import ConfigError, RewardsCfg
+
+log = logging.getLogger(__name__)
 
 
-class RewardError(ValueError):
-  """Rewards were asked for with inputs that have no meaning (e.g. an empty baseline)."""
+class RewardError(errors.UserError):
+  """Rewards were asked for with inputs that have no meaning (an empty baseline, an accuracy
+  function that returns no number)."""
 
 
 def format_reward(text: str) -> float:
@@ -37,6 +45,84 @@ def contains_accuracy(text: str, ground_truth: str) -> float:
   signal for tests and toy runs)."""
   target = ground_truth.strip()
   return 1.0 if target and target in extract_answer(text) else 0.0
+
+
+def contains(prompts: Sequence[str], completions: Sequence[str], answer: Sequence[str],
+             **kwargs) -> list[float]:
+  """The built-in accuracy rule `contains` (`contains_accuracy` of each completion), written as
+  any `rewards.accuracy_rule` function is."""
+  del prompts, kwargs
+  return [contains_accuracy(c, a) for c, a in zip(completions, answer)]
+
+
+# rewards.accuracy_rule values that name a function of this module.
+BUILTIN_RULES: dict[str, Callable[..., Sequence[float]]] = {"contains": contains}
+
+
+def load_accuracy_function(rule: str) -> Callable[..., Sequence[float]]:
+  """The function `rewards.accuracy_rule` names: a built-in (`BUILTIN_RULES`) or
+  `module:function`, imported from sys.path. ConfigError naming the key when it is not there."""
+  if rule in BUILTIN_RULES:
+    return BUILTIN_RULES[rule]
+  module, _, name = rule.partition(":")
+  where = f"config rewards.accuracy_rule={rule!r}"
+  try:
+    mod = importlib.import_module(module)
+  except ImportError as e:
+    raise ConfigError(f"{where}: cannot import {module!r} ({e}); put it on PYTHONPATH") from None
+  fn = getattr(mod, name, None)
+  if not callable(fn):
+    raise ConfigError(f"{where}: module {module!r} has no function {name!r}")
+  return fn
+
+
+class AccuracyRule:
+  """Accuracy by a Python function in this process instead of the judge (`rewards.accuracy_rule`).
+
+  The function is called once per step with every answer of the step, the way TRL calls a
+  reward function: `fn(prompts=[question, ...], completions=[answer text, ...],
+  answer=[reference, ...])` (lists of equal length; a function should take `**kwargs` for
+  arguments added later) and returns one number per completion. The numbers are read as a
+  judge's reply is: clamped to [0, 1] (logged once); anything that is not a finite number,
+  or a list of another length, raises RewardError naming the function.
+  """
+
+  def __init__(self, rule: str):
+    self.rule = rule
+    self.fn = load_accuracy_function(rule)
+    self._warned = False
+
+  def __call__(self, questions: Sequence[str], completions: Sequence[str],
+               references: Sequence[str]) -> list[float]:
+    """Accuracy in [0, 1] of `completions[i]` to `questions[i]` against `references[i]`."""
+    n = len(completions)
+    got = self.fn(prompts=list(questions), completions=list(completions),
+                  answer=list(references))
+    where = f"rewards.accuracy_rule={self.rule!r}"
+    if hasattr(got, "tolist"):  # a numpy array (or scalar)
+      got = got.tolist()
+    if isinstance(got, (str, bytes)) or not isinstance(got, Sequence):
+      raise RewardError(f"{where}: returned {type(got).__name__}, not a list of {n} numbers")
+    if len(got) != n:
+      raise RewardError(f"{where}: returned {len(got)} numbers for {n} completions")
+    out = []
+    for i, v in enumerate(got):
+      if not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
+        raise RewardError(f"{where}: item {i} is {v!r:.80}, not a finite number (completion "
+                          f"{completions[i]!r:.80})")
+      clamped = min(1.0, max(0.0, float(v)))
+      if clamped != float(v) and not self._warned:
+        self._warned = True
+        log.warning("%s returned %r (item %d): accuracies are clamped to [0, 1], as a "
+                    "judge's scores are", where, v, i)
+      out.append(clamped)
+    return out
+
+  def score_batch(self, items: Sequence[Mapping[str, str]]) -> tuple[list[float], dict]:
+    """The judge client's interface (`JudgeClient.score_batch`) over judge requests
+    (`judge.wire.judge_request` dicts), so evaluation can use the rule in the judge's place."""
+    return self([it["question"] for it in items], [it["answer"] for it in items],
+                [it["ground_truth"] for it in items]), {}
 
 
 def refine_reward(text: str, acc: float, baseline_accs: Sequence[float] | None,

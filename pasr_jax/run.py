@@ -30,8 +30,14 @@ from pasr_jax import build, devices, errors, hooks, multihost
 from pasr_jax.data import BatchStream
 from pasr_jax.rollout import source as sources
 from pasr_jax.rollout.vllm_sampler import VllmSampler
-from pasr_jax.step import RolloutStep, merge_scalars, pad_batch
+from pasr_jax.step import FIRST, MAX, RolloutStep, mean_over, merge_scalars, pad_batch
 from pasr_jax.workdir import Workdir
+
+# The multi-host reduction of every metric the loop adds to the step's (see step.merge_scalars):
+# the trainer's are the same on every process; times and loads take the slowest process.
+RUN_REDUCTIONS = {"train/": FIRST, "policy_version": FIRST, "time/": MAX, "sync/": MAX,
+                  "staleness/mean": mean_over("answers"), "staleness/frac_": mean_over("answers"),
+                  "staleness/max": MAX}
 
 
 class RunInterrupted(errors.Interrupted):
@@ -127,16 +133,17 @@ class Run:
       rec["process"] = jax.process_index()
     parts = multihost.allgather_json({"scalars": scalars, "weights": out.weights,
                                       "records": out.records, "stop": self.parts.stop.stop})
-    self.scalars = merge_scalars([(q["scalars"], q["weights"]) for q in parts])
+    self.scalars = merge_scalars([(q["scalars"], q["weights"]) for q in parts],
+                                 {**out.reductions, **RUN_REDUCTIONS})
     self.stopping = any(q["stop"] for q in parts)  # every process stops at the same step
     self.hooks(hooks.StepInfo(st.step, self.scalars, [r for q in parts for r in q["records"]],
                               st.step == self.cfg.train.steps, self.stopping))
     return self.scalars
 
-  def _update(self, local: dict | None) -> dict[str, float]:
+  def _update(self, local) -> dict[str, float]:
     """The trainer's updates on the global batch (every process's rows, padded to the agreed
     shape; none when no process kept a row); stops a diverged run."""
-    shape = (0, 0) if local is None else local["input_ids"].shape
+    shape = (0, 0) if local is None else local.shape
     rows, length = (int(v) for v in multihost.agree(shape).max(axis=0))
     if rows == 0:
       return {}

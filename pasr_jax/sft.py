@@ -7,10 +7,9 @@ that question's baseline mean) or on any JSONL of chat transcripts (`sft.data`, 
 cosine with 10% linear warm-up, 2 epochs by default. The format cold start (cold_start.py, not
 part of the paper) runs through the same `run_sft`.
 
-No second model path: the `Trainer` (same load_hf, mesh, shardings, optax, logprob function and
-GRPO loss) takes every step. With advantages 1, beta 0, token_mean and old_logps equal to the
-current policy's logprobs (computed first, which also gives the NLL we report), the GRPO
-per-token loss is -exp(lp - sg(lp)) whose gradient is exactly -grad(lp): the SFT gradient.
+No second model path: the `Trainer` (same load_hf, mesh, shardings, optax and logprob
+function) takes every step, with its token NLL loss (`trainer.nll_loss`): one forward and
+backward per update, whose loss before the update is the NLL we report.
 
 Workdir (`sft.workdir`, default <workdir>/sft): config.json, data.jsonl (the transcripts used),
 checkpoints/ (Orbax, resumable), metrics.jsonl, hf/ (with sft.export; vLLM loads it).
@@ -31,13 +30,14 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from pasr_jax import answer_format, cli, errors, policy, prompts
+from pasr_jax import batch as batch_lib
 from pasr_jax import data as data_lib
 from pasr_jax import metrics as metrics_lib
+from pasr_jax.batch import Batch
 from pasr_jax.checkpoint import Checkpointer
 from pasr_jax.config import DataCfg, RunConfig, SftCfg, TrainerCfg
 from pasr_jax.models.hf import save_hf
-from pasr_jax.step import pack_batch
-from pasr_jax.trainer import Trainer
+from pasr_jax.trainer import Trainer, nll_loss
 
 
 ROLES = ("system", "user", "assistant")
@@ -178,31 +178,24 @@ def encode_transcript(tokenizer, messages: list[dict[str, str]]) -> tuple[list[i
 
 
 def pack(encoded: list[tuple[list[int], list[int]]], pad_id: int, multiple: int,
-         rows_multiple: int) -> dict[str, np.ndarray]:
-  """A trainer batch (step.pack_batch layout) whose loss_mask is each row's assistant mask;
-  advantages 1 (old_logps are filled in by `sft_step`)."""
-  n = len(encoded)
-  batch = pack_batch([[]] * n, [ids for ids, _ in encoded], [[0.0] * len(ids) for ids, _ in encoded],
-                     [1.0] * n, [True] * n, pad_id, multiple, rows_multiple)
-  for i, (ids, mask) in enumerate(encoded):
-    batch["loss_mask"][i, :len(ids)] *= np.asarray(mask, np.float32)
-  return batch
+         rows_multiple: int) -> Batch:
+  """The Batch of transcripts (token ids, assistant mask): loss_mask is each row's assistant
+  mask; rows padded to `rows_multiple`, length to a multiple of `multiple`."""
+  return batch_lib.pack([ids for ids, _ in encoded], [mask for _, mask in encoded], pad_id,
+                        multiple, rows_multiple)
 
 
-def sft_step(trainer, batch: dict[str, np.ndarray]) -> dict[str, float]:
-  """One SFT update on `batch` through the GRPO trainer (see module doc); returns the batch's
-  mean NLL per assistant token before the update, the grad norm and the token count."""
-  lp = trainer.logprobs(batch, scored_only=True)
-  mask = batch["loss_mask"]
-  tokens = float(mask.sum())
-  nll = float(-(lp * mask).sum() / max(tokens, 1.0))
-  m = trainer.update(dict(batch, old_logps=lp))
-  return {"nll": nll, "grad_norm": m["grad_norm"], "tokens": tokens, "skipped": m["skipped"]}
+def sft_step(trainer: Trainer, batch: Batch) -> dict[str, float]:
+  """One SFT update on `batch` by a trainer with `nll_loss`; returns the batch's mean NLL per
+  assistant token before the update, the grad norm and the token count."""
+  m = trainer.update(batch)
+  return {"nll": m["loss"], "grad_norm": m["grad_norm"], "tokens": m["tokens"],
+          "skipped": m["skipped"]}
 
 
 def trainer_config(cfg: RunConfig, s: SftCfg, total_steps: int, scored_span: int) -> TrainerCfg:
-  """The trainer's slice for SFT section `s`: its optimiser (cosine, warm-up) and a loss that
-  is the NLL."""
+  """The trainer's slice for SFT section `s`: its optimiser (cosine, warm-up); the loss is
+  `nll_loss`."""
   return dataclasses.replace(
       cfg.trainer_cfg(),
       # One optimizer update per SFT batch: the schedule spans exactly total_steps updates.
@@ -210,7 +203,7 @@ def trainer_config(cfg: RunConfig, s: SftCfg, total_steps: int, scored_span: int
                               warmup_steps=int(round(float(s.warmup_frac) * total_steps)),
                               sequences_per_update=0),
       rows_per_step=s.batch_size, steps=total_steps,
-      # No reference model (no KL); the mean over all assistant tokens of the batch.
+      # No reference model and no trainer-side old logprobs: NLL needs neither.
       grpo=cfg.grpo.replace(loss_temperature=0.0, beta=0.0, agg="token_mean", num_iterations=1,
                             recompute_old_logps=False, tis_cap=0.0),
       temperature=1.0,  # the logprobs of the model itself
@@ -322,7 +315,7 @@ def run_sft(cfg: RunConfig, s: SftCfg, transcripts: list[list[dict[str, str]]], 
   workdir = os.path.abspath(workdir)
   prep = prepare(cfg, s, transcripts, workdir, model_dir)
   pol = policy.build_policy(cfg.model, cfg.mesh, model_dir)
-  trainer = Trainer(prep.trainer_cfg, pol.model, pol.config, pol.mesh)
+  trainer = Trainer(prep.trainer_cfg, pol.model, pol.config, pol.mesh, loss=nll_loss())
   del pol
   print(f"[sft] {len(prep.encoded)} transcripts ({prep.dropped} over sft.max_len={s.max_len} "
         f"dropped; batch length {prep.length}), {prep.total} updates of {s.batch_size}, lr "

@@ -7,7 +7,7 @@ halves in ONE sampler call) -> judge requests (`judge.wire.judge_request`) -> ac
 refine vs that question's baseline accuracies) -> advantages (grpo, over the PASR answers,
 with the zero-variance groups) -> batch (those groups dropped or kept per config; completions
 cut at `max_tokens` masked out of the loss if configured) -> records and scalars. `Halves`
-holds the [PASR | baseline] layout. The batch layout is the `Trainer`'s (see trainer.py).
+holds the [PASR | baseline] layout. The batch is a `batch.Batch`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from pasr_jax import chat, grpo, rewards as rewards_lib
+from pasr_jax import batch as batch_lib, chat, grpo, rewards as rewards_lib
 from pasr_jax.answer_format import count_refines
+from pasr_jax.batch import Batch
 from pasr_jax.config import StepCfg
 from pasr_jax.data import Row
 from pasr_jax.judge.wire import judge_request
@@ -34,129 +35,100 @@ class StepOutput:
   """What one rollout step produced.
 
   batch: trainer batch (numpy, `[B', L]` / `[B']`) of the kept PASR answers, None if none
-    kept; B' is not rounded to the micro-batch (`pad_batch` does that).
+    kept; B' is not rounded to the micro-batch (`batch.pad` does that).
   records: one JSON-able dict per sampled answer (PASR and baseline) for rollouts.jsonl.
   scalars: metrics of the step (rewards, rates, lengths, judge stats, phase times in s).
   weights: how many items the means in `scalars` average over (pasr answers, all answers,
     prompts, baseline answers), for `merge_scalars`.
+  reductions: how each of `scalars` combines over processes (`merge_scalars`).
   """
-  batch: dict[str, np.ndarray] | None
+  batch: Batch | None
   records: list[dict[str, Any]]
   scalars: dict[str, float]
   weights: dict[str, float] = dataclasses.field(default_factory=dict)
+  reductions: dict[str, str] = dataclasses.field(default_factory=lambda: dict(STEP_REDUCTIONS))
 
 
-# How several processes' step scalars combine into the run's (multi-host): counts add up,
-# a mean is weighted by the items it averages over, times and latencies take the slowest
-# process; anything else (the trainer's and the sync's, equal on every process) is process 0's.
-_SUMMED = ("groups/zero_variance", "groups/trained", "tokens/generated", "judge/items",
-           "judge/requests", "judge/retries", "judge/failures", "judge/unparseable",
-           "judge/cache_hits")
-_MEAN_OVER = {"reward/mean": "pasr", "reward/format": "pasr", "reward/accuracy": "pasr",
-              "reward/refine": "pasr", "rate/format_ok": "pasr", "rate/refine": "pasr",
-              "len/pasr_mean": "pasr", "rate/truncated": "answers", "len/all_mean": "answers",
-              "rate/prompt_truncated": "prompts", "reward/baseline_accuracy": "baseline",
-              "staleness/mean": "answers"}  # and staleness/frac_<d>
-_SLOWEST = ("time/", "judge/latency", "sync/", "staleness/max")
+# ----------------------------------------------------------------------------- multi-host
+# How several processes' values of a metric combine into the run's: each producer declares it
+# for every metric it makes (a name, or a family: a prefix ending in "/" or "_"), and
+# `merge_scalars` refuses a metric nobody declared.
+SUM, MAX, MIN = "sum", "max", "min"
+FIRST = "first"  # process 0's: for values equal on every process (the trainer's)
 
 
-def merge_scalars(parts: Sequence[tuple[dict[str, float], dict[str, float]]]
-                  ) -> dict[str, float]:
-  """One step's scalars from each process's (scalars, weights), in process order."""
-  if len(parts) == 1:
-    return dict(parts[0][0])
+def mean_over(weight: str) -> str:
+  """The reduction "mean weighted by each process's count `weight`" (a StepOutput.weights
+  key: the items the process's mean is over)."""
+  return f"mean:{weight}"
+
+
+def reduction_of(name: str, reductions: dict[str, str]) -> str:
+  """`name`'s declared reduction: its own, else its longest declared family's."""
+  if name in reductions:
+    return reductions[name]
+  families = [k for k in reductions if k[-1:] in ("/", "_") and name.startswith(k)]
+  assert families, (f"metric {name!r} declares no multi-host reduction (sum, max, min, first "
+                    "or mean_over) where it is produced")
+  return reductions[max(families, key=len)]
+
+
+def merge_scalars(parts: Sequence[tuple[dict[str, float], dict[str, float]]],
+                  reductions: dict[str, str]) -> dict[str, float]:
+  """One step's scalars from each process's (scalars, weights), in process order, each
+  metric combined by its declared reduction (`reduction_of`; an undeclared one raises
+  AssertionError, on one process too)."""
   out = {}
   for k, first in parts[0][0].items():
+    how = reduction_of(k, reductions)
     vals = [float(s[k]) for s, _ in parts]
-    if k in _SUMMED:
+    if how == SUM:
       out[k] = sum(vals)
-    elif k in _MEAN_OVER or k.startswith("staleness/frac_"):
-      w = [float(ws.get(_MEAN_OVER.get(k, "answers"), 0.0)) for _, ws in parts]
-      out[k] = sum(v * x for v, x in zip(vals, w)) / max(sum(w), 1e-12)
-    elif k.startswith(_SLOWEST) and not k.endswith("bytes"):
+    elif how == MAX:
       out[k] = max(vals)
-    else:
+    elif how == MIN:
+      out[k] = min(vals)
+    elif how == FIRST:
       out[k] = first
+    else:
+      assert how.startswith("mean:"), (k, how)
+      w = [float(ws[how[len("mean:"):]]) for _, ws in parts]
+      out[k] = (sum(v * x for v, x in zip(vals, w)) / max(sum(w), 1e-12) if len(parts) > 1
+                else first)
   return out
+
+
+# Every metric a RolloutStep makes (`RolloutStep.scalars`) and its reduction.
+STEP_REDUCTIONS = {
+    **{k: mean_over("pasr") for k in ("reward/mean", "reward/format", "reward/accuracy",
+                                      "reward/refine", "rate/format_ok", "rate/refine",
+                                      "len/pasr_mean")},
+    **{k: mean_over("answers") for k in ("rate/truncated", "len/all_mean")},
+    "rate/prompt_truncated": mean_over("prompts"),
+    "reward/baseline_accuracy": mean_over("baseline"),
+    "groups/zero_variance": SUM, "groups/trained": SUM, "tokens/generated": SUM,
+    "time/rollout": MAX, "time/judge": MAX, "time/pack": MAX,
+    # The judge's batch stats (judge.client): counts add up, latencies take the slowest.
+    **{f"judge/{k}": SUM for k in ("items", "requests", "retries", "rate_limited", "waited_s",
+                                   "failures", "unparseable", "cache_hits")},
+    "judge/latency_": MAX,
+}
 
 
 def pack_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
                logprobs: Sequence[Sequence[float]], advantages: Sequence[float],
                scored: Sequence[bool], pad_id: int, multiple: int,
                rows_multiple: int = 1) -> dict[str, np.ndarray]:
-  """Right-padded trainer batch of prompt+completion rows.
-
-  Row i is `prompts[i] + completions[i]`; `loss_mask` is 1 on completion tokens when
-  `scored[i]`, and `old_logps` holds the sampler logprob of that token at the same index
-  (the trainer reads its logprob from logits at t-1). Length L = longest row rounded up
-  to `multiple`. The row count is rounded up to `rows_multiple` (the micro-batch) by
-  `pad_batch`, with copies of row 0 whose loss_mask is 0: real tokens keep attention finite,
-  and a row without scored tokens is no sequence of the loss (grpo.loss_denominator, all
-  three aggregations).
-  """
-  lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
-  L = max(1, -(-max(lengths) // multiple) * multiple)
-  B = len(prompts)
-  input_ids = np.full((B, L), pad_id, np.int32)
-  attention = np.zeros((B, L), np.int32)
-  loss_mask = np.zeros((B, L), np.float32)
-  old = np.zeros((B, L), np.float32)
-  for i, (p, c, lp) in enumerate(zip(prompts, completions, logprobs)):
-    n_p, n = len(p), len(p) + len(c)
-    input_ids[i, :n] = list(p) + list(c)
-    attention[i, :n] = 1
-    if scored[i] and len(c):
-      loss_mask[i, n_p:n] = 1.0
-      old[i, n_p:n] = lp
-  batch = {"input_ids": input_ids, "attention_mask": attention, "positions": _positions(B, L),
-           "loss_mask": loss_mask, "old_logps": old,
-           "advantages": np.asarray(advantages, np.float32).reshape(B)}
-  return pad_batch(batch, -(-B // rows_multiple) * rows_multiple, L, pad_id)
+  """`batch.pack_completions` as a dict of arrays (for callers not yet on `Batch`)."""
+  return batch_lib.pack_completions(prompts, completions, logprobs, advantages, scored, pad_id,
+                                    multiple, rows_multiple).to_dict()
 
 
-def _positions(rows: int, length: int) -> np.ndarray:
-  return np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy()
-
-
-# Batch arrays copied from row 0 into padding rows; the others (loss_mask, old_logps,
-# advantages, ...) are 0 there.
-_ROW_KEYS = ("input_ids", "attention_mask", "positions")
-
-
-def pad_batch(batch: dict[str, np.ndarray] | None, rows: int, length: int,
+def pad_batch(batch: Batch | dict[str, np.ndarray] | None, rows: int, length: int,
               pad_id: int) -> dict[str, np.ndarray]:
-  """`batch` (`[B, L]` / `[B]`, B <= rows, L <= length) padded to `rows` x `length`.
-
-  New columns are padding (pad_id, attention 0, no loss). New rows are copies of row 0 with
-  loss_mask 0 and advantage 0: real tokens keep attention finite, and a row without scored
-  tokens adds nothing to the loss (token_mean / seq_mean_token_mean). With `batch` None (a
-  process that has no rows of its own this step), every row is one attended pad token.
-  """
-  if batch is None:
-    ids = np.full((1, length), pad_id, np.int32)
-    att = np.zeros((1, length), np.int32)
-    att[:, 0] = 1
-    batch = {"input_ids": ids, "attention_mask": att, "positions": _positions(1, length),
-             "loss_mask": np.zeros((1, length), np.float32),
-             "old_logps": np.zeros((1, length), np.float32),
-             "advantages": np.zeros((1,), np.float32)}
-  B, L = batch["input_ids"].shape
-  assert B <= rows and L <= length, (B, L, rows, length)
-  out = {}
-  for k, x in batch.items():
-    if x.ndim == 1:
-      out[k] = np.concatenate([x, np.zeros(rows - B, x.dtype)])
-      continue
-    y = np.zeros((rows, length), x.dtype)
-    y[:B, :L] = x
-    if k in _ROW_KEYS:
-      y[B:, :L] = x[0]
-    if k == "input_ids":
-      y[:, L:] = pad_id
-    elif k == "positions":
-      y[:, L:] = np.arange(L, length, dtype=y.dtype)
-    out[k] = y
-  return out
+  """`batch.pad` as a dict of arrays (for callers not yet on `Batch`)."""
+  return batch_lib.pad(None if batch is None else Batch.of(batch), rows, length,
+                       pad_id).to_dict()
 
 
 T = TypeVar("T")
@@ -227,7 +199,7 @@ class Rewards:
 @dataclasses.dataclass(frozen=True)
 class Packed:
   """The trainer batch (None when no answer is trained) and the groups / answers in it."""
-  batch: dict[str, np.ndarray] | None
+  batch: Batch | None
   kept: np.ndarray       # [B] bool: groups in the batch
   trained: np.ndarray    # [B, n] bool: answers whose tokens the loss scores
 
@@ -255,6 +227,8 @@ class RolloutStep:
     self.tok = tokenizer
     self.sampler = sampler
     self.judge = judge
+    rule = cfg.rewards.accuracy_rule
+    self.accuracy_rule = rewards_lib.AccuracyRule(rule) if rule else None
     self.prompts = prompts or Prompts()
     self.eos_ids = sorted({i for i in (tokenizer.eos_token_id,) if i is not None})
     self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
@@ -306,8 +280,8 @@ class RolloutStep:
 
   def judge_requests(self, answers: Halves[Answers]) -> Halves[list[dict[str, str]]] | None:
     """One judge request (`wire.judge_request`) per answer, `[question][sample]` per half;
-    None under rewards.accuracy_rule="contains", which asks no judge."""
-    if self.cfg.rewards.accuracy_rule == "contains":
+    None under rewards.accuracy_rule, which asks no judge."""
+    if self.accuracy_rule is not None:
       return None
     task_type, mode = self.cfg.task_type, self.cfg.judge_input
     return answers.map(lambda a: [judge_request(a.row.question, a.row.answer, c.text,
@@ -316,10 +290,14 @@ class RolloutStep:
   def accuracies(self, answers: Halves[Answers], requests: Halves[list[dict[str, str]]] | None
                  ) -> tuple[Halves[list[float]], dict[str, Any]]:
     """Accuracy in [0, 1] of every answer, `[question][sample]` per half, and the judge's
-    stats: all `requests` in one concurrent judge batch, or the contains rule without them."""
+    stats: all `requests` in one concurrent judge batch, or all answers in one call of the
+    rewards.accuracy_rule function without them."""
     if requests is None:
-      return answers.map(lambda a: [rewards_lib.contains_accuracy(c.text, a.row.answer)
-                                    for c in a.completions]), {}
+      groups = answers.joined()
+      flat = [(a.row, c.text) for a in groups for c in a.completions]
+      scores = self.accuracy_rule([r.question for r, _ in flat], [t for _, t in flat],
+                                  [r.answer for r, _ in flat])
+      return answers.split(_regroup(scores, [len(a.completions) for a in groups])), {}
     per_question = requests.joined()
     scores, stats = self.judge.score_batch([r for rs in per_question for r in rs])
     return requests.split(_regroup([float(s) for s in scores],
@@ -355,9 +333,10 @@ class RolloutStep:
             for i, a in enumerate(answers) if kept[i] for k, c in enumerate(a.completions)]
     batch = None
     if trained.any():
-      batch = pack_batch([ids for ids, _, _, _ in rows], [c.token_ids for _, c, _, _ in rows],
-                         [c.logprobs for _, c, _, _ in rows], [a for _, _, a, _ in rows],
-                         [t for _, _, _, t in rows], self.pad_id, self.cfg.seq_multiple)
+      batch = batch_lib.pack_completions(
+          [ids for ids, _, _, _ in rows], [c.token_ids for _, c, _, _ in rows],
+          [c.logprobs for _, c, _, _ in rows], [a for _, _, a, _ in rows],
+          [t for _, _, _, t in rows], self.pad_id, self.cfg.seq_multiple)
     return Packed(batch=batch, kept=kept, trained=trained)
 
   def records(self, step: int, answers: Halves[Answers], accuracies: Halves[list[float]],

@@ -8,7 +8,6 @@ transformers and our `load_hf`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import string
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pasr_jax.models.hf import save_hf
-from pasr_jax.models.qwen import Decoder, ModelConfig, tiny_config
+from pasr_jax.models.qwen import Decoder, ModelConfig
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # Whole tokens so the format reward is reachable in a few sampled tokens.
@@ -61,17 +60,18 @@ def write_char_tokenizer(out_dir: str) -> int:
   return len(vocab)
 
 
-def tiny_model_config(vocab_size: int, num_layers: int = 2, tie_word_embeddings: bool = True):
-  """A Qwen2 ModelConfig: hidden 64, 2 heads of 32, 1 KV head."""
+def tiny_model_config(vocab_size: int, num_layers: int = 2,
+                      tie_word_embeddings: bool = True) -> ModelConfig:
+  """A Qwen2 ModelConfig (q/k/v biases): hidden 64, 2 heads of 32, 1 KV head."""
   ids = {t: i for i, t in enumerate(char_vocab())}
-  base = tiny_config("qwen2", tie_word_embeddings=tie_word_embeddings)
   # Exactly the tokenizer's size: extra rows would be sampled (random init) yet decode to nothing.
   # The vocab axis is then unsharded in practice (tiny_cpu uses tensor=1).
-  return dataclasses.replace(
-      base, vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=num_layers,
-      num_heads=2, num_kv_heads=1, head_dim=32, max_position_embeddings=4096,
-      bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-      pad_token_id=ids["<|endoftext|>"])
+  return ModelConfig(
+      model_type="qwen2", vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+      num_layers=num_layers, num_heads=2, num_kv_heads=1, head_dim=32, rope_theta=10000.0,
+      rms_norm_eps=1e-6, tie_word_embeddings=tie_word_embeddings, attention_bias=True,
+      qk_norm=False, max_position_embeddings=4096, bos_token_id=ids["<|endoftext|>"],
+      eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
 
 
 def make_tiny_model_dir(out_dir: str, seed: int = 0, num_layers: int = 2,

@@ -1,22 +1,26 @@
-"""The sharded GRPO update: policy, frozen reference, optax AdamW, one jitted step on a mesh.
+"""The sharded update for a given loss: policy, frozen reference, optax AdamW, one jitted step.
 
-The step is a pure function of (params, ref_params, opt_state, batch) compiled with `jax.jit`
-and explicit in/out shardings. A batch of B sequences is split into B / micro_batch
-micro-batches that a `lax.scan` visits one at a time; each contributes
+The loss is a `Loss`: `grpo_loss` (the clipped GRPO objective, grpo.grpo_loss; the default)
+or `nll_loss` (token NLL, for SFT). The step is a pure function of (params, ref_params,
+opt_state, batch) compiled with `jax.jit` and explicit in/out shardings. A batch of B
+sequences is split into B / micro_batch micro-batches that a `lax.scan` visits one at a
+time; each contributes
 grad(loss_sum_i / D) where D is the denominator of the WHOLE batch, so the summed gradient is
 exactly the gradient of the full-batch loss. A step whose loss or gradient is not finite leaves
 params and optimizer state unchanged and is counted. `train_batch` takes one such step per
 optim.sequences_per_update rows of a rollout batch (the original PASR run: 8), or one for the
 whole batch (0).
 
-Batch (numpy, B sequences of length L): input_ids, attention_mask, positions `[B,L] int32`;
-loss_mask, old_logps `[B,L] float32` (position t scores input_ids[:, t] from logits at t-1);
-advantages `[B] float32`; optional is_weights `[B,L]` (truncated IS weights).
+The batch is a `batch.Batch` (a Mapping of its field names is accepted too): the tokens,
+loss_mask and the fields the loss reads (`Loss.fields`; GRPO: old_logps, advantages and the
+optional is_weights).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import jax
@@ -26,18 +30,74 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from pasr_jax import grpo, sharding
-from pasr_jax.config import ConfigError, OptimCfg, TrainerCfg
+from pasr_jax import checks, grpo, sharding
+from pasr_jax.batch import INT_FIELDS, ROW_SCALARS, Batch, BatchError
+from pasr_jax.config import OptimCfg, TrainerCfg
 from pasr_jax.models.qwen import Decoder, ModelConfig
 
-BATCH_KEYS = ("input_ids", "attention_mask", "positions", "loss_mask", "old_logps",
-              "advantages")
-INT_KEYS = ("input_ids", "attention_mask", "positions")
+# The tokens every loss reads (with loss_mask), and the GRPO batch (the memory plan's).
+TOKEN_FIELDS = INT_FIELDS + ("loss_mask",)
+BATCH_KEYS = TOKEN_FIELDS + ("old_logps", "advantages")
+INT_KEYS = INT_FIELDS
 
 
 class TrainerError(ValueError):
   """A batch or model the trainer cannot use: an internal invariant (run and sft build both),
   so a bug with its traceback, not a user error."""
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss:
+  """A loss the trainer minimises, given to it like Tunix's `with_loss_fn`.
+
+  micro_sum(logps, ref_logps, mb) -> (loss_sum, metrics) on one micro-batch `mb` (a Batch):
+    logps `[b,L]` of the policy (differentiated), ref_logps those of the frozen reference
+    (None unless `uses_ref`); the batch loss is the sum over micro-batches / `denominator`.
+  denominator(batch) -> the batch loss's denominator, from the WHOLE batch.
+  fields: the batch fields it reads besides TOKEN_FIELDS; optional: read when present.
+  metrics: each per-micro-batch metric `micro_sum` returns (besides "tokens", the scored
+    token count) and how micro-batches and updates combine it: "token_mean" (weighted by
+    tokens), "max" or "min" over those with tokens.
+  """
+  name: str
+  micro_sum: Callable[[jax.Array, jax.Array | None, Batch], tuple[jax.Array, dict]]
+  denominator: Callable[[Batch], jax.Array]
+  fields: tuple[str, ...] = ()
+  optional: tuple[str, ...] = ()
+  uses_ref: bool = False
+  metrics: tuple[tuple[str, str], ...] = ()
+
+
+def grpo_loss(cfg: TrainerCfg) -> Loss:
+  """The clipped GRPO loss of `grpo.grpo_loss` with cfg.grpo's settings (beta > 0: a KL term
+  against the frozen reference)."""
+  g = cfg.grpo
+  beta = float(g.beta)
+
+  def micro_sum(lp, ref_lp, mb):
+    s, _, m = grpo.grpo_loss(lp, mb.old_logps, ref_lp, mb.advantages, mb.loss_mask,
+                             beta=beta, eps_low=g.eps_low, eps_high=g.eps_high, agg=g.agg,
+                             max_tokens=cfg.max_tokens, is_weights=mb.is_weights)
+    return s, m
+
+  return Loss("grpo", micro_sum, lambda b: grpo.loss_denominator(b.loss_mask, g.agg),
+              fields=("old_logps", "advantages"), optional=("is_weights",), uses_ref=beta > 0,
+              metrics=(("kl", "token_mean"), ("clip_frac", "token_mean"),
+                       ("ratio_mean", "token_mean"), ("ratio_max", "max"),
+                       ("ratio_min", "min")))
+
+
+def nll_loss() -> Loss:
+  """Token NLL: the mean over the batch's scored tokens (loss_mask) of -logp (SFT)."""
+  def micro_sum(lp, ref_lp, mb):
+    del ref_lp
+    mask = mb.loss_mask.astype(jnp.float32)
+    return -(lp * mask).sum(), {"tokens": mask.sum()}
+
+  return Loss("nll", micro_sum, lambda b: b.loss_mask.astype(jnp.float32).sum())
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -95,12 +155,12 @@ def _logprobs_fn(graphdef, rest, params, mb, temperature: float, chunk: int,
   # compute-dtype copies; gradients flow back through the cast to the fp32 params.
   params = jax.tree.map(lambda x: x.astype(compute_dtype), params)
   model = nnx.merge(graphdef, params, rest)
-  ids = mb["input_ids"]
-  hidden = model.hidden_states(ids, mb["positions"], mb["attention_mask"])
+  ids = mb.input_ids
+  hidden = model.hidden_states(ids, mb.positions, mb.attention_mask)
   b, length = ids.shape
   windowed = _uses_window(keep, length)
   if windowed:
-    first = jnp.argmax(mb["loss_mask"] > 0, axis=1)  # 0 for a row with nothing scored
+    first = jnp.argmax(mb.loss_mask > 0, axis=1)  # 0 for a row with nothing scored
     start = jnp.clip(first - 1, 0, length - 1 - keep)
     idx = start[:, None] + jnp.arange(keep)  # [B, keep] logit positions
     hidden = jnp.take_along_axis(hidden, idx[..., None], axis=1)
@@ -131,12 +191,12 @@ def scored_window_check(loss_mask: np.ndarray, keep: int) -> None:
   if bad.size:
     i = bad[0]
     raise TrainerError(
-        f"batch['loss_mask'] row {rows[i]} scores positions {first[i]}..{last[i]} "
+        f"batch loss_mask row {rows[i]} scores positions {first[i]}..{last[i]} "
         f"({span[i]} tokens) but rollout.max_tokens={keep}: the trainer computes logits "
         f"only for a window of rollout.max_tokens completion positions per row")
 
 
-def _split_micro(batch: dict, num_micro: int, mesh: Mesh, rules: sharding.Rules) -> dict:
+def _split_micro(batch: Batch, num_micro: int, mesh: Mesh, rules: sharding.Rules) -> Batch:
   """[B, ...] -> [K, B/K, ...]; row b goes to micro-batch b % K so each device keeps its rows."""
   def one(x):
     y = x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:]).swapaxes(0, 1)
@@ -150,51 +210,38 @@ def _merge_micro(x: jax.Array) -> jax.Array:
   return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
 
 
-def make_step_fns(graphdef, rest, tx: optax.GradientTransformation,
-                  cfg: TrainerCfg, num_micro: int, mesh: Mesh, chunk: int = 256
-                  ) -> tuple[Callable, Callable, Callable]:
-  """The pure (un-jitted) update, logprob and gradient functions.
-
-  update(params, ref_params, opt_state, batch) -> (params, opt_state, metrics)
-  logprobs(params, batch) -> [B,L] float32 (batch: INT_KEYS, optionally loss_mask: then
-    only the scored window, see _logprobs_fn)
-  gradients(params, ref_params, batch) -> (grads, metrics): the full-batch loss gradient
-    that `update` applies (returned too, so a test can check it against a reference)
-  """
-  g = cfg.grpo
-  temperature = cfg.temperature
-  beta = float(g.beta)
-  lp_fn = functools.partial(_logprobs_fn, graphdef, rest, temperature=temperature, chunk=chunk,
-                            mesh=mesh, rules=cfg.rules,
+def _lp_fns(graphdef, rest, cfg: TrainerCfg, mesh: Mesh, chunk: int
+            ) -> tuple[Callable, Callable]:
+  """(logprobs of all positions, logprobs of the loss's rollout.max_tokens window) of a
+  micro-batch: `_logprobs_fn` for this trainer."""
+  lp_fn = functools.partial(_logprobs_fn, graphdef, rest, temperature=cfg.temperature,
+                            chunk=chunk, mesh=mesh, rules=cfg.rules,
                             compute_dtype=cfg.model.compute_dtype)
   # The loss only reads scored (completion) positions: at most rollout.max_tokens per row.
-  loss_lp_fn = functools.partial(lp_fn, keep=cfg.max_tokens)
+  return lp_fn, functools.partial(lp_fn, keep=cfg.max_tokens)
 
-  def logprobs(params, batch):
-    # With a loss_mask in the batch, only its rollout.max_tokens window goes through the LM
-    # head, as in the loss (positions outside it are 0).
-    fn = loss_lp_fn if "loss_mask" in batch else lp_fn
-    micro = _split_micro(batch, num_micro, mesh, cfg.rules)
-    # Params ride in the carry, not the closure: nnx.scan (scan_layers) refuses Variables whose
-    # values are tracers of an outer trace level.
-    _, out = jax.lax.scan(lambda p, mb: (p, fn(p, mb)), params, micro)
-    return _merge_micro(out)
+
+def make_grad_fn(graphdef, rest, cfg: TrainerCfg, num_micro: int, mesh: Mesh,
+                 chunk: int = 256, loss: Loss | None = None) -> Callable:
+  """The pure gradient function of `loss` (default `grpo_loss(cfg)`) that `update` applies:
+
+  gradients(params, ref_params, batch) -> (grads, metrics): the full-batch loss gradient
+    (accumulated over `num_micro` micro-batches) and the loss, "tokens" and `Loss.metrics`.
+  """
+  objective = loss or grpo_loss(cfg)
+  _, loss_lp_fn = _lp_fns(graphdef, rest, cfg, mesh, chunk)
 
   def gradients(params, ref_params, batch):
-    denom = jnp.maximum(grpo.loss_denominator(batch["loss_mask"], g.agg), 1.0)
+    denom = jnp.maximum(objective.denominator(batch), 1.0)
     micro = _split_micro(batch, num_micro, mesh, cfg.rules)
 
     def loss_fn(p, mb, ref_lp):
-      lp = loss_lp_fn(p, mb)
-      s, _, m = grpo.grpo_loss(lp, mb["old_logps"], ref_lp, mb["advantages"], mb["loss_mask"],
-                               beta=beta, eps_low=g.eps_low, eps_high=g.eps_high, agg=g.agg,
-                               max_tokens=cfg.max_tokens,
-                               is_weights=mb.get("is_weights"))
+      s, m = objective.micro_sum(loss_lp_fn(p, mb), ref_lp, mb)
       return s / denom, m
 
     def body(carry, mb):
-      acc, p, ref = carry  # params in the carry: see logprobs
-      ref_lp = jax.lax.stop_gradient(loss_lp_fn(ref, mb)) if beta > 0 else None
+      acc, p, ref = carry  # params in the carry: see make_step_fns' logprobs
+      ref_lp = jax.lax.stop_gradient(loss_lp_fn(ref, mb)) if objective.uses_ref else None
       (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, mb, ref_lp)
       return (jax.tree.map(jnp.add, acc, grads), p, ref), (loss, m)
 
@@ -207,14 +254,40 @@ def make_step_fns(graphdef, rest, tx: optax.GradientTransformation,
       zeros = jax.tree.map(jnp.zeros_like, params)
       (grads, _, _), (losses, ms) = jax.lax.scan(body, (zeros, params, ref_params), micro)
     tok = ms["tokens"]
-    wsum = lambda v: (v * tok).sum() / jnp.maximum(tok.sum(), 1.0)
-    metrics = {
-        "loss": losses.sum(), "tokens": tok.sum(), "kl": wsum(ms["kl"]),
-        "clip_frac": wsum(ms["clip_frac"]), "ratio_mean": wsum(ms["ratio_mean"]),
-        "ratio_max": jnp.where(tok > 0, ms["ratio_max"], -jnp.inf).max(),
-        "ratio_min": jnp.where(tok > 0, ms["ratio_min"], jnp.inf).min(),
-    }
+    reduce = {"token_mean": lambda v: (v * tok).sum() / jnp.maximum(tok.sum(), 1.0),
+              "max": lambda v: jnp.where(tok > 0, v, -jnp.inf).max(),
+              "min": lambda v: jnp.where(tok > 0, v, jnp.inf).min()}
+    metrics = {"loss": losses.sum(), "tokens": tok.sum(),
+               **{k: reduce[how](ms[k]) for k, how in objective.metrics}}
     return grads, metrics
+
+  return gradients
+
+
+def make_step_fns(graphdef, rest, tx: optax.GradientTransformation,
+                  cfg: TrainerCfg, num_micro: int, mesh: Mesh, chunk: int = 256,
+                  loss: Loss | None = None) -> tuple[Callable, Callable]:
+  """The pure (un-jitted) update and logprob functions for `loss` (default:
+  `grpo_loss(cfg)`); batches are `Batch`es.
+
+  update(params, ref_params, opt_state, batch) -> (params, opt_state, metrics): one
+    optimizer step with `make_grad_fn`'s gradient; a non-finite loss or gradient leaves
+    params and optimizer state as they were (metrics["skipped"] 1)
+  logprobs(params, batch) -> [B,L] float32 (batch: INT_FIELDS, optionally loss_mask: then
+    only the scored window, see _logprobs_fn)
+  """
+  lp_fn, loss_lp_fn = _lp_fns(graphdef, rest, cfg, mesh, chunk)
+  gradients = make_grad_fn(graphdef, rest, cfg, num_micro, mesh, chunk, loss)
+
+  def logprobs(params, batch):
+    # With a loss_mask in the batch, only its rollout.max_tokens window goes through the LM
+    # head, as in the loss (positions outside it are 0).
+    fn = loss_lp_fn if batch.loss_mask is not None else lp_fn
+    micro = _split_micro(batch, num_micro, mesh, cfg.rules)
+    # Params ride in the carry, not the closure: nnx.scan (scan_layers) refuses Variables whose
+    # values are tracers of an outer trace level.
+    _, out = jax.lax.scan(lambda p, mb: (p, fn(p, mb)), params, micro)
+    return _merge_micro(out)
 
   def update(params, ref_params, opt_state, batch):
     grads, metrics = gradients(params, ref_params, batch)
@@ -227,13 +300,13 @@ def make_step_fns(graphdef, rest, tx: optax.GradientTransformation,
     metrics = dict(metrics, grad_norm=gnorm, skipped=(~ok).astype(jnp.float32))
     return params, opt_state, metrics
 
-  return update, logprobs, gradients
+  return update, logprobs
 
 
 def batch_shardings(mesh: Mesh, rules: sharding.Rules, keys: tuple[str, ...]
                     ) -> dict[str, NamedSharding]:
-  """Batch-dim shardings (the 'batch' rule) of the trainer batch arrays named by `keys`."""
-  return {k: sharding.batch_sharding(mesh, rules, 1 if k == "advantages" else 2) for k in keys}
+  """Batch-dim shardings (the 'batch' rule) of the trainer batch fields named by `keys`."""
+  return {k: sharding.batch_sharding(mesh, rules, 1 if k in ROW_SCALARS else 2) for k in keys}
 
 
 def jit_update(update: Callable, mesh: Mesh, rules: sharding.Rules, param_shardings: Any,
@@ -244,7 +317,7 @@ def jit_update(update: Callable, mesh: Mesh, rules: sharding.Rules, param_shardi
   return jax.jit(
       update,
       in_shardings=(param_shardings, param_shardings if with_ref else None, opt_shardings,
-                    batch_shardings(mesh, rules, keys)),
+                    Batch(**batch_shardings(mesh, rules, keys))),
       out_shardings=(param_shardings, opt_shardings, sharding.replicated(mesh)),
       donate_argnums=(0, 2))
 
@@ -256,21 +329,21 @@ def _local_rows(x: Any) -> np.ndarray:
   return np.concatenate([np.asarray(s.data) for s in x.addressable_shards if s.replica_id == 0])
 
 
-def _combine(steps: list[dict[str, float]]) -> dict[str, float]:
-  """One rollout batch's metrics from its updates' metrics: token-weighted means of the
-  per-token metrics, mean loss and grad norm, sums of tokens and skipped updates, extreme
-  ratios, the latest skipped_steps, and `updates`."""
+def _combine(steps: list[dict[str, float]], loss: Loss) -> dict[str, float]:
+  """One rollout batch's metrics from its updates' metrics: the loss's metrics combined as it
+  declares (`Loss.metrics`), mean loss and grad norm, sums of tokens and skipped updates, the
+  latest skipped_steps, and `updates`."""
   tok = np.array([m["tokens"] for m in steps], np.float64)
   w = tok / max(tok.sum(), 1.0)
   out = dict(steps[-1])
-  for k in ("kl", "clip_frac", "ratio_mean"):
-    out[k] = float(sum(wi * m[k] for wi, m in zip(w, steps)))
+  for k, how in loss.metrics:
+    vals = [m[k] for m in steps]
+    out[k] = (float(sum(wi * v for wi, v in zip(w, vals))) if how == "token_mean"
+              else max(vals) if how == "max" else min(vals))
   for k in ("loss", "grad_norm"):
     out[k] = float(np.mean([m[k] for m in steps]))
   out["tokens"] = float(tok.sum())
   out["skipped"] = float(sum(m["skipped"] for m in steps))
-  out["ratio_max"] = max(m["ratio_max"] for m in steps)
-  out["ratio_min"] = min(m["ratio_min"] for m in steps)
   out["updates"] = float(len(steps))
   return out
 
@@ -288,22 +361,22 @@ def ref_copy(params: Any, dtype: Any) -> Any:
 class Trainer:
   """Holds the mesh, the live policy, the frozen reference and the optimizer state.
 
-  `Trainer(cfg, model, model_cfg, mesh)`: `cfg` its slice (`RunConfig.trainer_cfg()`);
-  `model` is a Decoder built with compute dtype
-  cfg.model.dtype and fp32 params; it is placed on `mesh` by mesh.rules (params already
-  sharded stay put). The reference is a copy of the initial params in the compute dtype, kept
-  only when beta > 0; it is not checkpointed (a resumed run rebuilds it from model.path).
+  `Trainer(cfg, model, model_cfg, mesh, loss)`: `cfg` its slice (`RunConfig.trainer_cfg()`);
+  `loss` what it minimises (default `grpo_loss(cfg)`); `model` is a Decoder built with
+  compute dtype cfg.model.dtype and fp32 params; it is placed on `mesh` by mesh.rules (params
+  already sharded stay put). The reference is a copy of the initial params in the compute
+  dtype, kept only when the loss uses it (GRPO with beta > 0); it is not checkpointed (a
+  resumed run rebuilds it from model.path).
   """
 
-  def __init__(self, cfg: TrainerCfg, model: Decoder, model_cfg: ModelConfig, mesh: Mesh):
+  def __init__(self, cfg: TrainerCfg, model: Decoder, model_cfg: ModelConfig, mesh: Mesh,
+               loss: Loss | None = None):
     self.cfg, self.model_cfg, self.mesh = cfg, model_cfg, mesh
-    mb = cfg.optim.micro_batch
+    self.loss = loss or grpo_loss(cfg)
     self.rules = tuple(cfg.rules)  # params and batch/activations alike
-    shards = sharding.batch_shards(mesh, self.rules)
-    if mb < 1 or mb % shards:
-      axes = "*".join(sharding.batch_axes(mesh, self.rules)) or "(none)"
-      raise ConfigError(f"config optim.micro_batch={mb} must be a positive multiple of the "
-                        f"batch shards {axes}={shards}")
+    checks.require(checks.micro_batch_vs_shards(
+        cfg.optim.micro_batch, sharding.batch_shards(mesh, self.rules),
+        "*".join(sharding.batch_axes(mesh, self.rules)) or "(none)"))
     compute_dtype, param_dtype = cfg.model.compute_dtype, cfg.model.weight_dtype
     self.graphdef, params, self._rest = nnx.split(model, nnx.Param, ...)
     for leaf in jax.tree.leaves(params):
@@ -314,7 +387,7 @@ class Trainer:
     self.params = sharding.put_tree(params, self.param_shardings)
     self.ref_params = (jax.jit(functools.partial(ref_copy, dtype=compute_dtype),
                                out_shardings=self.param_shardings)(self.params)
-                       if cfg.grpo.beta > 0 else None)
+                       if self.loss.uses_ref else None)
     self.tx = make_optimizer(cfg.optim, cfg.steps * cfg.updates_per_step)
     self.opt_shardings = opt_state_shardings(self.tx, self.params, self.param_shardings, mesh)
     self.opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(self.params)
@@ -336,9 +409,9 @@ class Trainer:
     self._shapes.add((kind, num_micro, keys, length))
     key = (kind, num_micro, keys)
     if key not in self._fns:
-      update, logprobs, _ = make_step_fns(self.graphdef, self._rest, self.tx, self.cfg,
-                                          num_micro, self.mesh)
-      bs = batch_shardings(self.mesh, self.rules, keys)
+      update, logprobs = make_step_fns(self.graphdef, self._rest, self.tx, self.cfg,
+                                       num_micro, self.mesh, loss=self.loss)
+      bs = Batch(**batch_shardings(self.mesh, self.rules, keys))
       if kind == "update":
         self._fns[key] = jit_update(update, self.mesh, self.rules, self.param_shardings,
                                     self.opt_shardings, keys, self.ref_params is not None)
@@ -352,37 +425,42 @@ class Trainer:
         return fn(*args)
     return call
 
-  def _put_batch(self, batch: dict, keys: tuple[str, ...]) -> tuple[dict, int, int]:
-    missing = [k for k in keys if k not in batch]
-    if missing:
-      raise TrainerError(f"batch is missing {missing}")
-    ids_shape = np.shape(batch["input_ids"])
+  def _put_batch(self, batch: Batch, keys: tuple[str, ...]) -> tuple[Batch, int, int]:
+    """`batch`'s fields `keys` on the mesh (the others None), its micro-batch count and length."""
+    try:
+      batch = batch.only(keys)
+    except BatchError as e:
+      raise TrainerError(str(e)) from None
+    ids_shape = np.shape(batch.input_ids)
     b = ids_shape[0]
     mb = int(self.cfg.optim.micro_batch)
     if b % mb:
       raise TrainerError(f"batch of {b} sequences is not a multiple of optim.micro_batch={mb}")
     out = {}
-    for k in keys:
-      x = batch[k]
+    for k in batch.fields():
+      x = getattr(batch, k)
       # A jax.Array is already a global batch array (multi-host: each process's own rows,
       # see pasr_jax.multihost) and is used as it is; host arrays must be the same on every
       # process.
       if not isinstance(x, jax.Array):
         x = np.asarray(x).astype(np.int32 if k in INT_KEYS else np.float32)
-      want = (b,) if k == "advantages" else (b, ids_shape[1])
+      want = (b,) if k in ROW_SCALARS else (b, ids_shape[1])
       if x.shape != want:
-        raise TrainerError(f"batch[{k!r}] has shape {x.shape}, expected {want}")
+        raise TrainerError(f"batch {k} has shape {x.shape}, expected {want}")
       if k == "loss_mask":
         scored_window_check(_local_rows(x), self.cfg.max_tokens)
       # Host arrays are placed; global ones (or slices of them) moved to the batch sharding.
       out[k] = sharding.put_global(x, sharding.batch_sharding(self.mesh, self.rules, x.ndim))
-    return out, b // mb, ids_shape[1]
+    return Batch(**out), b // mb, ids_shape[1]
 
   # -- public API
 
-  def update(self, batch: dict) -> dict[str, float]:
-    """One optimizer step on `batch` (all its micro-batches); returns float metrics."""
-    keys = BATCH_KEYS + (("is_weights",) if "is_weights" in batch else ())
+  def update(self, batch: Batch | Mapping[str, Any]) -> dict[str, float]:
+    """One optimizer step on `batch` (all its micro-batches); returns float metrics: the
+    loss (before the step), its metrics, tokens, grad_norm, skipped, skipped_steps."""
+    batch = Batch.of(batch)
+    keys = TOKEN_FIELDS + self.loss.fields + tuple(
+        k for k in self.loss.optional if getattr(batch, k) is not None)
     dev, k, length = self._put_batch(batch, keys)
     fn = self._compiled("update", k, keys, length)
     self.params, self.opt_state, m = fn(self.params, self.ref_params, self.opt_state, dev)
@@ -392,18 +470,18 @@ class Trainer:
     metrics["skipped_steps"] = float(self.skipped_steps)
     return metrics
 
-  def logprobs(self, batch: dict, scored_only: bool = False) -> np.ndarray:
+  def logprobs(self, batch: Batch | Mapping[str, Any], scored_only: bool = False) -> np.ndarray:
     """Per-token logprobs `[B,L]` of the policy (aligned like loss_mask; column 0 is 0).
 
     With `scored_only`, the LM head runs only on the window of rollout.max_tokens positions
-    per row that the loss uses (the row's scored tokens, from batch['loss_mask']); positions
+    per row that the loss uses (the row's scored tokens, from batch.loss_mask); positions
     outside it are 0. Cheaper, and all the loss ever reads.
     """
-    keys = INT_KEYS + (("loss_mask",) if scored_only else ())
-    dev, k, length = self._put_batch(batch, keys)
+    keys = INT_FIELDS + (("loss_mask",) if scored_only else ())
+    dev, k, length = self._put_batch(Batch.of(batch), keys)
     return sharding.to_host(self._compiled("logprobs", k, keys, length)(self.params, dev))
 
-  def train_batch(self, batch: dict) -> dict[str, float]:
+  def train_batch(self, batch: Batch | Mapping[str, Any]) -> dict[str, float]:
     """The per-rollout-batch routine: optional trainer-side old logprobs, then the updates.
 
     With grpo.recompute_old_logps, grpo.tis_cap > 0 or a ratio band (grpo.is_mask_low/high)
@@ -418,28 +496,29 @@ class Trainer:
     (how many XLA compilations this call paid for).
     """
     g = self.cfg.grpo
+    batch = Batch.of(batch)
     compiled_before = self.compilations
     extra: dict[str, float] = {}
-    if g.trainer_old_logps:
+    if g.trainer_old_logps and "old_logps" in self.loss.fields:
       old_tr = self.logprobs(batch, scored_only=True)
       w, keep, mm = grpo.behaviour_weights(
-          jnp.asarray(old_tr), jnp.asarray(sharding.to_host(batch["old_logps"])),
-          jnp.asarray(sharding.to_host(batch["loss_mask"])), float(g.tis_cap),
+          jnp.asarray(old_tr), jnp.asarray(sharding.to_host(batch.old_logps)),
+          jnp.asarray(sharding.to_host(batch.loss_mask)), float(g.tis_cap),
           float(g.is_mask_low), float(g.is_mask_high))
       extra = {k: float(v) for k, v in mm.items()}
-      batch = dict(batch, old_logps=old_tr)
+      batch = batch.replace(old_logps=old_tr)
       if g.tis_cap > 0:
-        batch["is_weights"] = np.asarray(w)
+        batch = batch.replace(is_weights=np.asarray(w))
       if g.ratio_band:
-        batch["loss_mask"] = np.asarray(keep)
-    b = np.shape(batch["input_ids"])[0]
+        batch = batch.replace(loss_mask=np.asarray(keep))
+    b = batch.shape[0]
     per = int(self.cfg.optim.sequences_per_update) or b
-    mask = sharding.to_host(batch["loss_mask"])  # multi-host: a global array (a collective)
+    mask = sharding.to_host(batch.loss_mask)  # multi-host: a global array (a collective)
     slices = [slice(i, min(i + per, b)) for i in range(0, b, per)]
     slices = [s for s in slices if mask[s].any()] or slices[:1]
-    steps = [self.update({k: v[s] for k, v in batch.items()} if per < b else batch)
+    steps = [self.update(jax.tree.map(lambda v, s=s: v[s], batch) if per < b else batch)
              for _ in range(max(1, int(g.num_iterations))) for s in slices]
-    metrics = _combine(steps)
+    metrics = _combine(steps, self.loss)
     metrics.update(extra)
     metrics["compilations"] = float(self.compilations - compiled_before)
     return metrics

@@ -1,7 +1,8 @@
 # shellcheck shell=bash
 # Sourced by the launch scripts: start a judge on this host and wait until it answers.
 #   start_judge SPEC PORT [GPUS]   SPEC: verify (rule-based, CPU) or an HF model dir (vLLM,
-#                                  on GPUS = CUDA_VISIBLE_DEVICES of the judge); sets judge_pid
+#                                  on GPUS = CUDA_VISIBLE_DEVICES of the judge, one tensor-
+#                                  parallel rank per GPU unless JUDGE_TP says); sets judge_pid
 #   wait_judge PORT                until GET /v1/models answers (JUDGE_WAIT_S, default 1800)
 # With PRINT_CMD=1 start_judge prints the command instead and wait_judge returns at once.
 
@@ -9,21 +10,20 @@ start_judge() {
   local spec="$1" port="$2" gpus="${3:-}" cmd
   if [[ "$spec" == verify ]]; then
     cmd=(scripts/serve_judge.sh verify "$port")
+  elif [[ -n "$gpus" ]]; then
+    cmd=(env "CUDA_VISIBLE_DEVICES=$gpus"
+         "JUDGE_TP=${JUDGE_TP:-$(awk -F, '{print NF}' <<<"$gpus")}"
+         scripts/serve_judge.sh vllm "$spec" "$port")
   else
-    cmd=(scripts/serve_judge.sh vllm "$spec" "$port" -- --tensor-parallel-size
-         "$(awk -F, '{print NF}' <<<"${gpus:-0}")")
+    cmd=(scripts/serve_judge.sh vllm "$spec" "$port")
   fi
   if [[ "${PRINT_CMD:-}" == 1 ]]; then
-    if [[ -n "$gpus" && "$spec" != verify ]]; then printf 'CUDA_VISIBLE_DEVICES=%q ' "$gpus"; fi
+    if [[ "${cmd[0]}" == env ]]; then cmd=("${cmd[@]:1}"); fi
     printf '%q ' "${cmd[@]}"; printf '&\n'
     judge_pid=""
     return 0
   fi
-  if [[ -n "$gpus" && "$spec" != verify ]]; then
-    CUDA_VISIBLE_DEVICES="$gpus" "${cmd[@]}" &
-  else
-    "${cmd[@]}" &
-  fi
+  "${cmd[@]}" &
   judge_pid=$!
 }
 
@@ -50,10 +50,10 @@ run_or_print() {
   local envs=()
   while [[ "$1" != -- ]]; do envs+=("$1"); shift; done
   shift
+  # ${a[@]+"${a[@]}"}: an empty array expanded under `set -u` fails on bash < 4.4.
   if [[ "${PRINT_CMD:-}" == 1 ]]; then
-    if ((${#envs[@]})); then printf '%q ' "${envs[@]}"; fi
-    printf '%q ' "$@"; printf '\n'
+    printf '%q ' ${envs[@]+"${envs[@]}"} "$@"; printf '\n'
     return 0
   fi
-  env "${envs[@]}" "$@"
+  env ${envs[@]+"${envs[@]}"} "$@"
 }

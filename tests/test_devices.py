@@ -125,3 +125,16 @@ def test_launch_gpu_waits_for_judge_and_limits_jax_devices():
   o = _last_json(p.stdout)
   assert o["jax"]["jax_cuda_visible_devices"] == "2,3,4,5", o
   assert o["jax"][devices.FRACTION_ENV] == "0.9", o  # vLLM has GPUs of its own
+
+
+def test_host_malloc_tuning_applies_to_cpu_runs_only():
+  """The malloc settings help XLA:CPU's per-step buffers; a GPU host keeps glibc's defaults."""
+  from pasr_jax import host_malloc  # pylint: disable=import-outside-toplevel
+  assert host_malloc.cpu_run({}, nvidia_driver=False)
+  assert not host_malloc.cpu_run({}, nvidia_driver=True)
+  assert host_malloc.cpu_run({"JAX_PLATFORMS": "cpu"}, nvidia_driver=True)
+  assert not host_malloc.cpu_run({"JAX_PLATFORMS": "cuda"}, nvidia_driver=False)
+  assert not host_malloc.cpu_run({"JAX_PLATFORMS": "cuda,cpu"}, nvidia_driver=True)
+  # This host has no NVIDIA driver: the settings go in (glibc).
+  assert not any(os.path.exists(p) for p in host_malloc.NVIDIA_PATHS)
+  assert host_malloc.keep_freed_memory()

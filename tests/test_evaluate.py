@@ -352,3 +352,113 @@ def test_bad_paper_eval_choices_raise(tmp_path, smollm2_dir, judge_url):
   c.instructions, c.oracle_revises = "paper", "some"
   with pytest.raises(EvalError, match="config.oracle_revises='some'"):
     evaluate(c, make_sampler=lambda: None)
+
+
+# ------------------------------------------------------------------ a user's own JSONL
+def _char_model_dir(tmp_path) -> str:
+  """A model dir the evaluator can encode chats with: the tiny char tokenizer + config.json."""
+  from pasr_jax.tiny import write_char_tokenizer
+  d = tmp_path / "char_model"
+  write_char_tokenizer(str(d))
+  (d / "config.json").write_text('{"model_type": "qwen2"}')
+  return str(d)
+
+
+def _scripted_answers(i, question, k):
+  """Right for the two sums, wrong for the capital."""
+  del i, k
+  for q, a in (("2+2", "4"), ("3+3", "6")):
+    if q in question:
+      return f"<think>{q} = {a}</think><answer>{a}</answer>"
+  return "<think>hmm</think><answer>Lyon</answer>"
+
+
+def test_user_jsonl_is_evaluated_beside_the_benchmarks(tmp_path, judge_url):
+  """`data.files` of the eval config: the user's JSONL, with the training's field mapping,
+  answered by the (scripted) sampler and graded by the verify judge, beside a registered
+  benchmark; one dataset named by the file."""
+  from helpers import ScriptedSampler, write_jsonl
+  from transformers import AutoTokenizer
+  model = _char_model_dir(tmp_path)
+  held = write_jsonl(tmp_path / "my_heldout.jsonl", [
+      {"prompt_text": "What is 2+2?", "gold": "4", "id": "s1"},
+      {"prompt_text": "What is 3+3?", "gold": 6, "id": "s2"},
+      {"prompt_text": "Capital of France?", "gold": "Paris", "id": "c1"},
+      {"prompt_text": "Past config.limit", "gold": "x", "id": "x1"}])
+  c = _cfg(model, judge_url, tmp_path / "out", datasets="arc", limit=3)
+  c.rollout.vllm.max_model_len = 4096
+  c.data.files = (held,)
+  c.data.question_field, c.data.answer_field = "prompt_text", "gold"
+  sampler = ScriptedSampler(AutoTokenizer.from_pretrained(model), _scripted_answers)
+  res = evaluate(c, make_sampler=lambda: sampler)
+  mine = [r for r in res["items"] if r["dataset"] == "my_heldout"]
+  assert [r["id"] for r in mine] == ["my_heldout/s1", "my_heldout/s2", "my_heldout/c1"]
+  assert [r["ground_truth"] for r in mine] == ["4", "6", "Paris"]
+  assert [r["score"] for r in mine] == [1.0, 1.0, 0.0]
+  assert [r["dataset"] for r in res["items"]].count("arc") == 3
+  assert [r["dataset"] for r in res["summary"]][:2] == ["arc", "my_heldout"]
+  assert json.loads((tmp_path / "out" / "results.json").read_text())["meta"]["datasets"] == \
+      ["arc", "my_heldout"]
+  # The user's set alone (config.datasets empty), questions in the training's auto fields.
+  only = write_jsonl(tmp_path / "qa.jsonl", [{"question": "What is 3+3?", "answer": "6"}])
+  c = _cfg(model, judge_url, tmp_path / "out2", datasets="")
+  c.rollout.vllm.max_model_len = 4096
+  c.data.files = (only,)
+  res = evaluate(c, make_sampler=lambda: sampler)
+  assert [(r["id"], r["score"]) for r in res["items"]] == [("qa/1", 1.0)]
+
+
+def test_user_jsonl_scored_by_an_accuracy_function(tmp_path, judge_url, monkeypatch):
+  """rewards.accuracy_rule="module:function" in the eval config: the user's function scores
+  in the judge's place (nothing answers at judge.base_url), its scores cached apart from the
+  judge's in a shared cache dir."""
+  from helpers import ScriptedSampler, write_jsonl
+  from transformers import AutoTokenizer
+  (tmp_path / "eval_acc_mod.py").write_text(
+      "def half(prompts, completions, answer, **kwargs):\n"
+      "  return [0.5 + 0.5 * (a in c) for c, a in zip(completions, answer)]\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  model = _char_model_dir(tmp_path)
+  qa = write_jsonl(tmp_path / "qa.jsonl", [{"question": "What is 2+2?", "answer": "4"},
+                                           {"question": "Capital of France?", "answer": "Paris"}])
+  sampler = ScriptedSampler(AutoTokenizer.from_pretrained(model), _scripted_answers)
+  scores = {}
+  for rule, url in (("", judge_url), ("eval_acc_mod:half", "http://127.0.0.1:9")):
+    c = _cfg(model, url, tmp_path / ("out_fn" if rule else "out_judge"), datasets="")
+    c.cache_dir = str(tmp_path / "cache")        # one cache for both
+    c.rollout.vllm.max_model_len = 4096
+    c.data.files = (qa,)
+    c.rewards.accuracy_rule = rule
+    res = evaluate(c, make_sampler=lambda: sampler)
+    scores[rule] = [r["score"] for r in res["items"]]
+  assert scores == {"": [1.0, 0.0], "eval_acc_mod:half": [1.0, 0.5]}
+  meta = json.loads((tmp_path / "out_fn" / "results.json").read_text())["meta"]
+  assert meta["judge"] == "rewards.accuracy_rule=eval_acc_mod:half"
+  c.rewards.accuracy_rule = "eval_acc_mod:nope"
+  from pasr_jax.config import ConfigError
+  with pytest.raises(ConfigError, match="has no function 'nope'"):
+    evaluate(c, make_sampler=lambda: sampler)
+
+
+def test_bad_user_rows_fail_with_file_and_line(tmp_path):
+  """A bad row of the user's file stops the evaluation before any model work, naming the
+  file and the line, as training does (exit 2 from the command line, one line)."""
+  from pasr_jax.data import DataError
+  model = _char_model_dir(tmp_path)
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"question": "What is 2+2?", "answer": "4"}\n{"question": "Q?"}\n')
+  c = _cfg(model, "http://127.0.0.1:9", tmp_path / "out", datasets="")
+  c.data.files = (str(bad),)
+  with pytest.raises(DataError, match=rf"{bad}: row 2: no answer field"):
+    evaluate(c)
+  c.datasets = "arc"
+  c.data.files = (str(tmp_path / "arc.jsonl"),)
+  (tmp_path / "arc.jsonl").write_text('{"question": "q", "answer": "a"}\n')
+  with pytest.raises(EvalError, match=r"would be dataset 'arc'"):
+    evaluate(c)
+  r = subprocess.run([sys.executable, "-m", "pasr_jax.evaluate", "--config=configs/eval.py",
+                      f"--config.model={model}", "--config.datasets=",
+                      f"--config.data.files=('{bad}',)", f"--config.out_dir={tmp_path / 'o'}"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert f"{bad}: row 2: no answer field" in r.stderr and "Traceback" not in r.stderr

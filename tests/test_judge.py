@@ -7,7 +7,9 @@ port with nothing listening, and `--backend vllm` with SmolLM2 (slow).
 
 import asyncio
 import collections
+import email.utils
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,11 +21,12 @@ import httpx
 import pytest
 import uvicorn
 
-from pasr_jax import prompts
+from pasr_jax import errors, prompts
 from pasr_jax.config import JudgeCfg, PromptsCfg
 from pasr_jax.judge import wire
 from pasr_jax.judge import JudgeClient, JudgeError, JudgeItem, parse_score
-from pasr_jax.judge import verify
+from pasr_jax.judge import server, verify
+from pasr_jax.judge.client import retry_after_s
 from helpers import load_preset
 from procs import free_port, start_judge, stop
 
@@ -57,6 +60,7 @@ class Scripted:
     self.models_calls = collections.Counter()
     self.seen_models = set()
     self.bodies = []                   # every chat request body, in order
+    self.times = collections.defaultdict(list)   # (mode, question) -> arrival times (monotonic)
     self.in_flight = 0
     self.in_flight_max = 0
     app = fastapi.FastAPI()
@@ -73,6 +77,7 @@ class Scripted:
       self.bodies.append(body)
       question = wire.parse_judge_sections(body["messages"][-1]["content"])["question"]
       self.log[(mode, question)] += 1
+      self.times[(mode, question)].append(time.monotonic())
       n = self.log[(mode, question)]
       self.in_flight += 1
       self.in_flight_max = max(self.in_flight_max, self.in_flight)
@@ -91,6 +96,19 @@ class Scripted:
           if n == 1:
             await asyncio.sleep(10)
           reply = "0.75"
+        elif mode in ("ratelimit", "ratedate", "busy503") and n <= 2:
+          # Twice turned away, asking for a wait: in seconds, as an HTTP date (1 to 2 s on),
+          # or a 503 with seconds; then an answer.
+          after = (email.utils.formatdate(time.time() + 2, usegmt=True) if mode == "ratedate"
+                   else "1")
+          return fastapi.responses.JSONResponse(
+              {"error": "slow down"}, status_code=503 if mode == "busy503" else 429,
+              headers={"Retry-After": after})
+        elif mode in ("ratelimit", "ratedate", "busy503"):
+          reply = "1"
+        elif mode == "ratelimit_always":   # a rate limit that never lifts
+          return fastapi.responses.JSONResponse({"error": "slow down"}, status_code=429,
+                                                headers={"Retry-After": question.split("-")[0]})
         elif mode == "temperature":    # echoes the sampling temperature it was asked for
           reply = str(body["temperature"])
         elif mode == "prose":
@@ -126,6 +144,11 @@ class Scripted:
 def scripted():
   with Scripted() as s:
     yield s
+
+
+def client_for(url: str, **judge) -> JudgeClient:
+  """A client of the judge at `url` with these `judge` config keys (no key env var)."""
+  return JudgeClient(JudgeCfg(base_url=url, api_key_env="", **judge))
 
 
 def items(n: int, tag: str = "q") -> list[JudgeItem]:
@@ -210,10 +233,10 @@ def test_verify_server_grades(verify_url):
        1.0),
       (JudgeItem("Summarise.", "the cat sat on the mat", "stocks fell today", "summary"), 0.0),
   ]
-  scores, stats = JudgeClient(verify_url).score_batch([c for c, _ in cases])
+  scores, stats = client_for(verify_url).score_batch([c for c, _ in cases])
   assert scores == [e for _, e in cases]
   assert stats["unparseable"] == 0 and stats["failures"] == 0
-  partial, _ = JudgeClient(verify_url).score_batch(
+  partial, _ = client_for(verify_url).score_batch(
       [JudgeItem("Summarise.", "the cat sat on the mat", "a cat was on the mat", "summary")])
   assert 0.5 < partial[0] < 0.9
 
@@ -230,7 +253,7 @@ def test_verify_app_in_a_thread():
   try:
     while not srv.started:
       time.sleep(0.02)
-    scores, _ = JudgeClient(f"http://127.0.0.1:{port}").score_batch(
+    scores, _ = client_for(f"http://127.0.0.1:{port}").score_batch(
         [JudgeItem("q", "#### 0.5", "\\frac{1}{2}"), JudgeItem("q", "\\frac{1}{2}", "0.5")])
     assert scores == [1.0, 1.0]     # text matching alone would give 0 for both
   finally:
@@ -241,14 +264,14 @@ def test_verify_app_in_a_thread():
 def test_verify_server_64_concurrent(verify_url):
   batch = [JudgeItem(f"What is {i}+{i}?", f"#### {2 * i}", f"\\boxed{{{2 * i + i % 2}}}")
            for i in range(64)]
-  scores, stats = JudgeClient(verify_url, concurrency=64).score_batch(batch)
+  scores, stats = client_for(verify_url, concurrency=64).score_batch(batch)
   assert scores == [1.0 - i % 2 for i in range(64)]
   assert stats["items"] == 64 and stats["requests"] == 65      # + one GET /v1/models
   assert 0 < stats["latency_ms_p50"] <= stats["latency_ms_p90"] <= stats["latency_ms_p99"]
 
 
 def test_concurrency_is_bounded(scripted):
-  client = JudgeClient(scripted.url + "/count", concurrency=8)
+  client = client_for(scripted.url + "/count", concurrency=8)
   scores, stats = client.score_batch(items(64, "bound"))
   assert scores == [1.0] * 64
   assert 1 < scripted.in_flight_max <= 8
@@ -258,7 +281,7 @@ def test_concurrency_is_bounded(scripted):
 
 
 def test_retries_on_500(scripted):
-  client = JudgeClient(scripted.url + "/flaky", retries=3, backoff_s=0.01)
+  client = client_for(scripted.url + "/flaky", retries=3, backoff_s=0.01)
   scores, stats = client.score_batch(items(3, "flaky"))
   assert scores == [1.0, 1.0, 1.0]
   assert stats["retries"] == 6 and stats["failures"] == 0
@@ -266,20 +289,20 @@ def test_retries_on_500(scripted):
 
 
 def test_retry_budget_exhausted_on_500(scripted):
-  client = JudgeClient(scripted.url + "/flaky", retries=1, backoff_s=0.01)
+  client = client_for(scripted.url + "/flaky", retries=1, backoff_s=0.01)
   with pytest.raises(JudgeError, match="HTTP 500") as e:
     client.score_batch(items(1, "tooflaky"))
   assert e.value.stats["failures"] == 1 and e.value.stats["retries"] == 1
 
 
 def test_timeout_then_retry_succeeds(scripted):
-  client = JudgeClient(scripted.url + "/slow_once", timeout_s=0.5, retries=2, backoff_s=0.01)
+  client = client_for(scripted.url + "/slow_once", timeout_s=0.5, retries=2, backoff_s=0.01)
   scores, stats = client.score_batch(items(2, "so"))
   assert scores == [0.75, 0.75] and stats["retries"] == 2
 
 
 def test_server_slower_than_timeout_fails_fast(scripted):
-  client = JudgeClient(scripted.url + "/slow", timeout_s=0.3, retries=1, backoff_s=0.01)
+  client = client_for(scripted.url + "/slow", timeout_s=0.3, retries=1, backoff_s=0.01)
   t0 = time.monotonic()
   with pytest.raises(JudgeError, match="no reply within 0.3 s"):
     client.score_batch(items(4, "slow"))
@@ -287,7 +310,7 @@ def test_server_slower_than_timeout_fails_fast(scripted):
 
 
 def test_prose_reply_scores_zero_and_is_counted(scripted):
-  client = JudgeClient(scripted.url + "/prose", max_unparseable_frac=1.0)
+  client = client_for(scripted.url + "/prose", max_unparseable_frac=1.0)
   scores, stats = client.score_batch(items(3, "prose"))
   assert scores == [0.0, 0.0, 0.0] and stats["unparseable"] == 3
 
@@ -297,22 +320,84 @@ def test_mostly_prose_judge_stops_with_its_own_words(scripted):
   with pytest.raises(JudgeError, match=r"3 of 3 replies hold no score \(more than "
                      r"judge.max_unparseable_frac=0.5\), e.g. 'The candidate seems to "
                      r"understand the problem well.'") as e:
-    JudgeClient(scripted.url + "/prose").score_batch(items(3, "prose2"))
+    client_for(scripted.url + "/prose").score_batch(items(3, "prose2"))
   assert e.value.stats["unparseable"] == 3
+
+
+@pytest.mark.parametrize("mode,asked", [("ratelimit", 1.0), ("ratedate", 1.0),
+                                         ("busy503", 1.0)])
+def test_retry_after_is_honoured_and_counted(scripted, mode, asked):
+  """A judge that answers 429 (or 503) with `Retry-After` twice, then scores: the client
+  waits what it asks (in seconds or as an HTTP date), though its own backoff would be ~10 ms,
+  and counts the retries and the rate-limited replies."""
+  client = client_for(f"{scripted.url}/{mode}", retries=3, backoff_s=0.01, max_wait_s=30)
+  qs = [f"{mode}{i}" for i in range(3)]
+  scores, stats = client.score_batch([JudgeItem(q, "1", "1") for q in qs])
+  assert scores == [1.0, 1.0, 1.0]
+  assert stats["retries"] == 6 and stats["failures"] == 0
+  assert stats["rate_limited"] == (0 if mode == "busy503" else 6)
+  assert stats["waited_s"] >= 6 * asked
+  for q in qs:
+    t = scripted.times[(mode, q)]
+    assert len(t) == 3
+    gaps = [b - a for a, b in zip(t, t[1:])]
+    # Never sooner than asked; the slack above it is for a loaded machine.
+    assert all(asked - 0.05 <= g < (2.2 if mode == "ratedate" else 1.1) + 3.0 for g in gaps), gaps
+  assert client.totals["rate_limited"] == stats["rate_limited"]
+
+
+def test_rate_limit_past_the_bounded_wait_is_the_judge_error(scripted):
+  """A rate limit that never lifts ends, within judge.max_wait_s, in JudgeError (the run's
+  exit 3) naming the limit; a wait asked beyond it ends at once, without waiting. (Counts, not
+  wall times, carry the assertions: this machine is shared and a request can take seconds.)"""
+  client = client_for(scripted.url + "/ratelimit_always", retries=50, backoff_s=0.01,
+                      max_wait_s=3.0)
+  t0 = time.monotonic()
+  with pytest.raises(JudgeError, match=r"gave up after \d+ attempts in \d\.\d s.*the judge "
+                     r"asked for 1 s\), would pass judge.max_wait_s=3; last error: HTTP 429 "
+                     r"\(rate limited\)") as e:
+    client.score_batch([JudgeItem("1-forever", "1", "1")])
+  took = time.monotonic() - t0
+  st = e.value.stats
+  assert st["retries"] >= 1 and st["rate_limited"] == st["retries"] + 1
+  assert st["waited_s"] >= st["retries"] * 1.0          # each retry waited what was asked
+  assert st["waited_s"] <= took < 3.0 + 2.0             # and the whole stayed bounded
+  assert isinstance(e.value, errors.JudgeFailure)
+  with pytest.raises(JudgeError, match=r"gave up after 1 attempts.*judge asked for 3600 s") as e:
+    client.score_batch([JudgeItem("3600-hour", "1", "1")])
+  assert e.value.stats["retries"] == 0 and e.value.stats["waited_s"] == 0
+
+
+def test_retry_after_values():
+  now = 1_000_000_000.0
+  assert retry_after_s("3", now) == 3.0 and retry_after_s(" 1.5 ", now) == 1.5
+  assert retry_after_s(email.utils.formatdate(now + 10, usegmt=True), now) == 10.0
+  assert retry_after_s(email.utils.formatdate(now - 10, usegmt=True), now) == 0.0
+  assert retry_after_s("-4", now) == 0.0
+  for bad in (None, "", "soon", "nan", "inf"):
+    assert retry_after_s(bad, now) is None, bad
+
+
+def test_backoff_is_jittered_and_capped():
+  client = client_for("http://127.0.0.1:1", backoff_s=1.0, backoff_max_s=4.0)
+  waits = {r: [client._backoff(r) for _ in range(200)] for r in (1, 2, 3, 6)}
+  for r, base in ((1, 1.0), (2, 2.0), (3, 4.0), (6, 4.0)):
+    assert base / 2 <= min(waits[r]) and max(waits[r]) <= base
+    assert len(set(waits[r])) > 100          # not one fixed value: callers spread out
 
 
 def test_failure_counts_are_right_when_every_item_fails(scripted):
   """Was '(1 of 16 items failed)' when all 16 failed: the rest were cancelled, not fine."""
-  client = JudgeClient(scripted.url + "/flaky", retries=0, backoff_s=0.01, concurrency=1)
+  client = client_for(scripted.url + "/flaky", retries=0, backoff_s=0.01, concurrency=1)
   with pytest.raises(JudgeError, match=r"\(1 of 16 items failed, 15 stopped unfinished"):
     client.score_batch(items(16, "allfail"))
-  scores, _ = JudgeClient(scripted.url + "/clamp").score_batch(
+  scores, _ = client_for(scripted.url + "/clamp").score_batch(
       [JudgeItem(q, "1", "1") for q in "abc"])
   assert scores == [1.0, 0.0, 0.25]
 
 
 def test_connection_refused_raises_after_retry_budget():
-  client = JudgeClient(f"http://127.0.0.1:{free_port()}", model="m", retries=2,
+  client = client_for(f"http://127.0.0.1:{free_port()}", model="m", retries=2,
                        backoff_s=0.01, timeout_s=5)
   t0 = time.monotonic()
   with pytest.raises(JudgeError, match="after 3 attempts.*ConnectError") as e:
@@ -322,7 +407,7 @@ def test_connection_refused_raises_after_retry_budget():
 
 
 def test_cache_hits_on_repeats(scripted):
-  client = JudgeClient(scripted.url + "/count")
+  client = client_for(scripted.url + "/count")
   batch = items(3, "cache") + items(3, "cache")     # duplicates inside one batch
   scores, stats = client.score_batch(batch)
   assert scores == [1.0] * 6
@@ -331,7 +416,7 @@ def test_cache_hits_on_repeats(scripted):
   _, stats = client.score_batch(items(3, "cache"))
   assert stats["cache_hits"] == 3 and stats["requests"] == 0
   assert client.totals["cache_hits"] == 6
-  small = JudgeClient(scripted.url + "/count", cache_size=2)
+  small = client_for(scripted.url + "/count", cache_size=2)
   small.score_batch(items(3, "lru"))                 # lru0 is evicted
   _, stats = small.score_batch(items(3, "lru")[1:])
   assert stats["cache_hits"] == 2
@@ -344,14 +429,77 @@ def test_api_key_enforced(keyed_verify_url, monkeypatch):
   assert r.status_code == 401 and "error" in r.json()
   assert httpx.get(keyed_verify_url + "/health").status_code == 200
   with pytest.raises(JudgeError, match="401"):
-    JudgeClient(keyed_verify_url).score_batch(items(1))
+    client_for(keyed_verify_url).score_batch(items(1))
   monkeypatch.setenv("MY_JUDGE_KEY", KEY)
   from configs.base import get_base_config
   cfg = get_base_config().judge
   cfg.update(dict(base_url=keyed_verify_url, concurrency=4, timeout_s=10.0, retries=0,
                   api_key_env="MY_JUDGE_KEY", max_tokens=4))
-  scores, _ = JudgeClient.from_config(JudgeCfg.of(cfg)).score_batch(items(2))
+  scores, _ = JudgeClient(JudgeCfg.of(cfg)).score_batch(items(2))
   assert scores == [1.0, 1.0]
+
+
+def _judge_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+  """`python -m pasr_jax.judge ARGS` run to its end (for the ones that must refuse to start)."""
+  return subprocess.run([sys.executable, "-m", "pasr_jax.judge", *args], capture_output=True,
+                        text=True, timeout=60, env={**os.environ, **(env or {})})
+
+
+def test_official_openai_client_needs_the_key(keyed_verify_url):
+  """The official `openai` client against the keyed verify judge: the right key scores, a
+  wrong or missing one gets 401."""
+  import openai
+  msgs = wire.judge_messages("What is 6 x 7?", "42", "<answer>42</answer>")
+  ask = lambda key: openai.OpenAI(base_url=keyed_verify_url + "/v1", api_key=key, max_retries=0,
+                                  timeout=30).chat.completions.create(
+                                      model=server.VERIFY_MODEL_NAME, messages=msgs, max_tokens=4)
+  assert ask(KEY).choices[0].message.content == "1"
+  with pytest.raises(openai.AuthenticationError) as e:
+    ask("sekret")
+  assert e.value.status_code == 401
+  r = httpx.post(keyed_verify_url + "/v1/chat/completions", json={"model": "x", "messages": msgs})
+  assert r.status_code == 401                       # no Authorization header at all
+
+
+def test_judge_refuses_to_start_without_its_key():
+  """A key asked for but not there refuses to start (exit 2, one line naming the variable);
+  `--api-key` is not an abbreviation of `--api-key-env`; a judge bound beyond the loopback
+  needs a key or an explicit --allow-no-key."""
+  unset = "PASR_TEST_UNSET_KEY_VAR"
+  r = _judge_cli("--backend", "verify", "--port", str(free_port()), "--api-key-env", unset,
+                 env={unset: ""})
+  assert r.returncode == 2 and r.stdout == ""
+  assert r.stderr.count("\n") == 1 and f"variable {unset} is unset" in r.stderr, r.stderr
+  r = _judge_cli("--backend", "verify", "--port", str(free_port()), "--api-key", "sekret")
+  assert r.returncode == 2 and "unrecognized arguments: --api-key sekret" in r.stderr, r.stderr
+  r = _judge_cli("--backend", "verify", "--port", str(free_port()), "--host", "0.0.0.0")
+  assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+  assert "--host=0.0.0.0" in r.stderr and "--allow-no-key" in r.stderr
+  # The decision itself, without binding a public address here.
+  from pasr_jax.judge.__main__ import api_key, build_parser, is_loopback
+  parse = build_parser().parse_args
+  assert api_key(parse(["--backend", "verify", "--host", "0.0.0.0", "--allow-no-key"])) == (None, "")
+  os.environ[unset] = KEY
+  try:
+    assert api_key(parse(["--backend", "verify", "--host", "0.0.0.0", "--api-key-env", unset])) == (KEY, "")
+  finally:
+    del os.environ[unset]
+  assert api_key(parse(["--backend", "verify"])) == (None, "")   # loopback: a key is optional
+  assert [is_loopback(h) for h in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "10.0.0.3",
+                                   "judge-host")] == [True, True, True, False, False, False]
+
+
+def test_no_command_takes_abbreviated_flags():
+  """Every argparse parser of the package refuses prefixes of its flags."""
+  import pathlib
+  root = pathlib.Path(__file__).resolve().parents[1] / "pasr_jax"
+  calls = [(p, line) for p in root.rglob("*.py") for line in p.read_text().splitlines()
+           if re.search(r"\b(argparse\.ArgumentParser|_Parser)\(", line)
+           and not line.lstrip().startswith("class ")]
+  assert len(calls) >= 5, calls
+  assert all("allow_abbrev=False" in line for _, line in calls), calls
+  r = _judge_cli("--backend", "verify", "--max-conc", "2")
+  assert r.returncode == 2 and "unrecognized arguments: --max-conc" in r.stderr
 
 
 def test_malformed_requests_get_4xx(verify_url):
@@ -406,7 +554,7 @@ def test_server_binds_loopback_and_bounds_concurrency():
 
 
 def test_bad_items_and_empty_batch(verify_url):
-  client = JudgeClient(verify_url)
+  client = client_for(verify_url)
   assert client.score_batch([]) == ([], client.score_batch([])[1])
   with pytest.raises(ValueError, match="judge item 1: field 'answer'"):
     client.score_batch([JudgeItem("q", "1", "1"), {"question": "q", "ground_truth": "1"}])
@@ -417,7 +565,7 @@ def test_bad_items_and_empty_batch(verify_url):
 
 def test_sync_wrapper_inside_running_loop(verify_url):
   async def inside():
-    return JudgeClient(verify_url).score_batch([JudgeItem("q", "2", "2")])
+    return client_for(verify_url).score_batch([JudgeItem("q", "2", "2")])
   scores, _ = asyncio.run(inside())
   assert scores == [1.0]
 
@@ -428,7 +576,8 @@ def test_cli_rejects_bad_vllm_model(tmp_path):
   r = run("--backend", "vllm")
   assert r.returncode == 2 and "needs --model" in r.stderr
   r = run("--backend", "vllm", "--model", str(tmp_path))
-  assert r.returncode == 1 and "no config.json" in r.stderr and str(tmp_path) in r.stderr
+  assert r.returncode == 2 and "no config.json" in r.stderr and str(tmp_path) in r.stderr
+  assert r.stderr.count("\n") == 1
 
 
 @pytest.mark.slow
@@ -439,7 +588,7 @@ def test_vllm_backend_with_smollm2(smollm2_dir):
     import psutil
     children = psutil.Process(proc.pid).children(recursive=True)
     assert children, "vLLM should run as a child process"
-    client = JudgeClient(url, timeout_s=120, retries=1, max_tokens=8, concurrency=4)
+    client = client_for(url, timeout_s=120, retries=1, max_tokens=8, concurrency=4)
     batch = [JudgeItem("What is 2+3?", "5", "<answer>5</answer>"),
              JudgeItem("What is 2+3?", "5", "<answer>7</answer>"),
              JudgeItem("Capital of France?", "Paris", "Paris"),
@@ -462,8 +611,8 @@ def _paper_request(scripted, preset: str, mode: str, item: JudgeItem) -> tuple[f
   the request body the server got)."""
   cfg = load_preset(preset)
   cfg.judge.base_url = f"{scripted.url}/{mode}"
-  client = JudgeClient.from_config(JudgeCfg.of(cfg.judge),
-                                    prompts.load_prompts(PromptsCfg.of(cfg.prompts)))
+  client = JudgeClient(JudgeCfg.of(cfg.judge),
+                       prompts.load_prompts(PromptsCfg.of(cfg.prompts)))
   scores, _ = client.score_batch([item])
   body = [b for b in scripted.bodies if item.question in b["messages"][-1]["content"]][0]
   return scores[0], body
@@ -489,8 +638,8 @@ def test_paper_judge_request_is_the_originals_layout_uncapped_without_thinking(s
       "### Question:\nlayout-q\n\n### Ground Truth:\n4\n\n### Answer:\nit is 4")
   assert body["max_tokens"] == 512
   assert body["chat_template_kwargs"] == {"enable_thinking": False}
-  base = JudgeClient.from_config(load_preset("tiny_cpu").judge)  # base defaults: no extra field
-  assert base.extra_body == {} and base.max_tokens == 16
+  base = JudgeClient(load_preset("tiny_cpu").judge)  # base defaults: no extra field
+  assert base.extra_body == {} and base.cfg.max_tokens == 16
 
 
 def test_verify_server_grades_the_original_layout(verify_url):
@@ -502,3 +651,113 @@ def test_verify_server_grades_the_original_layout(verify_url):
         "chat_template_kwargs": {"enable_thinking": False}}, timeout=30)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"].strip() == want
+
+
+# ---------------------------------------------------------------- scripts/serve_judge.sh
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _serve_judge(*args: str, gpu: bool, tmp_path, **env) -> subprocess.CompletedProcess:
+  """scripts/serve_judge.sh ARGS with PRINT_CMD=1 (the command it would exec). `gpu`: an
+  `nvidia-smi` on PATH — a stub, as this machine has no GPU — so the script takes its GPU
+  branch; without it, PATH holds no nvidia-smi."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir(exist_ok=True)
+  stub = bin_dir / "nvidia-smi"
+  if gpu:
+    stub.write_text("#!/bin/sh\nexit 0\n")
+    stub.chmod(0o755)
+  elif stub.exists():
+    stub.unlink()
+  path = os.pathsep.join([str(bin_dir)] + [p for p in os.environ["PATH"].split(os.pathsep)
+                                           if not os.path.exists(os.path.join(p, "nvidia-smi"))])
+  base = {k: v for k, v in os.environ.items() if not k.startswith(("JUDGE_", "CUDA_VISIBLE"))}
+  return subprocess.run(["scripts/serve_judge.sh", *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=60, env={**base, "PATH": path, "PRINT_CMD": "1", **env})
+
+
+def _judge_argv(printed: str) -> list[str]:
+  """The pasr_jax.judge arguments of a printed command line."""
+  import shlex
+  cmd = shlex.split(printed)
+  return cmd[cmd.index("pasr_jax.judge") + 1:]
+
+
+def test_serve_judge_aliases_need_the_local_dir(tmp_path):
+  """`vllm 32b|14b`: the hub id's dir under JUDGE_MODELS, or one line saying where it was
+  looked for and what to do (before any engine starts)."""
+  r = _serve_judge("vllm", "32b", gpu=True, tmp_path=tmp_path, JUDGE_MODELS=str(tmp_path / "m"))
+  assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
+  assert "32b = Qwen/Qwen2.5-32B-Instruct" in r.stderr
+  assert f"{tmp_path}/m/Qwen2.5-32B-Instruct" in r.stderr and "JUDGE_MODELS" in r.stderr
+  r = _serve_judge("vllm", str(tmp_path / "nowhere"), gpu=False, tmp_path=tmp_path)
+  assert r.returncode == 2 and "not an HF model dir" in r.stderr, r.stderr
+  for alias, name in (("32b", "Qwen2.5-32B-Instruct"), ("14b", "Qwen2.5-14B-Instruct")):
+    (tmp_path / "m" / name).mkdir(parents=True)
+    (tmp_path / "m" / name / "config.json").write_text("{}")
+  r = _serve_judge("vllm", "14b", "8002", gpu=False, tmp_path=tmp_path,
+                   JUDGE_MODELS=str(tmp_path / "m"))
+  assert r.returncode == 0, r.stderr
+  argv = _judge_argv(r.stdout)
+  assert argv[argv.index("--model") + 1] == f"{tmp_path}/m/Qwen2.5-14B-Instruct"
+  assert argv[-1] == "--" and "--tensor-parallel-size" not in argv   # CPU: no TP
+
+
+@pytest.mark.parametrize("env,tp", [({}, "2"), ({"CUDA_VISIBLE_DEVICES": "4,5,6,7"}, "4"),
+                                    ({"CUDA_VISIBLE_DEVICES": "4,5", "JUDGE_TP": "1"}, "1")])
+def test_serve_judge_gives_a_gpu_judge_tp_and_a_context_that_fits(tmp_path, env, tp):
+  """On a GPU host the 32B judge gets tensor parallelism (JUDGE_TP, else its visible GPUs,
+  else 2) and an 8192-token context; flags after `--` reach vLLM after ours; the command
+  parses as python -m pasr_jax.judge's."""
+  from pasr_jax.judge.__main__ import build_parser
+  d = tmp_path / "m" / "Qwen2.5-32B-Instruct"
+  d.mkdir(parents=True)
+  (d / "config.json").write_text("{}")
+  r = _serve_judge("vllm", "32b", "8001", "--served-model-name", "judge", "--",
+                   "--max-num-seqs", "64", gpu=True, tmp_path=tmp_path,
+                   JUDGE_MODELS=str(tmp_path / "m"), **env)
+  assert r.returncode == 0, r.stderr
+  argv = _judge_argv(r.stdout)
+  ours, vllm = argv[:argv.index("--")], argv[argv.index("--") + 1:]
+  assert vllm == ["--tensor-parallel-size", tp, "--max-num-seqs", "64"]
+  args = build_parser().parse_args(ours)
+  assert (args.max_model_len, args.dtype, args.no_enforce_eager) == (8192, "auto", True)
+  assert args.served_model_name == "judge" and args.model == str(d)
+
+
+def test_serve_judge_beyond_the_loopback_needs_a_key(tmp_path):
+  """JUDGE_HOST=0.0.0.0: without JUDGE_API_KEY the judge refuses to start (one line naming
+  the fix); JUDGE_ALLOW_NO_KEY=1 or the key lets it."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JUDGE_")}
+  r = subprocess.run(["scripts/serve_judge.sh", "verify", str(free_port())], cwd=ROOT,
+                     capture_output=True, text=True, timeout=60,
+                     env={**env, "JUDGE_HOST": "0.0.0.0", "PY": sys.executable})
+  assert r.returncode == 2 and "--allow-no-key" in r.stderr and "Traceback" not in r.stderr
+  r = _serve_judge("verify", "8001", gpu=False, tmp_path=tmp_path, JUDGE_HOST="0.0.0.0",
+                   JUDGE_ALLOW_NO_KEY="1")
+  assert _judge_argv(r.stdout)[-1] == "--allow-no-key"
+  r = _serve_judge("verify", "8001", gpu=False, tmp_path=tmp_path, JUDGE_HOST="0.0.0.0",
+                   JUDGE_API_KEY="k")
+  assert _judge_argv(r.stdout)[-2:] == ["--api-key-env", "JUDGE_API_KEY"]
+  assert "k" not in _judge_argv(r.stdout)        # the key stays in the env, not in argv
+
+
+def test_a_run_checks_its_key_against_a_keyed_judge(keyed_verify_url, monkeypatch, tmp_path):
+  """A judge that wants a key is a judge that answers (preflight's probe); the run's start
+  (`ensure_judge`, before any weights load) sends our key and refuses, naming the variable,
+  when the judge does not take it; with the right key nothing is started."""
+  from pasr_jax.config import ConfigError
+  from pasr_jax.judge.local import ensure_judge, judge_answers
+  assert judge_answers(keyed_verify_url)
+  assert not judge_answers(f"http://127.0.0.1:{free_port()}")
+  cfg = JudgeCfg(base_url=keyed_verify_url, api_key_env="PASR_TEST_RUN_KEY", autostart=True)
+  log = tmp_path / "judge.log"
+  monkeypatch.delenv("PASR_TEST_RUN_KEY", raising=False)
+  with pytest.raises(ConfigError, match=r"refuses a request without a key \(HTTP 401\); "
+                     r"export PASR_TEST_RUN_KEY=<the judge's key>"):
+    ensure_judge(cfg, log)
+  monkeypatch.setenv("PASR_TEST_RUN_KEY", "wrong")
+  with pytest.raises(ConfigError, match=r"refuses our key \(HTTP 401\)"):
+    ensure_judge(cfg, log)
+  monkeypatch.setenv("PASR_TEST_RUN_KEY", KEY)
+  assert ensure_judge(cfg, log) is None and not log.exists()

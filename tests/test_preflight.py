@@ -4,6 +4,7 @@ nodes of 8 GPUs. The checks are pure functions of (config, hosts, GPUs, probed e
 the command-line and train-command cases run real processes.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 
 from configs import paper, qwen2_5_7b, qwen2_5_7b_base, qwen3_8b, smollm2_135m, tiny_cpu
 from pasr_jax import preflight
+from pasr_jax.config import RunConfig
 from pasr_jax.preflight import Env, run_checks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,8 +85,17 @@ def test_each_config_mistake_fails_naming_its_fix(overrides, hosts, gpus, check,
   assert check in fixes and fix in fixes[check], fixes
 
 
-def test_environment_mistakes_fail_naming_their_fix():
-  cfg = qwen3_8b.get_config()
+def _model_dir(tmp_path, hf) -> str:
+  """An HF dir as preflight sees one: config.json and a safetensors file."""
+  d = tmp_path / "model"
+  d.mkdir()
+  (d / "config.json").write_text(json.dumps(hf))
+  (d / "model.safetensors").write_bytes(b"")
+  return str(d)
+
+
+def test_environment_mistakes_fail_naming_their_fix(tmp_path):
+  cfg = _with(qwen3_8b.get_config(), model__path=_model_dir(tmp_path, qwen3_8b.HF_CONFIG))
   conflict = _failed(run_checks(cfg, 1, 8, _sim(XLA_CLIENT_MEM_FRACTION="0.5")))
   assert "unset XLA_CLIENT_MEM_FRACTION" in conflict["env"], conflict
   real = dict(simulated=False, judge_answers=True, sync_free={"/dev/shm": 64 << 20,
@@ -210,3 +221,154 @@ def test_train_refuses_both_memory_fraction_variables(tmp_path):
       cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), XLA_CLIENT_MEM_FRACTION="0.5"),
       capture_output=True, text=True, timeout=300)
   assert p.returncode == 2 and "unset XLA_CLIENT_MEM_FRACTION" in p.stderr, p.stderr[-2000:]
+
+
+# ---- checks that read a GPU host. No GPU here: each decision function is tested on the real
+# inputs it reads there (nvidia-smi's CSV, the driver strings, cuDriverGetVersion's integer).
+
+# `nvidia-smi --query-gpu=index,compute_mode,memory.used,memory.total --format=csv,noheader,nounits`
+# on an 8 x H100 host whose GPU 0 is in EXCLUSIVE_PROCESS mode and GPUs 6, 7 serve a judge.
+SMI = """0, Exclusive_Process, 4, 81559
+1, Default, 4, 81559
+2, Default, 4, 81559
+3, Default, 4, 81559
+4, Default, 4, 81559
+5, Default, 4, 81559
+6, Default, 73240, 81559
+7, Default, 73240, 81559
+"""
+
+
+def test_driver_below_580_passes_only_with_a_forward_compatible_user_mode_driver():
+  assert preflight.driver_check("580.65.06", None).status == "ok"
+  fwd = preflight.driver_check("570.86.15", 13000)  # cuda-compat-13-0 first on LD_LIBRARY_PATH
+  assert fwd.status == "ok" and "forward-compatible" in fwd.detail and "CUDA 13.0" in fwd.detail
+  old = preflight.driver_check("535.183.01", 12020)
+  assert old.status == "fail" and "CUDA 12.2" in old.detail, old
+  assert "cuda-compat-13-0" in old.fix and ">= 580" in old.fix
+  assert preflight.driver_check("550.54.15", None).status == "fail"
+
+
+def test_probes_of_this_host_give_what_the_checks_read():
+  """This host has no NVIDIA driver: no libcuda, no nvidia-smi rows; the build tools probed."""
+  env = preflight.probe(tiny_cpu.get_config())
+  assert env.cuda_version is None and env.gpu_query is None
+  assert env.c_compiler is not None and env.python_headers is not None
+  assert preflight.cuda_driver_version() is None  # no libcuda.so.1 on this machine
+
+
+@pytest.mark.parametrize("tp, ok", [(1, True), (2, True), (4, True), (28, True), (3, False),
+                                    (8, False), (7, False)])
+def test_vllm_tensor_parallelism_must_split_heads_and_kv_heads(tp, ok):
+  cfg = _with(qwen2_5_7b.get_config(), rollout__vllm__tensor_parallel_size=tp)  # 28 / 4 heads
+  fixes = _failed(run_checks(cfg, 1, 8, _sim()))
+  assert ("vLLM TP" not in fixes) == ok, fixes
+  if not ok:
+    assert "tensor_parallel_size= one of [1, 2, 4, 28]" in fixes["vLLM TP"], fixes
+
+
+def test_mesh_tensor_axis_must_divide_heads_and_kv_heads():
+  fixes = _failed(run_checks(_with(qwen2_5_7b.get_config(), mesh__shape=(1, 1, 8)), 1, 8, _sim()))
+  assert "mesh tensor" in fixes and "divisor of 4" in fixes["mesh tensor"], fixes
+  fixes = _failed(run_checks(_with(qwen2_5_7b.get_config(), mesh__shape=(1, 4, 2),
+                                   optim__micro_batch=8), 1, 8, _sim()))
+  assert "mesh tensor" not in fixes, fixes
+
+
+def test_model_dir_is_checked_on_the_host_where_it_runs(tmp_path):
+  real = dict(simulated=False, judge_answers=True, driver="580.65.06",
+              sync_free={"/dev/shm": 1 << 40})
+  cfg = qwen2_5_7b.get_config()
+  gone = _failed(run_checks(_with(cfg, model__path=str(tmp_path / "nope")), 1, 8,
+                            Env(vars={}, **real)))
+  assert "not there" in preflight.model_dir_check(RunConfig.from_tree(_with(
+      qwen2_5_7b.get_config(), model__path=str(tmp_path / "nope"))), Env({}, simulated=False)).detail
+  assert "model dir" in gone and "hf download" in gone["model dir"], gone
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  fixes = _failed(run_checks(_with(qwen2_5_7b.get_config(), model__path=str(empty)), 1, 8,
+                             Env(vars={}, **real)))
+  assert "config.json" in fixes["model dir"], fixes
+  other = _model_dir(tmp_path, qwen3_8b.HF_CONFIG)  # a Qwen3-8B dir under the Qwen2.5 preset
+  check = preflight.model_dir_check(RunConfig.from_tree(_with(
+      qwen2_5_7b.get_config(), model__path=other)), Env({}, simulated=False))
+  assert check.status == "fail" and "another model" in check.detail, check
+  assert "hidden_size 4096 != 3584" in check.detail, check
+  sim = preflight.model_dir_check(RunConfig.from_tree(qwen2_5_7b.get_config()), _sim())
+  assert sim.status == "skip"
+
+
+def test_nvidia_smi_rows_are_parsed():
+  gpus = preflight.parse_gpu_query(SMI + "garbage\n")
+  assert len(gpus) == 8 and gpus[0] == preflight.Gpu(0, "Exclusive_Process", 4.0, 81559.0)
+
+
+def test_exclusive_process_gpu_refuses_trainer_and_engine_together():
+  gpus = preflight.parse_gpu_query(SMI)
+  colocated = RunConfig.from_tree(qwen2_5_7b.get_config())
+  jax_ids, engine = preflight.run_gpus(colocated, {"CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5"},
+                                       [g.index for g in gpus])
+  assert (jax_ids, engine) == ([0, 1, 2, 3, 4, 5], [0])
+  check = preflight.compute_mode_check(colocated, gpus, jax_ids, engine)
+  assert check.status == "fail" and "GPU 0 EXCLUSIVE_PROCESS" in check.detail, check
+  assert "nvidia-smi -i 0 -c DEFAULT" in check.fix
+  # launch_gpu.sh's split: vLLM on visible GPUs 0,1 (physical 4,5), JAX on 2.. (0..3): no GPU shared.
+  split = RunConfig.from_tree(_with(qwen2_5_7b.get_config(), rollout__vllm__colocate=False,
+                                    mesh__cuda_visible_devices="2,3,4,5",
+                                    rollout__vllm__tensor_parallel_size=2))
+  jax_ids, engine = preflight.run_gpus(split, {"CUDA_VISIBLE_DEVICES": "4,5,0,1,2,3"},
+                                       [g.index for g in gpus])
+  assert (jax_ids, engine) == ([0, 1, 2, 3], [4, 5])
+  assert preflight.compute_mode_check(split, gpus, jax_ids, engine).status == "ok"
+  prohibited = preflight.parse_gpu_query("0, Prohibited, 4, 81559\n")
+  assert preflight.compute_mode_check(split, prohibited, [0], [1]).status == "fail"
+
+
+def test_gpus_held_by_a_judge_are_refused_for_the_trainer():
+  gpus = preflight.parse_gpu_query(SMI)
+  cfg = RunConfig.from_tree(qwen2_5_7b.get_config())  # JAX 0.6 of every GPU, vLLM 0.3 of GPU 0
+  check = preflight.gpu_memory_check(cfg, gpus, list(range(8)), [0])
+  assert check.status == "fail" and "GPU 6 has 71.5 of 79.6 GiB in use" in check.detail, check
+  assert "JUDGE_GPUS" in check.fix
+  assert preflight.gpu_memory_check(cfg, gpus, list(range(6)), [0]).status == "ok"
+  # The whole check on a probed host: judge on 6,7 and the trainer on every GPU.
+  real = dict(simulated=False, judge_answers=True, driver="580.65.06", cuda_version=13000,
+              sync_free={"/dev/shm": 1 << 40}, gpu_query=SMI.replace("Exclusive_Process", "Default"),
+              c_compiler="/usr/bin/gcc", python_headers=True)
+  fixes = _failed(run_checks(cfg, 1, 8, Env(vars={}, **real)))
+  assert set(fixes) == {"GPU memory", "model dir"}, fixes
+
+
+def test_build_tools_for_triton():
+  assert preflight.build_tools_check("/usr/bin/gcc", True).status == "ok"
+  no_cc = preflight.build_tools_check("", True)
+  assert no_cc.status == "fail" and "gcc" in no_cc.fix and "C compiler" in no_cc.detail
+  no_h = preflight.build_tools_check("/usr/bin/gcc", False)
+  assert no_h.status == "fail" and "Python.h" in no_h.detail and "-dev" in no_h.fix
+  assert preflight.build_tools_check(None, None).status == "skip"
+
+
+def test_optional_packages_are_checked_before_the_run(monkeypatch):
+  """wandb and tensorflow-datasets are installed here; their absence is caused for real by
+  blocking the import (sys.modules[name] = None makes `import name` raise ImportError)."""
+  cfg = _with(qwen2_5_7b.get_config(), logging__wandb_project="pasr", data__tfds_name="json_qa/x")
+  checks = {c.name: c for c in run_checks(cfg, 1, 8, _sim())}
+  assert checks["wandb"].status == "ok" and checks["tensorflow-datasets"].status == "ok"
+  monkeypatch.setitem(sys.modules, "wandb", None)
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
+  fixes = _failed(run_checks(cfg, 1, 8, _sim()))
+  assert "pip install wandb" in fixes["wandb"], fixes
+  assert "pip install tensorflow-datasets" in fixes["tensorflow-datasets"], fixes
+  assert not {"wandb", "tensorflow-datasets"} & {c.name for c in run_checks(
+      qwen2_5_7b.get_config(), 1, 8, _sim())}
+
+
+def test_a_missing_wandb_is_one_line_naming_the_package(monkeypatch, tmp_path):
+  """metrics.start_wandb without wandb installed (import blocked as above): a ConfigError
+  (exit 2, one line) naming the package and the key, not an ImportError traceback."""
+  from pasr_jax import metrics
+  monkeypatch.setitem(sys.modules, "wandb", None)
+  cfg = RunConfig.from_tree(_with(qwen2_5_7b.get_config(), logging__wandb_project="pasr"))
+  with pytest.raises(preflight.ConfigError, match="needs the optional package wandb") as e:
+    metrics.start_wandb(cfg.logging, {}, tmp_path)
+  assert "\n" not in str(e.value)

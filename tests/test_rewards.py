@@ -1,10 +1,13 @@
-"""The rewards (pasr_jax.rewards) on hand-written cases."""
+"""The rewards (pasr_jax.rewards) on hand-written cases, and the accuracy as a user's Python
+function (`rewards.accuracy_rule="module:function"`) in a rollout step."""
 
+import os
+import sys
 
 import pytest
 
 from configs.base import get_base_config
-from pasr_jax import rewards
+from pasr_jax import errors, rewards
 from pasr_jax.config import ConfigError, RewardsCfg
 
 PAPER = RewardsCfg.of(get_base_config().rewards)  # the defaults are the paper's reward
@@ -102,3 +105,164 @@ def test_refine_without_comparison_is_a_fixed_reward_for_refining():
 ])
 def test_contains_accuracy(text, target, expected):
   assert rewards.contains_accuracy(text, target) == expected
+
+
+# ------------------------------------------------------ the accuracy as a Python function
+USER_MODULE = '''
+CALLS = []
+
+def score(prompts, completions, answer, **kwargs):
+  """TRL-style: 1 when the reference is in the completion."""
+  CALLS.append((list(prompts), list(completions), list(answer), sorted(kwargs)))
+  return [float(a in c) for c, a in zip(completions, answer)]
+
+def scaled(completions, answer, **kwargs):      # 0..10, numpy: clamped like a judge's
+  import numpy as np
+  return np.array([10.0 if a in c else -3.0 for c, a in zip(completions, answer)])
+
+def nan(completions, **kwargs):
+  return [float("nan")] * len(completions)
+
+def words(completions, **kwargs):
+  return ["right"] * len(completions)
+
+def short(completions, **kwargs):
+  return [1.0]
+
+def text(completions, **kwargs):
+  return "1"
+'''
+
+GOOD7 = "<think>a<refine>b</refine>c</think><answer>7</answer>"
+WRONG8 = "<think>a<refine>b</refine>c</think><answer>8</answer>"
+PLAIN7 = "the answer is 7"
+
+
+class _RefJudge:
+  """A judge client stand-in scoring as `score` does (the reference in the judged text)."""
+
+  def __init__(self):
+    self.items = []
+
+  def score_batch(self, items):
+    self.items += items
+    return [float(i["ground_truth"] in i["answer"]) for i in items], {}
+
+
+@pytest.fixture
+def user_rewards(tmp_path, monkeypatch):
+  """A user's reward module `my_rewards_mod` on sys.path (fresh for each test)."""
+  (tmp_path / "my_rewards_mod.py").write_text(USER_MODULE)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  monkeypatch.delitem(sys.modules, "my_rewards_mod", raising=False)
+  import my_rewards_mod  # noqa: E402  (the module the config names, as the run imports it)
+  return my_rewards_mod
+
+
+def _stepper(tmp_path, rule: str, judge, texts):
+  """A RolloutStep on the char tokenizer and a scripted sampler: prompt i's k-th answer is
+  texts[i][k] (PASR prompts first, then the baseline's)."""
+  from transformers import AutoTokenizer
+  from helpers import ScriptedSampler
+  from pasr_jax.config import RunConfig
+  from pasr_jax.step import RolloutStep
+  from pasr_jax.tiny import write_char_tokenizer
+  write_char_tokenizer(str(tmp_path / "tok"))
+  tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+  cfg = get_base_config()
+  cfg.rollout.n = 2
+  cfg.rollout.max_prompt_tokens = 4096          # the char tokenizer: a token per character
+  cfg.rollout.vllm.max_model_len = 4096 + cfg.rollout.max_tokens
+  cfg.rewards.accuracy_rule = rule
+  sampler = ScriptedSampler(tok, lambda i, _, k: texts[i][k % len(texts[i])])
+  return RolloutStep(RunConfig.from_tree(cfg).step_cfg(), tok, sampler, judge)
+
+
+def test_accuracy_function_in_process_asks_no_judge_and_keeps_the_refine_comparison(
+    tmp_path, user_rewards):
+  """rewards.accuracy_rule="module:function": the step calls the user's function once with
+  every answer (PASR and baseline), never a judge, and its rewards, refine terms and
+  advantages are the ones a judge scoring the same way gives."""
+  from pasr_jax.data import Row
+  rows = [Row("q0?", "7", "a"), Row("q1?", "7", "b")]
+  # q0: one right and one wrong refinement, baseline always right (mean 1);
+  # q1: the same answers, baseline always wrong (mean 0).
+  texts = [[GOOD7, WRONG8], [GOOD7, WRONG8], [PLAIN7], ["no idea"]]
+  out = _stepper(tmp_path, "my_rewards_mod:score", None, texts)(rows, step=1, seed=0)
+  (call,) = user_rewards.CALLS
+  prompts, completions, answers, extra = call
+  assert prompts == ["q0?", "q0?", "q1?", "q1?"] * 2 and answers == ["7"] * 8 and extra == []
+  assert completions == [GOOD7, WRONG8, GOOD7, WRONG8, PLAIN7, PLAIN7, "no idea", "no idea"]
+  assert [r["accuracy"] for r in out.records] == [1, 0, 1, 0, 1, 1, 0, 0]
+  pasr = out.records[:4]
+  # Right refinement vs baseline mean 1: not above it (-0.5); wrong one below it (-1);
+  # vs baseline mean 0: +1 and -0.5.
+  assert [r["refine"] for r in pasr] == [-0.5, -1.0, 1.0, -0.5]
+  assert not any(k.startswith("judge/") for k in out.scalars)
+  judge = _RefJudge()
+  same = _stepper(tmp_path, "", judge, texts)(rows, step=1, seed=0)
+  assert len(judge.items) == 8
+  keys = ("accuracy", "format", "refine", "reward", "advantage", "trained")
+  assert [{k: r.get(k) for k in keys} for r in out.records] == \
+      [{k: r.get(k) for k in keys} for r in same.records]
+
+
+def test_accuracy_function_replies_are_read_like_a_judges(tmp_path, user_rewards, caplog):
+  """Numbers outside [0, 1] are clamped as a judge's are (and said once); a reply that is not
+  a finite number per answer stops the step naming the function."""
+  from pasr_jax.data import Row
+  rows = [Row("q0?", "7", "a")]
+  texts = [[GOOD7, WRONG8], [PLAIN7]]
+  with caplog.at_level("WARNING"):
+    out = _stepper(tmp_path, "my_rewards_mod:scaled", None, texts)(rows, step=1, seed=0)
+  assert [r["accuracy"] for r in out.records] == [1.0, 0.0, 1.0, 1.0]
+  assert sum("clamped to [0, 1]" in r.message for r in caplog.records) == 1
+  for name, why in (("nan", r"item 0 is nan, not a finite number"),
+                    ("words", r"item 0 is 'right', not a finite number"),
+                    ("short", r"returned 1 numbers for 4 completions"),
+                    ("text", r"returned str, not a list of 4 numbers")):
+    with pytest.raises(rewards.RewardError,
+                       match=rf"rewards.accuracy_rule='my_rewards_mod:{name}': {why}"):
+      _stepper(tmp_path, f"my_rewards_mod:{name}", None, texts)(rows, step=1, seed=0)
+  assert issubclass(rewards.RewardError, errors.UserError)   # one line, exit 2
+
+
+def test_accuracy_rule_values_are_checked_before_the_run(user_rewards):
+  from pasr_jax.config import RunConfig
+  for bad in ("my_rewards_mod", "my_rewards_mod:", "1mod:f", "mod:f:g", "judge"):
+    with pytest.raises(ConfigError, match="rewards.accuracy_rule.*'module:function'"):
+      RewardsCfg(accuracy_rule=bad)
+  assert RewardsCfg(accuracy_rule="my_pkg.sub.rewards:score").accuracy_rule
+  assert rewards.load_accuracy_function("contains") is rewards.contains
+  assert rewards.load_accuracy_function("my_rewards_mod:score") is user_rewards.score
+  with pytest.raises(ConfigError, match=r"cannot import 'no_such_mod_xyz'.*PYTHONPATH"):
+    rewards.load_accuracy_function("no_such_mod_xyz:score")
+  with pytest.raises(ConfigError, match="module 'my_rewards_mod' has no function 'missing'"):
+    rewards.load_accuracy_function("my_rewards_mod:missing")
+  cfg = get_base_config()
+  cfg.model.tiny_random = True
+  cfg.rewards.accuracy_rule = "my_rewards_mod:missing"
+  with pytest.raises(ConfigError, match="no function 'missing'"):
+    RunConfig.from_tree(cfg).need_files()       # preflight and the run call it first
+
+
+@pytest.mark.slow
+def test_a_run_with_an_accuracy_function_starts_no_judge(tmp_path, monkeypatch):
+  """`python -m pasr_jax.train` (scripted sampler) with rewards.accuracy_rule naming a user's
+  function: nothing answers at judge.base_url and judge.autostart is on, yet no judge is
+  started or asked; the accuracies in rollouts.jsonl are the function's."""
+  from helpers import DATA, run_train
+  from pasr_jax import metrics
+  from procs import free_port
+  (tmp_path / "my_acc_mod.py").write_text(
+      "def score(prompts, completions, answer, **kwargs):\n"
+      "  return [0.25 + 0.75 * (a in c) for c, a in zip(completions, answer)]\n")
+  wd = tmp_path / "w"
+  monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+  run_train(wd, f"http://127.0.0.1:{free_port()}", "--config.train.steps=1",
+            "--config.judge.autostart=True", "--config.rewards.accuracy_rule=my_acc_mod:score",
+            f"--config.data.files=('{DATA / 'say_seven.jsonl'}',)", scripted=True)
+  assert not (wd / "judge.log").exists()
+  recs = metrics.read_jsonl(str(wd / "rollouts.jsonl"))
+  assert recs and {r["accuracy"] for r in recs} <= {0.25, 1.0}
+  assert all(r["accuracy"] == (1.0 if "7" in r["text"] else 0.25) for r in recs)

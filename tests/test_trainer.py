@@ -1,5 +1,7 @@
 """The sharded GRPO train step on a tiny random Qwen2: exactness, sharding, direction of learning."""
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,10 +9,12 @@ import pytest
 from flax import nnx
 
 from configs.base import get_base_config
-from pasr_jax import grpo, sharding
+from pasr_jax import checks, grpo, sharding
+from pasr_jax.batch import Batch
 from pasr_jax.config import ConfigError, RunConfig
 from pasr_jax.models.qwen import Decoder, tiny_config
-from pasr_jax.trainer import BATCH_KEYS, Trainer, TrainerError, make_step_fns
+from pasr_jax.trainer import (BATCH_KEYS, TOKEN_FIELDS, Trainer, TrainerError, make_grad_fn,
+                              nll_loss)
 
 B, L, PROMPT = 8, 20, 6
 
@@ -51,18 +55,19 @@ def make_batch(seed=0, vocab=256):
   }
 
 
-def make_trainer(cfg, mesh=None, seed=0):
+def make_trainer(cfg, mesh=None, seed=0, loss=None):
   model = Decoder(tiny_config("qwen2"), rngs=nnx.Rngs(seed))
   if mesh is None:
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-  return Trainer(RunConfig.from_tree(cfg).trainer_cfg(), model, tiny_config("qwen2"), mesh)
+  return Trainer(RunConfig.from_tree(cfg).trainer_cfg(), model, tiny_config("qwen2"), mesh,
+                 loss=loss)
 
 
 def gradients(tr, batch):
   """The full-batch loss gradient (no step taken) and metrics: the pure function whose result
   `Trainer.update` applies, jitted here on the trainer's params and batch placement."""
-  dev, num_micro, _ = tr._put_batch(batch, BATCH_KEYS)
-  _, _, grad_fn = make_step_fns(tr.graphdef, tr._rest, tr.tx, tr.cfg, num_micro, tr.mesh)
+  dev, num_micro, _ = tr._put_batch(Batch.of(batch), TOKEN_FIELDS + tr.loss.fields)
+  grad_fn = make_grad_fn(tr.graphdef, tr._rest, tr.cfg, num_micro, tr.mesh, loss=tr.loss)
   with sharding.use_mesh(tr.mesh, tr.rules):
     grads, m = jax.jit(grad_fn)(tr.params, tr.ref_params, dev)
   return grads, {k: float(v) for k, v in m.items()}
@@ -86,6 +91,30 @@ def np_logprobs(model, batch):
   ls = jax.nn.log_softmax(logits[:, :-1], axis=-1)
   lp = jnp.take_along_axis(ls, jnp.asarray(batch["input_ids"])[:, 1:, None], -1)[..., 0]
   return jnp.pad(lp, ((0, 0), (1, 0)))
+
+
+def test_nll_loss_is_the_gradient_of_grpo_at_ratio_one_in_one_pass():
+  """nll_loss (SFT) reads only the tokens and loss_mask, reports the NLL before the update as
+  its loss and compiles nothing but the update (no logprob pass first); its gradient is the
+  one GRPO had with advantages 1, beta 0, token_mean and old_logps = the policy's."""
+  cfg = make_cfg(**{"grpo.agg": "token_mean"})
+  nll, ref = make_trainer(cfg, loss=nll_loss()), make_trainer(cfg)
+  full = make_batch(9)
+  tokens = Batch(**{k: full[k] for k in TOKEN_FIELDS})
+  mask = full["loss_mask"]
+  lp = ref.logprobs(full, scored_only=True)
+  as_grpo = dict(full, old_logps=lp, advantages=np.ones(B, np.float32))
+  g_nll, m_nll = gradients(nll, tokens)
+  g_grpo, _ = gradients(ref, as_grpo)
+  np.testing.assert_allclose(flat(g_nll), flat(g_grpo), rtol=1e-5,
+                             atol=1e-6 * np.abs(flat(g_grpo)).max())
+  before = flat(nll.params)
+  m = nll.update(tokens)
+  assert nll.compilations == 1 and set(nll._fns) == {("update", 1, TOKEN_FIELDS)}
+  assert m["loss"] == pytest.approx(-(lp * mask).sum() / mask.sum(), rel=1e-6)
+  assert m["loss"] == m_nll["loss"] and m["tokens"] == mask.sum() and m["skipped"] == 0
+  assert not np.array_equal(flat(nll.params), before)
+  assert nll.ref_params is None
 
 
 def test_ref_equals_policy_gives_zero_kl():
@@ -294,14 +323,18 @@ def test_logit_window_equals_full_logits():
 def test_loss_mask_wider_than_max_tokens_raises():
   batch = make_batch()
   tr = make_trainer(make_cfg(**{"rollout.max_tokens": 5}))
-  with pytest.raises(TrainerError, match=r"batch\['loss_mask'\] row 0 .*rollout.max_tokens=5"):
+  with pytest.raises(TrainerError, match=r"batch loss_mask row 0 .*rollout.max_tokens=5"):
     tr.update(batch)
 
 
 def test_bad_config_and_batch_raise():
-  with pytest.raises(ConfigError, match="optim.micro_batch=3"):
-    make_trainer(make_cfg(**{"optim.micro_batch": 3}),
-                 sharding.make_mesh((1, 2, 1), devices=jax.devices()[:2]))
+  mesh = sharding.make_mesh((1, 2, 1), devices=jax.devices()[:2])
+  with pytest.raises(ConfigError) as err:
+    make_trainer(make_cfg(**{"optim.micro_batch": 3}), mesh)
+  # The one micro-batch rule (pasr_jax.checks), as preflight states it too.
+  axes = "*".join(sharding.batch_axes(mesh, tuple(get_base_config().mesh.rules)))
+  assert str(err.value) == "config " + checks.micro_batch_vs_shards(3, 2, axes)
+  assert "optim.micro_batch=3" in str(err.value) and checks.micro_batch_vs_shards(4, 2) is None
   tr = make_trainer(make_cfg(**{"optim.micro_batch": 3}))
   with pytest.raises(TrainerError, match="micro_batch=3"):
     tr.update(make_batch())
@@ -426,13 +459,13 @@ def test_batch_rule_decides_the_batch_sharding_of_the_train_step():
     rules = tuple(r for r in get_base_config().mesh.rules if r[0] != "batch") + (
         ("batch", rule),)
     tr = make_trainer(make_cfg(**{"optim.micro_batch": 4, "mesh.rules": rules}), mesh)
-    dev, k, length = tr._put_batch(batch, BATCH_KEYS)  # what the jitted update gets
+    dev, k, length = tr._put_batch(Batch.of(batch), BATCH_KEYS)  # what the jitted update gets
     for key, x in dev.items():
       assert x.sharding.spec == jax.P(rule, *([None] * (x.ndim - 1))), key
       assert len({s.index[0].start for s in x.addressable_shards}) == shards, key
     b = with_old(tr, batch)
     losses[rule] = tr.update(b)["loss"]
-    dev, k, length = tr._put_batch(b, BATCH_KEYS)
+    dev, k, length = tr._put_batch(Batch.of(b), BATCH_KEYS)
     fn = tr._fns[("update", k, BATCH_KEYS)]
     with sharding.use_mesh(mesh, tr.rules):
       compiled = fn.lower(tr.params, tr.ref_params, tr.opt_state, dev).compile()
@@ -445,3 +478,41 @@ def test_batch_rule_naming_a_missing_mesh_axis_names_mesh_rules():
   rules = tuple(get_base_config().mesh.rules) + (("batch", ("data", "pipe")),)
   with pytest.raises(sharding.MeshError, match=r"mesh\.rules: 'batch' -> 'pipe'"):
     make_trainer(make_cfg(**{"mesh.rules": rules}))
+
+
+# ----------------------------------------------------------------------------- bitwise record
+GRPO_FIXTURE = pathlib.Path(__file__).parent / "data" / "grpo_two_updates.npz"
+# Each case: config overrides and how the two updates are taken ("update": two
+# Trainer.update calls; "train_batch": one call taking grpo.num_iterations=2 updates).
+GRPO_CASES = {
+    "update_beta_2micro": ({"grpo.beta": 0.04, "optim.micro_batch": 4}, "update"),
+    "train_batch_tis": ({"grpo.beta": 0.04, "grpo.tis_cap": 2.0, "grpo.num_iterations": 2,
+                         "grpo.agg": "token_mean"}, "train_batch"),
+}
+
+
+def grpo_two_updates(name):
+  """The params (flat, float32) after two GRPO updates of case `name` on a fixed batch."""
+  over, how = GRPO_CASES[name]
+  tr = make_trainer(make_cfg(**over))
+  batch = make_batch(11)
+  noise = np.random.default_rng(12).normal(0, 0.3, batch["loss_mask"].shape)
+  batch["old_logps"] = ((tr.logprobs(batch) + noise) * batch["loss_mask"]).astype(np.float32)
+  if how == "update":
+    ms = [tr.update(batch) for _ in range(2)]
+  else:
+    ms = [tr.train_batch(batch)]
+    assert ms[0]["updates"] == 2
+  assert all(m["skipped"] == 0 for m in ms) and tr.step == 2
+  return np.concatenate([np.asarray(x, np.float32).ravel() for x in jax.tree.leaves(tr.params)])
+
+
+@pytest.mark.parametrize("name", sorted(GRPO_CASES))
+def test_grpo_updates_are_bitwise_the_recorded_ones(name):
+  """The GRPO update gives exactly (bit for bit) the params recorded in
+  tests/data/grpo_two_updates.npz, written by the trainer before its loss became pluggable:
+  a refactor of the loss, the batch or the step may not change a single bit."""
+  want = np.load(GRPO_FIXTURE)[name]
+  got = grpo_two_updates(name)
+  assert got.shape == want.shape
+  np.testing.assert_array_equal(got, want)

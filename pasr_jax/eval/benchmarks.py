@@ -2,7 +2,9 @@
 
 Each `Benchmark` names its file relative to `data_dir` (the layout of the PASR seed data), the
 question and answer fields, the judge task type (general | multiple_choice | summary) and a short
-task instruction put in front of the question. Rows are read with `pasr_jax.data.load_rows`.
+task instruction put in front of the question. A user's own files (`data.files` of the eval
+config) are read as training reads them (`load_user_items`). Rows are read with
+`pasr_jax.data.load_rows`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import re
 from collections.abc import Callable, Sequence
 
 from pasr_jax import errors
+from pasr_jax.config import DataCfg
 from pasr_jax.data import DataError, load_rows
 
 
@@ -122,7 +125,8 @@ def parse_datasets(spec: str | Sequence[str]) -> list[Benchmark]:
   if names == ["all"]:
     names = list(PAPER_DATASETS)
   if not names:
-    raise EvalError("config.datasets is empty; give e.g. --config.datasets=gsm8k,arc")
+    raise EvalError("config.datasets is empty; give e.g. --config.datasets=gsm8k,arc, or your "
+                    "own JSONL as --config.data.files=(FILE,)")
   unknown = [n for n in names if n not in BENCHMARKS]
   if unknown:
     raise EvalError(f"config.datasets: unknown dataset(s) {unknown}; known: "
@@ -158,3 +162,32 @@ def load_items(bench: Benchmark, data_dir: str, limit: int = 0,
                question=r.question,
                ground_truth=r.answer.strip() if reference == "solution" else bench.truth(r.answer),
                task_type=bench.task_type, instruction=instruction) for r in rows]
+
+
+def load_user_items(data_cfg: DataCfg, limit: int = 0, taken: Sequence[str] = ()) -> list[Item]:
+  """A user's own evaluation files, `data.files` of the eval config, read and validated as
+  training reads its data (`pasr_jax.data.load_rows` with data.question_field / answer_field /
+  max_row_chars: a bad row raises DataError naming the file and row). One dataset per file,
+  named by the file's name without extension; the first `limit` (0 = all) rows of each; the
+  judge's task type is data.task_type; no task instruction (as in training, the question
+  alone follows the system prompt) and the row's answer is the reference. `taken`: dataset
+  names already in the run, which a file's name must not repeat."""
+  if data_cfg.tfds_name:
+    raise EvalError(f"data.tfds_name={data_cfg.tfds_name!r}: evaluate reads data.files only; "
+                    "write the split to JSONL and pass it as data.files")
+  items: list[Item] = []
+  names = list(taken)
+  for path in data_cfg.files:
+    name = os.path.splitext(os.path.basename(path))[0]
+    if name in names:
+      raise EvalError(f"data.files: {path!r} would be dataset {name!r}, which this evaluation "
+                      "already has; rename the file")
+    names.append(name)
+    rows = load_rows(path, data_cfg.question_field, data_cfg.answer_field,
+                     data_cfg.max_row_chars)
+    if limit > 0:
+      rows = rows[:limit]
+    items += [Item(id=f"{name}/{r.id.split(':', 1)[-1]}", dataset=name, question=r.question,
+                   ground_truth=r.answer, task_type=data_cfg.task_type, instruction="")
+              for r in rows]
+  return items

@@ -89,10 +89,12 @@ class Runner:
 
   make_sampler() -> object with the `Sampler.generate` signature.
   make_judge() -> object with `score_batch(items) -> (scores, stats)` (see judge.client).
+  accuracy_rule: the config's rewards.accuracy_rule when a function scores instead of a judge
+  (its scores are cached under its name).
   """
 
   def __init__(self, cfg, encoder: P.ChatEncoder, make_sampler: Callable[[], Any],
-               make_judge: Callable[[], Any]):
+               make_judge: Callable[[], Any], accuracy_rule: str = ""):
     self.cfg = cfg
     self.mode = P.check_mode(cfg.mode)
     if cfg.oracle_revises not in ORACLE_REVISES:
@@ -105,7 +107,9 @@ class Runner:
     self.gen_cache = JsonlCache(os.path.join(cache_dir, "generations.jsonl"))
     self.score_cache = JsonlCache(os.path.join(cache_dir, "judgments.jsonl"))
     self.model_id = model_fingerprint(cfg.model)
-    self.judge_id = (cfg.judge.base_url, cfg.judge.model, cfg.judge.input)
+    # Scores of a rewards.accuracy_rule function are cached apart from any judge's.
+    self.judge_id = ((cfg.judge.base_url, cfg.judge.model, cfg.judge.input) if not accuracy_rule
+                     else ("rewards.accuracy_rule", accuracy_rule, cfg.judge.input))
     self.stats = dict(generated=0, generated_cached=0, judged=0, judged_cached=0,
                       prompts_truncated=0, engine_started=False, generate_s=0.0, judge_s=0.0)
 

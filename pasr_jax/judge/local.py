@@ -18,12 +18,28 @@ from pasr_jax.config import ConfigError
 from pasr_jax.judge.server import die_with_parent, stop_process, wait_healthy
 
 
-def judge_answers(base_url: str, timeout_s: float = 3.0) -> bool:
-  """True when GET <base_url>/v1/models answers 200."""
+# A judge that wants a key (a hosted API, a judge served beyond the loopback) answers these
+# to a request without one, or with a wrong one.
+_KEY_REFUSED = (401, 403)
+
+
+def judge_status(base_url: str, api_key_env: str = "", timeout_s: float = 3.0) -> int | None:
+  """HTTP status of GET <base_url>/v1/models, sent with the key from the env var named
+  `api_key_env` (if set); None when nothing answers."""
+  key = os.environ.get(api_key_env) if api_key_env else None
+  headers = {"Authorization": f"Bearer {key}"} if key else {}
   try:
-    return httpx.get(base_url.rstrip("/") + "/v1/models", timeout=timeout_s).status_code == 200
+    return httpx.get(base_url.rstrip("/") + "/v1/models", headers=headers,
+                     timeout=timeout_s).status_code
   except httpx.HTTPError:
-    return False
+    return None
+
+
+def judge_answers(base_url: str, timeout_s: float = 3.0) -> bool:
+  """True when a judge answers at base_url: GET /v1/models gives 200, or 401/403 (a judge
+  that wants a key; `ensure_judge` checks ours at the start of a run)."""
+  status = judge_status(base_url, timeout_s=timeout_s)
+  return status == 200 or status in _KEY_REFUSED
 
 
 class LocalJudge:
@@ -51,10 +67,20 @@ class LocalJudge:
 
 
 def ensure_judge(judge_cfg, log_path: str | os.PathLike) -> LocalJudge | None:
-  """Checks that a judge answers at judge_cfg.base_url; starts a `LocalJudge` there when
-  none does and judge.autostart is set (returned, for the caller to stop), else ConfigError."""
-  if judge_answers(judge_cfg.base_url):
+  """Checks that a judge answers at judge_cfg.base_url and takes our key (the env var named
+  by judge.api_key_env); starts a `LocalJudge` there when none answers and judge.autostart is
+  set (returned, for the caller to stop), else ConfigError."""
+  status = judge_status(judge_cfg.base_url, judge_cfg.api_key_env)
+  if status == 200:
     return None
+  if status in _KEY_REFUSED:
+    env = judge_cfg.api_key_env
+    sent = bool(env and os.environ.get(env))
+    raise ConfigError(
+        f"config judge.base_url={judge_cfg.base_url!r}: the judge refuses "
+        f"{'our' if sent else 'a request without a'} key (HTTP {status}); "
+        + (f"export {env}=<the judge's key> (judge.api_key_env)" if env else
+           "set judge.api_key_env to the name of the env var holding its key"))
   if not judge_cfg.autostart:
     raise ConfigError(f"config judge.base_url={judge_cfg.base_url!r}: no judge answers at "
                       "/v1/models; start one (python -m pasr_jax.judge --backend verify "

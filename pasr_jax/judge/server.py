@@ -223,9 +223,8 @@ def serve_vllm(model: str, host: str, port: int, served_model_name: str,
                api_key: str | None = None, dtype: str = "float32", max_model_len: int = 0,
                enforce_eager: bool = True, extra: Sequence[str] = (),
                startup_timeout_s: float = 900.0) -> int:
-  """Run vLLM's server as a child until it exits; returns its exit code."""
-  if not os.path.isfile(os.path.join(model, "config.json")):
-    raise SystemExit(f"--model={model!r}: not an HF model dir (no config.json)")
+  """Run vLLM's server for the HF dir `model` as a child until it exits; returns its exit
+  code."""
   env = dict(os.environ)
   if api_key:
     env["VLLM_API_KEY"] = api_key

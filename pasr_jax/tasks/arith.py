@@ -277,7 +277,7 @@ def _write_jsonl(path: str, rows: Sequence[dict]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  ap = _Parser(prog=PROG, description=__doc__.split("\n")[0])
+  ap = _Parser(prog=PROG, description=__doc__.split("\n")[0], allow_abbrev=False)
   ap.add_argument("--out", required=True, help="output dir (train.jsonl, test.jsonl, meta.json)")
   ap.add_argument("--n_train", type=int, default=2000)
   ap.add_argument("--n_test", type=int, default=400)
