@@ -589,7 +589,7 @@ class RunConfig(Section):
 
   def need_files(self) -> None:
     """A training run's inputs exist: model.path is an HF dir (unless model.tiny_random),
-    every data file is there and rewards.accuracy_rule's function imports. Not part of
+    every data file is there (rewards.accuracy_rule's function: `rewards.require_rule`). Not part of
     `check`: `plan` and `sft` read presets whose files live on another machine or are not
     used."""
     m = self.model
@@ -598,11 +598,6 @@ class RunConfig(Section):
              "no HF model dir (config.json) there; run `make setup` for SmolLM2")
     for f in self.data.files:
       self.data.need(os.path.isfile(f), "files", f"file {f!r} does not exist")
-    if self.rewards.accuracy_rule:
-      # Imported here: rewards imports this module. A function that is not importable is
-      # named before any weights load.
-      from pasr_jax.rewards import load_accuracy_function  # pylint: disable=import-outside-toplevel
-      load_accuracy_function(self.rewards.accuracy_rule)
     for f in self.eval.files:
       self.eval.need(os.path.isfile(f), "files", f"file {f!r} does not exist")
 

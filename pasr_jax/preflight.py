@@ -31,7 +31,7 @@ from typing import Any, Mapping
 
 from absl import flags
 
-from pasr_jax import checks, cli, devices, errors
+from pasr_jax import checks, cli, devices, errors, rewards
 from pasr_jax.config import ConfigError, RunConfig
 from pasr_jax.judge.local import judge_answers
 from pasr_jax.rollout import weight_sync
@@ -675,6 +675,7 @@ def require(cfg: Any) -> list[Check]:
   """The checks against this machine (what `train` runs first); PreflightError on a failure."""
   cfg = RunConfig.from_tree(cfg)
   cfg.need_files()  # a missing model dir or data file is named as it always was
+  rewards.require_rule(cfg.rewards)
   checks = run_checks(cfg, *_this_cluster(cfg), probe(cfg))
   bad = failures(checks)
   if bad:

@@ -76,6 +76,13 @@ def load_accuracy_function(rule: str) -> Callable[..., Sequence[float]]:
   return fn
 
 
+def require_rule(cfg: RewardsCfg) -> None:
+  """The function `cfg.accuracy_rule` names (if any) imports: checked by preflight and the run
+  before any weights load (ConfigError naming the key otherwise)."""
+  if cfg.accuracy_rule:
+    load_accuracy_function(cfg.accuracy_rule)
+
+
 class AccuracyRule:
   """Accuracy by a Python function in this process instead of the judge (`rewards.accuracy_rule`).
 

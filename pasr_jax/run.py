@@ -26,7 +26,7 @@ from typing import Any
 
 import jax
 
-from pasr_jax import build, devices, errors, hooks, multihost
+from pasr_jax import build, devices, errors, hooks, multihost, rewards
 from pasr_jax.data import BatchStream
 from pasr_jax.rollout import source as sources
 from pasr_jax.rollout.vllm_sampler import VllmSampler
@@ -54,6 +54,7 @@ class Run:
 
   def __init__(self, cfg):
     cfg.need_files()
+    rewards.require_rule(cfg.rewards)
     self.cfg, self.wd = cfg, Workdir(cfg.workdir)
     self.parts = self.sampler = self.source = self.judge_proc = None
     self.hooks, self.logs, self.scalars = hooks.Hooks(), {}, {}

@@ -243,7 +243,7 @@ def test_accuracy_rule_values_are_checked_before_the_run(user_rewards):
   cfg.model.tiny_random = True
   cfg.rewards.accuracy_rule = "my_rewards_mod:missing"
   with pytest.raises(ConfigError, match="no function 'missing'"):
-    RunConfig.from_tree(cfg).need_files()       # preflight and the run call it first
+    rewards.require_rule(RunConfig.from_tree(cfg).rewards)  # preflight and the run call it first
 
 
 @pytest.mark.slow
