@@ -326,7 +326,8 @@ def command_flags():
   from absl import flags
 
   from pasr_jax import cli
-  assert not cli._HOLDERS, "a command's --config flag is still defined"  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  assert not cli._HOLDERS, "a command's --config flag is still defined"
   had = set(flags.FLAGS)
   root = logging.getLogger()
   handlers, level = list(root.handlers), root.level
