@@ -9,14 +9,19 @@ rollouts, and run-level faults (a bad judge, NaN, a full disk) need no engine to
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
+import logging
 import os
 import pathlib
+import runpy
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -310,3 +315,66 @@ def read_wandb_run(run_dir: pathlib.Path) -> dict:
                              for i in rec.history.item})
   out["config"].pop("_wandb", None)
   return out
+
+
+# ----------------------------------------------------------------------------- commands in-process
+@contextlib.contextmanager
+def command_flags():
+  """Around a `pasr_jax.cli.main` call in this process: afterwards absl's flags, the
+  command-line layer's `--config` and the root logger are as before, so the next command
+  defines its own."""
+  from absl import flags
+
+  from pasr_jax import cli
+  # pylint: disable-next=protected-access
+  assert not cli._HOLDERS, "a command's --config flag is still defined"
+  had = set(flags.FLAGS)
+  root = logging.getLogger()
+  handlers, level = list(root.handlers), root.level
+  try:
+    yield
+  finally:
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name in set(flags.FLAGS) - had:
+      delattr(flags.FLAGS, name)
+    flags.FLAGS.unparse_flags()
+    cli._HOLDERS.clear()  # pylint: disable=protected-access
+
+
+def run_command(module: str, *args: str,
+                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+  """`python -m MODULE ARGS` run in this process: what `subprocess.run(..., text=True,
+  capture_output=True)` would give (returncode, stdout, stderr).
+
+  For what a command does before its work starts (flags, config, preflight, the one-line
+  errors and their exit codes): a subprocess would spend its time importing JAX, torch and
+  vLLM again. The module's real `__main__` block runs (a `pasr_jax.cli.main` command or an
+  argparse one); `env` is set for the call. A bug (an exception the command lets through)
+  propagates to the test, as it would end the process with its traceback. Not for what
+  depends on a fresh process (settings read before JAX is imported)."""
+  saved_argv, saved_env = sys.argv, dict(os.environ)
+  os.environ.update(env or {})
+  sys.argv = [f"{module.replace('.', '/')}.py", *args]
+  out, err, code = io.StringIO(), io.StringIO(), 0
+  try:
+    with command_flags(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+        warnings.catch_warnings():
+      # runpy warns that the module is already imported: its `__main__` block runs anew.
+      warnings.simplefilter("ignore", RuntimeWarning)
+      runpy.run_module(module, run_name="__main__", alter_sys=False)
+  except SystemExit as e:
+    if isinstance(e.code, str):  # sys.exit("message"): printed, exit 1, as Python does
+      err.write(e.code + "\n")
+    code = e.code if isinstance(e.code, int) else (1 if e.code else 0)
+  finally:
+    sys.argv = saved_argv
+    os.environ.clear()
+    os.environ.update(saved_env)
+  return subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
+
+
+def train_in_process(workdir, judge_url: str, *overrides: str) -> subprocess.CompletedProcess:
+  """`train_cmd`'s command (`python -m pasr_jax.train` on tiny_cpu) run by `run_command`: for
+  runs that end before training starts (config, preflight, judge checks)."""
+  return run_command("pasr_jax.train", *train_cmd(workdir, judge_url, *overrides)[3:])

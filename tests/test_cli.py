@@ -1,23 +1,21 @@
 """The package's shape and its command-line layer (pasr_jax.cli): every module imports on its own,
 the import graph has no cycle, no function runs past 80 lines, and the exit codes: a user
-error is one line and exit 2, an internal invariant failure is a bug (exit 1, traceback)."""
+error is one line and exit 2, an internal invariant failure is a bug (its exception leaves
+`cli.main`: a traceback and exit 1). The commands run in this process (helpers.run_command)."""
 
 import ast
 import graphlib
-import os
+import importlib
 import pathlib
-import subprocess
 import sys
-import textwrap
+import traceback
+
+import pytest
+
+from helpers import command_flags, run_command
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PKG = ROOT / "pasr_jax"
-
-
-def _env():
-  env = dict(os.environ)
-  env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-  return env
 
 
 def _modules() -> dict[str, pathlib.Path]:
@@ -59,30 +57,32 @@ def test_import_graph_is_acyclic():
     assert "pasr_jax.run" not in graph[lib] and "pasr_jax.train" not in graph[lib], lib
 
 
-_ALONE = textwrap.dedent("""
-    import importlib, sys, traceback
-    failed = []
-    for name in sys.argv[1:]:
-      # A fresh package each time: nothing a previous import left in sys.modules (or as an
-      # attribute of the pasr_jax package) can hide a missing import or a cycle.
-      for k in [k for k in sys.modules if k == "pasr_jax" or k.startswith("pasr_jax.")]:
-        del sys.modules[k]
-      try:
-        importlib.import_module(name)
-      except BaseException:
-        failed.append(name + ":\\n" + traceback.format_exc())
-    print("\\n".join(failed) or "ok")
-""")
-
-
 def test_every_module_imports_on_its_own():
-  """Each module imported into a package emptied of every pasr_jax module first (third-party
-  modules stay cached, so it takes seconds, not a subprocess per module)."""
-  names = list(_modules())
-  p = subprocess.run([sys.executable, "-c", _ALONE, *names], cwd=ROOT, env=_env(),
-                     capture_output=True, text=True, timeout=300)
-  assert p.returncode == 0, p.stderr[-3000:]
-  assert p.stdout.strip().splitlines()[-1] == "ok", p.stdout[-5000:]
+  """Each module imported into a package emptied of every pasr_jax module first: nothing a
+  previous import left in sys.modules (or as an attribute of the pasr_jax package) can hide a
+  missing import or a cycle. Third-party modules stay cached, so it takes seconds; the
+  session's own pasr_jax modules are put back afterwards."""
+  from tensorflow_datasets.core import registered
+
+  def ours():
+    return {k: v for k, v in sys.modules.items() if k == "pasr_jax" or k.startswith("pasr_jax.")}
+
+  session, failed = ours(), []
+  try:
+    # The TFDS builder, imported anew, must not collide with the session's registration.
+    with registered.skip_registration():
+      for name in _modules():
+        for k in ours():
+          del sys.modules[k]
+        try:
+          importlib.import_module(name)
+        except BaseException:  # pylint: disable=broad-except
+          failed.append(name + ":\n" + traceback.format_exc())
+  finally:
+    for k in ours():
+      del sys.modules[k]
+    sys.modules.update(session)
+  assert not failed, "\n".join(failed)[-5000:]
 
 
 def test_no_function_over_80_lines():
@@ -97,37 +97,31 @@ def test_no_function_over_80_lines():
 
 
 def test_user_error_is_one_line_and_exit_2():
-  p = subprocess.run([sys.executable, "-m", "pasr_jax.train", "--config=configs/smollm2_135m.py",
-                      "--config.optim.lr=-1"], cwd=ROOT, env=_env(), capture_output=True,
-                     text=True, timeout=120)
+  p = run_command("pasr_jax.train", "--config=configs/smollm2_135m.py", "--config.optim.lr=-1")
   assert p.returncode == 2, p.stderr[-2000:]
   assert p.stderr.strip().splitlines() == [
       "pasr_jax.train: ConfigError: config optim.lr=-1.0: must be > 0 (a negative rate trains "
       "backwards)"], p.stderr[-2000:]
 
 
-_INVARIANT = textwrap.dedent("""
-    import sys
-    import numpy as np
-    from pasr_jax import cli, policy
-    from pasr_jax.trainer import Trainer
+def test_internal_invariant_failure_is_a_bug_with_traceback(tmp_path, monkeypatch, capsys):
+  """A real trainer on the tiny model handed a batch without its loss inputs: the internal
+  invariant "batch is missing [...]" (run and sft always build whole batches) leaves
+  `cli.main` as the exception itself (Python then prints its traceback and exits 1), not as
+  a one-line user error."""
+  import numpy as np
 
-    def broken(cfg):
-      # A real trainer on the tiny model handed a batch without its loss inputs: the internal
-      # invariant "batch is missing [...]" (run and sft always build whole batches).
-      pol = policy.build_policy(cfg.model, cfg.mesh, policy.base_dir(cfg))
-      trainer = Trainer(cfg.trainer_cfg(), pol.model, pol.config, pol.mesh)
-      ids = np.ones((8, 8), np.int32)
-      trainer.update({"input_ids": ids, "attention_mask": ids, "positions": ids})
+  from pasr_jax import cli, policy
+  from pasr_jax.trainer import Trainer, TrainerError
 
-    sys.argv = [sys.argv[0], "--config=configs/tiny_cpu.py", "--config.workdir=" + sys.argv[1]]
+  def broken(cfg):
+    pol = policy.build_policy(cfg.model, cfg.mesh, policy.base_dir(cfg))
+    trainer = Trainer(cfg.trainer_cfg(), pol.model, pol.config, pol.mesh)
+    ids = np.ones((8, 8), np.int32)
+    trainer.update({"input_ids": ids, "attention_mask": ids, "positions": ids})
+
+  monkeypatch.setattr(sys, "argv", ["pasr_jax/train.py", "--config=configs/tiny_cpu.py",
+                                    f"--config.workdir={tmp_path}"])
+  with command_flags(), pytest.raises(TrainerError, match="batch is missing"):
     cli.main("pasr_jax.train", broken)
-""")
-
-
-def test_internal_invariant_failure_is_a_bug_with_traceback(tmp_path):
-  p = subprocess.run([sys.executable, "-c", _INVARIANT, str(tmp_path)], cwd=ROOT, env=_env(),
-                     capture_output=True, text=True, timeout=300)
-  assert p.returncode == 1, p.stderr[-3000:]
-  assert "Traceback" in p.stderr and "TrainerError: batch is missing" in p.stderr, p.stderr[-3000:]
-  assert "pasr_jax.train: TrainerError" not in p.stderr  # not dressed up as a user error
+  assert "pasr_jax.train: TrainerError" not in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """The fast tier's guard (tests/conftest.py): a test that starts a vLLM engine without the
 `slow` mark fails, whether the engine would start in the test's process, through the shared
-engine fixture, or in a child process. Checked on an inner pytest session of three tests."""
+engine fixture, or in a child process. Checked on an inner pytest session of three tests, run
+in this process (pytester restores sys.modules after it)."""
 
 import pytest
 
@@ -56,7 +57,7 @@ def test_engines_only_in_tests_marked_slow(pytester, monkeypatch):
   pytester.makeconftest((ROOT / "tests" / "conftest.py").read_text())
   pytester.makeini("[pytest]\nmarkers = slow: slow\n")
   pytester.makepyfile(test_inner=_INNER)
-  res = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=600)
+  res = pytester.runpytest_inprocess("-p", "no:cacheprovider")
   # test_child_process itself passes; the guard's failure is its teardown error.
   res.assert_outcomes(passed=2, failed=1, errors=2)
   out = res.stdout.str()

@@ -1,12 +1,10 @@
 """Weights & Biases: config errors. What a real run logs to W&B (offline, read back from the
 files W&B wrote) is asserted on test_multihost_run.py's scripted runs, which log to W&B anyway."""
 
-import subprocess
-
 import pytest
 
 from configs.base import get_base_config
-from helpers import ROOT, env, train_cmd, train_error_lines
+from helpers import train_error_lines, train_in_process
 from pasr_jax import metrics
 from pasr_jax.config import ConfigError, RunConfig
 
@@ -25,9 +23,8 @@ def test_online_without_a_key_is_a_config_error_naming_the_key(tmp_path, monkeyp
 
 
 def test_unknown_mode_ends_in_one_line_exit_2(tmp_path):
-  p = subprocess.run(train_cmd(tmp_path / "w", "http://127.0.0.1:9",
-                               "--config.logging.wandb_mode=sometimes"),
-                     cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+  p = train_in_process(tmp_path / "w", "http://127.0.0.1:9",
+                       "--config.logging.wandb_mode=sometimes")
   ours = train_error_lines(p.stderr)
   assert p.returncode == 2 and len(ours) == 1, p.stderr[-3000:]
   assert "logging.wandb_mode='sometimes': must be one of online | offline" in ours[0]

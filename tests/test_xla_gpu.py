@@ -2,7 +2,8 @@
 
 Runs in the separate venv `make xla-gpu` builds (.venv-xla-gpu, with the CUDA PJRT plugin); the
 main venv never gets the plugin. The tiny preset in bf16 must compile to a program whose
-attention is cuDNN flash attention, forward and backward.
+attention is cuDNN flash attention, forward and backward. Each XLA:GPU compile takes about a
+minute on this machine's CPUs: those tests are in the slow tier.
 """
 
 import os
@@ -12,6 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 XLA_GPU_PY = ROOT / ".venv-xla-gpu" / "bin" / "python"
@@ -24,6 +27,7 @@ def _plan(py, *args, timeout=600):
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not XLA_GPU_PY.exists(),
                     reason=".venv-xla-gpu is absent: `make xla-gpu` builds it (`make test` does)")
 def test_tiny_update_compiles_for_h100_with_cudnn_attention():
@@ -41,6 +45,7 @@ def test_tiny_update_compiles_for_h100_with_cudnn_attention():
   assert re.search(r"fits\s+yes: JAX's share 0.60 x 79.1 GiB", out), out
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not XLA_GPU_PY.exists(),
                     reason=".venv-xla-gpu is absent: `make xla-gpu` builds it (`make test` does)")
 def test_xla_attention_compiles_without_cudnn_calls():
@@ -53,12 +58,14 @@ def test_xla_attention_compiles_without_cudnn_calls():
 
 
 def test_cuda_plan_without_the_plugin_says_what_to_do():
-  """The main venv has no CUDA plugin: a clear message, not a traceback."""
+  """The main venv has no CUDA plugin: a clear message, not a traceback. (A process of its
+  own: the plugin check runs before JAX is first imported.)"""
   p = _plan(sys.executable, "--mesh=1,2,1", "--platform=cuda", "--gpu=h100", timeout=120)
   assert p.returncode == 2, (p.stdout, p.stderr[-2000:])
   assert "make xla-gpu" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
 
 
 def test_unknown_gpu_is_named():
-  p = _plan(sys.executable, "--mesh=1,2,1", "--platform=cuda", "--gpu=h800", timeout=120)
+  p = run_command("pasr_jax.plan", "--config=configs/tiny_cpu.py", "--mesh=1,2,1",
+                  "--platform=cuda", "--gpu=h800")
   assert p.returncode == 2 and "--gpu='h800'" in p.stderr and "h100" in p.stderr, p.stderr
