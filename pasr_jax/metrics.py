@@ -115,7 +115,7 @@ class MetricsWriter:
       self._wandb.finish()
 
 
-# What a run shows of learning (issue 18): per step, on one figure and in the end-of-run line.
+# What a run shows of learning: per step, on one figure and in the end-of-run line.
 LEARNING_KEYS = (("rate/format_ok", "format rate"), ("rate/refine", "refine rate"),
                  ("reward/accuracy", "accuracy"), ("len/pasr_mean", "answer length (tokens)"))
 
