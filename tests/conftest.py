@@ -76,19 +76,19 @@ class _EngineWatch(threading.Thread):
 
 @pytest.fixture(autouse=True)
 def _no_engine_unless_slow(request, monkeypatch):
-  """A test not marked slow may not start a vLLM engine: `VllmSampler` refuses to start one
+  """A test not marked slow may not start a vLLM engine: `VllmEngine` refuses to start one
   in this process, and an engine core appearing in a child process fails the test."""
   if not _unmarked(request.node):
     yield
     return
-  from pasr_jax.rollout import vllm_sampler
+  from pasr_jax.rollout import engine
   nodeid = request.node.nodeid
 
   def refuse(self):
     pytest.fail(f"{nodeid} starts a vLLM engine but is not marked @pytest.mark.slow",
                 pytrace=False)
 
-  monkeypatch.setattr(vllm_sampler.VllmSampler, "_start_engine", refuse)
+  monkeypatch.setattr(engine.VllmEngine, "_start", refuse)
   watch = _EngineWatch()
   watch.start()
   yield
