@@ -112,7 +112,7 @@ def vllm_sampler(smollm2_dir):
 
   Starting an engine takes about a minute here, so every test module uses this one. Tests
   that `sync` other weights into it must sync SmolLM2's own weights back before they end.
-  Teardown closes it and fails if any engine process outlives `close()` (issue #4).
+  Teardown closes it and fails if any engine process outlives `close()`.
   """
   from pasr_jax.rollout.vllm_sampler import VllmSampler
   me = psutil.Process()
@@ -124,7 +124,8 @@ def vllm_sampler(smollm2_dir):
   assert engine_procs, "expected the vLLM engine core to run in a child process"
   yield sampler
   sampler.close()
-  gone, alive = psutil.wait_procs(engine_procs, timeout=30)
+  # close() waits for them itself: a few seconds here are for a loaded host to reap them.
+  gone, alive = psutil.wait_procs(engine_procs, timeout=5)
   assert not alive, f"vLLM processes left after close(): {[p.pid for p in alive]}"
 
 

@@ -104,6 +104,23 @@ def test_stop_request_ends_the_wait(tiny_sampler):
     tiny_sampler.should_stop = lambda: False
 
 
+@pytest.mark.slow
+def test_close_ends_the_engine_without_waiting_for_its_interpreters(tiny_sampler):
+  """close() ends the engine core and its worker once they have shut down, not after their
+  interpreters' exit (seconds each: vLLM alone then force-kills the core after 5 s)."""
+  from pasr_jax.rollout import engine, vllm_internals
+  tiny_sampler.start()
+  internals = tiny_sampler.engine._internals
+  procs = internals._tree()
+  assert len(procs) >= 2 and internals.model_pids <= {p.pid for p in procs}
+  t = time.monotonic()
+  tiny_sampler.close()
+  took = time.monotonic() - t
+  print(f"close took {took:.2f} s")
+  assert all(vllm_internals._gone(p) for p in procs)
+  assert took < engine.CLOSE_GRACE_S, took
+
+
 # ----------------------------------------------------------------------------- whole runs
 # `python -m pasr_jax.train` (tiny_cpu preset) in its own process group, or the same command
 # with ScriptedSampler (`scripted=True`).

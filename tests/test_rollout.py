@@ -8,6 +8,7 @@ import concurrent.futures
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -362,8 +363,9 @@ _ATEXIT_SCRIPT = textwrap.dedent("""
 
 
 def test_failed_reload_recovers_and_engine_ends_at_exit(tmp_path):
-  """On the tiny model (an engine of its own, in its own process: the atexit hook is the
-  subject): what is tested is vLLM's reload and the engine's shutdown, not the model."""
+  """On the tiny model (an engine of its own, in its own process: the atexit hook and the
+  output are the subject): what is tested is vLLM's reload, the engine's shutdown and its
+  log level, not the model."""
   import psutil
   from pasr_jax.tiny import make_tiny_model_dir
   model = tmp_path / "tiny"
@@ -382,6 +384,10 @@ def test_failed_reload_recovers_and_engine_ends_at_exit(tmp_path):
   assert info["version_after_failure"] == 0 and info["refused"], info
   assert info["restored"] and info["version"] == 2, info
   assert info["kids"], info
+  # Quiet by default (rollout.vllm.log_level WARNING), in this process and the engine's: no
+  # INFO lines and no weight-loading progress bars at the start or the two reloads.
+  assert "Loading safetensors checkpoint shards" not in proc.stderr, proc.stderr[-3000:]
+  assert not re.search(r"\bINFO \d\d-\d\d ", proc.stderr + proc.stdout), proc.stderr[-3000:]
   procs = []
   for pid, _ in info["kids"]:
     try:

@@ -9,6 +9,7 @@ import inspect
 import logging
 import queue
 
+import psutil
 import pytest
 
 from pasr_jax.rollout import vllm_internals as vi
@@ -56,6 +57,13 @@ def test_log_level_is_set_on_vllms_logger():
     logging.getLogger("vllm").setLevel(old)
 
 
+def test_log_level_is_a_checked_config_key():
+  from pasr_jax.config import ConfigError, VllmCfg
+  assert VllmCfg().log_level == "WARNING"
+  with pytest.raises(ConfigError, match=r"rollout.vllm.log_level='LOUD'"):
+    VllmCfg(log_level="LOUD").check()
+
+
 def test_importing_the_extension_does_not_import_jax():
   """vLLM's workers import this module; JAX would cost them seconds at start and exit."""
   import subprocess
@@ -70,10 +78,14 @@ def test_importing_the_extension_does_not_import_jax():
 @pytest.mark.slow
 def test_live_engine_internals(vllm_sampler):
   """The session engine's private objects are what `Internals` expects."""
-  internals = vi.Internals(vllm_sampler.llm)
+  vllm_sampler.start()
+  internals = vllm_sampler.engine._internals
   assert isinstance(internals.outputs_queue, queue.Queue)
   assert isinstance(internals.utility_results, dict)
   assert internals.processes and all(p.is_alive() for p in internals.processes)
   assert internals.dead() is None
+  # attach noted the processes that run the model: on CPU one worker, a child of the core.
+  core = psutil.Process(internals.processes[0].pid)
+  assert internals.model_pids == {p.pid for p in core.children()} and internals.model_pids
   assert vi.loaded_versions(vllm_sampler.llm) == [vllm_sampler.engine.held_version()]
   assert inspect.ismethod(vllm_sampler.llm.llm_engine.engine_core.shutdown)

@@ -89,15 +89,18 @@ class VllmEngine:
   def llm(self):
     """The `vllm.LLM`, started on first use."""
     if self._llm is None:
-      self._llm, self._internals = self._start()
+      self._start()
     return self._llm
 
   def start(self) -> None:
     _ = self.llm
 
-  def _start(self):
-    vllm_internals.check_installed()
-    from vllm.platforms import current_platform
+  def _start(self) -> None:
+    level = {vllm_internals.ENV_LOG_LEVEL: self.cfg.log_level}
+    with _scoped_env(level):  # vLLM configures its logger from the environment at import
+      vllm_internals.check_installed()
+      from vllm.platforms import current_platform
+    vllm_internals.set_log_level(self.cfg.log_level)  # in case vLLM was imported before
 
     kwargs: dict[str, Any] = dict(
         model=str(self.model_dir), dtype=self.cfg.dtype, max_model_len=self.cfg.max_model_len,
@@ -106,8 +109,7 @@ class VllmEngine:
         gpu_memory_utilization=self.cfg.gpu_memory_utilization, seed=self.seed,
         logprobs_mode=vllm_internals.LOGPROBS_MODE, use_tqdm_on_load=False,
         worker_extension_cls=vllm_internals.WORKER_EXTENSION)
-    env = {vllm_internals.ENV_MULTIPROC_METHOD: "spawn",
-           vllm_internals.ENV_LOG_LEVEL: self.cfg.log_level}
+    env = {vllm_internals.ENV_MULTIPROC_METHOD: "spawn", **level}
     if current_platform.is_cpu():
       # On CPU the KV cache is sized in bytes (gpu_memory_utilization does not apply).
       # VLLM_CPU_KVCACHE_SPACE, if set, still takes precedence inside vLLM.
@@ -118,18 +120,23 @@ class VllmEngine:
       env["CUDA_VISIBLE_DEVICES"] = self.cuda_visible_devices
     reaper.ensure_reaper()  # a trainer killed while the engine starts leaves no engine behind
     with _scoped_env(env):
-      # Imported here: vLLM configures its logger from the environment at import.
       from vllm import LLM
-      vllm_internals.set_log_level(self.cfg.log_level)
       llm = LLM(**kwargs)  # the engine's processes are spawned here and read this env
     try:
       internals = vllm_internals.Internals(llm)
-      # The engine core outlives a SIGKILLed trainer otherwise; and a short exit.
-      vllm_internals.attach(llm, os.getpid())
     except BaseException:
-      llm.llm_engine.engine_core.shutdown()
+      vllm_internals.shutdown_unchecked(llm)
       raise
-    return llm, internals
+    self._llm, self._internals = llm, internals
+    try:
+      # A watch on this process (the engine core outlives a SIGKILLed trainer otherwise),
+      # and the workers' short exit.
+      self._guarded(lambda: internals.attach(os.getpid()), "start", stoppable=False)
+    except EngineError:
+      raise
+    except BaseException:
+      self._abandon()
+      raise
 
   def close(self) -> None:
     """Ends the engine's processes; idempotent. The next call starts a fresh engine."""

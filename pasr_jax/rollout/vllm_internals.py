@@ -233,7 +233,9 @@ class Internals:
           "VLLM_ENABLE_V1_MULTIPROCESSING=0?): pasr_jax needs its engine core in a child "
           "process, to watch it and end a wait on it")
     import queue
+    self.llm = llm
     self.client = client
+    self.model_pids: set[int] = set()  # processes that run the model (see `attach`)
     self.outputs_queue = _attr(client, "outputs_queue", "for the watchdog", queue.Queue)
     self.utility_results = _attr(client, "utility_results", "for the watchdog", dict)
     self.resources = _attr(client, "resources", "to watch the engine core")
@@ -242,6 +244,25 @@ class Internals:
     self.processes = list(_attr(manager, "processes", "to watch the engine core", list))
     if not self.processes:
       raise VllmUnsupported("the vLLM engine reports no engine core process")
+    # Handles taken now: they never stand for another process that reuses a pid later.
+    self._handles = _handles(p.pid for p in self.processes)
+
+  def attach(self, trainer_pid: int) -> None:
+    """Sets up each worker (`SyncExtension.pasr_attach`): a watch on `trainer_pid`, and a
+    short exit; notes which processes run the model."""
+    self.model_pids = set(self.llm.collective_rpc(RPC_ATTACH, args=(trainer_pid,)))
+    self._handles += _handles(self.model_pids - {h.pid for h in self._handles})
+
+  def _tree(self) -> list:
+    """The engine's processes: its engine cores, the workers `attach` noted (also once their
+    engine core is gone) and every descendant of them that is still running."""
+    import psutil
+    tree = {h.pid: h for h in self._handles}
+    for h in self._handles:
+      with contextlib.suppress(psutil.Error):
+        if h.is_running():
+          tree.update((c.pid, c) for c in h.children(recursive=True))
+    return list(tree.values())
 
   def dead(self) -> str | None:
     """Why the engine is dead ("" unknown), or None while it runs."""
@@ -263,16 +284,17 @@ class Internals:
     """Ends the engine's processes, waiting on them only while they may need it.
 
     vLLM's own shutdown runs (SIGTERM to the engine core, which ends its workers): each
-    process that holds the model (the workers; the engine core when it runs the model itself)
+    process that runs the model (the workers; the engine core when it runs the model itself)
     frees its memory, device memory included, in that shutdown and then exits (`pasr_attach`
-    keeps its interpreter's exit short). At most `grace_s` is given to them; an engine core
-    whose workers are gone gets `CORE_TAIL_S` more; then everything the engine started that
-    is still there is killed, rather than waited for through its interpreter's exit.
+    keeps its interpreter's exit short). At most `grace_s` is given to them; the rest (an
+    engine core whose workers are gone: what is left of its shutdown is on the host) gets
+    `CORE_TAIL_S` more; then everything the engine started that is still there is killed,
+    rather than waited for through its interpreter's exit.
     """
     import psutil
-    tree = _tree(self.processes)
-    cores = {p.pid for p in self.processes}
-    holders = [p for p in tree if p.pid not in cores] or [p for p in tree if p.pid in cores]
+    tree = self._tree()
+    # Before `attach` told which processes run the model, every one may.
+    holders = [p for p in tree if p.pid in self.model_pids] or tree
     failed: list[BaseException] = []
 
     def vllm_shutdown():
@@ -296,16 +318,17 @@ class Internals:
       raise failed[0]
 
 
-def _tree(procs: list) -> list:
-  """psutil handles of `procs` (multiprocessing processes) and all their descendants."""
+def shutdown_unchecked(llm: Any) -> None:
+  """vLLM's own shutdown of an engine whose internals did not check out (`Internals`)."""
+  llm.llm_engine.engine_core.shutdown()
+
+
+def _handles(pids) -> list:
   import psutil
   out = []
-  for proc in procs:
-    try:
-      p = psutil.Process(proc.pid)
-      out += [p, *p.children(recursive=True)]
-    except psutil.Error:
-      pass
+  for pid in pids:
+    with contextlib.suppress(psutil.Error):
+      out.append(psutil.Process(pid))
   return out
 
 
@@ -335,11 +358,6 @@ def reload(llm: Any, path: str, version: int) -> list[list[str]]:
 def loaded_versions(llm: Any) -> list[int | None]:
   """The policy version each worker holds (None: the weights the engine started with)."""
   return llm.collective_rpc(RPC_VERSION)
-
-
-def attach(llm: Any, trainer_pid: int) -> None:
-  """Sets up each worker: a watch on `trainer_pid`, and a short interpreter exit."""
-  llm.collective_rpc(RPC_ATTACH, args=(trainer_pid,))
 
 
 class SyncExtension:
@@ -372,15 +390,15 @@ class SyncExtension:
     started from (or a failed reload's)."""
     return getattr(self, "pasr_version", None)
 
-  def pasr_attach(self, trainer_pid: int) -> bool:
-    """Prepares this worker's end; False where the trainer cannot be watched (no pidfds).
+  def pasr_attach(self, trainer_pid: int) -> int:
+    """Prepares this worker's end; returns its pid.
 
     Its exit: once vLLM's shutdown has run (the model's memory freed) and every exit handler
     after it, the interpreter's own teardown would still take seconds (collecting the whole
     object graph, unloading thousands of modules) for nothing the process's end does not
     reclaim anyway; `_exit_promptly` ends the process there.
 
-    The trainer: vLLM's engine core has no parent-death check, so a SIGKILLed trainer left it
+    The trainer (where pidfds exist): vLLM's engine core has no parent-death check, so a SIGKILLed trainer left it
     (and its worker) running. A daemon thread waits on a pidfd of the trainer, then SIGTERMs
     the engine core (this worker's parent; it shuts its workers down), or this process when
     the worker runs inside the engine core.
@@ -390,11 +408,11 @@ class SyncExtension:
       CHECKS[name]()
     atexit.register(_exit_promptly)
     if not hasattr(os, "pidfd_open"):
-      return False
+      return os.getpid()
     try:
       fd = os.pidfd_open(trainer_pid)
     except OSError:
-      return False
+      return os.getpid()
     target = os.getppid()
     if target == trainer_pid:   # uniproc executor: this worker is the engine core
       target = os.getpid()
@@ -404,7 +422,7 @@ class SyncExtension:
       os.kill(target, signal.SIGTERM)
 
     threading.Thread(target=wait, name="pasr-trainer-watch", daemon=True).start()
-    return True
+    return os.getpid()
 
 
 def _exit_promptly() -> None:
