@@ -305,14 +305,19 @@ class Internals:
 
     t0 = time.monotonic()
     thread = threading.Thread(target=vllm_shutdown, name="pasr-engine-shutdown", daemon=True)
-    thread.start()
+    try:
+      thread.start()
+    except RuntimeError:  # no new threads while the interpreter exits (Python >= 3.12)
+      thread = None
+      vllm_shutdown()     # vLLM's own shutdown alone, bounded by grace_s
     _wait_gone(holders, t0 + grace_s)
     _wait_gone(tree, min(t0 + grace_s, time.monotonic() + CORE_TAIL_S))
     for p in tree:
       with contextlib.suppress(psutil.Error):
         if not _gone(p):
           p.kill()
-    thread.join(grace_s + 5.0)
+    if thread is not None:
+      thread.join(grace_s + 5.0)
     _wait_gone(tree, time.monotonic() + 5.0)
     if failed:
       raise failed[0]
