@@ -129,7 +129,7 @@ def bench_engines(model_dir, n, max_tokens, reps) -> None:
   ours = VllmSampler(model_dir, cpu_reserved_cores=0, **kw)
   ours1 = VllmSampler(model_dir, cpu_reserved_cores=1, **kw)
   default = VllmSampler(model_dir, cpu_reserved_cores=-1, **kw)
-  default.cpu_unchunked_prefill = False  # vLLM's own scheduler defaults
+  default.engine.cpu_unchunked_prefill = False  # vLLM's own scheduler defaults
   for s in (ours, ours1, default):
     s.llm
   prompts = _paper_step_prompts(ours.tokenizer)

@@ -190,9 +190,12 @@ class VllmCfg(Section):
   sync_dir: str = key("", '"" = /dev/shm if present, else a temp dir')
   sync_fallback_dir: str = key("", 'used when sync_dir lacks room ("" = the temp dir)')
   sync_headroom_gib: float = key(0.25, "free space a sync leaves on sync_dir")
+  log_level: str = key("WARNING", "vLLM's log level: DEBUG | INFO | WARNING | ERROR")
 
   def check(self):
     self.need(self.max_model_len >= 2, "max_model_len", "must be >= 2")
+    self.need(self.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",
+              "must be one of DEBUG | INFO | WARNING | ERROR")
     self.need(0 < self.gpu_memory_utilization < 1, "gpu_memory_utilization", "must be in (0, 1)")
     self.need(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
     self.need(self.dtype in DTYPE_NAMES, "dtype", "must be one of " + " | ".join(DTYPE_NAMES))

@@ -76,19 +76,19 @@ class _EngineWatch(threading.Thread):
 
 @pytest.fixture(autouse=True)
 def _no_engine_unless_slow(request, monkeypatch):
-  """A test not marked slow may not start a vLLM engine: `VllmSampler` refuses to start one
+  """A test not marked slow may not start a vLLM engine: `VllmEngine` refuses to start one
   in this process, and an engine core appearing in a child process fails the test."""
   if not _unmarked(request.node):
     yield
     return
-  from pasr_jax.rollout import vllm_sampler
+  from pasr_jax.rollout import engine
   nodeid = request.node.nodeid
 
   def refuse(self):
     pytest.fail(f"{nodeid} starts a vLLM engine but is not marked @pytest.mark.slow",
                 pytrace=False)
 
-  monkeypatch.setattr(vllm_sampler.VllmSampler, "_start_engine", refuse)
+  monkeypatch.setattr(engine.VllmEngine, "_start", refuse)
   watch = _EngineWatch()
   watch.start()
   yield
@@ -112,7 +112,7 @@ def vllm_sampler(smollm2_dir):
 
   Starting an engine takes about a minute here, so every test module uses this one. Tests
   that `sync` other weights into it must sync SmolLM2's own weights back before they end.
-  Teardown closes it and fails if any engine process outlives `close()` (issue #4).
+  Teardown closes it and fails if any engine process outlives `close()`.
   """
   from pasr_jax.rollout.vllm_sampler import VllmSampler
   me = psutil.Process()
@@ -124,7 +124,8 @@ def vllm_sampler(smollm2_dir):
   assert engine_procs, "expected the vLLM engine core to run in a child process"
   yield sampler
   sampler.close()
-  gone, alive = psutil.wait_procs(engine_procs, timeout=30)
+  # close() waits for them itself: a few seconds here are for a loaded host to reap them.
+  gone, alive = psutil.wait_procs(engine_procs, timeout=5)
   assert not alive, f"vLLM processes left after close(): {[p.pid for p in alive]}"
 
 

@@ -37,8 +37,8 @@ def tiny_sampler(tiny_dir):
 
 
 def _engine_core_pids(sampler) -> list[int]:
-  manager = sampler.llm.llm_engine.engine_core.resources.engine_manager
-  return [p.pid for p in manager.processes]
+  sampler.start()
+  return [p.pid for p in sampler.engine._internals.processes]
 
 
 def _prompts(sampler, k=4):
@@ -67,7 +67,7 @@ def test_engine_core_killed_mid_generation_raises_and_restarts(tiny_sampler):
     tiny_sampler.generate(prompts * 16, n=8, temperature=1.0, top_p=1.0, max_tokens=400,
                           seed=1)
   assert killed_at and time.monotonic() - killed_at[0] < 15.0
-  assert tiny_sampler._llm is None  # closed; no process of the old engine is left
+  assert not tiny_sampler.engine.running  # closed; no process of the old engine is left
   assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
                  for p in pids)
   groups = tiny_sampler.generate(prompts, n=2, temperature=1.0, top_p=1.0, max_tokens=4,
@@ -78,8 +78,8 @@ def test_engine_core_killed_mid_generation_raises_and_restarts(tiny_sampler):
 @pytest.mark.slow
 def test_generate_past_its_time_limit_raises(tiny_sampler):
   prompts = _prompts(tiny_sampler)
-  tiny_sampler.llm  # engine start is not part of the limit
-  tiny_sampler.timeout_s = 0.5
+  tiny_sampler.start()  # engine start is not part of the limit
+  tiny_sampler.engine.timeout_s = 0.5
   try:
     t = time.monotonic()
     with pytest.raises(EngineError, match=r"no answer within 0.5 s \(cfg.rollout.timeout_s\)"):
@@ -87,13 +87,13 @@ def test_generate_past_its_time_limit_raises(tiny_sampler):
                             seed=2)
     assert time.monotonic() - t < 10.0
   finally:
-    tiny_sampler.timeout_s = 0.0
+    tiny_sampler.engine.timeout_s = 0.0
 
 
 @pytest.mark.slow
 def test_stop_request_ends_the_wait(tiny_sampler):
   prompts = _prompts(tiny_sampler)
-  tiny_sampler.llm
+  tiny_sampler.start()
   t0 = time.monotonic()
   tiny_sampler.should_stop = lambda: time.monotonic() - t0 > 1.0
   try:
@@ -102,6 +102,23 @@ def test_stop_request_ends_the_wait(tiny_sampler):
                             seed=3)
   finally:
     tiny_sampler.should_stop = lambda: False
+
+
+@pytest.mark.slow
+def test_close_ends_the_engine_without_waiting_for_its_interpreters(tiny_sampler):
+  """close() ends the engine core and its worker once they have shut down, not after their
+  interpreters' exit (seconds each: vLLM alone then force-kills the core after 5 s)."""
+  from pasr_jax.rollout import engine, vllm_internals
+  tiny_sampler.start()
+  internals = tiny_sampler.engine._internals
+  procs = internals._tree()
+  assert len(procs) >= 2 and internals.model_pids <= {p.pid for p in procs}
+  t = time.monotonic()
+  tiny_sampler.close()
+  took = time.monotonic() - t
+  print(f"close took {took:.2f} s")
+  assert all(vllm_internals._gone(p) for p in procs)
+  assert took < engine.CLOSE_GRACE_S, took
 
 
 # ----------------------------------------------------------------------------- whole runs

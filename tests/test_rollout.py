@@ -8,6 +8,7 @@ import concurrent.futures
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -22,6 +23,7 @@ from safetensors import safe_open
 
 from pasr_jax.grpo import token_logprobs
 from pasr_jax.rollout import Completion, Group, Sampler, SamplerError, SyncError, VllmSampler
+from pasr_jax.rollout.weight_sync import Snapshot
 
 QUESTIONS = ["What is 2+3? Answer briefly.", "Name a primary colour.",
              "Write one sentence about the sea."]
@@ -172,7 +174,7 @@ def test_sync_is_real_and_restores(vllm_sampler, prompts, jax_model, greedy_ref)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
       timings = pool.submit(vllm_sampler.load, snap, v0 + 1).result()
     vllm_sampler.should_stop = lambda: False
-    assert vllm_sampler.policy_version == v0 + 1 == vllm_sampler.engine_version()
+    assert vllm_sampler.policy_version == v0 + 1 == vllm_sampler.engine.held_version()
     assert {"gather_s", "convert_write_s", "reload_s", "total_s"} <= set(timings)
     ws = vllm_sampler.weight_sync
     assert not list(ws.sync_root.glob(ws.prefix + "*"))   # sync dir cleaned up
@@ -190,13 +192,13 @@ def test_sync_is_real_and_restores(vllm_sampler, prompts, jax_model, greedy_ref)
     vllm_sampler.should_stop = lambda: False
     nnx.update(model, jax.tree.map(jnp.asarray, original))
     vllm_sampler.sync(model, v0 + 2)
-  assert vllm_sampler.engine_version() == v0 + 2
+  assert vllm_sampler.engine.held_version() == v0 + 2
   assert _greedy(vllm_sampler, prompts) == greedy_ref
 
 
 def test_sync_of_tied_embedding_updates_lm_head(vllm_sampler, prompts, jax_model, greedy_ref):
   """SmolLM2 ties lm_head to embed_tokens; vLLM's plain reload left the CPU lm_head kernel
-  stale (logprobs off by up to 2.5 nats), `pasr_jax.rollout.vllm_worker` rebuilds it."""
+  stale (logprobs off by up to 2.5 nats), `vllm_internals.SyncExtension` rebuilds it."""
   model, cfg = jax_model
   assert cfg.tie_word_embeddings
   original = jax.device_get(nnx.state(model, nnx.Param))
@@ -206,7 +208,7 @@ def test_sync_of_tied_embedding_updates_lm_head(vllm_sampler, prompts, jax_model
     noise = jax.random.normal(jax.random.key(0), emb.shape, emb.dtype) * emb.std() * 0.3
     model.embed_tokens.set_value(emb * 1.1 + noise)
     vllm_sampler.sync(model, v0 + 1)
-    assert vllm_sampler.weight_sync.refreshed_layers == ["lm_head"]
+    assert vllm_sampler.engine.refreshed_layers == ["lm_head"]
     after = vllm_sampler.generate(prompts, n=2, temperature=1.0, top_p=1.0, max_tokens=24,
                                   seed=5)
     d = _diffs(model, after, 1.0)          # matches the perturbed JAX model ...
@@ -231,13 +233,18 @@ def test_exported_dir_gives_same_greedy(vllm_sampler, prompts, jax_model, greedy
     with safe_open(str(f), framework="numpy") as fh:
       tensors += [(k, fh.get_tensor(k)) for k in fh.keys()]
   v = vllm_sampler.policy_version
-  vllm_sampler.weight_sync.sync_tensors(tensors, v + 1, vllm_sampler)
+  _load(vllm_sampler, tensors, v + 1)
   assert _greedy(vllm_sampler, prompts) == greedy_ref
   exported = json.loads((Path(out) / "config.json").read_text())
   source = json.loads((Path(smollm2_dir) / "config.json").read_text())
   for key in ("architectures", "num_hidden_layers", "hidden_size", "num_key_value_heads",
               "vocab_size", "tie_word_embeddings", "rms_norm_eps"):
     assert exported[key] == source[key], key
+
+
+def _load(sampler, tensors, version):
+  """`sampler.load` of host tensors (a snapshot of them)."""
+  return sampler.load(Snapshot(tensors, sum(a.nbytes for _, a in tensors), 0.0), version)
 
 
 def _checkpoint(smollm2_dir) -> list[tuple[str, np.ndarray]]:
@@ -264,7 +271,7 @@ def test_mismatched_sync_raises_and_keeps_version(vllm_sampler, prompts, smollm2
   orphan.mkdir(parents=True)
   v = vllm_sampler.policy_version
   with pytest.raises(SyncError, match=name if break_it != "unknown" else "layers.99"):
-    vllm_sampler.weight_sync.sync_tensors(tensors, v + 1, vllm_sampler)
+    _load(vllm_sampler, tensors, v + 1)
   assert vllm_sampler.policy_version == v
   assert not list(ws.sync_root.glob(ws.prefix + "*"))
   assert not orphan.exists()
@@ -285,7 +292,7 @@ def test_sync_falls_back_to_disk_when_the_sync_dir_is_too_small(
   v = vllm_sampler.policy_version
   try:
     with caplog.at_level(logging.WARNING, logger="pasr_jax.rollout.weight_sync"):
-      vllm_sampler.weight_sync.sync_tensors(_checkpoint(smollm2_dir), v + 1, vllm_sampler)
+      _load(vllm_sampler, _checkpoint(smollm2_dir), v + 1)
     assert ws.last_root == tmp_path / "disk" and vllm_sampler.policy_version == v + 1
     assert f"{small / 'sync'} has " in caplog.text, caplog.text
     assert f"writing to {tmp_path / 'disk'} instead" in caplog.text, caplog.text
@@ -293,7 +300,7 @@ def test_sync_falls_back_to_disk_when_the_sync_dir_is_too_small(
     assert _greedy(vllm_sampler, prompts) == greedy_ref
     ws.headroom_bytes = 1 << 60
     with pytest.raises(SyncError, match="MiB free"):
-      vllm_sampler.weight_sync.sync_tensors(_checkpoint(smollm2_dir), v + 2, vllm_sampler)
+      _load(vllm_sampler, _checkpoint(smollm2_dir), v + 2)
     assert vllm_sampler.policy_version == v + 1
   finally:
     ws.sync_root, ws.fallback_root, ws.headroom_bytes = saved
@@ -314,6 +321,10 @@ _ATEXIT_SCRIPT = textwrap.dedent("""
   import psutil
   from safetensors import safe_open
   from pasr_jax.rollout import SyncError, VllmSampler
+  from pasr_jax.rollout.weight_sync import Snapshot
+
+  def load(s, tensors, version):
+    s.load(Snapshot(tensors, sum(a.nbytes for _, a in tensors), 0.0), version)
 
   def greedy(s):
     g = s.generate([[1, 50, 60, 70]], n=1, temperature=0.0, top_p=1.0, max_tokens=4)
@@ -332,7 +343,7 @@ _ATEXIT_SCRIPT = textwrap.dedent("""
     bad = [(k, v[:-1] if "mlp.down_proj" in k else v) for k, v in good]
     out = {"kids": kids}
     try:
-      s.weight_sync.sync_tensors(bad, 1, s)
+      load(s, bad, 1)
       out["vllm_error"] = None
     except SyncError as e:
       out["vllm_error"] = str(e)[:200]
@@ -343,7 +354,7 @@ _ATEXIT_SCRIPT = textwrap.dedent("""
     except SyncError:
       out["refused"] = True
     s.weight_sync.expected = expected
-    s.weight_sync.sync_tensors(good, 2, s)
+    load(s, good, 2)
     out["restored"] = greedy(s) == ref
     out["version"] = s.policy_version
     print("RESULT" + json.dumps(out))
@@ -352,8 +363,9 @@ _ATEXIT_SCRIPT = textwrap.dedent("""
 
 
 def test_failed_reload_recovers_and_engine_ends_at_exit(tmp_path):
-  """On the tiny model (an engine of its own, in its own process: the atexit hook is the
-  subject): what is tested is vLLM's reload and the engine's shutdown, not the model."""
+  """On the tiny model (an engine of its own, in its own process: the atexit hook and the
+  output are the subject): what is tested is vLLM's reload, the engine's shutdown and its
+  log level, not the model."""
   import psutil
   from pasr_jax.tiny import make_tiny_model_dir
   model = tmp_path / "tiny"
@@ -372,6 +384,10 @@ def test_failed_reload_recovers_and_engine_ends_at_exit(tmp_path):
   assert info["version_after_failure"] == 0 and info["refused"], info
   assert info["restored"] and info["version"] == 2, info
   assert info["kids"], info
+  # Quiet by default (rollout.vllm.log_level WARNING), in this process and the engine's: no
+  # INFO lines and no weight-loading progress bars at the start or the two reloads.
+  assert "Loading safetensors checkpoint shards" not in proc.stderr, proc.stderr[-3000:]
+  assert not re.search(r"\bINFO \d\d-\d\d ", proc.stderr + proc.stdout), proc.stderr[-3000:]
   procs = []
   for pid, _ in info["kids"]:
     try:

