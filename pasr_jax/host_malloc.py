@@ -8,7 +8,7 @@ in docs/performance.md, "Host malloc").
 
 The settings must be in place before JAX starts its thread pools (the first computation), so
 the commands that run the decoder in their own process (`pasr_jax.cli.main`: train, sft, plan,
-devices) apply them first. Processes that do not (vLLM's engine loading rollout.vllm_worker,
+devices) apply them first. Processes that do not (vLLM's engine loading rollout.vllm_internals,
 the judge server, evaluate's client) keep glibc's defaults: vLLM's reloads were measured slower
 and uneven under these settings. `PASR_JAX_HOST_MALLOC=system` leaves glibc's defaults alone.
 On GPU hosts (an NVIDIA driver present, unless JAX_PLATFORMS=cpu) nothing is changed: XLA:GPU

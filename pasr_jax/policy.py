@@ -41,7 +41,7 @@ def base_dir(cfg: RunConfig, create: bool = True) -> str:
   d = Workdir(cfg.workdir).tiny_model
   if create and not (d / "config.json").is_file():
     # Untied, so tiny runs cover the untied path; SmolLM2 (the demo) covers tied heads, whose
-    # vLLM-side refresh after a sync is in rollout/vllm_worker.py.
+    # vLLM-side refresh after a sync is in rollout/vllm_internals.py (SyncExtension).
     make_tiny_model_dir(str(d), seed=cfg.seed, tie_word_embeddings=False)
   return str(d)
 

@@ -2,7 +2,7 @@
 
 vLLM 0.32's engine core has no parent-death check: a SIGKILLed trainer leaves its engine core
 and workers running, holding their memory (a GPU's, on GPU hosts). A started engine is
-watched from the inside (`vllm_worker.SyncExtension.pasr_watch_trainer`), but an engine that
+watched from the inside (`vllm_internals.SyncExtension.pasr_watch_trainer`), but an engine that
 is still starting (loading weights, compiling: minutes for a 7B model) cannot be reached yet.
 So the first engine a process starts also starts this reaper, a small process of its own
 (run as a script: importing the package would take seconds, a window with no watch):
