@@ -207,23 +207,21 @@ class _Failing:
     return s
 
 
-def test_background_engine_failure_is_retried_and_nothing_is_lost(tmp_path, k1_run):
-  """The background generation of batch 2 fails once: the main thread meets it as the
-  synchronous loop does (EngineError), retries the batch, and the run is the same run."""
-  res = _run(tmp_path / "w", 1, _Failing({1}))
+def test_a_background_engine_failure_and_a_failed_background_publish_are_retried(tmp_path,
+                                                                                 k1_run):
+  """Two faults in one run, at different steps. The background generation of batch 2 fails
+  once: the main thread meets it as the synchronous loop does (EngineError) and retries the
+  batch with the engine's weights (batches 1-2 are K = 1's, versions included). Then the
+  rollout thread's load of version 1 dies with the engine (EngineError): the main thread
+  meets it when it waits for batch 3, syncs the trainer's weights to a fresh engine itself
+  and samples batch 3 again (a newer version). The run is the same run."""
+  res = _run(tmp_path / "w", 1, lambda s: _Failing({0}, method="load")(_Failing({1})(s)))
   assert res["raised"] is None, res["raised"]
   _assert_every_step_once(res)
-  assert res["rollouts"] == k1_run["rollouts"]
-  assert np.array_equal(res["params"], k1_run["params"])
-
-
-def test_a_failed_background_publish_is_retried_and_nothing_is_lost(tmp_path, k1_run):
-  """The rollout thread's load of version 1 dies with the engine (EngineError): the main
-  thread meets it when it waits for batch 3, syncs the trainer's weights to a fresh engine
-  itself and samples batch 3 again; the run is the same run."""
-  res = _run(tmp_path / "w", 1, _Failing({0}, method="load"))
-  assert res["raised"] is None, res["raised"]
-  _assert_every_step_once(res)
+  assert res["rollouts"][:2 * RECORDS] == k1_run["rollouts"][:2 * RECORDS]
+  # Batch 3 came from the main thread's fresh sync: the failed load did happen.
+  assert res["rollouts"][2 * RECORDS]["policy_version"] > \
+      k1_run["rollouts"][2 * RECORDS]["policy_version"]
   assert _no_version(res["rollouts"]) == _no_version(k1_run["rollouts"])
   assert np.array_equal(res["params"], k1_run["params"])
 

@@ -1,7 +1,8 @@
 """Device setup before JAX starts (pasr_jax.devices) and the launch scripts that feed it.
 
-Each case runs in a fresh process: the settings only count if they are in place before JAX's
-backends come up, which an in-process test (JAX already up) cannot show.
+Each case of a setting runs in a fresh process: the settings only count if they are in place
+before JAX's backends come up, which an in-process test (JAX already up) cannot show. The train
+command's refusal of a bad config, before any setting is made, runs in the test process.
 """
 
 import json
@@ -12,7 +13,7 @@ import sys
 import pytest
 
 from configs.base import get_base_config
-from helpers import ROOT, env
+from helpers import ROOT, env, run_command
 from pasr_jax import devices
 from procs import free_port
 
@@ -82,14 +83,13 @@ def test_setup_refuses_once_jax_is_up():
 
 def test_train_applies_device_setup_first(tmp_path):
   """train.run sets the fraction up front; a bad one fails before anything heavy starts."""
-  p = subprocess.run(
-      [sys.executable, "-m", "pasr_jax.train", "--config=configs/tiny_cpu.py",
-       f"--config.workdir={tmp_path}", "--config.rollout.vllm.gpu_memory_utilization=0.88"],
-      cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+  p = run_command("pasr_jax.train", "--config=configs/tiny_cpu.py", f"--config.workdir={tmp_path}",
+                  "--config.rollout.vllm.gpu_memory_utilization=0.88")
   assert p.returncode == 2, p.stderr[-2000:]
   assert "mesh.memory_fraction" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
 
 
+@pytest.mark.slow  # two processes
 def test_launch_multihost_args_reach_jax_distributed():
   """Two processes through scripts/launch_multihost.sh: count, id and device ids arrive."""
   port = free_port()

@@ -27,7 +27,7 @@ from pasr_jax.judge import wire
 from pasr_jax.judge import JudgeClient, JudgeError, JudgeItem, parse_score
 from pasr_jax.judge import server, verify
 from pasr_jax.judge.client import retry_after_s
-from helpers import load_preset
+from helpers import load_preset, run_command
 from procs import free_port, start_judge, stop
 
 KEY_ENV = "PASR_TEST_JUDGE_KEY"
@@ -571,11 +571,9 @@ def test_sync_wrapper_inside_running_loop(verify_url):
 
 
 def test_cli_rejects_bad_vllm_model(tmp_path):
-  run = lambda *a: subprocess.run([sys.executable, "-m", "pasr_jax.judge", *a],
-                                  capture_output=True, text=True, timeout=60)
-  r = run("--backend", "vllm")
+  r = run_command("pasr_jax.judge", "--backend", "vllm")
   assert r.returncode == 2 and "needs --model" in r.stderr
-  r = run("--backend", "vllm", "--model", str(tmp_path))
+  r = run_command("pasr_jax.judge", "--backend", "vllm", "--model", str(tmp_path))
   assert r.returncode == 2 and "no config.json" in r.stderr and str(tmp_path) in r.stderr
   assert r.stderr.count("\n") == 1
 

@@ -1,7 +1,8 @@
 """Preflight (pasr_jax.preflight): every mistake a config, mesh, cluster or environment can
 cause is named, with its fix, before any weight loads; the paper presets pass on 1 and 2
 nodes of 8 GPUs. The checks are pure functions of (config, hosts, GPUs, probed environment);
-the command-line and train-command cases run real processes.
+the command-line and train-command cases run the real commands (in the test process where the
+check ends before JAX's backend starts; a subprocess where a fresh process matters).
 """
 
 import json
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from configs import paper, qwen2_5_7b, qwen2_5_7b_base, qwen3_8b, smollm2_135m, tiny_cpu
+from helpers import run_command
 from pasr_jax import preflight
 from pasr_jax.config import RunConfig
 from pasr_jax.preflight import Env, run_checks
@@ -121,10 +123,8 @@ def test_sizes_of_the_models_synced():
   assert round(preflight.param_count(qwen3_8b.HF_CONFIG) / 1e9, 2) == 8.19
 
 
-def _cli(*args, env=None):
-  return subprocess.run([sys.executable, "-m", "pasr_jax.preflight", *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=300,
-                        env=dict(os.environ, PYTHONPATH=str(ROOT), **(env or {})))
+def _cli(*args):
+  return run_command("pasr_jax.preflight", *args)
 
 
 def test_command_prints_the_table_and_exits_0_or_2_with_the_fix():
@@ -140,12 +140,8 @@ def test_train_runs_the_checks_first(tmp_path):
   """The train command on this machine: a sync dir without room fails in seconds, exit 2,
   before the model or vLLM is touched (nothing is written to the workdir)."""
   wd = tmp_path / "run"
-  p = subprocess.run(
-      [sys.executable, "-m", "pasr_jax.train", "--config=configs/tiny_cpu.py",
-       f"--config.workdir={wd}", "--config.judge.autostart=True",
-       "--config.rollout.vllm.sync_headroom_gib=1000000"],
-      cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
-      timeout=300)
+  p = run_command("pasr_jax.train", "--config=configs/tiny_cpu.py", f"--config.workdir={wd}",
+                  "--config.judge.autostart=True", "--config.rollout.vllm.sync_headroom_gib=1000000")
   assert p.returncode == 2, p.stderr[-2000:]
   assert "sync dir:" in p.stderr and "sync_headroom_gib" in p.stderr, p.stderr[-2000:]
   assert not wd.exists()
@@ -215,11 +211,9 @@ def test_cuda_pinned_jax_never_falls_back_to_the_cpu():
 
 
 def test_train_refuses_both_memory_fraction_variables(tmp_path):
-  p = subprocess.run(
-      [sys.executable, "-m", "pasr_jax.train", "--config=configs/tiny_cpu.py",
-       f"--config.workdir={tmp_path / 'w'}", "--config.judge.autostart=True"],
-      cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), XLA_CLIENT_MEM_FRACTION="0.5"),
-      capture_output=True, text=True, timeout=300)
+  p = run_command("pasr_jax.train", "--config=configs/tiny_cpu.py",
+                  f"--config.workdir={tmp_path / 'w'}", "--config.judge.autostart=True",
+                  env={"XLA_CLIENT_MEM_FRACTION": "0.5"})
   assert p.returncode == 2 and "unset XLA_CLIENT_MEM_FRACTION" in p.stderr, p.stderr[-2000:]
 
 

