@@ -177,3 +177,60 @@ def test_cmh_paired_p_values_match_scipy():
     assert r["p"] == pytest.approx(stats.chi2.sf(r["chi2"], 1), rel=1e-9)
     n = int(r["b"] + r["c"])
     assert r["p_exact"] == pytest.approx(stats.binomtest(int(r["b"]), n, 0.5).pvalue, rel=1e-9)
+
+
+# --- the probe (pasr_jax/eval/probe.py) with the scripted sampler ----------------------------
+
+def test_probe_per_bucket_by_hand(tmp_path, smollm2_dir):
+  """4 PASR answers per item: a correcting trace (right), a confirming one (right), a plain one
+  (right), a wrong plain one; 4 baseline answers: 3 right. So per bucket: refine 50 %, accuracy
+  refining 100 %, not refining 50 %, b = 0.75; a refining answer's refine reward is +1 at
+  ζ = 0 and 0.125 (1 > 0.75 + ζ) and −0.5 at ζ = 0.25 (within ±ζ); the check: right before
+  on 1 of 2 blocks (the slip), right after on 2 of 2."""
+  from transformers import AutoTokenizer
+  from helpers import ScriptedSampler, load_preset, write_jsonl
+  from pasr_jax.config import RunConfig
+  from pasr_jax.data import load_rows
+  from pasr_jax.eval import probe
+  rows = arith.make_split(9, 0, arith.Difficulty(), False, buckets=("easy", "medium", "hard"))
+  path = write_jsonl(tmp_path / "train.jsonl", rows)
+  by_q = {r["question"]: r for r in rows}
+  c = load_preset("arith_135m")
+  c.data.files = (path,)
+  c.rollout.n = 4
+  cfg = RunConfig.from_tree(c)
+  items = probe.pick_items(load_rows(path), probe.buckets_of(cfg.data.files), 4, 0)
+  assert [b for _, b in items] == ["easy", "medium", "hard", "easy"]
+  K = len(items)
+
+  def answer(i, question, k):
+    row = next(r for q, r in by_q.items() if q in question)
+    if i < K:   # PASR prompts come first
+      if k < 2:
+        return arith.trace(row["answer"], ("correct", "confirm")[k], np.random.default_rng(i))
+      if k == 2:
+        return arith.trace(row["answer"], "plain", np.random.default_rng(i))
+      return "<think>\n1 + 1 = 2\n</think>\n<answer>\n100000\n</answer>"
+    return arith.plain_trace(row["answer"]) if k < 3 else "1 + 1 = 2\n#### 100000"
+
+  tok = AutoTokenizer.from_pretrained(smollm2_dir)
+  sampler = ScriptedSampler(tok, answer)
+  res = probe.probe(cfg, sampler, tok, items)
+  assert list(res) == ["easy", "medium", "hard", "all"]
+  # The PASR prompts carry the PASR system prompt, the baseline's the plain one.
+  assert "<refine>" in tok.decode(sampler.calls[0][0]) and "<refine>" not in tok.decode(
+      sampler.calls[0][K])
+  w = cfg.rewards
+  for name, r in res.items():
+    assert r["answers"] == 4 * r["items"]
+    assert (r["refine_rate"], r["acc_refining"], r["acc_not_refining"]) == (0.5, 1.0, 0.5)
+    assert r["b"] == 0.75 and r["baseline_cut"] == 0.0
+    assert (r["refine_reward@0"], r["refine_reward@0.125"], r["refine_reward@0.25"]) == (
+        1.0, 1.0, -0.5)
+    # E[reward | refine] − E[reward | not]: (f + a + w_r R) − (f + a / 2).
+    assert r["advantage@0"] == pytest.approx(w.accuracy_weight / 2 + w.refine_weight)
+    assert r["advantage@0.25"] == pytest.approx(w.accuracy_weight / 2 - 0.5 * w.refine_weight)
+    assert (r["check_before_right"], r["check_after_right"]) == (0.5, 1.0)
+    assert r["fixes"] == r["confirms"] == r["items"] and r["breaks"] == 0
+  text = probe.table(res)
+  assert "| easy | 8 | 50.0 | 100.0 | 50.0 | 75.0 | 0.0 | 0.0 | +1.00 | +1.00 | -0.50 |" in text
