@@ -3,6 +3,7 @@ judge as a real process on 127.0.0.1, the benchmark slices in tests/data/eval.""
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -231,6 +232,29 @@ def test_compare_analyses_refinements_inside_answers_by_bucket(tmp_path):
   # step (not "nearly always right"): no fake slip.
   assert ("| pasr | 75.0 | 0.0 | 100.0 | 100.0 | +100.0 | 1 / 2 / 0 | 1 | 1 | 1.0000 | +0.0 "
           "| 3.00 | 0.0 | 66.7 → 66.7 |") in text
+
+
+def test_compare_pools_seeded_runs_with_the_seed_as_stratum(tmp_path):
+  """Runs labelled <arm>_s<seed>: per seed against the reference and against each other,
+  pooled by cmh_paired. By hand, pasr − cold: seed 0 gains items 4, 5 (b=0, c=2), seed 1
+  gains 4-7 and loses 3 (b=1, c=4): pooled b=1, c=6, χ² = 25/7, exact p = 2 * 8/128."""
+  right = dict(cold=range(4), pasr_s0=range(6), pasr_s1=(0, 1, 2, 4, 5, 6, 7),
+               grpo_s0=range(4), grpo_s1=range(5))
+  dirs = []
+  for name, r in right.items():
+    dirs.append(str(tmp_path / f"eval_{name}"))
+    write_outputs(dirs[-1], [_record(i, i in r, 10, "pasr") for i in range(10)],
+                  dict(mode="pasr"))
+  text = compare(dirs)
+  assert "## Pooled over training seeds" in text
+  p = math.erfc(math.sqrt(25 / 7 / 2))
+  assert (f"| pasr − cold | 0,1 | 20 | +25.0 | +20.0 / +30.0 | 2/2 | 6 / 1 | 3.57 | {p:.4f} "
+          f"| 0.1250 | – / – |") in text
+  # Groups in order of appearance, the later minus the earlier: grpo − pasr, seed 0 b=2, c=0;
+  # seed 1 b=3 (5, 6, 7), c=1 (item 3): χ² = 16/6, exact p = 2 * 7/64.
+  assert ("| grpo − pasr | 0,1 | 20 | -20.0 | -20.0 / -20.0 | 2/2 | 1 / 5 | 2.67 | 0.1025 "
+          "| 0.2188 |") in text
+  assert "| grpo − cold | 0,1 | 20 | +5.0 | +0.0 / +10.0 | 1/2 | 1 / 0 |" in text
 
 
 # ------------------------------------------------------------------ real engine + judge

@@ -16,12 +16,13 @@ import dataclasses
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
 from pasr_jax.eval.benchmarks import BENCHMARKS, EvalError
 from pasr_jax.eval.refine import refine_metrics
-from pasr_jax.eval.stats import mcnemar_exact, mean_ci
+from pasr_jax.eval.stats import cmh_paired, mcnemar_exact, mean_ci
 
 AVG = "average"
 
@@ -300,6 +301,67 @@ def refine_table(arms: Sequence[Arm]) -> str:
           "sign p: exact, fixes vs breaks)\n\n" + _md_table(header, rows))
 
 
+_SEEDED = re.compile(r"^(.+)_s(\d+)$")
+
+
+def seed_groups(arms: Sequence[Arm]) -> dict[str, dict[int, Arm]]:
+  """Arms labelled `<name>_s<seed>` grouped by name: {name: {seed: arm}} (names with one seed
+  too); unseeded arms are left out."""
+  out: dict[str, dict[int, Arm]] = {}
+  for a in arms:
+    m = _SEEDED.match(a.label)
+    if m:
+      out.setdefault(m[1], {})[int(m[2])] = a
+  return out
+
+
+def pooled(pairs: Sequence[tuple[Arm, Arm]]) -> dict[str, Any]:
+  """B against A over several (A, B) pairs of runs, one per training seed: per seed the
+  paired Δacc (points) and discordant counts, how many seeds share the pooled sign, and the
+  seed-stratified paired test (`cmh_paired`: CMH χ² and its exact version)."""
+  per = [paired(a, b) for a, b in pairs]
+  test = cmh_paired([(s["right_wrong"], s["wrong_right"]) for s in per])
+  sign = (test["c"] > test["b"]) - (test["c"] < test["b"])
+  return dict(diffs=[s["diff"] for s in per], n=sum(s["n"] for s in per),
+              diff=sum(s["diff"] * s["n"] for s in per) / max(sum(s["n"] for s in per), 1),
+              same_sign=sum(((s["diff"] > 0) - (s["diff"] < 0)) == sign for s in per)
+              if sign else 0, **test)
+
+
+def pooled_table(arms: Sequence[Arm]) -> str | None:
+  """Markdown: each seeded group against the reference (first arm), and each seeded group
+  against each other on their common seeds, pooled over seeds; None without seeded groups."""
+  groups = seed_groups(arms)
+  if not groups:
+    return None
+  rows = []
+  ref = arms[0]
+  comparisons = [(ref.label, {s: ref for s in g}, name, g) for name, g in groups.items()
+                 if ref not in g.values()]
+  names = list(groups)
+  comparisons += [(x, groups[x], y, groups[y]) for i, x in enumerate(names)
+                  for y in names[i + 1:]]
+  for a_name, a, b_name, b in comparisons:
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+      continue
+    t = pooled([(a[s], b[s]) for s in seeds])
+    g_a = [refine_metrics(refine_answers(a[s]))["gap"] for s in seeds]
+    g_b = [refine_metrics(refine_answers(b[s]))["gap"] for s in seeds]
+    rows.append([f"{b_name} − {a_name}", ",".join(map(str, seeds)), t["n"], f"{t['diff']:+.1f}",
+                 " / ".join(f"{d:+.1f}" for d in t["diffs"]), f"{t['same_sign']}/{len(seeds)}",
+                 f"{t['c']:.0f} / {t['b']:.0f}", f"{t['chi2']:.2f}", _p(t["p"]),
+                 _p(t["p_exact"]),
+                 " / ".join(_num(100 * (y - x), "+.1f") for x, y in zip(g_a, g_b))])
+  if not rows:
+    return None
+  return ("## Pooled over training seeds (runs labelled <arm>_s<seed>; per seed B − A on the "
+          "same items; test: Cochran–Mantel–Haenszel with the seed as stratum, χ² and exact; "
+          "ΔG: B's refine-rate gap minus A's, per seed, in points)\n\n" + _md_table(
+              ["B − A", "seeds", "n", "Δacc (points)", "Δacc per seed", "same sign",
+               "only B right / only A right", "CMH χ²", "p", "exact p", "ΔG per seed"], rows))
+
+
 def compare(run_dirs: Sequence[str], out_png: str | None = None,
             labels: Sequence[str] | None = None) -> str:
   """Markdown comparing result dirs on the same items, the first being the reference: per-arm
@@ -351,6 +413,9 @@ def compare(run_dirs: Sequence[str], out_png: str | None = None,
         + _md_table(["reference → run", "refining answers (% of run)", "right→right",
                      "wrong→right", "right→wrong", "wrong→wrong", "McNemar p"], rrow))
   parts.append(refine_table(arms))
+  pooled_part = pooled_table(arms)
+  if pooled_part:
+    parts.append(pooled_part)
   if out_png:
     plot_arms(rows, out_png)
   return "\n\n".join(parts) + "\n"
