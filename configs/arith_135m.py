@@ -80,6 +80,7 @@ def get_config(variant: str = ""):
   c.cold_start.epochs = 1
   c.cold_start.max_steps = 32         # of sft.batch_size 8: 256 traces, ~1/3 of them plain
   c.sft.batch_size = 8
+  c.sft.checkpoint_every = 4          # a killed cold start on a busy host loses <= 4 updates
   c.train.steps = 10
   c.train.export = True
   c.checkpoint.every = 2             # a killed run loses at most 2 steps (~5 min)

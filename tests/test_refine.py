@@ -234,3 +234,31 @@ def test_probe_per_bucket_by_hand(tmp_path, smollm2_dir):
     assert r["fixes"] == r["confirms"] == r["items"] and r["breaks"] == 0
   text = probe.table(res)
   assert "| easy | 8 | 50.0 | 100.0 | 50.0 | 75.0 | 0.0 | 0.0 | +1.00 | +1.00 | -0.50 |" in text
+
+
+@pytest.mark.slow
+def test_probe_with_the_real_engine(tmp_path, smollm2_dir, vllm_sampler):
+  """The probe end to end on the real vLLM engine (SmolLM2 without a cold start, 3 items x 2
+  answers per prompt): every bucket and the pooled row come out, with the counts asked for,
+  the rates in range and the baseline's answers sampled under the plain prompt."""
+  from transformers import AutoTokenizer
+  from helpers import load_preset, write_jsonl
+  from pasr_jax.config import RunConfig
+  from pasr_jax.data import load_rows
+  from pasr_jax.eval import probe
+  rows = arith.make_split(6, 1, arith.Difficulty(), False, buckets=("easy", "medium", "hard"))
+  path = write_jsonl(tmp_path / "train.jsonl", rows)
+  c = load_preset("arith_135m")
+  c.data.files = (path,)
+  c.model.path = str(smollm2_dir)
+  c.cold_start.enabled = False
+  c.rollout.n = 2
+  c.rollout.max_tokens = 48
+  cfg = RunConfig.from_tree(c)
+  items = probe.pick_items(load_rows(path), probe.buckets_of(cfg.data.files), 3, 0)
+  res = probe.probe(cfg, vllm_sampler, AutoTokenizer.from_pretrained(smollm2_dir), items)
+  assert list(res) == ["easy", "medium", "hard", "all"]
+  assert res["all"]["answers"] == 6 and res["all"]["items"] == 3
+  for r in res.values():
+    assert 0 <= r["b"] <= 1 and 0 <= r["refine_rate"] <= 1 and 0 <= r["baseline_cut"] <= 1
+  assert "| all | 6 |" in probe.table(res)
