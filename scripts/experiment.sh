@@ -67,7 +67,8 @@ EOF
 stamp "cold start done"
 
 COLD="$EXP_DIR/cold_start/hf"
-EVAL=(--config=configs/eval.py --config.data_dir=configs/data --config.datasets=arith,arith_oot
+SETS=arith,arith_oot   # the held-out frames and the out-of-template set
+EVAL=(--config=configs/eval.py --config.data_dir=configs/data --config.datasets="$SETS"
       --config.limit="$EXP_LIMIT" --config.judge.base_url="$URL"
       --config.rollout.vllm.max_model_len=512 --config.rollout.vllm.kv_cache_space_gib=1
       --config.max_tokens=256)  # training's 128 + room: the vanilla model's prose runs longer
