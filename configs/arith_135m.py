@@ -6,9 +6,10 @@ compares an answer's accuracy with the baseline's mean, so it can only pay +1 wh
 lies strictly between 0 and 1. The data below are committed (nothing is generated at run time):
 
   python -m pasr_jax.tasks.arith --out=configs/data/arith --n_train=1000 --n_test=500 --seed=0 \\
-      --max_value=20 --max_factor=4 --ops=+-*/ --min_ops=1 --max_ops=2
+      --buckets=easy,medium,hard --n_out_of_template=300
 
-(configs/data/arith/meta.json records the settings). Each value below says why it was chosen.
+(configs/data/arith/meta.json records the settings): a third of the rows in each difficulty
+bucket (tagged `difficulty`), and an out-of-template set (`evaluate --config.datasets=arith_oot`). Each value below says why it was chosen.
 `--config=configs/arith_135m.py:demo` is `make demo`'s shorter run (see the end).
 """
 
@@ -63,17 +64,23 @@ def get_config(variant: str = ""):
   c.optim.micro_batch = 2            # 49k-vocab fp32 logits: the 24 GiB host is shared (an
                                      # experiment run at 4 was OOM-killed under other load)
   # NOT part of the PASR paper: SmolLM2-135M writes 0 of 64 answers in the PASR format. SFT
-  # first on the task's traces (pasr_jax/tasks/arith.py): 40 % make a wrong step and correct
-  # it inside <refine>, 20 % re-check a step and confirm it, 40 % do not refine. Correcting
-  # traces give RL a behaviour to select; plain ones leave it room to not refine.
+  # first on the task's traces (pasr_jax/tasks/arith.py): 40 % make a realistic slip and
+  # correct it inside <refine>, 20 % re-check a random step and confirm it, 40 % do not
+  # refine; each check computes the step another way (tens and ones, or the inverse).
+  # Correcting traces give RL a behaviour to select; plain ones leave it room to not refine.
+  # Half the rows are also written without tags under the plain prompt, so that the baseline
+  # (the same policy under the plain prompt) is this model not refining, in the same short
+  # layout, never cut at max_tokens, rather than untrained prose.
   c.cold_start.enabled = True
   c.cold_start.traces = "arith"
   c.cold_start.correct_fraction = 0.4
   c.cold_start.refine_fraction = 0.2
+  c.cold_start.plain_fraction = 0.5
   c.cold_start.lr = 2e-4
   c.cold_start.epochs = 1
-  c.cold_start.max_steps = 24         # of sft.batch_size 8: 192 traces
+  c.cold_start.max_steps = 32         # of sft.batch_size 8: 256 traces, ~1/3 of them plain
   c.sft.batch_size = 8
+  c.sft.checkpoint_every = 4          # a killed cold start on a busy host loses <= 4 updates
   c.train.steps = 10
   c.train.export = True
   c.checkpoint.every = 2             # a killed run loses at most 2 steps (~5 min)

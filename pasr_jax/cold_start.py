@@ -14,7 +14,11 @@ starts PASR from that checkpoint. Solutions need a recognisable final answer: GS
 last calculation: it teaches where the refine tag goes, not when refining pays off.
 With `cold_start.traces="arith"` the traces come from the arithmetic task instead
 (`pasr_jax/tasks/arith.py`): a share `cold_start.correct_fraction` get one step wrong and fix it
-inside `<refine>`, a share `refine_fraction` re-check a step and confirm it, the rest do not refine.
+inside `<refine>`, a share `refine_fraction` re-check a step and confirm it, the rest do not refine;
+each check computes the step another way than the step itself (`arith.check`). A share
+`cold_start.plain_fraction` of rows is also written as the plain solution (`arith.plain_trace`,
+no tags) under the plain system prompt, so that the baseline (the same policy under the plain
+prompt) is this model not refining rather than untrained prose.
 """
 
 from __future__ import annotations
@@ -66,15 +70,20 @@ def reference_to_pasr(solution: str, refine: bool = False) -> str | None:
 
 def build_set(rows: Sequence[Row], system: str, refine_fraction: float = 0.5,
               max_examples: int = 0, seed: int = 0, traces: str = "reference",
-              correct_fraction: float = 0.0
+              correct_fraction: float = 0.0, plain_fraction: float = 0.0,
+              plain_system: str = ""
               ) -> tuple[list[list[dict[str, str]]], dict[str, int]]:
   """([system, user, assistant] transcripts, counts) from training rows; the first
-  `max_examples` usable rows (0 = all) of a seeded order. `traces`: "reference" rewrites the
-  rows' solutions, "arith" writes the arithmetic task's traces (see the module doc)."""
+  `max_examples` transcripts (0 = all) of a seeded order. `traces`: "reference" rewrites the
+  rows' solutions, "arith" writes the arithmetic task's traces (see the module doc), and for
+  a share `plain_fraction` of rows also a plain transcript under `plain_system` right after
+  the row's PASR one (counted as `plain_prompt`)."""
   order = np.random.default_rng(seed).permutation(len(rows))
   refine_draw = np.random.default_rng([seed, 1]).random(len(rows))
   kinds = arith.trace_kinds(len(rows), correct_fraction, refine_fraction, seed)
-  out, stats = [], {"rows": len(rows), "kept": 0, "with_refine": 0, "no_final_answer": 0}
+  plain_draw = np.random.default_rng([seed, 4]).random(len(rows))
+  out, stats = [], {"rows": len(rows), "kept": 0, "with_refine": 0, "no_final_answer": 0,
+                    "plain_prompt": 0}
   for i in order:
     if max_examples and len(out) >= max_examples:
       break
@@ -94,6 +103,12 @@ def build_set(rows: Sequence[Row], system: str, refine_fraction: float = 0.5,
     out.append([{"role": "system", "content": system},
                 {"role": "user", "content": rows[i].question},
                 {"role": "assistant", "content": text}])
+    if traces == "arith" and plain_draw[i] < plain_fraction and not (
+        max_examples and len(out) >= max_examples):
+      stats["plain_prompt"] += 1
+      out.append([{"role": "system", "content": plain_system},
+                  {"role": "user", "content": rows[i].question},
+                  {"role": "assistant", "content": arith.plain_trace(rows[i].answer)}])
   return out, stats
 
 
@@ -107,10 +122,10 @@ def ensure(cfg: RunConfig) -> str:
     raise ColdStartError("config cold_start.enabled=True runs on one host only: run the cold "
                          "start once (python -m pasr_jax.sft) and point model.path at its hf/")
   workdir = os.path.dirname(hf)
-  system = prompts.load_prompts(cfg.prompts).pasr_system
-  transcripts, stats = build_set(data_lib.load_dataset(cfg.data), system,
+  ps = prompts.load_prompts(cfg.prompts)
+  transcripts, stats = build_set(data_lib.load_dataset(cfg.data), ps.pasr_system,
                                  c.refine_fraction, c.max_examples, cfg.seed, c.traces,
-                                 c.correct_fraction)
+                                 c.correct_fraction, c.plain_fraction, ps.plain_system)
   if not transcripts:
     raise ColdStartError(f"config cold_start.enabled=True but no row of data.files="
                          f"{tuple(cfg.data.files)} has a final answer (GSM8K '#### X' or "

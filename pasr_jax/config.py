@@ -494,6 +494,8 @@ class ColdStartCfg(Section):
       0.5, "share of examples with a <refine> re-check that confirms a step")
   traces: str = key("reference", "reference (the data's solutions) | arith (pasr_jax/tasks/arith.py)")
   correct_fraction: float = key(0.0, "arith: share whose step is wrong and fixed in <refine>")
+  plain_fraction: float = key(
+      0.0, "arith: share of rows also written without tags under the plain (baseline) prompt")
   lr: float = key(1e-4, "the cold start's SFT peak learning rate")
   epochs: int = key(1, "passes over the cold-start set")
   max_steps: int = key(0, '>0: cap on SFT updates ("a few minutes")')
@@ -507,6 +509,9 @@ class ColdStartCfg(Section):
               f"must be in [0, 1 - refine_fraction={self.refine_fraction}]")
     self.need(self.traces == "arith" or self.correct_fraction == 0, "correct_fraction",
               "needs cold_start.traces='arith' (reference solutions have no step to get wrong)")
+    self.need(0 <= self.plain_fraction <= 1, "plain_fraction", "must be in [0, 1]")
+    self.need(self.traces == "arith" or self.plain_fraction == 0, "plain_fraction",
+              "needs cold_start.traces='arith'")
     self.need(self.lr > 0, "lr", "must be > 0")
     self.need(self.epochs >= 1, "epochs", "must be >= 1")
     self.need(self.max_steps >= 0, "max_steps", "must be >= 0 (0 = no cap)")

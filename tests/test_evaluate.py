@@ -3,6 +3,7 @@ judge as a real process on 127.0.0.1, the benchmark slices in tests/data/eval.""
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 
 from configs.eval import get_config
 from pasr_jax.eval.benchmarks import BENCHMARKS, PAPER_DATASETS, EvalError, load_items
+from pasr_jax import answer_format
 from pasr_jax.eval.report import compare, write_outputs
 from pasr_jax.evaluate import evaluate
 
@@ -191,6 +193,68 @@ def test_compare_labels_from_parent_dirs(tmp_path):
     write_outputs(str(tmp_path / arm / "eval"), recs, dict(mode="vanilla"))
   text = compare([str(tmp_path / "vanilla" / "eval"), str(tmp_path / "grpo" / "eval")])
   assert "| grpo − vanilla | 4 | +0.0 |" in text
+
+
+def test_compare_analyses_refinements_inside_answers_by_bucket(tmp_path):
+  """The refine table reads each item's worked solution and bucket from the data file under
+  the run's data_dir; by hand: pasr refines on 3 of 4 items (none easy), one fix (35 -> 45),
+  one break (45 -> 55), one confirmation (not a fix although the item is right)."""
+  ref = "17 + 28 = 45\n45 * 2 = 90\n#### 90"
+  rows = [dict(id="test-0", question="q0", answer="3 + 4 = 7\n#### 7", difficulty="easy"),
+          dict(id="test-1", question="q1", answer=ref, difficulty="medium"),
+          dict(id="test-2", question="q2", answer=ref, difficulty="hard"),
+          dict(id="test-3", question="q3", answer=ref, difficulty="medium")]
+  (tmp_path / "data" / "arith").mkdir(parents=True)
+  (tmp_path / "data" / "arith" / "test.jsonl").write_text(
+      "".join(json.dumps(r) + "\n" for r in rows))
+  ans = lambda think, final: f"<think>\n{think}\n</think>\n<answer>\n{final}\n</answer>"  # noqa
+  plain = [ans("3 + 4 = 7", "7")] + [ans("17 + 28 = 45\n45 * 2 = 90", "90")] * 3
+  pasr = [ans("3 + 4 = 7", "7"),
+          ans("17 + 28 = 35\n<refine> Check: 17 + 20 + 8 = 37 + 8 = 45, not 35. </refine>\n"
+              "45 * 2 = 90", "90"),
+          ans("17 + 28 = 45\n<refine> Check: 55, not 45. </refine>\n55 * 2 = 110", "110"),
+          ans("17 + 28 = 45\n<refine> Check: 45 - 28 = 17. Correct. </refine>\n45 * 2 = 90",
+              "90")]
+  dirs = []
+  for name, texts, right in (("cold", plain, (1, 1, 1, 1)), ("pasr", pasr, (1, 1, 0, 1))):
+    recs = [dict(_record(f"test-{i}", bool(r), 20, "pasr", answer_format.count_refines(t)),
+                 answer=t) for i, (t, r) in enumerate(zip(texts, right))]
+    dirs.append(str(tmp_path / f"eval_{name}"))
+    write_outputs(dirs[-1], recs, dict(mode="pasr", data_dir=str(tmp_path / "data")))
+  text = compare(dirs)
+  assert "## Refinements inside answers" in text
+  assert ("| cold | 0.0 | 0.0 | 0.0 | 0.0 | +0.0 | 0 / 0 / 0 | 0 | 0 | 1.0000 | +0.0 | – | – "
+          "| – → – |") in text
+  # pasr: 75 % refine; easy 0, medium 2/2, hard 1/1 -> G = 100 - 0; fix 1, break 1 -> net 0
+  # per 100 of the 3 medium/hard answers; the checked steps were right before 2 of 3 times
+  # (35 was not) and right after 2 of 3 (55 is not); selectivity: the one wrong step refined,
+  # 2 of the 6 right ones -> (1/1) / (2/6); the wrong 17 + 28 is in a class with no unrefined
+  # step (not "nearly always right"): no fake slip.
+  assert ("| pasr | 75.0 | 0.0 | 100.0 | 100.0 | +100.0 | 1 / 2 / 0 | 1 | 1 | 1.0000 | +0.0 "
+          "| 3.00 | 0.0 | 66.7 → 66.7 |") in text
+
+
+def test_compare_pools_seeded_runs_with_the_seed_as_stratum(tmp_path):
+  """Runs labelled <arm>_s<seed>: per seed against the reference and against each other,
+  pooled by cmh_paired. By hand, pasr − cold: seed 0 gains items 4, 5 (b=0, c=2), seed 1
+  gains 4-7 and loses 3 (b=1, c=4): pooled b=1, c=6, χ² = 25/7, exact p = 2 * 8/128."""
+  right = dict(cold=range(4), pasr_s0=range(6), pasr_s1=(0, 1, 2, 4, 5, 6, 7),
+               grpo_s0=range(4), grpo_s1=range(5))
+  dirs = []
+  for name, r in right.items():
+    dirs.append(str(tmp_path / f"eval_{name}"))
+    write_outputs(dirs[-1], [_record(i, i in r, 10, "pasr") for i in range(10)],
+                  dict(mode="pasr"))
+  text = compare(dirs)
+  assert "## Pooled over training seeds" in text
+  p = math.erfc(math.sqrt(25 / 7 / 2))
+  assert (f"| pasr − cold | 0,1 | 20 | +25.0 | +20.0 / +30.0 | 2/2 | 6 / 1 | 3.57 | {p:.4f} "
+          f"| 0.1250 | – / – |") in text
+  # Groups in order of appearance, the later minus the earlier: grpo − pasr, seed 0 b=2, c=0;
+  # seed 1 b=3 (5, 6, 7), c=1 (item 3): χ² = 16/6, exact p = 2 * 7/64.
+  assert ("| grpo − pasr | 0,1 | 20 | -20.0 | -20.0 / -20.0 | 2/2 | 1 / 5 | 2.67 | 0.1025 "
+          "| 0.2188 |") in text
+  assert "| grpo − cold | 0,1 | 20 | +5.0 | +0.0 / +10.0 | 1/2 | 1 / 0 |" in text
 
 
 # ------------------------------------------------------------------ real engine + judge

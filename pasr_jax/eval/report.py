@@ -3,8 +3,10 @@
 `summarize` turns per-item records into per-dataset rows (accuracy in %, average generated
 tokens, refine rate, format rate). `compare` pairs several result dirs item by item against the
 first: per-run accuracy with CI, tokens, truncation, format and refine rates; paired accuracy
-differences with CI and McNemar p (`eval.stats`); and how answers that refine move between
-right and wrong relative to the reference (paper Figure 4).
+differences with CI and McNemar p (`eval.stats`); how answers that refine move between
+right and wrong relative to the reference (paper Figure 4); and what the refinements inside
+each run's answers do (`eval.refine`: confirm / correct / rewrite, fixes and breaks within the
+answer, refine rate by difficulty bucket and its gap, selectivity, fake slips).
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import dataclasses
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
-from pasr_jax.eval.benchmarks import EvalError
-from pasr_jax.eval.stats import mcnemar_exact, mean_ci
+from pasr_jax.eval.benchmarks import BENCHMARKS, EvalError
+from pasr_jax.eval.refine import refine_metrics
+from pasr_jax.eval.stats import cmh_paired, mcnemar_exact, mean_ci
 
 AVG = "average"
 
@@ -122,11 +126,13 @@ ALL_PAIRS_UP_TO = 5            # arms; beyond this only each-vs-first and consec
 
 @dataclasses.dataclass(frozen=True)
 class Arm:
-  """One evaluation output dir: its label, mode and per-item records keyed by (dataset, id)."""
+  """One evaluation output dir: its label, mode, per-item records keyed by (dataset, id) and
+  its meta (results.json)."""
   label: str
   run_dir: str
   mode: str
   items: dict[Key, dict[str, Any]]
+  meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _labels(run_dirs: Sequence[str]) -> list[str]:
@@ -155,7 +161,7 @@ def load_arms(run_dirs: Sequence[str], labels: Sequence[str] | None = None) -> l
       if key in items:
         raise EvalError(f"{d}: item {key[1]!r} of {key[0]!r} appears twice in results.json")
       items[key] = it
-    arms.append(Arm(label, d, run["meta"].get("mode", "?"), items))
+    arms.append(Arm(label, d, run["meta"].get("mode", "?"), items, run["meta"]))
   ref = arms[0]
   for arm in arms[1:]:
     if arm.items.keys() != ref.items.keys():
@@ -230,6 +236,132 @@ def _count(k: int, n: int) -> str:
   return f"{k} ({100.0 * k / n:.1f}%)" if n else "0"
 
 
+def _data_rows(arm: Arm) -> dict[Key, dict[str, Any]]:
+  """(dataset, id) -> the data file's row (its worked solution, its `difficulty`) for the
+  arm's datasets found under its meta's data_dir; {} where there is none to read."""
+  out: dict[Key, dict[str, Any]] = {}
+  for ds in {k[0] for k in arm.items}:
+    bench = BENCHMARKS.get(ds)
+    path = os.path.join(str(arm.meta.get("data_dir") or ""), bench.path) if bench else ""
+    if not (path and os.path.isfile(path) and path.endswith(".jsonl")):
+      continue
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        if line.strip():
+          row = json.loads(line)
+          out[(ds, f"{ds}/{row.get('id')}")] = row
+  return out
+
+
+def refine_answers(arm: Arm) -> list[dict[str, Any]]:
+  """The arm's answers as `refine_metrics` takes them: the reference is the data row's worked
+  solution where its data file is found (else the record's final answer), the bucket the
+  record's or row's `difficulty` (else None)."""
+  rows = _data_rows(arm)
+  out = []
+  for key, it in arm.items.items():
+    row = rows.get(key, {})
+    out.append(dict(text=it["answer"], score=float(it["score"]),
+                    reference=row.get("answer") or it.get("reference") or it["ground_truth"],
+                    bucket=it.get("bucket") or it.get("difficulty") or row.get("difficulty")))
+  return out
+
+
+def _pct(x: float) -> str:
+  return "–" if math.isnan(x) else f"{100 * x:.1f}"
+
+
+def _num(x: float, fmt: str = ".2f") -> str:
+  return "–" if math.isnan(x) else format(x, fmt)
+
+
+def refine_table(arms: Sequence[Arm]) -> str:
+  """Markdown: per run, what the refinements inside its answers do (`refine_metrics`)."""
+  ms = [(a.label, refine_metrics(refine_answers(a))) for a in arms]
+  buckets = [b for b in ("easy", "medium", "hard") if any(f"n/{b}" in m for _, m in ms)]
+  header = (["run", "refine %"] + [f"refine % {b}" for b in buckets]
+            + (["G (points)"] if buckets else [])
+            + ["blocks: confirm / correct / rewrite", "fixes", "breaks", "sign p",
+               "net fixes /100 med+hard", "selectivity", "fake slips %",
+               "check: right before → after %"])
+  rows = []
+  for label, m in ms:
+    rows.append([label, _pct(m["refine_rate"])] + [_pct(m[f"refine_rate/{b}"])
+                                                   if f"n/{b}" in m else "–" for b in buckets]
+                + ([_num(100 * m["gap"], "+.1f")] if buckets else [])
+                + [f"{m['blocks/confirm']:.0f} / {m['blocks/correct']:.0f} / "
+                   f"{m['blocks/rewrite']:.0f}", f"{m['fixes']:.0f}", f"{m['breaks']:.0f}",
+                   _p(m["fix_break_p"]), _num(m["net_fixes_per_100_harder"], "+.1f"),
+                   _num(m["selectivity"]), _pct(m["fake_slip_rate"]),
+                   f"{_pct(m['check/before_right'])} → {_pct(m['check/after_right'])}"])
+  return ("## Refinements inside answers (fix: a wrong step value turned right by the answer's "
+          "own refine, against the reference chain; confirmations are never fixes; G: refine "
+          "% on medium + hard − on easy; selectivity: P(refine | step wrong) / P(refine | step "
+          "right); fake slips: wrong values refined on steps the run nearly always gets right; "
+          "sign p: exact, fixes vs breaks)\n\n" + _md_table(header, rows))
+
+
+_SEEDED = re.compile(r"^(.+)_s(\d+)$")
+
+
+def seed_groups(arms: Sequence[Arm]) -> dict[str, dict[int, Arm]]:
+  """Arms labelled `<name>_s<seed>` grouped by name: {name: {seed: arm}} (names with one seed
+  too); unseeded arms are left out."""
+  out: dict[str, dict[int, Arm]] = {}
+  for a in arms:
+    m = _SEEDED.match(a.label)
+    if m:
+      out.setdefault(m[1], {})[int(m[2])] = a
+  return out
+
+
+def pooled(pairs: Sequence[tuple[Arm, Arm]]) -> dict[str, Any]:
+  """B against A over several (A, B) pairs of runs, one per training seed: per seed the
+  paired Δacc (points) and discordant counts, how many seeds share the pooled sign, and the
+  seed-stratified paired test (`cmh_paired`: CMH χ² and its exact version)."""
+  per = [paired(a, b) for a, b in pairs]
+  test = cmh_paired([(s["right_wrong"], s["wrong_right"]) for s in per])
+  sign = (test["c"] > test["b"]) - (test["c"] < test["b"])
+  return dict(diffs=[s["diff"] for s in per], n=sum(s["n"] for s in per),
+              diff=sum(s["diff"] * s["n"] for s in per) / max(sum(s["n"] for s in per), 1),
+              same_sign=sum(((s["diff"] > 0) - (s["diff"] < 0)) == sign for s in per)
+              if sign else 0, **test)
+
+
+def pooled_table(arms: Sequence[Arm]) -> str | None:
+  """Markdown: each seeded group against the reference (first arm), and each seeded group
+  against each other on their common seeds, pooled over seeds; None without seeded groups."""
+  groups = seed_groups(arms)
+  if not groups:
+    return None
+  rows = []
+  ref = arms[0]
+  comparisons = [(ref.label, {s: ref for s in g}, name, g) for name, g in groups.items()
+                 if ref not in g.values()]
+  names = list(groups)
+  comparisons += [(x, groups[x], y, groups[y]) for i, x in enumerate(names)
+                  for y in names[i + 1:]]
+  for a_name, a, b_name, b in comparisons:
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+      continue
+    t = pooled([(a[s], b[s]) for s in seeds])
+    g_a = [refine_metrics(refine_answers(a[s]))["gap"] for s in seeds]
+    g_b = [refine_metrics(refine_answers(b[s]))["gap"] for s in seeds]
+    rows.append([f"{b_name} − {a_name}", ",".join(map(str, seeds)), t["n"], f"{t['diff']:+.1f}",
+                 " / ".join(f"{d:+.1f}" for d in t["diffs"]), f"{t['same_sign']}/{len(seeds)}",
+                 f"{t['c']:.0f} / {t['b']:.0f}", f"{t['chi2']:.2f}", _p(t["p"]),
+                 _p(t["p_exact"]),
+                 " / ".join(_num(100 * (y - x), "+.1f") for x, y in zip(g_a, g_b))])
+  if not rows:
+    return None
+  return ("## Pooled over training seeds (runs labelled <arm>_s<seed>; per seed B − A on the "
+          "same items; test: Cochran–Mantel–Haenszel with the seed as stratum, χ² and exact; "
+          "ΔG: B's refine-rate gap minus A's, per seed, in points)\n\n" + _md_table(
+              ["B − A", "seeds", "n", "Δacc (points)", "Δacc per seed", "same sign",
+               "only B right / only A right", "CMH χ²", "p", "exact p", "ΔG per seed"], rows))
+
+
 def compare(run_dirs: Sequence[str], out_png: str | None = None,
             labels: Sequence[str] | None = None) -> str:
   """Markdown comparing result dirs on the same items, the first being the reference: per-arm
@@ -280,6 +412,10 @@ def compare(run_dirs: Sequence[str], out_png: str | None = None,
         f"refine block; {ref.label}'s answer to the same item → the run's answer)\n\n"
         + _md_table(["reference → run", "refining answers (% of run)", "right→right",
                      "wrong→right", "right→wrong", "wrong→wrong", "McNemar p"], rrow))
+  parts.append(refine_table(arms))
+  pooled_part = pooled_table(arms)
+  if pooled_part:
+    parts.append(pooled_part)
   if out_png:
     plot_arms(rows, out_png)
   return "\n\n".join(parts) + "\n"

@@ -15,10 +15,25 @@ model at 3 % in the pilot: it cannot map an unseen verb to an operation.) Rows a
 `question` and a GSM8K-style `answer` (one `a op b = c` line per step, then `#### c`), which
 the data loader and the `verify` judge read unchanged; `template` names the frames used.
 
-  python -m pasr_jax.tasks.arith --out=DIR --n_train=2000 --n_test=400 --seed=0 \\
-      [--max_value=20] [--max_factor=4] [--min_ops=1] [--max_ops=2] [--ops=+-*/]
+Difficulty buckets (`--buckets=easy,medium,hard`): each row is drawn from one bucket in turn
+and tagged with it (`difficulty`): easy = 1 operation of + or - on numbers <= 20, medium = 2
+operations of + - * /, hard = 3 operations with at least one * or /. The out-of-template set
+(`--n_out_of_template=N`) is phrased from OOT_FRAMES, sentence templates written apart from
+FRAMES (other sentence shapes and verbs), as a new user might phrase the same problems: a gain
+there is a gain in solving, not in familiarity with the generator's wording.
 
-writes DIR/train.jsonl, DIR/test.jsonl and DIR/meta.json (the command's settings).
+The cold-start traces re-check a step with a different computation than the step itself
+(`check`): a split into tens and ones (`17 * 4` as `10 * 4 + 7 * 4 = 40 + 28 = 68`), or the
+inverse operation (`68 / 4 = 17` as `17 * 4 = 68`); a correcting trace first makes a realistic
+slip (a lost carry or borrow, off by ten, off by one) that its check then fixes.
+`plain_trace` is the same solution without tags, for the plain prompt (the baseline).
+
+  python -m pasr_jax.tasks.arith --out=DIR --n_train=2000 --n_test=400 --seed=0 \\
+      [--max_value=20] [--max_factor=4] [--min_ops=1] [--max_ops=2] [--ops=+-*/] \\
+      [--buckets=easy,medium,hard] [--n_out_of_template=300]
+
+writes DIR/train.jsonl, DIR/test.jsonl, [DIR/out_of_template.jsonl] and DIR/meta.json (the
+command's settings).
 """
 
 from __future__ import annotations
@@ -85,6 +100,28 @@ FRAMES: dict[str, tuple[str, ...]] = {
             "How many {item} does {name} have after all this?",
             "How many {item} are there at the end?"),
 }
+# Out-of-template frames: written apart from FRAMES (other sentence shapes, other verbs), used
+# only by the out-of-template set.
+OOT_FRAMES: dict[str, tuple[str, ...]] = {
+    "start": ("A jar on {name}'s shelf holds {n} {item}.",
+              "At the start of the week, {name} counts {n} {item}.",
+              "{name} owns exactly {n} {item}."),
+    "+": ("{n} more {item} arrive in a parcel for {obj}.",
+          "{Poss} aunt adds {n} {item} to the collection.",
+          "The collection gains another {n}."),
+    "-": ("{n} of the {item} get lost on the way home.",
+          "{name} hands {n} {item} to a neighbour.",
+          "The collection shrinks by {n}."),
+    "*": ("The amount is multiplied by {n}.",
+          "The collection becomes {n} times as big.",
+          "Every one of the {item} is swapped for {n} of them."),
+    "/": ("The {item} are shared equally by {n} friends, and {name} keeps one share.",
+          "Only one of {n} equal parts of the {item} stays with {obj}.",
+          "The collection is cut into {n} equal parts and {pron} keeps one part."),
+    "ask": ("What number of {item} is left with {name} in the end?",
+            "Count the {item} {name} finally has.",
+            "So how many {item} remain?"),
+}
 _MAX_VALUE = 999    # intermediate values stay below this (a `*` that would pass it is not drawn)
 
 _STEP = re.compile(r"^(\d+) ([-+*/]) (\d+) = (\d+)$")
@@ -135,24 +172,33 @@ def _operand(cur: int, op: str, d: Difficulty, rng: np.random.Generator) -> int 
   return int(rng.choice(divs)) if divs else None
 
 
-def _sentence(kind: str, frame: int, person: tuple[str, str], item: str, n: int = 0) -> str:
+def _sentence(kind: str, frame: int, person: tuple[str, str], item: str, n: int = 0,
+              table: dict[str, tuple[str, ...]] = FRAMES) -> str:
   name, sex = person
   pron, obj, poss = ("she", "her", "her") if sex == "f" else ("he", "him", "his")
-  return FRAMES[kind][frame].format(name=name, n=n, item=item, pron=pron, Pron=pron.title(),
+  return table[kind][frame].format(name=name, n=n, item=item, pron=pron, Pron=pron.title(),
                                     obj=obj, poss=poss, Poss=poss.title())
 
 
-def make_problem(rng: np.random.Generator, d: Difficulty, held_out: bool) -> dict[str, str]:
+def make_problem(rng: np.random.Generator, d: Difficulty, held_out: bool,
+                 out_of_template: bool = False) -> dict[str, str]:
   """One row: {question, answer, template}. Held-out problems use only the HELD_OUT frames,
-  training problems only the others."""
-  frames = list(HELD_OUT) if held_out else [i for i in range(len(FRAMES["ask"]))
-                                            if i not in HELD_OUT]
+  training problems only the others; out-of-template problems only OOT_FRAMES (their
+  `template` parts start with `oot-`)."""
+  table = OOT_FRAMES if out_of_template else FRAMES
+  if out_of_template:
+    frames = list(range(len(OOT_FRAMES["ask"])))
+  else:
+    frames = list(HELD_OUT) if held_out else [i for i in range(len(FRAMES["ask"]))
+                                              if i not in HELD_OUT]
+  tag = "oot-" if out_of_template else ""
   pick = lambda: int(rng.choice(frames))  # noqa: E731
   person = NAMES[int(rng.integers(len(NAMES)))]
   item = ITEMS[int(rng.integers(len(ITEMS)))]
   cur = int(rng.integers(2, d.max_value + 1))
   f0 = pick()
-  sentences, lines, template = [_sentence("start", f0, person, item, cur)], [], [f"start{f0}"]
+  sentences, lines = [_sentence("start", f0, person, item, cur, table)], []
+  template = [f"{tag}start{f0}"]
   for _ in range(int(rng.integers(d.min_ops, d.max_ops + 1))):
     choices = [op for op in d.ops]
     while True:
@@ -164,31 +210,66 @@ def make_problem(rng: np.random.Generator, d: Difficulty, held_out: bool) -> dic
       break
     f = pick()
     new = _apply(cur, op, n)
-    sentences.append(_sentence(op, f, person, item, n))
+    sentences.append(_sentence(op, f, person, item, n, table))
     lines.append(f"{cur} {op} {n} = {new}")
-    template.append(f"{op}{f}")
+    template.append(f"{tag}{op}{f}")
     cur = new
   fq = pick()
-  sentences.append(_sentence("ask", fq, person, item))
-  template.append(f"ask{fq}")
+  sentences.append(_sentence("ask", fq, person, item, table=table))
+  template.append(f"{tag}ask{fq}")
   if not lines:   # a start value no op could use: say so in one line of work
     lines.append(f"{cur} + 0 = {cur}")
   return {"question": " ".join(sentences), "answer": "\n".join(lines) + f"\n#### {cur}",
           "template": "|".join(template)}
 
 
-def make_split(n: int, seed: int, d: Difficulty, held_out: bool) -> list[dict[str, str]]:
-  """`n` distinct problems from the seed (seed, 1) for held-out sets, (seed, 0) for training."""
+# The difficulty buckets: (knobs, whether a * or / must occur). Every bucket's problems have
+# exactly its number of operations (a draw that stops early is drawn again).
+BUCKETS: dict[str, tuple[Difficulty, bool]] = {
+    "easy": (Difficulty(max_value=20, max_factor=4, min_ops=1, max_ops=1, ops="+-"), False),
+    "medium": (Difficulty(max_value=20, max_factor=4, min_ops=2, max_ops=2, ops=OPS), False),
+    "hard": (Difficulty(max_value=20, max_factor=4, min_ops=3, max_ops=3, ops=OPS), True),
+}
+
+
+def parse_buckets(spec: str) -> tuple[str, ...]:
+  """`"easy,medium,hard"` -> ("easy", "medium", "hard"); "" -> () (no buckets)."""
+  names = tuple(x.strip() for x in spec.split(",") if x.strip())
+  bad = [x for x in names if x not in BUCKETS]
+  if bad or len(set(names)) != len(names):
+    raise ArithError(f"--buckets={spec}: must be distinct names of {', '.join(BUCKETS)}")
+  return names
+
+
+def _fits(row: dict[str, str], bucket: str) -> bool:
+  d, muldiv = BUCKETS[bucket]
+  steps = parse_solution(row["answer"])[0]
+  ops = {op for _, op, _, _ in steps}
+  return (len(steps) == d.min_ops and "+ 0 =" not in row["answer"]
+          and (not muldiv or bool(ops & {"*", "/"})))
+
+
+def make_split(n: int, seed: int, d: Difficulty, held_out: bool,
+               buckets: Sequence[str] = (), out_of_template: bool = False
+               ) -> list[dict[str, str]]:
+  """`n` distinct problems from the seed (seed, 1) for held-out sets, (seed, 0) for training,
+  (seed, 2) for the out-of-template set. With `buckets`, row i is drawn from bucket
+  i mod len(buckets) (its knobs replace `d`) and tagged `difficulty`."""
   d.check()
-  rng = np.random.default_rng([seed, int(held_out)])
+  split = "oot" if out_of_template else "test" if held_out else "train"
+  rng = np.random.default_rng([seed, 2 if out_of_template else int(held_out)])
   rows, seen = [], set()
   for _ in range(50 * n):
     if len(rows) == n:
       break
-    row = make_problem(rng, d, held_out)
+    bucket = buckets[len(rows) % len(buckets)] if buckets else None
+    row = make_problem(rng, BUCKETS[bucket][0] if bucket else d, held_out, out_of_template)
+    if bucket and not _fits(row, bucket):
+      continue
     if row["question"] not in seen:
       seen.add(row["question"])
-      rows.append(dict(id=f"{'test' if held_out else 'train'}-{len(rows)}", **row))
+      extra = {"difficulty": bucket} if bucket else {}
+      rows.append(dict(id=f"{split}-{len(rows)}", **row, **extra))
   if len(rows) < n:
     raise ArithError(f"only {len(rows)} distinct problems for n={n} at {d}: widen --max_value")
   return rows
@@ -212,19 +293,76 @@ def parse_solution(answer: str) -> tuple[list[tuple[int, str, int, int]], str]:
   return steps, final.strip()
 
 
-def _slip(value: int, rng: np.random.Generator) -> int:
-  """A plausible wrong result: off by 1, 2 or 10, never negative, never the right one."""
-  wrong = [value + k for k in (-10, -2, -1, 1, 2, 10) if value + k >= 0]
-  return int(rng.choice(wrong))
+def _digits(x: int) -> list[int]:
+  return [int(ch) for ch in str(x)][::-1]   # ones first
+
+
+def _no_carry(a: int, op: str, b: int) -> int | None:
+  """`a op b` worked column by column with the carry (or borrow) lost: 17 + 28 -> 35,
+  45 - 17 -> 32, 17 * 4 -> 48; None for "/" or when nothing carries."""
+  da, db = _digits(a), _digits(b)
+  width = max(len(da), len(db))
+  da, db = da + [0] * (width - len(da)), db + [0] * (width - len(db))
+  if op == "+":
+    cols = [(x + y) % 10 for x, y in zip(da, db)]
+  elif op == "-":
+    cols = [abs(x - y) for x, y in zip(da, db)]
+  elif op == "*" and b < 10:
+    cols = [(x * b) % 10 for x in _digits(a)]
+  else:
+    return None
+  out = int("".join(map(str, cols[::-1])))
+  return out if out != _apply(a, op, b) else None
+
+
+def slip(a: int, op: str, b: int, rng: np.random.Generator) -> int:
+  """A realistic wrong result of `a op b`: the carry or borrow lost (when one is), else off by
+  ten or by one; never negative, never the right one."""
+  c = _apply(a, op, b)
+  lost = _no_carry(a, op, b)
+  if lost is not None and rng.random() < 0.5:
+    return lost
+  tens = [c + k for k in (-10, 10) if c + k >= 0]
+  ones = [c + k for k in (-1, 1) if c + k >= 0]
+  return int(rng.choice(tens if rng.random() < 0.6 else ones))
+
+
+def check(a: int, op: str, b: int) -> str:
+  """The re-check of `a op b`, computed another way than the step: a split into tens and ones
+  (`17 + 28` as `17 + 20 + 8 = 37 + 8 = 45`, `17 * 4` as `10 * 4 + 7 * 4 = 40 + 28 = 68`),
+  repeated addition for a one-digit product, else the inverse operation (`45 - 8 = 37, so
+  37 + 8 = 45`). The text ends on the step's right result."""
+  c = _apply(a, op, b)
+  if op in "+-" and b >= 10 and b % 10:
+    t, u = b - b % 10, b % 10
+    mid = a + t if op == "+" else a - t
+    return f"{a} {op} {t} {op} {u} = {mid} {op} {u} = {c}"
+  if op == "+" and a >= 10 and a % 10:
+    t, u = a - a % 10, a % 10
+    return f"{t} + {u} + {b} = {t} + {u + b} = {c}"
+  if op == "*" and a >= 10 and a % 10:
+    t, u = a - a % 10, a % 10
+    return f"{t} * {b} + {u} * {b} = {t * b} + {u * b} = {c}"
+  if op == "*" and b <= 5:
+    return " + ".join([str(a)] * b) + f" = {c}"
+  inverse = {"+": f"{c} - {b} = {a}", "-": f"{c} + {b} = {a}",
+             "*": f"{c} / {b} = {a}", "/": f"{c} * {b} = {a}"}[op]
+  return f"{inverse}, so {a} {op} {b} = {c}"
+
+
+def plain_trace(answer: str) -> str:
+  """The solution without tags, for the plain prompt: its steps and `#### <final answer>`."""
+  steps, final = parse_solution(answer)
+  return "\n".join(f"{a} {op} {b} = {c}" for a, op, b, c in steps) + f"\n#### {final}"
 
 
 def trace(answer: str, kind: str, rng: np.random.Generator) -> str:
   """The PASR-layout answer for an arith solution.
 
-  kind "plain": the steps, no refine. "confirm": after a random step, `<refine> Check: a op b =
-  c. Correct. </refine>`. "correct": a random step first gets a wrong result, the refine
-  right after it recomputes the step and names the wrong value, and the work goes on from the
-  right one to the reference's final answer.
+  kind "plain": the steps, no refine. "confirm": after a uniformly random step, `<refine>
+  Check: <check>. Correct. </refine>`. "correct": a random step first gets a slip (`slip`),
+  the refine right after it re-checks the step (`check`) and names the wrong value (`, not
+  W.`), and the work goes on from the right one to the reference's final answer.
   """
   if kind not in TRACE_KINDS:
     raise ArithError(f"trace kind {kind!r} is not one of {' | '.join(TRACE_KINDS)}")
@@ -233,13 +371,13 @@ def trace(answer: str, kind: str, rng: np.random.Generator) -> str:
   out = []
   for i, (a, op, b, c) in enumerate(steps):
     if i == k and kind == "correct":
-      w = _slip(c, rng)
+      w = slip(a, op, b, rng)
       out.append(f"{a} {op} {b} = {w}")
-      out.append(f"<refine> Check: {a} {op} {b} = {c}, not {w}. </refine>")
+      out.append(f"<refine> Check: {check(a, op, b)}, not {w}. </refine>")
     else:
       out.append(f"{a} {op} {b} = {c}")
       if i == k and kind == "confirm":
-        out.append(f"<refine> Check: {a} {op} {b} = {c}. Correct. </refine>")
+        out.append(f"<refine> Check: {check(a, op, b)}. Correct. </refine>")
   text = "<think>\n" + "\n".join(out) + f"\n</think>\n<answer>\n{final}\n</answer>"
   assert answer_format.format_ok(text), text
   return text
@@ -282,6 +420,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--n_train", type=int, default=2000)
   ap.add_argument("--n_test", type=int, default=400)
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--buckets", default="",
+                  help="e.g. easy,medium,hard: rows drawn from these buckets in turn, tagged "
+                       "`difficulty` (their knobs replace the Difficulty flags)")
+  ap.add_argument("--n_out_of_template", type=int, default=0,
+                  help="also write out_of_template.jsonl: N problems from OOT_FRAMES")
   for f in dataclasses.fields(Difficulty):
     ap.add_argument(f"--{f.name}", type=str if f.name == "ops" else int, default=f.default)
   args = ap.parse_args(argv)
@@ -290,21 +433,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     for flag in ("n_train", "n_test"):
       if getattr(args, flag) < 1:
         raise ArithError(f"--{flag}={getattr(args, flag)}: must be >= 1")
+    if args.n_out_of_template < 0:
+      raise ArithError(f"--n_out_of_template={args.n_out_of_template}: must be >= 0")
     d.check()
-    train = make_split(args.n_train, args.seed, d, held_out=False)
-    test = make_split(args.n_test, args.seed, d, held_out=True)
+    buckets = parse_buckets(args.buckets)
+    train = make_split(args.n_train, args.seed, d, held_out=False, buckets=buckets)
+    test = make_split(args.n_test, args.seed, d, held_out=True, buckets=buckets)
+    oot = (make_split(args.n_out_of_template, args.seed, d, held_out=True, buckets=buckets,
+                      out_of_template=True) if args.n_out_of_template else [])
   except ArithError as e:
     _fail(str(e))
   try:
     os.makedirs(args.out, exist_ok=True)
     _write_jsonl(os.path.join(args.out, "train.jsonl"), train)
     _write_jsonl(os.path.join(args.out, "test.jsonl"), test)
+    if oot:
+      _write_jsonl(os.path.join(args.out, "out_of_template.jsonl"), oot)
     with open(os.path.join(args.out, "meta.json"), "w", encoding="utf-8") as f:
       json.dump({"n_train": args.n_train, "n_test": args.n_test, "seed": args.seed,
-                 **dataclasses.asdict(d), "held_out_frames": list(HELD_OUT)}, f, indent=1)
+                 **dataclasses.asdict(d), "held_out_frames": list(HELD_OUT),
+                 "buckets": list(buckets), "n_out_of_template": args.n_out_of_template},
+                f, indent=1)
   except OSError as e:
     _fail(f"--out={args.out}: {e.strerror}")
-  print(f"wrote {len(train)} training and {len(test)} held-out problems to {args.out}")
+  print(f"wrote {len(train)} training, {len(test)} held-out and {len(oot)} out-of-template "
+        f"problems to {args.out}")
   return 0
 
 
