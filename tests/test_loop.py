@@ -104,6 +104,25 @@ def test_eval_metrics_per_bucket():
   assert eval_metrics([]) == {}
 
 
+def test_eval_metrics_carry_the_refine_analytics():
+  """Evaluation during training logs `eval.refine`'s analytics of its answers: a correcting
+  block that turns the wrong first-pass value into the reference chain's is a fix, a confirm
+  is not; rates over an empty set are left out rather than logged as 0."""
+  from pasr_jax.eval.during import eval_metrics
+  ref = "17 + 28 = 45\n45 * 2 = 90\n#### 90"
+  fix = ("<think>\n17 + 28 = 35\n<refine> Check: 17 + 20 + 8 = 37 + 8 = 45, not 35. </refine>"
+         "\n45 * 2 = 90\n</think>\n<answer>\n90\n</answer>")
+  confirm = ("<think>\n17 + 28 = 45\n<refine> Check: 17 + 20 + 8 = 37 + 8 = 45. Correct. "
+             "</refine>\n45 * 2 = 90\n</think>\n<answer>\n90\n</answer>")
+  answers = [{"question": "q", "reference": ref, "text": t, "score": 1.0, "bucket": "medium",
+              "tokens": 30} for t in (fix, confirm)]
+  m = eval_metrics(answers)
+  assert (m["eval/refine/fixes"], m["eval/refine/breaks"]) == (1.0, 0.0)
+  assert (m["eval/refine/blocks/correct"], m["eval/refine/blocks/confirm"]) == (1.0, 1.0)
+  assert m["eval/refine/net_fixes_per_100_harder"] == 50.0
+  assert "eval/refine/gap" not in m  # no easy answers: G is undefined
+
+
 def _eval_items(path) -> str:
   """Four held-out items: the scripted sampler answers "7" to two (right) and "3" to the
   two holding "SAME" (wrong)."""

@@ -11,15 +11,22 @@ are gathered, so every process computes the same scalars.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Sequence
 
 import numpy as np
 
 from pasr_jax import data as data_lib
 from pasr_jax import multihost
-from pasr_jax.answer_format import count_refines
+from pasr_jax.eval.refine import refine_metrics
 from pasr_jax.rewards import format_reward
 from pasr_jax.step import Answers, Halves, RolloutStep
+
+# The refine analytics logged during training (see `refine_metrics` for their meaning).
+REFINE_KEYS = ("gap", "accuracy/refining", "accuracy/not_refining", "blocks/confirm",
+               "blocks/correct", "blocks/rewrite", "fixes", "breaks",
+               "net_fixes_per_100_harder", "selectivity", "check/before_right",
+               "check/after_right", "fake_slip_rate")
 
 # Row fields that name an item's difficulty bucket, in order of preference.
 BUCKET_FIELDS = ("difficulty", "bucket")
@@ -71,22 +78,22 @@ def answer(items: Sequence[Item], stepper: RolloutStep, sampler, max_tokens: int
 
 def eval_metrics(answers: Sequence[dict[str, Any]]) -> dict[str, float]:
   """`eval/accuracy` (mean score), `eval/tokens_mean`, `eval/refine_rate` (share with a
-  <refine> block), `eval/format_ok` (share in the PASR layout), `eval/items`; and per
-  difficulty bucket (answers whose `bucket` is not "") `eval/<bucket>/accuracy` and
-  `eval/<bucket>/refine_rate`. `answers`: dicts with at least question, reference, text,
-  score, bucket, tokens."""
+  <refine> block), `eval/format_ok` (share in the PASR layout), `eval/items`; per difficulty
+  bucket (answers whose `bucket` is not "") `eval/<bucket>/accuracy` and
+  `eval/<bucket>/refine_rate`; and the refine analytics of `pasr_jax.eval.refine` (gap G,
+  fixes and breaks inside answers, selectivity, fake slips, ...) as `eval/refine/<name>`, where
+  defined. `answers`: dicts with at least question, reference, text, score, bucket, tokens."""
   if not answers:
     return {}
-
-  def rates(group: Sequence[dict[str, Any]]) -> dict[str, float]:
-    return {"accuracy": float(np.mean([a["score"] for a in group])),
-            "refine_rate": float(np.mean([count_refines(a["text"]) > 0 for a in group]))}
-
-  out = {f"eval/{k}": v for k, v in rates(answers).items()}
-  out["eval/tokens_mean"] = float(np.mean([a["tokens"] for a in answers]))
-  out["eval/format_ok"] = float(np.mean([format_reward(a["text"]) > 0 for a in answers]))
-  out["eval/items"] = float(len(answers))
+  m = refine_metrics(answers)
+  out = {"eval/accuracy": m["accuracy"], "eval/refine_rate": m["refine_rate"],
+         "eval/tokens_mean": float(np.mean([a["tokens"] for a in answers])),
+         "eval/format_ok": float(np.mean([format_reward(a["text"]) > 0 for a in answers])),
+         "eval/items": float(len(answers))}
   for bucket in sorted({a["bucket"] for a in answers if a.get("bucket")}):
-    group = [a for a in answers if a.get("bucket") == bucket]
-    out.update({f"eval/{bucket}/{k}": v for k, v in rates(group).items()})
+    out[f"eval/{bucket}/accuracy"] = m[f"accuracy/{bucket}"]
+    out[f"eval/{bucket}/refine_rate"] = m[f"refine_rate/{bucket}"]
+  # Rates over an empty set are NaN there: left out, so a curve shows no made-up zero.
+  out.update({f"eval/refine/{k}": v for k, v in m.items()
+              if k in REFINE_KEYS and math.isfinite(v)})
   return out
