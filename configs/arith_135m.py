@@ -1,6 +1,6 @@
 """arith_135m: PASR on generated arithmetic word problems with SmolLM2-135M-Instruct, on CPU.
 
-The experiment's preset (`make experiment`, issue 22) and the demo's (`make demo`). The task
+The experiment's preset (`make experiment`) and the demo's (`make demo`). The task
 (`pasr_jax/tasks/arith.py`) exists because SmolLM2-135M scores ~4 % on GSM8K: the refine reward
 compares an answer's accuracy with the baseline's mean, so it can only pay +1 where that mean
 lies strictly between 0 and 1. The data below are committed (nothing is generated at run time):
