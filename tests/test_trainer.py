@@ -477,7 +477,7 @@ def test_batch_rule_decides_the_batch_sharding_of_the_train_step():
         ("batch", rule),)
     tr = make_trainer(make_cfg(**{"optim.micro_batch": 4, "mesh.rules": rules}), mesh)
     dev, k, length = tr._put_batch(Batch.of(batch), BATCH_KEYS)  # what the jitted update gets
-    for key, x in dev.items():
+    for key, x in dev.to_dict().items():
       assert x.sharding.spec == jax.P(rule, *([None] * (x.ndim - 1))), key
       assert len({s.index[0].start for s in x.addressable_shards}) == shards, key
     b = with_old(tr, batch)
@@ -487,7 +487,7 @@ def test_batch_rule_decides_the_batch_sharding_of_the_train_step():
     with sharding.use_mesh(mesh, tr.rules):
       compiled = fn.lower(tr.params, tr.ref_params, tr.opt_state, dev).compile()
     in_batch = compiled.input_shardings[0][3]
-    assert all(s.spec[0] == jax.P(rule)[0] for s in in_batch.values()), in_batch
+    assert all(s.spec[0] == jax.P(rule)[0] for s in jax.tree.leaves(in_batch)), in_batch
   assert losses[("data",)] == pytest.approx(losses[("data", "fsdp")], rel=1e-5)
 
 

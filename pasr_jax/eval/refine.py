@@ -181,19 +181,28 @@ def refine_metrics(answers: Sequence[dict]) -> dict[str, float]:
     digits of its larger operand) that the answers get right at least NEARLY_ALWAYS of the
     time where they do not refine it (over >= MIN_CLASS_STEPS steps): slips made to be fixed.
   """
-  out: dict[str, float] = {"n": float(len(answers))}
   refining = [count_refines(a["text"]) > 0 for a in answers]
+  buckets = [a.get("bucket") for a in answers]
+  per_answer = [blocks_of(a["text"], str(a.get("reference") or "")) for a in answers]
+  harder = [i for i, x in enumerate(buckets) if x in HARDER]
+  return {**_rates(answers, refining, buckets, harder), **_blocks(per_answer, harder),
+          **_steps(answers, per_answer)}
+
+
+def _rates(answers: Sequence[dict], refining: list[bool], buckets: list, harder: list[int]
+           ) -> dict[str, float]:
+  """Accuracy and refine rate, overall and per bucket; the gap G; accuracy of refining and
+  non-refining answers."""
+  out: dict[str, float] = {"n": float(len(answers))}
   scores = [float(a["score"]) for a in answers]
   out["accuracy"] = _rate(sum(scores), len(answers))
   out["refine_rate"] = _rate(sum(refining), len(answers))
-  buckets = [a.get("bucket") for a in answers]
   named = {x for x in buckets if x}
   for b in [x for x in BUCKETS if x in named] + sorted(named - set(BUCKETS)):
     idx = [i for i, x in enumerate(buckets) if x == b]
     out[f"n/{b}"] = float(len(idx))
     out[f"accuracy/{b}"] = _rate(sum(scores[i] for i in idx), len(idx))
     out[f"refine_rate/{b}"] = _rate(sum(refining[i] for i in idx), len(idx))
-  harder = [i for i, x in enumerate(buckets) if x in HARDER]
   easy = [i for i, x in enumerate(buckets) if x == "easy"]
   out["gap"] = (_rate(sum(refining[i] for i in harder), len(harder))
                 - _rate(sum(refining[i] for i in easy), len(easy)))
@@ -201,10 +210,14 @@ def refine_metrics(answers: Sequence[dict]) -> dict[str, float]:
   nr = [i for i, x in enumerate(refining) if not x]
   out["accuracy/refining"] = _rate(sum(scores[i] for i in r), len(r))
   out["accuracy/not_refining"] = _rate(sum(scores[i] for i in nr), len(nr))
+  return out
 
-  per_answer = [blocks_of(a["text"], str(a.get("reference") or "")) for a in answers]
+
+def _blocks(per_answer: list[list[Block]], harder: list[int]) -> dict[str, float]:
+  """Blocks by kind; fixes and breaks with their sign test and net fixes per 100 harder
+  answers."""
   all_blocks = [b for bs in per_answer for b in bs]
-  out["blocks"] = float(len(all_blocks))
+  out = {"blocks": float(len(all_blocks))}
   for kind in KINDS:
     out[f"blocks/{kind}"] = float(sum(b.kind == kind for b in all_blocks))
   fixes = sum(b.outcome == "fix" for b in all_blocks)
@@ -214,8 +227,12 @@ def refine_metrics(answers: Sequence[dict]) -> dict[str, float]:
   net_harder = sum((b.outcome == "fix") - (b.outcome == "break")
                    for i in harder for b in per_answer[i])
   out["net_fixes_per_100_harder"] = 100.0 * _rate(net_harder, len(harder))
+  return out
 
-  # First-pass steps: refined or not, right or wrong by their own arithmetic.
+
+def _steps(answers: Sequence[dict], per_answer: list[list[Block]]) -> dict[str, float]:
+  """First-pass steps, refined or not, right or wrong by their own arithmetic: selectivity,
+  the check against the first pass, fake slips."""
   refined_right = refined_wrong = right = wrong = 0
   before_right = after_right = checked = 0
   cls_total: dict[tuple[str, int], int] = {}
@@ -245,15 +262,14 @@ def refine_metrics(answers: Sequence[dict]) -> dict[str, float]:
       after_right += b.after == truth
       if not s.right:
         checked_steps.append((s.op, len(str(max(s.a, s.b)))))
-  out["steps/right"], out["steps/wrong"] = float(right), float(wrong)
-  out["p_refine_step_wrong"] = _rate(refined_wrong, wrong)
-  out["p_refine_step_right"] = _rate(refined_right, right)
+  out = {"steps/right": float(right), "steps/wrong": float(wrong),
+         "p_refine_step_wrong": _rate(refined_wrong, wrong),
+         "p_refine_step_right": _rate(refined_right, right)}
   out["selectivity"] = _rate(out["p_refine_step_wrong"], out["p_refine_step_right"])
   out["check/before_right"] = _rate(before_right, checked)
   out["check/after_right"] = _rate(after_right, checked)
   easy_classes = {c for c, n in cls_total.items()
                   if n >= MIN_CLASS_STEPS and cls_right[c] / n >= NEARLY_ALWAYS}
-  wrong_checked = len(checked_steps)
   fake = sum(c in easy_classes for c in checked_steps)
-  out["fake_slip_rate"] = _rate(fake, wrong_checked)
+  out["fake_slip_rate"] = _rate(fake, len(checked_steps))
   return out
