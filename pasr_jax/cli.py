@@ -151,6 +151,10 @@ def main(prog: str, fn: Callable[[Any], Any], typed: bool = True,
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it renames
+    # The console keeps one line per step: httpx logs every judge request at INFO, JAX each
+    # backend it fails to find (TPU on every host).
+    for name in ("httpx", "jax._src.xla_bridge"):
+      logging.getLogger(name).setLevel(logging.WARNING)
     if config() is None:
       print(f"{prog}: --config=configs/<preset>.py is required", file=sys.stderr)
       return EXIT_USER
