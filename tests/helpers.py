@@ -48,6 +48,25 @@ def load_preset(name: str):
   return mod.get_config()
 
 
+def scripted_config(workdir, steps: int = 4, **over):
+  """The tiny_cpu preset for an in-process run on the scripted sampler: `contains` accuracy
+  on say_seven.jsonl, `steps` steps, no TensorBoard; then `over` (`section__key=value`)."""
+  from pasr_jax.config import RunConfig  # pylint: disable=import-outside-toplevel
+  tree = load_preset("tiny_cpu")
+  tree.workdir = str(workdir)
+  tree.rewards.accuracy_rule = "contains"
+  tree.data.files = (str(DATA / "say_seven.jsonl"),)
+  tree.logging.tensorboard = False
+  tree.train.steps = steps
+  for key, value in over.items():
+    *parents, leaf = key.split("__")
+    node = tree
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return RunConfig.from_tree(tree)
+
+
 def sum_rows(n: int, seed: int = 0) -> list[dict]:
   """Short GSM8K-style rows: 'What is a+b?' with a `<<a+b=c>>` annotation and `#### c`."""
   rng = np.random.default_rng(seed)

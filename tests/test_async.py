@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from helpers import DATA, ScriptedSampler, assert_group_gone, load_preset, run_train, \
-    start_train
+    scripted_config, start_train
 from pasr_jax import cli, devices, metrics, sharding
 from pasr_jax.config import ASYNC_TIS_CAP, ConfigError, RunConfig
 from pasr_jax.judge.client import JudgeError
@@ -34,20 +34,7 @@ RECORDS = 16  # per step: 2 questions x (4 PASR + 4 baseline answers)
 
 
 def _cfg(workdir, k: int, **over) -> RunConfig:
-  tree = load_preset("tiny_cpu")
-  tree.workdir = str(workdir)
-  tree.rewards.accuracy_rule = "contains"
-  tree.data.files = (str(DATA / "say_seven.jsonl"),)
-  tree.logging.tensorboard = False
-  tree.train.steps = STEPS
-  tree.rollout.max_staleness = k
-  for key, value in over.items():
-    *parents, leaf = key.split("__")
-    node = tree
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
-  return RunConfig.from_tree(tree)
+  return scripted_config(workdir, STEPS, rollout__max_staleness=k, **over)
 
 
 def _run(workdir, k: int, sampler_hook=None, **over) -> dict:

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import DATA, ScriptedSampler, load_preset
+from helpers import DATA, ScriptedSampler, load_preset, scripted_config
 from pasr_jax import devices, metrics, sharding
 from pasr_jax.config import ConfigError, RunConfig
 from pasr_jax.run import Run
@@ -27,16 +27,9 @@ FIXTURE = DATA / "loop_k0.json"
 STEPS = 4
 
 
-def _cfg(workdir) -> RunConfig:
-  tree = load_preset("tiny_cpu")
-  tree.workdir = str(workdir)
-  tree.rewards.accuracy_rule = "contains"
-  tree.data.files = (str(DATA / "say_seven.jsonl"),)
-  tree.logging.tensorboard = False
-  tree.train.steps = STEPS
-  tree.rollout.max_staleness = 0
-  tree.rollout.sync_every = 2
-  return RunConfig.from_tree(tree)
+def _cfg(workdir, **over) -> RunConfig:
+  return scripted_config(workdir, STEPS,
+                         **{"rollout__max_staleness": 0, "rollout__sync_every": 2, **over})
 
 
 def _digest(tree) -> str:
@@ -139,14 +132,7 @@ def _scripted_run(workdir, **over):
     def make_sampler(self):
       return ScriptedSampler.for_model_dir(self.model_dir)
 
-  tree = _cfg(workdir).to_dict()
-  for key, value in over.items():
-    *parents, leaf = key.split("__")
-    node = tree
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
-  r = ScriptedRun(RunConfig.from_tree(tree))
+  r = ScriptedRun(_cfg(workdir, **over))
   try:
     with mock.patch.object(devices, "setup", lambda cfg: {}):
       r.setup()
