@@ -1,9 +1,10 @@
 """The command-line layer of every command: the `--config` flag, the typed config, exit codes.
 
-  python -m pasr_jax.<command> --config=configs/<preset>.py [--config.a.b=v ...] [--debug]
+  python -m pasr_jax.<command> [--config=configs/<preset>.py] [--config.a.b=v ...] [--debug]
 
-`main(prog, fn)` parses the flags, types the preset (`RunConfig.from_tree`, which checks every
-value), calls `fn(cfg)` and exits. A failure a user can cause or meet ends in one line on
+`main(prog, fn, schema)` parses the flags, types the config with the command's schema (a
+`config.Section`: `RunConfig` for the training commands; its `of` checks every value), calls
+`fn(cfg)` and exits. A command without a preset file starts from its schema's defaults. A failure a user can cause or meet ends in one line on
 stderr, `<prog>: <what failed>: <message>`, and one exit code per kind (`pasr_jax.errors`):
 
   0    done
@@ -30,8 +31,10 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
+from ml_collections import ConfigDict
+
 from pasr_jax import errors, host_malloc
-from pasr_jax.config import RunConfig
+from pasr_jax.config import RunConfig, defaults
 
 EXIT_USER, EXIT_STORAGE, EXIT_INTERRUPTED = 2, 5, 130
 # (kind, exit code, what failed); a UserError is named by its own class (ConfigError, ...).
@@ -48,15 +51,24 @@ KINDS: tuple[tuple[type[BaseException], int, str], ...] = (
 _HOLDERS: list[flags.FlagHolder] = []  # --config, --debug once defined
 
 
-def _flags(argv: list[str] | None = None) -> list[flags.FlagHolder]:
+def _flags(argv: list[str] | None = None, schema: type | None = None,
+           preset: bool = True) -> list[flags.FlagHolder]:
   """`--config` and `--debug`, defined at the first call: importing this module (as `run`
-  does through `devices`) defines no flag. The `--config.a.b` overrides are registered from
-  the preset named in `argv` (default sys.argv), so the first call must see the real one."""
+  does through `devices`) defines no flag. With `preset`, `--config` names a preset file and
+  the `--config.a.b` overrides are registered from the preset named in `argv` (default
+  sys.argv), so the first call must see the real one; without, `--config.a.b` overrides
+  `schema`'s defaults."""
   if not _HOLDERS:
-    _HOLDERS.extend((
-        config_flags.DEFINE_config_file("config", None, "Config preset file (configs/*.py).",
-                                        lock_config=True, sys_argv=list(argv or sys.argv)),
-        flags.DEFINE_bool("debug", False, "Re-raise errors with their traceback.")))
+    if preset:
+      holder = config_flags.DEFINE_config_file(
+          "config", None, "Config preset file (configs/*.py).", lock_config=True,
+          sys_argv=list(argv or sys.argv))
+    else:
+      holder = config_flags.DEFINE_config_dict(
+          "config", ConfigDict(defaults(schema)), "The command's keys.", lock_config=True,
+          sys_argv=list(argv or sys.argv))
+    _HOLDERS.extend((holder,
+                     flags.DEFINE_bool("debug", False, "Re-raise errors with their traceback.")))
   return _HOLDERS
 
 
@@ -70,9 +82,9 @@ def classify(e: BaseException) -> tuple[int, str] | None:
   return None
 
 
-def unknown_key(dotted: str) -> str | None:
-  """Why `dotted` is not a key of the run config (the keys beside it), or None if it is."""
-  node: Any = RunConfig
+def unknown_key(dotted: str, schema: type = RunConfig) -> str | None:
+  """Why `dotted` is not a key of `schema` (the keys beside it), or None if it is."""
+  node: Any = schema
   parts = dotted.split(".")
   for i, part in enumerate(parts):
     fields = ({f.name: f for f in dataclasses.fields(node)}
@@ -86,24 +98,26 @@ def unknown_key(dotted: str) -> str | None:
   return None
 
 
-def _override_error(argv: list[str], err: Exception, typed: bool) -> str:
-  """Names the first `--config.a.b=v` whose key the run config does not have."""
-  for arg in argv[1:] if typed else ():
+def _override_error(argv: list[str], err: Exception, schema: type | None) -> str:
+  """Names the first `--config.a.b=v` whose key `schema` does not have."""
+  for arg in argv[1:] if schema else ():
     if arg.startswith("--config."):
-      why = unknown_key(arg[len("--config."):].split("=", 1)[0])
+      why = unknown_key(arg[len("--config."):].split("=", 1)[0], schema)
       if why:
         return f"{why} (in {arg!r})"
   return f"bad flags: {' '.join(str(err).split())}"
 
 
-def parse_flags(argv: list[str], prog: str = "pasr_jax", typed: bool = True) -> list[str]:
+def parse_flags(argv: list[str], prog: str = "pasr_jax", schema: type | None = RunConfig,
+                preset: bool = True) -> list[str]:
   """absl's flag parsing of `argv` with `--config`; a bad flag or override exits 2 with one
   line. Returns the arguments left over."""
-  _flags(argv)
   try:
+    # A config_dict flag applies the overrides as it is defined.
+    _flags(argv, schema, preset)
     return flags.FLAGS(argv)
   except Exception as e:  # absl/ml_collections raise several types for bad overrides
-    print(f"{prog}: {_override_error(argv, e, typed)}", file=sys.stderr)
+    print(f"{prog}: {_override_error(argv, e, schema)}", file=sys.stderr)
     sys.exit(EXIT_USER)
 
 
@@ -130,22 +144,26 @@ def call(prog: str, fn: Callable[[Any], Any], cfg: Any) -> int:
   return 0
 
 
-def main(prog: str, fn: Callable[[Any], Any], typed: bool = True,
-         default_config: str = "", tune_malloc: bool = True) -> None:
+def main(prog: str, fn: Callable[[Any], Any], schema: type | None = RunConfig,
+         default_config: str = "", preset: bool = True, positional: str = "",
+         argv: list[str] | None = None, tune_malloc: bool = True) -> None:
   """The `__main__` of a command: flags, logging, `fn(cfg)`, exit code (module doc).
 
-  `cfg` is the preset typed as a RunConfig, or with `typed=False` the ConfigDict itself
-  (`evaluate`, whose preset has its own keys). `default_config` is the preset when no
-  `--config` is given; without one, `--config` is required. `tune_malloc`: the command runs
-  the decoder in this process, so host_malloc's settings go in before JAX starts."""
+  `cfg` is the config typed by `schema.of` (a `config.Section` subclass). With `preset`,
+  `--config` names a preset file (`default_config` when none is given; without one it is
+  required); without, the config starts from `schema`'s defaults. `positional` names a tuple
+  key that the command's positional arguments fill (`evaluate compare DIR ...`); otherwise a
+  positional argument is an error. `argv` defaults to sys.argv. `tune_malloc`: the command
+  runs the decoder in this process, so host_malloc's settings go in before JAX starts."""
   if tune_malloc:
     host_malloc.keep_freed_memory()
-  argv = list(sys.argv)
-  if default_config and not any(a.startswith("--config=") or a == "--config" for a in argv):
+  argv = list(sys.argv if argv is None else argv)
+  if preset and default_config and not any(
+      a.startswith("--config=") or a == "--config" for a in argv):
     argv.insert(1, f"--config={default_config}")
 
   def body(rest: list[str]) -> int:
-    if len(rest) > 1:
+    if len(rest) > 1 and not positional:
       print(f"{prog}: unexpected arguments {rest[1:]}", file=sys.stderr)
       return EXIT_USER
     logging.basicConfig(level=logging.INFO,
@@ -155,11 +173,16 @@ def main(prog: str, fn: Callable[[Any], Any], typed: bool = True,
     # backend it fails to find (TPU on every host).
     for name in ("httpx", "jax._src.xla_bridge"):
       logging.getLogger(name).setLevel(logging.WARNING)
-    if config() is None:
+    tree = config()
+    if tree is None:
       print(f"{prog}: --config=configs/<preset>.py is required", file=sys.stderr)
       return EXIT_USER
-    if not typed:
-      return call(prog, fn, config())
-    return call(prog, lambda tree: fn(RunConfig.from_tree(tree)), config())
+    if positional:
+      with tree.unlocked():
+        tree[positional] = tuple(rest[1:])
+    if schema is None:
+      return call(prog, fn, tree)
+    return call(prog, lambda t: fn(schema.of(t)), tree)
 
-  app.run(body, argv=argv, flags_parser=functools.partial(parse_flags, prog=prog, typed=typed))
+  app.run(body, argv=argv, flags_parser=functools.partial(
+      parse_flags, prog=prog, schema=schema, preset=preset))

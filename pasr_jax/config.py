@@ -727,6 +727,13 @@ def _freeze(v: Any) -> Any:
   return tuple(_freeze(x) for x in v) if isinstance(v, (list, tuple)) else v
 
 
+def defaults(cls: type) -> dict[str, Any]:
+  """Every key of the Section class `cls` at its default, without checking them (a command's
+  required key defaults to "")."""
+  return {f.name: (defaults(f.default_factory) if f.default_factory is not dataclasses.MISSING
+                   else f.default) for f in dataclasses.fields(cls)}
+
+
 def base_tree() -> ml_collections.ConfigDict:
   """Every key at its default, as the ml_collections tree presets start from."""
   return ml_collections.ConfigDict(RunConfig().to_dict())

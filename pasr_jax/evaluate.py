@@ -122,5 +122,5 @@ def report(cfg) -> None:
 if __name__ == "__main__":
   if len(sys.argv) > 1 and sys.argv[1] == "compare":
     sys.exit(_compare_main(sys.argv[2:]))
-  cli.main("pasr_jax.evaluate", report, typed=False, default_config="configs/eval.py",
+  cli.main("pasr_jax.evaluate", report, schema=None, default_config="configs/eval.py",
            tune_malloc=False)
