@@ -64,6 +64,22 @@ def test_log_level_is_a_checked_config_key():
     VllmCfg(log_level="LOUD").check()
 
 
+def test_only_the_rotary_caches_reload_warning_is_dropped():
+  """The reload's per-layer warning comes from the logger and format the filter names; a
+  rotary embedding's (a computed cache) is dropped, any other layer's kept."""
+  from vllm.model_executor.model_loader.reload import layerwise
+  assert layerwise.logger.name == vi.RELOAD_LOGGER
+  assert '"%s: Failed to load weights"' in inspect.getsource(layerwise)
+
+  def record(layer):
+    return logging.LogRecord(vi.RELOAD_LOGGER, logging.WARNING, "layerwise.py", 1,
+                             "%s: Failed to load weights", (layer,), None)
+
+  assert not vi._computed_cache_warning(record("RotaryEmbedding"))
+  assert not vi._computed_cache_warning(record("Llama3RotaryEmbedding"))
+  assert vi._computed_cache_warning(record("QKVParallelLinear"))
+
+
 def test_importing_the_extension_does_not_import_jax():
   """vLLM's workers import this module; JAX would cost them seconds at start and exit."""
   import subprocess

@@ -412,6 +412,7 @@ class SyncExtension:
     for name in _WORKER_CHECKS:
       CHECKS[name]()
     atexit.register(_exit_promptly)
+    logging.getLogger(RELOAD_LOGGER).addFilter(_computed_cache_warning)
     if not hasattr(os, "pidfd_open"):
       return os.getpid()
     try:
@@ -428,6 +429,18 @@ class SyncExtension:
 
     threading.Thread(target=wait, name="pasr-trainer-watch", daemon=True).start()
     return os.getpid()
+
+
+# vLLM's in-place reload warns "<layer>: Failed to load weights" for every layer whose buffers
+# the checkpoint does not hold. A rotary embedding's cos/sin cache is computed, never saved, so
+# every sync would warn once per model; other layers still warn.
+RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+
+def _computed_cache_warning(record: logging.LogRecord) -> bool:
+  """False (drop) for the reload's warning about a rotary embedding."""
+  return not (record.msg == "%s: Failed to load weights" and record.args
+              and str(record.args[0]).endswith("RotaryEmbedding"))
 
 
 def _exit_promptly() -> None:
