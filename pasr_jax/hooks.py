@@ -101,9 +101,9 @@ def log_sizes(logs: dict[str, Any]) -> dict[str, int]:
 
 class Evaluation(Hook):
   """eval.every > 0: greedy answers to the held-out items through the run's own sampler
-  (`source.quiet()`: no generation in flight, the newest published weights), judged as the
-  run judges (`eval.during`); at step 0 (`start`), every eval.every steps and at the last
-  step (not at a stopping one)."""
+  (`source.quietly`: no generation in flight, the newest published weights, engine failures
+  retried), judged as the run judges (`eval.during`); at step 0 (`start`), every eval.every
+  steps and at the last step (not at a stopping one)."""
 
   def __init__(self, cfg, items, stepper, source, log):
     self.every, self.max_tokens = int(cfg.eval.every), cfg.eval_max_tokens
@@ -120,7 +120,10 @@ class Evaluation(Hook):
   def evaluate(self, step: int) -> dict[str, float]:
     """Answers, scores and logs the items with the weights of `step` updates; eval/*."""
     t = time.perf_counter()
-    answers = during.answer(self.items, self.stepper, self.source.quiet(), self.max_tokens)
+    # An engine failure is retried as a rollout's would be; the gather (a collective) waits
+    # until every process has its share.
+    answers = during.gather(self.source.quietly(
+        lambda sampler: during.answer(self.items, self.stepper, sampler, self.max_tokens), step))
     scalars = during.eval_metrics(answers)
     if self.log is not None:
       self.log.append([{"step": step, **a} for a in answers])

@@ -21,6 +21,7 @@ import pytest
 from helpers import DATA, ScriptedSampler, load_preset, scripted_config
 from pasr_jax import devices, metrics, sharding
 from pasr_jax.config import ConfigError, RunConfig
+from pasr_jax.rollout import EngineError
 from pasr_jax.run import Run
 
 FIXTURE = DATA / "loop_k0.json"
@@ -127,10 +128,22 @@ def _eval_items(path) -> str:
   return str(path)
 
 
-def _scripted_run(workdir, **over):
+class EvalEngineDiesOnce(ScriptedSampler):
+  """The first `generate` (step 0's evaluation) fails as a dead engine's does."""
+
+  failed = 0
+
+  def generate(self, *args, **kw):
+    if not self.failed:
+      self.failed += 1
+      raise EngineError("scripted: the engine died during the evaluation")
+    return super().generate(*args, **kw)
+
+
+def _scripted_run(workdir, sampler=ScriptedSampler, **over):
   class ScriptedRun(Run):
     def make_sampler(self):
-      return ScriptedSampler.for_model_dir(self.model_dir)
+      return sampler.for_model_dir(self.model_dir)
 
   r = ScriptedRun(_cfg(workdir, **over))
   try:
@@ -148,10 +161,11 @@ def test_eval_during_training_k1_logs_everywhere_and_quiet_console(tmp_path, cap
   """eval.every=3 over 4 steps of K = 1: held-out answers at step 0 (before any update), 3
   and 4 (the last), through the run's own sampler; eval/* in metrics.jsonl (step 0 a line of
   its own) and in the step line; the answers in eval.jsonl; the console is a start block, one
-  line per step and the held-out line (`run` prints it last); config.json records the tis_cap that ran; the
-  staleness bound holds."""
+  line per step and the held-out line (`run` prints it last); config.json records the
+  tis_cap that ran; the staleness bound holds. The engine dies during step 0's evaluation:
+  the evaluation is retried (as a rollout is) and the run goes on."""
   w = tmp_path / "w"
-  r, summary = _scripted_run(w, rollout__max_staleness=1, eval__every=3,
+  r, summary = _scripted_run(w, EvalEngineDiesOnce, rollout__max_staleness=1, eval__every=3,
                              eval__files=(_eval_items(tmp_path / "held.jsonl"),),
                              eval__limit=0)
   out = capsys.readouterr().out.strip().splitlines()
@@ -173,6 +187,7 @@ def test_eval_during_training_k1_logs_everywhere_and_quiet_console(tmp_path, cap
   assert sum(line.startswith("step ") for line in out) == 5
   assert out[-1].startswith("[train] done at step 4"), out[-5:]
   assert summary["held_out"] == "held-out accuracy: 50.0% -> 50.0% (4 items)"  # run() prints it
+  assert r.sampler.failed == 1
 
 
 def test_max_staleness_2_is_refused_with_the_reason():

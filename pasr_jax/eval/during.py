@@ -4,8 +4,8 @@
 field); `answer` samples one greedy answer per item under the PASR system prompt on the
 run's own sampler (between steps: no second engine) and scores it with the run's accuracy
 rule or judge (`RolloutStep.accuracies`); `eval_metrics` turns the answers into the
-`eval/*` scalars. Multi-host: each process answers its share of the items and the answers
-are gathered, so every process computes the same scalars.
+`eval/*` scalars. Multi-host: each process answers its share of the items and `gather`
+gives every process all answers, so every process computes the same scalars.
 """
 
 from __future__ import annotations
@@ -57,22 +57,28 @@ def load_items(files: Sequence[str], question_field: str = "", answer_field: str
 
 def answer(items: Sequence[Item], stepper: RolloutStep, sampler, max_tokens: int
            ) -> list[dict[str, Any]]:
-  """One greedy answer per item (this process's share), scored; every process gets all
-  answers, in item order. Each is a dict: id, question, reference, bucket, text, tokens,
-  finish_reason, score (the accuracy in [0, 1])."""
+  """One greedy answer per item of this process's share, scored, in item order (`gather`
+  makes them every process's). Each is a dict: id, question, reference, bucket, text,
+  tokens, finish_reason, score (the accuracy in [0, 1])."""
   mine = list(items[multihost.share(len(items))])
-  local: list[dict[str, Any]] = []
-  if mine:
-    prompts = stepper.prompt_ids([it.row for it in mine]).pasr
-    groups = sampler.generate([p.ids for p in prompts], n=1, temperature=0.0, top_p=1.0,
-                              max_tokens=max_tokens, stop_token_ids=stepper.eos_ids, seed=0)
-    answers = Halves([Answers(p, g.completions) for p, g in zip(prompts, groups)], [])
-    accs, _ = stepper.accuracies(answers, stepper.judge_requests(answers))
-    for it, a, acc in zip(mine, answers.pasr, accs.pasr):
-      c = a.completions[0]
-      local.append({"id": it.row.id, "question": it.row.question, "reference": it.row.answer,
-                    "bucket": it.bucket, "text": c.text, "tokens": len(c.token_ids),
-                    "finish_reason": c.finish_reason, "score": float(acc[0])})
+  if not mine:
+    return []
+  prompts = stepper.prompt_ids([it.row for it in mine]).pasr
+  groups = sampler.generate([p.ids for p in prompts], n=1, temperature=0.0, top_p=1.0,
+                            max_tokens=max_tokens, stop_token_ids=stepper.eos_ids, seed=0)
+  answers = Halves([Answers(p, g.completions) for p, g in zip(prompts, groups)], [])
+  accs, _ = stepper.accuracies(answers, stepper.judge_requests(answers))
+  local = []
+  for it, a, acc in zip(mine, answers.pasr, accs.pasr):
+    c = a.completions[0]
+    local.append({"id": it.row.id, "question": it.row.question, "reference": it.row.answer,
+                  "bucket": it.bucket, "text": c.text, "tokens": len(c.token_ids),
+                  "finish_reason": c.finish_reason, "score": float(acc[0])})
+  return local
+
+
+def gather(local: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Every process's `answer`s, in item order (a collective: every process calls it)."""
   return [a for part in multihost.allgather_json(local) for a in part]
 
 

@@ -34,7 +34,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import jax
 import numpy as np
@@ -43,6 +43,8 @@ from pasr_jax import errors, multihost
 from pasr_jax.data import BatchStream, Cursor
 from pasr_jax.rollout.base import EngineError
 from pasr_jax.step import RolloutStep, StepOutput
+
+T = TypeVar("T")
 
 log = logging.getLogger("pasr_jax.run")
 
@@ -102,6 +104,12 @@ class RolloutSource:
       self.sampler.sync(self._model(), self.version)
     return self.sampler
 
+  def quietly(self, fn: Callable[[Any], T], step: int) -> T:
+    """`fn(self.quiet())` (evaluation between steps), with engine failures retried as a step's
+    rollout is. `fn` must not run a collective: a process whose engine failed would not
+    reach it."""
+    return self._retrying(step, lambda attempt: fn(self.quiet()))
+
   def drop(self) -> None:
     """Discards what was sampled and not trained on; the stream goes back to the last
     batch handed out."""
@@ -147,9 +155,15 @@ class RolloutSource:
 
   def _rollout(self, draw: Draw, step: int, first: Callable[[], StepOutput] | None = None
                ) -> StepOutput:
-    """`RolloutStep` with engine failures handled. `first`: the first attempt's result
-    instead of running the step (the batch sampled in the background); it may raise as the
-    step would.
+    """`RolloutStep` with engine failures handled (`_retrying`). `first`: the first attempt's
+    result instead of running the step (the batch sampled in the background); it may raise
+    as the step would."""
+    return self._retrying(step, lambda attempt: (
+        first() if attempt == 0 and first is not None
+        else self.stepper(draw.rows, step, draw.seed)))
+
+  def _retrying(self, step: int, attempt_fn: Callable[[int], T]) -> T:
+    """`attempt_fn(attempt)` until it returns without an `EngineError` on every process.
 
     Every process takes the same branch after each attempt, agreed in one small collective:
     a rollout interrupted by a signal on any process abandons the step on all of them
@@ -164,8 +178,7 @@ class RolloutSource:
       error = None
       if out is None:
         try:
-          out = (first() if attempt == 0 and first is not None else
-                 self.stepper(draw.rows, step, draw.seed))
+          out = attempt_fn(attempt)
         except EngineError as e:
           error = e
       interrupted = error is not None and self._stopping()
