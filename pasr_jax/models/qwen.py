@@ -167,18 +167,6 @@ def resolve_attention(name: str, dtype, platform: str | None = None) -> str:
   return "cudnn" if platform in ("cuda", "gpu") and half else "xla"
 
 
-def tiny_config(model_type: str, tie_word_embeddings: bool = True) -> ModelConfig:
-  """A random-init-sized config for tests: 2 layers, hidden 64, vocab 256, GQA 4/2."""
-  return ModelConfig(
-      model_type=model_type, vocab_size=256, hidden_size=64, intermediate_size=128,
-      num_layers=2, num_heads=4, num_kv_heads=2,
-      # Qwen3 decouples head_dim from hidden/heads; exercise that.
-      head_dim=32 if model_type == "qwen3" else 16,
-      rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=tie_word_embeddings,
-      attention_bias=model_type == "qwen2", qk_norm=model_type == "qwen3",
-      max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-
-
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str | None, ...],
            init: str, param_dtype) -> nnx.Param:
   if init == "normal":
