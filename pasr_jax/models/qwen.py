@@ -222,8 +222,8 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 def _query_blocks(t: int) -> int:
   """How many causal query blocks `Attention` splits t positions into: blocks of >= 192
-  positions (on CPU, blocks of 128 or 96 were no faster: smaller matmuls ate the saving), at
-  most 8, and dividing t."""
+  positions (on CPU, what smaller blocks skip is lost to their smaller, slower matmuls;
+  docs/performance.md), at most 8, and dividing t."""
   n = min(8, t // 192)
   while n > 1 and t % n:
     n -= 1
@@ -432,8 +432,9 @@ def _lm_head(x2: jax.Array, head: jax.Array) -> jax.Array:
   """float32 logits [N, V] of hidden states x2 [N, D] and head [V, D].
 
   The custom backward computes the head's gradient as (x2^T g)^T: left to autodiff, XLA:CPU
-  writes the [N, V] logit gradient out transposed for that matmul (on SmolLM2, 300 MB of
-  strided writes per update, ~2% of it), where this transposes only x2 and the [D, V] result.
+  writes the [N, V] logit gradient out transposed for that matmul (strided writes of the
+  largest tensor of the step; docs/performance.md), where this transposes only x2 and the
+  [D, V] result.
   """
   return jnp.einsum("nd,vd->nv", x2, head, preferred_element_type=jnp.float32)
 
