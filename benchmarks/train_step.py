@@ -29,6 +29,8 @@ from typing import Callable
 
 import numpy as np
 
+from pasr_jax.batch import Batch, positions
+
 
 def model_flops(cfg: dict, b: int, t: int, head_positions: int | None = None) -> float:
   """Matmul FLOPs of one forward over [b, t] tokens (linear layers, attention, and the
@@ -42,22 +44,22 @@ def model_flops(cfg: dict, b: int, t: int, head_positions: int | None = None) ->
   return b * (t * cfg["num_hidden_layers"] * (per_layer + attn) + head)
 
 
-def make_batch(b: int, t: int, vocab: int, seed: int = 0) -> dict:
+def make_batch(b: int, t: int, vocab: int, seed: int = 0) -> Batch:
+  """B random rows of T tokens; the second half of each row is the scored completion."""
   rng = np.random.default_rng(seed)
   ids = rng.integers(0, vocab, (b, t)).astype(np.int32)
   loss = np.zeros((b, t), np.float32)
   loss[:, t // 2:] = 1
-  return {"input_ids": ids, "attention_mask": np.ones((b, t), np.int32),
-          "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)), "loss_mask": loss,
-          "old_logps": np.zeros((b, t), np.float32),
-          "advantages": rng.normal(0, 1, b).astype(np.float32)}
+  return Batch(input_ids=ids, attention_mask=np.ones((b, t), np.int32),
+               positions=positions(b, t), loss_mask=loss, old_logps=np.zeros((b, t), np.float32),
+               advantages=rng.normal(0, 1, b).astype(np.float32))
 
 
-def completion_tokens(batch: dict) -> int:
-  return int(batch["loss_mask"].sum(1).max())
+def completion_tokens(batch: Batch) -> int:
+  return int(batch.loss_mask.sum(1).max())
 
 
-def setup_jax(model_dir: Path, batch: dict, window: bool = True) -> Callable[[], None]:
+def setup_jax(model_dir: Path, batch: Batch, window: bool = True) -> Callable[[], None]:
   """The JAX update as a callable, compiled and run once. `window=False` runs the LM head
   on all T positions, as the torch side does (rollout.max_tokens = T turns the window off)."""
   import jax
@@ -70,14 +72,15 @@ def setup_jax(model_dir: Path, batch: dict, window: bool = True) -> Callable[[],
 
   c = get_base_config()
   c.mesh.shape = (1, 1, 1)
-  c.optim.micro_batch = batch["input_ids"].shape[0]
+  rows, length = batch.shape
+  c.optim.micro_batch = rows
   # Completions are the second half of each row: at most that many tokens, so the loss's
   # LM head runs on that window only (the torch side, the original's way, runs it on all).
-  c.rollout.max_tokens = completion_tokens(batch) if window else batch["input_ids"].shape[1]
+  c.rollout.max_tokens = completion_tokens(batch) if window else length
   model, mcfg = load_hf(model_dir)
   tr = Trainer(RunConfig.from_tree(c).trainer_cfg(), model, mcfg, sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
   old = tr.logprobs(batch)  # also warms the logprob function
-  batch = dict(batch, old_logps=old * batch["loss_mask"])
+  batch = batch.replace(old_logps=old * batch.loss_mask)
 
   def step() -> None:
     m = tr.update(batch)
@@ -86,7 +89,7 @@ def setup_jax(model_dir: Path, batch: dict, window: bool = True) -> Callable[[],
   return step
 
 
-def setup_torch(model_dir: Path, batch: dict, threads: int) -> Callable[[], None]:
+def setup_torch(model_dir: Path, batch: Batch, threads: int) -> Callable[[], None]:
   """The torch update as a callable, run once (warm-up)."""
   import torch
   from transformers import AutoModelForCausalLM
@@ -97,10 +100,10 @@ def setup_torch(model_dir: Path, batch: dict, threads: int) -> Callable[[], None
   for p in ref.parameters():
     p.requires_grad_(False)
   opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
-  ids = torch.from_numpy(batch["input_ids"]).long()
-  attn = torch.from_numpy(batch["attention_mask"]).long()
-  mask = torch.from_numpy(batch["loss_mask"])[:, 1:]
-  adv = torch.from_numpy(batch["advantages"])[:, None]
+  ids = torch.from_numpy(batch.input_ids).long()
+  attn = torch.from_numpy(batch.attention_mask).long()
+  mask = torch.from_numpy(batch.loss_mask)[:, 1:]
+  adv = torch.from_numpy(batch.advantages)[:, None]
 
   def logps(model):
     logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]

@@ -13,7 +13,7 @@ agreed rows x length (`pad`) before the global batch is built.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -62,16 +62,6 @@ class Batch:
   def to_dict(self) -> dict[str, Any]:
     """The present fields by name."""
     return {n: getattr(self, n) for n in self.fields()}
-
-  @classmethod
-  def of(cls, batch: Batch | Mapping[str, Any]) -> Batch:
-    """`batch` as a Batch: a Mapping's keys must be field names."""
-    if isinstance(batch, Batch):
-      return batch
-    unknown = sorted(set(batch) - set(FIELDS))
-    if unknown:
-      raise BatchError(f"batch keys {unknown} are no Batch fields {FIELDS}")
-    return cls(**batch)
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(Batch))

@@ -185,8 +185,7 @@ class VllmCfg(Section):
   cpu_reserved_cores: int = key(
       0,
       "CPU only: cores kept free of the model's threads for vLLM's engine loop (-1 = vLLM's "
-      "default, 1); 0 made a paper-sized step's generation 1.65x faster on an idle 2-core "
-      "host (benchmarks/rollout.py --engines), 1 is faster on a loaded one")
+      "default, 1); 0 is faster on an idle host, 1 on a loaded one (docs/performance.md)")
   sync_dir: str = key("", '"" = /dev/shm if present, else a temp dir')
   sync_fallback_dir: str = key("", 'used when sync_dir lacks room ("" = the temp dir)')
   sync_headroom_gib: float = key(0.25, "free space a sync leaves on sync_dir")

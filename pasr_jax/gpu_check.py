@@ -33,7 +33,8 @@ from flax import nnx
 
 from configs.paper import paper_gpu_config
 from configs.qwen3_8b import HF_CONFIG as QWEN3_8B
-from pasr_jax import checkpoint, plan, sharding
+from pasr_jax import batch as batch_lib, checkpoint, plan, sharding
+from pasr_jax.batch import Batch
 from pasr_jax.config import RunConfig
 from pasr_jax.models.qwen import Decoder, ModelConfig, resolve_attention
 from pasr_jax.trainer import Trainer
@@ -123,7 +124,7 @@ def count_params(m: ModelConfig) -> int:
   return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
 
 
-def synthetic_batch(case: Case, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+def synthetic_batch(case: Case, vocab: int, seed: int = 0) -> Batch:
   """A right-padded GRPO batch: prompt tokens unscored, completion tokens scored, the last
   rows shorter (padding), advantages of both signs."""
   rng = np.random.default_rng(seed)
@@ -133,11 +134,9 @@ def synthetic_batch(case: Case, vocab: int, seed: int = 0) -> dict[str, np.ndarr
   lengths[b // 2:] = n - n // 4
   mask = (np.arange(n)[None] < lengths[:, None]).astype(np.int32)
   loss_mask = mask * (np.arange(n)[None] >= case.prompt)
-  return {"input_ids": ids * mask, "attention_mask": mask,
-          "positions": np.broadcast_to(np.arange(n, dtype=np.int32), (b, n)).copy(),
-          "loss_mask": loss_mask.astype(np.float32),
-          "old_logps": np.zeros((b, n), np.float32),
-          "advantages": rng.standard_normal(b).astype(np.float32)}
+  return Batch(input_ids=ids * mask, attention_mask=mask, positions=batch_lib.positions(b, n),
+               loss_mask=loss_mask.astype(np.float32), old_logps=np.zeros((b, n), np.float32),
+               advantages=rng.standard_normal(b).astype(np.float32))
 
 
 def peak_bytes() -> int | None:
@@ -163,7 +162,7 @@ def measure_update(case: Case, repeats: int, with_plan: bool) -> tuple[Row, Trai
   del model
   batch = synthetic_batch(case, mcfg.vocab_size)
   # Old logprobs from the policy itself (the sampler's would be close to them): ratio ~1.
-  batch["old_logps"] = trainer.logprobs(batch)
+  batch = batch.replace(old_logps=trainer.logprobs(batch))
   t0 = time.perf_counter()
   first = trainer.update(batch)
   first_s = time.perf_counter() - t0
@@ -174,7 +173,7 @@ def measure_update(case: Case, repeats: int, with_plan: bool) -> tuple[Row, Trai
     times.append(time.perf_counter() - t0)
   step = statistics.median(times)
   peak = peak_bytes()
-  tokens = int(batch["attention_mask"].sum())
+  tokens = int(batch.attention_mask.sum())
   flops = train_flops_per_token(mcfg, case.seq, cfg.grpo.beta > 0, cfg.model.remat) * tokens
   device_peak = peak_flops()
   finite = all(math.isfinite(v) for v in (first["loss"], m["loss"])) and not m["skipped"]

@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from pasr_jax import errors, sharding
+from pasr_jax.batch import Batch
 
 
 class MultihostError(errors.UserError):
@@ -119,14 +120,13 @@ def rows_per_process(rows: int, micro_batch: int) -> int:
   return max(step, -(-rows // step) * step)
 
 
-def global_batch(local: dict[str, np.ndarray], mesh: Mesh, rules: sharding.Rules
-                 ) -> dict[str, jax.Array]:
-  """Global batch arrays `[count * r, ...]` sharded over the batch axes, from this process's
-  `r` rows (every process passes the same r and length)."""
-  out = {}
-  for k, x in local.items():
+def global_batch(local: Batch, mesh: Mesh, rules: sharding.Rules) -> Batch:
+  """The global Batch (`[count * r, ...]` arrays sharded over the batch axes) from this
+  process's `r` rows (every process passes the same r, length and fields)."""
+  count = jax.process_count()
+
+  def one(x: Any) -> jax.Array:
     x = np.asarray(x)
-    shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
-    out[k] = jax.make_array_from_process_local_data(
-        sharding.batch_sharding(mesh, rules, x.ndim), x, shape)
-  return out
+    return jax.make_array_from_process_local_data(
+        sharding.batch_sharding(mesh, rules, x.ndim), x, (x.shape[0] * count,) + x.shape[1:])
+  return jax.tree.map(one, local)

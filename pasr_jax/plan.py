@@ -61,11 +61,11 @@ import ml_collections  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from pasr_jax import cli, devices, errors, sharding, xla_gpu  # noqa: E402
-from pasr_jax.batch import Batch  # noqa: E402
+from pasr_jax.batch import INT_FIELDS, Batch  # noqa: E402
 from pasr_jax.config import RunConfig  # noqa: E402
 from pasr_jax.models.qwen import Decoder, ModelConfig, resolve_attention  # noqa: E402
 from pasr_jax.tiny import char_vocab, tiny_model_config  # noqa: E402
-from pasr_jax.trainer import (BATCH_KEYS, INT_KEYS, batch_shardings, jit_update,  # noqa: E402
+from pasr_jax.trainer import (BATCH_KEYS, batch_shardings, jit_update,  # noqa: E402
                               make_optimizer, make_step_fns, opt_state_shardings, ref_copy)
 
 GIB = 1024 ** 3
@@ -137,7 +137,7 @@ def plan(cfg: RunConfig | ml_collections.ConfigDict, mesh_shape, seq_len: int, l
   b_sh = batch_shardings(mesh, rules, BATCH_KEYS)
   abs_batch = Batch(**{k: jax.ShapeDtypeStruct(
       (batch,) if k == "advantages" else (batch, seq_len),
-      jnp.int32 if k in INT_KEYS else jnp.float32,
+      jnp.int32 if k in INT_FIELDS else jnp.float32,
       sharding=b_sh[k]) for k in BATCH_KEYS})
   beta = cfg.grpo.beta > 0
   abs_ref = _abstract(jax.eval_shape(lambda p: ref_copy(p, dtype), params), p_sh) if beta else None

@@ -42,7 +42,7 @@ def format_reward(text: str) -> float:
 def contains_accuracy(text: str, ground_truth: str) -> float:
   """The `contains` accuracy rule: 1 if the extracted answer of `text` holds the (stripped,
   non-empty) reference answer, else 0 (`rewards.accuracy_rule="contains"`: a judge-free
-  signal for tests and toy runs)."""
+  signal for toy runs and short answers)."""
   target = ground_truth.strip()
   return 1.0 if target and target in extract_answer(text) else 0.0
 

@@ -26,11 +26,11 @@ from typing import Any
 
 import jax
 
-from pasr_jax import build, devices, errors, hooks, multihost, rewards
+from pasr_jax import batch as batch_lib, build, devices, errors, hooks, multihost, rewards
 from pasr_jax.data import BatchStream
 from pasr_jax.rollout import source as sources
 from pasr_jax.rollout.vllm_sampler import VllmSampler
-from pasr_jax.step import FIRST, MAX, RolloutStep, mean_over, merge_scalars, pad_batch
+from pasr_jax.step import FIRST, MAX, RolloutStep, mean_over, merge_scalars
 from pasr_jax.workdir import Workdir
 
 # The multi-host reduction of every metric the loop adds to the step's (see step.merge_scalars):
@@ -150,8 +150,8 @@ class Run:
       return {}
     t = self.trainer
     rows = multihost.rows_per_process(rows, int(self.cfg.optim.micro_batch))
-    batch = multihost.global_batch(pad_batch(local, rows, length, self.source.stepper.pad_id),
-                                   t.mesh, t.rules)
+    batch = multihost.global_batch(
+        batch_lib.pad(local, rows, length, self.source.stepper.pad_id), t.mesh, t.rules)
     updates, skipped = t.step, t.skipped_steps
     scalars = {f"train/{k}": float(v) for k, v in t.train_batch(batch).items()}
     all_skipped = t.skipped_steps - skipped == t.step - updates

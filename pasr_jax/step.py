@@ -115,22 +115,6 @@ STEP_REDUCTIONS = {
 }
 
 
-def pack_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
-               logprobs: Sequence[Sequence[float]], advantages: Sequence[float],
-               scored: Sequence[bool], pad_id: int, multiple: int,
-               rows_multiple: int = 1) -> dict[str, np.ndarray]:
-  """`batch.pack_completions` as a dict of arrays (for callers not yet on `Batch`)."""
-  return batch_lib.pack_completions(prompts, completions, logprobs, advantages, scored, pad_id,
-                                    multiple, rows_multiple).to_dict()
-
-
-def pad_batch(batch: Batch | dict[str, np.ndarray] | None, rows: int, length: int,
-              pad_id: int) -> dict[str, np.ndarray]:
-  """`batch.pad` as a dict of arrays (for callers not yet on `Batch`)."""
-  return batch_lib.pad(None if batch is None else Batch.of(batch), rows, length,
-                       pad_id).to_dict()
-
-
 T = TypeVar("T")
 U = TypeVar("U")
 

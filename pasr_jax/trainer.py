@@ -11,16 +11,14 @@ params and optimizer state unchanged and is counted. `train_batch` takes one suc
 optim.sequences_per_update rows of a rollout batch (the original PASR run: 8), or one for the
 whole batch (0).
 
-The batch is a `batch.Batch` (a Mapping of its field names is accepted too): the tokens,
-loss_mask and the fields the loss reads (`Loss.fields`; GRPO: old_logps, advantages and the
-optional is_weights).
+The batch is a `batch.Batch`: the tokens, loss_mask and the fields the loss reads
+(`Loss.fields`; GRPO: old_logps, advantages and the optional is_weights).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
 from typing import Any, Callable
 
 import jax
@@ -38,7 +36,6 @@ from pasr_jax.models.qwen import Decoder, ModelConfig
 # The tokens every loss reads (with loss_mask), and the GRPO batch (the memory plan's).
 TOKEN_FIELDS = INT_FIELDS + ("loss_mask",)
 BATCH_KEYS = TOKEN_FIELDS + ("old_logps", "advantages")
-INT_KEYS = INT_FIELDS
 
 
 class TrainerError(ValueError):
@@ -351,6 +348,13 @@ def _combine(steps: list[dict[str, float]], loss: Loss) -> dict[str, float]:
 # ----------------------------------------------------------------------------- Trainer
 
 
+def _require_batch(batch: Any) -> None:
+  """Raises TrainerError unless `batch` is a `Batch` (its fields decide the jitted step)."""
+  if not isinstance(batch, Batch):
+    raise TrainerError(f"a trainer batch is a pasr_jax.batch.Batch, not a "
+                       f"{type(batch).__name__}")
+
+
 def ref_copy(params: Any, dtype: Any) -> Any:
   """The frozen reference: the initial params in the compute dtype (it is only ever used cast
   to it), so a bf16 run holds it at half the fp32 size. Always a copy: the policy's buffers
@@ -427,6 +431,7 @@ class Trainer:
 
   def _put_batch(self, batch: Batch, keys: tuple[str, ...]) -> tuple[Batch, int, int]:
     """`batch`'s fields `keys` on the mesh (the others None), its micro-batch count and length."""
+    _require_batch(batch)
     try:
       batch = batch.only(keys)
     except BatchError as e:
@@ -443,7 +448,7 @@ class Trainer:
       # see pasr_jax.multihost) and is used as it is; host arrays must be the same on every
       # process.
       if not isinstance(x, jax.Array):
-        x = np.asarray(x).astype(np.int32 if k in INT_KEYS else np.float32)
+        x = np.asarray(x).astype(np.int32 if k in INT_FIELDS else np.float32)
       want = (b,) if k in ROW_SCALARS else (b, ids_shape[1])
       if x.shape != want:
         raise TrainerError(f"batch {k} has shape {x.shape}, expected {want}")
@@ -455,10 +460,10 @@ class Trainer:
 
   # -- public API
 
-  def update(self, batch: Batch | Mapping[str, Any]) -> dict[str, float]:
+  def update(self, batch: Batch) -> dict[str, float]:
     """One optimizer step on `batch` (all its micro-batches); returns float metrics: the
     loss (before the step), its metrics, tokens, grad_norm, skipped, skipped_steps."""
-    batch = Batch.of(batch)
+    _require_batch(batch)
     keys = TOKEN_FIELDS + self.loss.fields + tuple(
         k for k in self.loss.optional if getattr(batch, k) is not None)
     dev, k, length = self._put_batch(batch, keys)
@@ -470,7 +475,7 @@ class Trainer:
     metrics["skipped_steps"] = float(self.skipped_steps)
     return metrics
 
-  def logprobs(self, batch: Batch | Mapping[str, Any], scored_only: bool = False) -> np.ndarray:
+  def logprobs(self, batch: Batch, scored_only: bool = False) -> np.ndarray:
     """Per-token logprobs `[B,L]` of the policy (aligned like loss_mask; column 0 is 0).
 
     With `scored_only`, the LM head runs only on the window of rollout.max_tokens positions
@@ -478,10 +483,10 @@ class Trainer:
     outside it are 0. Cheaper, and all the loss ever reads.
     """
     keys = INT_FIELDS + (("loss_mask",) if scored_only else ())
-    dev, k, length = self._put_batch(Batch.of(batch), keys)
+    dev, k, length = self._put_batch(batch, keys)
     return sharding.to_host(self._compiled("logprobs", k, keys, length)(self.params, dev))
 
-  def train_batch(self, batch: Batch | Mapping[str, Any]) -> dict[str, float]:
+  def train_batch(self, batch: Batch) -> dict[str, float]:
     """The per-rollout-batch routine: optional trainer-side old logprobs, then the updates.
 
     With grpo.recompute_old_logps, grpo.tis_cap > 0 or a ratio band (grpo.is_mask_low/high)
@@ -496,7 +501,7 @@ class Trainer:
     (how many XLA compilations this call paid for).
     """
     g = self.cfg.grpo
-    batch = Batch.of(batch)
+    _require_batch(batch)
     compiled_before = self.compilations
     extra: dict[str, float] = {}
     if g.trainer_old_logps and "old_logps" in self.loss.fields:

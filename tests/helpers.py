@@ -397,3 +397,15 @@ def train_in_process(workdir, judge_url: str, *overrides: str) -> subprocess.Com
   """`train_cmd`'s command (`python -m pasr_jax.train` on tiny_cpu) run by `run_command`: for
   runs that end before training starts (config, preflight, judge checks)."""
   return run_command("pasr_jax.train", *train_cmd(workdir, judge_url, *overrides)[3:])
+
+
+def tiny_config(model_type: str, tie_word_embeddings: bool = True):
+  """A random-init-sized ModelConfig of `model_type` (qwen2, qwen3, llama): 2 layers, hidden
+  64, vocab 256, GQA 4/2; qwen3's head_dim (32) is not hidden / heads, as in Qwen3."""
+  from pasr_jax.models.qwen import ModelConfig  # pylint: disable=import-outside-toplevel
+  return ModelConfig(
+      model_type=model_type, vocab_size=256, hidden_size=64, intermediate_size=128,
+      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32 if model_type == "qwen3" else 16,
+      rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=tie_word_embeddings,
+      attention_bias=model_type == "qwen2", qk_norm=model_type == "qwen3",
+      max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)

@@ -112,13 +112,14 @@ def test_internal_invariant_failure_is_a_bug_with_traceback(tmp_path, monkeypatc
   import numpy as np
 
   from pasr_jax import cli, policy
+  from pasr_jax.batch import Batch
   from pasr_jax.trainer import Trainer, TrainerError
 
   def broken(cfg):
     pol = policy.build_policy(cfg.model, cfg.mesh, policy.base_dir(cfg))
     trainer = Trainer(cfg.trainer_cfg(), pol.model, pol.config, pol.mesh)
     ids = np.ones((8, 8), np.int32)
-    trainer.update({"input_ids": ids, "attention_mask": ids, "positions": ids})
+    trainer.update(Batch(input_ids=ids, attention_mask=ids, positions=ids))
 
   monkeypatch.setattr(sys, "argv", ["pasr_jax/train.py", "--config=configs/tiny_cpu.py",
                                     f"--config.workdir={tmp_path}"])

@@ -17,6 +17,7 @@ from configs.base import get_base_config
 from pasr_jax import sharding
 from pasr_jax.checkpoint import Checkpointer
 from pasr_jax.config import RunConfig
+from pasr_jax.batch import Batch
 from pasr_jax.export import ExportError, export
 from pasr_jax.models.hf import hf_tensors, load_hf
 from pasr_jax.tiny import make_tiny_model_dir
@@ -32,10 +33,10 @@ def _batch(vocab, seed):
   ids = rng.integers(10, vocab, (B, L)).astype(np.int32)
   loss = np.zeros((B, L), np.float32)
   loss[:, PROMPT:] = 1
-  return {"input_ids": ids, "attention_mask": np.ones((B, L), np.int32),
-          "positions": np.tile(np.arange(L, dtype=np.int32), (B, 1)), "loss_mask": loss,
-          "old_logps": np.zeros((B, L), np.float32),
-          "advantages": rng.normal(0, 1, B).astype(np.float32)}
+  return Batch(input_ids=ids, attention_mask=np.ones((B, L), np.int32),
+               positions=np.tile(np.arange(L, dtype=np.int32), (B, 1)), loss_mask=loss,
+               old_logps=np.zeros((B, L), np.float32),
+               advantages=rng.normal(0, 1, B).astype(np.float32))
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,11 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from configs.base import get_base_config
+from helpers import tiny_config
 from pasr_jax import dtypes, sharding
 from pasr_jax.checkpoint import CheckpointError, Checkpointer
 from pasr_jax.layout import is_scanned, path_key, shape_mismatches
-from pasr_jax.models.qwen import Decoder, tiny_config
+from pasr_jax.models.qwen import Decoder
 
 
 @pytest.mark.parametrize("name", dtypes.NAMES)

@@ -14,8 +14,9 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from configs.base import get_base_config
+from helpers import tiny_config
 from pasr_jax.models.hf import HFFormatError, hf_tensors, load_hf, save_hf
-from pasr_jax.models.qwen import Decoder, tiny_config
+from pasr_jax.models.qwen import Decoder
 from pasr_jax.sharding import logical_to_sharding, make_mesh, use_mesh
 
 CASES = [("qwen2", True), ("qwen3", False), ("llama", True)]

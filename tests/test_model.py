@@ -11,9 +11,10 @@ import torch
 import transformers
 from flax import nnx
 
+from helpers import tiny_config
 from pasr_jax.models.hf import load_hf
 from pasr_jax.models import qwen
-from pasr_jax.models.qwen import Decoder, ModelConfig, ModelConfigError, tiny_config
+from pasr_jax.models.qwen import Decoder, ModelConfig, ModelConfigError
 
 CASES = [("qwen2", True), ("qwen3", True), ("qwen3", False), ("llama", False)]
 LOGICAL = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers", "norm"}

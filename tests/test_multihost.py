@@ -25,9 +25,11 @@ def _setup(mesh_devices):
   from flax import nnx
 
   from configs.base import get_base_config
+  from helpers import tiny_config
   from pasr_jax import sharding
+  from pasr_jax.batch import Batch
   from pasr_jax.config import RunConfig
-  from pasr_jax.models.qwen import Decoder, tiny_config
+  from pasr_jax.models.qwen import Decoder
   from pasr_jax.trainer import Trainer
 
   c = get_base_config()
@@ -41,12 +43,10 @@ def _setup(mesh_devices):
   ids = rng.integers(3, 256, (B, L)).astype(np.int32)
   loss = np.zeros((B, L), np.float32)
   loss[:, 4:] = (rng.random((B, L - 4)) < 0.8)
-  batch = {
-      "input_ids": ids, "attention_mask": np.ones((B, L), np.int32),
-      "positions": np.tile(np.arange(L, dtype=np.int32), (B, 1)), "loss_mask": loss,
-      "old_logps": np.zeros((B, L), np.float32),
-      "advantages": rng.normal(0, 1, B).astype(np.float32),
-  }
+  batch = Batch(input_ids=ids, attention_mask=np.ones((B, L), np.int32),
+                positions=np.tile(np.arange(L, dtype=np.int32), (B, 1)), loss_mask=loss,
+                old_logps=np.zeros((B, L), np.float32),
+                advantages=rng.normal(0, 1, B).astype(np.float32))
   mesh = sharding.make_mesh((2, 2, 2), devices=mesh_devices)
   tr = Trainer(RunConfig.from_tree(c).trainer_cfg(), Decoder(tiny_config("qwen2"), rngs=nnx.Rngs(0)), tiny_config("qwen2"), mesh)
   return tr, batch
@@ -58,7 +58,7 @@ def _run(tr, batch):
 
   from pasr_jax import sharding
   lp = tr.logprobs(batch)
-  batch = dict(batch, old_logps=(lp * batch["loss_mask"]).astype(np.float32))
+  batch = batch.replace(old_logps=(lp * batch.loss_mask).astype(np.float32))
   ms = [tr.update(batch) for _ in range(STEPS)]
   flat = np.concatenate([sharding.to_host(x).ravel() for x in jax.tree.leaves(tr.params)])
   return {"loss": [m["loss"] for m in ms], "kl": [m["kl"] for m in ms],

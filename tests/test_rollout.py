@@ -308,7 +308,8 @@ def test_sync_falls_back_to_disk_when_the_sync_dir_is_too_small(
 
 
 def test_sync_of_a_different_model_raises(vllm_sampler):
-  from pasr_jax.models.qwen import Decoder, tiny_config
+  from helpers import tiny_config
+  from pasr_jax.models.qwen import Decoder
   v = vllm_sampler.policy_version
   with pytest.raises(SyncError, match="shape"):
     vllm_sampler.sync(Decoder(tiny_config("llama")), v + 1)

@@ -185,8 +185,5 @@ def test_batch_pack_pad_and_fields():
                                  [1.0, -1.0], [True, False], pad_id=0, multiple=1)
   np.testing.assert_array_equal(g.loss_mask, [[0, 0, 1], [0, 0, 0]])
   np.testing.assert_array_equal(g.old_logps, [[0, 0, -0.5], [0, 0, 0]])
-  assert step.pad_batch(g.to_dict(), 2, 3, 0).keys() == g.to_dict().keys()  # the dict alias
-  with pytest.raises(batch_lib.BatchError, match="mask"):
-    batch_lib.Batch.of({"input_ids": 1, "attention_mask": 1, "positions": 1, "mask": 1})
   with pytest.raises(batch_lib.BatchError, match="missing \\['advantages'\\]"):
     b.only(("input_ids", "advantages"))

@@ -36,22 +36,22 @@ def test_jsonl_log_truncates_to_checkpointed_size(tmp_path):
   assert metrics.read_jsonl(str(p)) == [{"step": 1}, {"step": 1}, {"step": 2, "again": True}]
 
 
-def test_pack_batch_alignment_and_padding_rows():
-  from pasr_jax.step import pack_batch
-  b = pack_batch(prompts=[[5, 6, 7], [8, 9]], completions=[[10, 11], [12, 13, 14]],
-                 logprobs=[[-0.1, -0.2], [-0.3, -0.4, -0.5]], advantages=[1.0, -1.0],
-                 scored=[True, False], pad_id=0, multiple=4, rows_multiple=4)
-  assert b["input_ids"].shape == (4, 8) and b["input_ids"].dtype == np.int32
-  np.testing.assert_array_equal(b["input_ids"][0], [5, 6, 7, 10, 11, 0, 0, 0])
-  np.testing.assert_array_equal(b["attention_mask"][1], [1, 1, 1, 1, 1, 0, 0, 0])
+def test_pack_completions_alignment_and_padding_rows():
+  from pasr_jax.batch import pack_completions
+  b = pack_completions(prompts=[[5, 6, 7], [8, 9]], completions=[[10, 11], [12, 13, 14]],
+                       logprobs=[[-0.1, -0.2], [-0.3, -0.4, -0.5]], advantages=[1.0, -1.0],
+                       scored=[True, False], pad_id=0, multiple=4, rows_multiple=4)
+  assert b.input_ids.shape == (4, 8) and b.input_ids.dtype == np.int32
+  np.testing.assert_array_equal(b.input_ids[0], [5, 6, 7, 10, 11, 0, 0, 0])
+  np.testing.assert_array_equal(b.attention_mask[1], [1, 1, 1, 1, 1, 0, 0, 0])
   # loss_mask/old_logps sit on the completion tokens themselves (logits come from t-1).
-  np.testing.assert_array_equal(b["loss_mask"][0], [0, 0, 0, 1, 1, 0, 0, 0])
-  np.testing.assert_allclose(b["old_logps"][0], [0, 0, 0, -0.1, -0.2, 0, 0, 0])
-  assert b["loss_mask"][1].sum() == 0                      # not scored: masked out
+  np.testing.assert_array_equal(b.loss_mask[0], [0, 0, 0, 1, 1, 0, 0, 0])
+  np.testing.assert_allclose(b.old_logps[0], [0, 0, 0, -0.1, -0.2, 0, 0, 0])
+  assert b.loss_mask[1].sum() == 0                      # not scored: masked out
   # Rows 2-3 pad the micro-batch: real tokens (finite attention), no loss, no advantage.
-  np.testing.assert_array_equal(b["input_ids"][2], b["input_ids"][0])
-  assert b["loss_mask"][2:].sum() == 0 and list(b["advantages"]) == [1.0, -1.0, 0.0, 0.0]
-  np.testing.assert_array_equal(b["positions"][1], np.arange(8))
+  np.testing.assert_array_equal(b.input_ids[2], b.input_ids[0])
+  assert b.loss_mask[2:].sum() == 0 and list(b.advantages) == [1.0, -1.0, 0.0, 0.0]
+  np.testing.assert_array_equal(b.positions[1], np.arange(8))
 
 
 @pytest.mark.parametrize("override,needle", [

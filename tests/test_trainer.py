@@ -9,10 +9,11 @@ import pytest
 from flax import nnx
 
 from configs.base import get_base_config
+from helpers import tiny_config
 from pasr_jax import checks, grpo, sharding
 from pasr_jax.batch import Batch
 from pasr_jax.config import ConfigError, RunConfig
-from pasr_jax.models.qwen import Decoder, tiny_config
+from pasr_jax.models.qwen import Decoder
 from pasr_jax.trainer import (BATCH_KEYS, TOKEN_FIELDS, Trainer, TrainerError, make_grad_fn,
                               nll_loss)
 
@@ -47,12 +48,10 @@ def make_batch(seed=0, vocab=256):
     attn[b, :PROMPT + lens[b]] = 1
     loss[b, PROMPT:PROMPT + lens[b]] = 1
   ids = ids * attn
-  return {
-      "input_ids": ids, "attention_mask": attn,
-      "positions": np.tile(np.arange(L, dtype=np.int32), (B, 1)),
-      "loss_mask": loss, "old_logps": np.zeros((B, L), np.float32),
-      "advantages": rng.normal(0, 1, B).astype(np.float32),
-  }
+  return Batch(input_ids=ids, attention_mask=attn,
+               positions=np.tile(np.arange(L, dtype=np.int32), (B, 1)),
+               loss_mask=loss, old_logps=np.zeros((B, L), np.float32),
+               advantages=rng.normal(0, 1, B).astype(np.float32))
 
 
 def make_trainer(cfg, mesh=None, seed=0, loss=None):
@@ -66,7 +65,7 @@ def make_trainer(cfg, mesh=None, seed=0, loss=None):
 def gradients(tr, batch):
   """The full-batch loss gradient (no step taken) and metrics: the pure function whose result
   `Trainer.update` applies, jitted here on the trainer's params and batch placement."""
-  dev, num_micro, _ = tr._put_batch(Batch.of(batch), TOKEN_FIELDS + tr.loss.fields)
+  dev, num_micro, _ = tr._put_batch(batch, TOKEN_FIELDS + tr.loss.fields)
   grad_fn = make_grad_fn(tr.graphdef, tr._rest, tr.cfg, num_micro, tr.mesh, loss=tr.loss)
   with sharding.use_mesh(tr.mesh, tr.rules):
     grads, m = jax.jit(grad_fn)(tr.params, tr.ref_params, dev)
@@ -81,15 +80,15 @@ def with_old(trainer, batch, noise=0.0, seed=1):
   """Sets old_logps to the trainer's own logprobs (ratio 1), optionally perturbed."""
   lp = trainer.logprobs(batch)
   lp = lp + noise * np.random.default_rng(seed).normal(size=lp.shape).astype(np.float32)
-  return dict(batch, old_logps=(lp * batch["loss_mask"]).astype(np.float32))
+  return batch.replace(old_logps=(lp * batch.loss_mask).astype(np.float32))
 
 
 def np_logprobs(model, batch):
   """Reference per-token logprobs with a plain full log_softmax (no chunking, no custom vjp)."""
-  logits = model(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["positions"]),
-                 jnp.asarray(batch["attention_mask"]))
+  logits = model(jnp.asarray(batch.input_ids), jnp.asarray(batch.positions),
+                 jnp.asarray(batch.attention_mask))
   ls = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-  lp = jnp.take_along_axis(ls, jnp.asarray(batch["input_ids"])[:, 1:, None], -1)[..., 0]
+  lp = jnp.take_along_axis(ls, jnp.asarray(batch.input_ids)[:, 1:, None], -1)[..., 0]
   return jnp.pad(lp, ((0, 0), (1, 0)))
 
 
@@ -100,10 +99,10 @@ def test_nll_loss_is_the_gradient_of_grpo_at_ratio_one_in_one_pass():
   cfg = make_cfg(**{"grpo.agg": "token_mean"})
   nll, ref = make_trainer(cfg, loss=nll_loss()), make_trainer(cfg)
   full = make_batch(9)
-  tokens = Batch(**{k: full[k] for k in TOKEN_FIELDS})
-  mask = full["loss_mask"]
+  tokens = full.only(TOKEN_FIELDS)
+  mask = full.loss_mask
   lp = ref.logprobs(full, scored_only=True)
-  as_grpo = dict(full, old_logps=lp, advantages=np.ones(B, np.float32))
+  as_grpo = full.replace(old_logps=lp, advantages=np.ones(B, np.float32))
   g_nll, m_nll = gradients(nll, tokens)
   g_grpo, _ = gradients(ref, as_grpo)
   np.testing.assert_allclose(flat(g_nll), flat(g_grpo), rtol=1e-5,
@@ -140,7 +139,7 @@ def test_ratio_one_gradient_is_policy_gradient(agg):
   tr = make_trainer(make_cfg(**{"grpo.agg": agg}))
   batch = with_old(tr, make_batch(1))
   grads, m = gradients(tr, batch)
-  mask, adv = jnp.asarray(batch["loss_mask"]), jnp.asarray(batch["advantages"])
+  mask, adv = jnp.asarray(batch.loss_mask), jnp.asarray(batch.advantages)
 
   def pg(params):
     lp = np_logprobs(nnx.merge(tr.graphdef, params, tr._rest), batch)
@@ -203,12 +202,11 @@ def test_mesh_2x2x2_equals_one_device():
 
 def test_fixed_advantages_move_logprobs_the_right_way():
   tr = make_trainer(make_cfg(**SHARED))
-  batch = make_batch(4)
-  batch["advantages"] = np.array([1, -1] * (B // 2), np.float32)
-  before = (tr.logprobs(batch) * batch["loss_mask"]).sum(1) / batch["loss_mask"].sum(1)
+  batch = make_batch(4).replace(advantages=np.array([1, -1] * (B // 2), np.float32))
+  before = (tr.logprobs(batch) * batch.loss_mask).sum(1) / batch.loss_mask.sum(1)
   for _ in range(4):
     tr.update(with_old(tr, batch))
-  after = (tr.logprobs(batch) * batch["loss_mask"]).sum(1) / batch["loss_mask"].sum(1)
+  after = (tr.logprobs(batch) * batch.loss_mask).sum(1) / batch.loss_mask.sum(1)
   delta = after - before
   assert np.all(delta[0::2] > 0), delta
   assert np.all(delta[1::2] < 0), delta
@@ -218,7 +216,7 @@ def test_non_finite_step_is_skipped():
   tr = make_trainer(make_cfg(**SHARED))
   batch = with_old(tr, make_batch(5))
   before = flat(tr.params)
-  bad = dict(batch, advantages=np.full(B, np.nan, np.float32))
+  bad = batch.replace(advantages=np.full(B, np.nan, np.float32))
   m = tr.update(bad)
   assert m["skipped"] == 1.0 and m["skipped_steps"] == 1.0
   np.testing.assert_array_equal(flat(tr.params), before)
@@ -239,7 +237,7 @@ def test_tis_and_the_ratio_band_recompute_old_logps_and_weigh_or_drop_tokens():
   initial = jax.tree.map(np.asarray, ref.state_for_checkpoint())
   batch = with_old(ref, make_batch(6), noise=0.5)  # a sampler that disagrees with the trainer
   prox = ref.logprobs(batch, scored_only=True)
-  mask = jnp.asarray(batch["loss_mask"])
+  mask = jnp.asarray(batch.loss_mask)
 
   # tis_cap, no band.
   tr = make_trainer(make_cfg(**{"grpo.tis_cap": 2.0, **SHARED}))
@@ -248,25 +246,25 @@ def test_tis_and_the_ratio_band_recompute_old_logps_and_weigh_or_drop_tokens():
   assert 0.2 < m["logp_mismatch_mean"] < 0.6
   assert m["tis_weight_mean"] < 2.0
   assert 0 < m["tis_ess"] < 1 and m["behaviour_kl"] > 0 and 0 < m["tis_clip_frac"] < 1
-  assert m["is_masked_frac"] == 0 and m["tokens"] == batch["loss_mask"].sum()
+  assert m["is_masked_frac"] == 0 and m["tokens"] == batch.loss_mask.sum()
   # The weights as the trainer computed them before grpo.is_mask_low/high, written out.
-  diff = (jnp.asarray(prox) - jnp.asarray(batch["old_logps"])) * mask
+  diff = (jnp.asarray(prox) - jnp.asarray(batch.old_logps)) * mask
   w = jnp.where(mask > 0, jnp.minimum(jnp.exp(diff), 2.0), 0.0)
-  ref.update(dict(batch, old_logps=prox, is_weights=np.asarray(w)))
+  ref.update(batch.replace(old_logps=prox, is_weights=np.asarray(w)))
   np.testing.assert_array_equal(flat(tr.params), flat(ref.params))
 
   # The band, no tis_cap.
   ref.restore_from_checkpoint(initial)
   tr = make_trainer(make_cfg(**band))
-  r = np.exp(prox - batch["old_logps"])
-  hand = (batch["loss_mask"] * ((r >= 0.7) & (r <= 1.4))).astype(np.float32)
-  assert 0 < hand.sum() < batch["loss_mask"].sum()  # some tokens out of the band, not all
+  r = np.exp(prox - batch.old_logps)
+  hand = (batch.loss_mask * ((r >= 0.7) & (r <= 1.4))).astype(np.float32)
+  assert 0 < hand.sum() < batch.loss_mask.sum()  # some tokens out of the band, not all
   m = tr.train_batch(batch)
-  want = ref.update(dict(batch, old_logps=prox, loss_mask=hand))
+  want = ref.update(batch.replace(old_logps=prox, loss_mask=hand))
   np.testing.assert_array_equal(flat(tr.params), flat(ref.params))
   assert m["loss"] == want["loss"] and m["tokens"] == want["tokens"] == hand.sum()
   assert m["ratio_mean"] == pytest.approx(1.0, abs=1e-5)  # against the trainer's logps
-  assert m["is_masked_frac"] == pytest.approx(1 - hand.sum() / batch["loss_mask"].sum())
+  assert m["is_masked_frac"] == pytest.approx(1 - hand.sum() / batch.loss_mask.sum())
   assert m["tis_weight_mean"] == 1.0 and m["tis_clip_frac"] == 0  # no cap: weight 1
 
 
@@ -292,7 +290,7 @@ def test_compilations_counted_per_batch_length():
   batch = make_batch()
   assert tr.train_batch(batch)["compilations"] == 1
   assert tr.train_batch(batch)["compilations"] == 0
-  longer = {k: (np.pad(v, ((0, 0), (0, 4))) if v.ndim == 2 else v) for k, v in batch.items()}
+  longer = jax.tree.map(lambda v: np.pad(v, ((0, 0), (0, 4))) if v.ndim == 2 else v, batch)
   assert tr.train_batch(longer)["compilations"] == 1
   assert tr.compilations == 2
 
@@ -303,15 +301,15 @@ def test_logit_window_equals_full_logits():
   gradient and metrics equal computing all L positions (max_tokens >= L - 1 disables it)."""
   batch = make_batch(seed=4)
   keep = 8
-  batch["loss_mask"][:, PROMPT + keep:] = 0  # completions of at most `keep` scored tokens
+  batch.loss_mask[:, PROMPT + keep:] = 0  # completions of at most `keep` scored tokens
   # Shift two rows right so the windows start at different offsets per row.
   for row, shift in ((1, 2), (2, 4)):
-    for k in ("input_ids", "attention_mask", "loss_mask"):
-      batch[k][row] = np.roll(batch[k][row], shift)
+    for x in (batch.input_ids, batch.attention_mask, batch.loss_mask):
+      x[row] = np.roll(x[row], shift)
   window, full = (make_trainer(make_cfg(**{"grpo.beta": 0.04, "rollout.max_tokens": n}))
                   for n in (keep, L))
   # The trainer's own old logprobs (recompute_old_logps / TIS) use the same window.
-  scored = batch["loss_mask"] > 0
+  scored = batch.loss_mask > 0
   lw, lf = window.logprobs(batch, scored_only=True), window.logprobs(batch)
   np.testing.assert_allclose(lw[scored], lf[scored], rtol=0, atol=1e-6)
   assert (lf[~scored] != 0).sum() > (lw[~scored] != 0).sum()  # the rest was not computed
@@ -348,19 +346,20 @@ def test_bad_config_and_batch_raise():
     tr.update(make_batch())
   tr = make_trainer(make_cfg())
   b = make_batch()
-  b["advantages"] = b["advantages"][:3]
   with pytest.raises(TrainerError, match="advantages"):
-    tr.update(b)
+    tr.update(b.replace(advantages=b.advantages[:3]))
+  with pytest.raises(TrainerError, match="a trainer batch is a pasr_jax.batch.Batch, not a dict"):
+    tr.update(b.to_dict())
   with pytest.raises(ConfigError, match="optim.schedule='linear'"):
     make_trainer(make_cfg(**{"optim.schedule": "linear"}))
 
 
 @pytest.mark.parametrize("agg", ["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"])
 @pytest.mark.slow
-def test_rows_padded_by_pack_batch_leave_the_loss_unchanged(agg):
-  """pack_batch fills the last micro-batch with mask-0 rows; 3 real rows padded to 4 give the
+def test_rows_padded_by_pack_completions_leave_the_loss_unchanged(agg):
+  """pack_completions fills the last micro-batch with mask-0 rows; 3 real rows padded to 4 give the
   loss and gradient of the 3 rows alone (Dr.GRPO once counted the padding as sequences)."""
-  from pasr_jax.step import pack_batch
+  from pasr_jax.batch import pack_completions
   rng = np.random.default_rng(7)
   prompts = [list(rng.integers(3, 256, PROMPT)) for _ in range(3)]
   comps = [list(rng.integers(3, 256, n)) for n in (9, 4, 14)]
@@ -369,7 +368,7 @@ def test_rows_padded_by_pack_batch_leave_the_loss_unchanged(agg):
   tr = make_trainer(make_cfg(**{"grpo.agg": agg, "optim.micro_batch": 1, "grpo.beta": 0.04}))
   out = {}
   for rows in (1, 4):
-    b = pack_batch(prompts, comps, lps, adv, [True] * 3, 0, L, rows_multiple=rows)
+    b = pack_completions(prompts, comps, lps, adv, [True] * 3, 0, L, rows_multiple=rows)
     out[rows] = gradients(tr, b)
   assert out[4][1]["tokens"] == out[1][1]["tokens"] == 27
   assert abs(out[1][1]["loss"]) > 1e-3
@@ -387,7 +386,7 @@ def test_sequences_per_update_splits_the_rollout_batch(over, mesh):
   """A rollout batch of 64 with optim.sequences_per_update=8 takes 8 optimizer updates per
   pass (x num_iterations), equal to 8 single updates on consecutive 8-row slices; the old
   logprobs and TIS weights are the trainer's from before the first update."""
-  big = {k: np.concatenate([make_batch(s)[k] for s in range(8)]) for k in make_batch()}
+  big = jax.tree.map(lambda *xs: np.concatenate(xs), *[make_batch(s) for s in range(8)])
   base = {"optim.micro_batch": 8, "grpo.beta": 0.04, "optim.lr": 1e-4, **over}
   devs = int(np.prod(mesh))
   mini = make_trainer(make_cfg(**base, **{"optim.sequences_per_update": 8}),
@@ -398,17 +397,17 @@ def test_sequences_per_update_splits_the_rollout_batch(over, mesh):
 
   m = mini.train_batch(big)
   assert m["updates"] == 8 * iters and mini.step == 8 * iters
-  assert m["tokens"] == big["loss_mask"].sum() * iters
+  assert m["tokens"] == big.loss_mask.sum() * iters
 
-  b = dict(big)
+  b = big
   if "grpo.tis_cap" in base:
     old = ref.logprobs(big, scored_only=True)
-    w, _, _ = grpo.behaviour_weights(jnp.asarray(old), jnp.asarray(big["old_logps"]),
-                                     jnp.asarray(big["loss_mask"]), 2.0)
-    b.update(old_logps=old, is_weights=np.asarray(w))
+    w, _, _ = grpo.behaviour_weights(jnp.asarray(old), jnp.asarray(big.old_logps),
+                                     jnp.asarray(big.loss_mask), 2.0)
+    b = b.replace(old_logps=old, is_weights=np.asarray(w))
   for _ in range(iters):
     for i in range(0, 64, 8):
-      ref.update({k: v[i:i + 8] for k, v in b.items()})
+      ref.update(jax.tree.map(lambda v, i=i: v[i:i + 8], b))
   assert ref.step == mini.step
   p_mini, p_ref = flat(mini.params), flat(ref.params)
   np.testing.assert_allclose(p_mini, p_ref, rtol=0, atol=1e-7 if devs == 1 else 1e-5)
@@ -433,7 +432,7 @@ def test_loss_temperature_scores_raw_logits_like_the_original():
   raw = make_trainer(make_cfg(**over, **{"grpo.recompute_old_logps": True}))
   at_09 = make_trainer(make_cfg(**{"rollout.temperature": 0.9}))
   batch = make_batch(8)
-  scored = batch["loss_mask"] > 0
+  scored = batch.loss_mask > 0
   want = np.asarray(np_logprobs(raw.model, batch))
   np.testing.assert_allclose(raw.logprobs(batch)[scored], want[scored], rtol=0, atol=2e-5)
   assert np.abs(at_09.logprobs(batch)[scored] - want[scored]).max() > 1e-2
@@ -476,13 +475,13 @@ def test_batch_rule_decides_the_batch_sharding_of_the_train_step():
     rules = tuple(r for r in get_base_config().mesh.rules if r[0] != "batch") + (
         ("batch", rule),)
     tr = make_trainer(make_cfg(**{"optim.micro_batch": 4, "mesh.rules": rules}), mesh)
-    dev, k, length = tr._put_batch(Batch.of(batch), BATCH_KEYS)  # what the jitted update gets
+    dev, k, length = tr._put_batch(batch, BATCH_KEYS)  # what the jitted update gets
     for key, x in dev.to_dict().items():
       assert x.sharding.spec == jax.P(rule, *([None] * (x.ndim - 1))), key
       assert len({s.index[0].start for s in x.addressable_shards}) == shards, key
     b = with_old(tr, batch)
     losses[rule] = tr.update(b)["loss"]
-    dev, k, length = tr._put_batch(Batch.of(b), BATCH_KEYS)
+    dev, k, length = tr._put_batch(b, BATCH_KEYS)
     fn = tr._fns[("update", k, BATCH_KEYS)]
     with sharding.use_mesh(mesh, tr.rules):
       compiled = fn.lower(tr.params, tr.ref_params, tr.opt_state, dev).compile()
@@ -513,8 +512,9 @@ def grpo_two_updates(name):
   over, how = GRPO_CASES[name]
   tr = make_trainer(make_cfg(**over))
   batch = make_batch(11)
-  noise = np.random.default_rng(12).normal(0, 0.3, batch["loss_mask"].shape)
-  batch["old_logps"] = ((tr.logprobs(batch) + noise) * batch["loss_mask"]).astype(np.float32)
+  noise = np.random.default_rng(12).normal(0, 0.3, batch.loss_mask.shape)
+  batch = batch.replace(
+      old_logps=((tr.logprobs(batch) + noise) * batch.loss_mask).astype(np.float32))
   if how == "update":
     ms = [tr.update(batch) for _ in range(2)]
   else:

@@ -167,18 +167,6 @@ def resolve_attention(name: str, dtype, platform: str | None = None) -> str:
   return "cudnn" if platform in ("cuda", "gpu") and half else "xla"
 
 
-def tiny_config(model_type: str, tie_word_embeddings: bool = True) -> ModelConfig:
-  """A random-init-sized config for tests: 2 layers, hidden 64, vocab 256, GQA 4/2."""
-  return ModelConfig(
-      model_type=model_type, vocab_size=256, hidden_size=64, intermediate_size=128,
-      num_layers=2, num_heads=4, num_kv_heads=2,
-      # Qwen3 decouples head_dim from hidden/heads; exercise that.
-      head_dim=32 if model_type == "qwen3" else 16,
-      rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=tie_word_embeddings,
-      attention_bias=model_type == "qwen2", qk_norm=model_type == "qwen3",
-      max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-
-
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str | None, ...],
            init: str, param_dtype) -> nnx.Param:
   if init == "normal":
@@ -234,8 +222,8 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 def _query_blocks(t: int) -> int:
   """How many causal query blocks `Attention` splits t positions into: blocks of >= 192
-  positions (on CPU, blocks of 128 or 96 were no faster: smaller matmuls ate the saving), at
-  most 8, and dividing t."""
+  positions (on CPU, what smaller blocks skip is lost to their smaller, slower matmuls;
+  docs/performance.md), at most 8, and dividing t."""
   n = min(8, t // 192)
   while n > 1 and t % n:
     n -= 1
@@ -444,8 +432,9 @@ def _lm_head(x2: jax.Array, head: jax.Array) -> jax.Array:
   """float32 logits [N, V] of hidden states x2 [N, D] and head [V, D].
 
   The custom backward computes the head's gradient as (x2^T g)^T: left to autodiff, XLA:CPU
-  writes the [N, V] logit gradient out transposed for that matmul (on SmolLM2, 300 MB of
-  strided writes per update, ~2% of it), where this transposes only x2 and the [D, V] result.
+  writes the [N, V] logit gradient out transposed for that matmul (strided writes of the
+  largest tensor of the step; docs/performance.md), where this transposes only x2 and the
+  [D, V] result.
   """
   return jnp.einsum("nd,vd->nv", x2, head, preferred_element_type=jnp.float32)
 

@@ -68,7 +68,6 @@ class VllmEngine:
     self.seed = int(seed)
     self.timeout_s = float(timeout_s)
     self.cuda_visible_devices = cuda_visible_devices
-    self.cpu_unchunked_prefill = True  # see _cpu_scheduler; False only to benchmark vLLM's way
     # Polled while a call waits on the engine; True ends the wait with EngineError.
     self.should_stop: Callable[[], bool] = lambda: False
     self.version = int(initial_version)  # the policy version generate tags rollouts with
@@ -114,7 +113,7 @@ class VllmEngine:
       # On CPU the KV cache is sized in bytes (gpu_memory_utilization does not apply).
       # VLLM_CPU_KVCACHE_SPACE, if set, still takes precedence inside vLLM.
       kwargs["kv_cache_memory_bytes"] = int(self.cfg.kv_cache_space_gib * (1 << 30))
-      kwargs.update(_cpu_scheduler(self.cfg.max_model_len) if self.cpu_unchunked_prefill else {})
+      kwargs.update(_cpu_scheduler(self.cfg.max_model_len))
       env.update(_cpu_env(self.cfg.cpu_reserved_cores))
     if self.cuda_visible_devices:
       env["CUDA_VISIBLE_DEVICES"] = self.cuda_visible_devices
