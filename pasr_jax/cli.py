@@ -51,7 +51,7 @@ KINDS: tuple[tuple[type[BaseException], int, str], ...] = (
 _HOLDERS: list[flags.FlagHolder] = []  # --config, --debug once defined
 
 
-def _flags(argv: list[str] | None = None, schema: type | None = None,
+def _flags(argv: list[str] | None = None, schema: type = RunConfig,
            preset: bool = True) -> list[flags.FlagHolder]:
   """`--config` and `--debug`, defined at the first call: importing this module (as `run`
   does through `devices`) defines no flag. With `preset`, `--config` names a preset file and
@@ -98,9 +98,9 @@ def unknown_key(dotted: str, schema: type = RunConfig) -> str | None:
   return None
 
 
-def _override_error(argv: list[str], err: Exception, schema: type | None) -> str:
+def _override_error(argv: list[str], err: Exception, schema: type) -> str:
   """Names the first `--config.a.b=v` whose key `schema` does not have."""
-  for arg in argv[1:] if schema else ():
+  for arg in argv[1:]:
     if arg.startswith("--config."):
       why = unknown_key(arg[len("--config."):].split("=", 1)[0], schema)
       if why:
@@ -108,7 +108,7 @@ def _override_error(argv: list[str], err: Exception, schema: type | None) -> str
   return f"bad flags: {' '.join(str(err).split())}"
 
 
-def parse_flags(argv: list[str], prog: str = "pasr_jax", schema: type | None = RunConfig,
+def parse_flags(argv: list[str], prog: str = "pasr_jax", schema: type = RunConfig,
                 preset: bool = True) -> list[str]:
   """absl's flag parsing of `argv` with `--config`; a bad flag or override exits 2 with one
   line. Returns the arguments left over."""
@@ -144,7 +144,7 @@ def call(prog: str, fn: Callable[[Any], Any], cfg: Any) -> int:
   return 0
 
 
-def main(prog: str, fn: Callable[[Any], Any], schema: type | None = RunConfig,
+def main(prog: str, fn: Callable[[Any], Any], schema: type = RunConfig,
          default_config: str = "", preset: bool = True, positional: str = "",
          argv: list[str] | None = None, tune_malloc: bool = True) -> None:
   """The `__main__` of a command: flags, logging, `fn(cfg)`, exit code (module doc).
@@ -180,8 +180,6 @@ def main(prog: str, fn: Callable[[Any], Any], schema: type | None = RunConfig,
     if positional:
       with tree.unlocked():
         tree[positional] = tuple(rest[1:])
-    if schema is None:
-      return call(prog, fn, tree)
     return call(prog, lambda t: fn(schema.of(t)), tree)
 
   app.run(body, argv=argv, flags_parser=functools.partial(

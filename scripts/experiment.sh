@@ -101,7 +101,7 @@ DIRS=()
 for arm in $EXP_ARMS; do for seed in $EXP_SEEDS; do DIRS+=("$EXP_DIR/eval_${arm}_s$seed"); done; done
 # The cold-started model is the reference every RL arm is compared with.
 $PY -m pasr_jax.evaluate compare "$EXP_DIR/eval_cold_start" "$EXP_DIR/eval_vanilla" "${DIRS[@]}" \
-  --png="$EXP_DIR/compare.png" | tee "$EXP_DIR/compare.md"
+  --config.png="$EXP_DIR/compare.png" | tee "$EXP_DIR/compare.md"
 for arm in $EXP_ARMS; do for seed in $EXP_SEEDS; do
   cp "$EXP_DIR/${arm}_s$seed/reward_curve.png" "$EXP_DIR/reward_curve_${arm}_s$seed.png"
 done; done

@@ -4,22 +4,23 @@ judge as a real process on 127.0.0.1, the benchmark slices in tests/data/eval.""
 import csv
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_command
 
 from configs.eval import get_config
+from pasr_jax.config import ConfigError
 from pasr_jax.eval.benchmarks import BENCHMARKS, PAPER_DATASETS, EvalError, load_items
 from pasr_jax import answer_format
 from pasr_jax.eval.report import compare, write_outputs
+from pasr_jax.eval.schema import EvalRunConfig
 from pasr_jax.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = str(ROOT / "tests" / "data" / "eval")
 MAX_TOKENS = 64
+LIMIT = 3          # questions per set in the real-engine runs
 
 
 class Recorder:
@@ -38,7 +39,7 @@ class Recorder:
     pass
 
 
-def _cfg(model, judge_url, out_dir, mode="vanilla", datasets="gsm8k,arc,xsum", limit=3,
+def _cfg(model, judge_url, out_dir, mode="vanilla", datasets="gsm8k,arc,xsum", limit=LIMIT,
          max_tokens=MAX_TOKENS, preset=get_config):
   c = preset()
   c.model, c.data_dir, c.datasets, c.mode = str(model), DATA, datasets, mode
@@ -78,9 +79,73 @@ def test_registry_covers_the_paper_and_slices_load():
   assert (arith.ground_truth, arith.instruction) == ("10", "")  # as trained: the question alone
 
 
-def test_error_unknown_dataset(tmp_path, smollm2_dir):
-  with pytest.raises(EvalError, match=r"unknown dataset.*'gsm9k'"):
-    evaluate(_cfg(smollm2_dir, "http://127.0.0.1:9", tmp_path, datasets="gsm8k,gsm9k"))
+@pytest.mark.parametrize("key,value,why", [
+    ("datasets", "gsm8k,gsm9k", r"unknown dataset\(s\) \['gsm9k'\]"),
+    ("datasets", "", "is empty and so is data.files"),
+    ("mode", "refine", "must be one of vanilla | pasr"),
+    ("instructions", "theirs", "must be one of ours | paper"),
+    ("oracle_revises", "some", "must be one of wrong | zero"),
+    ("reference", "whole", "must be one of final | solution"),
+    ("limit", -1, "must be >= 0"),
+    ("max_tokens", 0, "must be >= 1"),
+    ("batch_size", 0, "must be >= 1"),
+    ("correct_threshold", 1.5, r"must be in \[0, 1\]"),
+    ("temperature", -0.1, "must be >= 0"),
+    ("model", "", "must be set"),
+])
+def test_a_value_that_cannot_work_is_a_config_error_naming_it(tmp_path, key, value, why):
+  c = _cfg("unused", "http://127.0.0.1:9", tmp_path)
+  c[key] = value
+  with pytest.raises(ConfigError, match=rf"config {key}={value!r}: {why}"):
+    evaluate(c, make_sampler=lambda: None)
+
+
+def test_lengths_and_sections_are_checked(tmp_path):
+  """The prompt budget (max_model_len less the answers and, in a two-turn mode, the review
+  request), the reused sections' own checks, and what evaluate does not read."""
+  c = _cfg("m", "http://127.0.0.1:9", tmp_path, max_tokens=500)
+  assert EvalRunConfig.of(c).prompt_budget == 1024 - 500
+  c.mode = "self_refine"           # 1024 - 2 * 500 - 96 < 32 tokens for the question
+  with pytest.raises(ConfigError, match=r"config max_tokens=500: leaves -72 tokens for a prompt "
+                     r"in rollout.vllm.max_model_len=1024 \(mode self_refine\)"):
+    EvalRunConfig.of(c)
+  for path, value, msg in (("judge.input", "most", "config judge.input='most'"),
+                           ("rollout.vllm.max_model_len", 1, "config rollout.vllm.max_model_len=1"),
+                           ("rollout.timeout_s", -1.0, "config rollout.timeout_s=-1.0"),
+                           ("data.tfds_name", "gsm8k", "config data.tfds_name='gsm8k': evaluate "
+                            "reads data.files only")):
+    c = _cfg("m", "http://127.0.0.1:9", tmp_path)
+    section, name = path.rsplit(".", 1)
+    c[section][name] = value
+    with pytest.raises(ConfigError, match=msg.replace("(", r"\(")):
+      EvalRunConfig.of(c)
+
+
+def test_command_line_errors_exit_2_in_one_line(tmp_path, smollm2_dir):
+  """Through `python -m pasr_jax.evaluate` (in this process): a bad value, an unknown key, a
+  data error and the preset's empty model each end in one line naming the key, exit 2."""
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"question": "What is 2+2?", "answer": "4"}\n{"question": "Q?"}\n')
+  model = f"--config.model={smollm2_dir}"
+  for args, line in (
+      ([model, "--config.datasets=nope"], "pasr_jax.evaluate: ConfigError: config "
+       "datasets='nope': unknown dataset(s) ['nope']; known: aime24, arc,"),
+      ([model, "--config.mode=nope"], "pasr_jax.evaluate: ConfigError: config mode='nope': "
+       "must be one of vanilla | pasr | self_refine | self_refine_oracle"),
+      ([model, "--config.limit=-1"], "pasr_jax.evaluate: ConfigError: config limit=-1: must "
+       "be >= 0 (0 = all)"),
+      ([model, "--config.rollout.n=3"], "pasr_jax.evaluate: unknown config key 'rollout.n'; "
+       "keys under rollout: timeout_s, vllm (in '--config.rollout.n=3')"),
+      ([], "pasr_jax.evaluate: ConfigError: config model='': must be set: "
+       "--config.model=HF_DIR"),
+      ([model, "--config.datasets=", f"--config.data.files=('{bad}',)",
+        f"--config.out_dir={tmp_path / 'o'}"], f"pasr_jax.evaluate: DataError: {bad}: row 2: "
+       "no answer field")):
+    r = run_command("pasr_jax.evaluate", *args)
+    assert r.returncode == 2, (args, r.stderr[-2000:])
+    err = r.stderr.strip()
+    assert err.startswith(line) and "\n" not in err, (args, err)
+    assert not (tmp_path / "o").exists()     # stopped before any work
 
 
 def test_error_missing_dataset_file(tmp_path, smollm2_dir):
@@ -103,18 +168,9 @@ def test_the_engine_takes_eval_lengths_not_the_training_ones(tmp_path, smollm2_d
   from pasr_jax.evaluate import _default_sampler
   c = _cfg(smollm2_dir, "http://127.0.0.1:9", tmp_path, max_tokens=256)
   c.rollout.vllm.max_model_len = 512
-  sampler = _default_sampler(c)()
+  sampler = _default_sampler(EvalRunConfig.of(c))()
   assert sampler.max_model_len == 512 and sampler.policy_version == 0
   sampler.close()  # never started: nothing to shut down
-
-
-def test_error_unknown_mode_and_cli_exit_code(tmp_path, smollm2_dir):
-  with pytest.raises(EvalError, match=r"mode='refine'"):
-    evaluate(_cfg(smollm2_dir, "http://127.0.0.1:9", tmp_path, mode="refine"))
-  r = subprocess.run([sys.executable, "-m", "pasr_jax.evaluate", "--config=configs/eval.py",
-                      "--config.model=" + str(smollm2_dir), "--config.datasets=nope"],
-                     cwd=ROOT, capture_output=True, text=True, timeout=120)
-  assert r.returncode == 2 and "unknown dataset" in r.stderr and "Traceback" not in r.stderr
 
 
 def _record(i, correct, tokens, mode, refines=0, finish="stop", ds="arith"):
@@ -144,8 +200,7 @@ def _three_runs(root):
 def test_compare_tables_by_hand(tmp_path):
   dirs = _three_runs(tmp_path)
   png = tmp_path / "cmp.png"
-  r = subprocess.run([sys.executable, "-m", "pasr_jax.evaluate", "compare", *dirs,
-                      f"--png={png}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  r = run_command("pasr_jax.evaluate", "compare", *dirs, f"--config.png={png}")
   assert r.returncode == 0, r.stderr
   text = r.stdout
   # Per run: 4/10 right, Wald 0.4 +- 1.96 * sqrt(0.24/10) = [9.6, 70.4]; 1 of 10 cut.
@@ -164,7 +219,7 @@ def test_compare_tables_by_hand(tmp_path):
   assert "vanilla → cold" not in text
   assert "by dataset" not in text                               # one dataset only
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  named = compare(dirs, labels=["A", "B", "C"])
+  named = run_command("pasr_jax.evaluate", "compare", *dirs, "--config.labels=A, B,C").stdout
   assert "| C − A | 10 | +30.0 |" in named and "| A → C | 4 (40.0%) |" in named
 
 
@@ -172,19 +227,19 @@ def test_compare_refuses_different_items_and_bad_args(tmp_path):
   dirs = _three_runs(tmp_path)
   other = [_record(i, True, 10, "pasr") for i in (0, 1, 2, 3, 4, 5, 6, 7, 8, 11)]
   write_outputs(str(tmp_path / "eval_other"), other, dict(mode="pasr"))
-  r = subprocess.run([sys.executable, "-m", "pasr_jax.evaluate", "compare", dirs[0],
-                      str(tmp_path / "eval_other")], cwd=ROOT, capture_output=True, text=True,
-                     timeout=120)
-  assert r.returncode == 2 and "Traceback" not in r.stderr
+  r = run_command("pasr_jax.evaluate", "compare", dirs[0], str(tmp_path / "eval_other"))
+  assert r.returncode == 2
   err = r.stderr.strip()
-  assert "\n" not in err and dirs[0] in err and str(tmp_path / "eval_other") in err
+  assert "\n" not in err and err.startswith("pasr_jax.evaluate compare: EvalError: ")
+  assert dirs[0] in err and str(tmp_path / "eval_other") in err
   assert "1 only in the first, 1 only in the second, e.g. 'arith/9'" in err
-  with pytest.raises(EvalError, match="--labels has 2 names for 3 result dirs"):
-    compare(dirs, labels=["a", "b"])
-  with pytest.raises(EvalError, match="no results.json"):
-    compare([dirs[0], str(tmp_path)])
-  with pytest.raises(EvalError, match="at least two"):
-    compare(dirs[:1])
+  for args, msg in (((*dirs, "--config.labels=a,b"), "config.labels has 2 names for 3 result "
+                     "dirs"),
+                    ((dirs[0], str(tmp_path)), f"{tmp_path}: no results.json"),
+                    (dirs[:1], "compare needs at least two result dirs"),
+                    ((*dirs, "--png=x.png"), "bad flags: Unknown command line flag 'png'")):
+    r = run_command("pasr_jax.evaluate", "compare", *args)
+    assert r.returncode == 2 and msg in r.stderr and "\n" not in r.stderr.strip(), (args, r)
 
 
 def test_compare_labels_from_parent_dirs(tmp_path):
@@ -288,13 +343,11 @@ def test_vanilla_outputs_and_token_counts(vanilla_run):
 def test_rerun_reuses_cache_without_engine(vanilla_run, smollm2_dir, judge_url):
   out, _, _ = vanilla_run
   before = json.loads((out / "results.json").read_text())["items"]
-  r = subprocess.run([sys.executable, "-m", "pasr_jax.evaluate", "--config=configs/eval.py",
-                      f"--config.model={smollm2_dir}", f"--config.data_dir={DATA}",
-                      "--config.datasets=gsm8k,arc,xsum", "--config.limit=3",
-                      f"--config.max_tokens={MAX_TOKENS}", f"--config.out_dir={out}",
-                      "--config.rollout.vllm.max_model_len=1024",
-                      f"--config.judge.base_url={judge_url}"],
-                     cwd=ROOT, capture_output=True, text=True, timeout=300)
+  r = run_command("pasr_jax.evaluate", f"--config.model={smollm2_dir}",
+                  f"--config.data_dir={DATA}", "--config.datasets=gsm8k,arc,xsum",
+                  f"--config.limit={LIMIT}", f"--config.max_tokens={MAX_TOKENS}",
+                  f"--config.out_dir={out}", "--config.rollout.vllm.max_model_len=1024",
+                  f"--config.judge.base_url={judge_url}")
   assert r.returncode == 0, r.stderr[-3000:]
   stats = json.loads((out / "results.json").read_text())["meta"]["stats"]
   assert stats["engine_started"] is False and stats["generated"] == 0
@@ -319,9 +372,8 @@ def test_pasr_mode_uses_the_system_prompt(pasr_run, smollm2_dir):
 @pytest.mark.slow
 def test_compare_cli_on_two_runs(vanilla_run, pasr_run, tmp_path):
   png = tmp_path / "cmp.png"
-  r = subprocess.run([sys.executable, "-m", "pasr_jax.evaluate", "compare",
-                      str(vanilla_run[0]), str(pasr_run[0]), "--png", str(png)],
-                     cwd=ROOT, capture_output=True, text=True, timeout=120)
+  r = run_command("pasr_jax.evaluate", "compare", str(vanilla_run[0]), str(pasr_run[0]),
+                  f"--config.png={png}")
   assert r.returncode == 0, r.stderr
   van, pas = (vanilla_run[0].name, pasr_run[0].name)      # labels: the dir names
   assert "Accuracy % by dataset" in r.stdout
@@ -406,16 +458,6 @@ def test_paper_eval_self_refine_plus(tmp_path, smollm2_dir, vllm_sampler, judge_
   assert len(rec.calls) == 2 and rec.calls[1][0]["temperature"] == 0.6
   partial = [i for i in items if 0 < i["first_score"] < cfg.correct_threshold]
   assert all(not i["second_turn"] for i in partial)   # "wrong" would have revised these
-
-
-def test_bad_paper_eval_choices_raise(tmp_path, smollm2_dir, judge_url):
-  c = _cfg(smollm2_dir, judge_url, tmp_path, datasets="gsm8k", limit=1)
-  c.instructions = "theirs"
-  with pytest.raises(EvalError, match="config.instructions='theirs'"):
-    evaluate(c, make_sampler=lambda: None)
-  c.instructions, c.oracle_revises = "paper", "some"
-  with pytest.raises(EvalError, match="config.oracle_revises='some'"):
-    evaluate(c, make_sampler=lambda: None)
 
 
 # ------------------------------------------------------------------ a user's own JSONL
@@ -520,9 +562,3 @@ def test_bad_user_rows_fail_with_file_and_line(tmp_path):
   (tmp_path / "arc.jsonl").write_text('{"question": "q", "answer": "a"}\n')
   with pytest.raises(EvalError, match=r"would be dataset 'arc'"):
     evaluate(c)
-  r = subprocess.run([sys.executable, "-m", "pasr_jax.evaluate", "--config=configs/eval.py",
-                      f"--config.model={model}", "--config.datasets=",
-                      f"--config.data.files=('{bad}',)", f"--config.out_dir={tmp_path / 'o'}"],
-                     cwd=ROOT, capture_output=True, text=True, timeout=120)
-  assert r.returncode == 2, r.stderr[-2000:]
-  assert f"{bad}: row 2: no answer field" in r.stderr and "Traceback" not in r.stderr

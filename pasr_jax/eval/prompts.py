@@ -17,8 +17,6 @@ from pasr_jax.config import PromptsCfg
 from pasr_jax.prompts import PromptError, load_prompts
 from pasr_jax.eval.benchmarks import EvalError, Item
 
-MODES = ("vanilla", "pasr", "self_refine", "self_refine_oracle")
-
 # Second turn of the post-hoc refinement baselines: the original's meaning
 # (inference/config.py `second_revise_without_oracle`), in our words: revise if something is
 # wrong, else say the solution stands, in which case the first answer is the final one.
@@ -32,19 +30,13 @@ ORACLE_TURN = (
     "the corrected final answer in the same format as before.")
 
 
-def check_mode(mode: str) -> str:
-  if mode not in MODES:
-    raise EvalError(f"config.mode={mode!r} is not one of {MODES}")
-  return mode
-
-
-def system_prompt(mode: str, prompts_cfg: Any = None) -> str | None:
+def system_prompt(mode: str, prompts_cfg: PromptsCfg | None = None) -> str | None:
   """The PASR system prompt (config `prompts` may name a file) for mode `pasr`, else None
   (the chat template's default system prompt, if any)."""
-  if check_mode(mode) != "pasr":
+  if mode != "pasr":
     return None
   try:
-    return load_prompts(PromptsCfg.of(prompts_cfg) if prompts_cfg else None).pasr_system
+    return load_prompts(prompts_cfg).pasr_system
   except PromptError as e:
     raise EvalError(str(e)) from None
 

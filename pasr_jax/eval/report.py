@@ -151,7 +151,7 @@ def load_arms(run_dirs: Sequence[str], labels: Sequence[str] | None = None) -> l
   if len(run_dirs) < 2:
     raise EvalError("compare needs at least two result dirs")
   if labels is not None and len(labels) != len(run_dirs):
-    raise EvalError(f"--labels has {len(labels)} names for {len(run_dirs)} result dirs")
+    raise EvalError(f"config.labels has {len(labels)} names for {len(run_dirs)} result dirs")
   arms = []
   for label, d in zip(labels or _labels(run_dirs), run_dirs):
     run = load_run(d)

@@ -19,7 +19,8 @@ from typing import Any
 
 from pasr_jax.answer_format import count_refines, extract_answer, format_ok
 from pasr_jax.eval import prompts as P
-from pasr_jax.eval.benchmarks import EvalError, Item
+from pasr_jax.eval.benchmarks import Item
+from pasr_jax.eval.schema import EvalRunConfig
 from pasr_jax.judge.wire import judge_request
 
 
@@ -31,15 +32,11 @@ class Generation:
   finish_reason: str
 
 
-ORACLE_REVISES = ("wrong", "zero")
-
-
-def needs_revision(score: float, cfg) -> bool:
+def needs_revision(score: float, cfg: EvalRunConfig) -> bool:
   """Whether the oracle asks to revise a first answer with judge `score`: config
   oracle_revises "wrong" (score < correct_threshold) or "zero" (score == 0, the paper's
   Self-Refine+)."""
-  which = cfg.oracle_revises
-  return score == 0.0 if which == "zero" else score < float(cfg.correct_threshold)
+  return score == 0.0 if cfg.oracle_revises == "zero" else score < cfg.correct_threshold
 
 
 def _key(*parts: Any) -> str:
@@ -88,18 +85,14 @@ class Runner:
   """Evaluates Items in one mode; the sampler and judge are built lazily, only when needed.
 
   make_sampler() -> object with the `Sampler.generate` signature.
-  make_judge() -> object with `score_batch(items) -> (scores, stats)` (see judge.client).
-  accuracy_rule: the config's rewards.accuracy_rule when a function scores instead of a judge
-  (its scores are cached under its name).
+  make_judge() -> object with `score_batch(items) -> (scores, stats)` (see judge.client), or
+  the function of `cfg.rewards.accuracy_rule` (its scores are cached under its name).
   """
 
-  def __init__(self, cfg, encoder: P.ChatEncoder, make_sampler: Callable[[], Any],
-               make_judge: Callable[[], Any], accuracy_rule: str = ""):
+  def __init__(self, cfg: EvalRunConfig, encoder: P.ChatEncoder,
+               make_sampler: Callable[[], Any], make_judge: Callable[[], Any]):
     self.cfg = cfg
-    self.mode = P.check_mode(cfg.mode)
-    if cfg.oracle_revises not in ORACLE_REVISES:
-      raise EvalError(f"config.oracle_revises={cfg.oracle_revises!r} is not one of "
-                      f"{ORACLE_REVISES}")
+    self.mode = cfg.mode
     self.encoder = encoder
     self._make_sampler, self._make_judge = make_sampler, make_judge
     self.sampler = self.judge = None
@@ -108,8 +101,9 @@ class Runner:
     self.score_cache = JsonlCache(os.path.join(cache_dir, "judgments.jsonl"))
     self.model_id = model_fingerprint(cfg.model)
     # Scores of a rewards.accuracy_rule function are cached apart from any judge's.
-    self.judge_id = ((cfg.judge.base_url, cfg.judge.model, cfg.judge.input) if not accuracy_rule
-                     else ("rewards.accuracy_rule", accuracy_rule, cfg.judge.input))
+    rule = cfg.rewards.accuracy_rule
+    self.judge_id = ((cfg.judge.base_url, cfg.judge.model, cfg.judge.input) if not rule
+                     else ("rewards.accuracy_rule", rule, cfg.judge.input))
     self.stats = dict(generated=0, generated_cached=0, judged=0, judged_cached=0,
                       prompts_truncated=0, engine_started=False, generate_s=0.0, judge_s=0.0)
 
@@ -120,11 +114,11 @@ class Runner:
     the cache where possible."""
     # A greedy answer depends on model, prompt and max_tokens only: no seed in its key, so one
     # cached greedy answer serves every seed.
-    extra = (float(temperature), int(self.cfg.seed)) if temperature > 0 else ()
+    extra = (float(temperature), self.cfg.seed) if temperature > 0 else ()
     keys = [_key(self.model_id, p, self.cfg.max_tokens, *extra) for p in prompts]
     todo = sorted({k: i for i, k in enumerate(keys) if k not in self.gen_cache}.values())
     self.stats["generated_cached"] += len(keys) - len(todo)
-    bs = max(1, int(self.cfg.batch_size))
+    bs = self.cfg.batch_size
     for s in range(0, len(todo), bs):
       chunk = todo[s:s + bs]
       if self.sampler is None:
@@ -133,7 +127,7 @@ class Runner:
       t0 = time.perf_counter()
       groups = self.sampler.generate([prompts[i] for i in chunk], n=1,
                                      temperature=float(temperature), top_p=1.0,
-                                     max_tokens=int(self.cfg.max_tokens), seed=int(self.cfg.seed))
+                                     max_tokens=self.cfg.max_tokens, seed=self.cfg.seed)
       self.stats["generate_s"] += time.perf_counter() - t0
       pairs = []
       for i, g in zip(chunk, groups):
@@ -167,20 +161,16 @@ class Runner:
     """One result record per item (see `evaluate.results.json` in the README)."""
     cfg, enc = self.cfg, self.encoder
     system = P.system_prompt(self.mode, cfg.prompts)
-    two_turn = self.mode in ("self_refine", "self_refine_oracle")
-    max_len = int(cfg.rollout.vllm.max_model_len)
+    two_turn = cfg.two_turn
     # Room for the answer(s): the second turn re-reads the first answer and a review request.
-    budget = max_len - int(cfg.max_tokens) * (2 if two_turn else 1) - (96 if two_turn else 0)
-    if budget < 32:
-      raise EvalError(f"max_tokens={cfg.max_tokens} leaves no room for a prompt in "
-                      f"rollout.vllm.max_model_len={max_len}")
+    budget = cfg.prompt_budget   # >= MIN_PROMPT_TOKENS: the config's check
     chats, truncated = [], []
     for it in items:
       q, cut = enc.fit_question(it, system, budget)
       chats.append(P.first_turn(it, q, system))
       truncated.append(cut)
     self.stats["prompts_truncated"] += sum(truncated)
-    first = self.generate([enc.encode(c) for c in chats], float(cfg.temperature))
+    first = self.generate([enc.encode(c) for c in chats], cfg.temperature)
     first_scores = self.score(items, [g.text for g in first])
     final, final_scores = list(first), list(first_scores)
     second_asked = [False] * len(items)
@@ -189,7 +179,7 @@ class Runner:
       oracle = self.mode == "self_refine_oracle"
       idx = [i for i, s in enumerate(first_scores) if not oracle or needs_revision(s, cfg)]
       second = self.generate([enc.encode(P.second_turn(chats[i], first[i].text, oracle))
-                              for i in idx], float(cfg.second_turn_temperature))
+                              for i in idx], cfg.second_turn_temperature)
       second_scores = self.score([items[i] for i in idx], [g.text for g in second])
       for i, g, s in zip(idx, second, second_scores):
         second_asked[i], second_tokens[i] = True, len(g.token_ids)
@@ -202,7 +192,7 @@ class Runner:
       rec = dict(id=it.id, dataset=it.dataset, task_type=it.task_type, mode=self.mode,
                  ground_truth=it.ground_truth, answer=g.text, extracted=extract_answer(g.text),
                  tokens=sum(turns), tokens_per_turn=turns, score=final_scores[i],
-                 correct=final_scores[i] >= float(cfg.correct_threshold),
+                 correct=final_scores[i] >= cfg.correct_threshold,
                  refine_count=count_refines(g.text), format_ok=format_ok(g.text),
                  finish_reason=g.finish_reason, prompt_truncated=truncated[i])
       if two_turn:
