@@ -1,6 +1,6 @@
 """Judge throughput: our concurrent client vs a serial one-request-at-a-time client.
 
-Both score the same 64 GSM8K-style answers against one local `verify` judge started with an
+Both score the same 64 GSM8K-style answers against one local `verify` judge (tests/slow_judge.py) with an
 artificial 100 ms latency per request (a stand-in for a judge model's generation time).
 Prints both wall times and the ratio; the target is >= 8x.
 
@@ -48,8 +48,9 @@ def main() -> int:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   url = f"http://127.0.0.1:{port}"
-  proc = subprocess.Popen([sys.executable, "-m", "pasr_jax.judge", "--backend", "verify",
-                           "--port", str(port), "--latency-ms", str(args.latency_ms)],
+  # The verify judge, each answer delayed (tests/slow_judge.py: a judge model's stand-in).
+  proc = subprocess.Popen([sys.executable, "tests/slow_judge.py", str(args.latency_ms / 1000),
+                           "--config.backend=verify", f"--config.port={port}"],
                           env={**os.environ, "PYTHONPATH": os.getcwd()})
   try:
     if not wait_healthy(url, proc, 60):

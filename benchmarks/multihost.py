@@ -85,8 +85,8 @@ def main() -> None:
   known, extra = ap.parse_known_args()
   from pasr_jax.judge.server import stop_process, wait_healthy  # pylint: disable=import-outside-toplevel
   port = _free_port()
-  judge = subprocess.Popen([sys.executable, "-m", "pasr_jax.judge", "--backend", "verify",
-                            "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT,
+  judge = subprocess.Popen([sys.executable, "-m", "pasr_jax.judge", "--config.backend=verify",
+                            "--config.host=127.0.0.1", f"--config.port={port}"], cwd=ROOT,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   url = f"http://127.0.0.1:{port}"
   try:

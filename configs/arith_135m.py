@@ -5,8 +5,9 @@ The experiment's preset (`make experiment`) and the demo's (`make demo`). The ta
 compares an answer's accuracy with the baseline's mean, so it can only pay +1 where that mean
 lies strictly between 0 and 1. The data below are committed (nothing is generated at run time):
 
-  python -m pasr_jax.tasks.arith --out=configs/data/arith --n_train=1000 --n_test=500 --seed=0 \\
-      --buckets=easy,medium,hard --n_out_of_template=300
+  python -m pasr_jax.tasks.arith --config.out=configs/data/arith --config.n_train=1000 \\
+      --config.n_test=500 --config.seed=0 --config.buckets=easy,medium,hard \\
+      --config.n_out_of_template=300
 
 (configs/data/arith/meta.json records the settings): a third of the rows in each difficulty
 bucket (tagged `difficulty`), and an out-of-template set (`evaluate --config.datasets=arith_oot`). Each value below says why it was chosen.

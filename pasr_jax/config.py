@@ -266,7 +266,7 @@ class JudgeCfg(Section):
   thinking: bool = key(
       True, "False: requests carry chat_template_kwargs enable_thinking=False (Qwen3 judges)")
   autostart: bool = key(
-      False, "local base_url silent: start `python -m pasr_jax.judge --backend verify`")
+      False, "local base_url silent: start `python -m pasr_jax.judge --config.backend=verify`")
 
   def check(self):
     self.need(self.base_url.startswith(("http://", "https://")), "base_url",

@@ -342,7 +342,8 @@ def _judge_checks(cfg: RunConfig, hosts: int, procs: int, env: Env) -> list[Chec
     out.append(Check("judge", "ok", f"nothing at {j.base_url}: the verify judge is started there"))
   else:
     why = (f"config judge.base_url={j.base_url!r}: no judge answers at /v1/models; start one "
-           "(python -m pasr_jax.judge --backend verify --port N) or set judge.autostart=True")
+           "(python -m pasr_jax.judge --config.backend=verify --config.port=N) or set "
+           "judge.autostart=True")
     out.append(Check("judge", "fail", why, why))
   return out
 

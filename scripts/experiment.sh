@@ -43,7 +43,7 @@ SMOL=$($PY -c "from pasr_jax.smollm2 import smollm2_dir; print(smollm2_dir())")
 start=$(date +%s)
 stamp() { echo "[experiment] $1 after $(( $(date +%s) - start )) s"; }
 
-$PY -m pasr_jax.judge --backend verify --host 127.0.0.1 --port "$PORT" > "$EXP_DIR/judge.log" 2>&1 &
+$PY -m pasr_jax.judge --config.backend=verify --config.host=127.0.0.1 "--config.port=$PORT" > "$EXP_DIR/judge.log" 2>&1 &
 JUDGE=$!
 trap 'kill $JUDGE 2>/dev/null || true' EXIT
 URL=http://127.0.0.1:$PORT

@@ -8,7 +8,8 @@
 # vLLM judge on GPUs: JUDGE_TP GPUs of tensor parallelism (default: the GPUs in
 # CUDA_VISIBLE_DEVICES; 2 for 32b); JUDGE_MAX_LEN tokens of context (default 8192: a question,
 # a reference and a 1500-token answer; a 32B judge's own 32k does not fit one 80 GB GPU).
-# Extra vLLM flags go after `--`, e.g.  scripts/serve_judge.sh vllm DIR 8001 -- --max-num-seqs 64
+# Keys of python -m pasr_jax.judge (--config.KEY=V) go after the port, then vLLM flags after
+# `--`, e.g.  scripts/serve_judge.sh vllm DIR 8001 --config.served_model_name=judge -- --max-num-seqs 64
 # JUDGE_HOST=0.0.0.0 serves other hosts too (one judge shared by a multi-host run); it then needs
 # JUDGE_API_KEY (requests must carry `Authorization: Bearer $JUDGE_API_KEY`; the trainer reads
 # the key from the env var named by judge.api_key_env), or JUDGE_ALLOW_NO_KEY=1.
@@ -29,7 +30,7 @@ case "$backend" in
   verify)
     port="${2:-8001}"
     shift $(( $# >= 2 ? 2 : 1 ))
-    cmd=("$PY" -m pasr_jax.judge --backend verify --host "$host" --port "$port")
+    cmd=("$PY" -m pasr_jax.judge --config.backend=verify "--config.host=$host" "--config.port=$port")
     ;;
   vllm)
     model="${2:?usage: serve_judge.sh vllm MODEL_DIR|32b|14b [PORT] [-- vllm flags]}"
@@ -54,7 +55,8 @@ case "$backend" in
     fi
     port="${3:-8001}"
     shift $(( $# >= 3 ? 3 : 2 ))
-    cmd=("$PY" -m pasr_jax.judge --backend vllm --model "$model" --host "$host" --port "$port")
+    cmd=("$PY" -m pasr_jax.judge --config.backend=vllm "--config.model=$model" "--config.host=$host"
+         "--config.port=$port")
     if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
       tp_default="$(awk -F, '{print NF}' <<<"$CUDA_VISIBLE_DEVICES")"
     fi
@@ -64,21 +66,22 @@ case "$backend" in
     exit 2
     ;;
 esac
-# Flags for pasr_jax.judge, then after `--` the ones for vLLM. One array throughout: an empty
+# Keys for pasr_jax.judge, then after `--` the flags for vLLM. One array throughout: an empty
 # array expanded under `set -u` fails on bash < 4.4.
 while (($#)) && [[ "$1" != -- ]]; do cmd+=("$1"); shift; done
 if (($#)); then shift; fi
 # The judge itself refuses an unset key variable, and a non-loopback host without a key.
-if [[ -n "${JUDGE_API_KEY:-}" ]]; then cmd+=(--api-key-env JUDGE_API_KEY); fi
-if [[ "${JUDGE_ALLOW_NO_KEY:-}" == 1 ]]; then cmd+=(--allow-no-key); fi
+if [[ -n "${JUDGE_API_KEY:-}" ]]; then cmd+=(--config.api_key_env=JUDGE_API_KEY); fi
+if [[ "${JUDGE_ALLOW_NO_KEY:-}" == 1 ]]; then cmd+=(--config.allow_no_key=True); fi
 if [[ "$backend" == vllm ]]; then
   if command -v nvidia-smi >/dev/null 2>&1; then
     # On GPUs: the model's own dtype, CUDA graphs, a context that fits, tensor parallelism
     # (first, so a --tensor-parallel-size given after `--` wins).
-    cmd+=(--dtype auto --no-enforce-eager --max-model-len "${JUDGE_MAX_LEN:-8192}"
+    cmd+=(--config.dtype=auto --config.enforce_eager=False
+          "--config.max_model_len=${JUDGE_MAX_LEN:-8192}"
           -- --tensor-parallel-size "${JUDGE_TP:-$tp_default}")
   else
-    if [[ -n "${JUDGE_MAX_LEN:-}" ]]; then cmd+=(--max-model-len "$JUDGE_MAX_LEN"); fi
+    if [[ -n "${JUDGE_MAX_LEN:-}" ]]; then cmd+=("--config.max_model_len=$JUDGE_MAX_LEN"); fi
     cmd+=(--)
   fi
   cmd+=("$@")

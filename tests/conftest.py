@@ -143,6 +143,6 @@ def _is_mp_helper(proc) -> bool:
 def judge_url():
   """The rule-based `verify` judge as a real process on 127.0.0.1, one per test session."""
   from procs import start_judge, stop
-  proc, url = start_judge("--backend", "verify")
+  proc, url = start_judge()
   yield url
   stop(proc)

@@ -231,7 +231,7 @@ def test_disk_full_ends_in_one_line_and_the_run_resumes(tmp_path):
     args = ("--config.train.steps=3", "--config.checkpoint.every=1",
             "--config.checkpoint.async_save=False")
     # Every judge call takes 1 s: the disk is full long before step 2 could end.
-    judge, url = start_judge("--backend", "verify", "--latency-ms", "1000")
+    judge, url = start_judge(latency_s=1.0)
     try:
       with open(tmp_path / "a.log", "w") as log:
         p = start_train(w, url, *args, log=log, scripted=True)

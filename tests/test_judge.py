@@ -1,8 +1,8 @@
 """The judge client against real HTTP servers on 127.0.0.1, and the judge servers themselves.
 
-Servers: `python -m pasr_jax.judge --backend verify` as a real subprocess, a scripted FastAPI
-app under uvicorn in a thread (500s, slow replies, prose; it counts what it receives), a
-port with nothing listening, and `--backend vllm` with SmolLM2 (slow).
+Servers: `python -m pasr_jax.judge --config.backend=verify` as a real subprocess, a scripted
+FastAPI app under uvicorn in a thread (500s, slow replies, prose; it counts what it receives),
+a port with nothing listening, and `--config.backend=vllm` with SmolLM2 (slow).
 """
 
 import asyncio
@@ -36,14 +36,14 @@ KEY = "test-key-123"
 
 @pytest.fixture(scope="module")
 def verify_url():
-  proc, url = start_judge("--backend", "verify")
+  proc, url = start_judge()
   yield url
   stop(proc)
 
 
 @pytest.fixture(scope="module")
 def keyed_verify_url():
-  proc, url = start_judge("--backend", "verify", "--api-key-env", KEY_ENV, env={KEY_ENV: KEY})
+  proc, url = start_judge(f"--config.api_key_env={KEY_ENV}", env={KEY_ENV: KEY})
   yield url
   stop(proc)
 
@@ -439,12 +439,6 @@ def test_api_key_enforced(keyed_verify_url, monkeypatch):
   assert scores == [1.0, 1.0]
 
 
-def _judge_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-  """`python -m pasr_jax.judge ARGS` run to its end (for the ones that must refuse to start)."""
-  return subprocess.run([sys.executable, "-m", "pasr_jax.judge", *args], capture_output=True,
-                        text=True, timeout=60, env={**os.environ, **(env or {})})
-
-
 def test_official_openai_client_needs_the_key(keyed_verify_url):
   """The official `openai` client against the keyed verify judge: the right key scores, a
   wrong or missing one gets 401."""
@@ -463,43 +457,50 @@ def test_official_openai_client_needs_the_key(keyed_verify_url):
 
 def test_judge_refuses_to_start_without_its_key():
   """A key asked for but not there refuses to start (exit 2, one line naming the variable);
-  `--api-key` is not an abbreviation of `--api-key-env`; a judge bound beyond the loopback
-  needs a key or an explicit --allow-no-key."""
+  a prefix of a key is no key; a judge bound beyond the loopback needs a key or an explicit
+  allow_no_key=True. Each refusal comes before anything binds a port."""
   unset = "PASR_TEST_UNSET_KEY_VAR"
-  r = _judge_cli("--backend", "verify", "--port", str(free_port()), "--api-key-env", unset,
-                 env={unset: ""})
+  r = run_command("pasr_jax.judge", "--config.backend=verify", f"--config.port={free_port()}",
+                  f"--config.api_key_env={unset}", env={unset: ""})
   assert r.returncode == 2 and r.stdout == ""
   assert r.stderr.count("\n") == 1 and f"variable {unset} is unset" in r.stderr, r.stderr
-  r = _judge_cli("--backend", "verify", "--port", str(free_port()), "--api-key", "sekret")
-  assert r.returncode == 2 and "unrecognized arguments: --api-key sekret" in r.stderr, r.stderr
-  r = _judge_cli("--backend", "verify", "--port", str(free_port()), "--host", "0.0.0.0")
+  r = run_command("pasr_jax.judge", "--config.backend=verify", "--config.api_key=sekret")
   assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
-  assert "--host=0.0.0.0" in r.stderr and "--allow-no-key" in r.stderr
+  assert "unknown config key 'api_key'" in r.stderr and "api_key_env" in r.stderr
+  r = run_command("pasr_jax.judge", "--config.backend=verify", "--config.max_conc=2")
+  assert r.returncode == 2 and "unknown config key 'max_conc'" in r.stderr, r.stderr
+  r = run_command("pasr_jax.judge", "--config.backend=verify", f"--config.port={free_port()}",
+                  "--config.host=0.0.0.0")
+  assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+  assert "host='0.0.0.0'" in r.stderr and "allow_no_key=True" in r.stderr
   # The decision itself, without binding a public address here.
-  from pasr_jax.judge.__main__ import api_key, build_parser, is_loopback
-  parse = build_parser().parse_args
-  assert api_key(parse(["--backend", "verify", "--host", "0.0.0.0", "--allow-no-key"])) == (None, "")
+  from pasr_jax.config import ConfigError
+  from pasr_jax.judge.server import ServeCfg, api_key, is_loopback
+  public = ServeCfg(backend="verify", host="0.0.0.0", allow_no_key=True)
+  assert api_key(public) is None
   os.environ[unset] = KEY
   try:
-    assert api_key(parse(["--backend", "verify", "--host", "0.0.0.0", "--api-key-env", unset])) == (KEY, "")
+    assert api_key(ServeCfg(backend="verify", host="0.0.0.0", api_key_env=unset)) == KEY
   finally:
     del os.environ[unset]
-  assert api_key(parse(["--backend", "verify"])) == (None, "")   # loopback: a key is optional
+  with pytest.raises(ConfigError, match=f"config api_key_env='{unset}'"):
+    api_key(ServeCfg(backend="verify", host="0.0.0.0", api_key_env=unset))
+  with pytest.raises(ConfigError, match="config host='10.0.0.3'"):
+    ServeCfg(backend="verify", host="10.0.0.3")
+  assert api_key(ServeCfg(backend="verify")) is None   # loopback: a key is optional
   assert [is_loopback(h) for h in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "10.0.0.3",
                                    "judge-host")] == [True, True, True, False, False, False]
 
 
 def test_no_command_takes_abbreviated_flags():
-  """Every argparse parser of the package refuses prefixes of its flags."""
+  """Every argparse parser left in the package refuses prefixes of its flags (the commands
+  on `cli.main` refuse unknown keys: the test above)."""
   import pathlib
   root = pathlib.Path(__file__).resolve().parents[1] / "pasr_jax"
   calls = [(p, line) for p in root.rglob("*.py") for line in p.read_text().splitlines()
            if re.search(r"\b(argparse\.ArgumentParser|_Parser)\(", line)
            and not line.lstrip().startswith("class ")]
-  assert len(calls) >= 5, calls
   assert all("allow_abbrev=False" in line for _, line in calls), calls
-  r = _judge_cli("--backend", "verify", "--max-conc", "2")
-  assert r.returncode == 2 and "unrecognized arguments: --max-conc" in r.stderr
 
 
 def test_malformed_requests_get_4xx(verify_url):
@@ -535,11 +536,10 @@ def test_oversized_and_odd_requests_get_4xx_not_a_crash(verify_url):
 
 
 def test_server_binds_loopback_and_bounds_concurrency():
-  """Defaults bind 127.0.0.1 only; past --max-concurrency requests in flight, 503."""
-  from pasr_jax.judge.__main__ import build_parser
-  assert build_parser().parse_args(["--backend", "verify"]).host == "127.0.0.1"
-  proc, url = start_judge("--backend", "verify", "--latency-ms", "1500", "--max-concurrency",
-                          "2")
+  """Defaults bind 127.0.0.1 only; past max_concurrency requests in flight, 503."""
+  from pasr_jax.judge.server import ServeCfg
+  assert ServeCfg(backend="verify").host == "127.0.0.1"
+  proc, url = start_judge("--config.max_concurrency=2", latency_s=1.5)
   try:
     async def burst():
       async with httpx.AsyncClient(timeout=30) as c:
@@ -571,17 +571,22 @@ def test_sync_wrapper_inside_running_loop(verify_url):
 
 
 def test_cli_rejects_bad_vllm_model(tmp_path):
-  r = run_command("pasr_jax.judge", "--backend", "vllm")
-  assert r.returncode == 2 and "needs --model" in r.stderr
-  r = run_command("pasr_jax.judge", "--backend", "vllm", "--model", str(tmp_path))
+  r = run_command("pasr_jax.judge", "--config.backend=vllm")
+  assert r.returncode == 2 and "config model=''" in r.stderr and "HF model dir" in r.stderr
+  r = run_command("pasr_jax.judge", "--config.backend=vllm", f"--config.model={tmp_path}")
   assert r.returncode == 2 and "no config.json" in r.stderr and str(tmp_path) in r.stderr
   assert r.stderr.count("\n") == 1
+  r = run_command("pasr_jax.judge", "--config.backend=verify", "--", "--max-num-seqs", "4")
+  assert r.returncode == 2 and "vllm_args=('--max-num-seqs', '4')" in r.stderr, r.stderr
+  r = run_command("pasr_jax.judge", "--config.backend=vllm", f"--config.model={tmp_path}",
+                  "--config.port=0")
+  assert r.returncode == 2 and "config port=0" in r.stderr, r.stderr
 
 
 @pytest.mark.slow
 def test_vllm_backend_with_smollm2(smollm2_dir):
-  proc, url = start_judge("--backend", "vllm", "--model", str(smollm2_dir),
-                          "--max-model-len", "1024", timeout_s=600)
+  proc, url = start_judge(f"--config.model={smollm2_dir}", "--config.max_model_len=1024",
+                          backend="vllm", timeout_s=600)
   try:
     import psutil
     children = psutil.Process(proc.pid).children(recursive=True)
@@ -681,6 +686,18 @@ def _judge_argv(printed: str) -> list[str]:
   return cmd[cmd.index("pasr_jax.judge") + 1:]
 
 
+def _serve_cfg(argv: list[str]):
+  """The judge's config from its `--config.k=v` arguments, parsed as `cli.main` parses them."""
+  from helpers import command_flags
+  from pasr_jax import cli
+  from pasr_jax.judge.server import ServeCfg
+  with command_flags():
+    rest = cli.parse_flags(["judge", *argv], schema=ServeCfg, preset=False)
+    assert rest == ["judge"], rest
+    cfg = ServeCfg.of(cli.config())
+  return cfg
+
+
 def test_serve_judge_aliases_need_the_local_dir(tmp_path):
   """`vllm 32b|14b`: the hub id's dir under JUDGE_MODELS, or one line saying where it was
   looked for and what to do (before any engine starts)."""
@@ -697,7 +714,7 @@ def test_serve_judge_aliases_need_the_local_dir(tmp_path):
                    JUDGE_MODELS=str(tmp_path / "m"))
   assert r.returncode == 0, r.stderr
   argv = _judge_argv(r.stdout)
-  assert argv[argv.index("--model") + 1] == f"{tmp_path}/m/Qwen2.5-14B-Instruct"
+  assert f"--config.model={tmp_path}/m/Qwen2.5-14B-Instruct" in argv
   assert argv[-1] == "--" and "--tensor-parallel-size" not in argv   # CPU: no TP
 
 
@@ -707,20 +724,19 @@ def test_serve_judge_gives_a_gpu_judge_tp_and_a_context_that_fits(tmp_path, env,
   """On a GPU host the 32B judge gets tensor parallelism (JUDGE_TP, else its visible GPUs,
   else 2) and an 8192-token context; flags after `--` reach vLLM after ours; the command
   parses as python -m pasr_jax.judge's."""
-  from pasr_jax.judge.__main__ import build_parser
   d = tmp_path / "m" / "Qwen2.5-32B-Instruct"
   d.mkdir(parents=True)
   (d / "config.json").write_text("{}")
-  r = _serve_judge("vllm", "32b", "8001", "--served-model-name", "judge", "--",
+  r = _serve_judge("vllm", "32b", "8001", "--config.served_model_name=judge", "--",
                    "--max-num-seqs", "64", gpu=True, tmp_path=tmp_path,
                    JUDGE_MODELS=str(tmp_path / "m"), **env)
   assert r.returncode == 0, r.stderr
   argv = _judge_argv(r.stdout)
   ours, vllm = argv[:argv.index("--")], argv[argv.index("--") + 1:]
   assert vllm == ["--tensor-parallel-size", tp, "--max-num-seqs", "64"]
-  args = build_parser().parse_args(ours)
-  assert (args.max_model_len, args.dtype, args.no_enforce_eager) == (8192, "auto", True)
-  assert args.served_model_name == "judge" and args.model == str(d)
+  cfg = _serve_cfg(ours)
+  assert (cfg.max_model_len, cfg.dtype, cfg.enforce_eager) == (8192, "auto", False)
+  assert cfg.served_model_name == "judge" and cfg.model == str(d)
 
 
 def test_serve_judge_beyond_the_loopback_needs_a_key(tmp_path):
@@ -730,13 +746,14 @@ def test_serve_judge_beyond_the_loopback_needs_a_key(tmp_path):
   r = subprocess.run(["scripts/serve_judge.sh", "verify", str(free_port())], cwd=ROOT,
                      capture_output=True, text=True, timeout=60,
                      env={**env, "JUDGE_HOST": "0.0.0.0", "PY": sys.executable})
-  assert r.returncode == 2 and "--allow-no-key" in r.stderr and "Traceback" not in r.stderr
+  assert r.returncode == 2 and "allow_no_key=True" in r.stderr and "Traceback" not in r.stderr
   r = _serve_judge("verify", "8001", gpu=False, tmp_path=tmp_path, JUDGE_HOST="0.0.0.0",
                    JUDGE_ALLOW_NO_KEY="1")
-  assert _judge_argv(r.stdout)[-1] == "--allow-no-key"
+  assert _judge_argv(r.stdout)[-1] == "--config.allow_no_key=True"
+  assert _serve_cfg(_judge_argv(r.stdout)).allow_no_key
   r = _serve_judge("verify", "8001", gpu=False, tmp_path=tmp_path, JUDGE_HOST="0.0.0.0",
                    JUDGE_API_KEY="k")
-  assert _judge_argv(r.stdout)[-2:] == ["--api-key-env", "JUDGE_API_KEY"]
+  assert _judge_argv(r.stdout)[-1] == "--config.api_key_env=JUDGE_API_KEY"
   assert "k" not in _judge_argv(r.stdout)        # the key stays in the env, not in argv
 
 

@@ -93,14 +93,14 @@ def test_end_to_end_then_resumed_from_step_2_matches(tmp_path, judge_url):
   run_args = ("--config.train.steps=4", f"--config.data.files=('{DATA / 'say_seven.jsonl'}',)",
               "--config.judge.retries=6", "--config.checkpoint.keep=4")
   a = tmp_path / "a"
-  judge, url_a = start_judge("--backend", "verify")
+  judge, url_a = start_judge()
   try:
     with open(str(a) + ".log", "w") as log:
       p = start_train(a, url_a, *run_args, log=log)
       wait_for_step(a, p, 2)
       stop(judge)                       # judge gone while step 3 samples and judges
       time.sleep(8.0)
-      judge, _ = start_judge("--backend", "verify", port=int(url_a.rsplit(":", 1)[1]))
+      judge, _ = start_judge(port=int(url_a.rsplit(":", 1)[1]))
       rc = p.wait(420)                  # ... and back on the same port
   finally:
     stop(judge)

@@ -214,7 +214,7 @@ class JudgeClient:
           f"(more than judge.max_unparseable_frac={frac:g}), e.g. "
           f"{stats.unparseable_example!r:.300}. The judge model does not answer the grading "
           "prompt with a number: use another judge model, or the rule-based one "
-          "(python -m pasr_jax.judge --backend verify)", stats.as_dict(len(items)))
+          "(python -m pasr_jax.judge --config.backend=verify)", stats.as_dict(len(items)))
     return [scores[k] for k in keys], stats.as_dict(len(items))
 
   # ------------------------------------------------------------------ internals

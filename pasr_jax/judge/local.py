@@ -1,7 +1,7 @@
 """A local judge for a training run: is one answering, and if not, start and stop one.
 
 With `judge.autostart` a run whose local `judge.base_url` is silent starts
-`python -m pasr_jax.judge --backend verify` on that host and port as a child process (it dies
+`python -m pasr_jax.judge --config.backend=verify` on that host and port as a child process (it dies
 with the trainer), logging to the workdir's judge.log.
 """
 
@@ -43,7 +43,8 @@ def judge_answers(base_url: str, timeout_s: float = 3.0) -> bool:
 
 
 class LocalJudge:
-  """A `python -m pasr_jax.judge --backend verify` child on the host/port of a local URL."""
+  """A `python -m pasr_jax.judge --config.backend=verify` child on the host/port of a local
+  URL."""
 
   def __init__(self, base_url: str, log_path: str | os.PathLike, startup_s: float = 120.0):
     u = urllib.parse.urlparse(base_url)
@@ -54,8 +55,8 @@ class LocalJudge:
     os.makedirs(os.path.dirname(self.log_path) or ".", exist_ok=True)  # a fresh workdir
     with open(self.log_path, "ab") as logf:  # the child keeps its own descriptor
       self.proc = subprocess.Popen(
-          [sys.executable, "-m", "pasr_jax.judge", "--backend", "verify", "--host", u.hostname,
-           "--port", str(u.port)], stdout=logf, stderr=subprocess.STDOUT,
+          [sys.executable, "-m", "pasr_jax.judge", "--config.backend=verify",
+           f"--config.host={u.hostname}", f"--config.port={u.port}"], stdout=logf, stderr=subprocess.STDOUT,
           preexec_fn=die_with_parent)
     if not wait_healthy(base_url.rstrip("/"), self.proc, startup_s):
       self.stop()
@@ -83,6 +84,6 @@ def ensure_judge(judge_cfg, log_path: str | os.PathLike) -> LocalJudge | None:
            "set judge.api_key_env to the name of the env var holding its key"))
   if not judge_cfg.autostart:
     raise ConfigError(f"config judge.base_url={judge_cfg.base_url!r}: no judge answers at "
-                      "/v1/models; start one (python -m pasr_jax.judge --backend verify "
-                      "--port N) or set judge.autostart=True")
+                      "/v1/models; start one (python -m pasr_jax.judge --config.backend=verify "
+                      "--config.port=N) or set judge.autostart=True")
   return LocalJudge(judge_cfg.base_url, log_path)

@@ -15,10 +15,10 @@ model at 3 % in the pilot: it cannot map an unseen verb to an operation.) Rows a
 `question` and a GSM8K-style `answer` (one `a op b = c` line per step, then `#### c`), which
 the data loader and the `verify` judge read unchanged; `template` names the frames used.
 
-Difficulty buckets (`--buckets=easy,medium,hard`): each row is drawn from one bucket in turn
+Difficulty buckets (`--config.buckets=easy,medium,hard`): each row is drawn from one bucket in turn
 and tagged with it (`difficulty`): easy = 1 operation of + or - on numbers <= 20, medium = 2
 operations of + - * /, hard = 3 operations with at least one * or /. The out-of-template set
-(`--n_out_of_template=N`) is phrased from OOT_FRAMES, sentence templates written apart from
+(`--config.n_out_of_template=N`) is phrased from OOT_FRAMES, sentence templates written apart from
 FRAMES (other sentence shapes and verbs), as a new user might phrase the same problems: a gain
 there is a gain in solving, not in familiarity with the generator's wording.
 
@@ -28,27 +28,29 @@ inverse operation (`68 / 4 = 17` as `17 * 4 = 68`); a correcting trace first mak
 slip (a lost carry or borrow, off by ten, off by one) that its check then fixes.
 `plain_trace` is the same solution without tags, for the plain prompt (the baseline).
 
-  python -m pasr_jax.tasks.arith --out=DIR --n_train=2000 --n_test=400 --seed=0 \\
-      [--max_value=20] [--max_factor=4] [--min_ops=1] [--max_ops=2] [--ops=+-*/] \\
-      [--buckets=easy,medium,hard] [--n_out_of_template=300]
+  python -m pasr_jax.tasks.arith --config.out=DIR [--config.n_train=2000] [--config.n_test=400] \\
+      [--config.seed=0] [--config.difficulty.max_value=20] [--config.difficulty.max_factor=4] \\
+      [--config.difficulty.min_ops=1] [--config.difficulty.max_ops=2] \\
+      [--config.difficulty.ops=+-*/] [--config.buckets=easy,medium,hard] \\
+      [--config.n_out_of_template=300]
 
 writes DIR/train.jsonl, DIR/test.jsonl, [DIR/out_of_template.jsonl] and DIR/meta.json (the
-command's settings).
+command's settings). The keys: `ArithCfg`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import re
-import sys
 from collections.abc import Sequence
+from typing import ClassVar
 
 import numpy as np
 
-from pasr_jax import answer_format
+from pasr_jax import answer_format, cli, errors
+from pasr_jax.config import ConfigError, Section, key, section
 
 OPS = "+-*/"
 TRACE_KINDS = ("plain", "confirm", "correct")
@@ -127,31 +129,30 @@ _MAX_VALUE = 999    # intermediate values stay below this (a `*` that would pass
 _STEP = re.compile(r"^(\d+) ([-+*/]) (\d+) = (\d+)$")
 
 
-class ArithError(ValueError):
+class ArithError(errors.UserError):
   """A bad generator setting or a solution that is not this task's (the message says which)."""
 
 
 @dataclasses.dataclass(frozen=True)
-class Difficulty:
+class Difficulty(Section):
   """The knobs: operands of + and - and start values in [1, max_value] (start >= 2), factors
   and divisors in [2, max_factor], min_ops..max_ops operations drawn from `ops`."""
-  max_value: int = 20
-  max_factor: int = 4
-  min_ops: int = 1
-  max_ops: int = 2
-  ops: str = OPS
+  _key: ClassVar[str] = "difficulty"
+  max_value: int = key(20, "operands of + and -, and start values, in [1, max_value]")
+  max_factor: int = key(4, "factors and divisors in [2, max_factor]")
+  min_ops: int = key(1, "fewest operations of a problem (1..3)")
+  max_ops: int = key(2, "most operations of a problem (min_ops..3)")
+  ops: str = key(OPS, "the operations drawn, distinct characters of +-*/")
 
   def check(self) -> None:
-    def need(ok: bool, flag: str, value, why: str) -> None:
-      if not ok:
-        raise ArithError(f"--{flag}={value}: {why}")
-    need(self.max_value >= 2, "max_value", self.max_value, "must be >= 2")
-    need(self.max_factor >= 2, "max_factor", self.max_factor, "must be >= 2")
-    need(1 <= self.min_ops <= 3, "min_ops", self.min_ops, "must be 1, 2 or 3")
-    need(self.min_ops <= self.max_ops <= 3, "max_ops", self.max_ops,
-         f"must lie in [min_ops={self.min_ops}, 3]")
-    need(bool(self.ops) and set(self.ops) <= set(OPS) and len(set(self.ops)) == len(self.ops),
-         "ops", self.ops, f"must be distinct characters of {OPS!r}")
+    self.need(self.max_value >= 2, "max_value", "must be >= 2")
+    self.need(self.max_factor >= 2, "max_factor", "must be >= 2")
+    self.need(1 <= self.min_ops <= 3, "min_ops", "must be 1, 2 or 3")
+    self.need(self.min_ops <= self.max_ops <= 3, "max_ops",
+              f"must lie in [min_ops={self.min_ops}, 3]")
+    self.need(bool(self.ops) and set(self.ops) <= set(OPS)
+              and len(set(self.ops)) == len(self.ops), "ops",
+              f"must be distinct characters of {OPS!r}")
 
 
 def _apply(a: int, op: str, b: int) -> int:
@@ -237,7 +238,7 @@ def parse_buckets(spec: str) -> tuple[str, ...]:
   names = tuple(x.strip() for x in spec.split(",") if x.strip())
   bad = [x for x in names if x not in BUCKETS]
   if bad or len(set(names)) != len(names):
-    raise ArithError(f"--buckets={spec}: must be distinct names of {', '.join(BUCKETS)}")
+    raise ArithError(f"config buckets={spec!r}: must be distinct names of {', '.join(BUCKETS)}")
   return names
 
 
@@ -271,7 +272,7 @@ def make_split(n: int, seed: int, d: Difficulty, held_out: bool,
       extra = {"difficulty": bucket} if bucket else {}
       rows.append(dict(id=f"{split}-{len(rows)}", **row, **extra))
   if len(rows) < n:
-    raise ArithError(f"only {len(rows)} distinct problems for n={n} at {d}: widen --max_value")
+    raise ArithError(f"only {len(rows)} distinct problems for n={n} at {d}: widen difficulty.max_value")
   return rows
 
 
@@ -394,18 +395,27 @@ def trace_kinds(n: int, correct_fraction: float, confirm_fraction: float, seed: 
 
 # --- command ------------------------------------------------------------------------------
 
-PROG = "python -m pasr_jax.tasks.arith"
+@dataclasses.dataclass(frozen=True)
+class ArithCfg(Section):
+  """The keys of `python -m pasr_jax.tasks.arith`."""
+  out: str = key("", "output dir (train.jsonl, test.jsonl, meta.json)")
+  n_train: int = key(2000, "training problems")
+  n_test: int = key(400, "held-out problems (the held-out frames, another seed)")
+  seed: int = key(0, "the sets' seed")
+  buckets: str = key("", "e.g. easy,medium,hard: rows drawn from these buckets in turn, tagged "
+                     "`difficulty` (their knobs replace the difficulty keys)")
+  n_out_of_template: int = key(0, "also write out_of_template.jsonl: N problems from OOT_FRAMES")
+  difficulty: Difficulty = section(Difficulty, "the knobs of every problem (without buckets)")
 
-
-def _fail(message: str):
-  """One line on stderr and exit status 2, the project's code for a usage error."""
-  print(f"{PROG}: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
-class _Parser(argparse.ArgumentParser):
-  def error(self, message: str):  # one line, not usage + error
-    _fail(message)
+  def check(self) -> None:
+    self.need(bool(self.out), "out", "must be set: the output dir")
+    self.need(self.n_train >= 1, "n_train", "must be >= 1")
+    self.need(self.n_test >= 1, "n_test", "must be >= 1")
+    self.need(self.n_out_of_template >= 0, "n_out_of_template", "must be >= 0")
+    try:
+      parse_buckets(self.buckets)
+    except ArithError as e:
+      raise ConfigError(str(e)) from None
 
 
 def _write_jsonl(path: str, rows: Sequence[dict]) -> None:
@@ -414,52 +424,33 @@ def _write_jsonl(path: str, rows: Sequence[dict]) -> None:
       f.write(json.dumps(r) + "\n")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  ap = _Parser(prog=PROG, description=__doc__.split("\n")[0], allow_abbrev=False)
-  ap.add_argument("--out", required=True, help="output dir (train.jsonl, test.jsonl, meta.json)")
-  ap.add_argument("--n_train", type=int, default=2000)
-  ap.add_argument("--n_test", type=int, default=400)
-  ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--buckets", default="",
-                  help="e.g. easy,medium,hard: rows drawn from these buckets in turn, tagged "
-                       "`difficulty` (their knobs replace the Difficulty flags)")
-  ap.add_argument("--n_out_of_template", type=int, default=0,
-                  help="also write out_of_template.jsonl: N problems from OOT_FRAMES")
-  for f in dataclasses.fields(Difficulty):
-    ap.add_argument(f"--{f.name}", type=str if f.name == "ops" else int, default=f.default)
-  args = ap.parse_args(argv)
-  d = Difficulty(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Difficulty)})
+def write_sets(cfg: ArithCfg) -> None:
+  """Writes the sets of `cfg` to cfg.out (module doc) and says what it wrote."""
+  d, buckets = cfg.difficulty, parse_buckets(cfg.buckets)
+  train = make_split(cfg.n_train, cfg.seed, d, held_out=False, buckets=buckets)
+  test = make_split(cfg.n_test, cfg.seed, d, held_out=True, buckets=buckets)
+  oot = (make_split(cfg.n_out_of_template, cfg.seed, d, held_out=True, buckets=buckets,
+                    out_of_template=True) if cfg.n_out_of_template else [])
   try:
-    for flag in ("n_train", "n_test"):
-      if getattr(args, flag) < 1:
-        raise ArithError(f"--{flag}={getattr(args, flag)}: must be >= 1")
-    if args.n_out_of_template < 0:
-      raise ArithError(f"--n_out_of_template={args.n_out_of_template}: must be >= 0")
-    d.check()
-    buckets = parse_buckets(args.buckets)
-    train = make_split(args.n_train, args.seed, d, held_out=False, buckets=buckets)
-    test = make_split(args.n_test, args.seed, d, held_out=True, buckets=buckets)
-    oot = (make_split(args.n_out_of_template, args.seed, d, held_out=True, buckets=buckets,
-                      out_of_template=True) if args.n_out_of_template else [])
-  except ArithError as e:
-    _fail(str(e))
-  try:
-    os.makedirs(args.out, exist_ok=True)
-    _write_jsonl(os.path.join(args.out, "train.jsonl"), train)
-    _write_jsonl(os.path.join(args.out, "test.jsonl"), test)
+    os.makedirs(cfg.out, exist_ok=True)
+    _write_jsonl(os.path.join(cfg.out, "train.jsonl"), train)
+    _write_jsonl(os.path.join(cfg.out, "test.jsonl"), test)
     if oot:
-      _write_jsonl(os.path.join(args.out, "out_of_template.jsonl"), oot)
-    with open(os.path.join(args.out, "meta.json"), "w", encoding="utf-8") as f:
-      json.dump({"n_train": args.n_train, "n_test": args.n_test, "seed": args.seed,
+      _write_jsonl(os.path.join(cfg.out, "out_of_template.jsonl"), oot)
+    with open(os.path.join(cfg.out, "meta.json"), "w", encoding="utf-8") as f:
+      json.dump({"n_train": cfg.n_train, "n_test": cfg.n_test, "seed": cfg.seed,
                  **dataclasses.asdict(d), "held_out_frames": list(HELD_OUT),
-                 "buckets": list(buckets), "n_out_of_template": args.n_out_of_template},
+                 "buckets": list(buckets), "n_out_of_template": cfg.n_out_of_template},
                 f, indent=1)
   except OSError as e:
-    _fail(f"--out={args.out}: {e.strerror}")
+    raise ArithError(f"config out={cfg.out!r}: {e.strerror}") from None
   print(f"wrote {len(train)} training, {len(test)} held-out and {len(oot)} out-of-template "
-        f"problems to {args.out}")
-  return 0
+        f"problems to {cfg.out}")
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  # The schema of the imported module: its nested section's annotation resolves there also
+  # when this block runs without being sys.modules["__main__"] (runpy in a running process).
+  from pasr_jax.tasks import arith as _arith  # pylint: disable=import-self
+  cli.main("python -m pasr_jax.tasks.arith", _arith.write_sets, schema=_arith.ArithCfg,
+           preset=False, tune_malloc=False)
