@@ -16,8 +16,8 @@ import time
 import psutil
 import pytest
 
-from helpers import (DATA, ROOT, assert_group_gone, env, read_state, start_train, train_cmd,
-                     train_error_lines, wait_for_step)
+from helpers import (DATA, ROOT, ScriptedSampler, assert_group_gone, env, read_state,
+                     start_train, train_cmd, train_error_lines, train_in_process, wait_for_step)
 from pasr_jax import metrics
 from pasr_jax.rollout import EngineError, VllmSampler
 from procs import free_port, start_judge, stop
@@ -123,7 +123,22 @@ def test_close_ends_the_engine_without_waiting_for_its_interpreters(tiny_sampler
 
 # ----------------------------------------------------------------------------- whole runs
 # `python -m pasr_jax.train` (tiny_cpu preset) in its own process group, or the same command
-# with ScriptedSampler (`scripted=True`).
+# with ScriptedSampler (`scripted=True`), or that command in this process (`_scripted_run`).
+
+
+def _scripted_run(workdir, judge_url: str, *overrides: str):
+  """`tests/scripted_train.py`'s command run in this process (`helpers.train_in_process`):
+  the whole command (flags, preflight, the run, its one-line errors and exit codes) with
+  ScriptedSampler, for faults that need no fresh process. JAX is up in this process already:
+  the device settings have nothing to do."""
+  from unittest import mock
+
+  from pasr_jax import devices
+  from pasr_jax.run import Run
+  with mock.patch.object(Run, "make_sampler",
+                         lambda self: ScriptedSampler.for_model_dir(self.model_dir)), \
+      mock.patch.object(devices, "setup", lambda cfg: {}):
+    return train_in_process(workdir, judge_url, *overrides)
 
 
 # Faults of a whole real-engine run ride on test_train.py's runs (each run starts an engine):
@@ -163,8 +178,9 @@ class _BadJudge:
 
     self.url = f"http://127.0.0.1:{free_port()}"
     port = int(self.url.rsplit(":", 1)[1])
+    # A "slow" reply still pending at the end is cut off, not waited for.
     self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                                log_level="warning"))
+                                                log_level="warning", timeout_graceful_shutdown=1))
     self.thread = threading.Thread(target=self.server.run, daemon=True)
 
   def __enter__(self):
@@ -199,9 +215,7 @@ def test_a_bad_judge_ends_the_run_in_one_line_exit_3(tmp_path, behaviour, overri
   stops in its first step with exit 3 and one line saying what the judge did; no step is
   logged as done and nothing is checkpointed."""
   with _BadJudge(behaviour) as judge:
-    p = subprocess.run(train_cmd(tmp_path / "w", judge.url, "--config.train.steps=2",
-                                 *overrides, scripted=True),
-                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=500)
+    p = _scripted_run(tmp_path / "w", judge.url, "--config.train.steps=2", *overrides)
     assert judge.chat_calls > 0
   assert p.returncode == 3, p.stderr[-3000:]
   ours = train_error_lines(p.stderr)
@@ -268,22 +282,20 @@ def test_disk_full_ends_in_one_line_and_the_run_resumes(tmp_path):
 
 
 @pytest.mark.parametrize("override,needle", [
-    # Found by the preflight (pasr_jax.preflight) before any weight loads, with the fix; both
-    # start JAX's 8 devices first: tens of seconds.
-    pytest.param("--config.mesh.shape=(3,-1,1)",
-                 "mesh: mesh.shape=(3, -1, 1) does not divide 8 devices", marks=pytest.mark.slow),
-    pytest.param("--config.optim.micro_batch=3", "optim.micro_batch=3 is not a multiple of the 8 "
-                 "batch shards (fix: --config.optim.micro_batch=8)", marks=pytest.mark.slow),
+    # Found by the preflight (pasr_jax.preflight) before any weight loads, with the fix.
+    ("--config.mesh.shape=(3,-1,1)", "mesh: mesh.shape=(3, -1, 1) does not divide 8 devices"),
+    ("--config.optim.micro_batch=3", "optim.micro_batch=3 is not a multiple of the 8 batch "
+     "shards (fix: --config.optim.micro_batch=8)"),
     ("--config.model.tiny_random=False", "model.path='': no HF model dir (config.json) there"),
     ("--config.optim.lr=-0.001", "optim.lr=-0.001: must be > 0"),
 ])
 def test_config_faults_end_in_one_line_exit_2(tmp_path, override, needle):
-  p = subprocess.run(train_cmd(tmp_path / "w", "http://127.0.0.1:9", override,
-                               "--config.rewards.accuracy_rule=contains"),
-                     cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+  p = train_in_process(tmp_path / "w", "http://127.0.0.1:9", override,
+                       "--config.rewards.accuracy_rule=contains")
   ours = train_error_lines(p.stderr)
   assert p.returncode == 2 and len(ours) == 1 and needle in ours[0], p.stderr[-3000:]
   assert "Traceback" not in p.stderr
+  assert not (tmp_path / "w" / "checkpoints").exists()
 
 
 @pytest.mark.timeout(600)
@@ -294,11 +306,9 @@ def test_diverging_run_stops_with_exit_6_and_keeps_finite_checkpoints(tmp_path, 
   forever before), and no checkpoint holds a NaN."""
   from pasr_jax.checkpoint import checksums
   w = tmp_path / "w"
-  p = subprocess.run(train_cmd(w, judge_url, "--config.optim.lr=1e30", "--config.train.steps=8",
-                               "--config.train.max_nonfinite_steps=2",
-                               f"--config.data.files=('{DATA / 'say_seven.jsonl'}',)",
-                               scripted=True),
-                     cwd=ROOT, env=env(), capture_output=True, text=True, timeout=500)
+  p = _scripted_run(w, judge_url, "--config.optim.lr=1e30", "--config.train.steps=8",
+                    "--config.train.max_nonfinite_steps=2",
+                    f"--config.data.files=('{DATA / 'say_seven.jsonl'}',)")
   ours = train_error_lines(p.stderr)
   assert p.returncode == 6 and len(ours) == 1, p.stdout[-2000:] + p.stderr[-3000:]
   assert "training diverged: " in ours[0] and "train.max_nonfinite_steps=2" in ours[0]
