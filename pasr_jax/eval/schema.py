@@ -63,7 +63,8 @@ class EvalRunConfig(Section):
   reference: str = key(
       "final", "judge's reference: final (GSM8K: the number after ####) | solution (whole)")
   temperature: float = key(0.0, "first answers: 0 = greedy")
-  rollout: EvalRolloutCfg = section(EvalRolloutCfg, "the engine (rollout.vllm.*) and its time limit")
+  rollout: EvalRolloutCfg = section(
+      EvalRolloutCfg, "the engine (rollout.vllm.*) and its time limit")
   data: DataCfg = section(
       DataCfg, "your own sets: data.files (JSON / JSONL) read as training reads them "
       "(data.question_field, answer_field, task_type)")
