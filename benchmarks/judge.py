@@ -1,7 +1,7 @@
 """Judge throughput: our concurrent client vs a serial one-request-at-a-time client.
 
-Both score the same 64 GSM8K-style answers against one local `verify` judge (tests/slow_judge.py) with an
-artificial 100 ms latency per request (a stand-in for a judge model's generation time).
+Both score the same 64 GSM8K-style answers against one local `verify` judge with an artificial
+100 ms latency per request (tests/slow_judge.py: a stand-in for a judge model's generation time).
 Prints both wall times and the ratio; the target is >= 8x.
 
   python benchmarks/judge.py [--items 64] [--latency-ms 100] [--concurrency 32]

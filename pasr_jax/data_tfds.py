@@ -1,8 +1,11 @@
 """A TFDS builder for question/answer JSON (alpaca_evol_instruct's instruction/output, our seed sets).
 
-  python -m pasr_jax.data_tfds --name=NAME --files=a.json,b.jsonl --data_dir=DIR
+  python -m pasr_jax.data_tfds --config.data.files=a.jsonl --config.data.tfds_name=json_qa/NAME \\
+      --config.data.tfds_data_dir=DIR [--config.data.question_field=F --config.data.answer_field=G]
   python -m pasr_jax.train ... --config.data.tfds_name=json_qa/NAME --config.data.tfds_data_dir=DIR
 
+The keys are the training's `data` section (`PrepareCfg`): the command prepares its files as
+the dataset the training then reads. Several files: `--config.data.files="('a.json','b.jsonl')"`.
 Prepares `json_qa/NAME` (one BuilderConfig per NAME) in the array_record format, which
 `tfds.data_source` reads with random access and without TensorFlow (data.load_tfds): the
 training cursor (an index into a seeded permutation) stays exact across resumes. Rows are the
@@ -12,19 +15,33 @@ each keeps its id. TFDS shuffles records on write, deterministically.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 
-import tensorflow_datasets as tfds
-
-from pasr_jax import data as data_lib
+PROG = "python -m pasr_jax.data_tfds"
+PREFIX = "json_qa/"
 
 if __name__ == "__main__":
   # TFDS finds a builder's resources through its module, which must not be __main__; run the
-  # CLI from the imported module instead (and never define the builder class twice).
-  from pasr_jax.data_tfds import main as _main  # pylint: disable=import-self
-  raise SystemExit(_main())
+  # command from the imported module instead (and never define the builder class twice).
+  try:
+    from pasr_jax.data_tfds import main as _main  # pylint: disable=import-self
+  except ModuleNotFoundError as e:
+    if e.name != "tensorflow_datasets":
+      raise
+    print(f"{PROG}: the optional package tensorflow-datasets is not installed (it is in "
+          "requirements.txt)", file=sys.stderr)
+    sys.exit(2)
+  _main()
+
+# pylint: disable=wrong-import-position  # after the command's guard above
+import tensorflow_datasets as tfds
+
+from pasr_jax import cli
+from pasr_jax import data as data_lib
+from pasr_jax.config import DataCfg, Section, section
+# pylint: enable=wrong-import-position
 
 
 class JsonQa(tfds.core.GeneratorBasedBuilder):
@@ -61,7 +78,7 @@ def prepare(name: str, files: Sequence[str], data_dir: str, question_field: str 
   Files are validated first, so a bad row fails here with data.DataError, not inside TFDS.
   """
   if not files:
-    raise data_lib.DataError("data_tfds.prepare: no --files given")
+    raise data_lib.DataError("config data.files=(): no files to prepare")
   for path in files:
     data_lib.load_rows(path, question_field, answer_field)
   builder = JsonQa(name=name, files=files, question_field=question_field,
@@ -70,22 +87,30 @@ def prepare(name: str, files: Sequence[str], data_dir: str, question_field: str 
   return f"json_qa/{name}"
 
 
-def main(argv: list[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m pasr_jax.data_tfds", allow_abbrev=False,
-                               description=__doc__.split("\n")[0])
-  ap.add_argument("--name", required=True, help="config name: the dataset is json_qa/NAME")
-  ap.add_argument("--files", required=True, help="comma-separated JSON / JSONL files")
-  ap.add_argument("--data_dir", required=True, help="TFDS data dir to write")
-  ap.add_argument("--question_field", default="")
-  ap.add_argument("--answer_field", default="")
-  a = ap.parse_args(argv)
-  try:
-    tfds_name = prepare(a.name, [f for f in a.files.split(",") if f], a.data_dir,
-                        a.question_field, a.answer_field)
-  except data_lib.DataError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(f"prepared {tfds_name} in {a.data_dir}: train with --config.data.tfds_name={tfds_name} "
-        f"--config.data.tfds_data_dir={a.data_dir}")
-  return 0
+@dataclasses.dataclass(frozen=True)
+class PrepareCfg(Section):
+  """The keys of `python -m pasr_jax.data_tfds`: the training's data section."""
+  data: DataCfg = section(DataCfg, "files (and their fields) prepared as tfds_name in "
+                          "tfds_data_dir")
 
+  def check(self) -> None:
+    d = self.data
+    d.need(bool(d.files), "files", "must name the JSON / JSONL files to prepare")
+    name = d.tfds_name[len(PREFIX):]
+    d.need(d.tfds_name.startswith(PREFIX) and bool(name) and "/" not in name, "tfds_name",
+           f"must be {PREFIX}NAME: the dataset this command prepares")
+    d.need(bool(d.tfds_data_dir), "tfds_data_dir", "must be set: the TFDS data dir to write")
+
+
+def run(cfg: PrepareCfg) -> None:
+  """Prepares cfg.data's files as its tfds_name and says how to train on it."""
+  d = cfg.data
+  name = prepare(d.tfds_name[len(PREFIX):], d.files, d.tfds_data_dir, d.question_field,
+                 d.answer_field)
+  print(f"prepared {name} in {d.tfds_data_dir}: train with --config.data.tfds_name={name} "
+        f"--config.data.tfds_data_dir={d.tfds_data_dir}")
+
+
+def main() -> None:
+  """The command (module doc); exits."""
+  cli.main(PROG, run, schema=PrepareCfg, preset=False, tune_malloc=False)

