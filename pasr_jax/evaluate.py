@@ -9,7 +9,7 @@
 
 The keys, their defaults and checks: `pasr_jax/eval/schema.py` (`EvalRunConfig`, whose preset
 is configs/eval.py; `CompareConfig` for `compare`). The judge must be running at
-`config.judge.base_url` (e.g. `python -m pasr_jax.judge --backend verify --port 8001`). Your
+`config.judge.base_url` (e.g. `python -m pasr_jax.judge --config.backend=verify --config.port=8001`). Your
 own JSONL / JSON files go in `config.data.files` with the training's field mapping
 (`data.question_field`, `data.answer_field`, `data.task_type`), beside or instead of the
 registered benchmarks (`config.datasets`). Writes results.json, summary.md, summary.csv,

@@ -381,7 +381,7 @@ def run_command(module: str, *args: str,
         warnings.catch_warnings():
       # runpy warns that the module is already imported: its `__main__` block runs anew.
       warnings.simplefilter("ignore", RuntimeWarning)
-      runpy.run_module(module, run_name="__main__", alter_sys=False)
+      runpy.run_module(module, run_name="__main__", alter_sys=True)
   except SystemExit as e:
     if isinstance(e.code, str):  # sys.exit("message"): printed, exit 1, as Python does
       err.write(e.code + "\n")

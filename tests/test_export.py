@@ -13,9 +13,9 @@ from safetensors.numpy import load_file
 
 from configs.base import get_base_config
 from pasr_jax import sharding
+from pasr_jax.batch import Batch
 from pasr_jax.checkpoint import Checkpointer
 from pasr_jax.config import RunConfig
-from pasr_jax.batch import Batch
 from pasr_jax.export import ExportCfg, ExportError, export
 from pasr_jax.models.hf import hf_tensors, load_hf
 from pasr_jax.tiny import make_tiny_model_dir

@@ -449,8 +449,5 @@ def write_sets(cfg: ArithCfg) -> None:
 
 
 if __name__ == "__main__":
-  # The schema of the imported module: its nested section's annotation resolves there also
-  # when this block runs without being sys.modules["__main__"] (runpy in a running process).
-  from pasr_jax.tasks import arith as _arith  # pylint: disable=import-self
-  cli.main("python -m pasr_jax.tasks.arith", _arith.write_sets, schema=_arith.ArithCfg,
-           preset=False, tune_malloc=False)
+  cli.main("python -m pasr_jax.tasks.arith", write_sets, schema=ArithCfg, preset=False,
+           tune_malloc=False)
