@@ -19,6 +19,19 @@ from pasr_jax.trainer import (BATCH_KEYS, TOKEN_FIELDS, Trainer, TrainerError, m
 
 B, L, PROMPT = 8, 20, 6
 
+GRPO_FIXTURE = pathlib.Path(__file__).parent / "data" / "grpo_two_updates.npz"
+# The recorded cases (test_grpo_updates_are_bitwise_the_recorded_ones): config overrides and
+# how the two updates are taken ("update": two Trainer.update calls; "train_batch": one call
+# taking grpo.num_iterations=2 updates).
+GRPO_CASES = {
+    "update_beta_2micro": ({"grpo.beta": 0.04, "optim.micro_batch": 4}, "update"),
+    "train_batch_tis": ({"grpo.beta": 0.04, "grpo.tis_cap": 2.0, "grpo.num_iterations": 2,
+                         "grpo.agg": "token_mean"}, "train_batch"),
+}
+# One config for the small update tests (and the reference of the TIS/band test), the first
+# recorded case's: one trainer (the `trainers` fixture) serves them all.
+SHARED = dict(GRPO_CASES["update_beta_2micro"][0])
+
 
 def make_cfg(**over):
   c = get_base_config()
@@ -60,6 +73,27 @@ def make_trainer(cfg, mesh=None, seed=0, loss=None):
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   return Trainer(RunConfig.from_tree(cfg).trainer_cfg(), model, tiny_config("qwen2"), mesh,
                  loss=loss)
+
+
+@pytest.fixture(scope="module")
+def trainers():
+  """`trainers(**over)`: the module's one trainer of `make_cfg(**over)` (one device, seed 0),
+  put back to its initial params and optimizer state. Tests of one config reuse its compiled
+  update and logprobs programs instead of tracing, lowering and compiling them again (a new
+  Trainer's jitted functions are new objects). Not for tests that count compilations."""
+  made = {}
+
+  def get(**over):
+    key = tuple(sorted(over.items()))
+    if key not in made:
+      tr = make_trainer(make_cfg(**over))
+      made[key] = (tr, jax.tree.map(np.asarray, tr.state_for_checkpoint()))
+    tr, initial = made[key]
+    tr.restore_from_checkpoint(initial)
+    return tr
+
+  yield get
+  made.clear()
 
 
 def gradients(tr, batch):
@@ -116,13 +150,8 @@ def test_nll_loss_is_the_gradient_of_grpo_at_ratio_one_in_one_pass():
   assert nll.ref_params is None
 
 
-# One config for the small update tests below (and the reference of the TIS/band test): the
-# compilation cache serves them all.
-SHARED = {"optim.lr": 3e-3, "grpo.beta": 0.04}
-
-
-def test_ref_equals_policy_gives_zero_kl():
-  tr = make_trainer(make_cfg(**SHARED))
+def test_ref_equals_policy_gives_zero_kl(trainers):
+  tr = trainers(**SHARED)
   batch = with_old(tr, make_batch())
   np.testing.assert_array_equal(flat(tr.ref_params), flat(tr.params))  # fp32: an exact copy
   m = tr.update(batch)
@@ -200,8 +229,8 @@ def test_mesh_2x2x2_equals_one_device():
   assert np.linalg.norm(p8 - p1) / np.linalg.norm(p1) < 1e-6
 
 
-def test_fixed_advantages_move_logprobs_the_right_way():
-  tr = make_trainer(make_cfg(**SHARED))
+def test_fixed_advantages_move_logprobs_the_right_way(trainers):
+  tr = trainers(**SHARED)
   batch = make_batch(4).replace(advantages=np.array([1, -1] * (B // 2), np.float32))
   before = (tr.logprobs(batch) * batch.loss_mask).sum(1) / batch.loss_mask.sum(1)
   for _ in range(4):
@@ -212,8 +241,8 @@ def test_fixed_advantages_move_logprobs_the_right_way():
   assert np.all(delta[1::2] < 0), delta
 
 
-def test_non_finite_step_is_skipped():
-  tr = make_trainer(make_cfg(**SHARED))
+def test_non_finite_step_is_skipped(trainers):
+  tr = trainers(**SHARED)
   batch = with_old(tr, make_batch(5))
   before = flat(tr.params)
   bad = batch.replace(advantages=np.full(B, np.nan, np.float32))
@@ -225,7 +254,7 @@ def test_non_finite_step_is_skipped():
   assert not np.array_equal(flat(tr.params), before)
 
 
-def test_tis_and_the_ratio_band_recompute_old_logps_and_weigh_or_drop_tokens():
+def test_tis_and_the_ratio_band_recompute_old_logps_and_weigh_or_drop_tokens(trainers):
   """One batch whose sampler disagrees with the trainer, one reference trainer (restored to
   its initial state between the two cases):
   tis_cap: old_logps become the trainer's, weighted by min(r, cap) against the sampler's;
@@ -233,8 +262,7 @@ def test_tis_and_the_ratio_band_recompute_old_logps_and_weigh_or_drop_tokens():
   grpo.is_mask_low/high alone (no tis_cap) recompute old_logps, and the update is the one
   on a batch whose loss_mask zeroes the out-of-band tokens by hand."""
   band = {"grpo.is_mask_low": 0.7, "grpo.is_mask_high": 1.4, **SHARED}
-  ref = make_trainer(make_cfg(**SHARED))
-  initial = jax.tree.map(np.asarray, ref.state_for_checkpoint())
+  ref = trainers(**SHARED)
   batch = with_old(ref, make_batch(6), noise=0.5)  # a sampler that disagrees with the trainer
   prox = ref.logprobs(batch, scored_only=True)
   mask = jnp.asarray(batch.loss_mask)
@@ -254,7 +282,7 @@ def test_tis_and_the_ratio_band_recompute_old_logps_and_weigh_or_drop_tokens():
   np.testing.assert_array_equal(flat(tr.params), flat(ref.params))
 
   # The band, no tis_cap.
-  ref.restore_from_checkpoint(initial)
+  ref = trainers(**SHARED)  # back to its initial state
   tr = make_trainer(make_cfg(**band))
   r = np.exp(prox - batch.old_logps)
   hand = (batch.loss_mask * ((r >= 0.7) & (r <= 1.4))).astype(np.float32)
@@ -433,7 +461,8 @@ def test_loss_temperature_scores_raw_logits_like_the_original():
   at_09 = make_trainer(make_cfg(**{"rollout.temperature": 0.9}))
   batch = make_batch(8)
   scored = batch.loss_mask > 0
-  want = np.asarray(np_logprobs(raw.model, batch))
+  # One compiled program: eagerly, each of the model's ops would compile on its own.
+  want = np.asarray(nnx.jit(np_logprobs)(raw.model, batch))
   np.testing.assert_allclose(raw.logprobs(batch)[scored], want[scored], rtol=0, atol=2e-5)
   assert np.abs(at_09.logprobs(batch)[scored] - want[scored]).max() > 1e-2
 
@@ -496,21 +525,10 @@ def test_batch_rule_naming_a_missing_mesh_axis_names_mesh_rules():
     make_trainer(make_cfg(**{"mesh.rules": rules}))
 
 
-# ----------------------------------------------------------------------------- bitwise record
-GRPO_FIXTURE = pathlib.Path(__file__).parent / "data" / "grpo_two_updates.npz"
-# Each case: config overrides and how the two updates are taken ("update": two
-# Trainer.update calls; "train_batch": one call taking grpo.num_iterations=2 updates).
-GRPO_CASES = {
-    "update_beta_2micro": ({"grpo.beta": 0.04, "optim.micro_batch": 4}, "update"),
-    "train_batch_tis": ({"grpo.beta": 0.04, "grpo.tis_cap": 2.0, "grpo.num_iterations": 2,
-                         "grpo.agg": "token_mean"}, "train_batch"),
-}
-
-
-def grpo_two_updates(name):
+def grpo_two_updates(trainers, name):
   """The params (flat, float32) after two GRPO updates of case `name` on a fixed batch."""
   over, how = GRPO_CASES[name]
-  tr = make_trainer(make_cfg(**over))
+  tr = trainers(**over)
   batch = make_batch(11)
   noise = np.random.default_rng(12).normal(0, 0.3, batch.loss_mask.shape)
   batch = batch.replace(
@@ -525,11 +543,11 @@ def grpo_two_updates(name):
 
 
 @pytest.mark.parametrize("name", sorted(GRPO_CASES))
-def test_grpo_updates_are_bitwise_the_recorded_ones(name):
+def test_grpo_updates_are_bitwise_the_recorded_ones(trainers, name):
   """The GRPO update gives exactly (bit for bit) the params recorded in
   tests/data/grpo_two_updates.npz, written by the trainer before its loss became pluggable:
   a refactor of the loss, the batch or the step may not change a single bit."""
   want = np.load(GRPO_FIXTURE)[name]
-  got = grpo_two_updates(name)
+  got = grpo_two_updates(trainers, name)
   assert got.shape == want.shape
   np.testing.assert_array_equal(got, want)
