@@ -6,9 +6,12 @@ The tiny_cpu run of `pasr_jax.run.Run` with `ScriptedSampler` instead of vLLM; m
 when the overrides set mesh.distributed. Every process ends by gathering the final params
 (a collective); process 0 saves them, flattened, to OUT_NPY, and every process the checksums
 of the weights its sampler received to OUT_NPY.sync<process>.json.
+PASR_SCRIPTED_GENERATE_S=<seconds> makes every `generate` take that long (a slow engine), so a
+test can kill the processes between two steps.
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -30,9 +33,13 @@ def main(workdir: str, out: str, overrides: list[str]) -> None:
   cli.parse_flags(argv)
   cfg = RunConfig.from_tree(cli.config())
 
+  seconds = float(os.environ.get("PASR_SCRIPTED_GENERATE_S", "0"))
+
   class ScriptedRun(Run):
     def make_sampler(self):
-      return ScriptedSampler.for_model_dir(self.model_dir)
+      sampler = ScriptedSampler.for_model_dir(self.model_dir)
+      sampler.delay = (lambda call: seconds) if seconds > 0 else None
+      return sampler
 
   r = ScriptedRun(cfg)
   try:

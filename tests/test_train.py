@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from helpers import (DATA, assert_group_gone, kill_engine_at_a_publish, read_meta, read_state,
-                     run_train, start_train, train_in_process, wait_for_step)
+                     start_train, train_in_process, wait_for_step)
 from pasr_jax import metrics
 from procs import free_port, start_judge, stop
 
@@ -76,34 +76,51 @@ def test_unreachable_judge_fails_fast(tmp_path):
 
 # ----------------------------------------------------------------------------- real runs
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)
 def test_end_to_end_then_resumed_from_step_2_matches(tmp_path, judge_url):
   """4 steps vs resumed at step 2: same rollouts, cursor, params.
 
   Run a's own judge is down for ~8 s after its step 2 (issue #16; in this run, as each run
   starts an engine): the judge is retried and the run ends as if nothing happened. Run b is
-  run a's workdir as a crash after step 4 would leave it, but with step 2 the newest
-  checkpoint (its logs hold steps 3 and 4, which the resume must cut): on the session's judge
-  it samples, scores and trains steps 3 and 4 the same. (A crash itself, SIGKILL mid-run,
-  then resume: test_learns_sampling_ahead_... below and tests/test_multihost_run.py.)"""
+  run a's workdir as a crash right after step 2's checkpoint leaves it, with lines past that
+  checkpoint in its logs (which the resume must cut): started while run a waits for its judge,
+  on the session's judge, it samples, scores and trains steps 3 and 4 the same, on an engine
+  of its own. (A crash itself, SIGKILL mid-run, then resume: test_learns_sampling_ahead_...
+  below and tests/test_multihost_run.py.)"""
   # Questions whose answer is "7": the judge finds it in some of the random tiny model's
   # answers, so rewards differ within a group and the run really trains (the last
   # assertions). Under the GSM8K sample every answer scored the same (format -1, accuracy 0)
   # and every gradient was 0.
   run_args = ("--config.train.steps=4", f"--config.data.files=('{DATA / 'say_seven.jsonl'}',)",
               "--config.judge.retries=6", "--config.checkpoint.keep=4")
-  a = tmp_path / "a"
+  a, b = tmp_path / "a", tmp_path / "b"
   judge, url_a = start_judge()
+  q = None
   try:
-    with open(str(a) + ".log", "w") as log:
+    with open(str(a) + ".log", "w") as log, open(str(b) + ".log", "w") as log_b:
       p = start_train(a, url_a, *run_args, log=log)
-      wait_for_step(a, p, 2)
+      wait_for_step(a, p, 2, timeout_s=600)
       stop(judge)                       # judge gone while step 3 samples and judges
-      time.sleep(8.0)
+      down = time.time()
+      # Run a writes nothing to its workdir until step 3 is judged: copy it now, start b.
+      while not (a / "checkpoints" / "2" / "meta").is_dir():
+        assert p.poll() is None and time.time() - down < 120, "no checkpoint 2"
+        time.sleep(0.1)
+      shutil.copytree(a, b, ignore=lambda d, names: [n for n in names if n not in ("1", "2")]
+                      if d.endswith("checkpoints") else [])
+      for log_name in ("metrics.jsonl", "rollouts.jsonl"):  # as if step 3 was being logged
+        lines = (b / log_name).read_text().splitlines(keepends=True)
+        with open(b / log_name, "a") as f:
+          f.write(lines[-1].replace('"step": 2', '"step": 3') + lines[-1][:20])
+      q = start_train(b, judge_url, *run_args, log=log_b)
+      time.sleep(max(0.0, 8.0 - (time.time() - down)))
       judge, _ = start_judge(port=int(url_a.rsplit(":", 1)[1]))
       rc = p.wait(420)                  # ... and back on the same port
+      rc_b = q.wait(420)
   finally:
     stop(judge)
+    if q is not None and q.poll() is None:
+      os.killpg(q.pid, signal.SIGKILL)
   out = (tmp_path / "a.log").read_text(errors="replace")
   assert rc == 0, out[-4000:]
   assert_group_gone(p.pid)
@@ -125,9 +142,9 @@ def test_end_to_end_then_resumed_from_step_2_matches(tmp_path, judge_url):
   assert list((a / "tb").glob("events.out.tfevents.*"))
   assert (a / "reward_curve.png").stat().st_size > 1000
 
-  b = tmp_path / "b"
-  shutil.copytree(a, b, ignore=lambda d, names: ["3", "4"] if d.endswith("checkpoints") else [])
-  out = run_train(b, judge_url, *run_args)
+  out = (tmp_path / "b.log").read_text(errors="replace")
+  assert rc_b == 0, out[-4000:]
+  assert_group_gone(q.pid)
   assert "resumed from step 2 " in out and "done at step 4" in out
 
   rec_b = metrics.read_jsonl(str(b / "rollouts.jsonl"))
