@@ -135,10 +135,22 @@ def _scripted_run(workdir, judge_url: str, *overrides: str):
 
   from pasr_jax import devices
   from pasr_jax.run import Run
+  built = Run.setup
+
+  def setup(self):
+    built(self)
+    # Runs with the same trainer config (a run and its resume) share the jitted functions:
+    # each program is traced and compiled once in this module.
+    self.trainer._fns = _COMPILED.setdefault(repr(self.cfg.trainer_cfg()), {})
+
   with mock.patch.object(Run, "make_sampler",
                          lambda self: ScriptedSampler.for_model_dir(self.model_dir)), \
-      mock.patch.object(devices, "setup", lambda cfg: {}):
+      mock.patch.object(Run, "setup", setup), mock.patch.object(devices, "setup", lambda cfg: {}):
     return train_in_process(workdir, judge_url, *overrides)
+
+
+# The jitted update and logprob functions by trainer config, shared by `_scripted_run`s.
+_COMPILED: dict[str, dict] = {}
 
 
 # Faults of a whole real-engine run ride on test_train.py's runs (each run starts an engine):
