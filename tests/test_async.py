@@ -4,8 +4,8 @@ The scripted answers do not depend on the weights, so a K = 1 run trains on exac
 batches of a K = 0 run (with the same grpo.tis_cap): the parameters must come out bitwise
 equal, and only the answers' policy versions differ. Runs are in this process (`Run`, as
 `tests/multihost_worker.py` drives it), except the ones killed or stopped by a signal.
-None starts a vLLM engine (the fast tier); the module takes about 6 minutes on a loaded
-2-core host.
+None starts a vLLM engine. The runs share their trainer's jitted functions (`_COMPILED`):
+each program is traced and compiled once for the module.
 """
 
 from __future__ import annotations
@@ -33,6 +33,10 @@ STEPS = 4
 RECORDS = 16  # per step: 2 questions x (4 PASR + 4 baseline answers)
 
 
+# The jitted update and logprob functions by trainer config, shared by this module's runs.
+_COMPILED: dict[str, dict] = {}
+
+
 def _cfg(workdir, k: int, **over) -> RunConfig:
   return scripted_config(workdir, STEPS, rollout__max_staleness=k, **over)
 
@@ -41,6 +45,12 @@ def _run(workdir, k: int, sampler_hook=None, **over) -> dict:
   """One in-process run; its final params (flat), metrics, rollouts, sampler and whatever
   it raised (None if it finished)."""
   class ScriptedRun(Run):
+    def setup(self):
+      super().setup()
+      # The runs' trainers are alike (same model and trainer config): they share jitted
+      # functions, so each program is traced and compiled once in this module, not per run.
+      self.trainer._fns = _COMPILED.setdefault(repr(self.cfg.trainer_cfg()), {})
+
     def make_sampler(self):
       s = ScriptedSampler.for_model_dir(self.model_dir)
       return sampler_hook(s) if sampler_hook else s
@@ -147,32 +157,6 @@ def test_k1_trains_on_the_k0_batches_one_version_behind(tmp_path, k1_run):
   assert k1_run["sampler"].weight_sums == k0["sampler"].weight_sums[:STEPS - 2]
 
 
-def test_random_generation_and_publish_delays_change_nothing(tmp_path, k1_run):
-  """Generation and the engine's weight loads taking 0-0.6 s at random (sometimes longer
-  than the update, sometimes not): staleness stays in [0, 1], no step is lost or repeated,
-  and the run is the same run. The loads happen in the rollout thread: the trainer's path
-  holds only the host copy (`time/sync`), and the load's timings reach the next step."""
-  rnd = random.Random(7)
-  delays = [rnd.uniform(0.0, 0.6) for _ in range(16)]
-  load_delays = [rnd.uniform(0.3, 0.6) for _ in range(16)]
-
-  def slow(s):
-    s.delay = lambda call: delays[call]
-    s.load_delay = lambda call: load_delays[call]
-    return s
-
-  res = _run(tmp_path / "w", 1, slow)
-  assert res["raised"] is None, res["raised"]
-  _assert_every_step_once(res)
-  assert all(0 <= r["staleness/max"] <= 1 for r in res["metrics"])
-  # Versions 1 and 2 are loaded during steps 2 and 3, and reported with steps 3 and 4.
-  assert [("sync/total_s" in r) for r in res["metrics"]] == [False, False, True, True]
-  assert all(r["time/sync"] < 0.3 for r in res["metrics"]), [r["time/sync"] for r in
-                                                              res["metrics"]]
-  assert res["rollouts"] == k1_run["rollouts"]  # versions included: admission is not timing
-  assert np.array_equal(res["params"], k1_run["params"])
-
-
 class _Failing:
   """Raises `exc` (EngineError) from the sampler's `method` (generate or load) on the calls
   in `bad` (indices from 0)."""
@@ -224,15 +208,30 @@ def test_a_publish_that_fails_ends_the_run_as_a_failed_sync(tmp_path):
   assert (tmp_path / "w" / "checkpoints" / "2").is_dir()
 
 
-def test_the_wait_on_the_background_batch_is_bounded(tmp_path, k1_run, caplog):
-  """Batch 3's background generation takes 5 s, past rollout.timeout_s = 1 (batch 2's would
-  hide behind step 1's compilation): the trainer stops waiting after 1 s and takes the
-  engine-failure path (EngineError, the batch retried in the main thread); the run is the
-  same run."""
-  active, most = [0], [0]
+def test_random_delays_change_nothing_and_the_wait_on_a_stuck_batch_is_bounded(tmp_path,
+                                                                             k1_run, caplog):
+  """Generation and the engine's weight loads take 0-0.6 s at random (sometimes longer than
+  the update, sometimes not), and batch 3's background generation takes 8 s, past
+  rollout.timeout_s = 2 (batch 2's would hide behind step 1's compilation). Staleness stays
+  in [0, 1], no step is lost or repeated, and the run is the same run. The loads happen in
+  the rollout thread: the trainer's path holds only the host copy (`time/sync`), and a load's
+  timings reach the next step. The trainer stops waiting on batch 3 after 2 s and takes the
+  engine-failure path (EngineError, the batch retried in the main thread; the discarded job's
+  load timings with it)."""
+  rnd = random.Random(7)
+  delays = [rnd.uniform(0.0, 0.6) for _ in range(16)]
+  load_delays = [rnd.uniform(0.3, 0.6) for _ in range(16)]
+  active, most, stuck = [0], [0], [True]
 
-  def stuck(s):
-    s.delay = lambda call: 5.0 if call == 2 else 0.0
+  def delay(call):  # an ended call is not counted: batch 3's retry is call 2 again
+    if call == 2 and stuck[0]:
+      stuck[0] = False
+      return 8.0
+    return delays[call]
+
+  def slow(s):
+    s.delay = delay
+    s.load_delay = lambda call: load_delays[call]
     inner = s.generate
 
     def generate(*a, **kw):  # counts the calls in flight at once
@@ -247,13 +246,20 @@ def test_the_wait_on_the_background_batch_is_bounded(tmp_path, k1_run, caplog):
     return s
 
   with caplog.at_level("WARNING", logger="pasr_jax.run"):
-    res = _run(tmp_path / "w", 1, stuck, rollout__timeout_s=1.0)
+    res = _run(tmp_path / "w", 1, slow, rollout__timeout_s=2.0)
   assert res["raised"] is None, res["raised"]
   assert most[0] == 1  # the late background call was ended before the retry began
-  assert "the background rollout gave no batch within 1 s" in caplog.text, caplog.text
+  assert "step 3: the background rollout gave no batch within 2 s" in caplog.text, \
+      caplog.text
   assert "retrying the step (1 of 1)" in caplog.text
   _assert_every_step_once(res)
-  assert res["rollouts"] == k1_run["rollouts"]
+  assert all(0 <= r["staleness/max"] <= 1 for r in res["metrics"])
+  # Versions 1 and 2 are loaded during steps 2 and 3; version 2's reaches step 4, version 1's
+  # went with batch 3's discarded job.
+  assert [("sync/total_s" in r) for r in res["metrics"]] == [False, False, False, True]
+  assert all(r["time/sync"] < 0.3 for r in res["metrics"]), [r["time/sync"] for r in
+                                                              res["metrics"]]
+  assert res["rollouts"] == k1_run["rollouts"]  # versions included: admission is not timing
   assert np.array_equal(res["params"], k1_run["params"])
 
 
@@ -279,14 +285,14 @@ def _flat_params(step_dir) -> np.ndarray:
   return np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(state["params"])])
 
 
-# Slow (a subprocess run killed and resumed, ~50 s). SIGTERM only: it discards a batch in
+# Slow (a subprocess run killed, then resumed in this process). SIGTERM only: it discards a batch in
 # flight and resumes from the checkpointed cursor of the trained steps, the path a SIGKILL
 # after a save takes too (parametrize with "SIGKILL" to run that case).
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("sig", ["SIGTERM"])
 def test_killed_or_stopped_mid_run_then_resumed_matches_the_uninterrupted_run(tmp_path, k1_run,
-                                                                              sig):
+                                                                              sig, capsys):
   """The scripted train command (K = 1, generation slowed so a batch is in flight) gets
   SIGKILL once step 2 is checkpointed, or SIGTERM once step 2 is logged (generation takes
   longer than an update, so the trainer is then waiting on batch 3: that batch is discarded,
@@ -319,10 +325,14 @@ def test_killed_or_stopped_mid_run_then_resumed_matches_the_uninterrupted_run(tm
         # under heavy load the signal may land in step 3's update instead: saved after it.
         assert ("interrupted during step 3" in (tmp_path / "a.log").read_text()
                 or stopped == 3), (tmp_path / "a.log").read_text()[-3000:]
-    os.environ["PASR_SCRIPTED_GENERATE_S"] = "0.5"
-    out = run_train(w, "http://127.0.0.1:9", *args, scripted=True)
   finally:
     del os.environ["PASR_SCRIPTED_GENERATE_S"]
+  assert_group_gone(p.pid)
+  # The same run resumed in this process (what resumes is the workdir, not the process).
+  capsys.readouterr()
+  resumed_run = _run(w, 1, _generation_takes(0.5))
+  assert resumed_run["raised"] is None, resumed_run["raised"]
+  out = capsys.readouterr().out
   resumed = int(out.split("resumed from step ", 1)[1].split()[0])
   assert (2 <= resumed < STEPS) if sig == "SIGKILL" else resumed == stopped, out[-3000:]
   res = _logs(w)
@@ -336,7 +346,13 @@ def test_killed_or_stopped_mid_run_then_resumed_matches_the_uninterrupted_run(tm
   assert np.array_equal(_flat_params(w / "checkpoints" / str(STEPS)), k1_run["params"])
   meta = json.loads((w / "checkpoints" / str(STEPS) / "meta" / "metadata").read_text())
   assert meta["cursor"] == {"epoch": 0, "index": 2 * STEPS}
-  assert_group_gone(p.pid)
+
+
+def _generation_takes(seconds: float):
+  def hook(s):
+    s.delay = lambda call: seconds
+    return s
+  return hook
 
 
 def test_rollout_ahead_bounds_the_wait_ends_the_job_and_drops_it():

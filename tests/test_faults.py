@@ -3,8 +3,8 @@
 Each case causes the fault for real (SIGKILL of a real process, a server that really answers
 500 or prose, a really full filesystem) and asserts what the run did and that nothing was
 lost. Faults of the engine run on a real vLLM engine (`slow`); the run-level faults that do
-not involve it (judge, NaN, disk) run the real command with `ScriptedSampler`
-(`tests/scripted_train.py`): the same code paths, minutes faster.
+not involve it (config, judge, NaN, disk) run the real train command in this process with
+`ScriptedSampler` (`_scripted_run`): the same code paths, minutes faster.
 """
 
 import os
@@ -16,8 +16,8 @@ import time
 import psutil
 import pytest
 
-from helpers import (DATA, ROOT, ScriptedSampler, assert_group_gone, env, read_state,
-                     start_train, train_cmd, train_error_lines, train_in_process, wait_for_step)
+from helpers import (DATA, ScriptedSampler, assert_group_gone, read_state, start_train,
+                     train_error_lines, train_in_process)
 from pasr_jax import metrics
 from pasr_jax.rollout import EngineError, VllmSampler
 from procs import free_port, start_judge, stop
@@ -135,10 +135,22 @@ def _scripted_run(workdir, judge_url: str, *overrides: str):
 
   from pasr_jax import devices
   from pasr_jax.run import Run
+  built = Run.setup
+
+  def setup(self):
+    built(self)
+    # Runs with the same trainer config (a run and its resume) share the jitted functions:
+    # each program is traced and compiled once in this module.
+    self.trainer._fns = _COMPILED.setdefault(repr(self.cfg.trainer_cfg()), {})
+
   with mock.patch.object(Run, "make_sampler",
                          lambda self: ScriptedSampler.for_model_dir(self.model_dir)), \
-      mock.patch.object(devices, "setup", lambda cfg: {}):
+      mock.patch.object(Run, "setup", setup), mock.patch.object(devices, "setup", lambda cfg: {}):
     return train_in_process(workdir, judge_url, *overrides)
+
+
+# The jitted update and logprob functions by trainer config, shared by `_scripted_run`s.
+_COMPILED: dict[str, dict] = {}
 
 
 # Faults of a whole real-engine run ride on test_train.py's runs (each run starts an engine):
@@ -244,32 +256,36 @@ def test_disk_full_ends_in_one_line_and_the_run_resumes(tmp_path):
     filler = mnt / "filler"
     args = ("--config.train.steps=3", "--config.checkpoint.every=1",
             "--config.checkpoint.async_save=False")
+    filled = threading.Event()
+
+    def fill():  # once step 1's checkpoint is complete (renamed into place), every free byte
+      deadline = time.monotonic() + 300
+      while not (w / "checkpoints" / "1").is_dir():
+        if time.monotonic() > deadline:
+          return
+        time.sleep(0.05)
+      with open(filler, "wb") as f:
+        try:
+          while True:
+            f.write(b"\0" * (1 << 20))
+            f.flush()
+        except OSError:
+          pass
+      filled.set()
+
     # Every judge call takes 1 s: the disk is full long before step 2 could end.
     judge, url = start_judge(latency_s=1.0)
     try:
-      with open(tmp_path / "a.log", "w") as log:
-        p = start_train(w, url, *args, log=log, scripted=True)
-        wait_for_step(w, p, 1)
-        deadline = time.time() + 120
-        while not (w / "checkpoints" / "1").is_dir():  # renamed into place when complete
-          assert p.poll() is None and time.time() < deadline, "no checkpoint of step 1"
-          time.sleep(0.05)
-        with open(filler, "wb") as f:   # take every free byte
-          try:
-            while True:
-              f.write(b"\0" * (1 << 20))
-              f.flush()
-          except OSError:
-            pass
-        rc = p.wait(420)
-      out = (tmp_path / "a.log").read_text(errors="replace")
-      assert rc == 5, out[-3000:]
-      ours = train_error_lines(out)
-      assert len(ours) == 1 and "No space left on device" in ours[0], out[-3000:]
-      assert_group_gone(p.pid)
+      filling = threading.Thread(target=fill, daemon=True)
+      filling.start()
+      p = _scripted_run(w, url, *args)
+      filling.join(60)
+      assert filled.is_set(), "no checkpoint of step 1"
+      assert p.returncode == 5, p.stdout[-3000:] + p.stderr[-3000:]
+      ours = train_error_lines(p.stderr)
+      assert len(ours) == 1 and "No space left on device" in ours[0], p.stderr[-3000:]
       filler.unlink()
-      p = subprocess.run(train_cmd(w, url, *args, scripted=True), cwd=ROOT, env=env(),
-                         capture_output=True, text=True, timeout=500)
+      p = _scripted_run(w, url, *args)
       assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
       assert "resumed from step 1" in p.stdout, p.stdout[-3000:]
     finally:
