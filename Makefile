@@ -70,12 +70,13 @@ lint-tools:
 	command -v shellcheck >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq shellcheck; } \
 	  || echo "shellcheck could not be installed: tests/test_scripts.py skips its lint"
 
+# Two pytest-xdist workers, one per core; tests/conftest.py says which tests run together.
 test: setup xla-gpu lint-tools
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q -n 2 --dist loadgroup tests
 
 # The fast tier: no vLLM engine (tests/conftest.py fails a test that starts one unmarked).
 test-fast: setup xla-gpu
-	$(VPY) -m pytest -q -m "not slow" tests
+	$(VPY) -m pytest -q -n 2 --dist loadgroup -m "not slow" tests
 
 demo: setup
 	$(VPY) -m pasr_jax.train --config=configs/arith_135m.py:demo

@@ -14,11 +14,14 @@ import tempfile
 import threading
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-# One JAX compilation cache for the session and every process it starts (they inherit the
-# environment): most training runs here compile the same tiny-model programs, each paying
-# ~5 s for it. A fresh dir per session: nothing compiled by other code versions is reused.
-_JAX_CACHE = tempfile.mkdtemp(prefix="pasr-test-jax-cache-")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _JAX_CACHE)
+# One JAX compilation cache for the session and every process it starts, pytest-xdist's
+# workers included (they inherit the environment): most training runs here compile the same
+# tiny-model programs, each paying ~5 s for it. A fresh dir per session: nothing compiled by
+# other code versions is reused. The process that made it removes it.
+_JAX_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _JAX_CACHE = tempfile.mkdtemp(prefix="pasr-test-jax-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _JAX_CACHE
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -40,7 +43,19 @@ ENGINE_FIXTURES = frozenset({"vllm_sampler"})
 
 
 def pytest_sessionfinish(session, exitstatus):
-  shutil.rmtree(_JAX_CACHE, ignore_errors=True)
+  if _JAX_CACHE:
+    shutil.rmtree(_JAX_CACHE, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+  """Work units of pytest-xdist (`make test`: `-n 2 --dist loadgroup`, one worker a core):
+  the tests on the session's engine (`vllm_sampler`) run on one worker, so it starts once;
+  the other tests of a module stay together, so its module fixtures and compiled programs
+  serve them all."""
+  for item in items:
+    shares_engine = ENGINE_FIXTURES & set(getattr(item, "fixturenames", ()))
+    item.add_marker(pytest.mark.xdist_group(
+        "session-engine" if shares_engine else item.nodeid.split("::", 1)[0]))
 
 
 def _unmarked(item) -> bool:
