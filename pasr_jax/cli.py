@@ -4,8 +4,9 @@
 
 `main(prog, fn, schema)` parses the flags, types the config with the command's schema (a
 `config.Section`: `RunConfig` for the training commands; its `of` checks every value), calls
-`fn(cfg)` and exits. A command without a preset file starts from its schema's defaults. A failure a user can cause or meet ends in one line on
-stderr, `<prog>: <what failed>: <message>`, and one exit code per kind (`pasr_jax.errors`):
+`fn(cfg)` and exits. A command without a preset file starts from its schema's defaults.
+A failure a user can cause or meet ends in one line on stderr,
+`<prog>: <what failed>: <message>`, and one exit code per kind (`pasr_jax.errors`):
 
   0    done
   2    config, data, prompts or a missing file (the message names the key, file, row or field)
