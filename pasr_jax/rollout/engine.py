@@ -113,6 +113,7 @@ class VllmEngine:
       # On CPU the KV cache is sized in bytes (gpu_memory_utilization does not apply).
       # VLLM_CPU_KVCACHE_SPACE, if set, still takes precedence inside vLLM.
       kwargs["kv_cache_memory_bytes"] = int(self.cfg.kv_cache_space_gib * (1 << 30))
+      kwargs["distributed_executor_backend"] = vllm_internals.forking_executor()
       kwargs.update(_cpu_scheduler(self.cfg.max_model_len))
       env.update(_cpu_env(self.cfg.cpu_reserved_cores))
     if self.cuda_visible_devices:

@@ -9,7 +9,10 @@ What the public API does not offer is reached here and only here:
 * the worker extension (`SyncExtension`, mixed into vLLM's worker class by the engine argument
   ``worker_extension_cls``) and its RPC names: a reload that also rebuilds the kernels of tied
   layers, the version each worker holds, a watch on the trainer's process, and a fast exit;
-* the engine arguments, environment variables and logger that the engine is configured with.
+* the engine arguments, environment variables and logger that the engine is configured with;
+* the executor (`ForkingExecutor`): the engine core is spawned (the trainer holds JAX's threads,
+  which a fork would copy mid-flight), but its workers are forked from it, as vLLM does by
+  default, instead of each importing vLLM and torch again.
 
 `check_installed()` runs before the first engine starts and raises `VllmUnsupported`, naming
 what the installed vLLM lacks, instead of a safety (the watchdog, the version check) silently
@@ -49,7 +52,8 @@ ENV_LOG_LEVEL = "VLLM_LOGGING_LEVEL"
 ENV_VARS = (ENV_MULTIPROC_METHOD, ENV_CPU_RESERVED_CORES, ENV_LOG_LEVEL)
 
 # `vllm.LLM` keyword arguments beyond the model's basics, each an `EngineArgs` field.
-ENGINE_ARGS = ("worker_extension_cls", "logprobs_mode", "kv_cache_memory_bytes",
+ENGINE_ARGS = ("worker_extension_cls", "distributed_executor_backend", "logprobs_mode",
+               "kv_cache_memory_bytes",
                "enable_chunked_prefill", "max_num_batched_tokens", "use_tqdm_on_load")
 LOGPROBS_MODE = "processed_logprobs"  # see vllm_sampler's docstring
 
@@ -172,6 +176,16 @@ def _check_worker() -> None:
   _attr(_attr(vpe, "UnquantizedEmbeddingMethod", why), "process_weights_after_loading", why)
 
 
+def _check_executor() -> None:
+  from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+  from vllm.utils import system_utils
+  why = "to fork the engine's workers from its core (ForkingExecutor)"
+  _source_has(MultiprocExecutor._init_executor, "context = get_mp_context()",
+              "MultiprocExecutor starting its workers with get_mp_context()", why)
+  _source_has(system_utils.get_mp_context, "envs.VLLM_WORKER_MULTIPROC_METHOD",
+              f"get_mp_context() reading {ENV_MULTIPROC_METHOD}", why)
+
+
 def _check_process_titles() -> None:
   import importlib.util
   import vllm.envs as envs
@@ -190,7 +204,7 @@ CHECKS: dict[str, Callable[[], None]] = {
     "client": _check_client, "waits": _check_waits, "processes": _check_processes,
     "dead_error": _check_dead_error, "engine_args": _check_engine_args,
     "env_vars": _check_env_vars, "logger": _check_logger, "worker": _check_worker,
-    "process_titles": _check_process_titles,
+    "process_titles": _check_process_titles, "executor": _check_executor,
 }
 # Checked where the code that needs them runs: in the worker (`pasr_attach`), the rest here.
 _WORKER_CHECKS = ("worker",)
@@ -321,6 +335,41 @@ class Internals:
     _wait_gone(tree, time.monotonic() + 5.0)
     if failed:
       raise failed[0]
+
+
+# --- the executor ---------------------------------------------------------------------------
+
+_FORKING_EXECUTOR = "ForkingExecutor"
+
+
+def forking_executor() -> type:
+  """`ForkingExecutor`, vLLM's multiprocess executor with its workers forked from the engine
+  core (an `LLM(distributed_executor_backend=...)` value; CPU only, where vLLM always runs
+  its workers in processes of their own).
+
+  The trainer spawns the engine core (ENV_MULTIPROC_METHOD): a fork would copy JAX's threads
+  mid-flight. The core holds no JAX and has run no parallel region yet, so its workers can be
+  forked from it, which saves each of them importing vLLM and torch again (a quarter minute
+  on two cores). Built on first use, under this module's name: a spawned engine core finds it
+  here when it unpickles its config."""
+  cls = globals().get(_FORKING_EXECUTOR)
+  if cls is None:
+    from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+
+    class ForkingExecutor(MultiprocExecutor):
+      def __init__(self, *args, **kwargs):
+        os.environ[ENV_MULTIPROC_METHOD] = "fork"  # read by get_mp_context as workers start
+        super().__init__(*args, **kwargs)
+
+    ForkingExecutor.__module__, ForkingExecutor.__qualname__ = __name__, _FORKING_EXECUTOR
+    cls = globals()[_FORKING_EXECUTOR] = ForkingExecutor
+  return cls
+
+
+def __getattr__(name: str) -> Any:
+  if name == _FORKING_EXECUTOR:
+    return forking_executor()
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def shutdown_unchecked(llm: Any) -> None:
