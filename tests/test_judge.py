@@ -583,7 +583,7 @@ def test_cli_rejects_bad_vllm_model(tmp_path):
   assert r.returncode == 2 and "config port=0" in r.stderr, r.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.engine
 def test_vllm_backend_with_smollm2(smollm2_dir):
   proc, url = start_judge(f"--config.model={smollm2_dir}", "--config.max_model_len=1024",
                           backend="vllm", timeout_s=600)

@@ -241,6 +241,7 @@ def _check_records(wd, steps):
   return m
 
 
+@pytest.mark.engine
 @pytest.mark.timeout(1200)
 def test_two_processes_one_engine_dies_then_sigterm_to_one_stops_both(tmp_path, judge_url):
   """Process 1's vLLM engine core SIGKILLed after step 1: both processes agree on the failure,

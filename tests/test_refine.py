@@ -236,7 +236,7 @@ def test_probe_per_bucket_by_hand(tmp_path, smollm2_dir):
   assert "| easy | 8 | 50.0 | 100.0 | 50.0 | 75.0 | 0.0 | 0.0 | +1.00 | +1.00 | -0.50 |" in text
 
 
-@pytest.mark.slow
+@pytest.mark.engine
 def test_probe_with_the_real_engine(tmp_path, smollm2_dir, vllm_sampler):
   """The probe end to end on the real vLLM engine (SmolLM2 without a cold start, 3 items x 2
   answers per prompt): every bucket and the pooled row come out, with the counts asked for,

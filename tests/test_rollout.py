@@ -28,7 +28,7 @@ from pasr_jax.rollout.weight_sync import Snapshot
 QUESTIONS = ["What is 2+3? Answer briefly.", "Name a primary colour.",
              "Write one sentence about the sea."]
 EOS = 2  # <|im_end|>, SmolLM2's EOS
-pytestmark = pytest.mark.slow  # every test here runs on a vLLM engine
+pytestmark = pytest.mark.engine  # every test here runs on a vLLM engine
 
 
 @pytest.fixture(scope="module")

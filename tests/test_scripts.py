@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import SHORT_SYSTEM, run_command, sum_rows, write_jsonl
+from helpers import SCRIPTED_TRAIN, SHORT_SYSTEM, run_command, sum_rows, write_jsonl
 from pasr_jax import metrics
 from procs import free_port
 
@@ -75,7 +75,7 @@ def test_gpu_check_sizes_its_run_to_the_hosts_gpus(gpus, tmp_path):
   assert p.returncode == 0, p.stdout + p.stderr[-2000:]
 
 
-@pytest.mark.slow
+@pytest.mark.engine
 def test_gpu_check_train_command_with_the_cold_start_gives_pasr_a_gradient(tmp_path, judge_url):
   """gpu_check.sh's train line for an 8-GPU host, with the tiny model on 8 forced CPU
   devices: preflight (run by train) passes, steps train, the HF dir is exported.
@@ -160,11 +160,12 @@ def _multihost(pid: int, port: int, *args: str) -> list[str]:
   return _python_args(cmd)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # two training processes
 def test_launch_multihost_2x8_preflight_and_a_step(tmp_path, judge_url):
   """launch_multihost.sh's lines for 2 processes x 8 (CPU) devices: the paper preset's 2x8
   sizes pass preflight, and the tiny model trains a step with the same batch rule (16
-  sequences per micro-batch over 16 devices), each process with its own engine."""
+  sequences per micro-batch over 16 devices). The command's sampler is the scripted one
+  (tests/scripted_train.py): the engines of a multi-process run are test_multihost_run's."""
   for pid in (0, 1):  # in this process: the simulated cluster's checks read no device
     pre = _multihost(pid, free_port(), "--config=configs/qwen3_8b.py:2x8")
     p = run_command("pasr_jax.preflight", *pre[3:], "--hosts=2", "--gpus-per-host=8")
@@ -176,6 +177,8 @@ def test_launch_multihost_2x8_preflight_and_a_step(tmp_path, judge_url):
     cmd = _multihost(pid, port, "--config=configs/tiny_cpu.py", f"--config.workdir={wd}",
                      f"--config.judge.base_url={judge_url}", "--config.train.steps=1",
                      "--config.optim.micro_batch=16", "--config.checkpoint.every=1", *CPU)
+    assert cmd[1:3] == ["-m", "pasr_jax.train"], cmd
+    cmd[1:3] = [str(SCRIPTED_TRAIN)]
     logs.append(tmp_path / f"p{pid}.log")
     with open(logs[-1], "w") as f:
       procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=f,

@@ -161,7 +161,8 @@ def harvested_run(tmp_path_factory):
   return wd / "sft"
 
 
-@pytest.mark.slow
+@pytest.mark.engine  # no engine itself: in the engine tests' session, beside harvested_run's
+# other users (make test), the run is made once
 def test_sft_on_harvested_paths_lowers_the_loss(harvested_run):
   rows = metrics.read_jsonl(str(harvested_run / "metrics.jsonl"))
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # 16 paths / 8 per update x 3 epochs
@@ -180,7 +181,7 @@ def engine(harvested_run):
     yield s
 
 
-@pytest.mark.slow
+@pytest.mark.engine
 def test_sft_export_loads_in_vllm_and_matches_jax_greedy(harvested_run, engine):
   import jax.numpy as jnp
   from flax import nnx
@@ -211,7 +212,7 @@ def _well_formed_rate(sampler, tok, questions, n=8, seed=0) -> float:
   return float(np.mean([answer_format.format_ok(t) for t in texts]))
 
 
-@pytest.mark.slow
+@pytest.mark.engine
 def test_cold_start_sft_raises_the_well_formed_rate(tmp_path, engine):
   """A few SFT updates on the cold-start set take the tiny random model from ~0 well-formed
   answers under sampling (T=1) to most."""

@@ -75,7 +75,7 @@ def test_unreachable_judge_fails_fast(tmp_path):
 
 
 # ----------------------------------------------------------------------------- real runs
-@pytest.mark.slow
+@pytest.mark.engine
 @pytest.mark.timeout(1200)
 def test_end_to_end_then_resumed_from_step_2_matches(tmp_path, judge_url):
   """4 steps vs resumed at step 2: same rollouts, cursor, params.
@@ -170,7 +170,7 @@ def test_end_to_end_then_resumed_from_step_2_matches(tmp_path, judge_url):
                for (_, x), (_, y) in zip(jax.tree.leaves_with_path(first["params"]), lb))
 
 
-@pytest.mark.slow
+@pytest.mark.engine
 @pytest.mark.timeout(900)
 def test_learns_sampling_ahead_through_engine_deaths_and_a_crash_mid_publish_then_sigterm(
     tmp_path, judge_url):

@@ -91,7 +91,7 @@ def test_importing_the_extension_does_not_import_jax():
   assert out.strip() == "[]", out
 
 
-@pytest.mark.slow
+@pytest.mark.engine
 def test_live_engine_internals(vllm_sampler):
   """The session engine's private objects are what `Internals` expects."""
   vllm_sampler.start()
