@@ -1,5 +1,5 @@
 """Shared test set-up: 8 forced CPU devices, pinned thread pools, the prepared SmolLM2 dir,
-and the fast tier's guard.
+and the guard that keeps vLLM engines in the tests marked `engine`.
 
 Environment must be set before JAX, torch or vLLM are imported anywhere in the session.
 
