@@ -9,8 +9,8 @@ So the first engine a process starts also starts this reaper, a small process of
 
   python pasr_jax/rollout/reaper.py TRAINER_PID
 
-It notes the trainer's multiprocessing descendants (vLLM's engine core and workers are
-spawned ones) every `POLL_S` seconds and, once the trainer has exited, SIGKILLs those still
+It notes the trainer's multiprocessing descendants (vLLM's engine core is a spawned one, its
+workers are forked from it) every `POLL_S` seconds and, once the trainer has exited, SIGKILLs those still
 running, then exits itself. A process spawned less than `POLL_S` before the trainer died is not
 yet noted; the in-engine watch covers it once the engine is up.
 """
@@ -46,7 +46,8 @@ def ensure_reaper() -> None:
 
 
 def _spawned(proc: psutil.Process) -> bool:
-  """A process of multiprocessing's spawn start method (vLLM's engine core and workers)."""
+  """A process of multiprocessing's (vLLM's engine core, spawned, and the workers forked from
+  it, which inherit its command line) or one titled by vLLM."""
   try:
     return ("multiprocessing" in " ".join(proc.cmdline())
             or proc.name().startswith(ENGINE_TITLE_PREFIX + "::"))
