@@ -1,11 +1,12 @@
 """One vLLM engine: its start, generation, reload from a published weights dir, restart, the
 policy version its weights are of and whether they are broken. It alone owns that state.
 
-Start. One `vllm.LLM`, built on first use. Its engine core (and, on CPU, its worker) run in
-child processes, started with ``spawn`` (vLLM's default is ``fork``: forking a process that
-already runs JAX's thread pools can deadlock the child), so scripts that build an engine must
-do it under ``if __name__ == "__main__":``. The processes read their settings from the
-environment at their start, which is set for the start only (`_scoped_env`). vLLM logs at
+Start. One `vllm.LLM`, built on first use. Its engine core runs in a child process started
+with ``spawn`` (vLLM's default is ``fork``: forking a process that already runs JAX's thread
+pools can deadlock the child), without this process's main module (`_main_left_out`); on CPU
+its worker is forked from that core, which holds no JAX (`vllm_internals.forking_executor`).
+The processes read their settings from the environment at their start, which is set for the
+start only (`_scoped_env`). vLLM logs at
 `VllmCfg.log_level` and shows no weight-loading progress bars.
 
 End. `close()` ends the engine's processes (`vllm_internals.Internals.shutdown`); it is also

@@ -44,7 +44,7 @@ RPC_VERSION = "pasr_loaded_version"
 RPC_ATTACH = "pasr_attach"
 
 # Environment variables the engine's processes read at their start (set for the engine only,
-# see `vllm_sampler`'s scoped env): spawn, not fork, for its processes; cores kept free of the
+# see `engine`'s scoped env): spawn, not fork, for its engine core; cores kept free of the
 # CPU model's threads; the log level of vLLM's own processes.
 ENV_MULTIPROC_METHOD = "VLLM_WORKER_MULTIPROC_METHOD"
 ENV_CPU_RESERVED_CORES = "VLLM_CPU_NUM_OF_RESERVED_CPU"

@@ -3,8 +3,7 @@
 `VllmSampler` joins the engine (`rollout.engine.VllmEngine`: start, generate, reload, restart,
 the policy version and broken state) and the weight sync (`rollout.weight_sync.WeightSync`:
 params -> a versioned safetensors dir); it checks arguments and turns vLLM's outputs into
-`Completion`s. Scripts that build one must do it under ``if __name__ == "__main__":`` (the
-engine's processes are spawned).
+`Completion`s.
 
 Logprobs. The engine is built with ``logprobs_mode="processed_logprobs"`` (vllm 0.32,
 `vllm/v1/sample/sampler.py` and `ops/topk_topp_sampler.py`): the returned logprob of each
