@@ -6,8 +6,8 @@ with ``spawn`` (vLLM's default is ``fork``: forking a process that already runs 
 pools can deadlock the child), without this process's main module (`_main_left_out`); on CPU
 its worker is forked from that core, which holds no JAX (`vllm_internals.forking_executor`).
 The processes read their settings from the environment at their start, which is set for the
-start only (`_scoped_env`). vLLM logs at
-`VllmCfg.log_level` and shows no weight-loading progress bars.
+start only (`_scoped_env`). vLLM logs at `VllmCfg.log_level` and shows no weight-loading
+progress bars.
 
 End. `close()` ends the engine's processes (`vllm_internals.Internals.shutdown`); it is also
 registered with `atexit` (and vLLM itself tears down a half-started engine core when

@@ -10,9 +10,9 @@ So the first engine a process starts also starts this reaper, a small process of
   python pasr_jax/rollout/reaper.py TRAINER_PID
 
 It notes the trainer's multiprocessing descendants (vLLM's engine core is a spawned one, its
-workers are forked from it) every `POLL_S` seconds and, once the trainer has exited, SIGKILLs those still
-running, then exits itself. A process spawned less than `POLL_S` before the trainer died is not
-yet noted; the in-engine watch covers it once the engine is up.
+workers are forked from it) every `POLL_S` seconds and, once the trainer has exited, SIGKILLs
+those still running, then exits itself. A process started less than `POLL_S` before the
+trainer died is not yet noted; the in-engine watch covers it once the engine is up.
 """
 
 from __future__ import annotations

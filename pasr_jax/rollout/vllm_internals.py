@@ -53,8 +53,8 @@ ENV_VARS = (ENV_MULTIPROC_METHOD, ENV_CPU_RESERVED_CORES, ENV_LOG_LEVEL)
 
 # `vllm.LLM` keyword arguments beyond the model's basics, each an `EngineArgs` field.
 ENGINE_ARGS = ("worker_extension_cls", "distributed_executor_backend", "logprobs_mode",
-               "kv_cache_memory_bytes",
-               "enable_chunked_prefill", "max_num_batched_tokens", "use_tqdm_on_load")
+               "kv_cache_memory_bytes", "enable_chunked_prefill", "max_num_batched_tokens",
+               "use_tqdm_on_load")
 LOGPROBS_MODE = "processed_logprobs"  # see vllm_sampler's docstring
 
 # vLLM's processes are named (setproctitle) "VLLM::EngineCore", "VLLM::Worker", ...; the
@@ -349,9 +349,9 @@ def forking_executor() -> type:
 
   The trainer spawns the engine core (ENV_MULTIPROC_METHOD): a fork would copy JAX's threads
   mid-flight. The core holds no JAX and has run no parallel region yet, so its workers can be
-  forked from it, which saves each of them importing vLLM and torch again (a quarter minute
-  on two cores). Built on first use, under this module's name: a spawned engine core finds it
-  here when it unpickles its config."""
+  forked from it, which saves each of them importing vLLM and torch again. Built on first
+  use, under this module's name: a spawned engine core finds it here when it unpickles its
+  config."""
   cls = globals().get(_FORKING_EXECUTOR)
   if cls is None:
     from vllm.v1.executor.multiproc_executor import MultiprocExecutor
